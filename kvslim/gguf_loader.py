@@ -1,0 +1,348 @@
+"""Read GGUF files: open with clear errors, model config from metadata, weights.
+
+GGUF stores tensor shapes in ggml order (`ne`, fastest-varying dimension first);
+the `gguf` reader's numpy data is already row-major in the reversed order, so a
+weight matrix with ne = [in, out] comes out as [out, in], which is nn.Linear's
+layout. Everything here reads the file through `gguf.GGUFReader`, which memory-maps
+it: opening a 70B file costs only its metadata.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# RoPE layout that each architecture's GGUF weights expect (llama.cpp's
+# llama_model_rope_type):
+# - "normal": rotate interleaved pairs (2i, 2i+1) of each head. llama.cpp's
+#   converter (convert_hf_to_gguf.py, LlamaModel.permute) reorders the rows of
+#   attn_q / attn_k of llama-arch models so that this layout gives the same
+#   attention as Hugging Face's rotate_half on the original weights.
+# - "neox": rotate pairs (i, i + rope_dim/2), Hugging Face's rotate_half; qwen2
+#   weights are stored unpermuted.
+# `load_weights(..., neox_qk=True)` undoes the permutation so every architecture
+# can use the "neox" rotation.
+ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox"}
+SUPPORTED_ARCHS = tuple(ROPE_STYLES)
+
+GGUF_MAGIC = b"GGUF"
+_REQUIRED = object()
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is missing, corrupt, or describes a model kvslim cannot run."""
+
+
+# ---------------------------------------------------------------------------
+# Opening a file
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Open a GGUF file, turning every way it can be unreadable into a GGUFError."""
+    path = Path(path)
+    if not path.exists():
+        raise GGUFError(f"{path}: no such file")
+    if not path.is_file():
+        raise GGUFError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot read ({e.strerror})") from e
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    # A cut or damaged header makes the reader fail in many ways (short reads give
+    # IndexError, bad enums ValueError, garbage lengths MemoryError...): all of them
+    # mean the same thing to the user.
+    except Exception as e:
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
+    _check_tensor_extents(reader, path)
+    return reader
+
+
+def _check_tensor_extents(reader: gguf.GGUFReader, path: Path) -> None:
+    # The reader memory-maps lazily, so data cut off at the end of a download would
+    # only fail (with SIGBUS or garbage) when the weights are first touched.
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise GGUFError(
+                f"{path}: truncated GGUF file: tensor '{t.name}' ends at byte {end:,} "
+                f"but the file has {size:,} bytes"
+            )
+
+
+def reader_path(reader: gguf.GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "<gguf>")
+
+
+def get_key(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+    """Metadata value of `key` as a Python value; GGUFError naming key and file if required and absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is _REQUIRED:
+            raise GGUFError(f"{reader_path(reader)}: missing required metadata key '{key}'")
+        return default
+    return f.contents()
+
+
+# ---------------------------------------------------------------------------
+# Model config
+
+
+class WeightStats(NamedTuple):
+    n_params: int  # elements over all tensors
+    n_bytes: int  # bytes of tensor data in the file, as stored (quantized)
+    n_tensors: int
+
+
+def weight_stats(reader: gguf.GGUFReader) -> WeightStats:
+    """Parameter count and weight bytes from the tensor infos, without dequantizing."""
+    return WeightStats(
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        n_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        n_tensors=len(reader.tensors),
+    )
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    n_kv_heads: int = 0  # 0: same as n_heads (no GQA)
+    head_dim: int = 0  # 0: d_model // n_heads
+    v_head_dim: int = 0  # 0: head_dim
+    rope_base: float = 10000.0
+    rope_dim: int = 0  # 0: head_dim (rotate the whole head)
+    rope_scaling_type: str | None = None  # "linear", "yarn", ... (the model decides what it supports)
+    rope_scaling_factor: float | None = None
+    rope_scaling_orig_ctx: int | None = None
+    rope_freq_factors: bool = False  # a `rope_freqs.weight` tensor (llama-3.1 style scaling)
+    rms_eps: float = 1e-5
+    tied_output: bool = False  # no output.weight: the head reuses token_embd
+    qkv_bias: bool = False  # qwen2 has biases on q, k, v
+    name: str = ""
+    file_type: int | None = None  # general.file_type (gguf.LlamaFileType)
+    n_params: int = 0  # from the file's tensor infos (0 for hand-built configs)
+    weights_bytes: int = 0
+    path: str | None = None
+    # derived in __post_init__
+    rope_style: str = field(init=False)  # "normal" (interleaved pairs) or "neox"
+    n_rep: int = field(init=False)  # query heads per kv head
+
+    def __post_init__(self):
+        if self.arch not in ROPE_STYLES:
+            raise GGUFError(f"unsupported architecture '{self.arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
+        for name in ("n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "context_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if not self.head_dim:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
+        self.v_head_dim = self.v_head_dim or self.head_dim
+        self.rope_dim = self.rope_dim or self.head_dim
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rope_dim > self.head_dim or self.rope_dim % 2:
+            raise ValueError(f"rope_dim {self.rope_dim} must be even and at most head_dim {self.head_dim}")
+        self.rope_style = ROPE_STYLES[self.arch]
+        self.n_rep = self.n_heads // self.n_kv_heads
+
+    @property
+    def file_type_name(self) -> str | None:
+        if self.file_type is None:
+            return None
+        try:
+            return gguf.LlamaFileType(self.file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            return str(self.file_type)
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader) -> "ModelConfig":
+        path = reader_path(reader)
+        arch = get_key(reader, "general.architecture")
+        if arch not in ROPE_STYLES:
+            raise GGUFError(f"{path}: unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
+        tensors = {t.name: t for t in reader.tensors}
+        stats = weight_stats(reader)
+
+        def key(suffix: str, default: Any = _REQUIRED) -> Any:
+            return get_key(reader, f"{arch}.{suffix}", default)
+
+        n_heads = key("attention.head_count")
+        if isinstance(n_heads, list):
+            raise GGUFError(f"{path}: per-layer head counts are not supported")
+        try:
+            return cls(
+                arch=arch,
+                name=get_key(reader, "general.name", Path(path).stem),
+                n_layers=key("block_count"),
+                d_model=key("embedding_length"),
+                n_heads=n_heads,
+                n_kv_heads=key("attention.head_count_kv", 0),
+                head_dim=key("attention.key_length", 0),
+                v_head_dim=key("attention.value_length", 0),
+                ffn_dim=key("feed_forward_length"),
+                vocab_size=_vocab_size(reader, arch, tensors),
+                context_length=key("context_length"),
+                rope_base=float(key("rope.freq_base", 10000.0)),
+                rope_dim=key("rope.dimension_count", 0),
+                rope_scaling_type=key("rope.scaling.type", None),
+                rope_scaling_factor=_opt_float(key("rope.scaling.factor", None)),
+                rope_scaling_orig_ctx=key("rope.scaling.original_context_length", None),
+                rope_freq_factors="rope_freqs.weight" in tensors,
+                rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+                tied_output="output.weight" not in tensors,
+                qkv_bias="blk.0.attn_q.bias" in tensors,
+                file_type=get_key(reader, "general.file_type", None),
+                n_params=stats.n_params,
+                weights_bytes=stats.n_bytes,
+                path=path,
+            )
+        except GGUFError:
+            raise
+        except ValueError as e:  # inconsistent hyperparameters from __post_init__
+            raise GGUFError(f"{path}: {e}") from e
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _vocab_size(reader: gguf.GGUFReader, arch: str, tensors: dict) -> int:
+    n = get_key(reader, f"{arch}.vocab_size", None)
+    if n is not None:
+        return int(n)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    if "token_embd.weight" in tensors:
+        return int(tensors["token_embd.weight"].shape[1])  # ne = [d_model, vocab]
+    raise GGUFError(f"{reader_path(reader)}: missing required metadata key '{arch}.vocab_size'")
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_gguf(open_gguf(path))
+
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Torch shapes of the tensors the llama-family forward needs ([out, in] for matrices)."""
+    d, q = config.d_model, config.n_heads * config.head_dim
+    k, v = config.n_kv_heads * config.head_dim, config.n_kv_heads * config.v_head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (config.vocab_size, d),
+        "output_norm.weight": (d,),
+    }
+    if not config.tied_output:
+        shapes["output.weight"] = (config.vocab_size, d)
+    for i in range(config.n_layers):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (d,),
+            p + "attn_q.weight": (q, d),
+            p + "attn_k.weight": (k, d),
+            p + "attn_v.weight": (v, d),
+            p + "attn_output.weight": (d, q),
+            p + "ffn_norm.weight": (d,),
+            p + "ffn_gate.weight": (config.ffn_dim, d),
+            p + "ffn_up.weight": (config.ffn_dim, d),
+            p + "ffn_down.weight": (d, config.ffn_dim),
+        }
+        if config.qkv_bias:
+            shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (k,), p + "attn_v.bias": (v,)}
+    return shapes
+
+
+def torch_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(t.shape.tolist()))  # ne order -> row-major
+
+
+def dequantize_tensor(t: gguf.ReaderTensor) -> np.ndarray:
+    """float32 numpy array of a reader tensor, in its torch shape; never a view of the mmap."""
+    arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    # F32 tensors come back as read-only views of the memory map (and possibly
+    # big-endian); torch needs its own native float32 copy.
+    if arr.dtype != np.float32 or not arr.flags.writeable:
+        arr = arr.astype(np.float32)
+    return arr.reshape(torch_shape(t))
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's LlamaModel.permute on attn_q/attn_k rows (weight or bias).
+
+    In the file, row 2i+h of a head holds original row h*head_dim/2 + i, so the
+    interleaved ("normal") rotation of pair (2i, 2i+1) equals the NEOX rotation of
+    pair (i, i+head_dim/2) on the original rows.
+    """
+    # w: [n_heads * head_dim, ...] -> [n_heads, head_dim/2, 2, ...] -> swap -> back
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_weights(
+    reader: gguf.GGUFReader,
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    neox_qk: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized, keyed by its GGUF name ("blk.0.attn_q.weight").
+
+    Tensors are dequantized one at a time so peak extra memory is one float32 tensor.
+    With `neox_qk`, q/k of "normal"-style architectures are un-permuted so the caller
+    applies NEOX RoPE whatever the architecture (see ROPE_STYLES).
+    """
+    _check_expected(reader, config)
+    unpermute = neox_qk and config.rope_style == "normal"
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    show = progress and sys.stderr.isatty()
+    weights: dict[str, torch.Tensor] = {}
+    with _progress_bar(total, show) as bar:
+        for t in reader.tensors:
+            w = torch.from_numpy(dequantize_tensor(t))
+            if unpermute and ".attn_q." in t.name:
+                w = unpermute_qk(w, config.n_heads)
+            elif unpermute and ".attn_k." in t.name:
+                w = unpermute_qk(w, config.n_kv_heads)
+            weights[t.name] = w.to(device=device, dtype=dtype)
+            bar.update(int(t.n_bytes))
+    return weights
+
+
+def _check_expected(reader: gguf.GGUFReader, config: ModelConfig) -> None:
+    tensors = {t.name: t for t in reader.tensors}
+    for name, shape in expected_shapes(config).items():
+        t = tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{reader_path(reader)}: missing tensor '{name}'")
+        if torch_shape(t) != shape:
+            raise GGUFError(
+                f"{reader_path(reader)}: tensor '{name}' has shape {list(torch_shape(t))}, "
+                f"expected {list(shape)} from the metadata"
+            )
+
+
+def _progress_bar(total_bytes: int, show: bool):
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show, leave=False)
