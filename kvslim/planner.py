@@ -1,0 +1,223 @@
+"""`kvslim plan`: what fits in a memory budget, per K/V cache type, from GGUF metadata alone.
+
+Nothing here dequantizes or even reads the weights: the weight bytes are the sum of
+the tensors' stored sizes, and the K/V bytes are exact ggml block sizes (q8_0 is 34
+bytes per 32 values, not Ollama's 1 byte per value). The cache allocates whole pages
+of `page_size` tokens per sequence, so every figure is rounded to pages the way
+`kvslim.cache.KVCache` allocates them; `kv_bytes` equals the `nbytes` of such a cache.
+"""
+from __future__ import annotations
+
+import os
+import re
+from fractions import Fraction
+from typing import Iterable, Sequence
+
+import gguf
+
+from kvslim import formats
+from kvslim.cache import DEFAULT_PAGE_SIZE
+from kvslim.gguf_loader import ModelConfig, open_gguf
+
+TypePair = tuple[str, str]
+
+DEFAULT_TYPES: tuple[TypePair, ...] = (
+    ("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
+)
+
+# Units are case-insensitive. A bare letter (512M, 8G) means binary units, as in
+# docker/llama.cpp memory flags; "GB" is decimal and "GiB" binary.
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 2**10, "kib": 2**10, "kb": 10**3,
+    "m": 2**20, "mib": 2**20, "mb": 10**6,
+    "g": 2**30, "gib": 2**30, "gb": 10**9,
+    "t": 2**40, "tib": 2**40, "tb": 10**12,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(size: str | int) -> int:
+    """Bytes in a size like "8GiB", "8GB", "8192MiB", "512M" or a plain byte count."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"memory size must be positive, got {size}")
+        return size
+    text = str(size)
+    if text.strip().startswith("-"):
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"bad memory size {text!r}: expected a number and a unit, like 8GiB, 8GB or 512MiB")
+    unit = m.group(2).lower()
+    if unit not in _UNITS:
+        raise ValueError(f"bad memory size {text!r}: unknown unit {m.group(2)!r} "
+                         "(use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or K, M, G, T)")
+    n = int(Fraction(m.group(1)) * _UNITS[unit])  # exact: "1.5GiB" is 1610612736
+    if n <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return n
+
+
+# ---------------------------------------------------------------------------
+# Cache types
+
+
+def parse_type_pair(spec: str | Sequence[str]) -> TypePair:
+    """ "q8_0" -> (q8_0, q8_0); "q8_0/q4_0" -> K q8_0, V q4_0; ValueError lists valid types."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split("/")]
+        if len(parts) == 1:
+            parts *= 2
+    else:
+        parts = list(spec)
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"bad cache type {spec!r}: expected TYPE or K_TYPE/V_TYPE, like q8_0 or q8_0/q4_0")
+    k, v = (formats.get_format(p).name for p in parts)  # get_format's error lists the valid types
+    return k, v
+
+
+def parse_types(spec: str | Iterable[str | Sequence[str]]) -> list[TypePair]:
+    """ "f16,q8_0,q8_0/q4_0" (or a list of such items or pairs) -> [(k, v), ...], duplicates dropped."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    pairs = [parse_type_pair(it) for it in items if not (isinstance(it, str) and not it.strip())]
+    if not pairs:
+        raise ValueError("no cache types given")
+    return list(dict.fromkeys(pairs))
+
+
+def pair_name(k: str, v: str) -> str:
+    return f"{k}/{v}"
+
+
+def effective_types(config: ModelConfig, type_k: str, type_v: str) -> tuple[str, str, str | None]:
+    """(k, v, reason): block types become f16 when 32 does not divide the head dims.
+
+    The same head-dim rule as kvslim.attention.plan_attention. The rule that depends on
+    the device (no fused kernel -> f16 V) is left out: a plan is made for any machine.
+    """
+    dims_ok = config.head_dim % formats.QK == 0 and config.v_head_dim % formats.QK == 0
+    if dims_ok or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
+        return type_k, type_v, None
+    reason = f"head_dim {config.head_dim}/{config.v_head_dim} is not a multiple of {formats.QK}"
+    eff = tuple("f16" if formats.is_quantized(t) else t for t in (type_k, type_v))
+    return eff[0], eff[1], reason
+
+
+# ---------------------------------------------------------------------------
+# Arithmetic
+
+
+def _row_bytes(dim: int, type: str) -> int:
+    """Bytes of one head's row of `dim` values."""
+    n = dim * formats.block_bytes(type)
+    if n % formats.QK:  # only float types can hold a dim that 32 does not divide
+        raise ValueError(f"{type} cannot store rows of {dim} values: 32 does not divide {dim}")
+    return n // formats.QK
+
+
+def kv_bytes_per_token(config: ModelConfig, type_k: str, type_v: str) -> int:
+    """n_layers x n_kv_heads x (head_dim x bpe(k) + v_head_dim x bpe(v)), exact."""
+    per_head = _row_bytes(config.head_dim, type_k) + _row_bytes(config.v_head_dim, type_v)
+    return config.n_layers * config.n_kv_heads * per_head
+
+
+def pages_for(ctx: int, page_size: int) -> int:
+    return -(-ctx // page_size)
+
+
+def kv_bytes(config: ModelConfig, ctx: int, parallel: int = 1, type_k: str = "f16", type_v: str = "f16",
+             page_size: int = DEFAULT_PAGE_SIZE) -> int:
+    """Bytes of a cache for `parallel` sequences of `ctx` tokens, whole pages each.
+
+    Equals KVCache(n_layers, n_kv_heads, head_dim, n_pages=parallel * ceil(ctx / page_size),
+    page_size=..., cache_type_k=type_k, cache_type_v=type_v).nbytes. Types are taken as
+    given: apply `effective_types` first to account for the f16 fallback.
+    """
+    if ctx < 0 or parallel <= 0 or page_size <= 0:
+        raise ValueError(f"need ctx >= 0, parallel > 0, page_size > 0; got {ctx}, {parallel}, {page_size}")
+    tokens = parallel * pages_for(ctx, page_size) * page_size
+    return tokens * kv_bytes_per_token(config, type_k, type_v)
+
+
+def max_ctx(config: ModelConfig, budget: int, parallel: int, type_k: str, type_v: str,
+            page_size: int = DEFAULT_PAGE_SIZE) -> tuple[int, bool]:
+    """(largest whole-page context per sequence whose cache fits in `budget` bytes, capped?).
+
+    Capped at the model's context_length; the bool says the cap, not memory, decided.
+    """
+    page_bytes = page_size * kv_bytes_per_token(config, type_k, type_v)
+    ctx = max(budget, 0) // (parallel * page_bytes) * page_size
+    if ctx > config.context_length:
+        return config.context_length, True
+    return ctx, False
+
+
+# ---------------------------------------------------------------------------
+# The plan
+
+
+def load_plan_config(model: str | os.PathLike | ModelConfig | gguf.GGUFReader) -> tuple[ModelConfig, str]:
+    """(config, model label) from a path, an open reader or a config."""
+    if isinstance(model, ModelConfig):
+        return model, model.name or model.path or model.arch
+    if isinstance(model, gguf.GGUFReader):
+        config = ModelConfig.from_gguf(model)
+        return config, config.path or config.name
+    return ModelConfig.from_gguf(open_gguf(model)), str(model)
+
+
+def plan(
+    model: str | os.PathLike | ModelConfig | gguf.GGUFReader,
+    memory: str | int,
+    parallel: int = 1,
+    ctx: int | None = None,
+    types: str | Iterable = DEFAULT_TYPES,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> dict:
+    """Memory plan as a JSON-ready dict (the shape of issue 5; extra keys are additive).
+
+    `ctx` (tokens per sequence, default the model's context length) sets bytes_at_ctx;
+    `memory` covers the weights plus the cache (activations are not counted).
+    """
+    config, label = load_plan_config(model)
+    memory = parse_memory(memory)
+    if parallel <= 0:
+        raise ValueError(f"parallel must be positive, got {parallel}")
+    ctx = config.context_length if ctx is None else ctx
+    if not 0 < ctx <= config.context_length:
+        raise ValueError(f"ctx must be between 1 and the model's context length {config.context_length}, got {ctx}")
+    budget = memory - config.weights_bytes
+    out = {
+        "model": label,
+        "weights_bytes": config.weights_bytes,
+        "memory": memory,
+        "parallel": parallel,
+        "ctx": ctx,
+        "context_length": config.context_length,
+        "page_size": page_size,
+        "weights_fit": budget > 0,
+        "types": {},
+    }
+    for k, v in parse_types(types):
+        out["types"][pair_name(k, v)] = _plan_type(config, k, v, budget, parallel, ctx, page_size)
+    return out
+
+
+def _plan_type(config: ModelConfig, k: str, v: str, budget: int, parallel: int, ctx: int, page_size: int) -> dict:
+    ek, ev, reason = effective_types(config, k, v)
+    fit_ctx, capped = max_ctx(config, budget, parallel, ek, ev, page_size)
+    at_ctx = kv_bytes(config, ctx, parallel, ek, ev, page_size)
+    return {
+        "k": k,
+        "v": v,
+        "effective_k": ek,
+        "effective_v": ev,
+        "fallback": reason,
+        "kv_bytes_per_token": kv_bytes_per_token(config, ek, ev),
+        "max_ctx": fit_ctx,
+        "max_ctx_capped": capped,  # True: the model's context length, not memory, is the limit
+        "bytes_at_ctx": at_ctx,  # K/V cache only
+        "total_bytes_at_ctx": config.weights_bytes + at_ctx,
+        "fits_at_ctx": at_ctx <= budget,
+    }
