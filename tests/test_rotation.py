@@ -6,7 +6,7 @@ from kvslim.rotation import Rotation, default_rotation, fwht, hadamard_size
 
 
 def sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / n**0.5
