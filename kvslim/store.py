@@ -108,11 +108,14 @@ def manifest_path(model: BuiltinModel) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike, pull_missing: bool = False) -> Path:
-    """Path of the .gguf for a built-in model name or an existing .gguf path."""
-    as_path = Path(name_or_path).expanduser()
-    if as_path.is_file():
-        return as_path
+    """Path of the .gguf for a built-in model name or an existing .gguf path.
+
+    A built-in name wins over a file of the same name in the working directory.
+    """
     model = lookup(str(name_or_path))
+    as_path = Path(name_or_path).expanduser()
+    if model is None and as_path.is_file():
+        return as_path
     if model is None:
         hint = " (no such file)" if str(name_or_path).endswith(".gguf") else ""
         raise UnknownModelError(

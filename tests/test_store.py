@@ -114,6 +114,12 @@ def test_resolve_existing_path(tmp_path, models_dir):
     assert store.resolve(str(f)) == f
 
 
+def test_builtin_name_wins_over_file_in_cwd(tmp_path, models_dir, fake, monkeypatch, patched_download):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fakemodel").write_bytes(b"not this one")
+    assert store.resolve("fakemodel", pull_missing=True) == models_dir / "fakemodel" / "Fake.Q8_0.gguf"
+
+
 def test_resolve_unknown_name_lists_builtins(models_dir):
     with pytest.raises(UnknownModelError) as e:
         store.resolve("llama3:70b")
