@@ -366,27 +366,20 @@ def test_unpermute_inverts_converter_permute_for_bias():
 # Real model
 
 
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    from kvslim import store
-
-    return store.resolve("smollm2", pull_missing=True)
-
-
 @pytest.mark.slow
-def test_smollm2_config(smollm2_path):
-    c = load_config(smollm2_path)
+def test_smollm2_config(smollm2_gguf):
+    c = load_config(smollm2_gguf)
     assert (c.arch, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("llama", 30, 9, 3, 64)
     assert (c.d_model, c.ffn_dim, c.vocab_size, c.context_length) == (576, 1536, 49152, 8192)
     assert c.tied_output and not c.qkv_bias and c.rope_style == "normal"
     assert c.rope_base == 100000.0 and c.file_type_name == "Q4_1"
     assert c.n_params == 134_515_008
-    assert c.weights_bytes < smollm2_path.stat().st_size
+    assert c.weights_bytes < smollm2_gguf.stat().st_size
 
 
 @pytest.mark.slow
-def test_smollm2_weights(smollm2_path):
-    reader = open_gguf(smollm2_path)
+def test_smollm2_weights(smollm2_gguf):
+    reader = open_gguf(smollm2_gguf)
     config = ModelConfig.from_gguf(reader)
     w = load_weights(reader, config, progress=False)
     assert "output.weight" not in w and w["token_embd.weight"].shape == (49152, 576)

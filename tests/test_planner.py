@@ -276,16 +276,9 @@ def test_plan_bad_args(gguf_8b):
 # Real model
 
 
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    from kvslim import store
-
-    return store.resolve("smollm2", pull_missing=True)
-
-
 @pytest.mark.slow
-def test_plan_smollm2(smollm2_path):
-    p = plan(smollm2_path, "1GiB", parallel=2, ctx=2048, types="f16,q8_0,q4_0")
+def test_plan_smollm2(smollm2_gguf):
+    p = plan(smollm2_gguf, "1GiB", parallel=2, ctx=2048, types="f16,q8_0,q4_0")
     assert p["weights_bytes"] == 96_576_768  # sum of the tensors' stored bytes
     assert p["context_length"] == 8192
     f16, q8, q4 = (p["types"][t] for t in ("f16/f16", "q8_0/q8_0", "q4_0/q4_0"))

