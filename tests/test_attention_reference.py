@@ -4,7 +4,6 @@ import logging
 import pytest
 import torch
 
-from kvslim import formats
 from kvslim.attention import AttnMeta, plan_attention
 from kvslim.cache import CacheFull, KVCache
 from kvslim.kernels import reference
