@@ -1,0 +1,372 @@
+"""Sequences, scheduling and stop rules: one batched forward per ``step()``.
+
+The engine owns one model, one tokenizer and one paged K/V cache shared by up to
+``num_parallel`` sequences. Every ``step()`` packs the pending rows of all running
+sequences into one forward: running sequences decode one token each, new ones prefill
+in chunks from what is left of the ``max_batch_tokens`` budget. So a server thread can
+call ``step()`` in a loop while request threads ``add_request`` / ``cancel`` (both are
+thread-safe) and new requests join between steps (continuous batching).
+
+Admission reserves the pages a sequence may ever need (prompt + max_tokens, capped at
+num_ctx), so a running sequence never meets a full cache; a request that does not fit
+waits in ``waiting`` until pages are freed.
+
+Text: each output carries the text its tokens complete, with incomplete UTF-8 and any
+tail that may be the start of a stop string held back until it is decided.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvslim.attention import Attention, AttentionPlan, plan_attention
+from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.sampling import Sampler, SamplingParams
+
+__all__ = ["Engine", "Sequence", "StepOutput", "PromptTooLong", "DEFAULT_NUM_CTX"]
+
+# Ollama's default context on machines under 24 GiB of VRAM (and on CPU) is 4k;
+# docs/context-length.mdx: 32k for 24-48 GiB, 256k above. Capped at the model's maximum.
+DEFAULT_NUM_CTX = 4096
+DEFAULT_BATCH_TOKENS = 512
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class PromptTooLong(ValueError):
+    """A prompt that does not fit in the context and truncation was not asked for."""
+
+
+class StepOutput(NamedTuple):
+    seq: "Sequence"
+    token_ids: list[int]  # tokens sampled this step (empty for a prefill chunk or a cancel)
+    text: str  # text released this step
+    finished: bool
+    reason: str | None  # "stop" (EOS or stop string), "length", "cancel"
+
+
+@dataclass(eq=False)
+class Stats:
+    """Ollama's counters for one sequence (durations in seconds)."""
+
+    prompt_eval_count: int = 0
+    prompt_eval_duration: float = 0.0
+    eval_count: int = 0
+    eval_duration: float = 0.0
+    created: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def total_duration(self) -> float:
+        return (self.finished or time.perf_counter()) - self.created
+
+
+class Sequence:
+    """One request: its tokens, how many are in the cache, its sampler and text state."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
+                 num_ctx: int, decoder, eog_ids: set[int]):
+        self.id = seq_id
+        self.params = params
+        self.token_ids = list(prompt_ids)  # prompt then generated
+        self.n_prompt = len(prompt_ids)
+        self.n_cached = 0  # tokens of token_ids already in the cache
+        self.cache_seq: int | None = None
+        self.status = WAITING
+        self.finish_reason: str | None = None
+        self.text = ""  # all text released so far
+        self.stats = Stats(created=time.perf_counter())
+        self.sampler = Sampler(params)
+        self.max_len = num_ctx if params.max_tokens is None else \
+            min(num_ctx, self.n_prompt + params.max_tokens)
+        self._decoder = decoder
+        self._eog = set() if params.ignore_eos else eog_ids
+        self._held = ""  # decoded text not released yet (may start a stop string)
+        self.cancelled = False
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.n_prompt:]
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.token_ids) - self.n_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    def pending(self) -> int:
+        """Tokens to feed before the next sample."""
+        return len(self.token_ids) - self.n_cached
+
+    def accept(self, token: int) -> tuple[str, str | None]:
+        """Record a sampled token; return (text released, finish reason or None)."""
+        self.token_ids.append(token)
+        if token in self._eog:
+            return self._release_all(), "stop"
+        self._held += self._decoder.push(token)
+        text, stopped = self._check_stop()
+        if stopped:
+            return text, "stop"
+        if self.n_generated >= (self.params.max_tokens or float("inf")):
+            return text + self._release_all(), "length"
+        return text, None
+
+    def _check_stop(self) -> tuple[str, bool]:
+        stops, held = self.params.stop, self._held
+        if not stops:
+            self._held = ""
+            return held, False
+        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return held[:min(hits)], True
+        keep = max((n for s in stops for n in range(min(len(s) - 1, len(held)), 0, -1)
+                    if held.endswith(s[:n])), default=0)  # a tail that may start a stop
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep], False
+
+    def _release_all(self) -> str:
+        text, self._held = self._held + self._decoder.flush(), ""
+        return text
+
+
+class Engine:
+    """Batched generation over one paged cache."""
+
+    def __init__(self, model, tokenizer, *, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 flash_attn: str = "auto", num_ctx: int = DEFAULT_NUM_CTX, num_parallel: int = 1,
+                 max_batch_tokens: int = DEFAULT_BATCH_TOKENS, page_size: int = DEFAULT_PAGE_SIZE,
+                 n_pages: int | None = None):
+        """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel."""
+        if num_ctx > model.config.context_length:
+            raise ValueError(f"num_ctx {num_ctx} is above the model's maximum context "
+                             f"{model.config.context_length}")
+        if min(num_ctx, num_parallel, max_batch_tokens) < 1:
+            raise ValueError("num_ctx, num_parallel and max_batch_tokens must be positive")
+        self.model, self.tokenizer = model, tokenizer
+        self.num_ctx, self.num_parallel, self.max_batch_tokens = num_ctx, num_parallel, max_batch_tokens
+        self.plan: AttentionPlan = plan_attention(
+            model.device, model.config.head_dim, cache_type_k, cache_type_v, flash_attn,
+            v_head_dim=model.config.v_head_dim)
+        self.attn = Attention(self.plan)
+        n_pages = n_pages or num_parallel * -(-num_ctx // page_size)
+        self.cache: KVCache = model.new_cache(n_pages, page_size, self.plan.effective_k,
+                                              self.plan.effective_v)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards waiting / cancels across threads
+        self._step_lock = threading.Lock()  # one forward at a time
+        self._cancels: list[Sequence] = []
+        self._reserved = 0  # pages promised to running sequences
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    truncate: bool = False) -> Sequence:
+        """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate)."""
+        params = params or SamplingParams()
+        prompt_ids = self._fit_prompt(list(prompt_ids), truncate, params.max_tokens)
+        decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
+        eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
+        seq = Sequence(next(self._ids), prompt_ids, params, self.num_ctx, decoder, eog)
+        if self._pages_for(seq) > self.cache.n_pages:
+            raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "
+                             f"({self.cache.capacity} tokens)")
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None = None) -> list[int]:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if len(ids) <= self.num_ctx:
+            return ids
+        if not truncate:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context "
+                                f"length num_ctx={self.num_ctx}; raise num_ctx (model maximum "
+                                f"{self.model.config.context_length}) or ask for truncation")
+        # keep BOS, then the most recent tokens, leaving room to generate (half the
+        # context at most, so a long answer does not leave the prompt a few tokens)
+        room = min(max_tokens or self.num_ctx, self.num_ctx // 2)
+        keep = max(1, self.num_ctx - room)
+        bos = self.tokenizer.bos_id if self.tokenizer is not None else None
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        return head + ids[len(ids) - (keep - len(head)):]
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence and free its pages at the next step; thread-safe."""
+        with self._lock:
+            if not seq.cancelled and not seq.finished:
+                seq.cancelled = True
+                self._cancels.append(seq)
+
+    def reap(self) -> list[StepOutput]:
+        """Apply pending cancellations now (free their pages) without running a forward."""
+        with self._step_lock:
+            return self._process_cancels()
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._cancels)
+
+    # ---------------------------------------------------------------- stepping
+
+    def step(self) -> list[StepOutput]:
+        """One batched forward over the running sequences; what each one produced."""
+        with self._step_lock:
+            outputs = self._process_cancels()
+            self._admit()
+            if not self.running:
+                return outputs
+            return outputs + self._run(self._schedule())
+
+    def _process_cancels(self) -> list[StepOutput]:
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            for seq in cancels:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+        outputs = []
+        for seq in cancels:
+            if not seq.finished:
+                self._finish(seq, "cancel")
+                outputs.append(StepOutput(seq, [], "", True, "cancel"))
+        return outputs
+
+    def _pages_for(self, seq: Sequence) -> int:
+        return -(-seq.max_len // self.cache.page_size)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and len(self.running) < self.num_parallel:
+                need = self._pages_for(self.waiting[0])
+                if self._reserved + need > self.cache.n_pages:
+                    break  # FIFO: later requests wait behind it
+                seq = self.waiting.popleft()
+                seq.cache_seq = self.cache.new_sequence()
+                seq.status = RUNNING
+                self._reserved += need
+                self.running.append(seq)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, rows to feed) for this step: every decode, then prefill chunks."""
+        batch = [(s, 1) for s in self.running if s.pending() == 1]
+        budget = self.max_batch_tokens - len(batch)
+        for s in self.running:
+            n = s.pending()
+            if n > 1 and budget > 0:
+                batch.append((s, min(n, budget)))
+                budget -= batch[-1][1]
+        return batch
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        tokens, rows, row = [], [], 0
+        for s, n in batch:
+            tokens.extend(s.token_ids[s.n_cached:s.n_cached + n])
+            row += n
+            if n == s.pending():
+                rows.append(row - 1)  # the last row of a sequence that is caught up
+        t0 = time.perf_counter()
+        logits = self.model.forward(torch.tensor(tokens), self.cache, [s.cache_seq for s, _ in batch],
+                                    [n for _, n in batch], self.attn, torch.tensor(rows))
+        outputs, r = [], 0
+        sampled = [s for s, n in batch if n == s.pending()]
+        for s, n in batch:
+            s.n_cached += n
+        ids = self._sample(sampled, logits)
+        elapsed = time.perf_counter() - t0
+        for s, n in batch:
+            if s.n_cached <= s.n_prompt:  # this step evaluated prompt tokens
+                s.stats.prompt_eval_count += n
+                s.stats.prompt_eval_duration += elapsed
+            else:
+                s.stats.eval_duration += elapsed
+        for s, tok in zip(sampled, ids):
+            outputs.append(self._after_sample(s, tok))
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next token per sequence. logits [len(seqs), V]."""
+        if all(s.params.greedy and not s.params.penalized for s in seqs):
+            return logits.argmax(-1).tolist()  # one op for the whole batch
+        return [s.sampler(logits[i], s.token_ids) for i, s in enumerate(seqs)]
+
+    def _after_sample(self, s: Sequence, tok: int) -> StepOutput:
+        text, reason = s.accept(tok)
+        s.stats.eval_count += 1
+        if reason is None and len(s.token_ids) > s.max_len:
+            # the next step would feed a token past num_ctx (or the reservation)
+            text, reason = text + s._release_all(), "length"
+        s.text += text
+        if reason is not None:
+            self._finish(s, reason)
+        return StepOutput(s, [tok], text, reason is not None, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == RUNNING:
+            self.cache.free(seq.cache_seq)
+            self.running.remove(seq)
+            self._reserved -= self._pages_for(seq)
+        seq.status, seq.finish_reason = FINISHED, reason
+        seq.stats.finished = time.perf_counter()
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """float32 logits [T, V] for every position of ``token_ids``, through the cache.
+
+        Runs as its own sequence between steps (the cache must have room for T tokens).
+        """
+        ids = self._fit_prompt(list(token_ids), truncate=False)
+        chunk = chunk or self.max_batch_tokens
+        with self._step_lock:
+            need = -(-len(ids) // self.cache.page_size)
+            if self._reserved + need > self.cache.n_pages:
+                raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
+                                 f"{len(self.running)} sequences run")
+            seq = self.cache.new_sequence()
+            try:
+                out = [self.model.forward(torch.tensor(ids[i:i + chunk]), self.cache, [seq],
+                                          [len(ids[i:i + chunk])], self.attn).cpu()
+                       for i in range(0, len(ids), chunk)]
+            finally:
+                self.cache.free(seq)
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- reporting
+
+    def cache_info(self) -> dict:
+        """Effective types, fallback, backend and exact bytes of the K/V cache."""
+        c, p = self.cache, self.plan
+        return {
+            "type_k": p.effective_k, "type_v": p.effective_v,
+            "requested_k": p.requested_k, "requested_v": p.requested_v,
+            "fallback": p.fell_back, "reason": p.reason,
+            "backend": p.backend, "fused": p.fused, "flash_attn": p.flash_attn,
+            "device": str(c.device), "bytes": c.nbytes,
+            "bytes_per_token": c.nbytes // c.capacity,
+            "capacity_tokens": c.capacity, "num_ctx": self.num_ctx,
+            "num_parallel": self.num_parallel, "page_size": c.page_size,
+            "pages_total": c.n_pages, "pages_in_use": c.pages_in_use,
+        }
+
+
+class _NoText:
+    """Stream decoder stand-in when the engine runs without a tokenizer (tests, scoring)."""
+
+    def push(self, tid: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""

@@ -1,0 +1,336 @@
+"""Python API: ``LLM("smollm2", cache_type_k="q8_0", cache_type_v="q8_0")``.
+
+``generate`` continues text as is; ``chat`` renders messages with the model's chat
+template. Both return a ``Completion`` (``str()`` gives the text), or with
+``stream=True`` a ``Stream`` that yields text pieces and holds the ``Completion`` once
+it ends. Calls from several threads batch together in the engine's steps.
+
+Settings resolve as: explicit argument > environment (``KVSLIM_KV_CACHE_TYPE``,
+``KVSLIM_FLASH_ATTENTION``, ``KVSLIM_CONTEXT_LENGTH``, meaning what
+``OLLAMA_KV_CACHE_TYPE``, ``OLLAMA_FLASH_ATTENTION`` and ``OLLAMA_CONTEXT_LENGTH``
+mean to Ollama) > defaults (f16, auto, 4096).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence as Seq
+
+import torch
+
+from kvslim import formats, models, store
+from kvslim.attention import FLASH_MODES
+from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput
+from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.sampling import SamplingParams
+from kvslim.tokenizer import Tokenizer
+
+__all__ = ["LLM", "Completion", "Stream", "pick_device", "resolve_cache_types",
+           "resolve_flash_attn", "resolve_num_ctx"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def pick_device(name: str | None = "auto") -> torch.device:
+    """auto: cuda > mps > cpu. ValueError for an unknown or unavailable device."""
+    name = (name or "auto").lower()
+    base = name.split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if base == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA/ROCm GPU")
+    if base == "mps" and not has_mps:
+        raise ValueError("device mps asked for, but torch sees no Apple MPS device")
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | None = None,
+                        cache_type_v: str | None = None,
+                        env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(K type, V type): a per-tensor type beats the shared one, which beats
+    KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown."""
+    shared = kv_cache_type or env.get("KVSLIM_KV_CACHE_TYPE") or "f16"
+    k, v = cache_type_k or shared, cache_type_v or shared
+    return formats.get_format(k).name, formats.get_format(v).name
+
+
+def resolve_flash_attn(flash_attn: str | bool | None = None,
+                       env: Mapping[str, str] = os.environ) -> str:
+    """auto|on|off from an argument or KVSLIM_FLASH_ATTENTION (1/true/on, 0/false/off, auto)."""
+    value = flash_attn if flash_attn is not None else env.get("KVSLIM_FLASH_ATTENTION") or "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    value = str(value).strip().lower()
+    if value in _TRUE:
+        return "on"
+    if value in _FALSE:
+        return "off"
+    if value not in FLASH_MODES:
+        raise ValueError(f"flash attention must be one of auto, on, off (or 1/0), got {value!r}")
+    return value
+
+
+def resolve_num_ctx(num_ctx: int | None, model_max: int, device: torch.device,
+                    env: Mapping[str, str] = os.environ) -> int:
+    """An explicit num_ctx must fit the model; env/default values are capped at its maximum.
+
+    Default as Ollama's: 4096 on CPU/MPS and GPUs under 24 GiB, 32k under 48 GiB, 256k above.
+    """
+    if num_ctx is not None:
+        if not 1 <= num_ctx <= model_max:
+            raise ValueError(f"num_ctx {num_ctx} is outside [1, {model_max}] "
+                             f"(the model's maximum context is {model_max})")
+        return num_ctx
+    if env.get("KVSLIM_CONTEXT_LENGTH"):
+        try:
+            default = int(env["KVSLIM_CONTEXT_LENGTH"])
+        except ValueError:
+            raise ValueError(f"KVSLIM_CONTEXT_LENGTH must be an integer, got "
+                             f"{env['KVSLIM_CONTEXT_LENGTH']!r}") from None
+    else:
+        default = DEFAULT_NUM_CTX
+        if device.type == "cuda":
+            vram = torch.cuda.get_device_properties(device).total_memory / 2**30
+            default = 262144 if vram >= 48 else 32768 if vram >= 24 else DEFAULT_NUM_CTX
+    return max(1, min(default, model_max))
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Completion:
+    """A finished generation; ``str(completion)`` is its text. Durations in seconds."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length" or "cancel"
+    prompt_eval_count: int
+    prompt_eval_duration: float
+    eval_count: int
+    eval_duration: float
+    total_duration: float
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence) -> "Completion":
+        s = seq.stats
+        return cls(seq.text, seq.output_ids, seq.finish_reason, s.prompt_eval_count,
+                   s.prompt_eval_duration, s.eval_count, s.eval_duration, s.total_duration)
+
+
+class Stream:
+    """Iterate for text pieces; ``completion`` is set when the stream ends.
+
+    Closing it early (``close()``, ``break`` then garbage collection) cancels the request.
+    """
+
+    def __init__(self, llm: "LLM", seq: Sequence):
+        self.seq, self.completion = seq, None
+        self._events = llm._events(seq)
+
+    def __iter__(self) -> Iterator[str]:
+        for out in self._events:
+            if out.text:
+                yield out.text
+        self.completion = Completion.from_sequence(self.seq)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- the API
+
+
+class LLM:
+    """A loaded model with its tokenizer and a quantized paged K/V cache.
+
+    model: a built-in name (``smollm2``; pulled on first use when ``pull``) or a .gguf path.
+    kv_cache_type / cache_type_k / cache_type_v: f16, q8_0, q4_0, ... (see ``formats.TYPES``).
+    flash_attn: auto | on | off. num_parallel: sequences that can run at once.
+    """
+
+    def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 flash_attn: str | bool | None = None, num_ctx: int | None = None,
+                 num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
+                 progress: bool = True, max_batch_tokens: int | None = None):
+        t0 = time.perf_counter()
+        types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
+        flash = resolve_flash_attn(flash_attn)
+        self.device = pick_device(device)
+        self.path = store.resolve(model, pull_missing=pull)
+        reader = open_gguf(self.path)
+        self.config: ModelConfig = ModelConfig.from_gguf(reader)
+        self.tokenizer = Tokenizer.from_gguf(reader)
+        self.model = models.load_model(reader, self.config, self.device,
+                                       compute_dtype(self.device), progress=progress)
+        self.name = str(model)
+        self._lock = threading.Lock()  # one engine step (and its dispatch) at a time
+        self._inbox: dict[int, collections.deque] = {}
+        self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens)
+        self.load_duration = time.perf_counter() - t0
+
+    def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens) -> Engine:
+        ctx = resolve_num_ctx(num_ctx, self.config.context_length, self.device)
+        extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+        return Engine(self.model, self.tokenizer, cache_type_k=types[0], cache_type_v=types[1],
+                      flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, **extra)
+
+    def reconfigure(self, *, kv_cache_type: str | None = None, cache_type_k: str | None = None,
+                    cache_type_v: str | None = None, flash_attn: str | bool | None = None,
+                    num_ctx: int | None = None, num_parallel: int | None = None) -> None:
+        """Rebuild the K/V cache with new settings (weights stay); only while idle.
+
+        Unspecified settings keep their current values. The old pool is freed first, so
+        peak memory is one pool; on failure the old settings are rebuilt.
+        """
+        with self._lock:
+            old = self.engine
+            if old.has_work():
+                raise RuntimeError("cannot change the K/V cache while requests are running")
+            types = resolve_cache_types(None, cache_type_k or kv_cache_type or old.plan.requested_k,
+                                        cache_type_v or kv_cache_type or old.plan.requested_v)
+            flash = resolve_flash_attn(flash_attn if flash_attn is not None else old.plan.flash_attn)
+            ctx = resolve_num_ctx(num_ctx or old.num_ctx, self.config.context_length, self.device)
+            previous = ((old.plan.requested_k, old.plan.requested_v), old.plan.flash_attn,
+                        old.num_ctx, old.num_parallel, old.max_batch_tokens)
+            old.cache = self.engine = None  # drop the old pool before allocating the new one
+            try:
+                self.engine = self._new_engine(types, flash, ctx, num_parallel or previous[3],
+                                               previous[4])
+            except BaseException:
+                self.engine = self._new_engine(*previous)
+                raise
+
+    # ---------------------------------------------------------------- text
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (BOS added when the model wants it; special-token text parsed)."""
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, token_ids: Seq[int], *, skip_special: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special=skip_special)
+
+    def chat_prompt(self, messages: Seq[Mapping]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, ready to generate."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenize(text)
+        bos = self.tokenizer.bos_id
+        if len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # the template wrote BOS itself
+        return ids
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompt: str | Seq[int], *, stream: bool = False, raw: bool = True,
+                 system: str | None = None, truncate: bool = False, **options):
+        """Continue ``prompt`` (text or token ids).
+
+        raw=False wraps a text prompt in the chat template as a user turn (with
+        ``system``), as Ollama's /api/generate does. Options (``SamplingParams``):
+        max_tokens (or num_predict), temperature, top_k, top_p, min_p, repeat_penalty,
+        repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos.
+        truncate: keep the start token and the latest tokens of a prompt longer than
+        num_ctx instead of raising PromptTooLong.
+        """
+        if isinstance(prompt, str):
+            if raw:
+                ids = self.tokenize(prompt)
+            else:
+                turns = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": prompt}]
+                ids = self.chat_prompt(turns)
+        else:
+            ids = list(prompt)
+        return self._start(ids, options, stream, truncate)
+
+    def chat(self, messages: Seq[Mapping], *, stream: bool = False, truncate: bool = False,
+             **options):
+        """Answer the last message of ``messages`` ([{"role": ..., "content": ...}, ...])."""
+        return self._start(self.chat_prompt(messages), options, stream, truncate)
+
+    def generate_stream(self, prompt: str | Seq[int], **kw) -> Stream:
+        return self.generate(prompt, stream=True, **kw)
+
+    def chat_stream(self, messages: Seq[Mapping], **kw) -> Stream:
+        return self.chat(messages, stream=True, **kw)
+
+    def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool):
+        params = SamplingParams.from_options(**options)
+        seq = self.engine.add_request(ids, params, truncate=truncate)
+        s = Stream(self, seq)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.completion
+
+    def _events(self, seq: Sequence) -> Iterator[StepOutput]:
+        """This sequence's outputs, stepping the engine (for everyone) when it has none."""
+        box = self._inbox[seq.id] = collections.deque()
+        try:
+            while True:
+                with self._lock:
+                    if not box:
+                        self._dispatch(self.engine.step())
+                    items = list(box)
+                    box.clear()
+                for out in items:
+                    yield out
+                    if out.finished:
+                        return
+        finally:
+            if not seq.finished:
+                self.engine.cancel(seq)
+                with self._lock:
+                    self._dispatch(self.engine.reap())
+            self._inbox.pop(seq.id, None)
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            box = self._inbox.get(out.seq.id)
+            if box is not None:
+                box.append(out)
+
+    # ---------------------------------------------------------------- scores and info
+
+    def logits(self, token_ids: Seq[int]) -> torch.Tensor:
+        """float32 logits [T, vocab] for every position, computed in chunks through the cache."""
+        with self._lock:
+            return self.engine.score(list(token_ids))
+
+    def kv_cache_info(self) -> dict:
+        """Effective K/V types, any fallback and its reason, backend, bytes and capacity."""
+        return self.engine.cache_info()
+
+    def __repr__(self) -> str:
+        i = self.kv_cache_info()
+        return (f"LLM({self.name!r}, {self.config.arch}, device {self.device}, "
+                f"K {i['type_k']} / V {i['type_v']}, num_ctx {i['num_ctx']})")

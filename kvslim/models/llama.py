@@ -1,0 +1,187 @@
+"""The llama family (llama, mistral, qwen2): one decoder forward over the paged K/V cache.
+
+RoPE, GQA, RMSNorm, SwiGLU, tied or separate output head, optional q/k/v bias (qwen2).
+Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k rows are in
+Hugging Face order and every architecture uses the NEOX ("rotate half") rotation.
+
+Shapes: N = rows of this step packed over sequences (``AttnMeta.q_offsets``),
+d = d_model, H = query heads, Hkv = kv heads, D = head_dim, F = ffn_dim, V = vocab.
+
+Per layer the forward runs few large ops: one fused qkv matmul, one rotation of q and
+k together (they are adjacent in the fused output), the cache write, attention, and
+one fused gate+up matmul. Logits are computed only for the rows asked for.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+from kvslim import formats
+from kvslim.attention import Attention, AttnMeta
+from kvslim.cache import KVCache
+from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
+
+__all__ = ["Llama", "apply_rope"]
+
+# RoPE scalings this forward implements (rope.scaling.type); others are refused at load.
+_ROPE_SCALINGS = (None, "none", "linear")
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # [d]
+    wqkv: torch.Tensor  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked
+    bqkv: torch.Tensor | None  # [(H + 2 Hkv) * D] (qwen2) or None
+    wo: torch.Tensor  # [d, H * D]
+    ffn_norm: torch.Tensor  # [d]
+    w13: torch.Tensor  # [2F, d]: gate rows then up rows
+    w2: torch.Tensor  # [d, F]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX rotation of the first R dims of each head. x [N, h, D], cos/sin [N, 1, R].
+
+    cos = [cos θ, cos θ], sin = [-sin θ, sin θ] per row, so rotate_half is one roll.
+    """
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return torch.addcmul(x * cos, torch.roll(x, r // 2, dims=-1), sin)
+    rot, rest = x[..., :r], x[..., r:]  # partial rotary: the tail passes through
+    return torch.cat([torch.addcmul(rot * cos, torch.roll(rot, r // 2, dims=-1), sin), rest], -1)
+
+
+class Llama:
+    """Weights and forward of one llama-family model on one device and dtype."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if config.rope_scaling_type not in _ROPE_SCALINGS:
+            raise GGUFError(f"rope scaling '{config.rope_scaling_type}' is not supported "
+                            f"(supported: linear)")
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        # Block formats need a multiple of 32 along head_dim: such heads are zero-padded
+        # in the cache (zeros add nothing to q.k or to the output).
+        self.cache_head_dim = -(-c.head_dim // formats.QK) * formats.QK
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+        self.embed = self._w(weights.pop("token_embd.weight"))  # [V, d]
+        self.output = self._w(weights.pop("output.weight")) if "output.weight" in weights else self.embed
+        self.output_norm = self._w(weights.pop("output_norm.weight"))
+        self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
+        freq_factors = weights.pop("rope_freqs.weight", None)
+        self._inv_freq = self._rope_inv_freq(freq_factors)
+        self._cos = self._sin = torch.empty(0, 1, c.rope_dim, device=self.device, dtype=dtype)
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader, config: ModelConfig, device="cpu",
+                  dtype: torch.dtype = torch.float32, progress: bool = True) -> "Llama":
+        weights = load_weights(reader, config, dtype=dtype, device=device, progress=progress,
+                               neox_qk=True)
+        return cls(config, weights, device, dtype)
+
+    def _w(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
+        p = f"blk.{i}."
+        qkv = [w.pop(p + f"attn_{x}.weight") for x in "qkv"]
+        bias = [w.pop(p + f"attn_{x}.bias") for x in "qkv"] if self.config.qkv_bias else None
+        return Layer(
+            attn_norm=self._w(w.pop(p + "attn_norm.weight")),
+            wqkv=self._w(torch.cat(qkv)),
+            bqkv=self._w(torch.cat(bias)) if bias else None,
+            wo=self._w(w.pop(p + "attn_output.weight")),
+            ffn_norm=self._w(w.pop(p + "ffn_norm.weight")),
+            w13=self._w(torch.cat([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")])),
+            w2=self._w(w.pop(p + "ffn_down.weight")),
+        )
+
+    def _rope_inv_freq(self, freq_factors: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        inv = 1.0 / c.rope_base ** (torch.arange(0, c.rope_dim, 2, dtype=torch.float64) / c.rope_dim)
+        if freq_factors is not None:  # llama-3.1 style: per-frequency divisors
+            inv = inv / freq_factors.to("cpu", torch.float64)
+        if c.rope_scaling_type == "linear" and c.rope_scaling_factor:
+            inv = inv / c.rope_scaling_factor  # positions / factor
+        return inv  # [R/2] float64 on CPU
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n', 1, R] for positions < n' (n' >= n, grown by doubling)."""
+        if self._cos.shape[0] < n:
+            size = max(n, 2 * self._cos.shape[0], 256)
+            ang = torch.arange(size, dtype=torch.float64)[:, None] * self._inv_freq  # [n', R/2]
+            cos, sin = ang.cos(), ang.sin()
+            self._cos = torch.cat([cos, cos], -1)[:, None].to(self.device, self.dtype)
+            self._sin = torch.cat([-sin, sin], -1)[:, None].to(self.device, self.dtype)
+        return self._cos, self._sin
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str) -> KVCache:
+        return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
+                       page_size=page_size, cache_type_k=cache_type_k,
+                       cache_type_v=cache_type_v, device=self.device)
+
+    # ---------------------------------------------------------------- forward
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, seqs: list[int], q_lens: list[int],
+                attn: Attention, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step and append its K/V to ``cache``.
+
+        tokens [N] (packed like ``q_lens``), logit_rows [R] row indices or None for all
+        -> logits [R, V] float32. On any error the cache is rolled back to the tokens it
+        held before the call.
+        """
+        meta = AttnMeta.prepare(cache, seqs, q_lens)
+        try:
+            return self._forward(tokens.to(self.device), cache, meta, attn, logit_rows)
+        except BaseException:
+            meta.rollback(cache)
+            raise
+
+    def _positions(self, meta: AttnMeta) -> torch.Tensor:
+        if meta.is_decode:
+            pos = torch.tensor(meta.kv_lens) - 1  # [B]
+        else:
+            pos = torch.cat([torch.arange(kv - n, kv) for kv, n in zip(meta.kv_lens, meta.q_lens)])
+        return pos.to(self.device)  # [N]
+
+    def _forward(self, tokens, cache, meta, attn, logit_rows):
+        n, eps = tokens.shape[0], self.config.rms_eps
+        cos, sin = self._rope_tables(max(meta.kv_lens))
+        pos = self._positions(meta)
+        cos, sin = cos[pos], sin[pos]  # [N, 1, R], shared by every layer
+        x = F.embedding(tokens, self.embed)  # [N, d]
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
+            x = x + self._attention(h, i, layer, cache, meta, attn, cos, sin)
+            h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
+            gate, up = F.linear(h, layer.w13).chunk(2, dim=-1)  # [N, F] each
+            x = torch.addmm(x, F.silu(gate).mul_(up), layer.w2.t())  # [N, d]
+        if logit_rows is not None:
+            x = x[logit_rows.to(self.device)]  # [R, d]
+        x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+        return F.linear(x, self.output).float()  # [R, V]
+
+    def _attention(self, h, i, layer, cache, meta, attn, cos, sin):
+        n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = F.linear(h, layer.wqkv, layer.bqkv).view(n, hq + 2 * hkv, dim)
+        qk = apply_rope(qkv[:, :hq + hkv], cos, sin)  # [N, H + Hkv, D]
+        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
+        if self.cache_head_dim != dim:
+            pad = (0, self.cache_head_dim - dim)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        cache.write(i, meta.slots, k, v)
+        o = attn(q, cache, i, meta, self.scale)  # [N, H, Dc]
+        o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
+        return F.linear(o, layer.wo)  # [N, d]

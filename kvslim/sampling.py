@@ -1,0 +1,127 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, penalties.
+
+Defaults and order follow Ollama (api/types.go DefaultOptions; sample/samplers.go):
+penalties over the last ``repeat_last_n`` tokens of the context (prompt included), then
+top-k, temperature, softmax, top-p, min-p, and a draw. ``temperature == 0`` is greedy
+(after penalties). Each sequence draws from its own ``torch.Generator``, so parallel
+sequences with seeds are reproducible whatever else runs in the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SamplingParams", "Sampler", "sample"]
+
+
+@dataclass
+class SamplingParams:
+    """What a request asks of generation. ``max_tokens`` None = until EOS or context full."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.9  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repeat_penalty: float = 1.1  # 1.0: off
+    repeat_last_n: int = 64  # 0: off, -1: the whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None or negative: a random seed
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        if self.max_tokens is not None and self.max_tokens < 0:
+            self.max_tokens = None  # Ollama's num_predict -1: no limit
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_options(cls, **options) -> "SamplingParams":
+        """Build from keyword options; Ollama's ``num_predict`` is accepted for ``max_tokens``."""
+        if "num_predict" in options:
+            options["max_tokens"] = options.pop("num_predict")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**options)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+
+class Sampler:
+    """Per-sequence sampling state: the parameters and the random generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()  # on CPU: draws happen on a few CPU candidates
+        if params.seed is None or params.seed < 0:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits [V] of one row, history: the sequence's tokens so far -> the next token id."""
+        return sample(logits, self.params, history, self.generator)
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
+    """llama.cpp's penalties over the last n tokens: repeat (divide positive logits,
+    multiply negative ones), then frequency (per occurrence) and presence (once)."""
+    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+    if not window:
+        return logits
+    ids, counts = torch.tensor(window, device=logits.device).unique(return_counts=True)
+    sel = logits[ids]
+    sel = torch.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)
+    sel = sel - counts.to(sel.dtype) * p.frequency_penalty - p.presence_penalty
+    logits = logits.clone()
+    logits[ids] = sel
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
+           generator: torch.Generator | None = None) -> int:
+    """One token from logits [V] (float32)."""
+    if p.penalized:
+        logits = apply_penalties(logits, p, history)
+    if p.greedy:
+        return int(logits.argmax())
+    if 0 < p.top_k < logits.shape[0]:
+        vals, ids = logits.topk(p.top_k)  # sorted, descending
+    else:
+        vals, ids = logits.sort(descending=True)
+    vals, ids = vals.float().cpu(), ids.cpu()  # the generator lives on the CPU
+    probs = torch.softmax(vals / p.temperature, dim=-1)  # [K] descending
+    keep = probs.shape[0]
+    if p.top_p < 1.0:
+        # smallest prefix whose mass reaches top_p (at least one token)
+        keep = min(keep, int((probs.cumsum(0) < p.top_p).sum()) + 1)
+    if p.min_p > 0.0:
+        keep = min(keep, max(1, int((probs >= p.min_p * probs[0]).sum())))
+    probs = probs[:keep]
+    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+    return int(ids[choice])

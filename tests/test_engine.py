@@ -1,0 +1,348 @@
+"""Engine, sampler and Python API on a tiny random GGUF model (fast, default suite)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kvslim.engine import Engine, PromptTooLong, Sequence
+from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.llm import LLM, resolve_cache_types, resolve_flash_attn, resolve_num_ctx
+from kvslim.models import load_model
+from kvslim.sampling import SamplingParams, apply_penalties, sample
+from kvslim.tokenizer import Tokenizer
+
+import tiny_llama
+from tiny_llama import Tiny
+
+GREEDY = dict(temperature=0, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    tiny_llama.write(path, Tiny(ctx=128, tied=False))  # untied: greedy text varies
+    return path
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_path):
+    reader = open_gguf(tiny_path)
+    config = ModelConfig.from_gguf(reader)
+    return load_model(reader, config, progress=False), Tokenizer.from_gguf(reader)
+
+
+def engine(parts, **kw) -> Engine:
+    model, tok = parts
+    kw = {"cache_type_k": "q8_0", "cache_type_v": "q8_0", "num_ctx": 128, "page_size": 16} | kw
+    return Engine(model, tok, **kw)
+
+
+def drain(e: Engine, limit: int = 1000) -> list:
+    outs = []
+    for _ in range(limit):
+        if not e.has_work():
+            return outs
+        outs += e.step()
+    raise AssertionError("engine did not finish")
+
+
+PROMPTS = [[1, 270, 266, 262, 100], [1, 35, 45, 7, 262, 271, 68, 99, 120, 3, 259], [1], [1, 88, 200] * 9]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = torch.randn(500)
+    best = int(logits.argmax())
+    assert sample(logits, SamplingParams(**GREEDY), []) == best
+    g = torch.Generator().manual_seed(0)
+    assert all(sample(logits, SamplingParams(top_k=1, temperature=5.0), [], g) == best for _ in range(20))
+
+
+def test_top_p_and_min_p_cut_the_tail():
+    logits = torch.tensor([5.0, 4.0, 0.0, -1.0, -2.0])  # p ~ [0.72, 0.26, 0.005, ...]
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(top_k=0, top_p=0.9, temperature=1.0), [], g) for _ in range(300)}
+    assert draws == {0, 1}
+    draws = {sample(logits, SamplingParams(top_k=0, top_p=1.0, min_p=0.5, temperature=1.0), [], g)
+             for _ in range(100)}
+    assert draws == {0}
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(1000)
+    p = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=42)
+    runs = [[sample(logits, p, [], torch.Generator().manual_seed(42)) for _ in range(1)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_repeat_penalty_follows_llama_cpp():
+    logits = torch.tensor([2.0, -2.0, 1.0, 3.0])
+    p = SamplingParams(repeat_penalty=2.0, repeat_last_n=2, frequency_penalty=0.5, presence_penalty=0.25)
+    out = apply_penalties(logits, p, [3, 0, 1, 1])  # window: [1, 1]
+    assert out.tolist() == [2.0, -2.0 * 2 - 2 * 0.5 - 0.25, 1.0, 3.0]
+    p = SamplingParams(repeat_penalty=2.0, repeat_last_n=-1)
+    assert apply_penalties(logits, p, [3, 0]).tolist() == [1.0, -2.0, 1.0, 1.5]
+
+
+def test_bad_sampling_options():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(TypeError, match="unknown option.*temprature"):
+        SamplingParams.from_options(temprature=1)
+    assert SamplingParams.from_options(num_predict=5).max_tokens == 5
+    assert SamplingParams(max_tokens=-1).max_tokens is None
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_parallel_sequences_equal_each_alone(parts):
+    e = engine(parts, num_parallel=4, max_batch_tokens=8)  # prefill split into chunks
+    seqs = [e.add_request(p, SamplingParams(max_tokens=12, **GREEDY)) for p in PROMPTS]
+    drain(e)
+    for p, s in zip(PROMPTS, seqs):
+        alone = engine(parts)
+        a = alone.add_request(p, SamplingParams(max_tokens=12, **GREEDY))
+        drain(alone)
+        assert s.output_ids == a.output_ids and len(a.output_ids) == 12
+    assert e.cache.pages_in_use == 0
+    e.cache.check()
+
+
+def test_seeded_parallel_sampling_is_reproducible(parts):
+    def outputs(n_parallel):
+        e = engine(parts, num_parallel=n_parallel)
+        seqs = [e.add_request(p, SamplingParams(max_tokens=10, temperature=1.0, seed=i))
+                for i, p in enumerate(PROMPTS)]
+        drain(e)
+        return [s.output_ids for s in seqs]
+
+    assert outputs(4) == outputs(1)
+
+
+def test_a_request_joins_while_another_decodes(parts):
+    e = engine(parts, num_parallel=2)
+    first = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, **GREEDY))
+    for _ in range(4):
+        e.step()
+    assert first.n_generated == 4
+    second = e.add_request(PROMPTS[3], SamplingParams(max_tokens=5, **GREEDY))
+    mixed = e.step()  # one forward: first decodes, second prefills
+    assert {o.seq for o in mixed} == {first, second}
+    drain(e)
+    alone = engine(parts)
+    ref = [alone.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in
+           ((PROMPTS[1], 20), (PROMPTS[3], 5))]
+    drain(alone)
+    assert [first.output_ids, second.output_ids] == [r.output_ids for r in ref]
+
+
+def test_max_tokens_and_context_full_finish_with_length(parts):
+    e = engine(parts, num_ctx=32)
+    s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
+    outs = drain(e)
+    assert (s.n_generated, s.finish_reason, outs[-1].finished) == (3, "length", True)
+    s = e.add_request(PROMPTS[1], SamplingParams(ignore_eos=True, **GREEDY))
+    drain(e)
+    # every token but the last was fed back: the cache held at most num_ctx tokens
+    assert s.finish_reason == "length" and len(s.token_ids) == 33
+    assert e.cache.pages_in_use == 0
+
+
+def test_end_of_generation_token_stops(parts, monkeypatch):
+    e = engine(parts)
+    free = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY))
+    drain(e)
+    eog = free.output_ids[5]  # make the 6th token an end-of-generation token
+    monkeypatch.setattr(parts[1], "eog_ids", {eog})
+    s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, **GREEDY))
+    outs = drain(e)
+    first = free.output_ids.index(eog)
+    assert s.output_ids == free.output_ids[:first + 1] and s.finish_reason == "stop"
+    assert s.text == parts[1].decode(free.output_ids[:first])  # EOG itself adds no text
+    assert outs[-1].finished and outs[-1].reason == "stop"
+
+
+class FakeDecoder:
+    """Token id -> one character: lets stop-string tests choose the text exactly."""
+
+    def push(self, tid):
+        return chr(tid)
+
+    def flush(self):
+        return ""
+
+
+def feed(seq: Sequence, text: str) -> list[tuple[str, str | None]]:
+    return [seq.accept(ord(ch)) for ch in text]
+
+
+def test_stop_strings_hold_back_a_possible_start():
+    seq = Sequence(0, [1], SamplingParams(stop=["END", "xy"]), 100, FakeDecoder(), set())
+    got = feed(seq, "abEN")
+    assert [t for t, _ in got] == ["a", "b", "", ""]  # "E", "EN" may start "END"
+    got = feed(seq, "Dz")
+    assert got[0] == ("", "stop")  # the stop string itself is never emitted
+    seq = Sequence(1, [1], SamplingParams(stop=["END"]), 100, FakeDecoder(), set())
+    got = feed(seq, "ENx")
+    assert [t for t, _ in got] == ["", "", "ENx"]  # released once it cannot be a stop
+
+
+def test_stop_string_ends_generation_in_the_engine(parts):
+    e = engine(parts)
+    free = e.add_request(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True, **GREEDY))
+    drain(e)
+    text = free.text
+    stop = text[8:10]
+    s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop], **GREEDY))
+    outs = drain(e)
+    assert s.finish_reason == "stop"
+    assert s.text == text[:text.index(stop)]
+    assert "".join(o.text for o in outs) == s.text
+
+
+def test_prompt_longer_than_context(parts):
+    e = engine(parts, num_ctx=16)
+    with pytest.raises(PromptTooLong, match="27 tokens.*num_ctx=16"):
+        e.add_request(PROMPTS[3], SamplingParams())
+    s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=4, **GREEDY), truncate=True)
+    assert s.token_ids[0] == 1 and s.token_ids[1:] == PROMPTS[3][-(s.n_prompt - 1):]
+    assert s.n_prompt == 12  # leaves max_tokens of room
+    drain(e)
+    assert s.n_generated == 4
+
+
+def test_num_ctx_above_model_maximum(parts):
+    with pytest.raises(ValueError, match="above the model's maximum"):
+        engine(parts, num_ctx=4096)
+
+
+def test_cancel_frees_pages(parts):
+    e = engine(parts, num_parallel=2)
+    a = e.add_request(PROMPTS[1], SamplingParams(**GREEDY, ignore_eos=True))
+    b = e.add_request(PROMPTS[2], SamplingParams(**GREEDY, ignore_eos=True))
+    for _ in range(3):
+        e.step()
+    assert e.cache.pages_in_use > 0
+    e.cancel(a)
+    e.cancel(b)
+    outs = e.reap()
+    assert {(o.seq, o.reason) for o in outs} == {(a, "cancel"), (b, "cancel")}
+    assert e.cache.pages_in_use == 0 and not e.has_work()
+    e.cache.check()
+
+
+def test_requests_wait_for_pages(parts):
+    # each request may need 4 pages of 16 tokens: two fit in 7 pages, the third waits
+    e = engine(parts, num_parallel=4, n_pages=7)
+    seqs = [e.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True, **GREEDY))
+            for p in PROMPTS[:3]]
+    e.step()
+    assert [s.status for s in seqs] == ["running", "running", "waiting"]
+    drain(e)
+    assert all(s.n_generated == 40 for s in seqs) and e.cache.pages_in_use == 0
+    with pytest.raises(ValueError, match="cannot fit"):
+        e.add_request(PROMPTS[0], SamplingParams(max_tokens=200))
+
+
+def test_score_equals_generation_logits(parts):
+    e = engine(parts)
+    logits = e.score(PROMPTS[3], chunk=5)
+    assert logits.shape == (27, len(tiny_llama.vocab()[0])) and logits.dtype == torch.float32
+    s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=1, **GREEDY))
+    drain(e)
+    assert s.output_ids == [int(logits[-1].argmax())]
+    assert e.cache.pages_in_use == 0
+
+
+# ---------------------------------------------------------------- Python API
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    return LLM(str(tiny_path), kv_cache_type="q8_0", num_ctx=128, num_parallel=4, progress=False)
+
+
+def test_llm_generate_stream_and_info(llm):
+    c = llm.generate("the cab", max_tokens=8, ignore_eos=True, **GREEDY)
+    assert c.finish_reason == "length" and c.eval_count == 8 and str(c) == c.text
+    assert c.prompt_eval_count == len(llm.tokenize("the cab"))
+    stream = llm.generate("the cab", stream=True, max_tokens=8, ignore_eos=True, **GREEDY)
+    assert "".join(stream) == c.text and stream.completion.token_ids == c.token_ids
+    info = llm.kv_cache_info()
+    assert (info["type_k"], info["type_v"], info["num_ctx"]) == ("q8_0", "q8_0", 128)
+    assert info["bytes"] == llm.engine.cache.nbytes and info["pages_in_use"] == 0
+
+
+def test_llm_chat_uses_template(llm):
+    ids = llm.chat_prompt([{"role": "user", "content": "hi"}])
+    text = llm.detokenize(ids, skip_special=False)  # no template in the file: ChatML
+    assert ids[0] == 1 and text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    c = llm.chat([{"role": "user", "content": "hi"}], max_tokens=3, **GREEDY)
+    assert c.prompt_eval_count == len(ids)
+
+
+def test_llm_logits_and_tokenize(llm):
+    ids = llm.tokenize("the bat")
+    assert ids[0] == 1 and llm.detokenize(ids) == "the bat"
+    logits = llm.logits(ids)
+    assert logits.shape == (len(ids), llm.config.vocab_size)
+
+
+def test_llm_stream_closed_early_cancels(llm):
+    stream = llm.generate("abc", stream=True, ignore_eos=True, **GREEDY)
+    it = iter(stream)
+    next(it)
+    assert llm.engine.cache.pages_in_use > 0
+    stream.close()
+    assert llm.engine.cache.pages_in_use == 0 and not llm.engine.has_work()
+
+
+def test_llm_threads_batch_and_match_sequential(llm):
+    prompts = ["a", "the cat", "bab", "he th"]
+    alone = [llm.generate(p, max_tokens=10, ignore_eos=True, **GREEDY).token_ids for p in prompts]
+    results = [None] * 4
+
+    def worker(i):
+        results[i] = llm.generate(prompts[i], max_tokens=10, ignore_eos=True, **GREEDY).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+
+
+def test_llm_reconfigure_changes_types(llm):
+    llm.reconfigure(cache_type_v="q4_0")
+    info = llm.kv_cache_info()
+    assert (info["type_k"], info["type_v"]) == ("q8_0", "q4_0")
+    with pytest.raises(ValueError, match="valid types"):
+        llm.reconfigure(kv_cache_type="q3_x")
+    assert llm.kv_cache_info()["type_v"] == "q4_0"  # unchanged after a bad request
+    llm.reconfigure(kv_cache_type="q8_0")
+    assert llm.generate("a", max_tokens=2, **GREEDY).eval_count <= 2
+
+
+def test_settings_resolution():
+    env = {"KVSLIM_KV_CACHE_TYPE": "q4_0", "KVSLIM_FLASH_ATTENTION": "1"}
+    assert resolve_cache_types(env=env) == ("q4_0", "q4_0")
+    assert resolve_cache_types("q8_0", None, "f16", env=env) == ("q8_0", "f16")
+    assert resolve_cache_types(cache_type_k="Q8_0", env={}) == ("q8_0", "f16")
+    with pytest.raises(ValueError, match="valid types: f32, f16"):
+        resolve_cache_types("q9", env={})
+    assert resolve_flash_attn(env=env) == "on"
+    assert resolve_flash_attn("off", env=env) == "off"
+    assert resolve_flash_attn(env={"KVSLIM_FLASH_ATTENTION": "false"}) == "off"
+    assert resolve_flash_attn(env={}) == "auto"
+    cpu = torch.device("cpu")
+    assert resolve_num_ctx(None, 8192, cpu, env={}) == 4096
+    assert resolve_num_ctx(None, 2048, cpu, env={}) == 2048
+    assert resolve_num_ctx(None, 8192, cpu, env={"KVSLIM_CONTEXT_LENGTH": "16384"}) == 8192
+    with pytest.raises(ValueError, match="maximum context is 8192"):
+        resolve_num_ctx(9000, 8192, cpu, env={})
