@@ -11,6 +11,12 @@ Admission reserves the pages a sequence may ever need (prompt + max_tokens, capp
 num_ctx), so a running sequence never meets a full cache; a request that does not fit
 waits in ``waiting`` until pages are freed.
 
+An optional ``prefix_cache`` (duck-typed: ``attach``, ``retain``, ``evict``; the server's
+``kvslim.server.prefix.PrefixCache``) starts a sequence as a fork of cached pages of an
+identical prompt prefix, keeps finished sequences' full pages, and gives pages back when
+admission needs them. Room is therefore counted from the pool itself: free pages minus
+the pages running sequences may still take.
+
 Text: each output carries the text its tokens complete, with incomplete UTF-8 and any
 tail that may be the start of a stop string held back until it is decided.
 """
@@ -56,6 +62,7 @@ class Stats:
     """Ollama's counters for one sequence (durations in seconds)."""
 
     prompt_eval_count: int = 0
+    prompt_cache_count: int = 0  # prompt tokens reused from the prefix cache (not evaluated)
     prompt_eval_duration: float = 0.0
     eval_count: int = 0
     eval_duration: float = 0.0
@@ -144,7 +151,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  flash_attn: str = "auto", num_ctx: int = DEFAULT_NUM_CTX, num_parallel: int = 1,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, page_size: int = DEFAULT_PAGE_SIZE,
-                 n_pages: int | None = None):
+                 n_pages: int | None = None, prefix_cache=None):
         """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel."""
         if num_ctx > model.config.context_length:
             raise ValueError(f"num_ctx {num_ctx} is above the model's maximum context "
@@ -166,7 +173,7 @@ class Engine:
         self._lock = threading.Lock()  # guards waiting / cancels across threads
         self._step_lock = threading.Lock()  # one forward at a time
         self._cancels: list[Sequence] = []
-        self._reserved = 0  # pages promised to running sequences
+        self.prefix_cache = prefix_cache
 
     # ---------------------------------------------------------------- requests
 
@@ -247,17 +254,39 @@ class Engine:
     def _pages_for(self, seq: Sequence) -> int:
         return -(-seq.max_len // self.cache.page_size)
 
+    def _room(self) -> int:
+        """Free pages not promised to running sequences (each may grow to _pages_for)."""
+        ps = self.cache.page_size
+        held = sum(-(-self.cache.length(s.cache_seq) // ps) for s in self.running)
+        return self.cache.free_pages - (sum(self._pages_for(s) for s in self.running) - held)
+
+    def _make_room(self, need: int) -> bool:
+        """Whether ``need`` pages can be promised, evicting cached prefixes if that helps."""
+        short = need - self._room()
+        if short > 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict(self.cache, short)
+        return need <= self._room()
+
     def _admit(self) -> None:
         with self._lock:
             while self.waiting and len(self.running) < self.num_parallel:
-                need = self._pages_for(self.waiting[0])
-                if self._reserved + need > self.cache.n_pages:
+                seq = self.waiting[0]
+                cache_seq, reused = self._attach(seq)
+                need = self._pages_for(seq) - reused // self.cache.page_size
+                if not self._make_room(need):
+                    self.cache.free(cache_seq)
                     break  # FIFO: later requests wait behind it
-                seq = self.waiting.popleft()
-                seq.cache_seq = self.cache.new_sequence()
+                self.waiting.popleft()
+                seq.cache_seq, seq.n_cached, seq.stats.prompt_cache_count = cache_seq, reused, reused
                 seq.status = RUNNING
-                self._reserved += need
                 self.running.append(seq)
+
+    def _attach(self, seq: Sequence) -> tuple[int, int]:
+        """(cache sequence, tokens reused): a fork of a cached prefix (whole pages, at least
+        one prompt token left to evaluate) or a new empty sequence."""
+        if self.prefix_cache is None:
+            return self.cache.new_sequence(), 0
+        return self.prefix_cache.attach(self.cache, seq.token_ids[:seq.n_prompt - 1])
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, rows to feed) for this step: every decode, then prefill chunks."""
@@ -315,9 +344,10 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
+            if self.prefix_cache is not None:  # keep its full pages for a later identical prefix
+                self.prefix_cache.retain(self.cache, seq.cache_seq, seq.token_ids[:seq.n_cached])
             self.cache.free(seq.cache_seq)
             self.running.remove(seq)
-            self._reserved -= self._pages_for(seq)
         seq.status, seq.finish_reason = FINISHED, reason
         seq.stats.finished = time.perf_counter()
 
@@ -332,7 +362,7 @@ class Engine:
         chunk = chunk or self.max_batch_tokens
         with self._step_lock:
             need = -(-len(ids) // self.cache.page_size)
-            if self._reserved + need > self.cache.n_pages:
+            if not self._make_room(need):
                 raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
                                  f"{len(self.running)} sequences run")
             seq = self.cache.new_sequence()
