@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from fractions import Fraction
 from typing import Iterable, Sequence
 
@@ -221,3 +222,71 @@ def _plan_type(config: ModelConfig, k: str, v: str, budget: int, parallel: int, 
         "total_bytes_at_ctx": config.weights_bytes + at_ctx,
         "fits_at_ctx": at_ctx <= budget,
     }
+
+
+# ---------------------------------------------------------------------------
+# `kvslim plan`
+
+
+def cli_register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="what fits in a memory budget, per K/V cache type (metadata only)")
+    p.add_argument("model", help="built-in name (smollm2, if pulled) or path to a .gguf; weights are not read")
+    p.add_argument("--memory", required=True, metavar="SIZE",
+                   help="budget for weights + K/V cache: 8GiB, 8GB, 8192MiB, 512M, ...")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="sequences at once; each gets the context (default 1)")
+    p.add_argument("--ctx", type=int, metavar="N", help="context per sequence for the 'at --ctx' figures "
+                                                       "(default: the model's context length)")
+    p.add_argument("--types", default=",".join(pair_name(*t) for t in DEFAULT_TYPES),
+                   help="comma-separated TYPE or K/V pairs (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from kvslim import store
+
+    path = store.resolve(args.model)  # never pulls: a plan comes before any download
+    result = plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types)
+    result["model"] = str(args.model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_plan(result)
+    return 0
+
+
+def _print_plan(p: dict) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    n, ctx = p["parallel"], p["ctx"]
+    seqs = f" x {n} sequences" if n > 1 else ""
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False,
+              title=f"{p['model']}: {_gib(p['memory'])} for weights ({_gib(p['weights_bytes'])}) "
+                    f"and K/V cache{seqs}",
+              caption=f"exact block sizes, whole pages of {p['page_size']} tokens; "
+                      f"model context length {p['context_length']:,}")
+    for h in ("K/V", "stored as", "weights", "KV bytes/token", f"max context{seqs}",
+              f"KV at {ctx:,}{seqs}", f"total at {ctx:,}"):
+        t.add_column(h, justify="left" if h in ("K/V", "stored as") else "right")
+    for name, r in p["types"].items():
+        fit = "does not fit" if not p["weights_fit"] or r["max_ctx"] == 0 else \
+            f"{r['max_ctx']:,}" + (" (model max)" if r["max_ctx_capped"] else "")
+        total = _gib(r["total_bytes_at_ctx"]) + ("" if r["fits_at_ctx"] else " (over)")
+        t.add_row(name, f"{r['effective_k']}/{r['effective_v']}", _gib(p["weights_bytes"]),
+                  f"{r['kv_bytes_per_token']:,}", fit, _gib(r["bytes_at_ctx"]), total)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(t)
+    for name, r in p["types"].items():
+        if r["fallback"]:
+            console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")
+    if not p["weights_fit"]:
+        console.print(f"the weights alone ({_gib(p['weights_bytes'])}) exceed {_gib(p['memory'])}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
