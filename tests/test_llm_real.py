@@ -1,0 +1,123 @@
+"""kvslim on the real SmolLM2-135M-Instruct GGUF against an independent implementation.
+
+The reference is transformers' own GGUF loader (it dequantizes the file itself and runs
+its float32 LlamaForCausalLM with a DynamicCache), fed the same token ids. Text is the
+Jargon File (Debian package jargon-text). All tests here are slow (model loads, a
+transformers forward); CI runs them with -m 'slow or not slow'.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+GREEDY = dict(temperature=0, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    from kvslim import LLM
+
+    return LLM(str(smollm2_gguf), kv_cache_type="f16", num_ctx=2048, num_parallel=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = Path(smollm2_gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # 32 tokens every time, like ignore_eos
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def english_ids(llm):
+    if not JARGON.exists():
+        pytest.skip(f"{JARGON} is missing: install the Debian package jargon-text")
+    with gzip.open(JARGON, "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    ids = llm.tokenize(text[20000:40000])[:1024]  # past the front matter: running prose
+    assert len(ids) == 1024
+    return ids
+
+
+def kl_and_top1(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(P || Q) per position and top-1 agreement of two [T, V] logit tensors."""
+    lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    return kl, (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
+
+
+def test_logits_match_transformers(llm, hf, english_ids):
+    ours = llm.logits(english_ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([english_ids])).logits[0].float()
+    assert ours.shape == ref.shape == (1024, llm.config.vocab_size) and ours.dtype == torch.float32
+    kl, top1 = kl_and_top1(ref, ours)
+    assert kl < 1e-4, f"mean KL {kl:.2e}"
+    assert top1 >= 0.995, f"top-1 agreement {top1:.4f}"
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["prose", "code", "chat"])
+def test_greedy_generation_matches_transformers(llm, hf, prompt):
+    ids = llm.chat_prompt(prompt) if isinstance(prompt, list) else llm.tokenize(prompt)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+    expected = out[0, len(ids):].tolist()
+    got = llm.generate(ids, max_tokens=32, ignore_eos=True, **GREEDY)
+    assert got.token_ids == expected, (llm.detokenize(got.token_ids), llm.detokenize(expected))
+
+
+def test_quantized_caches_order_and_coherence(llm, english_ids):
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    base = llm.logits(english_ids)
+    base_answer = llm.chat(question, max_tokens=48, **GREEDY).token_ids
+    kls = {}
+    try:
+        for t in ("q8_0", "q4_0"):
+            llm.reconfigure(kv_cache_type=t)
+            info = llm.kv_cache_info()
+            assert (info["type_k"], info["type_v"]) == (t, t), info["reason"]
+            kls[t], _ = kl_and_top1(base, llm.logits(english_ids))
+            if t == "q8_0":
+                answer = llm.chat(question, max_tokens=48, **GREEDY)
+    finally:
+        llm.reconfigure(kv_cache_type="f16")
+    assert kls["q8_0"] < kls["q4_0"], kls
+    assert kls["q8_0"] < 0.01, kls  # llama.cpp measures 0.0048 without rotation (DESIGN.md)
+    # coherent: the f16 model finds q8_0's greedy answer likely, and it starts the same way
+    prompt = llm.chat_prompt(question)
+    logits = llm.logits(prompt + answer.token_ids)[len(prompt) - 1:-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer.token_ids)).item()
+    assert nll < 1.0, (nll, answer.text)
+    assert answer.token_ids[:16] == base_answer[:16], (answer.text, llm.detokenize(base_answer))
+
+
+def test_engine_batches_real_sequences(llm):
+    """Four chat answers decoded together equal the same answers run one by one."""
+    questions = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What color is grass?"]
+    alone = [llm.chat([{"role": "user", "content": q}], max_tokens=16, **GREEDY).token_ids
+             for q in questions]
+    e = llm.engine
+    from kvslim.sampling import SamplingParams
+
+    seqs = [e.add_request(llm.chat_prompt([{"role": "user", "content": q}]),
+                          SamplingParams(max_tokens=16, **GREEDY)) for q in questions]
+    while e.has_work():
+        e.step()
+    assert [s.output_ids for s in seqs] == alone
+    assert e.cache.pages_in_use == 0
