@@ -69,17 +69,20 @@ def load_text(path: str | Path | None = None) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
-def chunk_tokens(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None) -> list[list[int]]:
+def chunk_tokens(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None,
+                 skip: int = 0) -> list[list[int]]:
     """Consecutive chunks of ``ctx`` tokens (the remainder is dropped, as llama.cpp does).
 
-    ``bos_id`` (when the model adds BOS) replaces each chunk's first token.
+    ``skip`` leaves out the first chunks (front matter) without moving the chunk
+    boundaries, so chunk i is llama-perplexity's chunk i. ``bos_id`` (when the model
+    adds BOS) replaces each chunk's first token.
     """
-    available = len(ids) // ctx
-    if available == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of --ctx {ctx}; "
+    available = len(ids) // ctx - skip
+    if available <= 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {skip + 1} chunk(s) of --ctx {ctx}; "
                          "use a smaller --ctx or a longer --text")
     n = available if not n_chunks else min(n_chunks, available)
-    chunks = [list(ids[i * ctx:(i + 1) * ctx]) for i in range(n)]
+    chunks = [list(ids[i * ctx:(i + 1) * ctx]) for i in range(skip, skip + n)]
     if bos_id is not None:
         for c in chunks:
             c[0] = bos_id
@@ -241,7 +244,8 @@ def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotat
 
 
 def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
-          max_tokens: int | None = None, decode_tokens: int = DEFAULT_DECODE_TOKENS,
+          skip_chunks: int = 0, max_tokens: int | None = None,
+          decode_tokens: int = DEFAULT_DECODE_TOKENS,
           kv_rotation: str | None = None, progress: bool = True, model: str | None = None) -> dict:
     """Run the benchmark on a loaded ``LLM`` (its num_ctx must be >= ctx); JSON-ready dict.
 
@@ -254,7 +258,7 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
     if max_tokens:
         ids = ids[:max_tokens]
     bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
-    chunk_list = chunk_tokens(ids, ctx, chunks, bos)
+    chunk_list = chunk_tokens(ids, ctx, chunks, bos, skip_chunks)
     ref = TypeRun(*REFERENCE, use_types(llm, *REFERENCE, kv_rotation))
     runs = [TypeRun(k, v, use_types(llm, k, v, kv_rotation)) for k, v in pairs]
     n_decode = min(decode_tokens, ctx // 2)
@@ -271,10 +275,11 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
                 bar.advance(f"speed: {run.name}")
         except KeyboardInterrupt:
             partial = True
-    return _report(llm, model, runs, ctx, done, len(chunk_list), n_decode, partial)
+    return _report(llm, model, runs, ctx, (skip_chunks, done, len(chunk_list)), n_decode, partial)
 
 
-def _report(llm, model, runs: list[TypeRun], ctx, done, planned, n_decode, partial) -> dict:
+def _report(llm, model, runs: list[TypeRun], ctx, chunks: tuple[int, int, int], n_decode, partial) -> dict:
+    """The JSON-ready result; chunks is (skipped, completed, planned)."""
     c = llm.config
     elements = c.n_layers * c.n_kv_heads * (c.head_dim + c.v_head_dim)
     info = llm.kv_cache_info()
@@ -283,7 +288,8 @@ def _report(llm, model, runs: list[TypeRun], ctx, done, planned, n_decode, parti
         "model": model if model is not None else llm.name,
         "n_tokens": runs[0].scores.n if runs else 0,  # scored tokens, the same for every type
         "types": types,
-        "ctx": ctx, "chunks": done, "chunks_planned": planned, "partial": partial,
+        "ctx": ctx, "skip_chunks": chunks[0], "chunks": chunks[1], "chunks_planned": chunks[2],
+        "partial": partial,
         "scoring": SCORING, "reference": planner.pair_name(*REFERENCE),
         "decode_tokens": n_decode, "device": info["device"], "flash_attn": info["flash_attn"],
         "page_size": info["page_size"], "context_length": c.context_length,
@@ -368,8 +374,10 @@ def _title(result: dict) -> str:
 
 
 def _caption(result: dict) -> str:
+    skip = result.get("skip_chunks", 0)
+    first = f", from chunk {skip + 1}" if skip else ""
     return (f"{result['n_tokens']:,} tokens scored: the second half of {result['chunks']} chunk(s) of "
-            f"{result['ctx']} tokens (as llama-perplexity). KLD and top-1 against the "
+            f"{result['ctx']} tokens{first} (as llama-perplexity). KLD and top-1 against the "
             f"{result['reference']} cache; decode after a {result['ctx'] - result['decode_tokens']}-token "
             "prompt.")
 
@@ -438,6 +446,8 @@ def cli_register(subparsers) -> None:
                    help="comma-separated TYPE or K/V pairs (default: %(default)s)")
     p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, metavar="N",
                    help=f"chunks to score (default {DEFAULT_CHUNKS}; 0: the whole text)")
+    p.add_argument("--skip-chunks", type=int, default=0, metavar="N",
+                   help="leave out the first N chunks, e.g. front matter (default 0)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="use at most the first N tokens of the text")
     p.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS, metavar="N",
                    help=f"tokens to decode per type for the speed figures (default "
@@ -470,7 +480,7 @@ def cmd_bench(args) -> int:
 
     if args.ctx < 4:
         raise ValueError(f"--ctx must be at least 4 (half of each chunk is scored), got {args.ctx}")
-    for name in ("chunks", "decode_tokens", "max_tokens"):
+    for name in ("chunks", "skip_chunks", "decode_tokens", "max_tokens"):
         if (getattr(args, name) or 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
     text = load_text(args.text)  # fail before the model loads
@@ -479,8 +489,9 @@ def cmd_bench(args) -> int:
               num_ctx=args.ctx, device=args.device, progress=not args.no_progress,
               **_llm_rotation_kwargs(args.kv_rotation))
     result = bench(llm, text, args.types, ctx=args.ctx, chunks=args.chunks or None,
-                   max_tokens=args.max_tokens, decode_tokens=args.decode_tokens,
+                   skip_chunks=args.skip_chunks, max_tokens=args.max_tokens, decode_tokens=args.decode_tokens,
                    kv_rotation=args.kv_rotation, progress=not args.no_progress, model=args.model)
+    result["text"] = str(Path(args.text or DEFAULT_TEXT).expanduser())
     if args.plot:
         plot(result, args.plot)
     if args.json:

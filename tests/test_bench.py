@@ -73,8 +73,12 @@ def test_chunk_tokens_drops_remainder_and_puts_bos_first():
     assert bench.chunk_tokens(ids, 8, 2, None) == [ids[0:8], ids[8:16]]
     with_bos = bench.chunk_tokens(ids, 8, None, 1)
     assert [c[0] for c in with_bos] == [1, 1, 1] and with_bos[1][1:] == ids[9:16]
-    with pytest.raises(ValueError, match="fewer than one chunk"):
+    assert bench.chunk_tokens(ids, 8, None, None, skip=1) == [ids[8:16], ids[16:24]]  # same boundaries
+    assert bench.chunk_tokens(ids, 8, 1, None, skip=2) == [ids[16:24]]
+    with pytest.raises(ValueError, match="fewer than 1 chunk"):
         bench.chunk_tokens(ids, 32, None, None)
+    with pytest.raises(ValueError, match="fewer than 4 chunk"):
+        bench.chunk_tokens(ids, 8, None, None, skip=3)
 
 
 # ---------------------------------------------------------------- metrics
@@ -155,6 +159,19 @@ def test_ctrl_c_keeps_completed_chunks(llm, monkeypatch, capsys):
     assert "PARTIAL" in capsys.readouterr().out
 
 
+def test_cli_ctrl_c_prints_partial_json(tiny, text_file, monkeypatch, capsys):
+    def interrupted(llm_, chunk):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_score", interrupted)
+    argv = ["bench", str(tiny), "--text", str(text_file), "--ctx", "32", "--types", "q8_0",
+            "--json", "--no-progress"]
+    assert cli.main(argv) == 130
+    r = json.loads(capsys.readouterr().out)
+    assert r["partial"] and r["chunks"] == 0 and r["n_tokens"] == 0
+    assert all(r["types"]["q8_0/q8_0"][f] is None for f in ("ppl", "kld", "top1", "decode_tok_s"))
+
+
 def test_kv_rotation_passthrough(monkeypatch):
     class Fake:
         name, seen = "fake", {}
@@ -201,6 +218,11 @@ def test_cli_table(tiny, text_file, capsys):
     assert "q8_0/q8_0" in out and "15 tokens scored" in out and "KLD" in out
 
 
+def test_skip_chunks(llm):
+    r = bench.bench(llm, PROSE, "q8_0", ctx=64, chunks=1, skip_chunks=2, decode_tokens=0, progress=False)
+    assert r["skip_chunks"] == 2 and r["chunks"] == 1 and r["n_tokens"] == 31
+
+
 def test_cli_missing_default_text(tiny, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench, "DEFAULT_TEXT", str(tmp_path / "jargon.txt.gz"))
     assert cli.main(["bench", str(tiny)]) == 1
@@ -214,7 +236,8 @@ def test_cli_missing_default_text(tiny, monkeypatch, capsys, tmp_path):
     (["--ctx", "100000"], "num_ctx 100000"),
     (["--ctx", "-2"], "--ctx must be at least 4"),
     (["--chunks", "-1"], "--chunks must not be negative"),
-    (["--ctx", "512", "--max-tokens", "500"], "fewer than one chunk"),
+    (["--ctx", "512", "--max-tokens", "500"], "fewer than 1 chunk"),
+    (["--ctx", "256", "--skip-chunks", "2"], "fewer than 3 chunk"),
 ])
 def test_cli_errors(tiny, text_file, capsys, extra, match):
     argv = ["bench", str(tiny), "--text", str(text_file), "--no-progress", "--decode-tokens", "0"] + extra
