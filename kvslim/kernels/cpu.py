@@ -1,0 +1,762 @@
+"""Fused CPU attention that reads the stored ggml blocks directly (numba).
+
+Decode rows, and short query chunks of at most ``NUMBA_MAX_Q`` rows, run one numba
+kernel: parallel over (sequence x kv head x split-K chunk), an online softmax over
+tiles of a few dozen tokens that never cross a page, and all g = Hq/Hkv query
+heads (times the chunk's rows) of a kv head handled together so each stored byte is
+read once. One K or V row at a time is dequantized into a head_dim-float scratch that
+stays in L1: no float copy of a sequence is ever made. Longer chunks (prefill) go to
+the tiled torch path (``kernels.tiled``), whose flash GEMMs beat scalar loops there.
+
+One compiled kernel serves all 81 K/V type pairs: the type is a small integer code
+and the row loader branches on it, so a first call compiles one function instead of
+a specialization per pair (``cache=True`` then keeps it on disk).
+
+numba has no float16 on CPU: tiny LLVM intrinsics convert f16 <-> f32 (F16C
+``vcvtph2ps`` / ``vcvtps2ph``); bf16 is its 16 bits shifted into a float32.
+
+``write_rows`` is the matching fused quantize-on-write used by ``KVCache.write`` on
+CPU, byte-identical to ``formats.encode`` (same float32 operations, no fastmath).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
+from numba.extending import intrinsic
+
+from kvslim import formats
+
+TYPE_CODES = {name: i for i, name in enumerate(
+    ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))}
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = range(9)
+
+TILE_FLOATS = 4096  # tokens per online-softmax step x head_dim: K and V tiles stay in L1
+NUMBA_MAX_Q = 8  # query rows per sequence above which the tiled torch path is faster
+MIN_CHUNK = 256  # tokens: smaller split-K chunks cost more in merging than they balance
+CHUNKS_PER_THREAD = 4
+
+# fastmath without nnan/ninf: the kernel relies on exact infinity and NaN semantics
+# nowhere, but a non-finite value must still propagate rather than be assumed away.
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+_IQ4NL = np.array(formats.IQ4NL_VALUES, dtype=np.float32)
+_IQ4NL_MID2 = np.array([formats.IQ4NL_VALUES[j - 1] + formats.IQ4NL_VALUES[j]
+                        for j in range(1, 16)], dtype=np.float32)
+_NEG = np.float32(-1e30)  # "no score yet": finite, so exp(_NEG - m) is 0 without inf math
+
+# ---------------------------------------------------------------- intrinsics
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):
+    """uint16 holding f16 bits -> float32 (fpext, vcvtph2ps with F16C)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, x):
+    """float32 -> uint16 f16 bits, round to nearest even (fptrunc, vcvtps2ph)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(x), codegen
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """The low 32 bits of an integer -> float32 with those bits."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_to_bits(typingctx, x):
+    """float32 -> its uint32 bits."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(x), codegen
+
+
+def _data_ptr(context, builder, arrty, arr, idx):
+    """Pointer to arr[idx] (no bounds or wraparound: callers pass valid uint64 offsets)."""
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx])
+
+
+def _splat(builder, x, n: int):
+    vt = ir.VectorType(x.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _store16(builder, ptr, k: int, vec):
+    """Store a <16 x float> at ptr + k floats."""
+    at = builder.gep(ptr, [ir.Constant(ir.IntType(64), k)])
+    builder.store(vec, builder.bitcast(at, vec.type.as_pointer()), align=4)
+
+
+def _load_bytes(builder, ptr, k: int, n: int = 16):
+    """<16 x i32> zero-extended from the n=16 bytes at ptr + k."""
+    at = builder.gep(ptr, [ir.Constant(ir.IntType(64), k)])
+    raw = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(8), n).as_pointer()), align=1)
+    return raw
+
+
+def _block_sig(out, qs, *rest):
+    ok = (isinstance(out, types.Array) and out.dtype == types.float32 and out.ndim == 1
+          and isinstance(qs, types.Array) and qs.dtype == types.int8 and qs.ndim == 1)
+    return ok and all(r in (types.uint64, types.float32, types.uint32) for r in rest)
+
+
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16I = ir.VectorType(ir.IntType(32), 16)
+
+
+@intrinsic
+def _q8_block(typingctx, out, o, qs, base, s):
+    """out[o:o+32] = s * qs[base:base+32] as whole-vector code (see _load_tile)."""
+    if not _block_sig(out, qs, o, base, s):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst = _data_ptr(context, builder, sig.args[0], args[0], args[1])
+        src = _data_ptr(context, builder, sig.args[2], args[2], args[3])
+        scale = _splat(builder, args[4], 16)
+        for k in (0, 16):
+            codes = builder.sitofp(_load_bytes(builder, src, k), _V16F)
+            _store16(builder, dst, k, builder.fmul(codes, scale, flags=["fast"]))
+        return context.get_dummy_value()
+    return types.void(out, o, qs, base, s), codegen
+
+
+def _nibbles(builder, src):
+    """The two <16 x i32> halves of a 4-bit block: low nibbles (values 0..15 of the block),
+    high nibbles (values 16..31)."""
+    b = builder.zext(_load_bytes(builder, src, 0), _V16I)
+    return builder.and_(b, ir.Constant(_V16I, [15] * 16)), builder.lshr(b, ir.Constant(_V16I, [4] * 16))
+
+
+def _store_affine(builder, dst, halves, s, lo):
+    """dst[0:32] = s * halves + lo."""
+    sv, lv = _splat(builder, s, 16), _splat(builder, lo, 16)
+    for k, h in zip((0, 16), halves):
+        y = builder.fmul(builder.sitofp(h, _V16F), sv, flags=["fast"])
+        _store16(builder, dst, k, builder.fadd(y, lv, flags=["fast"]))
+
+
+@intrinsic
+def _q4_block(typingctx, out, o, qs, base, s, lo):
+    """out[o:o+32] = s * nibbles(qs[base:base+16]) + lo (q4_0: lo = -8s; q4_1: lo = m)."""
+    if not _block_sig(out, qs, o, base, s, lo):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst = _data_ptr(context, builder, sig.args[0], args[0], args[1])
+        src = _data_ptr(context, builder, sig.args[2], args[2], args[3])
+        _store_affine(builder, dst, _nibbles(builder, src), args[4], args[5])
+        return context.get_dummy_value()
+    return types.void(out, o, qs, base, s, lo), codegen
+
+
+@intrinsic
+def _q5_block(typingctx, out, o, qs, base, hb, s, lo):
+    """As _q4_block with bit j of hb (ggml's qh, little-endian u32) as bit 4 of value j."""
+    if not _block_sig(out, qs, o, base, hb, s, lo):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst = _data_ptr(context, builder, sig.args[0], args[0], args[1])
+        src = _data_ptr(context, builder, sig.args[2], args[2], args[3])
+        bits = _splat(builder, args[4], 16)
+        one = ir.Constant(_V16I, [1] * 16)
+        halves = []
+        for k, h in zip((0, 16), _nibbles(builder, src)):
+            top = builder.lshr(bits, ir.Constant(_V16I, list(range(k, k + 16))))
+            top = builder.shl(builder.and_(top, one), ir.Constant(_V16I, [4] * 16))
+            halves.append(builder.or_(h, top))
+        _store_affine(builder, dst, halves, args[5], args[6])
+        return context.get_dummy_value()
+    return types.void(out, o, qs, base, hb, s, lo), codegen
+
+
+# ---------------------------------------------------------------- exp
+
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp(x):
+    """exp(x) for float32 x <= 0 (Cephes expf, ~1 ulp). libm's expf does not vectorize
+    here (no SVML), and np.floor on a scalar is an out-of-line ufunc call in numba."""
+    x = max(x, _EXP_MIN)
+    k = np.int32(x * _LOG2E - _HALF)  # for x <= 0 truncation rounds to nearest
+    n = np.float32(k)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    p = p * (r * r) + r + _ONE
+    return p * _bits_to_float((k + np.int32(127)) << np.int32(23))
+
+
+# ---------------------------------------------------------------- row loader
+# Vectorization notes (checked in the assembly): numba wraps negative signed indexes,
+# which turns every vector load into 16 scalar ones, so hot loops index with uint64;
+# a loop with the constant trip count 32 is fully unrolled before LLVM's loop
+# vectorizer runs and the unrolled code cannot be SLP-vectorized (numba arrays may
+# alias), so block loops run to a *runtime* block length ``qk`` (= 32) instead.
+
+_U0, _U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8 = (np.uint64(i) for i in range(9))
+_M15, _S4, _B1, _S16 = np.int32(15), np.int32(4), np.int32(1), np.int32(16)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
+    """Dequantize the T stored rows row0.. (contiguous: one page, one head) into
+    out[:T*nb*qk]; every index is uint64. sc, lo: float32 scratch of T*nb.
+
+    Planes are flat: a plane with e elements per block holds row r's block b at
+    (r*nb + b)*e. Unused planes are 1-element dummies. The f16 scales are converted in
+    one vector loop first: converting one scalar at a time merges into the previous
+    vector register (vpinsrw), a dependency chain that cost 20 cycles per row.
+    """
+    n = T * nb * qk
+    if code == F32:
+        base = row0 * nb * qk
+        for i in range(n):
+            out[i] = x32[base + i]
+        return
+    if code == F16:
+        base = row0 * nb * qk
+        for i in range(n):
+            out[i] = _half_to_float(x16[base + i])
+        return
+    if code == BF16:
+        base = row0 * nb * qk
+        for i in range(n):
+            out[i] = _bits_to_float(np.uint32(np.uint32(x16[base + i]) << _S16))
+        return
+    nblk, blk0 = T * nb, row0 * nb
+    for b in range(nblk):
+        sc[b] = _half_to_float(d[blk0 + b])
+    if code == Q4_1 or code == Q5_1:
+        for b in range(nblk):
+            lo[b] = _half_to_float(m[blk0 + b])
+    elif code == Q4_0 or code == Q5_0:
+        bias = np.float32(-8.0) if code == Q4_0 else np.float32(-16.0)
+        for b in range(nblk):
+            lo[b] = bias * sc[b]
+    half = qk >> _U1
+    if code == Q8_0:
+        for b in range(nblk):
+            _q8_block(out, b * qk, qs, (blk0 + b) * qk, sc[b])
+    elif code == Q4_0 or code == Q4_1:
+        for b in range(nblk):
+            _q4_block(out, b * qk, qs, (blk0 + b) * half, sc[b], lo[b])
+    elif code == Q5_0 or code == Q5_1:
+        for b in range(nblk):
+            _q5_block(out, b * qk, qs, (blk0 + b) * half, np.uint32(qh[blk0 + b]), sc[b], lo[b])
+    else:  # iq4_nl: a codebook lookup, which generic vector code cannot express
+        for b in range(nblk):
+            base, ob = (blk0 + b) * half, b * qk
+            for j in range(half):
+                v = np.int32(np.uint8(qs[base + j]))
+                out[ob + j] = sc[b] * _IQ4NL[v & _M15]
+                out[ob + half + j] = sc[b] * _IQ4NL[v >> _S4]
+
+
+# ---------------------------------------------------------------- attention kernel
+
+@njit(inline="always", fastmath=_FAST)
+def _scores(qv, kt, p, R, T, D, TL):
+    """p[r*TL + t] = qv[r] . kt[t] for t < T; four tokens per pass so each q load feeds
+    four FMAs (one load per FMA would bound the loop by the load ports)."""
+    for r in range(R):
+        qo, po = r * D, r * TL
+        t = _U0
+        while t + _U4 <= T:
+            k0 = t * D
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for j in range(D):
+                x = qv[qo + j]
+                s0 += x * kt[k0 + j]
+                s1 += x * kt[k0 + D + j]
+                s2 += x * kt[k0 + _U2 * D + j]
+                s3 += x * kt[k0 + _U3 * D + j]
+            p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3] = s0, s1, s2, s3
+            t += _U4
+        while t < T:
+            s0 = np.float32(0.0)
+            for j in range(D):
+                s0 += qv[qo + j] * kt[t * D + j]
+            p[po + t] = s0
+            t += _U1
+
+
+@njit(inline="always", fastmath=_FAST)
+def _accumulate(p, vt, acc, R, T, Dv, TL):
+    """acc[r] += sum_t p[r*TL + t] * vt[t]: eight tokens per load/store of acc."""
+    for r in range(R):
+        ao, po = r * Dv, r * TL
+        t = _U0
+        while t + _U8 <= T:
+            w = p[po + t:po + t + _U8]
+            v = vt[t * Dv:(t + _U8) * Dv]
+            for j in range(Dv):
+                a = acc[ao + j]
+                a += w[0] * v[j]
+                a += w[1] * v[Dv + j]
+                a += w[2] * v[_U2 * Dv + j]
+                a += w[3] * v[_U3 * Dv + j]
+                a += w[4] * v[_U4 * Dv + j]
+                a += w[5] * v[_U5 * Dv + j]
+                a += w[6] * v[_U6 * Dv + j]
+                a += w[7] * v[_U7 * Dv + j]
+                acc[ao + j] = a
+            t += _U8
+        while t < T:
+            p0 = p[po + t]
+            for j in range(Dv):
+                acc[ao + j] += p0 * vt[t * Dv + j]
+            t += _U1
+
+
+@njit(inline="always", fastmath=_FAST)
+def _softmax_step(p, acc, mx, den, vis, R, T, Dv, TL):
+    """Scores -> weights for one tile (rows see vis[r] - t0 of its tokens, clipped to
+    [0, T]); rescales acc once per tile when the running max grows."""
+    for r in range(R):
+        po = r * TL
+        n = vis[r]
+        mt = mx[r]
+        for t in range(n):
+            mt = max(mt, p[po + t])
+        corr = _exp(mx[r] - mt)
+        tot = np.float32(0.0)
+        for t in range(n):
+            e = _exp(p[po + t] - mt)
+            p[po + t] = e
+            tot += e
+        for t in range(n, T):
+            p[po + t] = 0.0
+        den[r] = den[r] * corr + tot
+        mx[r] = mt
+        if corr != 1.0:
+            for j in range(Dv):
+                acc[r * Dv + j] *= corr
+
+
+@njit(fastmath=_FAST, cache=True)
+def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work,
+                  part_acc, part_ml):
+    """Online softmax of work item w = (b, h, t0, t1) into part_acc[w], part_ml[w]."""
+    kcode, kd, km, kqh, kqs, kx32, kx16 = kplanes
+    vcode, vd, vm, vqh, vqs, vx32, vx16 = vplanes
+    layer, n_pages, n_kv, page_size = geom[0], geom[1], geom[2], geom[3]
+    nbk, nbv, qk, TL = np.uint64(geom[4]), np.uint64(geom[5]), np.uint64(geom[6]), geom[7]
+    b, h, t0, t1 = work[w, 0], work[w, 1], work[w, 2], work[w, 3]
+    g = q.shape[1] // n_kv
+    D, Dv = nbk * qk, nbv * qk
+    nq, L = q_lens[b], kv_lens[b]
+    R = nq * g  # query vectors of this kv head: row i, member gg -> i*g + gg
+    qv = np.empty(R * D, np.float32)
+    lim = np.empty(R, np.int64)  # tokens visible to each query vector (causal)
+    for i in range(nq):
+        for gg in range(g):
+            r = i * g + gg
+            lim[r] = L - nq + i + 1
+            for j in range(D):
+                qv[r * D + j] = q[q_off[b] + i, h * g + gg, j] * scale
+    acc = np.zeros(R * Dv, np.float32)
+    mx = np.full(R, _NEG, np.float32)
+    den = np.zeros(R, np.float32)
+    vis = np.empty(R, np.uint64)
+    kt, vt = np.empty(TL * D, np.float32), np.empty(TL * Dv, np.float32)
+    sc, lo = np.empty(TL * max(nbk, nbv), np.float32), np.empty(TL * max(nbk, nbv), np.float32)
+    p = np.empty(R * TL, np.float32)
+    uR, uTL = np.uint64(R), np.uint64(TL)
+    t = t0
+    while t < t1:
+        pi = t // page_size
+        off = t - pi * page_size
+        T = min(TL, page_size - off, t1 - t)
+        row0 = np.uint64(((layer * n_pages + pages[b, pi]) * n_kv + h) * page_size + off)
+        uT = np.uint64(T)
+        for r in range(R):
+            vis[r] = np.uint64(max(0, min(T, lim[r] - t)))
+        _load_tile(kcode, kd, km, kqh, kqs, kx32, kx16, row0, uT, nbk, qk, kt, sc, lo)
+        _scores(qv, kt, p, uR, uT, D, uTL)
+        _softmax_step(p, acc, mx, den, vis, uR, uT, Dv, uTL)
+        _load_tile(vcode, vd, vm, vqh, vqs, vx32, vx16, row0, uT, nbv, qk, vt, sc, lo)
+        _accumulate(p, vt, acc, uR, uT, Dv, uTL)
+        t += T
+    for r in range(R):
+        part_ml[w, r, 0] = mx[r]
+        part_ml[w, r, 1] = den[r]
+        for j in range(Dv):
+            part_acc[w, r, j] = acc[r * Dv + j]
+
+
+@njit(fastmath=_FAST, cache=True)
+def _merge_group(gi, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml):
+    """Combine the split-K partials of one (sequence, kv head) into out rows."""
+    w0, w1 = groups[gi], groups[gi + 1]
+    b, h = work[w0, 0], work[w0, 1]
+    g = out.shape[1] // n_kv
+    Dv = out.shape[2]
+    for r in range(q_lens[b] * g):
+        top = _NEG
+        for w in range(w0, w1):
+            top = max(top, part_ml[w, r, 0])
+        den = np.float32(0.0)
+        for w in range(w0, w1):
+            den += part_ml[w, r, 1] * _exp(part_ml[w, r, 0] - top)
+        row, col = q_off[b] + r // g, h * g + r % g
+        for j in range(Dv):
+            out[row, col, j] = 0.0
+        for w in range(w0, w1):
+            c = _exp(part_ml[w, r, 0] - top) / den
+            for j in range(Dv):
+                out[row, col, j] += c * part_acc[w, r, j]
+
+
+@njit(parallel=True, cache=True)
+def _attend(q, out, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work, groups,
+            part_acc, part_ml):
+    """q [N, Hq, D] float32 -> out rows of the sequences named in ``work``."""
+    for w in prange(work.shape[0]):
+        _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work,
+                      part_acc, part_ml)
+    for gi in prange(groups.shape[0] - 1):
+        _merge_group(gi, out, geom[2], q_lens, q_off, work, groups, part_acc, part_ml)
+
+
+# ---------------------------------------------------------------- quantize on write
+# Exact float32 replicas of formats.*.encode_blocks (no fastmath: every rounding
+# matters). Constants are float32 so numba does not promote the arithmetic to float64.
+
+_F0, _F05, _F85, _F165 = np.float32(0.0), np.float32(0.5), np.float32(8.5), np.float32(16.5)
+_F127, _FM8, _FM16, _F15, _F31, _FM127 = (np.float32(127.0), np.float32(-8.0), np.float32(-16.0),
+                                          np.float32(15.0), np.float32(31.0), np.float32(-127.0))
+_TINY = np.float32(1e-15)
+
+
+@njit(inline="always")
+def _inv(d):
+    return np.float32(1.0) / d if d != _F0 else _F0
+
+
+@njit(inline="always")
+def _code(t, hi):
+    """MIN(hi, (int)t) as formats._code: a non-finite code becomes 0."""
+    if not np.isfinite(t):
+        return 0
+    return np.int32(min(t, hi))
+
+
+@njit(inline="always")
+def _roundf(x):
+    a = abs(x)
+    fl = np.floor(a)
+    r = fl + np.floor(np.float32(2.0) * (a - fl))
+    return r if x > _F0 else (-r if x < _F0 else _F0)
+
+
+@njit(inline="always")
+def _signed_absmax(x):
+    best, at = np.float32(-1.0), 0
+    for j in range(32):
+        if abs(x[j]) > best:  # strict: the first of equal magnitudes wins, as argmax
+            best, at = abs(x[j]), j
+    return x[at]
+
+
+@njit(inline="always")
+def _min_max(x):
+    lo, hi = x[0], x[0]
+    for j in range(1, 32):
+        lo, hi = min(lo, x[j]), max(hi, x[j])
+    return lo, hi
+
+
+@njit(inline="always")
+def _put_nibbles(qs, base, codes):
+    for j in range(16):  # value j low nibble, j+16 high; the int8 store wraps like a byte
+        qs[base + j] = (codes[j] & 15) | ((codes[j + 16] & 15) << 4)
+
+
+@njit(inline="always")
+def _high_bits(codes):
+    bits = np.uint32(0)
+    for j in range(32):
+        bits |= np.uint32((codes[j] >> 4) & 1) << np.uint32(j)
+    return bits
+
+
+@njit
+def _iq4nl_block(x, codes):
+    """Codes into ``codes``; returns the float32 scale (before f16 rounding)."""
+    mx = _signed_absmax(x)
+    tiny = abs(mx) < _TINY
+    d0 = np.float32(1.0) if tiny else mx / _FM127
+    inv = np.float32(1.0) / d0
+    sumqx, sumq2 = _F0, _F0
+    for j in range(32):
+        x2 = inv * x[j]
+        x2 = x2 + x2
+        idx = 0
+        for step in (8, 4, 2, 1):
+            if x2 >= _IQ4NL_MID2[idx + step - 1]:
+                idx += step
+        idx = 0 if tiny else idx
+        codes[j] = idx
+        q = _IQ4NL[idx]
+        wq = (x[j] * x[j]) * q
+        sumqx = sumqx + wq * x[j]
+        sumq2 = sumq2 + wq * q
+    if tiny or not sumq2 > _F0:
+        return _F0
+    return sumqx / sumq2
+
+
+@njit
+def _encode_block(code, x, blk, d, m, qh, qs, x32, x16, codes):
+    """Quantize 32 float32 values x into block number ``blk`` of the flat planes."""
+    if code == F32:
+        for j in range(32):
+            x32[blk * 32 + j] = x[j]
+    elif code == F16:
+        for j in range(32):
+            x16[blk * 32 + j] = _float_to_half(x[j])
+    elif code == BF16:
+        for j in range(32):
+            n = np.int64(_float_to_bits(x[j]))
+            x16[blk * 32 + j] = np.uint16(((n + (0x7FFF + ((n >> 16) & 1))) >> 16) & 0xFFFF)
+    elif code == Q8_0:
+        amax = _F0
+        for j in range(32):
+            amax = max(amax, abs(x[j]))
+        dd = amax / _F127
+        inv = _inv(dd)
+        d[blk] = _float_to_half(dd)
+        for j in range(32):
+            qs[blk * 32 + j] = np.int8(_code(_roundf(x[j] * inv), _F127))
+    elif code == IQ4_NL:
+        d[blk] = _float_to_half(_iq4nl_block(x, codes))
+        _put_nibbles(qs, blk * 16, codes)
+    else:
+        if code == Q4_0 or code == Q5_0:
+            top = _F15 if code == Q4_0 else _F31
+            dd = _signed_absmax(x) / (_FM8 if code == Q4_0 else _FM16)
+            lo, bias = _F0, _F85 if code == Q4_0 else _F165
+        else:  # q4_1, q5_1
+            top = _F15 if code == Q4_1 else _F31
+            lo, hi = _min_max(x)
+            dd = (hi - lo) / top
+            bias = _F05
+            m[blk] = _float_to_half(lo)
+        inv = _inv(dd)
+        d[blk] = _float_to_half(dd)
+        for j in range(32):
+            codes[j] = _code(np.trunc((x[j] - lo) * inv + bias), top) & 0xFF
+        if code == Q5_0 or code == Q5_1:
+            qh[blk] = _high_bits(codes)
+        _put_nibbles(qs, blk * 16, codes)
+
+
+@njit(cache=True)
+def _count_bad(x):
+    n = 0
+    for v in x.ravel():
+        if not np.isfinite(v):
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def _encode_rows(x, slots, planes, geom, nb):
+    """x [n, H, nb*32] float32 into the rows of ``slots`` (one side: K or V)."""
+    code, d, m, qh, qs, x32, x16 = planes
+    layer, n_pages, n_kv, page_size = geom[0], geom[1], geom[2], geom[3]
+    codes = np.empty(32, np.int32)
+    for i in range(x.shape[0]):
+        page, off = slots[i] // page_size, slots[i] % page_size
+        for h in range(n_kv):
+            row = ((layer * n_pages + page) * n_kv + h) * page_size + off
+            for b in range(nb):
+                _encode_block(code, x[i, h, b * 32:(b + 1) * 32], row * nb + b, d, m, qh, qs,
+                              x32, x16, codes)
+
+
+@njit(cache=True)
+def _write(k, v, slots, kplanes, vplanes, geom):
+    """Check everything, then quantize K and V rows: -1 for a slot outside the pool, else
+    the count of non-finite values in K (or else V), with nothing written; 0 when done."""
+    capacity = geom[1] * geom[3]
+    for s in slots:
+        if s < 0 or s >= capacity:
+            return -1
+    bad = _count_bad(k)
+    if bad == 0:
+        bad = _count_bad(v)
+    if bad:
+        return bad
+    _encode_rows(k, slots, kplanes, geom, geom[4])
+    _encode_rows(v, slots, vplanes, geom, geom[5])
+    return 0
+
+
+# ---------------------------------------------------------------- torch glue
+
+_DUMMY = {dt: np.zeros(1, dt) for dt in (np.uint16, np.uint32, np.int8, np.float32)}
+_NP_VIEW = {"d": (torch.int16, np.uint16), "m": (torch.int16, np.uint16),
+            "qh": (torch.int32, np.uint32), "qs": (torch.int8, np.int8)}
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _flat(t: torch.Tensor, tdt: torch.dtype, ndt) -> np.ndarray:
+    """A flat numpy view (shared memory) of a contiguous plane, reinterpreted."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return t.view(tdt).reshape(-1).numpy().view(ndt)
+
+
+def _side(fmt: formats.Format, planes: dict[str, torch.Tensor]) -> tuple:
+    """The kernels' (code, d, m, qh, qs, x32, x16) for one side; absent planes are dummies."""
+    got = {name: _flat(planes[name], *_NP_VIEW[name]) for name in planes if name in _NP_VIEW}
+    x32, x16 = _DUMMY[np.float32], _DUMMY[np.uint16]
+    if "x" in planes:
+        if fmt.name == "f32":
+            x32 = _flat(planes["x"], torch.float32, np.float32)
+        else:
+            x16 = _flat(planes["x"], torch.int16, np.uint16)
+    return (TYPE_CODES[fmt.name], got.get("d", _DUMMY[np.uint16]), got.get("m", _DUMMY[np.uint16]),
+            got.get("qh", _DUMMY[np.uint32]), got.get("qs", _DUMMY[np.int8]), x32, x16)
+
+
+def _views(cache) -> tuple[tuple, tuple]:
+    """Numpy views of a cache's K and V planes, made once per cache (all layers)."""
+    key = tuple(t.data_ptr() for t in (*cache.k_planes.values(), *cache.v_planes.values()))
+    got = _VIEWS.get(cache)
+    if got is None or got[0] != key:
+        got = _VIEWS[cache] = (key, _side(cache.fmt_k, cache.k_planes),
+                               _side(cache.fmt_v, cache.v_planes))
+    return got[1], got[2]
+
+
+def _geom(cache, layer: int) -> tuple:
+    layer = range(cache.n_layers)[layer]  # IndexError out of range, as tensor indexing
+    return (layer, cache.n_pages, cache.n_kv_heads, cache.page_size,
+            cache.head_dim // formats.QK, cache.v_head_dim // formats.QK, formats.QK,
+            max(4, TILE_FLOATS // max(cache.head_dim, cache.v_head_dim)))
+
+
+def write_rows(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Quantize k, v [n, kv_heads, dim] (floating) into ``slots`` of a CPU cache, in one
+    numba call. Byte-identical to ``formats.encode``; on a non-finite value or a slot
+    outside the pool it raises with the cache unchanged."""
+    kviews, vviews = _views(cache)
+    kx = k.detach().to(torch.float32).contiguous().numpy()
+    vx = v.detach().to(torch.float32).contiguous().numpy()
+    slots_np = slots.detach().to(torch.int64).contiguous().numpy()
+    rc = _write(kx, vx, slots_np, kviews, vviews, _geom(cache, layer))
+    if rc < 0:
+        raise IndexError(f"a slot is outside the pool of {cache.capacity} slots")
+    if rc:
+        raise ValueError(f"input holds {rc} non-finite values (NaN or inf); "
+                         "the K/V cache refuses them")
+
+
+class _Step:
+    """Per-step scratch shared by every layer: which sequences run where, the work list."""
+
+    def __init__(self, meta, cache, hq: int):
+        g = hq // cache.n_kv_heads
+        self.fused = [b for b, n in enumerate(meta.q_lens) if n <= NUMBA_MAX_Q]
+        self.tiled = [b for b, n in enumerate(meta.q_lens) if n > NUMBA_MAX_Q]
+        table = meta.page_table
+        self.pages = table.pages.to(torch.int64).numpy()  # [B, max_pages]
+        self.kv_lens = np.asarray(meta.kv_lens, np.int64)
+        self.q_lens = np.asarray(meta.q_lens, np.int64)
+        self.q_off = np.asarray(meta.q_offsets, np.int64)
+        self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
+                                           get_num_threads())
+        rows = max([meta.q_lens[b] * g for b in self.fused] + [1])
+        self.part_acc = np.empty((len(self.work), rows, cache.v_head_dim), np.float32)
+        self.part_ml = np.empty((len(self.work), rows, 2), np.float32)
+
+
+def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
+    """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
+
+    Chunks are near-equal and 64-token aligned so that the items, scheduled statically in
+    equal counts per thread, balance: about CHUNKS_PER_THREAD items per thread.
+    """
+    total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
+    chunk = max(MIN_CHUNK, -(-total // (CHUNKS_PER_THREAD * threads)))
+    work, groups = [], [0]
+    for b in seqs:
+        L = int(kv_lens[b])
+        n = max(1, -(-L // chunk))
+        step = -(-(-(-L // n)) // 64) * 64
+        for h in range(n_kv):
+            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(0, L, step)]
+            groups.append(len(work))
+    return (np.asarray(work, np.int64).reshape(-1, 4), np.asarray(groups, np.int64))
+
+
+def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring)."""
+    n, hq, dim = q.shape
+    if dim != cache.head_dim or hq % cache.n_kv_heads or n != meta.n_rows:
+        raise ValueError(f"q {list(q.shape)} does not fit {meta.n_rows} rows, head_dim "
+                         f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
+    st = meta.extra.get("cpu")
+    if st is None:
+        st = meta.extra["cpu"] = _Step(meta, cache, hq)
+    q = q.detach().to(torch.float32).contiguous()
+    out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
+    if len(st.work):
+        kviews, vviews = _views(cache)
+        _attend(q.numpy(), out.numpy(), np.float32(scale), kviews, vviews, _geom(cache, layer),
+                st.pages, st.kv_lens, st.q_lens, st.q_off, st.work, st.groups, st.part_acc,
+                st.part_ml)
+    if st.tiled:
+        from kvslim.kernels import tiled
+        for b in st.tiled:
+            lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
+            out[lo:hi] = tiled.attend_sequence(q[lo:hi], cache, layer, meta.page_table.pages[b],
+                                               meta.kv_lens[b], scale)
+    return out
+
+
+def available(device, type_k: str, type_v: str) -> str | None:
+    """None on CPU for every type (numba imported with this module); else the reason."""
+    if torch.device(device).type != "cpu":
+        return f"the numba kernels run on CPU only, not {torch.device(device).type}"
+    missing = [t for t in (type_k, type_v) if t not in TYPE_CODES]
+    return f"no numba kernel for cache type {', '.join(missing)}" if missing else None
