@@ -1,0 +1,110 @@
+"""The FastAPI application: Ollama and OpenAI routes over one registry of loaded models.
+
+Errors are answered in the shape the client's API expects: ``{"error": "..."}`` under
+/api (Ollama), ``{"error": {"message", "type", ...}}`` under /v1 (OpenAI). Bodies larger
+than ``Settings.max_body`` get 413 before any handler reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from kvslim.server import ollama, openai
+from kvslim.server.common import APIError, status_of
+from kvslim.server.models import Registry
+from kvslim.server.settings import Settings
+
+log = logging.getLogger("kvslim.server")
+
+RETRY_AFTER_S = 1  # a waiting slot frees as soon as one sequence finishes
+
+__all__ = ["create_app"]
+
+
+def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
+    """The error body of the API that ``path`` belongs to."""
+    body = openai.error_body(status, message, code) if path.startswith("/v1") else {"error": message}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, e: Exception) -> JSONResponse:
+    status = status_of(e)
+    if status >= 500 and status != 503:
+        log.error("%s %s failed: %s", request.method, request.url.path, e)
+    code = "model_not_found" if status == 404 and not isinstance(e, HTTPException) else \
+        getattr(e, "code", None)
+    return error_response(request.url.path, status, str(e) or type(e).__name__, code)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    message = "404 page not found" if e.status_code == 404 else str(e.detail)
+    return error_response(request.url.path, e.status_code, message)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        body, more = [], True
+        while more:  # buffer the body (at most limit + one chunk), then replay it
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([], message, receive), send)
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.limit:
+                return await self._too_large(scope, receive, send)
+        await self.app(scope, _replay(body, None, receive), send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(scope["path"], 413, f"request body too large: the limit is "
+                                                       f"{self.limit:,} bytes (KVSLIM_MAX_BODY)")
+        await response(scope, receive, send)
+
+
+def _replay(chunks: list[bytes], pending, receive):
+    """A receive() that gives the buffered body as one message, then the real receive."""
+    queue = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+    if pending is not None:
+        queue = [pending]
+
+    async def replay():
+        return queue.pop(0) if queue else await receive()
+    return replay
+
+
+def create_app(settings: Settings | None = None, models: dict[str, Path] | None = None) -> FastAPI:
+    """The server app. ``models`` names extra .gguf files to serve besides the store's."""
+    settings = settings or Settings.from_env()
+    reg = Registry(settings, models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        reg.close()
+
+    app = FastAPI(title="kvslim", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.registry, app.state.settings = reg, settings
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _api_error)
+    for kind in (APIError, LookupError, ValueError, MemoryError, RuntimeError):
+        app.add_exception_handler(kind, _api_error)
+    app.add_middleware(BodyLimit, limit=settings.max_body)
+    return app

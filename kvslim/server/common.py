@@ -1,0 +1,179 @@
+"""What the Ollama and OpenAI handlers share: errors, body parsing, options, running a job."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from kvslim.engine import StepOutput
+from kvslim.sampling import SamplingParams
+from kvslim.server.models import CacheRequest, Registry, Runner
+from kvslim.server.scheduler import Job
+from kvslim.server.schemas import Options
+
+log = logging.getLogger("kvslim.server")
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and the API's error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+# ---------------------------------------------------------------- requests
+
+
+async def read_json(request: Request, schema: type[BaseModel]) -> Any:
+    """The body parsed and validated against ``schema``; APIError(400) says what is wrong."""
+    body = await request.body()
+    if not body.strip():
+        raise APIError(400, "missing request body")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"invalid JSON in the request body: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise APIError(400, describe(e)) from None
+
+
+def describe(e: ValidationError) -> str:
+    """One line per problem: 'options.num_predict: Input should be a valid integer'."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+def registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+async def get_runner(request: Request, name: str) -> tuple[Runner, float]:
+    """The loaded model called ``name`` (loading it now if needed) and the load seconds."""
+    if not name:
+        raise APIError(400, "model is required")
+    return await run_in_threadpool(registry(request).get, name)
+
+
+# ---------------------------------------------------------------- options
+
+
+def check_num_predict(n: int | None, runner: Runner) -> int | None:
+    """Ollama's num_predict: -1 no limit, -2 until the context is full (both None here)."""
+    if n is None or n in (-1, -2):
+        return None
+    top = runner.config.context_length
+    if n < 1:
+        raise APIError(400, f"num_predict must be -1 (no limit), -2 (fill the context) or at "
+                            f"least 1, got {n}")
+    if n > top:
+        raise APIError(400, f"num_predict {n} is more than the model can ever generate "
+                            f"(its maximum context is {top} tokens)")
+    return n
+
+
+def plan_request(runner: Runner, options: Options | None,
+                 defaults: dict | None = None) -> tuple[SamplingParams, CacheRequest]:
+    """Sampling parameters and cache request from Ollama-style options (ValueError -> 400)."""
+    options = options or Options()
+    sampling = (defaults or {}) | options.sampling()
+    sampling["max_tokens"] = check_num_predict(sampling.pop("num_predict", None), runner)
+    try:
+        params = SamplingParams.from_options(**sampling)
+        cache = runner.cache_request(options.kv_cache_type, options.cache_type_k,
+                                     options.cache_type_v, options.num_ctx)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params, cache
+
+
+async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: CacheRequest,
+                    truncate: bool) -> Job:
+    """Tokenize (in a worker thread), check the request fits, and queue it."""
+    try:
+        ids = await run_in_threadpool(ids_fn)
+        runner.check_request(ids, params, cache, truncate)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return Job.start(runner, ids, params, cache, truncate)
+
+
+# ---------------------------------------------------------------- answers
+
+
+async def collect(job: Job, request: Request) -> str:
+    """All of a job's text; ClientGone (and the job cancelled) if the client leaves first."""
+    async def drain() -> str:
+        return "".join([out.text async for out in job.outputs()])
+
+    answer = asyncio.ensure_future(drain())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer not in done:
+        answer.cancel()  # leaves job.outputs(), which cancels the sequence
+        raise ClientGone()
+    return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
+    """A job's outputs, ending with the exception instead of raising it (a stream has
+    already sent its status line, so an error becomes its last message)."""
+    try:
+        async for out in job.outputs():
+            yield out
+    except Exception as e:  # noqa: BLE001 - reported to the client in the stream
+        log.warning("request failed while streaming: %s", e)
+        yield e
+
+
+def status_of(e: Exception) -> int:
+    """HTTP status for an error raised by a job."""
+    from kvslim.server.models import ModelNotFound, PoolTooLarge, ServerBusy
+
+    if isinstance(e, APIError):
+        return e.status
+    if isinstance(e, ModelNotFound):
+        return 404
+    if isinstance(e, ServerBusy):
+        return 503
+    if isinstance(e, PoolTooLarge):
+        return 500
+    if isinstance(e, ValueError):
+        return 400
+    return 500
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def timestamp(t: float | None = None) -> str:
+    """RFC 3339 in UTC with microseconds, as Ollama writes ``created_at``."""
+    dt = datetime.fromtimestamp(time.time() if t is None else t, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

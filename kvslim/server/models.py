@@ -1,0 +1,372 @@
+"""Loaded models: weights, tokenizer and the K/V pool each one serves from, by name.
+
+A ``Runner`` is one loaded model with its current engine (paged pool) and the scheduler
+thread that steps it. The pool is sized from ``KVSLIM_KV_MEMORY`` in exact page bytes,
+or num_ctx x num_parallel. Requests may ask for other cache types or another num_ctx
+(``CacheRequest``); the scheduler then rebuilds the pool once the running sequences are
+done: the weights stay, the old pool and its cached prefixes are dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvslim import formats, store
+from kvslim.attention import plan_attention
+from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.engine import Engine, PromptTooLong
+from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.llm import compute_dtype, pick_device, resolve_num_ctx
+from kvslim.models import load_model
+from kvslim.server.prefix import PrefixCache
+from kvslim.server.settings import Settings
+from kvslim.tokenizer import Tokenizer
+
+log = logging.getLogger("kvslim.server")
+
+__all__ = ["CacheConfig", "CacheRequest", "Runner", "Registry", "ModelNotFound", "ServerBusy",
+           "PoolTooLarge", "model_details"]
+
+
+class ModelNotFound(LookupError):
+    """No such model here (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ServerBusy(RuntimeError):
+    """The server cannot take the request now; try again later (HTTP 503)."""
+
+
+class PoolTooLarge(MemoryError):
+    """A K/V pool that would not fit in the memory the device has free."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the pool of a loaded model is built with."""
+
+    type_k: str
+    type_v: str
+    num_ctx: int
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What one request asks of the pool; None keeps whatever is loaded."""
+
+    type_k: str | None = None
+    type_v: str | None = None
+    num_ctx: int | None = None
+
+    def fits(self, cfg: CacheConfig) -> bool:
+        return all(want is None or want == have for want, have in
+                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx)))
+
+    def apply(self, cfg: CacheConfig) -> CacheConfig:
+        return CacheConfig(self.type_k or cfg.type_k, self.type_v or cfg.type_v,
+                           self.num_ctx or cfg.num_ctx)
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of the weight tensors of a model object (tied tensors once)."""
+    seen, total = set(), 0
+    for obj in [model, *getattr(model, "layers", [])]:
+        for t in vars(obj).values():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate, when that can be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def model_details(config: ModelConfig) -> dict:
+    """Ollama's ``details`` object."""
+    n = config.n_params
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    return {"parent_model": "", "format": "gguf", "family": config.arch, "families": [config.arch],
+            "parameter_size": size, "quantization_level": config.file_type_name or ""}
+
+
+class Runner:
+    """One loaded model: weights, tokenizer, the engine over its pool, and its scheduler."""
+
+    def __init__(self, name: str, path: Path, settings: Settings):
+        from kvslim.server.scheduler import Scheduler
+
+        t0 = time.perf_counter()
+        self.name, self.path, self.settings = name, Path(path), settings
+        self.device = pick_device(settings.device)
+        reader = open_gguf(self.path)
+        self.config = ModelConfig.from_gguf(reader)
+        self.tokenizer = Tokenizer.from_gguf(reader)
+        self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
+                                progress=False)
+        self.weight_bytes = _tensor_bytes(self.model)
+        self.page_size = DEFAULT_PAGE_SIZE
+        self.engine: Engine | None = None
+        self.cache_config = CacheConfig(settings.cache_type_k, settings.cache_type_v,
+                                        resolve_num_ctx(settings.num_ctx, self.config.context_length,
+                                                        self.device, settings.env))
+        self.engine = self.build(self.cache_config)
+        self.load_duration = time.perf_counter() - t0
+        self.loaded_at = time.time()
+        self.scheduler = Scheduler(self, settings.max_queue)
+
+    # ---------------------------------------------------------------- the pool
+
+    def cache_request(self, kv_cache_type: str | None = None, cache_type_k: str | None = None,
+                      cache_type_v: str | None = None, num_ctx: int | None = None) -> CacheRequest:
+        """Validate per-request cache options (ValueError says what is wrong)."""
+        shared = formats.get_format(kv_cache_type).name if kv_cache_type else None
+        k = formats.get_format(cache_type_k).name if cache_type_k else shared
+        v = formats.get_format(cache_type_v).name if cache_type_v else shared
+        top = self.config.context_length
+        if num_ctx is not None and not 1 <= num_ctx <= top:
+            raise ValueError(f"num_ctx {num_ctx} is outside [1, {top}] "
+                             f"(the model's maximum context is {top})")
+        return CacheRequest(k, v, num_ctx)
+
+    def page_bytes(self, cfg: CacheConfig) -> int:
+        """Exact bytes of one page (all layers, K and V) with the types the plan stores."""
+        c = self.config  # the same plan the engine makes, so the same fallback
+        plan = plan_attention(self.device, c.head_dim, cfg.type_k, cfg.type_v,
+                              self.settings.flash_attn, v_head_dim=c.v_head_dim, warn=False)
+        per_token = KVCache.bytes_per_token(self.model.n_layers, self.model.n_kv_heads,
+                                            self.model.cache_head_dim, plan.effective_k,
+                                            plan.effective_v)
+        return round(per_token * self.page_size)
+
+    def n_pages(self, cfg: CacheConfig) -> int:
+        """Pages of the pool for ``cfg``: the memory budget in whole pages, or num_ctx x num_parallel."""
+        if self.settings.kv_memory is None:
+            return self.settings.num_parallel * -(-cfg.num_ctx // self.page_size)
+        pages = self.settings.kv_memory // self.page_bytes(cfg)
+        if pages < 1:
+            raise ValueError(f"KVSLIM_KV_MEMORY of {self.settings.kv_memory:,} bytes holds no "
+                             f"page of {self.page_size} tokens ({self.page_bytes(cfg):,} bytes)")
+        return pages
+
+    def check_memory(self, cfg: CacheConfig) -> int:
+        """Pages of a pool for ``cfg``; PoolTooLarge when it cannot fit in free memory
+        (the current pool counts as free: it is dropped first)."""
+        n_pages = self.n_pages(cfg)
+        need = n_pages * self.page_bytes(cfg)
+        old = self.engine.cache.nbytes if self.engine is not None and self.engine.cache else 0
+        free = _available_memory(self.device)
+        if free is not None and need > free + old:
+            raise PoolTooLarge(f"a K/V pool of {need:,} bytes ({n_pages} pages, num_ctx "
+                               f"{cfg.num_ctx}, K {cfg.type_k} / V {cfg.type_v}) does not fit in "
+                               f"the {free + old:,} bytes free on {self.device}; lower num_ctx, "
+                               f"KVSLIM_NUM_PARALLEL or KVSLIM_KV_MEMORY, or use a smaller type")
+        return n_pages
+
+    def check_request(self, ids: list[int], params, cache: CacheRequest, truncate: bool) -> None:
+        """ValueError when a request cannot run in the pool it asks for: a prompt longer
+        than num_ctx (without truncation) or more tokens than the whole pool holds."""
+        cfg = cache.apply(self.cache_config)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > cfg.num_ctx and not truncate:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context length "
+                                f"num_ctx={cfg.num_ctx} (model maximum {self.config.context_length})")
+        n_prompt = min(len(ids), cfg.num_ctx)
+        max_len = cfg.num_ctx if params.max_tokens is None else \
+            min(cfg.num_ctx, n_prompt + params.max_tokens)
+        n_pages = self.n_pages(cfg)
+        if -(-max_len // self.page_size) > n_pages:
+            raise ValueError(f"a request of up to {max_len} tokens cannot fit in the K/V pool "
+                             f"({n_pages * self.page_size} tokens, KVSLIM_KV_MEMORY); lower "
+                             f"num_predict or num_ctx")
+        if cfg != self.cache_config:
+            self.check_memory(cfg)
+
+    def build(self, cfg: CacheConfig) -> Engine:
+        """A new engine (and pool) for ``cfg``; the current one is dropped first.
+
+        PoolTooLarge, before anything is freed, when the pool cannot fit in free memory.
+        """
+        n_pages = self.check_memory(cfg)
+        if self.engine is not None:
+            self.engine.cache = None  # the old pool goes before the new one is allocated
+        prefix = PrefixCache(self.page_size) if self.settings.prefix_cache else None
+        engine = Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
+                        flash_attn=self.settings.flash_attn, num_ctx=cfg.num_ctx,
+                        num_parallel=self.settings.num_parallel, page_size=self.page_size,
+                        n_pages=n_pages, prefix_cache=prefix)
+        self.cache_config = cfg
+        return engine
+
+    def switch(self, cfg: CacheConfig) -> float:
+        """Rebuild the pool for ``cfg`` (the engine must be idle); seconds it took.
+
+        On failure the previous configuration is rebuilt and the error raised.
+        """
+        t0, previous = time.perf_counter(), self.cache_config
+        try:
+            self.engine = self.build(cfg)
+        except PoolTooLarge:
+            raise  # nothing was freed
+        except Exception:
+            self.engine = self.build(previous)
+            raise
+        log.info("%s: K/V pool rebuilt: K %s / V %s, num_ctx %d", self.name, cfg.type_k,
+                 cfg.type_v, cfg.num_ctx)
+        return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- prompts
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, ready to answer."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
+        bos = self.tokenizer.bos_id
+        if len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # the template wrote BOS itself
+        return ids
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+
+    # ---------------------------------------------------------------- reporting
+
+    def status(self) -> dict:
+        """The pool's state: bytes, types, backend and which pages are held by what.
+
+        Called by the scheduler thread between steps (nothing moves meanwhile).
+        """
+        e = self.engine
+        info = e.cache_info()
+        seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_seq)}
+        prefix = e.prefix_cache
+        info.update(
+            pages_sequences=len(seq_pages),
+            pages_prefix_cache=len(prefix.pages(e.cache)) if prefix else 0,
+            prefix_cache_entries=len(prefix) if prefix else 0,
+            prefix_cache_tokens=prefix.tokens() if prefix else 0,
+            prefix_cache_evictions=prefix.evictions if prefix else 0,
+            running=len(e.running), waiting=len(e.waiting),
+        )
+        return info
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.engine = None
+
+
+class Registry:
+    """Model names to files, and the models loaded now (at most ``max_loaded_models``)."""
+
+    def __init__(self, settings: Settings, aliases: dict[str, Path] | None = None):
+        self.settings = settings
+        self.aliases = {k: Path(v) for k, v in (aliases or {}).items()}
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()  # one load at a time; guards _runners
+        self._digests: dict[Path, str] = {}
+
+    @staticmethod
+    def canonical(name: str) -> str:
+        return name[:-len(":latest")] if name.endswith(":latest") else name
+
+    def resolve(self, name: str) -> tuple[str, Path]:
+        """(canonical name, .gguf path) of a servable model; ModelNotFound otherwise.
+
+        Served: names given to ``kvslim serve``, built-in models that are pulled, and
+        models in the store. Arbitrary file paths are not: clients cannot open files.
+        """
+        name = self.canonical(name)
+        if name in self.aliases:
+            return name, self.aliases[name]
+        builtin = store.lookup(name)
+        if builtin is not None:
+            path = store.model_path(builtin)
+            if not path.is_file():
+                raise ModelNotFound(f"model '{name}' not found, try pulling it first")
+            return builtin.name, path
+        for entry in store.list_models():
+            if entry.name == name:
+                return name, entry.path
+        raise ModelNotFound(f"model '{name}' not found")
+
+    def available(self) -> list[tuple[str, Path]]:
+        """Every servable (name, path): serve's names, then the store's."""
+        out = dict(self.aliases)
+        for entry in store.list_models():
+            out.setdefault(entry.name, entry.path)
+        return list(out.items())
+
+    def digest(self, path: Path) -> str:
+        """sha256 of a model file (from the store's manifest when there is one)."""
+        if path not in self._digests:
+            known = {e.path: e.sha256 for e in store.list_models() if e.sha256}
+            if path in known:
+                self._digests[path] = known[path]
+            else:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                self._digests[path] = h.hexdigest()
+        return self._digests[path]
+
+    def get(self, name: str) -> tuple[Runner, float]:
+        """(runner, seconds spent loading it now): loads on first use; blocking."""
+        name, path = self.resolve(name)
+        with self._lock:
+            runner = self._runners.get(name)
+            if runner is not None:
+                return runner, 0.0
+            self._make_room()
+            runner = Runner(name, path, self.settings)
+            self._runners[name] = runner
+            log.info("%s: loaded in %.1fs", name, runner.load_duration)
+            return runner, runner.load_duration
+
+    def _make_room(self) -> None:
+        while len(self._runners) >= self.settings.max_loaded_models:
+            idle = [n for n, r in self._runners.items() if r.scheduler.idle()]
+            if not idle:
+                raise ServerBusy(f"{len(self._runners)} model(s) loaded and busy "
+                                 f"(KVSLIM_MAX_LOADED_MODELS={self.settings.max_loaded_models})")
+            self._runners.pop(idle[0]).close()
+
+    def unload(self, name: str) -> bool:
+        """Unload a model if it is loaded and idle; whether it was unloaded."""
+        name = self.canonical(name)
+        with self._lock:
+            runner = self._runners.get(name)
+            if runner is None or not runner.scheduler.idle():
+                return False
+            self._runners.pop(name).close()
+            return True
+
+    def loaded(self) -> list[Runner]:
+        with self._lock:
+            return list(self._runners.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                runner.close()
+            self._runners.clear()

@@ -1,0 +1,239 @@
+"""The thread that owns a model's engine: continuous batching for the HTTP handlers.
+
+Handlers ``submit`` tickets (thread-safe; ``QueueFull`` beyond the bound) and read their
+outputs from an asyncio queue through a ``Job``. The thread moves tickets into the
+engine between steps, runs ``engine.step()`` while there is work (one batched forward
+over every running sequence) and hands each output to its ticket's event loop.
+
+Tickets wait in one FIFO. The head joins the engine when its cache request fits the
+pool; when it asks for other cache types or another num_ctx, the tickets behind it wait
+too, the running sequences finish, and the pool is rebuilt for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from kvslim.engine import Sequence, StepOutput
+from kvslim.sampling import SamplingParams
+from kvslim.server.models import CacheRequest, ServerBusy
+
+log = logging.getLogger("kvslim.server")
+
+__all__ = ["Ticket", "Scheduler", "Job", "QueueFull"]
+
+
+class QueueFull(ServerBusy):
+    """More requests are waiting than KVSLIM_MAX_QUEUE allows (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request on its way through the scheduler."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache: CacheRequest
+    truncate: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq: Sequence | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    load_duration: float = 0.0  # pool rebuilt for this request (seconds)
+
+    def send(self, kind: str, value) -> None:
+        """Deliver ("out", StepOutput) or ("error", exception) to the handler's loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class Scheduler:
+    """Steps one runner's engine in a background thread while there is work."""
+
+    def __init__(self, runner, max_queue: int):
+        self.runner, self.max_queue = runner, max_queue
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Ticket] = collections.deque()  # not in the engine yet
+        self._tickets: dict[int, Ticket] = {}  # sequence id -> ticket, in the engine
+        self._stop = False
+        self.counters = collections.Counter()
+        self.snapshot = runner.status()
+        self._thread = threading.Thread(target=self._run, name=f"kvslim-{runner.name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- handler side
+
+    def waiting(self) -> int:
+        """Requests not decoding yet: queued here or waiting in the engine for pages."""
+        return len(self._queue) + len(self.runner.engine.waiting)
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue a ticket; QueueFull when KVSLIM_MAX_QUEUE requests already wait for a slot."""
+        with self._cond:
+            if self._stop:
+                raise ServerBusy(f"model '{self.runner.name}' is being unloaded")
+            free_slots = max(0, self.runner.settings.num_parallel - len(self.runner.engine.running))
+            if self.waiting() >= self.max_queue + free_slots:
+                raise QueueFull("server busy, please try again. maximum pending requests "
+                                f"exceeded (KVSLIM_MAX_QUEUE={self.max_queue})")
+            self._queue.append(ticket)
+            self.counters["requests"] += 1
+            self._cond.notify()
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop a ticket wherever it is; a running sequence returns its pages next step."""
+        with self._cond:
+            ticket.cancelled = True
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+            elif ticket.seq is not None and self.runner.engine is not None:
+                self.runner.engine.cancel(ticket.seq)
+            self._cond.notify()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not (self._queue or self._tickets or self.runner.engine.has_work())
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        for t in list(self._queue) + list(self._tickets.values()):
+            t.send("error", ServerBusy(f"model '{self.runner.name}' was unloaded"))
+
+    # ---------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._queue or self.runner.engine.has_work()):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                admit = self._take_fitting()
+                switch = self._queue[0] if (self._queue and not admit
+                                            and not self.runner.engine.has_work()) else None
+            for t in admit:
+                self._add(t)
+            if switch is not None:
+                self._switch(switch)
+            if self.runner.engine.has_work():
+                self._step()
+            self.snapshot = self.runner.status()
+
+    def _take_fitting(self) -> list[Ticket]:
+        """Tickets at the head of the queue that the current pool can serve (FIFO)."""
+        out, cfg = [], self.runner.cache_config
+        while self._queue and self._queue[0].cache.fits(cfg):
+            out.append(self._queue.popleft())
+        return out
+
+    def _add(self, t: Ticket) -> None:
+        engine = self.runner.engine
+        try:
+            seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate)
+        except ValueError as e:  # too long for the context or the pool
+            t.send("error", e)
+            return
+        with self._cond:
+            t.seq, cancelled = seq, t.cancelled
+            self._tickets[seq.id] = t
+        if cancelled:  # cancelled while it moved from the queue to the engine
+            engine.cancel(seq)
+
+    def _switch(self, head: Ticket) -> None:
+        """Rebuild the pool for the head ticket (the engine is idle)."""
+        cfg = head.cache.apply(self.runner.cache_config)
+        try:
+            head.load_duration = self.runner.switch(cfg)
+            self.counters["rebuilds"] += 1
+        except Exception as e:  # noqa: BLE001 - every waiter of this config hears why
+            log.warning("%s: cannot rebuild the K/V pool: %s", self.runner.name, e)
+            with self._cond:
+                failed = [t for t in self._queue if t.cache == head.cache]
+                for t in failed:
+                    self._queue.remove(t)
+            for t in failed:
+                t.send("error", e)
+
+    def _step(self) -> None:
+        engine = self.runner.engine
+        try:
+            outputs = engine.step()
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+            log.exception("%s: engine step failed", self.runner.name)
+            self._fail_all(e)
+            return
+        for out in outputs:
+            t = self._tickets.get(out.seq.id)
+            if t is None:
+                continue
+            t.send("out", out)
+            if out.finished:
+                with self._cond:
+                    del self._tickets[out.seq.id]
+                self._count(out.seq)
+
+    def _count(self, seq: Sequence) -> None:
+        c = self.counters
+        c["finished_" + (seq.finish_reason or "unknown")] += 1
+        c["prompt_tokens"] += seq.n_prompt
+        c["prompt_tokens_cached"] += seq.stats.prompt_cache_count
+        c["prompt_cache_hits"] += seq.stats.prompt_cache_count > 0
+        c["generated_tokens"] += seq.n_generated
+
+    def _fail_all(self, error: Exception) -> None:
+        engine = self.runner.engine
+        with self._cond:
+            tickets, self._tickets = list(self._tickets.values()), {}
+        for t in tickets:
+            engine.cancel(t.seq)
+        engine.reap()
+        for t in tickets:
+            t.send("error", error)
+
+
+class Job:
+    """The handler's side of a ticket: its outputs as an async iterator.
+
+    Leaving the iteration early (client gone, task cancelled) cancels the request, so
+    its sequence returns its pages at the next step.
+    """
+
+    def __init__(self, scheduler: Scheduler, ticket: Ticket):
+        self.scheduler, self.ticket = scheduler, ticket
+
+    @classmethod
+    def start(cls, runner, prompt_ids: list[int], params: SamplingParams, cache: CacheRequest,
+              truncate: bool) -> "Job":
+        ticket = Ticket(prompt_ids, params, cache, truncate, asyncio.get_running_loop())
+        runner.scheduler.submit(ticket)
+        return cls(runner.scheduler, ticket)
+
+    @property
+    def seq(self) -> Sequence | None:
+        return self.ticket.seq
+
+    async def outputs(self) -> AsyncIterator[StepOutput]:
+        finished = False
+        try:
+            while True:
+                kind, value = await self.ticket.events.get()
+                if kind == "error":
+                    raise value
+                yield value
+                if value.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.scheduler.cancel(self.ticket)

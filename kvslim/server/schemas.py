@@ -1,0 +1,170 @@
+"""Request bodies of the Ollama and OpenAI APIs, validated strictly (a string where a
+number belongs is a 400, not a guess). Unknown fields are ignored, as both APIs do."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("kvslim.server")
+
+Stop = str | list[str] | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# ---------------------------------------------------------------- Ollama
+
+# Ollama options that change nothing here (threads, GPU layers, mmap, mirostat ...):
+# accepted without a word, like Ollama accepts them on any backend.
+IGNORED_OPTIONS = frozenset({
+    "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
+    "penalize_newline", "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only",
+    "use_mmap", "use_mlock", "num_thread", "embedding_only", "logits_all", "f16_kv",
+})
+SAMPLING_OPTIONS = ("num_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                    "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
+
+
+class Options(_Body):
+    """Ollama's request ``options`` plus kvslim's cache types (a change rebuilds the pool)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    num_ctx: int | None = None
+    num_predict: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: Stop = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    kv_cache_type: str | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+
+    def sampling(self) -> dict:
+        """The sampling options that were given."""
+        unknown = set(self.model_extra or {}) - IGNORED_OPTIONS
+        if unknown:  # Ollama logs "invalid option provided" and goes on
+            log.warning("invalid option(s) provided, ignored: %s", ", ".join(sorted(unknown)))
+        return {k: getattr(self, k) for k in SAMPLING_OPTIONS if getattr(self, k) is not None}
+
+
+class Message(_Body):
+    role: str = Field(min_length=1)
+    content: str = ""
+    images: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class GenerateRequest(_Body):
+    model: str = ""
+    prompt: str = ""
+    suffix: str = ""
+    system: str = ""
+    template: str = ""
+    context: list[int] | None = None
+    stream: bool = True
+    raw: bool = False
+    format: str | dict | None = None
+    images: list[Any] | None = None
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+    truncate: bool = True
+
+
+class ChatRequest(_Body):
+    model: str = ""
+    messages: list[Message] = []
+    stream: bool = True
+    format: str | dict | None = None
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+    tools: list[Any] | None = None
+    think: bool | str | None = None
+    truncate: bool = True
+
+
+class ModelRequest(_Body):
+    """/api/show and /api/pull: ``model`` (or the older ``name``)."""
+
+    model: str = ""
+    name: str = ""
+    verbose: bool = False
+    stream: bool = True
+    insecure: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
+
+
+# ---------------------------------------------------------------- OpenAI
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str = Field(min_length=1)
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _OpenAIBody(_Body):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Stop = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = None
+    options: Options | None = None  # kvslim extension: Ollama options (cache types, num_ctx)
+
+    def ollama_options(self, max_tokens: int | None) -> Options:
+        """These fields as Ollama options, under the extension ``options``.
+
+        Defaults as Ollama's OpenAI layer: temperature 1 and top_p 1 when absent.
+        """
+        given = {"num_predict": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                 "seed": self.seed, "stop": self.stop, "frequency_penalty": self.frequency_penalty,
+                 "presence_penalty": self.presence_penalty}
+        base = (self.options.model_dump(exclude_none=True) if self.options else {})
+        merged = {"temperature": 1.0, "top_p": 1.0} | base | \
+            {k: v for k, v in given.items() if v is not None}
+        return Options.model_validate(merged)
+
+
+class ChatCompletionRequest(_OpenAIBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    response_format: dict | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+
+
+class CompletionRequest(_OpenAIBody):
+    prompt: str | list[str] | list[int] = Field(union_mode="left_to_right")
+    suffix: str | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
