@@ -1,0 +1,553 @@
+"""kvslim serve on a tiny random GGUF, over loopback with the real ollama and openai clients.
+
+Timing-dependent cases (a full queue, a client leaving mid-stream) hold the engine's
+steps with ``StepGate`` so they do not depend on how fast the machine is.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import httpx
+import ollama
+import openai
+import pytest
+import uvicorn
+
+from kvslim import formats
+from kvslim.cache import KVCache
+from kvslim.engine import Engine
+from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.models import load_model
+from kvslim.sampling import SamplingParams
+from kvslim.server.app import create_app
+from kvslim.server.prefix import PrefixCache
+from kvslim.server.settings import Settings, is_loopback, parse_host
+from kvslim.tokenizer import Tokenizer
+
+import tiny_llama
+
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
+
+
+# ---------------------------------------------------------------- helpers shared with test_server_real
+
+
+@dataclass
+class Served:
+    url: str
+    app: object
+
+    def runner(self, name: str):
+        return next(r for r in self.app.state.registry.loaded() if r.name == name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings, models: dict | None = None):
+    """uvicorn serving create_app(settings) on a free loopback port, in a thread."""
+    settings = replace(settings, host="127.0.0.1", port=_free_port())
+    app = create_app(settings, models)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield Served(settings.address, app)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class StepGate:
+    """Holds a runner's engine steps until released, so a test decides when steps happen."""
+
+    def __init__(self, runner):
+        self.engine, self._sem = runner.engine, threading.Semaphore(0)
+        self._step = self.engine.step
+        self.engine.step = self._gated
+
+    def _gated(self):
+        self._sem.acquire()
+        return self._step()
+
+    def allow(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._sem.release()
+
+    def open(self) -> None:
+        self.engine.step = self._step
+        self.allow(100)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def ps_model(url: str, name: str) -> dict:
+    models = httpx.get(f"{url}/api/ps").json()["models"]
+    return next(m for m in models if m["model"] == f"{name}:latest")
+
+
+def settled(url: str, name: str) -> bool:
+    """No request running or waiting and no page owned by a sequence."""
+    m = ps_model(url, name)
+    return m["requests"]["running"] == m["requests"]["waiting"] == 0 and \
+        m["kv_cache"]["pages_sequences"] == 0
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
+    tiny_llama.write(path, tiny_llama.Tiny(ctx=256, tied=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_path):
+    reader = open_gguf(tiny_path)
+    return load_model(reader, ModelConfig.from_gguf(reader), progress=False), Tokenizer.from_gguf(reader)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    settings = Settings.from_env({}, num_parallel=4, max_body=64 * 1024)
+    with running_server(settings, {"tiny": tiny_path}) as served:
+        yield served
+
+
+@pytest.fixture
+def client(server):
+    return ollama.Client(host=server.url)
+
+
+@pytest.fixture
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, ("127.0.0.1", 11434)), ("", ("127.0.0.1", 11434)), ("0.0.0.0", ("0.0.0.0", 11434)),
+    ("0.0.0.0:8080", ("0.0.0.0", 8080)), (":8080", ("127.0.0.1", 8080)),
+    ("http://example.org", ("example.org", 80)), ("http://10.0.0.2:99/x", ("10.0.0.2", 99)),
+    ("[::1]:7000", ("::1", 7000)), ("::", ("::", 11434)), ("localhost", ("localhost", 11434)),
+])
+def test_host_parses_like_ollama_host(value, expected):
+    assert parse_host(value) == expected
+
+
+@pytest.mark.parametrize("bad", ["host:99999", "host:port", "https://x:1"])
+def test_bad_host_is_an_error(bad):
+    with pytest.raises(ValueError):
+        parse_host(bad)
+
+
+def test_only_loopback_unless_asked():
+    assert is_loopback(Settings.from_env({}).host)
+    assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+def test_settings_from_environment_and_flags():
+    env = {"KVSLIM_HOST": "0.0.0.0:9000", "KVSLIM_KV_CACHE_TYPE": "q8_0", "KVSLIM_NUM_PARALLEL": "16",
+           "KVSLIM_FLASH_ATTENTION": "1", "KVSLIM_KV_MEMORY": "1GiB", "KVSLIM_MAX_QUEUE": "3",
+           "KVSLIM_PREFIX_CACHE": "0"}
+    s = Settings.from_env(env)
+    assert (s.host, s.port, s.cache_type_k, s.cache_type_v) == ("0.0.0.0", 9000, "q8_0", "q8_0")
+    assert (s.num_parallel, s.flash_attn, s.kv_memory, s.max_queue, s.prefix_cache) == \
+        (16, "on", 2**30, 3, False)
+    s = Settings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
+    assert (s.cache_type_k, s.cache_type_v, s.num_parallel, s.host) == ("q8_0", "q4_0", 2, "127.0.0.1")
+    for bad in ({"KVSLIM_NUM_PARALLEL": "0"}, {"KVSLIM_KV_CACHE_TYPE": "q3"},
+                {"KVSLIM_KV_MEMORY": "lots"}, {"KVSLIM_PREFIX_CACHE": "maybe"}):
+        with pytest.raises(ValueError):
+            Settings.from_env(bad)
+
+
+def test_serve_is_a_cli_verb():
+    from kvslim.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--num-parallel", "8", "--kv-cache-type", "q4_0"])
+    assert args.num_parallel == 8 and args.kv_cache_type == "q4_0" and callable(args.func)
+
+
+# ---------------------------------------------------------------- prefix cache
+
+
+def _filled(cache: KVCache, tokens: list[int]) -> int:
+    seq = cache.new_sequence()
+    cache.reserve(seq, len(tokens))
+    return seq
+
+
+def test_prefix_cache_shares_whole_pages_and_checks_tokens():
+    cache = KVCache(1, 1, 32, n_pages=8, page_size=4)
+    pc = PrefixCache(page_size=4)
+    a = list(range(10))  # 2 whole pages + 2 tokens
+    seq = _filled(cache, a)
+    pc.retain(cache, seq, a)
+    cache.free(seq)
+    assert cache.pages_in_use == 2 and len(pc) == 1  # the partial page went back
+
+    child, reused = pc.attach(cache, a[:9])
+    assert reused == 8 and set(cache.pages(child)) == pc.pages(cache)  # shared, not copied
+    cache.free(child)
+    other, reused = pc.attach(cache, a[:4] + [99] * 6)  # same first page only
+    assert reused == 4
+    cache.free(other)
+    fresh, reused = pc.attach(cache, [7] * 9)
+    assert reused == 0 and cache.length(fresh) == 0
+    cache.free(fresh)
+    cache.check()
+
+
+def test_prefix_cache_keeps_the_longest_entry_and_evicts_lru_first():
+    cache = KVCache(1, 1, 32, n_pages=8, page_size=4)
+    pc = PrefixCache(page_size=4)
+    short, long_, other = list(range(4)), list(range(12)), [50 + i for i in range(8)]
+    for tokens in (short, long_, other):
+        seq = _filled(cache, tokens)
+        pc.retain(cache, seq, tokens)
+        cache.free(seq)
+    assert len(pc) == 2  # `short` is a prefix of `long_`: dropped
+    assert cache.pages_in_use == 5
+    freed = pc.evict(cache, 3)
+    assert freed == 3 and len(pc) == 1 and cache.pages_in_use == 2  # long_ was least recent
+    assert pc.attach(cache, other + [0])[1] == 8
+    cache.check()
+
+
+def test_engine_reuses_a_cached_prompt_and_answers_the_same(tiny_parts):
+    model, tok = tiny_parts
+    engine = Engine(model, tok, num_ctx=256, num_parallel=2, page_size=16,
+                    prefix_cache=PrefixCache(16))
+    prompt = [1] + [(7 * i) % 250 + 3 for i in range(70)]  # 71 tokens: 4 whole pages + 7
+
+    def run() -> tuple[list[int], int]:
+        seq = engine.add_request(prompt, SamplingParams(max_tokens=5, **GREEDY))
+        while engine.has_work():
+            engine.step()
+        return seq.output_ids, seq.stats.prompt_cache_count
+
+    first, cached_first = run()
+    second, cached_second = run()
+    assert (cached_first, cached_second) == (0, 64)
+    assert second == first
+    held = engine.prefix_cache.pages(engine.cache)
+    assert engine.cache.pages_in_use == len(held) > 0  # only the prefix cache holds pages
+    engine.cache.check()
+
+
+def test_engine_evicts_cached_prefixes_when_a_request_needs_the_pages(tiny_parts):
+    model, tok = tiny_parts
+    engine = Engine(model, tok, num_ctx=64, num_parallel=1, page_size=16, n_pages=4,
+                    prefix_cache=PrefixCache(16))
+    for start in (3, 100):
+        seq = engine.add_request([1] + list(range(start, start + 40)), SamplingParams(max_tokens=2, **GREEDY))
+        while engine.has_work():
+            engine.step()
+        assert seq.finish_reason == "length"
+    assert engine.cache.pages_in_use > 0 and engine.prefix_cache.evictions > 0
+    engine.cache.check()
+
+
+# ---------------------------------------------------------------- the APIs with real clients
+
+
+def test_ollama_generate_and_chat(client):
+    r = client.generate(model="tiny", prompt="the cat", options={"num_predict": 4, **GREEDY})
+    assert r.done and r.done_reason == "length" and r.eval_count == 4
+    assert r.prompt_eval_count > 0 and r.total_duration >= r.eval_duration > 0
+    assert r.context[-4:] and len(r.context) == r.prompt_eval_count + 4
+    pieces = list(client.generate(model="tiny", prompt="the cat", stream=True,
+                                  options={"num_predict": 4, **GREEDY}))
+    assert [p.done for p in pieces][-1] and not any(p.done for p in pieces[:-1])
+    assert "".join(p.response for p in pieces) == r.response
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    c = client.chat(model="tiny", messages=messages, options={"num_predict": 3, **GREEDY})
+    assert c.message.role == "assistant" and c.eval_count == 3 and c.done
+    streamed = list(client.chat(model="tiny:latest", messages=messages, stream=True,
+                                options={"num_predict": 3, **GREEDY}))
+    assert "".join(p.message.content for p in streamed) == c.message.content
+    assert streamed[-1].done_reason == "length" and streamed[-1].prompt_eval_count == c.prompt_eval_count
+
+
+def test_openai_chat_and_completions(oai):
+    messages = [{"role": "user", "content": "hi"}]
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3 and r.usage.total_tokens == r.usage.prompt_tokens + 3
+    chunks = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=3,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+    t = oai.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0)
+    assert t.object == "text_completion" and t.usage.completion_tokens == 4
+    streamed = list(oai.completions.create(model="tiny", prompt="abc", max_tokens=4,
+                                           temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == t.choices[0].text
+    assert [m.id for m in oai.models.list().data][0] == "tiny"
+
+
+def _prompts(n: int) -> list[str]:
+    words = ["the", "a", "cat", "hat", "bat", "eat", "tea", "heat"]
+    return [" ".join(words[(i * 3 + j) % len(words)] for j in range(3 + i % 5)) + f" {i}" for i in range(n)]
+
+
+def test_16_concurrent_streams_equal_their_solo_answers(server, client):
+    options = {"num_predict": 6, **GREEDY}
+    prompts = _prompts(16)
+    solo = [client.generate(model="tiny", prompt=p, raw=True, options=options).response for p in prompts]
+
+    def stream(p: str) -> str:
+        return "".join(c.response for c in ollama.Client(host=server.url).generate(
+            model="tiny", prompt=p, raw=True, stream=True, options=options))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(stream, prompts))
+    assert together == solo
+    assert len(set(solo)) > 1  # different prompts, different answers: a mix-up would show
+    wait_until(lambda: settled(server.url, "tiny"), what="no sequence pages")
+    m = ps_model(server.url, "tiny")
+    assert m["kv_cache"]["pages_in_use"] == m["kv_cache"]["pages_prefix_cache"]
+
+
+def test_identical_prefix_reuses_cached_pages(server, oai):
+    long_prompt = "the cat ate the hat " * 12  # > 64 tokens: at least one whole page
+    body = {"model": "tiny", "prompt": long_prompt, "raw": True, "stream": False,
+            "options": {"num_predict": 3, **GREEDY}}
+    # prompt_cache_count is kvslim's extra field: the ollama client does not keep it
+    first = httpx.post(server.url + "/api/generate", json=body, timeout=60).json()
+    second = httpx.post(server.url + "/api/generate", json=body, timeout=60).json()
+    assert second["prompt_cache_count"] >= 64 and second["response"] == first["response"]
+    assert second["prompt_eval_count"] == first["prompt_eval_count"]
+    r = oai.completions.create(model="tiny", prompt=long_prompt, max_tokens=3, temperature=0,
+                               extra_body={"options": {"repeat_penalty": 1.0}})
+    assert r.usage.prompt_tokens_details.cached_tokens >= 64
+    assert r.choices[0].text == first["response"]
+
+
+def test_client_leaving_mid_stream_returns_its_pages(server, client):
+    client.generate(model="tiny")  # load it, so the gate can hold its engine
+    runner = server.runner("tiny")
+    gate = StepGate(runner)
+    try:
+        with httpx.stream("POST", f"{server.url}/api/generate", timeout=30, json={
+                "model": "tiny", "prompt": "a long answer", "options": {"num_predict": 200}}) as r:
+            gate.allow(1)  # prefill and the first token
+            first = json.loads(next(r.iter_lines()))
+            assert first["done"] is False
+        wait_until(lambda: runner.engine.running and runner.engine.running[0].cancelled,
+                   what="the sequence to be cancelled")
+    finally:
+        gate.open()
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+    assert runner.scheduler.counters["finished_cancel"] >= 1
+
+
+def test_full_queue_answers_503_and_recovers(tiny_path):
+    settings = Settings.from_env({}, num_parallel=1, max_queue=1)
+    with running_server(settings, {"tiny": tiny_path}) as served:
+        client = ollama.Client(host=served.url)
+        client.generate(model="tiny")  # load
+        gate = StepGate(served.runner("tiny"))
+        body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            try:
+                running = pool.submit(httpx.post, f"{served.url}/api/generate", json=body, timeout=60)
+                wait_until(lambda: served.runner("tiny").scheduler.waiting() == 1, what="first queued")
+                queued = pool.submit(httpx.post, f"{served.url}/api/generate", json=body, timeout=60)
+                wait_until(lambda: served.runner("tiny").scheduler.waiting() == 2, what="second queued")
+                refused = httpx.post(f"{served.url}/api/generate", json=body)
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+                assert "maximum pending requests" in refused.json()["error"]
+                with pytest.raises(ollama.ResponseError) as e:
+                    client.generate(model="tiny", prompt="x", options={"num_predict": 2})
+                assert e.value.status_code == 503
+                oai = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+                with pytest.raises(openai.APIStatusError) as e:
+                    oai.completions.create(model="tiny", prompt="x", max_tokens=2)
+                assert e.value.status_code == 503 and e.value.body["type"] == "server_error"
+            finally:
+                gate.open()
+            assert running.result().status_code == queued.result().status_code == 200
+        assert client.generate(model="tiny", prompt="x", options={"num_predict": 2}).done
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD_OLLAMA = [
+    ("/api/generate", b"{not json", 400, "invalid JSON"),
+    ("/api/generate", b"", 400, "missing request body"),
+    ("/api/chat", b"[1, 2]", 400, "JSON object"),
+    ("/api/generate", {"prompt": "hi"}, 400, "model is required"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model is required"),
+    ("/api/chat", {"model": "tiny", "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+    ("/api/generate", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/api/chat", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"temperature": "hot"}}, 400,
+     "options.temperature"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"top_p": 0}}, 400, "top_p"),
+    ("/api/generate", {"model": "nope", "prompt": "hi"}, 404, "model 'nope' not found"),
+    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "not found"),
+    ("/api/show", {"model": "nope"}, 404, "not found"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": -3}}, 400, "num_predict"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 10**12}}, 400,
+     "more than the model can ever generate"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 2.5}}, 400, "num_predict"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_ctx": 100000}}, 400,
+     "maximum context is 256"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_ctx": 0}}, 400, "num_ctx"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                   "options": {"kv_cache_type": "q3_k"}}, 400, "valid types: f32, f16"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"cache_type_v": "int4"}}, 400,
+     "q4_0"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "images": ["aGk="]}, 400, "images"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "truncate": False,
+                       "options": {"num_ctx": 8}}, 400, "more than the context length"),
+    ("/api/pull", {"model": "nope"}, 404, "cannot be pulled"),
+    ("/api/nothing", {"model": "tiny"}, 404, "404 page not found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_OLLAMA)
+def test_bad_input_gets_ollama_errors_and_the_server_keeps_serving(server, path, body, status, message):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, timeout=30, **kw)
+    assert r.status_code == status
+    assert message in r.json()["error"]
+    ok = httpx.post(server.url + "/api/generate", timeout=30, json={
+        "model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+    assert ok.status_code == 200 and ok.json()["done"]
+
+
+BAD_OPENAI = [
+    ("/v1/chat/completions", b"{", 400, "invalid JSON"),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 1}]}, 400, "content"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404,
+     "not found"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": -1}, 400, "max_tokens must be at least 1"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400,
+     "more than the model can ever generate"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2},
+     400, "n must be 1"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "options": {"kv_cache_type": "q2"}}, 400,
+     "valid types"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "one string"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_OPENAI)
+def test_bad_input_gets_openai_errors(server, path, body, status, message):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, timeout=30, **kw)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_oversized_body_is_413_declared_or_streamed(server, oai):
+    big = {"model": "tiny", "prompt": "x" * (65 * 1024)}
+    r = httpx.post(server.url + "/api/generate", json=big)
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+    chunks = (b"x" * 8192 for _ in range(10))  # chunked: no Content-Length to trust
+    r = httpx.post(server.url + "/api/generate", content=chunks)
+    assert r.status_code == 413
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.completions.create(model="tiny", prompt="x" * (65 * 1024))
+    assert e.value.status_code == 413
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def _page_bytes(n_layers: int, n_kv_heads: int, head_dim: int, k: str, v: str, page: int) -> int:
+    per_head = head_dim * formats.block_bytes(k) // formats.QK + head_dim * formats.block_bytes(v) // formats.QK
+    return n_layers * n_kv_heads * per_head * page
+
+
+def test_cache_type_option_rebuilds_the_pool_with_exact_bytes(server, client):
+    t = tiny_llama.Tiny()
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "q8_0",
+                                                        "num_ctx": 128})
+    m = ps_model(server.url, "tiny")
+    kv = m["kv_cache"]
+    assert (kv["requested_k"], kv["requested_v"], kv["type_k"], m["context_length"]) == \
+        ("q8_0", "q8_0", "q8_0", 128)
+    pages = 4 * 128 // 64  # num_parallel x num_ctx, in pages
+    assert kv["pages_total"] == pages
+    assert kv["bytes"] == pages * _page_bytes(t.n_layers, t.n_kv_heads, t.head_dim,
+                                              kv["type_k"], kv["type_v"], 64)
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # keeps what is loaded
+    assert ps_model(server.url, "tiny")["kv_cache"]["requested_k"] == "q8_0"
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "cache_type_k": "f16",
+                                                        "cache_type_v": "f16", "num_ctx": 256})
+    kv = ps_model(server.url, "tiny")["kv_cache"]
+    assert (kv["type_k"], kv["type_v"], kv["pages_total"]) == ("f16", "f16", 16)
+
+
+def test_kv_memory_budget_sizes_the_pool_in_whole_pages(tiny_path):
+    t = tiny_llama.Tiny()
+    budget = 300_000
+    with running_server(Settings.from_env({"KVSLIM_KV_MEMORY": str(budget),
+                                           "KVSLIM_KV_CACHE_TYPE": "q8_0"}), {"tiny": tiny_path}) as s:
+        ollama.Client(host=s.url).generate(model="tiny")
+        kv = ps_model(s.url, "tiny")["kv_cache"]
+    page = _page_bytes(t.n_layers, t.n_kv_heads, t.head_dim, kv["type_k"], kv["type_v"], 64)
+    assert kv["pages_total"] == budget // page and kv["bytes"] == kv["pages_total"] * page <= budget
+
+
+# ---------------------------------------------------------------- the other endpoints
+
+
+def test_tags_show_ps_version_and_models(server, client):
+    names = [m.model for m in client.list().models]
+    assert "tiny:latest" in names
+    shown = client.show("tiny")
+    assert shown.details.family == "llama" and shown.modelinfo["llama.context_length"] == 256
+    assert shown.modelinfo["tokenizer.ggml.tokens"] == []  # big arrays only when verbose
+    assert httpx.get(server.url + "/api/version").json()["version"]
+    client.generate(model="tiny")
+    running = client.ps().models
+    assert running[0].model == "tiny:latest" and running[0].context_length > 0
+    assert running[0].size > ps_model(server.url, "tiny")["kv_cache"]["bytes"]
+    assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
+    assert httpx.get(server.url + "/v1/models/nope").status_code == 404
+    assert httpx.get(server.url + "/").text == "kvslim is running"
+
+
+def test_empty_prompt_loads_and_keep_alive_zero_unloads(server):
+    r = httpx.post(server.url + "/api/generate", json={"model": "tiny"}).json()
+    assert r["done_reason"] == "load"
+    r = httpx.post(server.url + "/api/chat", json={"model": "tiny", "messages": [], "keep_alive": 0}).json()
+    assert r["done_reason"] == "unload" and r["message"]["content"] == ""
+    assert httpx.get(server.url + "/api/ps").json()["models"] == []
