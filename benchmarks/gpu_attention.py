@@ -146,7 +146,8 @@ def table(rows: list[dict]) -> str:
             f"{'% of BW':>8} {'max err':>8}  variant")
     out = [head, "-" * len(head)]
     for r in rows:
-        var = " ".join(f"{k}={r[k]}" for k in ("block_n", "splits") if k in r)
+        var = " ".join(f"{k}={r[k]}" for k in ("block_n", "splits", "num_warps", "num_stages")
+                       if k in r)
         err = f"{r['max_err']:.1e}" if "max_err" in r else "-"
         out.append(f"{r['ctx']:>6} {r['type']:>10} {r['bytes'] / 1e6:>9.1f} "
                    f"{r['time_s'] * 1e6:>9.1f} {r['floor_s'] * 1e6:>9.1f} "
@@ -154,18 +155,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def sweep(args, bw) -> list[dict]:
-    """Block and split variants at 32k, to tune the defaults on the hardware."""
+def sweep(args, bw, save) -> list[dict]:
+    """Block, split and warp variants at 32k, to tune the defaults on the hardware. Rows
+    are saved as they come: the caller's time limit may cut the sweep short."""
     rows = []
     hkv = SHAPES[args.shape][1]
     ctx = 32768 if DEVICE != "cpu" else 256
     auto, _ = tk._splits(args.batch * hkv, ctx + 1, 64, 256, torch.device(DEVICE))
+    variants = [{"block_n": bn, "splits": sp} for bn in (32, 64, 128)
+                for sp in sorted({max(1, auto // 2), auto, 2 * auto})]
+    variants += [{"num_warps": w, "num_stages": st} for w, st in ((8, 2), (4, 3), (4, 1))]
     for type_ in ("q8_0", "q4_0"):
-        for block_n in (32, 64, 128):
-            for splits in sorted({max(1, auto // 2), auto, 2 * auto}):
-                rows.append(run_case(type_, ctx, args, bw, block_n=block_n, splits=splits))
-                free_memory()
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+        for kw in variants:
+            rows.append(run_case(type_, ctx, args, bw, **kw))
+            free_memory()
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            save(rows)
     return rows
 
 
@@ -194,6 +199,14 @@ def main(argv=None) -> int:
     print(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"batch {args.batch}, {hq} q / {hkv} kv heads, dim {dim}, bf16 queries", flush=True)
     rows = []
+
+    def save(sweep_rows):  # after every step: the caller's time limit may cut the run short
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "copy_bandwidth": bw, "shape": SHAPES[args.shape],
+                           "batch": args.batch, "rows": rows, "verdicts": verdicts(rows),
+                           "sweep": sweep_rows}, f, indent=1)
+
     contexts = [int(c) for c in args.contexts.split(",")]
     for ctx in contexts:
         for type_ in args.types.split(","):
@@ -202,15 +215,12 @@ def main(argv=None) -> int:
         rows.append(run_sdpa(ctx, args, bw))
         free_memory()
         print(table(rows[-len(args.types.split(",")) - 1:]), flush=True)
+        save([])
     print("\n" + table(rows))
     lines = verdicts(rows)
     print("\n".join(lines))
-    extra = sweep(args, bw) if args.sweep else []
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "copy_bandwidth": bw,
-                       "shape": SHAPES[args.shape], "batch": args.batch, "rows": rows,
-                       "verdicts": lines, "sweep": extra}, f, indent=1)
+    if args.sweep:
+        sweep(args, bw, save)
     return 0 if all(v.startswith("PASS") for v in lines) else 1
 
 

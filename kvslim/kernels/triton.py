@@ -315,7 +315,8 @@ def _default_blocks(decode: bool, head_dim: int, group: int) -> tuple[int, int]:
 def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str,
                     type_v: str, meta, scale: float, *, block_m: int | None = None,
                     block_n: int | None = None, min_chunk: int = 256,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, num_warps: int = 4,
+                    num_stages: int = 2) -> torch.Tensor:
     """q [N, Hq, D] packed as ``meta`` says; planes {name: [P, Hkv, S, nb, per]}
     -> [N, Hq, Dv] in q's dtype (fp32 for other float dtypes).
 
@@ -359,7 +360,8 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
         KFMT=_FMT_ID[fk], NBK=nbk, NBKP=_pow2(nbk), KW=kw,
         VFMT=_FMT_ID[fv], NBV=nbv, NBVP=_pow2(nbv), VW=vw,
         BLOCK_M=bm, BLOCK_N=bn, PARTIAL=partial, DT=_TL_DTYPES[q.dtype],
-        PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
+        PREC="ieee" if q.dtype == torch.float32 else None, num_warps=num_warps,
+        num_stages=num_stages)
     if partial:
         dv = nbv * formats.QK
         _merge_kernel[(n_rows, hq)](part, lse, out, out.stride(0), out.stride(1), n_splits, hq,
