@@ -205,7 +205,7 @@ def rows_with_edge_cases(kind: str, n: int, heads: int, d: int) -> torch.Tensor:
 
 @interpreted
 @pytest.mark.parametrize("type", TYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_quantize_into_is_bit_identical_to_encode(tk, type, dtype):
     cache = KVCache(1, 3, 64, 6, page_size=5, cache_type_k=type, cache_type_v=type)
     seqs = [cache.new_sequence() for _ in range(2)]

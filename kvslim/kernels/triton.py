@@ -536,6 +536,7 @@ def quantize_into(planes: dict[str, torch.Tensor], slots: torch.Tensor, rows: to
     _, h, page, nb = first.shape[:4]
     if rows.dim() != 3 or tuple(rows.shape[1:]) != (h, nb * formats.QK):
         raise ValueError(f"rows must be [n, {h}, {nb * formats.QK}], got {list(rows.shape)}")
+    rows = rows.to(first.device)
     if rows.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         rows = rows.to(torch.float32)  # float64 rounds once here, as formats.encode does
     if check_finite and not bool(torch.isfinite(rows).all()):
