@@ -42,6 +42,37 @@ def _cpu_writer():
     return write_rows
 
 
+def _triton_writer(cache: "KVCache"):
+    """A fused quantize-on-write for CUDA/ROCm caches, or None where Triton cannot run."""
+    try:
+        from kvslim.kernels import triton as tk
+    except ImportError:
+        return None
+    if tk.available(cache.device, cache.cache_type_k, cache.cache_type_v) is not None:
+        return None
+
+    def write(cache, layer, slots, k, v):
+        # Check both sides before writing either, so a NaN in V leaves K untouched too.
+        if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
+            raise ValueError("K/V rows hold non-finite values (NaN or inf); "
+                             "the K/V cache refuses them")
+        kp, vp = cache.layer_planes(layer)
+        slots = slots.to(cache.device)
+        tk.quantize_into(kp, slots, k, cache.cache_type_k, check_finite=False)
+        tk.quantize_into(vp, slots, v, cache.cache_type_v, check_finite=False)
+
+    return write
+
+
+def _fused_writer(cache: "KVCache"):
+    """The device's fused quantize-on-write (one kernel per side), or None for the torch path."""
+    if cache.device.type == "cpu":
+        return _cpu_writer()
+    if cache.device.type == "cuda":
+        return _triton_writer(cache)
+    return None
+
+
 class CacheFull(RuntimeError):
     """The pool has no free page for the request; nothing was changed."""
 
@@ -82,6 +113,7 @@ class KVCache:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._next_id = 0
+        self._writer = None  # the device's fused quantize-on-write, looked up on first write
 
     # -------------------------------------------------------------- construction
 
@@ -240,10 +272,11 @@ class KVCache:
             if tuple(x.shape) != (n, self.n_kv_heads, dim):
                 raise ValueError(f"{name} rows must be [{n}, {self.n_kv_heads}, {dim}], "
                                  f"got {list(x.shape)}")
-        fused = _cpu_writer() if self.device.type == "cpu" else None
-        if fused is not None and all(x.device.type == "cpu" and x.dtype in _FLOAT_ROWS
-                                     for x in (k, v)):
-            fused(self, layer, slots, k, v)  # one numba call instead of ~15 torch ops per side
+        if self._writer is None:
+            self._writer = _fused_writer(self) or False
+        if self._writer and all(x.device.type == self.device.type and x.dtype in _FLOAT_ROWS
+                                for x in (k, v)):
+            self._writer(self, layer, slots, k, v)  # one kernel instead of ~15 torch ops per side
             return
         enc_k = formats.encode(k, self.fmt_k.name)  # [n, kvh, nb, per]
         enc_v = formats.encode(v, self.fmt_v.name)
