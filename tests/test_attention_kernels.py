@@ -119,6 +119,26 @@ def test_sharp_softmax_stays_finite():
         check(backend, cache, meta, q, seed, 1e-4)
 
 
+def test_tiled_device_agnostic_math(monkeypatch):
+    """The matmul/logsumexp tile kernel that non-CPU devices use, in query blocks."""
+    monkeypatch.setattr(tiled, "_tile_attn", tiled._tile_math)
+    monkeypatch.setattr(tiled, "TILE", 64)
+    monkeypatch.setattr(tiled, "MATH_SCORES", 4 * 64 * 50)  # several query blocks per tile
+    seed = random.randrange(1 << 30)
+    cache, meta, q = build("q4_0", "bf16", hq=4, hkv=2, d=64, prefix=[150, 0],
+                           q_lens=[130, 1], seed=seed)
+    check("tiled", cache, meta, q, seed, 1e-4)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_non_finite_query_raises(backend):
+    cache, meta, q = build("q8_0", "q8_0", hq=4, hkv=2, d=64, prefix=[3, 40], q_lens=[1, 12],
+                           seed=0)
+    q[-1, 2, 5] = float("nan")  # in the prefill rows: the tiled route inside cpu too
+    with pytest.raises(ValueError, match="non-finite"):
+        BACKENDS[backend](q, cache, 1, meta, 0.125)
+
+
 def test_rejects_mismatched_queries():
     cache, meta, q = build("q8_0", "q8_0", hq=4, hkv=2, d=64, prefix=[3], q_lens=[1], seed=0)
     with pytest.raises(ValueError, match="head_dim"):

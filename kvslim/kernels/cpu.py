@@ -235,7 +235,7 @@ _U0, _U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8 = (np.uint64(i) for i in range(9))
 _M15, _S4, _B1, _S16 = np.int32(15), np.int32(4), np.int32(1), np.int32(16)
 
 
-@njit(inline="always", fastmath=_FAST)
+@njit(fastmath=_FAST, cache=True)
 def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
     """Dequantize the T stored rows row0.. (contiguous: one page, one head) into
     out[:T*nb*qk]; every index is uint64. sc, lo: float32 scratch of T*nb.
@@ -293,60 +293,100 @@ def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
 # ---------------------------------------------------------------- attention kernel
 
 @njit(inline="always", fastmath=_FAST)
-def _scores(qv, kt, p, R, T, D, TL):
-    """p[r*TL + t] = qv[r] . kt[t] for t < T; four tokens per pass so each q load feeds
-    four FMAs (one load per FMA would bound the loop by the load ports)."""
-    for r in range(R):
-        qo, po = r * D, r * TL
-        t = _U0
-        while t + _U4 <= T:
-            k0 = t * D
-            s0 = s1 = s2 = s3 = np.float32(0.0)
+def _dots(qv, kt, p, r, R2, T, D, TL):
+    """p[(r+i)*TL + t] = qv[r+i] . kt[t] for the R2 (1 or 2) query vectors from r.
+
+    Two query vectors times four tokens per pass: each loaded K value feeds two FMAs and
+    each q value four, so the loop is bound by the FMA units rather than by loads; each
+    (vector, token) pair still ends in one horizontal sum.
+    """
+    qo, po = r * D, r * TL
+    t = _U0
+    while t + _U4 <= T:
+        k0, k1, k2, k3 = t * D, (t + _U1) * D, (t + _U2) * D, (t + _U3) * D
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        if R2 == _U2:
+            for j in range(D):
+                x, y = qv[qo + j], qv[qo + D + j]
+                c0, c1, c2, c3 = kt[k0 + j], kt[k1 + j], kt[k2 + j], kt[k3 + j]
+                a0 += x * c0
+                a1 += x * c1
+                a2 += x * c2
+                a3 += x * c3
+                b0 += y * c0
+                b1 += y * c1
+                b2 += y * c2
+                b3 += y * c3
+            p[po + TL + t], p[po + TL + t + _U1] = b0, b1
+            p[po + TL + t + _U2], p[po + TL + t + _U3] = b2, b3
+        else:
             for j in range(D):
                 x = qv[qo + j]
-                s0 += x * kt[k0 + j]
-                s1 += x * kt[k0 + D + j]
-                s2 += x * kt[k0 + _U2 * D + j]
-                s3 += x * kt[k0 + _U3 * D + j]
-            p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3] = s0, s1, s2, s3
-            t += _U4
-        while t < T:
-            s0 = np.float32(0.0)
+                a0 += x * kt[k0 + j]
+                a1 += x * kt[k1 + j]
+                a2 += x * kt[k2 + j]
+                a3 += x * kt[k3 + j]
+        p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3] = a0, a1, a2, a3
+        t += _U4
+    while t < T:
+        for i in range(R2):
+            a0 = np.float32(0.0)
             for j in range(D):
-                s0 += qv[qo + j] * kt[t * D + j]
-            p[po + t] = s0
-            t += _U1
+                a0 += qv[qo + i * D + j] * kt[t * D + j]
+            p[po + i * TL + t] = a0
+        t += _U1
+
+
+@njit(fastmath=_FAST, cache=True)
+def _scores(qv, kt, p, R, T, D, TL):
+    """p[r*TL + t] = qv[r] . kt[t] for r < R, t < T."""
+    r = _U0
+    while r < R:
+        R2 = min(_U2, R - r)
+        _dots(qv, kt, p, r, R2, T, D, TL)
+        r += R2
 
 
 @njit(inline="always", fastmath=_FAST)
+def _weigh(p, vt, acc, r, R2, T, Dv, TL):
+    """acc[r+i] += sum_t p[(r+i)*TL + t] * vt[t] for the R2 (1 or 2) rows from r: four
+    tokens per load/store of acc, each loaded V value feeding both rows."""
+    ao, po = r * Dv, r * TL
+    t = _U0
+    while t + _U4 <= T:
+        v0, v1, v2, v3 = t * Dv, (t + _U1) * Dv, (t + _U2) * Dv, (t + _U3) * Dv
+        w0, w1, w2, w3 = p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3]
+        if R2 == _U2:
+            x0, x1 = p[po + TL + t], p[po + TL + t + _U1]
+            x2, x3 = p[po + TL + t + _U2], p[po + TL + t + _U3]
+            for j in range(Dv):
+                c0, c1, c2, c3 = vt[v0 + j], vt[v1 + j], vt[v2 + j], vt[v3 + j]
+                acc[ao + j] += (w0 * c0 + w1 * c1) + (w2 * c2 + w3 * c3)
+                acc[ao + Dv + j] += (x0 * c0 + x1 * c1) + (x2 * c2 + x3 * c3)
+        else:
+            for j in range(Dv):
+                acc[ao + j] += (w0 * vt[v0 + j] + w1 * vt[v1 + j]) + (w2 * vt[v2 + j]
+                                                                      + w3 * vt[v3 + j])
+        t += _U4
+    while t < T:
+        for i in range(R2):
+            w0 = p[po + i * TL + t]
+            for j in range(Dv):
+                acc[ao + i * Dv + j] += w0 * vt[t * Dv + j]
+        t += _U1
+
+
+@njit(fastmath=_FAST, cache=True)
 def _accumulate(p, vt, acc, R, T, Dv, TL):
-    """acc[r] += sum_t p[r*TL + t] * vt[t]: eight tokens per load/store of acc."""
-    for r in range(R):
-        ao, po = r * Dv, r * TL
-        t = _U0
-        while t + _U8 <= T:
-            w = p[po + t:po + t + _U8]
-            v = vt[t * Dv:(t + _U8) * Dv]
-            for j in range(Dv):
-                a = acc[ao + j]
-                a += w[0] * v[j]
-                a += w[1] * v[Dv + j]
-                a += w[2] * v[_U2 * Dv + j]
-                a += w[3] * v[_U3 * Dv + j]
-                a += w[4] * v[_U4 * Dv + j]
-                a += w[5] * v[_U5 * Dv + j]
-                a += w[6] * v[_U6 * Dv + j]
-                a += w[7] * v[_U7 * Dv + j]
-                acc[ao + j] = a
-            t += _U8
-        while t < T:
-            p0 = p[po + t]
-            for j in range(Dv):
-                acc[ao + j] += p0 * vt[t * Dv + j]
-            t += _U1
+    """acc[r] += sum_t p[r*TL + t] * vt[t] for r < R."""
+    r = _U0
+    while r < R:
+        R2 = min(_U2, R - r)
+        _weigh(p, vt, acc, r, R2, T, Dv, TL)
+        r += R2
 
 
-@njit(inline="always", fastmath=_FAST)
+@njit(fastmath=_FAST, cache=True)
 def _softmax_step(p, acc, mx, den, vis, R, T, Dv, TL):
     """Scores -> weights for one tile (rows see vis[r] - t0 of its tokens, clipped to
     [0, T]); rescales acc once per tile when the running max grows."""
@@ -449,11 +489,11 @@ def _merge_group(gi, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml):
 def _attend(q, out, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work, groups,
             part_acc, part_ml):
     """q [N, Hq, D] float32 -> out rows of the sequences named in ``work``."""
-    for w in prange(work.shape[0]):
-        _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work,
-                      part_acc, part_ml)
+    for w in prange(work.shape[0]):  # int64: a uint64 index would compile a second copy
+        _attend_chunk(np.int64(w), q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens,
+                      q_off, work, part_acc, part_ml)
     for gi in prange(groups.shape[0] - 1):
-        _merge_group(gi, out, geom[2], q_lens, q_off, work, groups, part_acc, part_ml)
+        _merge_group(np.int64(gi), out, geom[2], q_lens, q_off, work, groups, part_acc, part_ml)
 
 
 # ---------------------------------------------------------------- quantize on write
@@ -739,6 +779,9 @@ def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.T
     if st is None:
         st = meta.extra["cpu"] = _Step(meta, cache, hq)
     q = q.detach().to(torch.float32).contiguous()
+    bad = _count_bad(q.numpy())
+    if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
+        raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")
     out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
     if len(st.work):
         kviews, vviews = _views(cache)

@@ -7,10 +7,9 @@ exactly:  out = sum_t exp(lse_t - lse) out_t,  lse = log sum_t exp(lse_t).
 
 Causal masking without masks: the new rows of a step sit at positions P .. P+n-1 after
 a prefix of P tokens. Every prefix tile is fully visible to every row. The new region
-is cut into tiles that start at P, aligned with blocks of query rows, so a tile is
-either fully visible (rows after it), invisible (rows before it), or on the diagonal,
-where torch's top-left ``is_causal`` is exactly right because rows and keys start at
-the same position.
+is cut into tiles that start at P, and the tile of keys P+a .. P+b is attended by rows
+a.. only, with torch's top-left ``is_causal``: row a+i sees keys P+a .. P+a+i, which is
+the causal rule on the diagonal and the whole tile for rows past it.
 
 On CPU the tile kernel is ``aten._scaled_dot_product_flash_attention_for_cpu`` (which
 handles GQA itself); elsewhere a plain matmul/logsumexp version over bounded blocks.
@@ -75,26 +74,25 @@ def attend_sequence(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_
                     scale: float) -> torch.Tensor:
     """The last n = q.shape[0] rows of one sequence: q [n, Hq, D] -> [n, Hq, Dv] float32."""
     n, hq, _ = q.shape
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("query holds non-finite values (NaN or inf)")
     kp, vp = cache.layer_planes(layer)
     prefix = kv_len - n
     q4 = q.to(torch.float32).transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-    acc = torch.zeros(1, hq, n, cache.v_head_dim, dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((1, hq, n), float("-inf"), dtype=torch.float32, device=q.device)
-
-    def tile(a: int, b: int):
-        return (_decode_range(kp, cache.fmt_k, pages, cache.page_size, a, b),
-                _decode_range(vp, cache.fmt_v, pages, cache.page_size, a, b))
-
-    for a in range(0, prefix, TILE):  # the prefix: visible to every row
-        k, v = tile(a, min(prefix, a + TILE))
-        _merge(acc, acc_lse, *_tile_attn(q4, k, v, False, scale))
-    for a in range(0, n, TILE):  # new keys a..b: diagonal for rows a..b, visible after
-        b = min(n, a + TILE)
-        k, v = tile(prefix + a, prefix + b)
-        blocks = [(a, b, True)] + ([(b, n, False)] if b < n else [])
-        for lo, hi, causal in blocks:
-            o, lse = _tile_attn(q4[:, :, lo:hi], k, v, causal, scale)
-            _merge(acc[:, :, lo:hi], acc_lse[:, :, lo:hi], o, lse)
+    acc = acc_lse = None
+    # (first key, last key, first query row, causal): prefix tiles are seen by every row;
+    # a tile of new keys starting at row a is seen by rows a.. under top-left causal
+    # masking, which also leaves rows past the tile unmasked.
+    tiles = [(a, min(prefix, a + TILE), 0, False) for a in range(0, prefix, TILE)]
+    tiles += [(prefix + a, prefix + min(n, a + TILE), a, True) for a in range(0, n, TILE)]
+    for k0, k1, row, causal in tiles:
+        k = _decode_range(kp, cache.fmt_k, pages, cache.page_size, k0, k1)
+        v = _decode_range(vp, cache.fmt_v, pages, cache.page_size, k0, k1)
+        out, lse = _tile_attn(q4[:, :, row:], k, v, causal, scale)
+        if acc is None:  # the first tile covers every row
+            acc, acc_lse = out, lse
+        else:
+            _merge(acc[:, :, row:], acc_lse[:, :, row:], out, lse)
     return acc[0].transpose(0, 1)  # [n, Hq, Dv]
 
 
