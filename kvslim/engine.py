@@ -308,7 +308,8 @@ class Engine:
                 rows.append(row - 1)  # the last row of a sequence that is caught up
         t0 = time.perf_counter()
         logits = self.model.forward(torch.tensor(tokens), self.cache, [s.cache_seq for s, _ in batch],
-                                    [n for _, n in batch], self.attn, torch.tensor(rows))
+                                    [n for _, n in batch], self.attn,
+                                    torch.tensor(rows, dtype=torch.long))
         outputs, r = [], 0
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:

@@ -113,6 +113,17 @@ def test_parallel_sequences_equal_each_alone(parts):
     e.cache.check()
 
 
+def test_chunked_prefill_in_the_engine(parts):
+    outputs = []
+    for budget in (4, 512):  # 27 prompt tokens: 7 steps with no row to sample, or one
+        e = engine(parts, max_batch_tokens=budget)
+        s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=6, **GREEDY))
+        drain(e)
+        assert s.stats.prompt_eval_count == 27
+        outputs.append(s.output_ids)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+
+
 def test_seeded_parallel_sampling_is_reproducible(parts):
     def outputs(n_parallel):
         e = engine(parts, num_parallel=n_parallel)
