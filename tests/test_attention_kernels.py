@@ -10,12 +10,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_attention_reference import float64_attention
 
 from kvslim import formats
 from kvslim.attention import AttnMeta
 from kvslim.cache import KVCache
 from kvslim.kernels import cpu, tiled
-from test_attention_reference import float64_attention
 
 TYPES = formats.TYPES
 # every type once as K and once as V, K != V; plus the plain float caches

@@ -20,7 +20,6 @@ CPU, byte-identical to ``formats.encode`` (same float32 operations, no fastmath)
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import numpy as np
@@ -153,7 +152,8 @@ def _nibbles(builder, src):
     """The two <16 x i32> halves of a 4-bit block: low nibbles (values 0..15 of the block),
     high nibbles (values 16..31)."""
     b = builder.zext(_load_bytes(builder, src, 0), _V16I)
-    return builder.and_(b, ir.Constant(_V16I, [15] * 16)), builder.lshr(b, ir.Constant(_V16I, [4] * 16))
+    return (builder.and_(b, ir.Constant(_V16I, [15] * 16)),
+            builder.lshr(b, ir.Constant(_V16I, [4] * 16)))
 
 
 def _store_affine(builder, dst, halves, s, lo):
@@ -207,8 +207,9 @@ _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_MIN = np.float32(-87.0)
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
-_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_P0, _P1, _P2, _P3, _P4, _P5 = (np.float32(c) for c in (
+    1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+    5.0000001201e-1))
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -492,7 +493,7 @@ def _attend(q, out, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off
     for w in prange(work.shape[0]):  # int64: a uint64 index would compile a second copy
         _attend_chunk(np.int64(w), q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens,
                       q_off, work, part_acc, part_ml)
-    for gi in prange(groups.shape[0] - 1):
+    for gi in range(groups.shape[0] - 1):  # serial: tiny; a second prange doubles compiling
         _merge_group(np.int64(gi), out, geom[2], q_lens, q_off, work, groups, part_acc, part_ml)
 
 
@@ -676,7 +677,7 @@ def _write(k, v, slots, kplanes, vplanes, geom):
 _DUMMY = {dt: np.zeros(1, dt) for dt in (np.uint16, np.uint32, np.int8, np.float32)}
 _NP_VIEW = {"d": (torch.int16, np.uint16), "m": (torch.int16, np.uint16),
             "qh": (torch.int32, np.uint32), "qs": (torch.int8, np.int8)}
-_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _flat(t: torch.Tensor, tdt: torch.dtype, ndt) -> np.ndarray:
@@ -750,6 +751,10 @@ class _Step:
         self.part_ml = np.empty((len(self.work), rows, 2), np.float32)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
@@ -757,12 +762,12 @@ def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
     equal counts per thread, balance: about CHUNKS_PER_THREAD items per thread.
     """
     total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
-    chunk = max(MIN_CHUNK, -(-total // (CHUNKS_PER_THREAD * threads)))
+    chunk = max(MIN_CHUNK, _cdiv(total, CHUNKS_PER_THREAD * threads))
     work, groups = [], [0]
     for b in seqs:
         L = int(kv_lens[b])
-        n = max(1, -(-L // chunk))
-        step = -(-(-(-L // n)) // 64) * 64
+        n = max(1, _cdiv(L, chunk))
+        step = _cdiv(_cdiv(L, n), 64) * 64
         for h in range(n_kv):
             work += [(b, h, t0, min(L, t0 + step)) for t0 in range(0, L, step)]
             groups.append(len(work))

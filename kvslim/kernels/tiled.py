@@ -73,7 +73,7 @@ def _merge(acc, acc_lse, out, lse) -> None:
 def attend_sequence(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_len: int,
                     scale: float) -> torch.Tensor:
     """The last n = q.shape[0] rows of one sequence: q [n, Hq, D] -> [n, Hq, Dv] float32."""
-    n, hq, _ = q.shape
+    n = q.shape[0]
     if not bool(torch.isfinite(q).all()):
         raise ValueError("query holds non-finite values (NaN or inf)")
     kp, vp = cache.layer_planes(layer)
