@@ -26,8 +26,10 @@ decode tok/s counts the single-token steps only.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import inspect
+import logging
 import math
 import sys
 import time
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvslim import planner
+
+log = logging.getLogger("kvslim")
 
 __all__ = ["DEFAULT_TEXT", "Scores", "TypeRun", "bench", "load_text", "chunk_tokens",
            "token_stats", "plot", "print_table", "cli_register"]
@@ -152,6 +156,7 @@ class TypeRun:
     scores: Scores = field(default_factory=Scores)
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
+    speed_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -170,7 +175,8 @@ class TypeRun:
                 "bytes_at_ctx": i["bytes"],
                 "bits_per_element": 8 * i["bytes_per_token"] / elements_per_token,
                 **self.scores.summary(), "n_scored": self.scores.n,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                "speed_error": self.speed_error}
 
 
 def rotation_state(info: dict):
@@ -215,20 +221,21 @@ def _targets(chunk: list[int]):
     return torch.tensor(chunk[span.start + 1:span.stop + 1])
 
 
-def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, kv_rotation, step) -> None:
+def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, kv_rotation,
+                 bar: "_Progress", where: str) -> None:
     """Score one chunk for every type; sums are committed only when all types are done."""
     targets = _targets(chunk)
-    use_types(llm, ref.k, ref.v, kv_rotation)
-    ref_logp = _score(llm, chunk)
-    step(f"{ref.name} (reference)")
+    with bar.step(f"{where}: {ref.name} (reference)"):
+        use_types(llm, ref.k, ref.v, kv_rotation)
+        ref_logp = _score(llm, chunk)
     pending = []
     for run in runs:
         if run.same_cache_as(ref):  # the reference pass itself: KL 0, top-1 100%
             pending.append((run, token_stats(ref_logp, ref_logp, targets)))
             continue
-        use_types(llm, run.k, run.v, kv_rotation)
-        pending.append((run, token_stats(ref_logp, _score(llm, chunk), targets)))
-        step(run.name)
+        with bar.step(f"{where}: {run.name}"):
+            use_types(llm, run.k, run.v, kv_rotation)
+            pending.append((run, token_stats(ref_logp, _score(llm, chunk), targets)))
     for run, stats in pending:
         run.scores.add(*stats)
 
@@ -241,6 +248,16 @@ def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotat
     run.prefill_tok_s = c.prompt_eval_count / c.prompt_eval_duration if c.prompt_eval_duration else None
     steps = c.eval_count - 1  # the first new token comes from the prefill step
     run.decode_tok_s = steps / c.eval_duration if steps > 0 and c.eval_duration else None
+
+
+def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotation) -> None:
+    """Speed is measured after quality: a failure here is reported, not allowed to discard
+    the quality figures of a long run."""
+    try:
+        _measure_speed(llm, run, prompt, n_decode, kv_rotation)
+    except Exception as e:
+        run.speed_error = f"{type(e).__name__}: {e}"
+        log.warning("bench: speed of %s not measured: %s", run.name, run.speed_error)
 
 
 def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
@@ -267,12 +284,11 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
                    + (len(runs) if n_decode > 0 else 0)) as bar:
         try:
             for i, chunk in enumerate(chunk_list):
-                _score_chunk(llm, chunk, runs, ref, kv_rotation,
-                             lambda what: bar.advance(f"chunk {i + 1}/{len(chunk_list)}: {what}"))
+                _score_chunk(llm, chunk, runs, ref, kv_rotation, bar, f"chunk {i + 1}/{len(chunk_list)}")
                 done += 1
             for run in runs if n_decode > 0 else []:
-                _measure_speed(llm, run, chunk_list[0][:ctx - n_decode], n_decode, kv_rotation)
-                bar.advance(f"speed: {run.name}")
+                with bar.step(f"speed: {run.name}"):
+                    _speed_or_error(llm, run, chunk_list[0][:ctx - n_decode], n_decode, kv_rotation)
         except KeyboardInterrupt:
             partial = True
     return _report(llm, model, runs, ctx, (skip_chunks, done, len(chunk_list)), n_decode, partial)
@@ -297,7 +313,7 @@ def _report(llm, model, runs: list[TypeRun], ctx, chunks: tuple[int, int, int], 
 
 
 class _Progress:
-    """A rich progress bar on stderr (or nothing); ``advance(label)`` after each step."""
+    """A rich progress bar on stderr (or nothing); ``with bar.step(label):`` around each pass."""
 
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total, self._p = enabled, total, None
@@ -313,9 +329,13 @@ class _Progress:
             self._task = self._p.add_task("bench", total=self.total)
         return self
 
-    def advance(self, label: str) -> None:
+    @contextlib.contextmanager
+    def step(self, label: str):
         if self._p is not None:
-            self._p.update(self._task, advance=1, description=label)
+            self._p.update(self._task, description=label)
+        yield
+        if self._p is not None:
+            self._p.advance(self._task)
 
     def __exit__(self, *exc) -> None:
         if self._p is not None:
@@ -356,6 +376,8 @@ def print_table(result: dict, file=None) -> None:
     for name, r in result["types"].items():
         if r["fallback"]:
             console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")
+        if r["speed_error"]:
+            console.print(f"{name}: speed not measured: {r['speed_error']}")
 
 
 def _pct(x) -> str:
