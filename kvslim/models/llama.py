@@ -30,16 +30,41 @@ __all__ = ["Llama", "apply_rope"]
 # RoPE scalings this forward implements (rope.scaling.type); others are refused at load.
 _ROPE_SCALINGS = (None, "none", "linear")
 
+# Up to this many rows, a CPU matmul is split over threads by output rows (see Linear).
+SPLIT_MAX_ROWS = 16
+
+
+class Linear:
+    """y = x @ w.T + b for x [M, in], w [out, in].
+
+    For a few rows (decode) MKL runs the matrix-vector product on one thread, which
+    reads the weights at one core's bandwidth; a batched matmul over ``splits`` row
+    blocks of w (a view, no copy) runs the blocks on all threads, about twice as fast
+    on two cores. Larger M (prefill) goes to one multithreaded GEMM.
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, splits: int = 1):
+        self.w, self.b = w, b
+        self.ws = w.view(splits, -1, w.shape[1]) if splits > 1 and w.shape[0] % splits == 0 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self.ws is None or m > SPLIT_MAX_ROWS:
+            return F.linear(x, self.w, self.b)
+        y = torch.bmm(self.ws, x.t().expand(self.ws.shape[0], -1, -1))  # [S, out/S, M]
+        y = y.view(self.w.shape[0], m).t()  # [M, out]
+        y = y if m == 1 else y.contiguous()
+        return y if self.b is None else y + self.b
+
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [d]
-    wqkv: torch.Tensor  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked
-    bqkv: torch.Tensor | None  # [(H + 2 Hkv) * D] (qwen2) or None
-    wo: torch.Tensor  # [d, H * D]
+    wqkv: Linear  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked (+ bias for qwen2)
+    wo: Linear  # [d, H * D]
     ffn_norm: torch.Tensor  # [d]
-    w13: torch.Tensor  # [2F, d]: gate rows then up rows
-    w2: torch.Tensor  # [d, F]
+    w13: Linear  # [2F, d]: gate rows then up rows
+    w2: Linear  # [d, F]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,8 +94,11 @@ class Llama:
         # in the cache (zeros add nothing to q.k or to the output).
         self.cache_head_dim = -(-c.head_dim // formats.QK) * formats.QK
         self.scale = 1.0 / math.sqrt(c.head_dim)
+        # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
+        self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
         self.embed = self._w(weights.pop("token_embd.weight"))  # [V, d]
-        self.output = self._w(weights.pop("output.weight")) if "output.weight" in weights else self.embed
+        out = self._w(weights.pop("output.weight")) if "output.weight" in weights else self.embed
+        self.output = Linear(out, splits=self.splits)
         self.output_norm = self._w(weights.pop("output_norm.weight"))
         self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
         freq_factors = weights.pop("rope_freqs.weight", None)
@@ -93,14 +121,14 @@ class Llama:
         p = f"blk.{i}."
         qkv = [w.pop(p + f"attn_{x}.weight") for x in "qkv"]
         bias = [w.pop(p + f"attn_{x}.bias") for x in "qkv"] if self.config.qkv_bias else None
+        lin = lambda t, b=None: Linear(self._w(t), b if b is None else self._w(b), self.splits)  # noqa: E731
         return Layer(
             attn_norm=self._w(w.pop(p + "attn_norm.weight")),
-            wqkv=self._w(torch.cat(qkv)),
-            bqkv=self._w(torch.cat(bias)) if bias else None,
-            wo=self._w(w.pop(p + "attn_output.weight")),
+            wqkv=lin(torch.cat(qkv), torch.cat(bias) if bias else None),
+            wo=lin(w.pop(p + "attn_output.weight")),
             ffn_norm=self._w(w.pop(p + "ffn_norm.weight")),
-            w13=self._w(torch.cat([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")])),
-            w2=self._w(w.pop(p + "ffn_down.weight")),
+            w13=lin(torch.cat([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")])),
+            w2=lin(w.pop(p + "ffn_down.weight")),
         )
 
     def _rope_inv_freq(self, freq_factors: torch.Tensor | None) -> torch.Tensor:
@@ -125,6 +153,15 @@ class Llama:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as held in memory (a tied head counted once)."""
+        ts = [self.embed, self.output.w, self.output_norm]
+        for L in self.layers:
+            ts += [L.attn_norm, L.ffn_norm] + [x for lin in (L.wqkv, L.wo, L.w13, L.w2)
+                                                for x in (lin.w, lin.b) if x is not None]
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ts}.values())
 
     def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str) -> KVCache:
         return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
@@ -166,16 +203,16 @@ class Llama:
             h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
             x = x + self._attention(h, i, layer, cache, meta, attn, cos, sin)
             h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
-            gate, up = F.linear(h, layer.w13).chunk(2, dim=-1)  # [N, F] each
-            x = torch.addmm(x, F.silu(gate).mul_(up), layer.w2.t())  # [N, d]
+            gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
+            x = x + layer.w2(F.silu(gate).mul_(up))  # [N, d]
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]  # [R, d]
         x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
-        return F.linear(x, self.output).float()  # [R, V]
+        return self.output(x).float()  # [R, V]
 
     def _attention(self, h, i, layer, cache, meta, attn, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = F.linear(h, layer.wqkv, layer.bqkv).view(n, hq + 2 * hkv, dim)
+        qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
         qk = apply_rope(qkv[:, :hq + hkv], cos, sin)  # [N, H + Hkv, D]
         q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
         if self.cache_head_dim != dim:
@@ -184,4 +221,4 @@ class Llama:
         cache.write(i, meta.slots, k, v)
         o = attn(q, cache, i, meta, self.scale)  # [N, H, Dc]
         o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
-        return F.linear(o, layer.wo)  # [N, d]
+        return layer.wo(o)  # [N, d]
