@@ -362,8 +362,7 @@ class Registry:
             return True
 
     def loaded(self) -> list[Runner]:
-        with self._lock:
-            return list(self._runners.values())
+        return list(self._runners.values())  # one C-level copy: no lock, so no wait on a load
 
     def close(self) -> None:
         with self._lock:

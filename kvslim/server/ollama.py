@@ -6,6 +6,7 @@ being evaluated (``prompt_eval_count`` counts the whole prompt, as Ollama's does
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -202,9 +203,15 @@ def _describe(path: Path) -> tuple[ModelConfig, gguf.GGUFReader]:
     return ModelConfig.from_gguf(reader), reader
 
 
+@functools.lru_cache(maxsize=64)
+def _config(path: Path, mtime: float) -> ModelConfig:
+    """A file's config, read once per version of the file (listing reads every model)."""
+    return _describe(path)[0]
+
+
 def _listing(reg, name: str, path: Path) -> dict:
-    config, _ = _describe(path)
     st = path.stat()
+    config = _config(path, st.st_mtime)
     return {"name": tagged(name), "model": tagged(name), "modified_at": timestamp(st.st_mtime),
             "size": st.st_size, "digest": reg.digest(path), "details": model_details(config)}
 

@@ -32,7 +32,9 @@ def error_body(status: int, message: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _check(req, *, extra: dict | None = None) -> None:
+def _check(req, *, extra: dict | None = None, max_tokens: int | None = None) -> None:
+    if max_tokens is not None and max_tokens < 1:  # Ollama's -1/-2 are not OpenAI's
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}")
     if req.n not in (None, 1):
         raise APIError(400, "n must be 1: kvslim returns one choice per request")
     for what, value in (extra or {}).items():
@@ -99,10 +101,12 @@ async def chat_completions(request: Request):
     req = await read_json(request, ChatCompletionRequest)
     registry(request).resolve(req.model)
     fmt = req.response_format and req.response_format.get("type") not in (None, "text")
-    _check(req, extra={"tools": req.tools, "logprobs": req.logprobs, "response_format": fmt})
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    _check(req, extra={"tools": req.tools, "logprobs": req.logprobs, "response_format": fmt},
+           max_tokens=max_tokens)
     messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
     runner, _ = await get_runner(request, req.model)
-    params, cache = plan_request(runner, req.ollama_options(req.max_completion_tokens or req.max_tokens))
+    params, cache = plan_request(runner, req.ollama_options(max_tokens))
     job = await start_job(runner, lambda: runner.chat_ids(messages), params, cache, True)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -133,7 +137,7 @@ async def completions(request: Request):
     req = await read_json(request, CompletionRequest)
     registry(request).resolve(req.model)
     _check(req, extra={"suffix": req.suffix, "echo": req.echo, "logprobs": req.logprobs,
-                       "best_of > 1": (req.best_of or 1) > 1})
+                       "best_of > 1": (req.best_of or 1) > 1}, max_tokens=req.max_tokens)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
