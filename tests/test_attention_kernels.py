@@ -73,7 +73,7 @@ def test_mixed_batch_every_type(backend, i):
     g, d = GEOMS[i % len(GEOMS)]
     seed = random.randrange(1 << 30)
     cache, meta, q = build(kt, vt, hq=2 * g, hkv=2, d=d, prefix=[37, 0, 100, 5, 0],
-                           q_lens=[1, 1, 1, 3, 21], seed=seed)
+                           q_lens=[1, 1, 1, 3, cpu.NUMBA_MAX_Q + 9], seed=seed)
     check(backend, cache, meta, q, seed, tolerance(kt, vt))
 
 
@@ -101,13 +101,16 @@ def test_split_k_and_many_tiles(monkeypatch):
 
 
 def test_numba_chunk_rows_are_causal():
-    """Rows appended after a prefix, at most NUMBA_MAX_Q of them: the numba path itself."""
+    """Rows appended after a prefix, at most NUMBA_MAX_Q of them: the numba path itself,
+    with the rows of the long sequence spread over several split-K chunks."""
     seed = random.randrange(1 << 30)
     n = cpu.NUMBA_MAX_Q
-    cache, meta, q = build("q5_0", "iq4_nl", hq=4, hkv=2, d=64, prefix=[45, 0],
-                           q_lens=[n, n], seed=seed)
+    cache, meta, q = build("q5_0", "iq4_nl", hq=4, hkv=2, d=64, prefix=[45, 0, 700],
+                           q_lens=[n, 1, 20], page_size=64, seed=seed)
     check("cpu", cache, meta, q, seed, 1e-4)
-    assert not meta.extra["cpu"].tiled  # both sequences ran in numba
+    st = meta.extra["cpu"]
+    assert not st.tiled  # every sequence ran in numba
+    assert sum(st.work[:, 0] == 2) > 2  # the long one in several chunks per head
 
 
 def test_sharp_softmax_stays_finite():

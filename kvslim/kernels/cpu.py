@@ -35,7 +35,10 @@ TYPE_CODES = {name: i for i, name in enumerate(
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = range(9)
 
 TILE_FLOATS = 4096  # tokens per online-softmax step x head_dim: K and V tiles stay in L1
-NUMBA_MAX_Q = 8  # query rows per sequence above which the tiled torch path is faster
+# Query rows per sequence up to which numba beats the tiled path, which decodes the whole
+# context through torch on every call (measured at 4,096 tokens: numba is faster up to
+# ~64 rows for SmolLM2's shape and beyond 64 for an 8B shape).
+NUMBA_MAX_Q = 32
 MIN_CHUNK = 256  # tokens: smaller split-K chunks cost more in merging than they balance
 CHUNKS_PER_THREAD = 4
 

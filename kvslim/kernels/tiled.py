@@ -62,12 +62,15 @@ def _decode_range(planes: dict, fmt: formats.Format, pages: torch.Tensor, page_s
 
 
 def _merge(acc, acc_lse, out, lse) -> None:
-    """Fold a tile's (out [1, H, n, Dv], lse [1, H, n]) into the running pair, in place."""
+    """Fold a tile's (out [1, H, n, Dv], lse [1, H, n]) into the running pair, in place.
+
+    One pass over the big tensor (lerp): elementwise ops on it are what a prefill pays
+    per tile beyond the flash kernel itself.
+    """
     top = torch.maximum(acc_lse, lse)
     wa, wb = torch.exp(acc_lse - top), torch.exp(lse - top)
-    tot = wa + wb
-    acc.mul_((wa / tot)[..., None]).add_(out * (wb / tot)[..., None])
-    acc_lse.copy_(top + torch.log(tot))
+    acc.lerp_(out, (wb / (wa + wb)).unsqueeze(-1))
+    acc_lse.copy_(top + torch.log(wa + wb))
 
 
 def attend_sequence(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_len: int,
