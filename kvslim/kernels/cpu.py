@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kvslim import formats
@@ -202,6 +203,124 @@ def _q5_block(typingctx, out, o, qs, base, hb, s, lo):
     return types.void(out, o, qs, base, hb, s, lo), codegen
 
 
+# ---------------------------------------------------------------- tile microkernels
+# Scores and the weighted sum of V are small matrix products per tile; written as
+# 16-lane vector code so that a row's accumulators stay in registers across a loop
+# (numba's loop vectorizer only vectorizes the innermost loop, which forces a load and
+# a store of the accumulator per token, or a horizontal sum per score). LLVM splits
+# <16 x float> into whatever the machine has (2 x AVX2, 4 x NEON).
+
+_I64 = ir.IntType(64)
+_V4F = ir.VectorType(ir.FloatType(), 4)
+
+
+def _vec_ptr(builder, ptr, off, vt=_V16F):
+    return builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer())
+
+
+def _times(builder, a, k: int):
+    return builder.mul(a, ir.Constant(_I64, k))
+
+
+def _fma(builder, acc_slot, x, y):
+    """*acc_slot += x * y (contracted to an FMA)."""
+    prod = builder.fmul(x, y, flags=["fast"])
+    builder.store(builder.fadd(builder.load(acc_slot), prod, flags=["fast"]), acc_slot)
+
+
+def _fold(builder, a, b, lo, hi):
+    mask = [ir.Constant(ir.VectorType(ir.IntType(32), len(lo)), m) for m in (lo, hi)]
+    return builder.fadd(builder.shuffle_vector(a, b, mask[0]), builder.shuffle_vector(a, b, mask[1]),
+                        flags=["fast"])
+
+
+def _sum4(builder, v):
+    """Four <16 x float> -> the <4 x float> of their sums: a transpose-add tree, 15 ops
+    where four separate horizontal sums take 32."""
+    halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+    u, w = _fold(builder, v[0], v[1], *halves), _fold(builder, v[2], v[3], *halves)
+    quarters = [j for b in range(0, 32, 8) for j in range(b, b + 4)]
+    x = _fold(builder, u, w, quarters, [j + 4 for j in quarters])
+    y = _fold(builder, x, x, [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15])
+    return _fold(builder, y, y, [0, 2, 4, 6], [1, 3, 5, 7])
+
+
+def _tile_sig(*arrays):
+    return all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1
+               for a in arrays)
+
+
+def _make_qk(nrows: int):
+    """Intrinsic: scores of ``nrows`` query vectors x 4 tokens, as described below."""
+    @intrinsic
+    def qk(typingctx, qv, qo, D, kt, t0, p, po, TL):
+        """p[po + r*TL + t0 + i] = qv[qo + r*D : +D] . kt[(t0 + i)*D : +D], r < nrows, i < 4."""
+        if not _tile_sig(qv, kt, p):
+            return None
+
+        def codegen(context, builder, sig, args):
+            d = args[2]
+            q = _data_ptr(context, builder, sig.args[0], args[0], args[1])
+            k = _data_ptr(context, builder, sig.args[3], args[3], builder.mul(args[4], d))
+            out = _data_ptr(context, builder, sig.args[5], args[5], builder.add(args[6], args[4]))
+            zero = ir.Constant(_V16F, [0.0] * 16)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+                   for _ in range(nrows)]
+            with cgutils.for_range(builder, builder.udiv(d, ir.Constant(_I64, 16))) as loop:
+                c = _times(builder, loop.index, 16)
+                ks = [builder.load(_vec_ptr(builder, k, builder.add(c, _times(builder, d, i))),
+                                   align=4) for i in range(4)]
+                for r in range(nrows):
+                    x = builder.load(_vec_ptr(builder, q, builder.add(c, _times(builder, d, r))),
+                                     align=4)
+                    for i in range(4):
+                        _fma(builder, acc[r][i], x, ks[i])
+            for r in range(nrows):
+                sums = _sum4(builder, [builder.load(a) for a in acc[r]])
+                builder.store(sums, _vec_ptr(builder, out, _times(builder, args[7], r), _V4F),
+                              align=4)
+            return context.get_dummy_value()
+        return types.void(qv, qo, D, kt, t0, p, po, TL), codegen
+    return qk
+
+
+def _make_pv(nrows: int):
+    """Intrinsic: the weighted sum of a V tile into ``nrows`` accumulators, as below."""
+    @intrinsic
+    def pv(typingctx, p, po, TL, vt, T, Dv, acc, ao):
+        """acc[ao + r*Dv + j] += sum_{t<T} p[po + r*TL + t] * vt[t*Dv + j], r < nrows; each
+        16-lane slice of the rows stays in registers over the tile's tokens."""
+        if not _tile_sig(p, vt, acc):
+            return None
+
+        def codegen(context, builder, sig, args):
+            tl, T, dv = args[2], args[4], args[5]
+            w = _data_ptr(context, builder, sig.args[0], args[0], args[1])
+            v = _data_ptr(context, builder, sig.args[3], args[3], ir.Constant(_I64, 0))
+            a = _data_ptr(context, builder, sig.args[6], args[6], args[7])
+            with cgutils.for_range(builder, builder.udiv(dv, ir.Constant(_I64, 16))) as loop:
+                c = _times(builder, loop.index, 16)
+                at = [_vec_ptr(builder, a, builder.add(c, _times(builder, dv, r)))
+                      for r in range(nrows)]
+                rows = [cgutils.alloca_once_value(builder, builder.load(x, align=4)) for x in at]
+                with cgutils.for_range(builder, T) as tok:
+                    t = tok.index
+                    vec = builder.load(_vec_ptr(builder, v, builder.add(builder.mul(t, dv), c)),
+                                       align=4)
+                    for r in range(nrows):
+                        wt = builder.load(builder.gep(w, [builder.add(_times(builder, tl, r), t)]))
+                        _fma(builder, rows[r], _splat(builder, wt, 16), vec)
+                for r in range(nrows):
+                    builder.store(builder.load(rows[r]), at[r], align=4)
+            return context.get_dummy_value()
+        return types.void(p, po, TL, vt, T, Dv, acc, ao), codegen
+    return pv
+
+
+_qk1, _qk2, _qk3, _qk4 = (_make_qk(n) for n in (1, 2, 3, 4))
+_pv1, _pv2, _pv3, _pv4 = (_make_pv(n) for n in (1, 2, 3, 4))
+
+
 # ---------------------------------------------------------------- exp
 
 _LOG2E = np.float32(1.44269504088896341)
@@ -235,7 +354,7 @@ def _exp(x):
 # vectorizer runs and the unrolled code cannot be SLP-vectorized (numba arrays may
 # alias), so block loops run to a *runtime* block length ``qk`` (= 32) instead.
 
-_U0, _U1, _U2, _U3, _U4, _U5, _U6, _U7, _U8 = (np.uint64(i) for i in range(9))
+_U0, _U1, _U2, _U3, _U4 = (np.uint64(i) for i in range(5))
 _M15, _S4, _B1, _S16 = np.int32(15), np.int32(4), np.int32(1), np.int32(16)
 
 
@@ -296,98 +415,40 @@ def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
 
 # ---------------------------------------------------------------- attention kernel
 
-@njit(inline="always", fastmath=_FAST)
-def _dots(qv, kt, p, r, R2, T, D, TL):
-    """p[(r+i)*TL + t] = qv[r+i] . kt[t] for the R2 (1 or 2) query vectors from r.
-
-    Two query vectors times four tokens per pass: each loaded K value feeds two FMAs and
-    each q value four, so the loop is bound by the FMA units rather than by loads; each
-    (vector, token) pair still ends in one horizontal sum.
-    """
-    qo, po = r * D, r * TL
-    t = _U0
-    while t + _U4 <= T:
-        k0, k1, k2, k3 = t * D, (t + _U1) * D, (t + _U2) * D, (t + _U3) * D
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-        if R2 == _U2:
-            for j in range(D):
-                x, y = qv[qo + j], qv[qo + D + j]
-                c0, c1, c2, c3 = kt[k0 + j], kt[k1 + j], kt[k2 + j], kt[k3 + j]
-                a0 += x * c0
-                a1 += x * c1
-                a2 += x * c2
-                a3 += x * c3
-                b0 += y * c0
-                b1 += y * c1
-                b2 += y * c2
-                b3 += y * c3
-            p[po + TL + t], p[po + TL + t + _U1] = b0, b1
-            p[po + TL + t + _U2], p[po + TL + t + _U3] = b2, b3
-        else:
-            for j in range(D):
-                x = qv[qo + j]
-                a0 += x * kt[k0 + j]
-                a1 += x * kt[k1 + j]
-                a2 += x * kt[k2 + j]
-                a3 += x * kt[k3 + j]
-        p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3] = a0, a1, a2, a3
-        t += _U4
-    while t < T:
-        for i in range(R2):
-            a0 = np.float32(0.0)
-            for j in range(D):
-                a0 += qv[qo + i * D + j] * kt[t * D + j]
-            p[po + i * TL + t] = a0
-        t += _U1
-
-
 @njit(fastmath=_FAST, cache=True)
 def _scores(qv, kt, p, R, T, D, TL):
-    """p[r*TL + t] = qv[r] . kt[t] for r < R, t < T."""
-    r = _U0
-    while r < R:
-        R2 = min(_U2, R - r)
-        _dots(qv, kt, p, r, R2, T, D, TL)
-        r += R2
-
-
-@njit(inline="always", fastmath=_FAST)
-def _weigh(p, vt, acc, r, R2, T, Dv, TL):
-    """acc[r+i] += sum_t p[(r+i)*TL + t] * vt[t] for the R2 (1 or 2) rows from r: four
-    tokens per load/store of acc, each loaded V value feeding both rows."""
-    ao, po = r * Dv, r * TL
+    """p[r*TL + t] = qv[r] . kt[t] for r < R and t < T rounded up to 4 (kt is zeroed past
+    the tile, and the extra scores are never read)."""
     t = _U0
-    while t + _U4 <= T:
-        v0, v1, v2, v3 = t * Dv, (t + _U1) * Dv, (t + _U2) * Dv, (t + _U3) * Dv
-        w0, w1, w2, w3 = p[po + t], p[po + t + _U1], p[po + t + _U2], p[po + t + _U3]
-        if R2 == _U2:
-            x0, x1 = p[po + TL + t], p[po + TL + t + _U1]
-            x2, x3 = p[po + TL + t + _U2], p[po + TL + t + _U3]
-            for j in range(Dv):
-                c0, c1, c2, c3 = vt[v0 + j], vt[v1 + j], vt[v2 + j], vt[v3 + j]
-                acc[ao + j] += (w0 * c0 + w1 * c1) + (w2 * c2 + w3 * c3)
-                acc[ao + Dv + j] += (x0 * c0 + x1 * c1) + (x2 * c2 + x3 * c3)
-        else:
-            for j in range(Dv):
-                acc[ao + j] += (w0 * vt[v0 + j] + w1 * vt[v1 + j]) + (w2 * vt[v2 + j]
-                                                                      + w3 * vt[v3 + j])
-        t += _U4
     while t < T:
-        for i in range(R2):
-            w0 = p[po + i * TL + t]
-            for j in range(Dv):
-                acc[ao + i * Dv + j] += w0 * vt[t * Dv + j]
-        t += _U1
+        r = _U0
+        while r + _U4 <= R:
+            _qk4(qv, r * D, D, kt, t, p, r * TL, TL)
+            r += _U4
+        left = R - r
+        if left == _U3:
+            _qk3(qv, r * D, D, kt, t, p, r * TL, TL)
+        elif left == _U2:
+            _qk2(qv, r * D, D, kt, t, p, r * TL, TL)
+        elif left == _U1:
+            _qk1(qv, r * D, D, kt, t, p, r * TL, TL)
+        t += _U4
 
 
 @njit(fastmath=_FAST, cache=True)
 def _accumulate(p, vt, acc, R, T, Dv, TL):
-    """acc[r] += sum_t p[r*TL + t] * vt[t] for r < R."""
+    """acc[r] += sum_t p[r*TL + t] * vt[t] for r < R, t < T."""
     r = _U0
-    while r < R:
-        R2 = min(_U2, R - r)
-        _weigh(p, vt, acc, r, R2, T, Dv, TL)
-        r += R2
+    while r + _U4 <= R:
+        _pv4(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
+        r += _U4
+    left = R - r
+    if left == _U3:
+        _pv3(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
+    elif left == _U2:
+        _pv2(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
+    elif left == _U1:
+        _pv1(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -440,7 +501,7 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q
     mx = np.full(R, _NEG, np.float32)
     den = np.zeros(R, np.float32)
     vis = np.empty(R, np.uint64)
-    kt, vt = np.empty(TL * D, np.float32), np.empty(TL * Dv, np.float32)
+    kt, vt = np.zeros(TL * D, np.float32), np.empty(TL * Dv, np.float32)
     sc, lo = np.empty(TL * max(nbk, nbv), np.float32), np.empty(TL * max(nbk, nbv), np.float32)
     p = np.empty(R * TL, np.float32)
     uR, uTL = np.uint64(R), np.uint64(TL)
