@@ -153,16 +153,20 @@ class Stream:
 
     def __init__(self, llm: "LLM", seq: Sequence):
         self.seq, self.completion = seq, None
-        self._events = llm._events(seq)
+        self._llm = llm
 
     def __iter__(self) -> Iterator[str]:
-        for out in self._events:
+        for out in self._llm._events(self.seq):
             if out.text:
                 yield out.text
         self.completion = Completion.from_sequence(self.seq)
 
     def close(self) -> None:
-        self._events.close()
+        """Cancel the request if it has not finished; safe to call more than once."""
+        self._llm._release(self.seq)
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "Stream":
         return self
@@ -290,7 +294,9 @@ class LLM:
 
     def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool):
         params = SamplingParams.from_options(**options)
-        seq = self.engine.add_request(ids, params, truncate=truncate)
+        with self._lock:  # the inbox exists before any step can produce for the sequence
+            seq = self.engine.add_request(ids, params, truncate=truncate)
+            self._inbox[seq.id] = collections.deque()
         s = Stream(self, seq)
         if stream:
             return s
@@ -300,9 +306,9 @@ class LLM:
 
     def _events(self, seq: Sequence) -> Iterator[StepOutput]:
         """This sequence's outputs, stepping the engine (for everyone) when it has none."""
-        box = self._inbox[seq.id] = collections.deque()
+        box = self._inbox.get(seq.id)
         try:
-            while True:
+            while box is not None:
                 with self._lock:
                     if not box:
                         self._dispatch(self.engine.step())
@@ -313,11 +319,15 @@ class LLM:
                     if out.finished:
                         return
         finally:
-            if not seq.finished:
-                self.engine.cancel(seq)
-                with self._lock:
-                    self._dispatch(self.engine.reap())
-            self._inbox.pop(seq.id, None)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Cancel ``seq`` if it is unfinished (freeing its pages now) and drop its inbox."""
+        if not seq.finished:
+            self.engine.cancel(seq)
+            with self._lock:
+                self._dispatch(self.engine.reap())
+        self._inbox.pop(seq.id, None)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

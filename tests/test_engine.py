@@ -313,6 +313,17 @@ def test_llm_stream_closed_early_cancels(llm):
     assert llm.engine.cache.pages_in_use == 0 and not llm.engine.has_work()
 
 
+def test_llm_stream_made_but_never_read(llm):
+    stream = llm.generate("abc", stream=True, max_tokens=3, **GREEDY)
+    other = llm.generate("the", max_tokens=5, ignore_eos=True, **GREEDY)  # steps run both
+    assert other.eval_count == 5
+    assert "".join(stream) == stream.completion.text  # nothing it produced meanwhile was lost
+    assert stream.completion.eval_count >= 1 and stream.completion.finish_reason in ("stop", "length")
+    lost = llm.generate("abc", stream=True, max_tokens=50, ignore_eos=True, **GREEDY)
+    del lost  # dropped unread: cancelled, pages back
+    assert llm.engine.cache.pages_in_use == 0 and not llm.engine.has_work()
+
+
 def test_llm_threads_batch_and_match_sequential(llm):
     prompts = ["a", "the cat", "bab", "he th"]
     alone = [llm.generate(p, max_tokens=10, ignore_eos=True, **GREEDY).token_ids for p in prompts]
