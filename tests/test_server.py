@@ -93,6 +93,23 @@ class StepGate:
         self.engine.step = self._step
         self.allow(100)
 
+    @contextlib.contextmanager
+    def trickle(self, every: float = 0.05):
+        """Allow one step at a time until the block ends (waiting for a first output)."""
+        done = threading.Event()
+
+        def run():
+            while not done.wait(every):
+                self.allow(1)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
@@ -352,14 +369,15 @@ def test_identical_prefix_reuses_cached_pages(server, oai):
 
 
 def test_client_leaving_mid_stream_returns_its_pages(server, client):
-    client.generate(model="tiny")  # load it, so the gate can hold its engine
+    body = {"model": "tiny", "prompt": "a long answer", "options": {"num_predict": 60, **GREEDY}}
+    # greedy is deterministic: this answer runs to its length, so only a cancel ends it early
+    assert client.generate(**body).done_reason == "length"
     runner = server.runner("tiny")
     gate = StepGate(runner)
     try:
-        with httpx.stream("POST", f"{server.url}/api/generate", timeout=30, json={
-                "model": "tiny", "prompt": "a long answer", "options": {"num_predict": 200}}) as r:
-            gate.allow(1)  # prefill and the first token
-            first = json.loads(next(r.iter_lines()))
+        with httpx.stream("POST", f"{server.url}/api/generate", timeout=30, json=body) as r:
+            with gate.trickle():  # a step at a time until the first text arrives
+                first = json.loads(next(r.iter_lines()))
             assert first["done"] is False
         wait_until(lambda: runner.engine.running and runner.engine.running[0].cancelled,
                    what="the sequence to be cancelled")
@@ -551,3 +569,87 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server):
     r = httpx.post(server.url + "/api/chat", json={"model": "tiny", "messages": [], "keep_alive": 0}).json()
     assert r["done_reason"] == "unload" and r["message"]["content"] == ""
     assert httpx.get(server.url + "/api/ps").json()["models"] == []
+
+
+# ---------------------------------------------------------------- scheduling and failures
+
+
+def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
+    with running_server(Settings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
+        httpx.post(served.url + "/api/generate", json={"model": "tiny"})
+        runner = served.runner("tiny")
+        gate = StepGate(runner)
+
+        def ask(options: dict) -> httpx.Response:
+            return httpx.post(served.url + "/api/generate", timeout=60, json={
+                "model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 3} | options})
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            try:
+                f16 = pool.submit(ask, {})
+                wait_until(lambda: runner.engine.waiting, what="the f16 request in the engine")
+                q8 = pool.submit(ask, {"kv_cache_type": "q8_0"})
+                wait_until(lambda: runner.scheduler.waiting() == 2, what="the q8_0 request queued")
+                any_type = pool.submit(ask, {})  # no preference: runs on whatever is loaded next
+                wait_until(lambda: runner.scheduler.waiting() == 3, what="the third request queued")
+                assert runner.cache_config.type_k == "f16"
+            finally:
+                gate.open()
+            results = [f.result() for f in (f16, q8, any_type)]
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert results[1].json()["load_duration"] > 0  # the rebuild is its load time
+        assert runner.cache_config.type_k == "q8_0" and runner.scheduler.counters["rebuilds"] == 1
+
+
+def test_a_pool_too_large_for_memory_is_refused_not_allocated(server, monkeypatch):
+    import kvslim.server.models as models
+
+    httpx.post(server.url + "/api/generate", json={"model": "tiny"})
+    monkeypatch.setattr(models, "_available_memory", lambda device: 1000)
+    r = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": "x",
+                                                       "options": {"kv_cache_type": "f32"}})
+    assert r.status_code == 500 and "does not fit" in r.json()["error"]
+    monkeypatch.undo()
+    assert httpx.post(server.url + "/api/generate", json={
+        "model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}}).status_code == 200
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(server, client):
+    client.generate(model="tiny")
+    engine = server.runner("tiny").engine
+    real_step = engine.step
+
+    def broken():  # one real step (admission, pages taken), then a failure
+        engine.step = real_step
+        real_step()
+        raise RuntimeError("simulated kernel failure")
+
+    engine.step = broken
+    r = httpx.post(server.url + "/api/generate", timeout=30, json={
+        "model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+    assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]
+    engine.step = broken
+    with pytest.raises(ollama.ResponseError, match="simulated"):  # the stream's last line
+        list(client.generate(model="tiny", prompt="x", stream=True, options={"num_predict": 2}))
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+    assert client.generate(model="tiny", prompt="x", options={"num_predict": 2}).done
+
+
+def test_client_leaving_before_a_whole_answer_cancels_it(server, client):
+    client.generate(model="tiny")
+    runner = server.runner("tiny")
+    before = runner.scheduler.counters["finished_cancel"]
+    gate = StepGate(runner)
+    body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 100}}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, server.url + "/api/generate", json=body,
+                                 timeout=httpx.Timeout(30, read=1.0))
+            wait_until(lambda: runner.engine.waiting, what="the request in the engine")
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+                answer.result()
+        wait_until(lambda: runner.engine.waiting[0].cancelled, what="the request to be cancelled")
+    finally:
+        gate.open()
+    wait_until(lambda: runner.scheduler.counters["finished_cancel"] == before + 1, what="cancel")
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
