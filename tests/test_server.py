@@ -203,6 +203,32 @@ def test_settings_from_environment_and_flags():
             Settings.from_env(bad)
 
 
+def test_kvslim_serve_command_serves_on_kvslim_host(tiny_path):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = dict(os.environ, KVSLIM_HOST=f"127.0.0.1:{port}", KVSLIM_NUM_PARALLEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "kvslim.cli", "serve", str(tiny_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/api/version"), what="the server")
+        names = [m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]]
+        assert "tiny:latest" in names
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_serve_is_a_cli_verb():
     from kvslim.cli import build_parser
 
