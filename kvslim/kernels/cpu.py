@@ -135,23 +135,6 @@ _V16F = ir.VectorType(ir.FloatType(), 16)
 _V16I = ir.VectorType(ir.IntType(32), 16)
 
 
-@intrinsic
-def _q8_block(typingctx, out, o, qs, base, s):
-    """out[o:o+32] = s * qs[base:base+32] as whole-vector code (see _load_tile)."""
-    if not _block_sig(out, qs, o, base, s):
-        return None
-
-    def codegen(context, builder, sig, args):
-        dst = _data_ptr(context, builder, sig.args[0], args[0], args[1])
-        src = _data_ptr(context, builder, sig.args[2], args[2], args[3])
-        scale = _splat(builder, args[4], 16)
-        for k in (0, 16):
-            codes = builder.sitofp(_load_bytes(builder, src, k), _V16F)
-            _store16(builder, dst, k, builder.fmul(codes, scale, flags=["fast"]))
-        return context.get_dummy_value()
-    return types.void(out, o, qs, base, s), codegen
-
-
 def _nibbles(builder, src):
     """The two <16 x i32> halves of a 4-bit block: low nibbles (values 0..15 of the block),
     high nibbles (values 16..31)."""
@@ -204,32 +187,36 @@ def _q5_block(typingctx, out, o, qs, base, hb, s, lo):
 
 
 # ---------------------------------------------------------------- tile microkernels
-# Scores and the weighted sum of V are small matrix products per tile; written as
-# 16-lane vector code so that a row's accumulators stay in registers across a loop
-# (numba's loop vectorizer only vectorizes the innermost loop, which forces a load and
-# a store of the accumulator per token, or a horizontal sum per score). LLVM splits
-# <16 x float> into whatever the machine has (2 x AVX2, 4 x NEON).
+# Scores and the weighted sum of V are small matrix products per tile, written as
+# 16-lane vector code that reads the stored blocks itself: a row's accumulators stay in
+# registers across a loop and a block is dequantized once into registers and used by
+# every query vector. (numba's loop vectorizer only vectorizes innermost loops, which
+# forces a load and store of an accumulator per token or a horizontal sum per score,
+# and dequantizing into a scratch tile first costs a store and reload per value.) LLVM
+# splits <16 x float> into what the machine has (2 x AVX2, 4 x NEON).
 
 _I64 = ir.IntType(64)
 _V4F = ir.VectorType(ir.FloatType(), 4)
+_V16H = ir.VectorType(ir.HalfType(), 16)
+_V16S = ir.VectorType(ir.IntType(16), 16)
 
 
-def _vec_ptr(builder, ptr, off, vt=_V16F):
-    return builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer())
+def _const(k: int):
+    return ir.Constant(_I64, k)
 
 
-def _times(builder, a, k: int):
-    return builder.mul(a, ir.Constant(_I64, k))
+def _vec_load(builder, ptr, off, vt=_V16F):
+    return builder.load(builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer()), align=1)
 
 
-def _fma(builder, acc_slot, x, y):
-    """*acc_slot += x * y (contracted to an FMA)."""
+def _fma(builder, slot, x, y):
+    """*slot += x * y (contracted to an FMA)."""
     prod = builder.fmul(x, y, flags=["fast"])
-    builder.store(builder.fadd(builder.load(acc_slot), prod, flags=["fast"]), acc_slot)
+    builder.store(builder.fadd(builder.load(slot), prod, flags=["fast"]), slot)
 
 
 def _fold(builder, a, b, lo, hi):
-    mask = [ir.Constant(ir.VectorType(ir.IntType(32), len(lo)), m) for m in (lo, hi)]
+    mask = [ir.Constant(ir.VectorType(ir.IntType(32), len(m)), m) for m in (lo, hi)]
     return builder.fadd(builder.shuffle_vector(a, b, mask[0]), builder.shuffle_vector(a, b, mask[1]),
                         flags=["fast"])
 
@@ -245,80 +232,156 @@ def _sum4(builder, v):
     return _fold(builder, y, y, [0, 2, 4, 6], [1, 3, 5, 7])
 
 
-def _tile_sig(*arrays):
-    return all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1
-               for a in arrays)
+class _Rows:
+    """How a microkernel finds block b of stored row ``row`` for one format: the two
+    <16 x float> halves (values 0..15, 16..31). Tile-local token t has its scale at
+    sc[t*nb + b] (converted from f16 beforehand)."""
+
+    def __init__(self, fmt: int, context, builder, sig, args, first: int):
+        # args[first:] = x32, x16, xi8, sc, row0, nb
+        ptr = [_data_ptr(context, builder, sig.args[first + i], args[first + i], _const(0))
+               for i in range(4)]
+        self.fmt, self.b = fmt, builder
+        self.x32, self.x16, self.xi8, self.sc = ptr
+        self.row0, self.nb = args[first + 4], args[first + 5]
+
+    def block(self, t, b):
+        bld = self.b
+        blk = bld.add(bld.mul(bld.add(self.row0, t), self.nb), b)
+        if self.fmt == F32:
+            return [_vec_load(bld, self.x32, bld.add(bld.mul(blk, _const(32)), _const(k)))
+                    for k in (0, 16)]
+        if self.fmt in (F16, BF16):
+            raw = [_vec_load(bld, self.x16, bld.add(bld.mul(blk, _const(32)), _const(k)), _V16S)
+                   for k in (0, 16)]
+            if self.fmt == F16:
+                return [bld.fpext(bld.bitcast(r, _V16H), _V16F) for r in raw]
+            return [bld.bitcast(bld.shl(bld.zext(r, _V16I), ir.Constant(_V16I, [16] * 16)),
+                                _V16F) for r in raw]
+        s = bld.load(bld.gep(self.sc, [bld.add(bld.mul(t, self.nb), b)]))
+        scale = _splat(bld, s, 16)
+        vi8 = ir.VectorType(ir.IntType(8), 16)
+        if self.fmt == Q8_0:
+            codes = [bld.sitofp(_vec_load(bld, self.xi8, bld.add(bld.mul(blk, _const(32)),
+                                                                  _const(k)), vi8), _V16F)
+                     for k in (0, 16)]
+        else:  # q4_0: value j in the low nibble of byte j, j+16 in the high one; minus 8
+            byte = bld.zext(_vec_load(bld, self.xi8, bld.mul(blk, _const(16)), vi8), _V16I)
+            nib = (bld.and_(byte, ir.Constant(_V16I, [15] * 16)),
+                   bld.lshr(byte, ir.Constant(_V16I, [4] * 16)))
+            codes = [bld.sitofp(bld.sub(n, ir.Constant(_V16I, [8] * 16)), _V16F) for n in nib]
+        return [bld.fmul(c, scale, flags=["fast"]) for c in codes]
 
 
-def _make_qk(nrows: int):
-    """Intrinsic: scores of ``nrows`` query vectors x 4 tokens, as described below."""
+def _switch_rows(builder, nrows, emit):
+    """Run emit(n) for the runtime row count n in 1..4."""
+    end = builder.append_basic_block("rows.end")
+    sw = builder.switch(nrows, end)
+    for n in (1, 2, 3, 4):
+        case = builder.append_basic_block(f"rows.{n}")
+        sw.add_case(ir.Constant(nrows.type, n), case)
+        builder.position_at_end(case)
+        emit(n)
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
+def _direct_sig(*args):
+    """(float32 arrays..., x32, x16, xi8, sc arrays, row0, nb) of a microkernel."""
+    return (all(isinstance(a, types.Array) and a.ndim == 1 for a in args[-6:-2])
+            and args[-6].dtype == types.float32 and args[-5].dtype == types.uint16
+            and args[-4].dtype == types.int8 and args[-3].dtype == types.float32)
+
+
+def _make_qk(fmt: int):
+    """Intrinsic: scores of up to 4 query vectors x 4 tokens of one format."""
     @intrinsic
-    def qk(typingctx, qv, qo, D, kt, t0, p, po, TL):
-        """p[po + r*TL + t0 + i] = qv[qo + r*D : +D] . kt[(t0 + i)*D : +D], r < nrows, i < 4."""
-        if not _tile_sig(qv, kt, p):
+    def qk(typingctx, qv, qo, nrows, t0, ntok, p, po, TL, x32, x16, xi8, sc, row0, nb):
+        """p[po + r*TL + t0 + i] = qv[qo + r*D :+D] . row(t0 + i) for r < nrows, i < 4, where
+        rows past ntok repeat the last one (so a tile's tail never reads past its page)."""
+        if not _direct_sig(qv, qo, nrows, t0, ntok, p, po, TL, x32, x16, xi8, sc, row0, nb):
             return None
 
         def codegen(context, builder, sig, args):
-            d = args[2]
-            q = _data_ptr(context, builder, sig.args[0], args[0], args[1])
-            k = _data_ptr(context, builder, sig.args[3], args[3], builder.mul(args[4], d))
-            out = _data_ptr(context, builder, sig.args[5], args[5], builder.add(args[6], args[4]))
-            zero = ir.Constant(_V16F, [0.0] * 16)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)]
-                   for _ in range(nrows)]
-            with cgutils.for_range(builder, builder.udiv(d, ir.Constant(_I64, 16))) as loop:
-                c = _times(builder, loop.index, 16)
-                ks = [builder.load(_vec_ptr(builder, k, builder.add(c, _times(builder, d, i))),
-                                   align=4) for i in range(4)]
-                for r in range(nrows):
-                    x = builder.load(_vec_ptr(builder, q, builder.add(c, _times(builder, d, r))),
-                                     align=4)
-                    for i in range(4):
-                        _fma(builder, acc[r][i], x, ks[i])
-            for r in range(nrows):
-                sums = _sum4(builder, [builder.load(a) for a in acc[r]])
-                builder.store(sums, _vec_ptr(builder, out, _times(builder, args[7], r), _V4F),
-                              align=4)
+            qv_, qo_, nrows_, t0_, ntok_, p_, po_, tl = args[:8]
+            rows = _Rows(fmt, context, builder, sig, args, 8)
+            q = _data_ptr(context, builder, sig.args[0], qv_, qo_)
+            out = _data_ptr(context, builder, sig.args[5], p_, builder.add(po_, t0_))
+            d = builder.mul(rows.nb, _const(32))
+            last = builder.sub(ntok_, _const(1))
+            toks = [builder.add(t0_, builder.select(
+                builder.icmp_unsigned("<", _const(i), ntok_), _const(i), last))
+                for i in range(4)]
+
+            def emit(n):
+                zero = ir.Constant(_V16F, [0.0] * 16)
+                acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+                       for _ in range(n)]
+                with cgutils.for_range(builder, rows.nb) as loop:
+                    b = loop.index
+                    ks = [rows.block(t, b) for t in toks]
+                    for r in range(n):
+                        at = builder.add(builder.mul(d, _const(r)), builder.mul(b, _const(32)))
+                        xs = [_vec_load(builder, q, builder.add(at, _const(k))) for k in (0, 16)]
+                        for i in range(4):
+                            _fma(builder, acc[r][i], xs[0], ks[i][0])
+                            _fma(builder, acc[r][i], xs[1], ks[i][1])
+                for r in range(n):
+                    sums = _sum4(builder, [builder.load(a) for a in acc[r]])
+                    at = builder.gep(out, [builder.mul(tl, _const(r))])
+                    builder.store(sums, builder.bitcast(at, _V4F.as_pointer()), align=4)
+            _switch_rows(builder, nrows_, emit)
             return context.get_dummy_value()
-        return types.void(qv, qo, D, kt, t0, p, po, TL), codegen
+        return types.void(qv, qo, nrows, t0, ntok, p, po, TL, x32, x16, xi8, sc, row0, nb), codegen
     return qk
 
 
-def _make_pv(nrows: int):
-    """Intrinsic: the weighted sum of a V tile into ``nrows`` accumulators, as below."""
+def _make_pv(fmt: int):
+    """Intrinsic: the weighted sum of a tile's V rows into up to 4 accumulators."""
     @intrinsic
-    def pv(typingctx, p, po, TL, vt, T, Dv, acc, ao):
-        """acc[ao + r*Dv + j] += sum_{t<T} p[po + r*TL + t] * vt[t*Dv + j], r < nrows; each
-        16-lane slice of the rows stays in registers over the tile's tokens."""
-        if not _tile_sig(p, vt, acc):
+    def pv(typingctx, p, po, TL, T, acc, ao, nrows, x32, x16, xi8, sc, row0, nb):
+        """acc[ao + r*Dv + j] += sum_{t<T} p[po + r*TL + t] * row(t)[j] for r < nrows: each
+        block of the rows stays in registers over the tile's tokens."""
+        if not _direct_sig(p, po, TL, T, acc, ao, nrows, x32, x16, xi8, sc, row0, nb):
             return None
 
         def codegen(context, builder, sig, args):
-            tl, T, dv = args[2], args[4], args[5]
-            w = _data_ptr(context, builder, sig.args[0], args[0], args[1])
-            v = _data_ptr(context, builder, sig.args[3], args[3], ir.Constant(_I64, 0))
-            a = _data_ptr(context, builder, sig.args[6], args[6], args[7])
-            with cgutils.for_range(builder, builder.udiv(dv, ir.Constant(_I64, 16))) as loop:
-                c = _times(builder, loop.index, 16)
-                at = [_vec_ptr(builder, a, builder.add(c, _times(builder, dv, r)))
-                      for r in range(nrows)]
-                rows = [cgutils.alloca_once_value(builder, builder.load(x, align=4)) for x in at]
-                with cgutils.for_range(builder, T) as tok:
-                    t = tok.index
-                    vec = builder.load(_vec_ptr(builder, v, builder.add(builder.mul(t, dv), c)),
-                                       align=4)
-                    for r in range(nrows):
-                        wt = builder.load(builder.gep(w, [builder.add(_times(builder, tl, r), t)]))
-                        _fma(builder, rows[r], _splat(builder, wt, 16), vec)
-                for r in range(nrows):
-                    builder.store(builder.load(rows[r]), at[r], align=4)
+            p_, po_, tl, T_, acc_, ao_, nrows_ = args[:7]
+            rows = _Rows(fmt, context, builder, sig, args, 7)
+            w = _data_ptr(context, builder, sig.args[0], p_, po_)
+            a = _data_ptr(context, builder, sig.args[4], acc_, ao_)
+            dv = builder.mul(rows.nb, _const(32))
+
+            def emit(n):
+                with cgutils.for_range(builder, rows.nb) as loop:
+                    base = builder.mul(loop.index, _const(32))
+                    at = [[builder.bitcast(builder.gep(a, [builder.add(
+                        builder.add(builder.mul(dv, _const(r)), base), _const(k))]),
+                        _V16F.as_pointer()) for k in (0, 16)] for r in range(n)]
+                    slots = [[cgutils.alloca_once_value(builder, builder.load(x, align=4))
+                              for x in row] for row in at]
+                    with cgutils.for_range(builder, T_) as tok:
+                        t = tok.index
+                        vs = rows.block(t, loop.index)
+                        for r in range(n):
+                            wt = builder.load(builder.gep(w, [builder.add(
+                                builder.mul(tl, _const(r)), t)]))
+                            ws = _splat(builder, wt, 16)
+                            _fma(builder, slots[r][0], ws, vs[0])
+                            _fma(builder, slots[r][1], ws, vs[1])
+                    for r in range(n):
+                        for k in (0, 1):
+                            builder.store(builder.load(slots[r][k]), at[r][k], align=4)
+            _switch_rows(builder, nrows_, emit)
             return context.get_dummy_value()
-        return types.void(p, po, TL, vt, T, Dv, acc, ao), codegen
+        return types.void(p, po, TL, T, acc, ao, nrows, x32, x16, xi8, sc, row0, nb), codegen
     return pv
 
 
-_qk1, _qk2, _qk3, _qk4 = (_make_qk(n) for n in (1, 2, 3, 4))
-_pv1, _pv2, _pv3, _pv4 = (_make_pv(n) for n in (1, 2, 3, 4))
+# Formats read in place; the others are dequantized into a float32 tile first (_load_tile)
+# and read as F32 from there.
+_qk_f32, _qk_f16, _qk_bf16, _qk_q8, _qk_q4 = (_make_qk(f) for f in (F32, F16, BF16, Q8_0, Q4_0))
+_pv_f32, _pv_f16, _pv_bf16, _pv_q8, _pv_q4 = (_make_pv(f) for f in (F32, F16, BF16, Q8_0, Q4_0))
 
 
 # ---------------------------------------------------------------- exp
@@ -359,46 +422,34 @@ _M15, _S4, _B1, _S16 = np.int32(15), np.int32(4), np.int32(1), np.int32(16)
 
 
 @njit(fastmath=_FAST, cache=True)
-def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
-    """Dequantize the T stored rows row0.. (contiguous: one page, one head) into
-    out[:T*nb*qk]; every index is uint64. sc, lo: float32 scratch of T*nb.
+def _load_scales(d, row0, T, nb, sc):
+    """sc[:T*nb] = the f16 block scales of rows row0.. (contiguous), as float32.
+
+    One vector loop: converting one scalar at a time merges into the previous vector
+    register (vpinsrw), a dependency chain that cost 20 cycles per row.
+    """
+    for b in range(T * nb):
+        sc[b] = _half_to_float(d[row0 * nb + b])
+
+
+@njit(fastmath=_FAST, cache=True)
+def _load_tile(code, d, m, qh, qs, row0, T, nb, qk, out, sc, lo):
+    """Dequantize the T stored rows row0.. of a q4_1, q5_0, q5_1 or iq4_nl plane set into
+    out[:T*nb*qk] (the formats the microkernels do not read in place); uint64 indexes.
 
     Planes are flat: a plane with e elements per block holds row r's block b at
-    (r*nb + b)*e. Unused planes are 1-element dummies. The f16 scales are converted in
-    one vector loop first: converting one scalar at a time merges into the previous
-    vector register (vpinsrw), a dependency chain that cost 20 cycles per row.
+    (r*nb + b)*e. sc, lo: float32 scratch of T*nb.
     """
-    n = T * nb * qk
-    if code == F32:
-        base = row0 * nb * qk
-        for i in range(n):
-            out[i] = x32[base + i]
-        return
-    if code == F16:
-        base = row0 * nb * qk
-        for i in range(n):
-            out[i] = _half_to_float(x16[base + i])
-        return
-    if code == BF16:
-        base = row0 * nb * qk
-        for i in range(n):
-            out[i] = _bits_to_float(np.uint32(np.uint32(x16[base + i]) << _S16))
-        return
     nblk, blk0 = T * nb, row0 * nb
-    for b in range(nblk):
-        sc[b] = _half_to_float(d[blk0 + b])
+    _load_scales(d, row0, T, nb, sc)
     if code == Q4_1 or code == Q5_1:
         for b in range(nblk):
             lo[b] = _half_to_float(m[blk0 + b])
-    elif code == Q4_0 or code == Q5_0:
-        bias = np.float32(-8.0) if code == Q4_0 else np.float32(-16.0)
+    else:
         for b in range(nblk):
-            lo[b] = bias * sc[b]
+            lo[b] = np.float32(-16.0) * sc[b]
     half = qk >> _U1
-    if code == Q8_0:
-        for b in range(nblk):
-            _q8_block(out, b * qk, qs, (blk0 + b) * qk, sc[b])
-    elif code == Q4_0 or code == Q4_1:
+    if code == Q4_1:
         for b in range(nblk):
             _q4_block(out, b * qk, qs, (blk0 + b) * half, sc[b], lo[b])
     elif code == Q5_0 or code == Q5_1:
@@ -416,39 +467,58 @@ def _load_tile(code, d, m, qh, qs, x32, x16, row0, T, nb, qk, out, sc, lo):
 # ---------------------------------------------------------------- attention kernel
 
 @njit(fastmath=_FAST, cache=True)
-def _scores(qv, kt, p, R, T, D, TL):
-    """p[r*TL + t] = qv[r] . kt[t] for r < R and t < T rounded up to 4 (kt is zeroed past
-    the tile, and the extra scores are never read)."""
+def _scores(fmt, qv, D, R, T, p, TL, x32, x16, xi8, sc, row0, nb):
+    """p[r*TL + t] = qv[r] . K row t, for r < R and t < T (rounded up to 4; the extra
+    scores are never read), K read in place in format fmt (F32 for a dequantized tile)."""
     t = _U0
     while t < T:
+        ntok = min(_U4, T - t)
         r = _U0
-        while r + _U4 <= R:
-            _qk4(qv, r * D, D, kt, t, p, r * TL, TL)
-            r += _U4
-        left = R - r
-        if left == _U3:
-            _qk3(qv, r * D, D, kt, t, p, r * TL, TL)
-        elif left == _U2:
-            _qk2(qv, r * D, D, kt, t, p, r * TL, TL)
-        elif left == _U1:
-            _qk1(qv, r * D, D, kt, t, p, r * TL, TL)
+        while r < R:
+            n = min(_U4, R - r)
+            if fmt == F16:
+                _qk_f16(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            elif fmt == BF16:
+                _qk_bf16(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            elif fmt == Q8_0:
+                _qk_q8(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            elif fmt == Q4_0:
+                _qk_q4(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            else:
+                _qk_f32(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            r += n
         t += _U4
 
 
 @njit(fastmath=_FAST, cache=True)
-def _accumulate(p, vt, acc, R, T, Dv, TL):
-    """acc[r] += sum_t p[r*TL + t] * vt[t] for r < R, t < T."""
+def _accumulate(fmt, p, TL, T, acc, Dv, R, x32, x16, xi8, sc, row0, nb):
+    """acc[r] += sum_t p[r*TL + t] * V row t for r < R, t < T (V read as in _scores)."""
     r = _U0
-    while r + _U4 <= R:
-        _pv4(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
-        r += _U4
-    left = R - r
-    if left == _U3:
-        _pv3(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
-    elif left == _U2:
-        _pv2(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
-    elif left == _U1:
-        _pv1(p, r * TL, TL, vt, T, Dv, acc, r * Dv)
+    while r < R:
+        n = min(_U4, R - r)
+        if fmt == F16:
+            _pv_f16(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        elif fmt == BF16:
+            _pv_bf16(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        elif fmt == Q8_0:
+            _pv_q8(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        elif fmt == Q4_0:
+            _pv_q4(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        else:
+            _pv_f32(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        r += n
+
+
+@njit(inline="always")
+def _prepare(code, d, m, qh, qs, x32, row0, T, nb, qk, tile, sc, lo):
+    """Make a tile readable by the microkernels: (format, float32 source, first row)."""
+    if code == F32 or code == F16 or code == BF16:
+        return code, x32, row0
+    if code == Q8_0 or code == Q4_0:
+        _load_scales(d, row0, T, nb, sc)
+        return code, x32, row0
+    _load_tile(code, d, m, qh, qs, row0, T, nb, qk, tile, sc, lo)
+    return F32, tile, _U0
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -501,7 +571,7 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q
     mx = np.full(R, _NEG, np.float32)
     den = np.zeros(R, np.float32)
     vis = np.empty(R, np.uint64)
-    kt, vt = np.zeros(TL * D, np.float32), np.empty(TL * Dv, np.float32)
+    kt, vt = np.empty(TL * D, np.float32), np.empty(TL * Dv, np.float32)
     sc, lo = np.empty(TL * max(nbk, nbv), np.float32), np.empty(TL * max(nbk, nbv), np.float32)
     p = np.empty(R * TL, np.float32)
     uR, uTL = np.uint64(R), np.uint64(TL)
@@ -514,11 +584,11 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q
         uT = np.uint64(T)
         for r in range(R):
             vis[r] = np.uint64(max(0, min(T, lim[r] - t)))
-        _load_tile(kcode, kd, km, kqh, kqs, kx32, kx16, row0, uT, nbk, qk, kt, sc, lo)
-        _scores(qv, kt, p, uR, uT, D, uTL)
+        fmt, src, first = _prepare(kcode, kd, km, kqh, kqs, kx32, row0, uT, nbk, qk, kt, sc, lo)
+        _scores(fmt, qv, D, uR, uT, p, uTL, src, kx16, kqs, sc, first, nbk)
         _softmax_step(p, acc, mx, den, vis, uR, uT, Dv, uTL)
-        _load_tile(vcode, vd, vm, vqh, vqs, vx32, vx16, row0, uT, nbv, qk, vt, sc, lo)
-        _accumulate(p, vt, acc, uR, uT, Dv, uTL)
+        fmt, src, first = _prepare(vcode, vd, vm, vqh, vqs, vx32, row0, uT, nbv, qk, vt, sc, lo)
+        _accumulate(fmt, p, uTL, uT, acc, Dv, uR, src, vx16, vqs, sc, first, nbv)
         t += T
     for r in range(R):
         part_ml[w, r, 0] = mx[r]
