@@ -3,8 +3,9 @@
     python benchmarks/generate.py                      # smollm2, f16,q8_0,q4_0, 512,4096
     python benchmarks/generate.py --types q8_0 --lengths 4096 --decode 64 --profile
 
-Each row runs one request through the engine (the path `kvslim run` takes): a prompt of
-L tokens of English prose prefilled in chunks, then greedy decoding. Decode tok/s counts
+Each row runs one request through an engine (the path `kvslim run` takes): a prompt of
+L tokens of English prose prefilled in chunks, then greedy decoding. The types' engines
+share the weights and step in turn, so machine load falls on all of them alike. Decode tok/s counts
 only decode steps (the first token comes from the prefill). The floor column is what
 one decode step must read (float32 weights + the K/V cache at that length) over the
 streaming-read bandwidth measured in the same run. Numbers drift with machine load:
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvslim import LLM  # noqa: E402
+from kvslim.engine import Engine  # noqa: E402
 from kvslim.sampling import SamplingParams  # noqa: E402
 
 JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
@@ -62,31 +64,38 @@ def prompt_ids(llm: LLM, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_one(llm: LLM, ids: list[int], n_decode: int) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, best decode tok/s) of one greedy request.
+def measure(llm: LLM, types: list[tuple[str, str]], ids: list[int], n_decode: int) -> dict:
+    """{(k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)} for one prompt.
 
-    Decode uses the median step time: on a shared machine a few steps stall behind
-    other processes. The best step shows what the code costs when it has the cores.
+    One engine per type shares the model's weights; their steps are interleaved round
+    robin, so load from other processes falls on every type alike. Decode uses the
+    median step time (a few steps stall behind other processes); the best step shows
+    what the code costs when it has the cores.
     """
-    e = llm.engine
-    seq = e.add_request(ids, SamplingParams(max_tokens=n_decode + 1, temperature=0,
-                                            repeat_penalty=1.0, ignore_eos=True))
-    prefill, decode = 0.0, []
-    while e.has_work():
-        decoding = seq.n_cached >= seq.n_prompt
-        t = _timed(e.step)
-        if decoding:
-            decode.append(t)
-        else:
-            prefill += t
-    return len(ids) / prefill, 1 / statistics.median(decode), 1 / min(decode)
+    params = SamplingParams(max_tokens=n_decode + 1, temperature=0, repeat_penalty=1.0,
+                            ignore_eos=True)
+    runs = {}
+    for k, v in types:
+        e = Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
+                   num_ctx=len(ids) + n_decode + 8)
+        e.add_request(ids[:64], SamplingParams(max_tokens=4))  # warm up (numba compiles once)
+        while e.has_work():
+            e.step()
+        runs[(k, v)] = (e, e.add_request(ids, params), [0.0], [])
+    while any(e.has_work() for e, *_ in runs.values()):
+        for e, seq, prefill, decode in runs.values():
+            if e.has_work():
+                decoding = seq.n_cached >= seq.n_prompt
+                t = _timed(e.step)
+                decode.append(t) if decoding else prefill.__setitem__(0, prefill[0] + t)
+    return {kv: (e, len(ids) / pre[0], 1 / statistics.median(dec), 1 / min(dec))
+            for kv, (e, _, pre, dec) in runs.items()}
 
 
-def profile_decode(llm: LLM, ids: list[int], steps: int = 16) -> None:
+def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     """torch.profiler table of decode steps after a prefill of ``ids``."""
     from torch.profiler import ProfilerActivity, profile
 
-    e = llm.engine
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:
@@ -111,26 +120,26 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     types = [(t.split("/") * 2)[:2] for t in args.types.split(",")]
 
-    llm = LLM(args.model, num_ctx=max(lengths) + args.decode + 8, device=args.device, progress=False)
+    llm = LLM(args.model, num_ctx=64, device=args.device, progress=False)  # engines below
     bw = read_bandwidth()
     weights = llm.model.weight_bytes
     print(f"# {llm.config.name} on {llm.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load average {os.getloadavg()[0]:.2f}; "
-          f"read bandwidth {bw / 1e9:.1f} GB/s; weights {weights / 1e6:.0f} MB")
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          f"load average {os.getloadavg()[0]:.2f}; read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"weights {weights / 1e6:.0f} MB")
     print(f"{'K/V':<11}{'backend':<9}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
           f"{'best step':>11}{'floor tok/s':>13}{'median/floor':>14}")
-    for k, v in types:
-        llm.reconfigure(cache_type_k=k, cache_type_v=v)
-        info = llm.kv_cache_info()
-        run_one(llm, prompt_ids(llm, 64), 4)  # warm up kernels (numba compiles on first call)
-        for n in lengths:
-            prefill, decode, best = run_one(llm, prompt_ids(llm, n), args.decode)
+    for n in lengths:
+        ids = prompt_ids(llm, n)
+        for (k, v), (e, prefill, decode, best) in measure(llm, types, ids, args.decode).items():
+            info = e.cache_info()
             floor = bw / (weights + n * info["bytes_per_token"])
             name = f"{info['type_k']}/{info['type_v']}"
             print(f"{name:<11}{info['backend']:<9}{n:>7}{prefill:>15.1f}{decode:>14.1f}"
                   f"{best:>11.1f}{floor:>13.1f}{decode / floor:>14.0%}", flush=True)
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile:
-        profile_decode(llm, prompt_ids(llm, lengths[-1]))
+        profile_decode(e, ids)
 
 
 if __name__ == "__main__":
