@@ -476,6 +476,7 @@ BAD_OLLAMA = [
     ("/api/generate", {"model": "tiny", "prompt": "hi", "images": ["aGk="]}, 400, "images"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "truncate": False,
                        "options": {"num_ctx": 8}}, 400, "more than the context length"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "context": [1, 10**6]}, 400, "token ids"),
     ("/api/pull", {"model": "nope"}, 404, "cannot be pulled"),
     ("/api/nothing", {"model": "tiny"}, 404, "404 page not found"),
 ]

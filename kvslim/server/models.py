@@ -75,17 +75,6 @@ class CacheRequest:
                            self.num_ctx or cfg.num_ctx)
 
 
-def _tensor_bytes(model) -> int:
-    """Bytes of the weight tensors of a model object (tied tensors once)."""
-    seen, total = set(), 0
-    for obj in [model, *getattr(model, "layers", [])]:
-        for t in vars(obj).values():
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
-
-
 def _available_memory(device: torch.device) -> int | None:
     """Bytes the device can still allocate, when that can be known."""
     if device.type == "cuda":
@@ -123,7 +112,7 @@ class Runner:
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
                                 progress=False)
-        self.weight_bytes = _tensor_bytes(self.model)
+        self.weight_bytes = self.model.weight_bytes  # as held in memory (CPU: float32)
         self.page_size = DEFAULT_PAGE_SIZE
         self.engine: Engine | None = None
         self.cache_config = CacheConfig(settings.cache_type_k, settings.cache_type_v,
@@ -188,6 +177,8 @@ class Runner:
         cfg = cache.apply(self.cache_config)
         if not ids:
             raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         if len(ids) > cfg.num_ctx and not truncate:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context length "
                                 f"num_ctx={cfg.num_ctx} (model maximum {self.config.context_length})")
