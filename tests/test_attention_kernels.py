@@ -150,6 +150,11 @@ def test_rejects_mismatched_queries():
         cpu.attention(torch.cat([q, q]), cache, 1, meta, 0.125)
 
 
+def test_warmup_compiles_both_kernels():
+    cpu.warmup()
+    assert cpu._attend.signatures and cpu._write.signatures
+
+
 def test_available():
     assert cpu.available(torch.device("cpu"), "q8_0", "iq4_nl") is None
     assert "CPU only" in cpu.available(torch.device("meta"), "q8_0", "q8_0")

@@ -1,16 +1,25 @@
-"""Fused CPU attention that reads the stored ggml blocks directly (numba).
+"""Fused CPU attention that reads the stored ggml blocks directly (numba + llvmlite).
 
-Decode rows, and short query chunks of at most ``NUMBA_MAX_Q`` rows, run one numba
-kernel: parallel over (sequence x kv head x split-K chunk), an online softmax over
-tiles of a few dozen tokens that never cross a page, and all g = Hq/Hkv query
-heads (times the chunk's rows) of a kv head handled together so each stored byte is
-read once. One K or V row at a time is dequantized into a head_dim-float scratch that
-stays in L1: no float copy of a sequence is ever made. Longer chunks (prefill) go to
-the tiled torch path (``kernels.tiled``), whose flash GEMMs beat scalar loops there.
+Decode rows, and chunks of at most ``NUMBA_MAX_Q`` rows per sequence, run one numba
+kernel, parallel over (sequence x kv head x split-K chunk) work items merged by
+log-sum-exp. Each item walks its tokens in tiles (a few dozen tokens, never crossing a
+page) with an online softmax, and handles all g = Hq/Hkv query heads (times the chunk's
+rows) of its kv head together, so each stored byte is read once per step.
 
-One compiled kernel serves all 81 K/V type pairs: the type is a small integer code
-and the row loader branches on it, so a first call compiles one function instead of
-a specialization per pair (``cache=True`` then keeps it on disk).
+The two products of a tile, scores = q K^T and out += p V, are small vector
+microkernels written in LLVM IR (llvmlite intrinsics). They read f32, f16, bf16, q8_0
+and q4_0 blocks in place and dequantize them in registers; q4_1, q5_0, q5_1 and iq4_nl
+are first dequantized into a float tile of ~16 KiB that stays in L1. No float copy of
+a sequence is ever made. Longer chunks (prefill) go to ``kernels.tiled``, whose flash
+GEMMs win there.
+
+One compiled kernel serves all 81 K/V type pairs: the type is a small integer code the
+kernel branches on per tile, so a first call compiles one function, not a version per
+pair, and ``cache=True`` keeps it on disk (benchmarks/README.md has the cost).
+
+The query stays float32. Quantizing it to q8_0 for an integer dot product, as
+llama.cpp does, moves scores by ~1e-3 relative, past the 1e-4 error budget; and with
+GQA the dequantization it would save is shared by the g query heads anyway.
 
 numba has no float16 on CPU: tiny LLVM intrinsics convert f16 <-> f32 (F16C
 ``vcvtph2ps`` / ``vcvtps2ph``); bf16 is its 16 bits shifted into a float32.
@@ -35,7 +44,7 @@ TYPE_CODES = {name: i for i, name in enumerate(
     ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))}
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = range(9)
 
-TILE_FLOATS = 4096  # tokens per online-softmax step x head_dim: K and V tiles stay in L1
+TILE_FLOATS = 4096  # tokens per online-softmax step x head_dim: a float tile is 16 KiB
 # Query rows per sequence up to which numba beats the tiled path, which decodes the whole
 # context through torch on every call (measured at 4,096 tokens: numba is faster up to
 # ~64 rows for SmolLM2's shape and beyond 64 for an 8B shape).
@@ -118,11 +127,11 @@ def _store16(builder, ptr, k: int, vec):
     builder.store(vec, builder.bitcast(at, vec.type.as_pointer()), align=4)
 
 
-def _load_bytes(builder, ptr, k: int, n: int = 16):
-    """<16 x i32> zero-extended from the n=16 bytes at ptr + k."""
+def _load_bytes(builder, ptr, k: int):
+    """The <16 x i8> at ptr + k."""
     at = builder.gep(ptr, [ir.Constant(ir.IntType(64), k)])
-    raw = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(8), n).as_pointer()), align=1)
-    return raw
+    return builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(8), 16).as_pointer()),
+                        align=1)
 
 
 def _block_sig(out, qs, *rest):
@@ -410,15 +419,15 @@ def _exp(x):
     return p * _bits_to_float((k + np.int32(127)) << np.int32(23))
 
 
-# ---------------------------------------------------------------- row loader
+# ---------------------------------------------------------------- tile loader
 # Vectorization notes (checked in the assembly): numba wraps negative signed indexes,
 # which turns every vector load into 16 scalar ones, so hot loops index with uint64;
 # a loop with the constant trip count 32 is fully unrolled before LLVM's loop
 # vectorizer runs and the unrolled code cannot be SLP-vectorized (numba arrays may
-# alias), so block loops run to a *runtime* block length ``qk`` (= 32) instead.
+# alias), so per-block work is an intrinsic and block lengths are the runtime ``qk``.
 
 _U0, _U1, _U2, _U3, _U4 = (np.uint64(i) for i in range(5))
-_M15, _S4, _B1, _S16 = np.int32(15), np.int32(4), np.int32(1), np.int32(16)
+_M15, _S4 = np.int32(15), np.int32(4)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -934,6 +943,22 @@ def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.T
             out[lo:hi] = tiled.attend_sequence(q[lo:hi], cache, layer, meta.page_table.pages[b],
                                                meta.kv_lens[b], scale)
     return out
+
+
+def warmup() -> None:
+    """Compile (or load from numba's disk cache) both kernels now, on a tiny cache.
+
+    The first compile takes seconds (benchmarks/README.md); an engine can call this
+    while it loads a model, even from another thread, instead of paying it on the first
+    token.
+    """
+    from kvslim.attention import AttnMeta
+    from kvslim.cache import KVCache
+    cache = KVCache(1, 1, formats.QK, 1, page_size=4, cache_type_k="q8_0", cache_type_v="q4_0")
+    meta = AttnMeta.prepare(cache, [cache.new_sequence()], [2])
+    rows = torch.zeros(2, 1, formats.QK)
+    cache.write(0, meta.slots, rows, rows)
+    attention(torch.zeros(2, 1, formats.QK), cache, 0, meta, 1.0)
 
 
 def available(device, type_k: str, type_v: str) -> str | None:
