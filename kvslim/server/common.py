@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kvslim.engine import StepOutput
 from kvslim.sampling import SamplingParams
-from kvslim.server.models import CacheRequest, Registry, Runner
+from kvslim.server.models import (CacheRequest, ModelNotFound, PoolTooLarge, Registry, Runner,
+                                  ServerBusy)
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import Options
 
@@ -153,9 +154,7 @@ async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
 
 
 def status_of(e: Exception) -> int:
-    """HTTP status for an error raised by a job."""
-    from kvslim.server.models import ModelNotFound, PoolTooLarge, ServerBusy
-
+    """HTTP status for an error raised by a handler or a job."""
     if isinstance(e, APIError):
         return e.status
     if isinstance(e, ModelNotFound):
