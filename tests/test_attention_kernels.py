@@ -152,7 +152,7 @@ def test_rejects_mismatched_queries():
 
 def test_warmup_compiles_both_kernels():
     cpu.warmup()
-    assert cpu._attend.signatures and cpu._write.signatures
+    assert cpu._attend_items.signatures and cpu._finish.signatures and cpu._write.signatures
 
 
 def test_available():
