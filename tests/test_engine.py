@@ -368,3 +368,27 @@ def test_settings_resolution():
     assert resolve_num_ctx(None, 8192, cpu, env={"KVSLIM_CONTEXT_LENGTH": "16384"}) == 8192
     with pytest.raises(ValueError, match="maximum context is 8192"):
         resolve_num_ctx(9000, 8192, cpu, env={})
+
+
+def test_device_choice_and_dtype(monkeypatch):
+    from kvslim.llm import compute_dtype, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="no Apple MPS"):
+        pick_device("mps")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(None) == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
+    assert compute_dtype(torch.device("cpu")) == torch.float32
+    assert compute_dtype(torch.device("mps")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert compute_dtype(torch.device("cuda")) == torch.float16  # e.g. Pascal / Turing
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert compute_dtype(torch.device("cuda")) == torch.bfloat16
