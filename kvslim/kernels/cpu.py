@@ -965,7 +965,7 @@ class _Step:
 
     def __init__(self, meta, cache, hq: int):
         g = hq // cache.n_kv_heads
-        self.fused = [b for b, n in enumerate(meta.q_lens) if n <= NUMBA_MAX_Q]
+        self.fused = [b for b, n in enumerate(meta.q_lens) if 0 < n <= NUMBA_MAX_Q]
         self.tiled = [b for b, n in enumerate(meta.q_lens) if n > NUMBA_MAX_Q]
         table = meta.page_table
         self.pages = table.pages.to(torch.int64).numpy()  # [B, max_pages]
@@ -986,8 +986,8 @@ def _cdiv(a: int, b: int) -> int:
 def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
-    Chunks are near-equal and 64-token aligned so that the items, scheduled statically in
-    equal counts per thread, balance: about CHUNKS_PER_THREAD items per thread.
+    About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread: threads claim
+    items as they go, and small equal items leave little for one thread at the end.
     """
     total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
     chunk = max(MIN_CHUNK, _cdiv(total, CHUNKS_PER_THREAD * threads))
