@@ -22,12 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-# torch's OpenMP pool and numba's (the fused attention) are separate runtimes: with
-# the default active wait their idle threads spin against each other on two cores and
-# a decode step takes 10-20x longer. Must be set before either runtime starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -135,8 +130,7 @@ def main() -> None:
     bw = read_bandwidth()
     weights = llm.model.weight_bytes
     print(f"# {llm.config.name} on {llm.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-          f"load average {os.getloadavg()[0]:.2f}; read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; read bandwidth {bw / 1e9:.1f} GB/s; "
           f"weights {weights / 1e6:.0f} MB")
     print(f"{'K/V':<11}{'backend':<9}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
           f"{'best step':>11}{'floor tok/s':>13}{'median/floor':>14}")

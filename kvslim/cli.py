@@ -23,9 +23,6 @@ import os
 import sys
 import time
 
-# Before any module loads torch or numba: see the note in kvslim.llm.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 __all__ = ["main", "build_parser", "add_model_args", "add_sampling_args", "llm_kwargs",
            "sampling_options", "PLUGINS"]
 

@@ -12,27 +12,21 @@ mean to Ollama) > defaults (f16, auto, 4096).
 """
 from __future__ import annotations
 
+import collections
 import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence as Seq
 
-# torch's OpenMP pool and numba's (fused CPU attention) are separate runtimes; with the
-# default active wait their idle threads spin against each other and a CPU decode step
-# takes 10-20x longer. Read when each runtime loads, so this must precede `import torch`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import collections  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Iterator, Mapping, Sequence as Seq  # noqa: E402
-
-import torch  # noqa: E402
-
-from kvslim import formats, models, store  # noqa: E402
-from kvslim.attention import FLASH_MODES  # noqa: E402
-from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput  # noqa: E402
-from kvslim.gguf_loader import ModelConfig, open_gguf  # noqa: E402
-from kvslim.sampling import SamplingParams  # noqa: E402
-from kvslim.tokenizer import Tokenizer  # noqa: E402
+from kvslim import formats, models, store
+from kvslim.attention import FLASH_MODES
+from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput
+from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.sampling import SamplingParams
+from kvslim.tokenizer import Tokenizer
 
 __all__ = ["LLM", "Completion", "Stream", "pick_device", "resolve_cache_types",
            "resolve_flash_attn", "resolve_num_ctx"]
