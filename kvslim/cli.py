@@ -137,12 +137,18 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     from kvslim import store
-    from kvslim.llm import LLM
+    from kvslim.llm import LLM, pick_device, resolve_cache_types, resolve_flash_attn
+    from kvslim.sampling import SamplingParams
 
+    # bad flags fail before a first-use pull downloads anything
+    resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
+    resolve_flash_attn(args.flash_attn)
+    pick_device(args.device)
+    options = sampling_options(args)
+    SamplingParams.from_options(**options)
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    options = sampling_options(args)
     store.resolve(args.model, pull_missing=True)  # first use of a built-in model pulls it
     llm = LLM(args.model, **llm_kwargs(args))
     if prompt is not None:

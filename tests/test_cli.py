@@ -109,6 +109,15 @@ def test_failed_pull_leaves_nothing(capsys, monkeypatch, tmp_path):
     assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
 
 
+def test_bad_flags_fail_before_a_pull(capsys, monkeypatch):
+    def must_not_pull(*a, **k):
+        raise AssertionError("pulled before checking the flags")
+
+    monkeypatch.setattr(store, "download_wheel", must_not_pull)
+    fails(capsys, ["run", "smollm2", "hi", "-ctk", "q3"], "unknown cache type 'q3'")
+    fails(capsys, ["run", "smollm2", "hi", "--top-p", "0"], "top_p must be in (0, 1]")
+
+
 def test_pull_unknown_name(capsys):
     fails(capsys, ["pull", "llama9000"], "unknown model 'llama9000'")
 
