@@ -10,6 +10,10 @@ Quantization reproduces llama.cpp's reference quantizers (``quantize_row_*_ref``
 ggml-quants.c) and therefore ``gguf.quants.quantize`` byte for byte: same float32
 operation order, the same round-half-away-from-zero, ties and argmax conventions.
 
+One corner is not pinned down by the reference itself: when a q4_1/q5_1 block's minimum
+is a zero present with both signs, which zero becomes ``m`` depends on reduction order
+(C keeps the first, numpy's SIMD min depends on lanes); the decoded values are equal.
+
 Non-finite input (NaN, +-inf) is refused with ``ValueError`` for every type: a K/V
 row with NaN means the model already failed, and storing it would poison every later
 attention score silently. Finite values too large for a half-precision scale overflow
