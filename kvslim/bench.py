@@ -22,7 +22,7 @@ forward pass over the chunk.
 Speed comes after quality, per type: a greedy generation of ``decode_tokens`` tokens after
 a prompt of ``ctx - decode_tokens`` text tokens, preceded by a tiny warm-up generation so
 that kernel compilation is not timed. Prefill tok/s is prompt tokens over prompt time;
-decode tok/s counts the single-token steps only.
+decode tok/s is one over the median single-token step (robust to load on a shared machine).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import gzip
 import inspect
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -241,13 +242,32 @@ def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, kv_ro
 
 
 def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotation) -> None:
+    """Prefill tok/s over the whole prompt; decode tok/s from the median single-token step,
+    which a burst of load from other processes does not move (a mean would)."""
+    from kvslim.sampling import SamplingParams
+
     use_types(llm, run.k, run.v, kv_rotation)
-    opts = dict(temperature=0, repeat_penalty=1.0, ignore_eos=True)
-    llm.generate(prompt[:8], max_tokens=2, **opts)  # warm-up: compile this type's kernels
-    c = llm.generate(prompt, max_tokens=n_decode, **opts)
-    run.prefill_tok_s = c.prompt_eval_count / c.prompt_eval_duration if c.prompt_eval_duration else None
-    steps = c.eval_count - 1  # the first new token comes from the prefill step
-    run.decode_tok_s = steps / c.eval_duration if steps > 0 and c.eval_duration else None
+    greedy = dict(temperature=0, repeat_penalty=1.0, ignore_eos=True)
+    _timed_request(llm.engine, prompt[:8], SamplingParams(max_tokens=2, **greedy))  # compile kernels
+    prefill_s, steps = _timed_request(llm.engine, prompt, SamplingParams(max_tokens=n_decode, **greedy))
+    run.prefill_tok_s = len(prompt) / prefill_s
+    run.decode_tok_s = 1 / statistics.median(steps) if steps else None
+
+
+def _timed_request(engine, ids: list[int], params) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds of each decode step) of one request run alone."""
+    seq = engine.add_request(ids, params)
+    prefill_s, steps = 0.0, []
+    while not seq.finished:
+        decoding = seq.n_cached >= seq.n_prompt  # the prompt is in the cache: one token per step
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if decoding:
+            steps.append(dt)
+        else:
+            prefill_s += dt
+    return prefill_s, steps
 
 
 def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotation) -> None:

@@ -173,6 +173,16 @@ def test_cli_ctrl_c_prints_partial_json(tiny, text_file, monkeypatch, capsys):
     assert all(r["types"]["q8_0/q8_0"][f] is None for f in ("ppl", "kld", "top1", "decode_tok_s"))
 
 
+def test_timed_request_splits_prefill_and_decode_steps(llm):
+    from kvslim.sampling import SamplingParams
+
+    bench.use_types(llm, "q8_0", "q4_0")
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=5)
+    prefill_s, steps = bench._timed_request(llm.engine, llm.tokenize(PROSE)[:40], params)
+    # 40 prompt tokens in 3 steps of <= 16 (the last samples token 1), then 4 one-token steps
+    assert prefill_s > 0 and len(steps) == 4 and all(s > 0 for s in steps)
+
+
 def test_speed_failure_keeps_quality(llm, monkeypatch, caplog, capsys):
     def broken(*args):
         raise RuntimeError("no kernel")
