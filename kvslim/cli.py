@@ -387,8 +387,9 @@ def _setup_logging() -> None:
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        # Still propagates: the root logger has no handler in the CLI, and log capture
+        # (pytest's caplog, an embedding app's config) keeps working after main() ran.
         log.addHandler(handler)
-        log.propagate = False
     log.setLevel(logging.INFO if os.environ.get("KVSLIM_DEBUG") else logging.WARNING)
 
 
