@@ -5,6 +5,7 @@ Tolerances (relative Frobenius norm per sequence): float caches (f32/f16/bf16) 1
 float32 rounding over a few thousand terms; quantized caches 1e-4, the issue's budget
 (observed errors are ~1e-6 for every type: the kernels dequantize exactly, in float32).
 """
+import os
 import random
 
 import numpy as np
@@ -153,6 +154,18 @@ def test_rejects_mismatched_queries():
 def test_warmup_compiles_both_kernels():
     cpu.warmup()
     assert cpu._attend_items.signatures and cpu._finish.signatures and cpu._write.signatures
+
+
+def test_forked_child_runs_attention():
+    """The child of a fork has no helper threads (and maybe a held lock): it starts its own."""
+    cache, meta, q = build("q8_0", "q4_0", hq=4, hkv=2, d=64, prefix=[300], q_lens=[1], seed=0)
+    want = cpu.attention(q, cache, 1, meta, 0.125)  # helpers exist in this process now
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 only if the same result comes back
+        ok = torch.equal(cpu.attention(q, cache, 1, meta, 0.125), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_available():

@@ -29,6 +29,7 @@ CPU, byte-identical to ``formats.encode`` (same float32 operations, no fastmath)
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -776,6 +777,8 @@ class _Helpers:
 
 
 _HELPERS: list[_Helpers] = []
+# A forked child has none of the threads and maybe a lock a thread held: start afresh.
+os.register_at_fork(after_in_child=_HELPERS.clear)
 
 
 def _helpers() -> _Helpers:
