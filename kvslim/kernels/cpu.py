@@ -766,12 +766,14 @@ class _Helpers:
                 seen, (fn, args) = self._gen, self._job
             fn(*args)
 
-    def run(self, fn, args, finish, finish_args) -> None:
-        """fn(*args) on every thread, then finish(*finish_args) on the caller's."""
+    def run(self, fn, args, finish, finish_args, helpers: int) -> None:
+        """fn(*args) on the caller's thread and up to ``helpers`` more, then
+        finish(*finish_args) on the caller's (waking only threads the work can use)."""
         with self._lock:
-            with self._cond:
-                self._job, self._gen = (fn, args), self._gen + 1
-                self._cond.notify_all()
+            if helpers > 0:
+                with self._cond:
+                    self._job, self._gen = (fn, args), self._gen + 1
+                    self._cond.notify(helpers)
             fn(*args)
             finish(*finish_args)
 
@@ -1086,7 +1088,7 @@ def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.T
                  st.pages, st.kv_lens, st.q_lens, st.q_off, st.work, st.part_acc, st.part_ml)
         _helpers().run(_attend_items, items, _finish,
                        (counters, out.numpy(), cache.n_kv_heads, st.q_lens, st.q_off, st.work,
-                        st.groups, st.part_acc, st.part_ml))
+                        st.groups, st.part_acc, st.part_ml), len(st.work) - 1)
     if st.tiled:
         from kvslim.kernels import tiled
         for b in st.tiled:
