@@ -22,7 +22,9 @@ forward pass over the chunk.
 Speed comes after quality, per type: a greedy generation of ``decode_tokens`` tokens after
 a prompt of ``ctx - decode_tokens`` text tokens, preceded by a tiny warm-up generation so
 that kernel compilation is not timed. Prefill tok/s is prompt tokens over prompt time;
-decode tok/s is one over the median single-token step (robust to load on a shared machine).
+decode tok/s is one over the median single-token step. On a shared machine,
+``speed_rounds`` > 1 repeats the runs (interleaving the types) and keeps each type's
+fastest, since load from other processes only ever slows a round down.
 """
 from __future__ import annotations
 
@@ -163,6 +165,11 @@ class TypeRun:
     def name(self) -> str:
         return planner.pair_name(self.k, self.v)
 
+    def keep_fastest(self, prefill: float | None, decode: float | None) -> None:
+        """Best of the rounds so far: load from other processes only ever slows a round."""
+        self.prefill_tok_s = _faster(self.prefill_tok_s, prefill)
+        self.decode_tok_s = _faster(self.decode_tok_s, decode)
+
     def same_cache_as(self, other: "TypeRun") -> bool:
         """True when both store the same effective types (and rotation): same logits."""
         keys = ("type_k", "type_v", "backend") + tuple(k for k in self.info if "rotation" in k)
@@ -178,6 +185,10 @@ class TypeRun:
                 **self.scores.summary(), "n_scored": self.scores.n,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
                 "speed_error": self.speed_error}
+
+
+def _faster(old: float | None, new: float | None) -> float | None:
+    return new if old is None else old if new is None else max(old, new)
 
 
 def rotation_state(info: dict):
@@ -250,8 +261,7 @@ def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotat
     greedy = dict(temperature=0, repeat_penalty=1.0, ignore_eos=True)
     _timed_request(llm.engine, prompt[:8], SamplingParams(max_tokens=2, **greedy))  # compile kernels
     prefill_s, steps = _timed_request(llm.engine, prompt, SamplingParams(max_tokens=n_decode, **greedy))
-    run.prefill_tok_s = len(prompt) / prefill_s
-    run.decode_tok_s = 1 / statistics.median(steps) if steps else None
+    run.keep_fastest(len(prompt) / prefill_s, 1 / statistics.median(steps) if steps else None)
 
 
 def _timed_request(engine, ids: list[int], params) -> tuple[float, list[float]]:
@@ -282,7 +292,7 @@ def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rota
 
 def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
           skip_chunks: int = 0, max_tokens: int | None = None,
-          decode_tokens: int = DEFAULT_DECODE_TOKENS,
+          decode_tokens: int = DEFAULT_DECODE_TOKENS, speed_rounds: int = 1,
           kv_rotation: str | None = None, progress: bool = True, model: str | None = None) -> dict:
     """Run the benchmark on a loaded ``LLM`` (its num_ctx must be >= ctx); JSON-ready dict.
 
@@ -301,21 +311,24 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
     n_decode = min(decode_tokens, ctx // 2)
     done, partial = 0, False
     with _Progress(progress, len(chunk_list) * (1 + sum(not r.same_cache_as(ref) for r in runs))
-                   + (len(runs) if n_decode > 0 else 0)) as bar:
+                   + (len(runs) * speed_rounds if n_decode > 0 else 0)) as bar:
         try:
             for i, chunk in enumerate(chunk_list):
                 _score_chunk(llm, chunk, runs, ref, kv_rotation, bar, f"chunk {i + 1}/{len(chunk_list)}")
                 done += 1
-            for run in runs if n_decode > 0 else []:
-                with bar.step(f"speed: {run.name}"):
-                    _speed_or_error(llm, run, chunk_list[0][:ctx - n_decode], n_decode, kv_rotation)
+            for r in range(speed_rounds if n_decode > 0 else 0):  # rounds interleave the types
+                for run in runs:
+                    with bar.step(f"speed {r + 1}/{speed_rounds}: {run.name}"):
+                        _speed_or_error(llm, run, chunk_list[0][:ctx - n_decode], n_decode, kv_rotation)
         except KeyboardInterrupt:
             partial = True
-    return _report(llm, model, runs, ctx, (skip_chunks, done, len(chunk_list)), n_decode, partial)
+    facts = {"ctx": ctx, "skip_chunks": skip_chunks, "chunks": done, "chunks_planned": len(chunk_list),
+             "partial": partial, "decode_tokens": n_decode, "speed_rounds": speed_rounds}
+    return _report(llm, model, runs, facts)
 
 
-def _report(llm, model, runs: list[TypeRun], ctx, chunks: tuple[int, int, int], n_decode, partial) -> dict:
-    """The JSON-ready result; chunks is (skipped, completed, planned)."""
+def _report(llm, model, runs: list[TypeRun], facts: dict) -> dict:
+    """The JSON-ready result: the issue's shape, then how it was measured (``facts``)."""
     c = llm.config
     elements = c.n_layers * c.n_kv_heads * (c.head_dim + c.v_head_dim)
     info = llm.kv_cache_info()
@@ -324,10 +337,9 @@ def _report(llm, model, runs: list[TypeRun], ctx, chunks: tuple[int, int, int], 
         "model": model if model is not None else llm.name,
         "n_tokens": runs[0].scores.n if runs else 0,  # scored tokens, the same for every type
         "types": types,
-        "ctx": ctx, "skip_chunks": chunks[0], "chunks": chunks[1], "chunks_planned": chunks[2],
-        "partial": partial,
+        **facts,
         "scoring": SCORING, "reference": planner.pair_name(*REFERENCE),
-        "decode_tokens": n_decode, "device": info["device"], "flash_attn": info["flash_attn"],
+        "device": info["device"], "flash_attn": info["flash_attn"],
         "page_size": info["page_size"], "context_length": c.context_length,
     }
 
@@ -494,6 +506,8 @@ def cli_register(subparsers) -> None:
     p.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS, metavar="N",
                    help=f"tokens to decode per type for the speed figures (default "
                         f"{DEFAULT_DECODE_TOKENS}; 0 skips speed)")
+    p.add_argument("--speed-rounds", type=int, default=1, metavar="N",
+                   help="repeat the speed runs N times, interleaved, and keep the fastest (default 1)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--flash-attn", "-fa", metavar="MODE", help="auto|on|off (a quantized V needs it)")
     p.add_argument("--kv-rotation", choices=("auto", "on", "off"),
@@ -525,6 +539,8 @@ def cmd_bench(args) -> int:
     for name in ("chunks", "skip_chunks", "decode_tokens", "max_tokens"):
         if (getattr(args, name) or 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+    if args.speed_rounds < 1:
+        raise ValueError(f"--speed-rounds must be at least 1, got {args.speed_rounds}")
     text = load_text(args.text)  # fail before the model loads
     planner.parse_types(args.types)
     llm = LLM(args.model, cache_type_k="f16", cache_type_v="f16", flash_attn=args.flash_attn,
@@ -532,7 +548,8 @@ def cmd_bench(args) -> int:
               **_llm_rotation_kwargs(args.kv_rotation))
     result = bench(llm, text, args.types, ctx=args.ctx, chunks=args.chunks or None,
                    skip_chunks=args.skip_chunks, max_tokens=args.max_tokens, decode_tokens=args.decode_tokens,
-                   kv_rotation=args.kv_rotation, progress=not args.no_progress, model=args.model)
+                   speed_rounds=args.speed_rounds, kv_rotation=args.kv_rotation,
+                   progress=not args.no_progress, model=args.model)
     result["text"] = str(Path(args.text or DEFAULT_TEXT).expanduser())
     if args.plot:
         plot(result, args.plot)

@@ -183,6 +183,21 @@ def test_timed_request_splits_prefill_and_decode_steps(llm):
     assert prefill_s > 0 and len(steps) == 4 and all(s > 0 for s in steps)
 
 
+def test_speed_rounds_keep_the_fastest(llm, monkeypatch):
+    rates = iter([(10.0, 3.0), (5.0, 1.0), (20.0, 2.0), (30.0, None)])  # (prefill, decode) per run
+
+    def fake(llm_, run, prompt, n_decode, kv_rotation):
+        run.keep_fastest(*next(rates))
+
+    monkeypatch.setattr(bench, "_measure_speed", fake)
+    r = bench.bench(llm, PROSE, "q8_0,q4_0", ctx=64, chunks=1, decode_tokens=4, speed_rounds=2,
+                    progress=False)
+    assert r["speed_rounds"] == 2  # rounds interleave: q8_0, q4_0, q8_0, q4_0
+    q8, q4 = r["types"]["q8_0/q8_0"], r["types"]["q4_0/q4_0"]
+    assert (q8["prefill_tok_s"], q8["decode_tok_s"]) == (20.0, 3.0)
+    assert (q4["prefill_tok_s"], q4["decode_tok_s"]) == (30.0, 1.0)
+
+
 def test_speed_failure_keeps_quality(llm, monkeypatch, caplog, capsys):
     def broken(*args):
         raise RuntimeError("no kernel")
@@ -260,6 +275,7 @@ def test_cli_missing_default_text(tiny, monkeypatch, capsys, tmp_path):
     (["--ctx", "100000"], "num_ctx 100000"),
     (["--ctx", "-2"], "--ctx must be at least 4"),
     (["--chunks", "-1"], "--chunks must not be negative"),
+    (["--speed-rounds", "0"], "--speed-rounds must be at least 1"),
     (["--ctx", "512", "--max-tokens", "500"], "fewer than 1 chunk"),
     (["--ctx", "256", "--skip-chunks", "2"], "fewer than 3 chunk"),
 ])
