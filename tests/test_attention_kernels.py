@@ -7,6 +7,7 @@ float32 rounding over a few thousand terms; quantized caches 1e-4, the issue's b
 """
 import os
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -154,6 +155,27 @@ def test_rejects_mismatched_queries():
 def test_warmup_compiles_both_kernels():
     cpu.warmup()
     assert cpu._attend_items.signatures and cpu._finish.signatures and cpu._write.signatures
+
+
+def test_concurrent_callers_get_their_own_results():
+    """Two Python threads calling at once (a server's engines) queue on the helpers."""
+    jobs = [build(kt, "q8_0", hq=4, hkv=2, d=64, prefix=[500], q_lens=[1], seed=i)
+            for i, kt in enumerate(("q4_0", "f16"))]
+    want = [cpu.attention(q, cache, 1, meta, 0.125) for cache, meta, q in jobs]
+    errors = []
+
+    def loop(i):
+        cache, meta, q = jobs[i]
+        for _ in range(30):
+            if not torch.equal(cpu.attention(q, cache, 1, meta, 0.125), want[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def test_forked_child_runs_attention():
