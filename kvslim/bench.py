@@ -339,9 +339,20 @@ def _report(llm, model, runs: list[TypeRun], facts: dict) -> dict:
         "types": types,
         **facts,
         "scoring": SCORING, "reference": planner.pair_name(*REFERENCE),
-        "device": info["device"], "flash_attn": info["flash_attn"],
+        "device": info["device"], "flash_attn": info["flash_attn"], "threads": _threads(),
         "page_size": info["page_size"], "context_length": c.context_length,
     }
+
+
+def _threads() -> dict:
+    """CPU threads in use: speed on a shared machine depends on them (torch's OpenMP
+    threads stall at barriers when other processes take the cores)."""
+    import torch
+
+    out = {"torch": torch.get_num_threads()}
+    if "numba" in sys.modules:  # the fused CPU kernels' threads
+        out["numba"] = sys.modules["numba"].config.NUMBA_NUM_THREADS
+    return out
 
 
 class _Progress:

@@ -131,6 +131,7 @@ def test_bench_reports_every_field_for_every_type(llm):
     # the bytes are the allocated cache's: 2 layers x 2 heads x 32 values x (K + V)
     assert [f16["bytes_per_token"], q8["bytes_per_token"], q4["bytes_per_token"]] == [512, 272, 144]
     assert q8["bits_per_element"] == 8.5 and f16["bytes_at_ctx"] == 64 * 512
+    assert r["threads"]["torch"] == torch.get_num_threads()
 
 
 def test_fallback_types_are_reported(tiny):
