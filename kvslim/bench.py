@@ -51,6 +51,7 @@ DEFAULT_CTX = 2048
 DEFAULT_CHUNKS = 4
 DEFAULT_DECODE_TOKENS = 32
 REFERENCE = ("f16", "f16")
+CODEC_OPTIONS = ("kv_rotation", "kv_centering", "kv_rounding")  # LLM / reconfigure keywords
 SCORING = ("second half of each chunk (positions ctx/2 .. ctx-1), "
            "as llama-perplexity --kl-divergence")
 _ROWS = 256  # scored rows per block when comparing: bounds the [rows, vocab] temporaries
@@ -171,14 +172,15 @@ class TypeRun:
         self.decode_tok_s = _faster(self.decode_tok_s, decode)
 
     def same_cache_as(self, other: "TypeRun") -> bool:
-        """True when both store the same effective types (and rotation): same logits."""
-        keys = ("type_k", "type_v", "backend") + tuple(k for k in self.info if "rotation" in k)
+        """True when both store the same effective types and codec: the same logits."""
+        keys = ("type_k", "type_v", "backend", *codec_state(self.info), *codec_state(other.info))
         return all(self.info.get(k) == other.info.get(k) for k in keys)
 
     def report(self, elements_per_token: int) -> dict:
         i = self.info
         return {"k": self.k, "v": self.v, "effective_k": i["type_k"], "effective_v": i["type_v"],
                 "fallback": i["reason"] if i["fallback"] else None, "rotation": rotation_state(i),
+                "codec": codec_state(i) or None,
                 "backend": i["backend"], "bytes_per_token": i["bytes_per_token"],
                 "bytes_at_ctx": i["bytes"],
                 "bits_per_element": 8 * i["bytes_per_token"] / elements_per_token,
@@ -189,6 +191,12 @@ class TypeRun:
 
 def _faster(old: float | None, new: float | None) -> float | None:
     return new if old is None else old if new is None else max(old, new)
+
+
+def codec_state(info: dict) -> dict:
+    """How the cache codes its rows beyond the block type (rotation, centering, rounding),
+    as far as ``kv_cache_info`` reports it: its kv_* and *rotation* keys."""
+    return {k: v for k, v in info.items() if k.startswith("kv_") or "rotation" in k}
 
 
 def rotation_state(info: dict):
@@ -206,12 +214,25 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
-def use_types(llm, k: str, v: str, kv_rotation: str | None = None) -> dict:
-    """Switch the LLM's cache to K ``k`` / V ``v``; return its ``kv_cache_info``."""
-    extra = {}
-    if kv_rotation is not None and _accepts(llm.reconfigure, "kv_rotation"):
-        extra["kv_rotation"] = kv_rotation
-    llm.reconfigure(cache_type_k=k, cache_type_v=v, **extra)
+def _supported(fn, options: dict | None) -> dict:
+    """The given codec options (kv_rotation=..., ...); ValueError if ``fn`` lacks one."""
+    for name in options or {}:
+        if not _accepts(fn, name):
+            raise ValueError(f"--{name.replace('_', '-')} is not supported by this kvslim "
+                             f"({getattr(fn, '__qualname__', fn)} has no {name} option)")
+    return dict(options or {})
+
+
+def _plain(codec: dict | None) -> dict:
+    """Codec options for the reference: "auto" leaves an f16 cache as plain f16 rows
+    (rotation and the like apply to block-quantized types), whatever the others use."""
+    return {name: "auto" for name in codec or {}}
+
+
+def use_types(llm, k: str, v: str, codec: dict | None = None) -> dict:
+    """Switch the LLM's cache to K ``k`` / V ``v`` (and ``codec`` options such as
+    kv_rotation="off", passed to ``reconfigure``); return its ``kv_cache_info``."""
+    llm.reconfigure(cache_type_k=k, cache_type_v=v, **_supported(llm.reconfigure, codec))
     return llm.kv_cache_info()
 
 
@@ -233,12 +254,12 @@ def _targets(chunk: list[int]):
     return torch.tensor(chunk[span.start + 1:span.stop + 1])
 
 
-def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, kv_rotation,
+def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, codec,
                  bar: "_Progress", where: str) -> None:
     """Score one chunk for every type; sums are committed only when all types are done."""
     targets = _targets(chunk)
     with bar.step(f"{where}: {ref.name} (reference)"):
-        use_types(llm, ref.k, ref.v, kv_rotation)
+        use_types(llm, ref.k, ref.v, _plain(codec))
         ref_logp = _score(llm, chunk)
     pending = []
     for run in runs:
@@ -246,18 +267,18 @@ def _score_chunk(llm, chunk: list[int], runs: list[TypeRun], ref: TypeRun, kv_ro
             pending.append((run, token_stats(ref_logp, ref_logp, targets)))
             continue
         with bar.step(f"{where}: {run.name}"):
-            use_types(llm, run.k, run.v, kv_rotation)
+            use_types(llm, run.k, run.v, codec)
             pending.append((run, token_stats(ref_logp, _score(llm, chunk), targets)))
     for run, stats in pending:
         run.scores.add(*stats)
 
 
-def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotation) -> None:
+def _measure_speed(llm, run: TypeRun, prompt: list[int], n_decode: int, codec) -> None:
     """Prefill tok/s over the whole prompt; decode tok/s from the median single-token step,
     which a burst of load from other processes does not move (a mean would)."""
     from kvslim.sampling import SamplingParams
 
-    use_types(llm, run.k, run.v, kv_rotation)
+    use_types(llm, run.k, run.v, codec)
     greedy = dict(temperature=0, repeat_penalty=1.0, ignore_eos=True)
     _timed_request(llm.engine, prompt[:8], SamplingParams(max_tokens=2, **greedy))  # compile kernels
     prefill_s, steps = _timed_request(llm.engine, prompt, SamplingParams(max_tokens=n_decode, **greedy))
@@ -280,11 +301,11 @@ def _timed_request(engine, ids: list[int], params) -> tuple[float, list[float]]:
     return prefill_s, steps
 
 
-def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rotation) -> None:
+def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, codec) -> None:
     """Speed is measured after quality: a failure here is reported, not allowed to discard
     the quality figures of a long run."""
     try:
-        _measure_speed(llm, run, prompt, n_decode, kv_rotation)
+        _measure_speed(llm, run, prompt, n_decode, codec)
     except Exception as e:
         run.speed_error = f"{type(e).__name__}: {e}"
         log.warning("bench: speed of %s not measured: %s", run.name, run.speed_error)
@@ -293,8 +314,10 @@ def _speed_or_error(llm, run: TypeRun, prompt: list[int], n_decode: int, kv_rota
 def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None = DEFAULT_CHUNKS,
           skip_chunks: int = 0, max_tokens: int | None = None,
           decode_tokens: int = DEFAULT_DECODE_TOKENS, speed_rounds: int = 1,
-          kv_rotation: str | None = None, progress: bool = True, model: str | None = None) -> dict:
+          codec: dict | None = None, progress: bool = True, model: str | None = None) -> dict:
     """Run the benchmark on a loaded ``LLM`` (its num_ctx must be >= ctx); JSON-ready dict.
+
+    ``codec``: options for every cache, e.g. {"kv_rotation": "off"}, where the LLM has them.
 
     Ctrl-C stops cleanly: the dict then holds the completed chunks with ``partial`` True.
     """
@@ -306,20 +329,20 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
         ids = ids[:max_tokens]
     bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
     chunk_list = chunk_tokens(ids, ctx, chunks, bos, skip_chunks)
-    ref = TypeRun(*REFERENCE, use_types(llm, *REFERENCE, kv_rotation))
-    runs = [TypeRun(k, v, use_types(llm, k, v, kv_rotation)) for k, v in pairs]
+    ref = TypeRun(*REFERENCE, use_types(llm, *REFERENCE, _plain(codec)))
+    runs = [TypeRun(k, v, use_types(llm, k, v, codec)) for k, v in pairs]
     n_decode = min(decode_tokens, ctx // 2)
     done, partial = 0, False
     with _Progress(progress, len(chunk_list) * (1 + sum(not r.same_cache_as(ref) for r in runs))
                    + (len(runs) * speed_rounds if n_decode > 0 else 0)) as bar:
         try:
             for i, chunk in enumerate(chunk_list):
-                _score_chunk(llm, chunk, runs, ref, kv_rotation, bar, f"chunk {i + 1}/{len(chunk_list)}")
+                _score_chunk(llm, chunk, runs, ref, codec, bar, f"chunk {i + 1}/{len(chunk_list)}")
                 done += 1
             for r in range(speed_rounds if n_decode > 0 else 0):  # rounds interleave the types
                 for run in runs:
                     with bar.step(f"speed {r + 1}/{speed_rounds}: {run.name}"):
-                        _speed_or_error(llm, run, chunk_list[0][:ctx - n_decode], n_decode, kv_rotation)
+                        _speed_or_error(llm, run, chunk_list[0][:ctx - n_decode], n_decode, codec)
         except KeyboardInterrupt:
             partial = True
     facts = {"ctx": ctx, "skip_chunks": skip_chunks, "chunks": done, "chunks_planned": len(chunk_list),
@@ -399,21 +422,20 @@ def print_table(result: dict, file=None) -> None:
     from rich.table import Table
 
     file = file or sys.stdout
-    show_rotation = any(t["rotation"] is not None for t in result["types"].values())
+    show_codec = any(t["codec"] for t in result["types"].values())
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, title=_title(result), caption=_caption(result))
     header = ["K/V", "stored as", "bytes/token", f"KV at {result['ctx']}", "bits/elem", "PPL",
               "KLD", "KLD p99", "top-1", "prefill tok/s", "decode tok/s"]
-    header += ["rotation"] if show_rotation else []
+    header += ["codec"] if show_codec else []
     for h in header:
-        t.add_column(h, justify="left" if h in ("K/V", "stored as", "rotation") else "right")
+        t.add_column(h, justify="left" if h in ("K/V", "stored as", "codec") else "right")
     for name, r in result["types"].items():
         stored = f"{r['effective_k']}/{r['effective_v']}"
         row = [name, stored if r["fallback"] is None else f"{stored} (fallback)",
                f"{r['bytes_per_token']:,}", _mib(r["bytes_at_ctx"]), f"{r['bits_per_element']:.2f}",
                _fmt(r["ppl"], ".4f"), _fmt(r["kld"], ".5f"), _fmt(r["kld_p99"], ".4f"),
-               _pct(r["top1"]),
-               _fmt(r["prefill_tok_s"], ".1f"), _fmt(r["decode_tok_s"], ".1f")]
-        t.add_row(*row, *([str(r["rotation"])] if show_rotation else []))
+               _pct(r["top1"]), _fmt(r["prefill_tok_s"], ".1f"), _fmt(r["decode_tok_s"], ".1f")]
+        t.add_row(*row, *([_codec_text(r["codec"])] if show_codec else []))
     console = Console(file=file, highlight=False, width=None if file.isatty() else 160)
     console.print(t)
     for name, r in result["types"].items():
@@ -421,6 +443,12 @@ def print_table(result: dict, file=None) -> None:
             console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")
         if r["speed_error"]:
             console.print(f"{name}: speed not measured: {r['speed_error']}")
+
+
+def _codec_text(codec: dict | None) -> str:
+    """kv_rotation "hadamard-64", kv_rounding "lsq" -> "rotation hadamard-64, rounding lsq"."""
+    items = [(k.removeprefix("kv_"), v) for k, v in (codec or {}).items() if not k.endswith("note")]
+    return ", ".join(f"{k} {v}" for k, v in items) or "-"
 
 
 def _pct(x) -> str:
@@ -522,22 +550,20 @@ def cli_register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--flash-attn", "-fa", metavar="MODE", help="auto|on|off (a quantized V needs it)")
     p.add_argument("--kv-rotation", choices=("auto", "on", "off"),
-                   help="Hadamard rotation of the K/V cache, where this kvslim supports it")
+                   help="Hadamard rotation of the K/V rows, where this kvslim has it")
+    p.add_argument("--kv-centering", choices=("auto", "on", "off"),
+                   help="centering of the K/V rows, where this kvslim has it")
+    p.add_argument("--kv-rounding", metavar="MODE", help="block rounding (e.g. auto, lsq, ggml), "
+                                                         "where this kvslim has it")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG: KLD vs bits/element, memory vs context")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
 
-def _llm_rotation_kwargs(kv_rotation: str | None) -> dict:
-    """kv_rotation for LLM(...) when asked for; an error if this LLM has no such option."""
-    from kvslim.llm import LLM
-
-    if kv_rotation is None:
-        return {}
-    if not _accepts(LLM, "kv_rotation"):
-        raise ValueError("--kv-rotation is not supported by this kvslim (LLM has no kv_rotation option)")
-    return {"kv_rotation": kv_rotation}
+def codec_options(args) -> dict:
+    """The --kv-rotation / --kv-centering / --kv-rounding values that were given."""
+    return {name: getattr(args, name) for name in CODEC_OPTIONS if getattr(args, name, None) is not None}
 
 
 def cmd_bench(args) -> int:
@@ -556,10 +582,10 @@ def cmd_bench(args) -> int:
     planner.parse_types(args.types)
     llm = LLM(args.model, cache_type_k="f16", cache_type_v="f16", flash_attn=args.flash_attn,
               num_ctx=args.ctx, device=args.device, progress=not args.no_progress,
-              **_llm_rotation_kwargs(args.kv_rotation))
+              **_supported(LLM, codec_options(args)))
     result = bench(llm, text, args.types, ctx=args.ctx, chunks=args.chunks or None,
                    skip_chunks=args.skip_chunks, max_tokens=args.max_tokens, decode_tokens=args.decode_tokens,
-                   speed_rounds=args.speed_rounds, kv_rotation=args.kv_rotation,
+                   speed_rounds=args.speed_rounds, codec=codec_options(args),
                    progress=not args.no_progress, model=args.model)
     result["text"] = str(Path(args.text or DEFAULT_TEXT).expanduser())
     if args.plot:

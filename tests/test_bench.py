@@ -212,27 +212,53 @@ def test_speed_failure_keeps_quality(llm, monkeypatch, caplog, capsys):
     assert "speed of q8_0/q8_0 not measured" in caplog.text + capsys.readouterr().err
 
 
-def test_kv_rotation_passthrough(monkeypatch):
-    class Fake:
-        name, seen = "fake", {}
+class FakeLLM:
+    """reconfigure / kv_cache_info of an LLM whose cache has a codec (rotation, centering)."""
 
-        def reconfigure(self, *, cache_type_k=None, cache_type_v=None, kv_rotation=None):
-            self.seen = dict(k=cache_type_k, v=cache_type_v, rotation=kv_rotation)
+    name, seen = "fake", {}
 
-        def kv_cache_info(self):
-            return {"type_k": self.seen["k"], "kv_rotation": self.seen["rotation"]}
+    def reconfigure(self, *, cache_type_k=None, cache_type_v=None, kv_rotation=None, kv_centering=None):
+        self.seen = dict(k=cache_type_k, v=cache_type_v, kv_rotation=kv_rotation, kv_centering=kv_centering)
 
-    fake = Fake()
-    info = bench.use_types(fake, "q4_0", "q4_0", "off")
-    assert fake.seen == {"k": "q4_0", "v": "q4_0", "rotation": "off"} and bench.rotation_state(info) == "off"
-    assert bench.rotation_state({"type_k": "f16"}) is None
-    accepts = bench._accepts(LLM, "kv_rotation")
-    assert bench._llm_rotation_kwargs(None) == {}
-    if accepts:
-        assert bench._llm_rotation_kwargs("on") == {"kv_rotation": "on"}
+    def kv_cache_info(self):
+        quantized = self.seen["k"] != "f16"
+        rotation = "hadamard-64" if self.seen["kv_rotation"] == "on" or (
+            self.seen["kv_rotation"] == "auto" and quantized) else "off"
+        return {"type_k": self.seen["k"], "type_v": self.seen["v"], "backend": "cpu",
+                "kv_rotation": rotation, "kv_centering": "off", "kv_codec_note": None}
+
+
+def test_codec_options_pass_through_and_are_reported():
+    fake = FakeLLM()
+    info = bench.use_types(fake, "q4_0", "q4_0", {"kv_rotation": "on", "kv_centering": "off"})
+    assert fake.seen == {"k": "q4_0", "v": "q4_0", "kv_rotation": "on", "kv_centering": "off"}
+    assert bench.rotation_state(info) == "hadamard-64"
+    assert bench.codec_state(info) == {"kv_rotation": "hadamard-64", "kv_centering": "off", "kv_codec_note": None}
+    assert bench._codec_text(bench.codec_state(info)) == "rotation hadamard-64, centering off"
+    assert bench.rotation_state({"type_k": "f16"}) is None and bench.codec_state({"type_k": "f16"}) == {}
+    with pytest.raises(ValueError, match="--kv-rounding is not supported"):
+        bench.use_types(fake, "q4_0", "q4_0", {"kv_rounding": "lsq"})
+
+
+def test_reference_is_the_plain_f16_cache():
+    """With --kv-rotation on for every type, the reference still stores plain f16 rows."""
+    fake = FakeLLM()
+    assert bench._plain({"kv_rotation": "on"}) == {"kv_rotation": "auto"} and bench._plain(None) == {}
+    ref = bench.TypeRun("f16", "f16", bench.use_types(fake, "f16", "f16", bench._plain({"kv_rotation": "on"})))
+    f16_rotated = bench.TypeRun("f16", "f16", bench.use_types(fake, "f16", "f16", {"kv_rotation": "on"}))
+    assert ref.info["kv_rotation"] == "off" and not f16_rotated.same_cache_as(ref)
+
+
+def test_cli_kv_rotation(tiny, text_file, capsys):
+    """Passed to the LLM where it has the option; a one-line error where it has not."""
+    argv = ["bench", str(tiny), "--text", str(text_file), "--ctx", "32", "--chunks", "1", "--types", "q8_0",
+            "--decode-tokens", "0", "--json", "--no-progress", "--kv-rotation", "off"]
+    if bench._accepts(LLM, "kv_rotation"):
+        assert cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["types"]["q8_0/q8_0"]["rotation"] is not None
     else:
-        with pytest.raises(ValueError, match="--kv-rotation is not supported"):
-            bench._llm_rotation_kwargs("on")
+        assert cli.main(argv) == 1
+        assert "--kv-rotation is not supported" in one_error_line(capsys)
 
 
 # ---------------------------------------------------------------- CLI
