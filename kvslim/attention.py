@@ -161,7 +161,8 @@ def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_
 
 
 class Attention:
-    """Callable attention for one plan: ``attn(q, cache, layer, meta, scale)``."""
+    """Attention for one plan: ``attn.forward(q, k, v, cache, layer, meta, scale)`` stores
+    a step's K/V and attends; ``attn(q, cache, layer, meta, scale)`` only attends."""
 
     def __init__(self, plan: AttentionPlan):
         self.plan = plan
@@ -169,5 +170,23 @@ class Attention:
 
     def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta,
                  scale: float) -> torch.Tensor:
-        """q [N, Hq, D] -> [N, Hq, Dv] (float32 on CPU; the compute dtype on GPU)."""
+        """q [N, Hq, D] -> [N, Hq, Dv] (float32 on CPU; the compute dtype on GPU).
+
+        q in the cache's coordinates: rotated already when the cache's codec rotates."""
         return self._impl(q, cache, layer, meta, scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                layer: int, meta: AttnMeta, scale: float) -> torch.Tensor:
+        """Write this step's k [N, Hkv, D], v [N, Hkv, Dv] into ``meta.slots`` and attend
+        q [N, Hq, D] -> [N, Hq, Dv], all in the model's coordinates.
+
+        The cache's codec (rotation, centering; ``kvslim.codec``) is applied here and
+        only here: rows are encoded before the write and the output decoded after, so
+        the stored blocks hold rotated (centered) values and nothing else sees them.
+        """
+        codec = cache.codec
+        if codec is None:
+            cache.write(layer, meta.slots, k, v)
+            return self._impl(q, cache, layer, meta, scale)
+        q = codec.store(cache, layer, meta.slots, q, k, v)  # coded q; coded k, v written
+        return codec.decode(layer, self._impl(q, cache, layer, meta, scale))

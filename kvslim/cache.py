@@ -92,7 +92,7 @@ class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_pages: int, *,
                  page_size: int = DEFAULT_PAGE_SIZE, cache_type_k: str = "f16",
                  cache_type_v: str = "f16", v_head_dim: int | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", codec=None):
         self.fmt_k = formats.get_format(cache_type_k)
         self.fmt_v = formats.get_format(cache_type_v)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
@@ -114,6 +114,11 @@ class KVCache:
         self._lens: dict[int, int] = {}
         self._next_id = 0
         self._writer = None  # the device's fused quantize-on-write, looked up on first write
+        # How rows are coded beyond the block format (rotation, centering, rounding;
+        # kvslim.codec.KVCodec), fixed for the pool's life: the cache is only ever read
+        # the way it was written. None: rows are stored as given, with ggml rounding.
+        self.codec = codec
+        self._lsq = self._lsq_writer()
 
     # -------------------------------------------------------------- construction
 
@@ -262,6 +267,16 @@ class KVCache:
 
     # -------------------------------------------------------------- data
 
+    def _lsq_writer(self):
+        """The least-squares rounding writer when the codec asks for it on a side whose
+        type has it (kvslim.rounding), else None: the fused writers round as ggml does."""
+        from kvslim import rounding
+
+        c = self.codec
+        want = c is not None and any(r == "lsq" and rounding.supports_lsq(f.name) for r, f in
+                                     ((c.rounding_k, self.fmt_k), (c.rounding_v, self.fmt_v)))
+        return rounding.writer(self) if want else None
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize rows into reserved slots. k: [n, kv_heads, head_dim], v: [n, kv_heads, v_head_dim].
 
@@ -272,6 +287,9 @@ class KVCache:
             if tuple(x.shape) != (n, self.n_kv_heads, dim):
                 raise ValueError(f"{name} rows must be [{n}, {self.n_kv_heads}, {dim}], "
                                  f"got {list(x.shape)}")
+        if self._lsq is not None:
+            self._lsq(self, layer, slots, k, v)
+            return
         if self._writer is None:
             self._writer = _fused_writer(self) or False
         if self._writer and all(x.device.type == self.device.type and x.dtype in _FLOAT_ROWS

@@ -12,15 +12,22 @@ of ``size`` values, S an optional fixed diagonal of random signs (seeded, so a c
 written by one process reads the same in another). The stored blocks stay valid ggml
 blocks, of rotated values. The transform is a fast Walsh-Hadamard butterfly:
 log2(size) add/sub stages, once per token per head, never a dense matmul per tile.
+
+On CPU float32 rows go through one numba kernel per call (``rotate_rows``): the torch
+butterfly is ~20 small ops, which at decode (a few rows per layer) costs more in op
+dispatch than the arithmetic. The kernel can also subtract / add a per-head vector in
+the same pass (the cache's centering, see ``codec``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit
 
-__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation"]
+__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "butterfly"]
 
 
 def hadamard_size(head_dim: int, max_size: int = 256) -> int | None:
@@ -51,6 +58,69 @@ def fwht(x: torch.Tensor, size: int) -> torch.Tensor:
     return (y.reshape(shape) * (1.0 / math.sqrt(size))).to(x.dtype)
 
 
+@njit(inline="always")
+def butterfly(buf, size):
+    """Unnormalized Walsh-Hadamard of each run of ``size`` values of buf, in place.
+
+    The stages run over the whole row: a stage of half-width below ``size`` never
+    crosses a block of ``size`` values, so each block is transformed on its own.
+    """
+    half = 1
+    while half < size:
+        for start in range(0, buf.shape[0], 2 * half):
+            for j in range(start, start + half):
+                a, b = buf[j], buf[j + half]
+                buf[j], buf[j + half] = a + b, a - b
+        half *= 2
+
+
+@njit(cache=True)
+def _rotate(x, out, signs, shift, size, inverse):
+    """out = H(S x) - shift (forward) or S H(x + shift) (inverse), per [N, H, D] row.
+
+    signs [D] float32; shift [H, D] float32 (zeros when there is nothing to shift).
+    out may be x itself (each row is read into a buffer before it is written).
+    """
+    n, heads, dim = x.shape
+    scale = np.float32(1.0 / np.sqrt(size))
+    buf = np.empty(dim, np.float32)
+    for i in range(n):
+        for h in range(heads):
+            for j in range(dim):
+                buf[j] = x[i, h, j] + shift[h, j] if inverse else x[i, h, j] * signs[j]
+            butterfly(buf, size)
+            for j in range(dim):
+                y = buf[j] * scale
+                out[i, h, j] = y * signs[j] if inverse else y - shift[h, j]
+
+
+def _numba_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3
+
+
+def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | None = None,
+                inverse: bool = False, in_place: bool = False) -> torch.Tensor:
+    """Forward: R x - shift; inverse: R^T (x + shift). x [N, H, D], shift [H, D] or None.
+
+    A new tensor, or x itself when ``in_place`` (CPU float32 only; elsewhere a new
+    tensor all the same). ``rot`` None applies only the shift.
+    """
+    if rot is None:
+        if shift is None:
+            return x
+        return x + shift.to(x.dtype) if inverse else x - shift.to(x.dtype)
+    if _numba_ok(x):
+        out = x if in_place else torch.empty(x.shape, dtype=torch.float32)
+        signs = rot.signs_np
+        sh = shift.numpy() if shift is not None else np.zeros((x.shape[1], x.shape[2]), np.float32)
+        _rotate(x.detach().numpy(), out.numpy(), signs, sh, rot.size, inverse)
+        return out
+    if inverse:
+        return rot.inverse(x if shift is None else x + shift.to(x.dtype))
+    y = rot.forward(x)
+    return y if shift is None else y - shift.to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Rotation:
     """R = H S on vectors of ``dim`` values, H applied in blocks of ``size``."""
@@ -70,6 +140,20 @@ class Rotation:
             g = torch.Generator().manual_seed(seed)
             signs = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1
         return cls(dim, size, signs)
+
+    @property
+    def signs_np(self) -> np.ndarray:
+        """The diagonal as float32 numpy (ones without random signs), for the kernel."""
+        cached = self.__dict__.get("_signs_np")
+        if cached is None:
+            s = self.signs if self.signs is not None else torch.ones(self.dim)
+            cached = s.to(torch.float32).contiguous().numpy()
+            object.__setattr__(self, "_signs_np", cached)
+        return cached
+
+    def describe(self) -> str:
+        """``hadamard-64`` or ``hadamard-64+signs`` (reports and logs)."""
+        return f"hadamard-{self.size}" + ("+signs" if self.signs is not None else "")
 
     def _signs(self, x: torch.Tensor) -> torch.Tensor:
         return self.signs.to(device=x.device, dtype=x.dtype)

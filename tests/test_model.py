@@ -169,14 +169,16 @@ def test_error_mid_forward_rolls_the_cache_back(tmp_path):
 
     calls = {"n": 0}
 
-    def failing(q, cache_, layer, meta, scale):
-        calls["n"] += 1
-        if layer == 1:
-            raise RuntimeError("kernel failed")
-        return attn(q, cache_, layer, meta, scale)
+    class Failing:  # layer 1 writes its rows, then its kernel fails
+        def forward(self, q, k, v, cache_, layer, meta, scale):
+            calls["n"] += 1
+            if layer == 1:
+                cache_.write(layer, meta.slots, k, v)
+                raise RuntimeError("kernel failed")
+            return attn.forward(q, k, v, cache_, layer, meta, scale)
 
     with pytest.raises(RuntimeError, match="kernel failed"):
-        model.forward(torch.tensor(IDS[:8]), cache, [a, b], [3, 5], failing)
+        model.forward(torch.tensor(IDS[:8]), cache, [a, b], [3, 5], Failing())
     assert calls["n"] == 2  # it failed after layer 0 had written its rows
     assert (cache.length(a), cache.length(b), cache.pages_in_use) == (10, 0, pages)
     cache.check()

@@ -150,6 +150,19 @@ class Llama:
             self._sin = torch.cat([-sin, sin], -1)[:, None].to(self.device, self.dtype)
         return self._cos, self._sin
 
+    def unrope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation."""
+        cos, sin = self._rope_tables(int(pos.max()) + 1)
+        return apply_rope(x, cos[pos], -sin[pos])  # rotating by -theta
+
+    def rope_mean(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Mean over positions 0..n-1 of RoPE applied to fixed vectors x [..., h, D].
+
+        RoPE is linear in (cos, sin), so this is RoPE with the averaged tables.
+        """
+        cos, sin = self._rope_tables(n)
+        return apply_rope(x.to(self.dtype), cos[:n].mean(0), sin[:n].mean(0))
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)
@@ -163,10 +176,11 @@ class Llama:
                                                 for x in (lin.w, lin.b) if x is not None]
         return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ts}.values())
 
-    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str) -> KVCache:
+    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
+                  codec=None) -> KVCache:
         return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
                        page_size=page_size, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, device=self.device)
+                       cache_type_v=cache_type_v, device=self.device, codec=codec)
 
     # ---------------------------------------------------------------- forward
 
@@ -218,7 +232,6 @@ class Llama:
         if self.cache_head_dim != dim:
             pad = (0, self.cache_head_dim - dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        cache.write(i, meta.slots, k, v)
-        o = attn(q, cache, i, meta, self.scale)  # [N, H, Dc]
+        o = attn.forward(q, k, v, cache, i, meta, self.scale)  # [N, H, Dc]: write, attend
         o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
         return layer.wo(o)  # [N, d]

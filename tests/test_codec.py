@@ -1,0 +1,206 @@
+"""K/V coding (rotation, centering, lsq rounding): exact attention, every backend against
+the float64 attention of its own stored values, the fused CPU write against the torch
+path byte for byte, lsq never worse than ggml, the defaults, and the settings plumbing.
+
+Tolerances: relative Frobenius norm per sequence, 1e-5 for float32 caches (rounding of
+the rotation and of a few thousand products), 1e-4 for quantized ones (the kernels'
+budget, tests/test_attention_kernels.py).
+"""
+import random
+
+import pytest
+import torch
+from test_attention_reference import float64_attention
+
+from kvslim import formats, rounding
+from kvslim.attention import Attention, AttnMeta, plan_attention
+from kvslim.cache import KVCache
+from kvslim.codec import CodecChoice, CodecSettings, KVCodec, decide
+from kvslim.rotation import Rotation
+
+BACKENDS = ("reference", "tiled", "cpu")
+L, HKV, HQ, D = 2, 2, 6, 64
+
+
+def codec_for(kt, vt, *, mu_scale=3.0, rounding_k="lsq", rounding_v="lsq", seed=0,
+              signs=True, center_v=True) -> KVCodec:
+    g = torch.Generator().manual_seed(seed)
+    mu_k = torch.randn(L, HKV, D, generator=g) * mu_scale  # large offsets: centering matters
+    mu_v = torch.randn(L, HKV, D, generator=g) * mu_scale if center_v else None
+    return KVCodec(HQ, Rotation.make(D, random_signs=signs, seed=seed), Rotation.make(D), mu_k,
+                   mu_v, rounding_k, rounding_v)
+
+
+def rows(n, gen, offset=0.0):
+    """q [n, HQ, D], k, v [n, HKV, D]: k and v with a per-channel offset, like real K."""
+    bias = torch.linspace(-1, 1, D) * offset
+    return (torch.randn(n, HQ, D, generator=gen), torch.randn(n, HKV, D, generator=gen) + bias,
+            torch.randn(n, HKV, D, generator=gen) + bias)
+
+
+def run_steps(kt, vt, codec, backend, steps, seed, page_size=16):
+    """One sequence fed ``steps`` rows at a time through Attention.forward: outputs [T, HQ, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(steps)
+    cache = KVCache(L, HKV, D, -(-total // page_size) + 1, page_size=page_size, cache_type_k=kt,
+                    cache_type_v=vt, codec=codec)
+    plan = plan_attention("cpu", D, kt, vt, warn=False)
+    plan.backend = backend
+    attn, seq, outs, inputs = Attention(plan), cache.new_sequence(), [], []
+    for n in steps:
+        q, k, v = rows(n, gen, offset=4.0)
+        meta = AttnMeta.prepare(cache, [seq], [n])
+        outs.append(attn.forward(q, k, v, cache, 1, meta, D ** -0.5))
+        inputs.append((q, k, v))
+    return torch.cat(outs), inputs, cache, seq
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coding_leaves_float32_attention_unchanged(backend):
+    """Rotation (with random signs), key and value centering on an f32 cache: the same
+    attention as no coding at all, to float32 rounding."""
+    seed = random.randrange(1 << 30)
+    steps = [37, 1, 1, 5, 1]
+    plain, _, _, _ = run_steps("f32", "f32", None, backend, steps, seed)
+    coded, _, _, _ = run_steps("f32", "f32", codec_for("f32", "f32", seed=seed), backend, steps, seed)
+    assert rel(coded, plain) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kt,vt", [("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q5_1"),
+                                   ("q5_0", "iq4_nl"), ("q8_0", "f16")])
+def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
+    """Each backend's decoded output equals float64 attention over the stored blocks,
+    dequantized and un-coded (R^T, + mu): the reference path of the same cache."""
+    seed = random.randrange(1 << 30)
+    codec = codec_for(kt, vt, seed=seed)
+    out, inputs, cache, seq = run_steps(kt, vt, codec, backend, [40, 1, 1, 3], seed)
+    k, v = cache.read(1, seq)  # [HKV, T, D] stored (rotated, centered) values
+    k = codec.rotation_k.inverse(k + codec._shift_k[1][:, None])
+    v = codec.rotation_v.inverse(v + codec._shift_v[1][:, None])
+    q = torch.cat([x[0] for x in inputs])
+    t = 0
+    for q_step in [x[0] for x in inputs]:
+        n = q_step.shape[0]
+        ref = float64_attention(q_step.double(), k[:, :t + n].double(), v[:, :t + n].double(), D ** -0.5)
+        assert rel(out[t:t + n], ref) < 1e-4, f"seed {seed}: rows {t}..{t + n}"
+        t += n
+    assert t == q.shape[0]
+
+
+@pytest.mark.parametrize("kt,vt,rk,rv", [("q4_0", "q8_0", "lsq", "lsq"), ("q4_1", "f16", "lsq", "ggml"),
+                                         ("iq4_nl", "q5_0", "ggml", "ggml"), ("q8_0", "bf16", "ggml", "lsq")])
+def test_fused_cpu_store_equals_torch_path(kt, vt, rk, rv):
+    """codec.store's one numba call writes the same bytes as encode + the torch writer,
+    and returns the same rotated q (symmetric lsq types and ggml rounding are exact)."""
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(70, HQ + 2 * HKV, D, generator=gen)
+    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]  # strided views, as the model's
+    codec = codec_for(kt, vt, rounding_k=rk, rounding_v=rv)
+    a, b = (KVCache(L, HKV, D, 4, page_size=32, cache_type_k=kt, cache_type_v=vt, codec=codec)
+            for _ in range(2))
+    sa, sb = a.new_sequence(), b.new_sequence()
+    slots_a, slots_b = a.reserve(sa, 70), b.reserve(sb, 70)
+    qa = codec.store(a, 1, slots_a, q, k, v)
+    qe, ke, ve = codec.encode(1, q, k, v)
+    rounding._torch_write(b, 1, slots_b, ke, ve)
+    assert torch.equal(qa, qe)
+    for pa, pb in ((a.k_planes, b.k_planes), (a.v_planes, b.v_planes)):
+        for name in pa:
+            assert torch.equal(pa[name], pb[name]), name
+
+
+def test_stored_blocks_are_ggml_blocks_of_coded_values():
+    """With ggml rounding the cache holds exactly gguf's q4_0 bytes of R k - mu_k."""
+    import gguf
+    import numpy as np
+
+    codec = codec_for("q4_0", "q4_0", rounding_k="ggml", rounding_v="ggml")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = rows(20, gen, offset=2.0)
+    cache = KVCache(L, HKV, D, 2, page_size=32, cache_type_k="q4_0", cache_type_v="q4_0", codec=codec)
+    seq = cache.new_sequence()
+    codec.store(cache, 0, cache.reserve(seq, 20), q, k, v)
+    kb, _ = cache.export(0, seq)  # [HKV, T, bytes]
+    coded = codec.rotation_k.forward(k) - codec._shift_k[0]  # [T, HKV, D]
+    want = gguf.quants.quantize(coded.transpose(0, 1).numpy(), gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(kb.numpy(), want)
+
+
+@pytest.mark.parametrize("t", rounding.LSQ_TYPES)
+def test_lsq_never_worse_than_ggml_per_block(t):
+    """Every block's squared error (f16 scales included) is at most ggml's, for the torch
+    encoder and the numba writer, and the total is clearly lower."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, HKV, D, generator=gen) * torch.rand(2000, HKV, 1, generator=gen) * 4
+    x[:50] = x[:50] ** 3  # heavy tails
+    x[50, 0] = 0.0  # an all-zero row
+    x[51, 0] = 1.5  # a constant row
+    err = lambda y: ((y - x) ** 2).reshape(-1, 32).sum(-1)  # noqa: E731
+    ggml = err(formats.decode(formats.encode(x, t), t))
+    torch_lsq = err(formats.decode(rounding.encode(x, t, "lsq"), t))
+    cache = KVCache(1, HKV, D, 63, page_size=32, cache_type_k=t, cache_type_v="f16",
+                    codec=KVCodec(HQ, rounding_k="lsq"))
+    seq = cache.new_sequence()
+    cache.write(0, cache.reserve(seq, 2000), x, x)
+    numba_lsq = err(cache.read(0, seq)[0].transpose(0, 1))
+    normal = slice(52 * HKV * D // 32, None)  # the blocks of the Gaussian rows
+    for got in (torch_lsq, numba_lsq):
+        assert (got <= ggml * (1 + 1e-6) + 1e-12).all()
+        assert got[normal].sum() < 0.92 * ggml[normal].sum()  # ~11-20% measured
+    torch.testing.assert_close(numba_lsq.sum(), torch_lsq.sum(), rtol=1e-4, atol=0)
+
+
+def test_lsq_refuses_non_finite_and_keeps_the_cache():
+    cache = KVCache(1, HKV, D, 1, page_size=8, cache_type_k="q4_0", cache_type_v="q4_0",
+                    codec=KVCodec(HQ, rounding_k="lsq", rounding_v="lsq"))
+    seq = cache.new_sequence()
+    k = torch.randn(2, HKV, D)
+    v = k.clone()
+    v[1, 0, 3] = float("nan")
+    before = {n: t.clone() for n, t in cache.k_planes.items()}
+    with pytest.raises(ValueError, match="non-finite"):
+        cache.write(0, cache.reserve(seq, 2), k, v)
+    assert all(torch.equal(before[n], t) for n, t in cache.k_planes.items())
+
+
+# The defaults, as the README states them: rotation and key centering on for every
+# block-quantized side when head_dim allows a Hadamard block (a multiple of 64), lsq
+# rounding on q8_0, q4_0, q4_1, q5_0, q5_1; nothing for f32, f16, bf16.
+@pytest.mark.parametrize("t", formats.TYPES)
+def test_default_for_each_type(t):
+    quantized = formats.is_quantized(t)
+    got = decide(CodecSettings(), t, t, 64)
+    assert got == CodecChoice(64 if quantized else None, 64 if quantized else None, quantized,
+                              False, "lsq" if t in rounding.LSQ_TYPES else "ggml",
+                              "lsq" if t in rounding.LSQ_TYPES else "ggml")
+    assert got.active == quantized
+    assert decide(CodecSettings(), t, t, 96).rotation_k is None  # no Hadamard block
+
+
+def test_mixed_types_and_explicit_modes():
+    c = decide(CodecSettings(), "q8_0", "f16", 128)
+    assert (c.rotation_k, c.rotation_v, c.centering_k, c.rounding_v) == (128, None, True, "ggml")
+    assert c.describe()["kv_rotation"] == "K hadamard-128 / V off"
+    c = decide(CodecSettings("on", "on", "ggml"), "f16", "f16", 64)
+    assert (c.rotation_k, c.rotation_v, c.centering_k, c.centering_v, c.rounding_k) == \
+        (64, 64, True, True, "ggml")
+    c = decide(CodecSettings("on", "off", "auto"), "q4_0", "q4_0", 96)
+    assert c.rotation_k is None and "head_dim 96" in c.note
+    assert decide(CodecSettings("off", "off", "ggml"), "q4_0", "q4_0", 64).active is False
+
+
+def test_settings_resolve():
+    env = {"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_CENTERING": "true", "KVSLIM_KV_ROUNDING": "ggml"}
+    assert CodecSettings.resolve(env=env) == CodecSettings("off", "on", "ggml")
+    assert CodecSettings.resolve("ON", None, "lsq", env=env) == CodecSettings("on", "on", "lsq")
+    assert CodecSettings.resolve(False, env={}).rotation == "off"
+    assert CodecSettings().replace(rounding="ggml") == CodecSettings("auto", "auto", "ggml")
+    with pytest.raises(ValueError, match="kv_rotation must be one of auto, on, off"):
+        CodecSettings.resolve("sometimes", env={})
+    with pytest.raises(ValueError, match="kv_rounding must be one of auto, lsq, ggml"):
+        CodecSettings.resolve(rounding="on", env={})
