@@ -30,7 +30,8 @@ __all__ = ["main", "build_parser", "add_model_args", "add_sampling_args", "llm_k
 PLUGINS = ("kvslim.server", "kvslim.bench", "kvslim.planner")
 
 EPILOG = ("environment: KVSLIM_KV_CACHE_TYPE (K and V type), KVSLIM_FLASH_ATTENTION (1/0/auto), "
-          "KVSLIM_CONTEXT_LENGTH (default num_ctx), KVSLIM_MODELS (model store)")
+          "KVSLIM_CONTEXT_LENGTH (default num_ctx), KVSLIM_KV_ROTATION / KVSLIM_KV_CENTERING "
+          "(auto/on/off), KVSLIM_KV_ROUNDING (auto/lsq/ggml), KVSLIM_MODELS (model store)")
 
 
 # ---------------------------------------------------------------- shared arguments
@@ -48,6 +49,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
     g.add_argument("--num-ctx", "-c", type=int, metavar="N",
                    help="context length (env KVSLIM_CONTEXT_LENGTH; default 4096, at most the model's)")
+    g.add_argument("--kv-rotation", metavar="MODE",
+                   help="auto|on|off: Hadamard rotation of K/V rows before quantizing (env "
+                        "KVSLIM_KV_ROTATION; auto: on for block-quantized types when head_dim "
+                        "is a multiple of 64)")
+    g.add_argument("--kv-centering", metavar="MODE",
+                   help="auto|on|off: store keys minus the model's mean key (exact; env "
+                        "KVSLIM_KV_CENTERING; auto: keys of a block-quantized K; on: K and V)")
+    g.add_argument("--kv-rounding", metavar="MODE",
+                   help="auto|lsq|ggml: least-squares block scales or llama.cpp's (env "
+                        "KVSLIM_KV_ROUNDING; auto: lsq)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +79,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``kvslim.LLM`` from ``add_model_args`` flags."""
     return dict(kv_cache_type=args.kv_cache_type, cache_type_k=args.cache_type_k,
                 cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, device=args.device,
-                num_ctx=args.num_ctx)
+                num_ctx=args.num_ctx, kv_rotation=args.kv_rotation,
+                kv_centering=args.kv_centering, kv_rounding=args.kv_rounding)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -98,9 +110,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _coding(info: dict) -> str:
+    """One cell for ``kv_cache_info``'s coding keys: "hadamard-64 / K / lsq"."""
+    return f"{info['kv_rotation']} / {info['kv_centering']} / {info['kv_rounding']}"
+
+
 def cmd_show(args) -> int:
     from kvslim import formats, planner, store
     from kvslim.attention import plan_attention
+    from kvslim.codec import CodecSettings, decide
     from kvslim.gguf_loader import ModelConfig, open_gguf
     from kvslim.llm import pick_device, resolve_flash_attn, resolve_num_ctx
 
@@ -109,6 +127,7 @@ def cmd_show(args) -> int:
     device = pick_device(args.device)
     ctx = resolve_num_ctx(args.num_ctx, c.context_length, device)
     flash = resolve_flash_attn(args.flash_attn)
+    coding = CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
     facts = [
         ("architecture", c.arch), ("name", c.name), ("parameters", _count(c.n_params)),
         ("quantization", c.file_type_name or "?"), ("context length", c.context_length),
@@ -128,21 +147,24 @@ def cmd_show(args) -> int:
         per_tok = planner.kv_bytes_per_token(c, k, v)
         path_note = plan.backend + ("" if not plan.fell_back else
                                     f", falls back to {plan.effective_k}/{plan.effective_v}")
+        cd = decide(coding, plan.effective_k, plan.effective_v, -(-c.head_dim // formats.QK) * formats.QK)
         rows.append((t, f"{per_tok:,}", _size(per_tok * ctx), _size(per_tok * c.context_length),
-                     path_note))
+                     path_note, _coding(cd.describe())))
     _table(["KV cache type", "bytes/token", f"at num_ctx {ctx}", f"at {c.context_length}",
-            f"attention on {device.type} (flash {flash})"], rows)
+            f"attention on {device.type} (flash {flash})", "rotation / centering / rounding"], rows)
     return 0
 
 
 def cmd_run(args) -> int:
     from kvslim import store
+    from kvslim.codec import CodecSettings
     from kvslim.llm import LLM, pick_device, resolve_cache_types, resolve_flash_attn
     from kvslim.sampling import SamplingParams
 
     # bad flags fail before a first-use pull downloads anything
     resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
     resolve_flash_attn(args.flash_attn)
+    CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
     pick_device(args.device)
     options = sampling_options(args)
     SamplingParams.from_options(**options)
@@ -257,6 +279,9 @@ def _print_cache_info(llm) -> None:
         ("kv cache bytes", f"{i['bytes']:,} ({_size(i['bytes'])}; {i['bytes_per_token']:,} B/token "
                            f"x {i['capacity_tokens']:,} tokens)"),
         ("attention", f"{i['backend']} ({fused}) on {i['device']}, flash {i['flash_attn']}"),
+        ("kv coding", f"rotation {i['kv_rotation']}, centering {i['kv_centering']}, "
+                      f"rounding {i['kv_rounding']}"
+                      + (f" ({i['kv_codec_note']})" if i.get("kv_codec_note") else "")),
     ]
     for name, value in lines:
         print(f"{name + ':':<22}{value}", file=sys.stderr)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ import torch
 
 from kvslim.attention import Attention, AttentionPlan, plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.codec import CodecSettings, build_codec, decide
 from kvslim.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("kvslim")
 
 __all__ = ["Engine", "Sequence", "StepOutput", "PromptTooLong", "DEFAULT_NUM_CTX"]
 
@@ -151,8 +155,12 @@ class Engine:
     def __init__(self, model, tokenizer, *, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  flash_attn: str = "auto", num_ctx: int = DEFAULT_NUM_CTX, num_parallel: int = 1,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, page_size: int = DEFAULT_PAGE_SIZE,
-                 n_pages: int | None = None, prefix_cache=None):
-        """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel."""
+                 n_pages: int | None = None, prefix_cache=None, codec: CodecSettings | None = None):
+        """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel.
+
+        ``codec``: rotation / centering / rounding of the K/V rows (``kvslim.codec``;
+        default all auto), fixed for this engine's pool.
+        """
         if num_ctx > model.config.context_length:
             raise ValueError(f"num_ctx {num_ctx} is above the model's maximum context "
                              f"{model.config.context_length}")
@@ -165,8 +173,14 @@ class Engine:
             v_head_dim=model.config.v_head_dim)
         self.attn = Attention(self.plan)
         n_pages = n_pages or num_parallel * -(-num_ctx // page_size)
-        self.cache: KVCache = model.new_cache(n_pages, page_size, self.plan.effective_k,
-                                              self.plan.effective_v)
+        self.codec_settings = codec or CodecSettings()
+        self.codec = decide(self.codec_settings, self.plan.effective_k, self.plan.effective_v,
+                            model.cache_head_dim)
+        if self.codec.note:
+            log.warning("%s", self.codec.note)
+        self.cache: KVCache = model.new_cache(
+            n_pages, page_size, self.plan.effective_k, self.plan.effective_v,
+            codec=build_codec(model, tokenizer, self.codec, num_ctx))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -390,6 +404,7 @@ class Engine:
             "capacity_tokens": c.capacity, "num_ctx": self.num_ctx,
             "num_parallel": self.num_parallel, "page_size": c.page_size,
             "pages_total": c.n_pages, "pages_in_use": c.pages_in_use,
+            **self.codec.describe(),
         }
 
 

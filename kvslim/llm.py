@@ -8,7 +8,8 @@ it ends. Calls from several threads batch together in the engine's steps.
 Settings resolve as: explicit argument > environment (``KVSLIM_KV_CACHE_TYPE``,
 ``KVSLIM_FLASH_ATTENTION``, ``KVSLIM_CONTEXT_LENGTH``, meaning what
 ``OLLAMA_KV_CACHE_TYPE``, ``OLLAMA_FLASH_ATTENTION`` and ``OLLAMA_CONTEXT_LENGTH``
-mean to Ollama) > defaults (f16, auto, 4096).
+mean to Ollama; ``KVSLIM_KV_ROTATION``, ``KVSLIM_KV_CENTERING``, ``KVSLIM_KV_ROUNDING``)
+> defaults (f16, auto, 4096, auto).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from kvslim import formats, models, store
 from kvslim.attention import FLASH_MODES
+from kvslim.codec import CodecSettings
 from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.sampling import SamplingParams
@@ -178,16 +180,22 @@ class LLM:
     model: a built-in name (``smollm2``; pulled on first use when ``pull``) or a .gguf path.
     kv_cache_type / cache_type_k / cache_type_v: f16, q8_0, q4_0, ... (see ``formats.TYPES``).
     flash_attn: auto | on | off. num_parallel: sequences that can run at once.
+    kv_rotation / kv_centering: auto | on | off; kv_rounding: auto | lsq | ggml (how a
+    block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
+    types, off for f16/f32/bf16; env KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING).
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
                  cache_type_k: str | None = None, cache_type_v: str | None = None,
                  flash_attn: str | bool | None = None, num_ctx: int | None = None,
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
-                 progress: bool = True, max_batch_tokens: int | None = None):
+                 progress: bool = True, max_batch_tokens: int | None = None,
+                 kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
+                 kv_rounding: str | None = None):
         t0 = time.perf_counter()
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
+        codec = CodecSettings.resolve(kv_rotation, kv_centering, kv_rounding)
         self.device = pick_device(device)
         self.path = store.resolve(model, pull_missing=pull)
         reader = open_gguf(self.path)
@@ -198,18 +206,21 @@ class LLM:
         self.name = str(model)
         self._lock = threading.Lock()  # one engine step (and its dispatch) at a time
         self._inbox: dict[int, collections.deque] = {}
-        self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens)
+        self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens, codec)
         self.load_duration = time.perf_counter() - t0
 
-    def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens) -> Engine:
+    def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec) -> Engine:
         ctx = resolve_num_ctx(num_ctx, self.config.context_length, self.device)
         extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
         return Engine(self.model, self.tokenizer, cache_type_k=types[0], cache_type_v=types[1],
-                      flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, **extra)
+                      flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, codec=codec,
+                      **extra)
 
     def reconfigure(self, *, kv_cache_type: str | None = None, cache_type_k: str | None = None,
                     cache_type_v: str | None = None, flash_attn: str | bool | None = None,
-                    num_ctx: int | None = None, num_parallel: int | None = None) -> None:
+                    num_ctx: int | None = None, num_parallel: int | None = None,
+                    kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
+                    kv_rounding: str | None = None) -> None:
         """Rebuild the K/V cache with new settings (weights stay); only while idle.
 
         Unspecified settings keep their current values. The old pool is freed first, so
@@ -223,12 +234,13 @@ class LLM:
                                         cache_type_v or kv_cache_type or old.plan.requested_v)
             flash = resolve_flash_attn(flash_attn if flash_attn is not None else old.plan.flash_attn)
             ctx = resolve_num_ctx(num_ctx or old.num_ctx, self.config.context_length, self.device)
+            codec = old.codec_settings.replace(kv_rotation, kv_centering, kv_rounding)
             previous = ((old.plan.requested_k, old.plan.requested_v), old.plan.flash_attn,
-                        old.num_ctx, old.num_parallel, old.max_batch_tokens)
+                        old.num_ctx, old.num_parallel, old.max_batch_tokens, old.codec_settings)
             old.cache = self.engine = None  # drop the old pool before allocating the new one
             try:
                 self.engine = self._new_engine(types, flash, ctx, num_parallel or previous[3],
-                                               previous[4])
+                                               previous[4], codec)
             except BaseException:
                 self.engine = self._new_engine(*previous)
                 raise
