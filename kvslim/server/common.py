@@ -100,7 +100,10 @@ def plan_request(runner: Runner, options: Options | None,
     try:
         params = SamplingParams.from_options(**sampling)
         cache = runner.cache_request(options.kv_cache_type, options.cache_type_k,
-                                     options.cache_type_v, options.num_ctx)
+                                     options.cache_type_v, options.num_ctx,
+                                     kv_rotation=options.kv_rotation,
+                                     kv_centering=options.kv_centering,
+                                     kv_rounding=options.kv_rounding)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return params, cache

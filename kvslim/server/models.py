@@ -20,6 +20,7 @@ import torch
 from kvslim import formats, store
 from kvslim.attention import plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.codec import CodecSettings
 from kvslim.engine import Engine, PromptTooLong
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.llm import compute_dtype, pick_device, resolve_num_ctx
@@ -51,11 +52,13 @@ class PoolTooLarge(MemoryError):
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """What the pool of a loaded model is built with."""
+    """What the pool of a loaded model is built with (the codec too: a pool is only ever
+    read with the rotation / centering / rounding it was written with)."""
 
     type_k: str
     type_v: str
     num_ctx: int
+    codec: CodecSettings = CodecSettings()
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,16 @@ class CacheRequest:
     type_k: str | None = None
     type_v: str | None = None
     num_ctx: int | None = None
+    codec: CodecSettings | None = None  # the loaded settings with the request's changes
 
     def fits(self, cfg: CacheConfig) -> bool:
         return all(want is None or want == have for want, have in
-                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx)))
+                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx),
+                    (self.codec, cfg.codec)))
 
     def apply(self, cfg: CacheConfig) -> CacheConfig:
         return CacheConfig(self.type_k or cfg.type_k, self.type_v or cfg.type_v,
-                           self.num_ctx or cfg.num_ctx)
+                           self.num_ctx or cfg.num_ctx, self.codec or cfg.codec)
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -117,7 +122,7 @@ class Runner:
         self.engine: Engine | None = None
         self.cache_config = CacheConfig(settings.cache_type_k, settings.cache_type_v,
                                         resolve_num_ctx(settings.num_ctx, self.config.context_length,
-                                                        self.device, settings.env))
+                                                        self.device, settings.env), settings.codec)
         self.engine = self.build(self.cache_config)
         self.load_duration = time.perf_counter() - t0
         self.loaded_at = time.time()
@@ -126,7 +131,9 @@ class Runner:
     # ---------------------------------------------------------------- the pool
 
     def cache_request(self, kv_cache_type: str | None = None, cache_type_k: str | None = None,
-                      cache_type_v: str | None = None, num_ctx: int | None = None) -> CacheRequest:
+                      cache_type_v: str | None = None, num_ctx: int | None = None, *,
+                      kv_rotation: str | None = None, kv_centering: str | None = None,
+                      kv_rounding: str | None = None) -> CacheRequest:
         """Validate per-request cache options (ValueError says what is wrong)."""
         shared = formats.get_format(kv_cache_type).name if kv_cache_type else None
         k = formats.get_format(cache_type_k).name if cache_type_k else shared
@@ -135,7 +142,10 @@ class Runner:
         if num_ctx is not None and not 1 <= num_ctx <= top:
             raise ValueError(f"num_ctx {num_ctx} is outside [1, {top}] "
                              f"(the model's maximum context is {top})")
-        return CacheRequest(k, v, num_ctx)
+        codec = None
+        if (kv_rotation, kv_centering, kv_rounding) != (None, None, None):
+            codec = self.cache_config.codec.replace(kv_rotation, kv_centering, kv_rounding)
+        return CacheRequest(k, v, num_ctx, codec)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
         """Exact bytes of one page (all layers, K and V) with the types the plan stores."""
@@ -205,7 +215,7 @@ class Runner:
         engine = Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
                         flash_attn=self.settings.flash_attn, num_ctx=cfg.num_ctx,
                         num_parallel=self.settings.num_parallel, page_size=self.page_size,
-                        n_pages=n_pages, prefix_cache=prefix)
+                        n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
         self.cache_config = cfg
         return engine
 
@@ -222,8 +232,8 @@ class Runner:
         except Exception:
             self.engine = self.build(previous)
             raise
-        log.info("%s: K/V pool rebuilt: K %s / V %s, num_ctx %d", self.name, cfg.type_k,
-                 cfg.type_v, cfg.num_ctx)
+        log.info("%s: K/V pool rebuilt: K %s / V %s, num_ctx %d, %s", self.name, cfg.type_k,
+                 cfg.type_v, cfg.num_ctx, cfg.codec)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- prompts

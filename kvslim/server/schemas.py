@@ -49,6 +49,9 @@ class Options(_Body):
     kv_cache_type: str | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    kv_rotation: str | None = None  # auto | on | off
+    kv_centering: str | None = None  # auto | on | off
+    kv_rounding: str | None = None  # auto | lsq | ggml
 
     def sampling(self) -> dict:
         """The sampling options that were given."""

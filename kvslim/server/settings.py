@@ -10,6 +10,9 @@
     KVSLIM_MAX_LOADED_MODELS  models kept loaded at once (default 1)
     KVSLIM_MAX_BODY           largest request body, e.g. 16MiB (default)
     KVSLIM_PREFIX_CACHE       0 turns prefix caching off (default on)
+    KVSLIM_KV_ROTATION        auto | on | off: Hadamard rotation of quantized K/V (default auto)
+    KVSLIM_KV_CENTERING       auto | on | off: keys stored minus the model's mean key (default auto)
+    KVSLIM_KV_ROUNDING        auto | lsq | ggml: block scales of quantized K/V (default auto: lsq)
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from typing import Mapping
+
+from kvslim.codec import CodecSettings
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434
 _SCHEME_PORTS = {"http": 80}  # like OLLAMA_HOST: "http://host" means port 80
@@ -99,6 +104,7 @@ class Settings:
     max_body: int = 16 * 2**20
     prefix_cache: bool = True
     device: str = "auto"
+    codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -113,6 +119,8 @@ class Settings:
         k, v = resolve_cache_types(given.pop("kv_cache_type", None), given.pop("cache_type_k", None),
                                    given.pop("cache_type_v", None), env=env)
         memory = given.pop("kv_memory", None) or env.get("KVSLIM_KV_MEMORY")
+        codec = CodecSettings.resolve(given.pop("kv_rotation", None), given.pop("kv_centering", None),
+                                      given.pop("kv_rounding", None), env=env)
         settings = cls(
             host=host, port=port, cache_type_k=k, cache_type_v=v,
             flash_attn=resolve_flash_attn(given.pop("flash_attn", None), env=env),
@@ -122,7 +130,7 @@ class Settings:
             max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
             max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
             prefix_cache=_flag(env, "KVSLIM_PREFIX_CACHE", True),
-            env=env,
+            codec=codec, env=env,
         )
         return replace(settings, **given)
 
