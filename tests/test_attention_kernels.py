@@ -30,21 +30,23 @@ def tolerance(kt: str, vt: str) -> float:
     return 1e-4 if formats.is_quantized(kt) or formats.is_quantized(vt) else 1e-5
 
 
-def build(kt, vt, *, hq, hkv, d, prefix, q_lens, page_size=16, seed, q_scale=1.0):
+def build(kt, vt, *, hq, hkv, d, prefix, q_lens, page_size=16, seed, q_scale=1.0, dv=None):
     """A cache holding ``prefix`` tokens per sequence, then one step of ``q_lens`` new rows."""
     gen = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
     need = sum(-(-(p + n) // page_size) for p, n in zip(prefix, q_lens)) + 1
-    cache = KVCache(2, hkv, d, need, page_size=page_size, cache_type_k=kt, cache_type_v=vt)
+    cache = KVCache(2, hkv, d, need, page_size=page_size, cache_type_k=kt, cache_type_v=vt,
+                    v_head_dim=dv)
     seqs = [cache.new_sequence() for _ in prefix]
     for s, n in zip(seqs, prefix):
         if n:
             m = AttnMeta.prepare(cache, [s], [n])
             cache.write(1, m.slots, torch.randn(n, hkv, d, generator=gen),
-                        torch.randn(n, hkv, d, generator=gen))
+                        torch.randn(n, hkv, dv, generator=gen))
     meta = AttnMeta.prepare(cache, seqs, q_lens)
     n = meta.n_rows
     cache.write(1, meta.slots, torch.randn(n, hkv, d, generator=gen),
-                torch.randn(n, hkv, d, generator=gen))
+                torch.randn(n, hkv, dv, generator=gen))
     q = torch.randn(n, hq, d, generator=gen) * q_scale
     return cache, meta, q
 
@@ -85,6 +87,16 @@ def test_gqa_and_head_dims(g, d):
     seed = random.randrange(1 << 30)
     cache, meta, q = build("q8_0", "q4_0", hq=g, hkv=1, d=d, prefix=[70, 1], q_lens=[1, 2],
                            seed=seed)
+    for backend in BACKENDS:
+        check(backend, cache, meta, q, seed, 1e-4)
+
+
+@pytest.mark.parametrize("d,dv", [(96, 96), (64, 160), (160, 32)])
+def test_odd_head_dims_and_v_dim(d, dv):
+    """head_dim 96 (a tile of 40 tokens) and V rows of another width than K's."""
+    seed = random.randrange(1 << 30)
+    cache, meta, q = build("q8_0", "q4_0", hq=3, hkv=1, d=d, dv=dv, prefix=[150, 0],
+                           q_lens=[1, cpu.NUMBA_MAX_Q + 3], page_size=64, seed=seed)
     for backend in BACKENDS:
         check(backend, cache, meta, q, seed, 1e-4)
 

@@ -47,7 +47,9 @@ TYPE_CODES = {name: i for i, name in enumerate(
     ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))}
 F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = range(9)
 
-TILE_FLOATS = 4096  # tokens per online-softmax step x head_dim: a float tile is 16 KiB
+# tokens per online-softmax step x head_dim (a float tile is 16 KiB); the token count is a
+# multiple of 4, the microkernels' step
+TILE_FLOATS = 4096
 # Query rows per sequence up to which numba beats the tiled path, which decodes the whole
 # context through torch on every call (measured at 4,096 tokens: numba is faster up to
 # ~64 rows for SmolLM2's shape and beyond 64 for an 8B shape).
@@ -1006,7 +1008,7 @@ def _geom(cache, layer: int) -> tuple:
     layer = range(cache.n_layers)[layer]  # IndexError out of range, as tensor indexing
     return (layer, cache.n_pages, cache.n_kv_heads, cache.page_size,
             cache.head_dim // formats.QK, cache.v_head_dim // formats.QK, formats.QK,
-            max(4, TILE_FLOATS // max(cache.head_dim, cache.v_head_dim)))
+            max(4, TILE_FLOATS // max(cache.head_dim, cache.v_head_dim) // 4 * 4))
 
 
 def write_rows(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

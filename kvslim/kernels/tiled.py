@@ -12,7 +12,8 @@ a.. only, with torch's top-left ``is_causal``: row a+i sees keys P+a .. P+a+i, w
 the causal rule on the diagonal and the whole tile for rows past it.
 
 On CPU the tile kernel is ``aten._scaled_dot_product_flash_attention_for_cpu`` (which
-handles GQA itself); elsewhere a plain matmul/logsumexp version over bounded blocks.
+handles GQA itself); elsewhere, and for V rows of another width than K's, a plain
+matmul/logsumexp version over bounded blocks.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MATH_SCORES = 1 << 24  # scores per block in the generic path (64 MiB of float32
 
 def _tile_attn(q, k, v, causal: bool, scale: float):
     """q [1, Hq, n, D], k/v [1, Hkv, T, D] -> out [1, Hq, n, Dv], lse [1, Hq, n]."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and k.shape[-1] == v.shape[-1]:  # its one head size
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
     return _tile_math(q, k, v, causal, scale)
