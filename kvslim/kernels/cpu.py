@@ -394,7 +394,8 @@ def _make_pv(fmt: int):
 
 @intrinsic
 def _prefetch(typingctx, arr, first, count):
-    """Ask for arr[first : first + count] in cache (prefetcht0 per 64-byte line)."""
+    """Ask for arr[first : first + count] in L2 (prefetcht1 per 64-byte line): into L1 a
+    whole tile evicted the one being computed, and decode ran 20% slower."""
     if not isinstance(arr, types.Array):
         return None
 
@@ -409,7 +410,7 @@ def _prefetch(typingctx, arr, first, count):
             "llvm.prefetch.p0")
         with cgutils.for_range(builder, lines) as loop:
             at = builder.gep(start, [builder.mul(loop.index, _const(64))])
-            builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(arr, first, count), codegen
 
