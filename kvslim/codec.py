@@ -99,7 +99,8 @@ class KVCodec:
                  rotation_v: Rotation | None = None, mu_k: torch.Tensor | None = None,
                  mu_v: torch.Tensor | None = None, rounding_k: str = "ggml",
                  rounding_v: str = "ggml"):
-        self.rotation_k, self.rotation_v = rotation_k, rotation_v
+        self.n_heads, self.rotation_k, self.rotation_v = n_heads, rotation_k, rotation_v
+        self.mu_k, self.mu_v = mu_k, mu_v
         self.rounding_k, self.rounding_v = rounding_k, rounding_v
         self.centered_k, self.centered_v = mu_k is not None, mu_v is not None
         # shifts in the rotated (stored) coordinates, float32 contiguous for the kernel

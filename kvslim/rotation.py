@@ -95,7 +95,7 @@ def _rotate(x, out, signs, shift, size, inverse):
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3
+    return x.is_cpu and x.dtype is torch.float32 and x.dim() == 3
 
 
 def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | None = None,
@@ -110,10 +110,10 @@ def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | N
             return x
         return x + shift.to(x.dtype) if inverse else x - shift.to(x.dtype)
     if _numba_ok(x):
+        xs = x.detach().numpy()
         out = x if in_place else torch.empty(x.shape, dtype=torch.float32)
-        signs = rot.signs_np
         sh = shift.numpy() if shift is not None else np.zeros((x.shape[1], x.shape[2]), np.float32)
-        _rotate(x.detach().numpy(), out.numpy(), signs, sh, rot.size, inverse)
+        _rotate(xs, xs if in_place else out.numpy(), rot.signs_np, sh, rot.size, inverse)
         return out
     if inverse:
         return rot.inverse(x if shift is None else x + shift.to(x.dtype))
