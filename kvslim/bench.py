@@ -513,10 +513,13 @@ def _plot_memory(ax, result: dict, colors: dict) -> None:
     ctxs = sorted({max(1, top * i // 256) for i in range(257)})
     biggest = max(r["bytes_per_token"] for r in result["types"].values()) * top
     unit, scale = ("GiB", 2**30) if biggest >= 2**31 else ("MiB", 2**20)
+    seen: list[int] = []
     for name, r in result["types"].items():
         # whole pages per sequence, as the cache allocates them (planner.kv_bytes)
         ys = [r["bytes_per_token"] * page * -(-c // page) / scale for c in ctxs]
-        ax.plot(ctxs, ys, label=name, color=colors[name])
+        style = ("-", "--", ":", "-.")[seen.count(r["bytes_per_token"]) % 4]  # equal sizes stay visible
+        seen.append(r["bytes_per_token"])
+        ax.plot(ctxs, ys, label=name, color=colors[name], linestyle=style)
     ax.axvline(result["ctx"], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("context length (tokens, one sequence)")
     ax.set_ylabel(f"K/V cache ({unit})")
