@@ -12,7 +12,7 @@ log-probs as uint16 and skips those below -16; the difference is far below the s
 between types).
 
 Order is chunk-major: per chunk, the f16-cache pass runs once and the log-probs of its
-scored half stay in memory (float32 [ctx/2, vocab]: 100 MB at ctx 2048 with a 49k
+scored half stay in memory (float32 [ctx/2, vocab]: 200 MB at ctx 2048 with a 49k
 vocabulary), then every other type runs on that chunk and is compared with it. So memory
 stays at one chunk however long the run, nothing goes to disk at full precision, and an
 interrupted run (Ctrl-C) has every type scored on the same completed chunks. Switching
