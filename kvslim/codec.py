@@ -132,11 +132,15 @@ class KVCodec:
         return self
 
     def encode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """(R_k q, R_k k - mu_k, R_v v - mu_v) for q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv]."""
+        """(R_k q, R_k k - mu_k, R_v v - mu_v) for q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv].
+
+        Computed in float32 whatever the rows' dtype (a bf16 butterfly would add an error
+        the size of q8_0's); q goes back to its dtype, k and v stay float32 for the write.
+        """
         sk = self._shift_k[layer] if self._shift_k is not None else None
         sv = self._shift_v[layer] if self._shift_v is not None else None
-        return (rotate_rows(q, self.rotation_k), rotate_rows(k, self.rotation_k, sk),
-                rotate_rows(v, self.rotation_v, sv))
+        return (rotate_rows(q.float(), self.rotation_k).to(q.dtype),
+                rotate_rows(k.float(), self.rotation_k, sk), rotate_rows(v.float(), self.rotation_v, sv))
 
     def store(self, cache, layer: int, slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> torch.Tensor:
@@ -173,6 +177,8 @@ class KVCodec:
 
         o [N, Hq, Dv] is the attention's own fresh output, so it is decoded in place."""
         so = self._shift_o[layer] if self._shift_o is not None else None
+        if o.dtype is not torch.float32:  # GPU compute dtypes: the butterfly in float32
+            return rotate_rows(o.float(), self.rotation_v, so, inverse=True).to(o.dtype)
         return rotate_rows(o, self.rotation_v, so, inverse=True, in_place=True)
 
 

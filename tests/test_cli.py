@@ -24,7 +24,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG"):
+    for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG",
+                 "KVSLIM_KV_ROTATION", "KVSLIM_KV_CENTERING", "KVSLIM_KV_ROUNDING"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
 
@@ -146,6 +147,24 @@ def test_env_sets_types_and_flash_attention(capsys, monkeypatch, tiny):
     assert "K q4_0 / V f16 (asked for q4_0 / q4_0)" in err and "flash attention is off" in err
 
 
+def test_kv_coding_flags_env_and_verbose(capsys, monkeypatch, tiny):
+    assert cli.main(["run", str(tiny), "hi", "--verbose", "--kv-cache-type", "q4_0", *RUN]) == 0
+    err = capsys.readouterr().err  # tiny's head_dim 32: no Hadamard block, so no rotation by default
+    assert "kv coding:            rotation off, centering K, rounding lsq" in err
+    monkeypatch.setenv("KVSLIM_KV_ROUNDING", "ggml")
+    assert cli.main(["run", str(tiny), "hi", "--verbose", "--kv-cache-type", "q4_0",
+                     "--kv-centering", "off", *RUN]) == 0
+    assert "rotation off, centering off, rounding ggml" in capsys.readouterr().err
+    assert cli.main(["run", str(tiny), "hi", "--verbose", "--kv-cache-type", "q8_0", "--kv-rotation", "on",
+                     *RUN]) == 0
+    err = capsys.readouterr().err  # asked for but impossible: a warning, and the note
+    assert "WARNING: kv_rotation on: head_dim 32 has no Hadamard block" in err
+    assert "the cache is not rotated)" in err
+    fails(capsys, ["run", str(tiny), "hi", "--kv-rotation", "sideways"],
+          "kv_rotation must be one of auto, on, off")
+    fails(capsys, ["run", str(tiny), "hi", "--kv-rounding", "on"], "kv_rounding must be one of auto, lsq, ggml")
+
+
 def test_interactive_chat(capsys, monkeypatch, tiny):
     lines = iter(["hello there", "", '"""two', 'lines"""', "/clear", "again", "/bye"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -173,6 +192,10 @@ def test_show(capsys, tiny):
     for t in ("f16", "q8_0", "q4_0", "iq4_nl"):
         per_token = planner.kv_bytes_per_token(config, t, t)
         assert any(line.split()[:2] == [t, f"{per_token:,}"] for line in out.splitlines()), t
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert rows["f16"].rstrip().endswith("off / off / ggml")
+    assert rows["q4_0"].rstrip().endswith("off / K / lsq")  # head_dim 32: no rotation
+    assert rows["iq4_nl"].rstrip().endswith("off / K / ggml")
 
 
 def test_list_and_pull_present_model(capsys, monkeypatch, tmp_path):

@@ -204,3 +204,87 @@ def test_settings_resolve():
         CodecSettings.resolve("sometimes", env={})
     with pytest.raises(ValueError, match="kv_rounding must be one of auto, lsq, ggml"):
         CodecSettings.resolve(rounding="on", env={})
+
+
+# ---------------------------------------------------------------- through the model
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny llama with head_dim 64 (so a Hadamard block fits), its path, model, tokenizer."""
+    import tiny_llama
+
+    from kvslim.gguf_loader import ModelConfig, open_gguf
+    from kvslim.models import load_model
+    from kvslim.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("codec") / "tiny64.gguf"
+    tiny_llama.write(path, tiny_llama.Tiny(d_model=256, n_heads=4, n_kv_heads=2, ctx=512))
+    reader = open_gguf(path)
+    return path, load_model(reader, ModelConfig.from_gguf(reader), progress=False), Tokenizer.from_gguf(reader)
+
+
+def greedy(engine, ids, n=8):
+    from kvslim.sampling import SamplingParams
+
+    seq = engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0, repeat_penalty=1.0,
+                                                 ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    return seq.output_ids
+
+
+def test_engine_coding_is_exact_on_a_float_cache(tiny64):
+    """Rotation and centering of K and V on an f32 cache: the same logits (prefill) and the
+    same greedy tokens (decode steps) as the plain cache."""
+    from kvslim.engine import Engine
+
+    _, model, tok = tiny64
+    ids = tok.encode("the cab " * 30, add_special=True)
+    engines = [Engine(model, tok, cache_type_k="f32", cache_type_v="f32", num_ctx=512,
+                      codec=CodecSettings(mode, mode, "ggml")) for mode in ("off", "on")]
+    info = engines[1].cache_info()
+    assert (info["kv_rotation"], info["kv_centering"]) == ("hadamard-64", "K+V")
+    plain, coded = (e.score(ids) for e in engines)
+    torch.testing.assert_close(coded, plain, rtol=1e-4, atol=1e-4)
+    assert greedy(engines[0], ids) == greedy(engines[1], ids)
+
+
+def test_llm_settings_and_reconfigure(tiny64, monkeypatch):
+    from kvslim import LLM
+
+    for name in ("KVSLIM_KV_ROTATION", "KVSLIM_KV_CENTERING", "KVSLIM_KV_ROUNDING"):
+        monkeypatch.delenv(name, raising=False)
+    path, _, _ = tiny64
+    llm = LLM(str(path), kv_cache_type="q4_0", num_ctx=256, progress=False, pull=False)
+    info = llm.kv_cache_info()
+    assert (info["kv_rotation"], info["kv_centering"], info["kv_rounding"]) == ("hadamard-64", "K", "lsq")
+    assert llm.engine.cache.codec.rotation_k.size == 64
+    llm.reconfigure(kv_rotation="off")  # the others keep their values
+    info = llm.kv_cache_info()
+    assert (info["kv_rotation"], info["kv_centering"], info["kv_rounding"]) == ("off", "K", "lsq")
+    llm.reconfigure(kv_cache_type="f16")
+    assert llm.kv_cache_info()["kv_centering"] == "off" and llm.engine.cache.codec is None
+    with pytest.raises(ValueError, match="kv_centering"):
+        llm.reconfigure(kv_centering="maybe")
+    assert llm.kv_cache_info()["type_k"] == "f16"  # a bad setting leaves the cache as it was
+    monkeypatch.setenv("KVSLIM_KV_ROUNDING", "ggml")
+    assert LLM(str(path), kv_cache_type="q8_0", num_ctx=64, progress=False,
+               pull=False).kv_cache_info()["kv_rounding"] == "ggml"
+
+
+def test_torch_path_for_other_dtypes_and_devices():
+    """Rows that the numba store does not take (here bf16, as a GPU's compute dtype) go
+    through encode + cache.write + torch lsq, in float32, and attend like float32 rows."""
+    codec = codec_for("q8_0", "q8_0")
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(L, HKV, D, 2, page_size=32, cache_type_k="q8_0", cache_type_v="q8_0", codec=codec)
+        plan = plan_attention("cpu", D, "q8_0", "q8_0", warn=False)
+        plan.backend = "reference"
+        seq = cache.new_sequence()
+        q, k, v = (x.to(torch.bfloat16).to(dtype) for x in rows(40, torch.Generator().manual_seed(5)))
+        assert rounding.can_store(cache, q, k, v) == (dtype is torch.float32)
+        outs.append(Attention(plan).forward(q, k, v, cache, 1, AttnMeta.prepare(cache, [seq], [40]), 0.125))
+    assert outs[1].dtype == torch.float32  # the reference backend's output, decoded in float32
+    assert rel(outs[1], outs[0]) < 1e-2  # bf16 q rounding only; k, v quantized from the same values

@@ -21,6 +21,7 @@ import uvicorn
 
 from kvslim import formats
 from kvslim.cache import KVCache
+from kvslim.codec import CodecSettings
 from kvslim.engine import Engine
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.models import load_model
@@ -197,8 +198,12 @@ def test_settings_from_environment_and_flags():
         (16, "on", 2**30, 3, False)
     s = Settings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
     assert (s.cache_type_k, s.cache_type_v, s.num_parallel, s.host) == ("q8_0", "q4_0", 2, "127.0.0.1")
+    assert s.codec == CodecSettings()
+    s = Settings.from_env({"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_ROUNDING": "ggml"}, kv_centering="on")
+    assert s.codec == CodecSettings("off", "on", "ggml")
     for bad in ({"KVSLIM_NUM_PARALLEL": "0"}, {"KVSLIM_KV_CACHE_TYPE": "q3"},
-                {"KVSLIM_KV_MEMORY": "lots"}, {"KVSLIM_PREFIX_CACHE": "maybe"}):
+                {"KVSLIM_KV_MEMORY": "lots"}, {"KVSLIM_PREFIX_CACHE": "maybe"},
+                {"KVSLIM_KV_ROTATION": "maybe"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
 
@@ -558,6 +563,23 @@ def test_cache_type_option_rebuilds_the_pool_with_exact_bytes(server, client):
                                                         "cache_type_v": "f16", "num_ctx": 256})
     kv = ps_model(server.url, "tiny")["kv_cache"]
     assert (kv["type_k"], kv["type_v"], kv["pages_total"]) == ("f16", "f16", 16)
+
+
+def test_kv_coding_options_rebuild_the_pool_and_show_in_ps(server, client):
+    """options.kv_centering / kv_rounding are part of the pool's configuration: a change
+    rebuilds it and /api/ps reports it; an unknown value is a 400."""
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "q4_0"})
+    kv = ps_model(server.url, "tiny")["kv_cache"]  # tiny's head_dim 32 has no Hadamard block
+    assert (kv["kv_rotation"], kv["kv_centering"], kv["kv_rounding"]) == ("off", "K", "lsq")
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_centering": "off",
+                                                        "kv_rounding": "ggml"})
+    kv = ps_model(server.url, "tiny")["kv_cache"]
+    assert (kv["type_k"], kv["kv_centering"], kv["kv_rounding"]) == ("q4_0", "off", "ggml")
+    r = httpx.post(f"{server.url}/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False,
+                                                       "options": {"kv_rotation": "sideways"}})
+    assert r.status_code == 400 and "kv_rotation must be one of auto, on, off" in r.json()["error"]
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "f16",
+                                                        "kv_centering": "auto", "kv_rounding": "auto"})
 
 
 def test_kv_memory_budget_sizes_the_pool_in_whole_pages(tiny_path):
