@@ -426,9 +426,10 @@ def print_table(result: dict, file=None) -> None:
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, title=_title(result), caption=_caption(result))
     header = ["K/V", "stored as", "bytes/token", f"KV at {result['ctx']}", "bits/elem", "PPL",
               "KLD", "KLD p99", "top-1", "prefill tok/s", "decode tok/s"]
-    header += ["codec"] if show_codec else []
+    codec_header = _codec_header(result) if show_codec else None
+    header += [codec_header] if show_codec else []
     for h in header:
-        t.add_column(h, justify="left" if h in ("K/V", "stored as", "codec") else "right")
+        t.add_column(h, justify="left" if h in ("K/V", "stored as", codec_header) else "right")
     for name, r in result["types"].items():
         stored = f"{r['effective_k']}/{r['effective_v']}"
         row = [name, stored if r["fallback"] is None else f"{stored} (fallback)",
@@ -445,10 +446,19 @@ def print_table(result: dict, file=None) -> None:
             console.print(f"{name}: speed not measured: {r['speed_error']}")
 
 
+def _codec_items(codec: dict | None) -> list[tuple[str, str]]:
+    return [(k.removeprefix("kv_"), v) for k, v in (codec or {}).items() if not k.endswith("note")]
+
+
+def _codec_header(result: dict) -> str:
+    """The codec column's title from the first reported codec: "rotation / centering / rounding"."""
+    codec = next(t["codec"] for t in result["types"].values() if t["codec"])
+    return " / ".join(k for k, _ in _codec_items(codec)) or "codec"
+
+
 def _codec_text(codec: dict | None) -> str:
-    """kv_rotation "hadamard-64", kv_rounding "lsq" -> "rotation hadamard-64, rounding lsq"."""
-    items = [(k.removeprefix("kv_"), v) for k, v in (codec or {}).items() if not k.endswith("note")]
-    return ", ".join(f"{k} {v}" for k, v in items) or "-"
+    """kv_rotation "hadamard-64", kv_rounding "lsq" -> "hadamard-64 / lsq" (the column title names them)."""
+    return " / ".join(str(v) for _, v in _codec_items(codec)) or "-"
 
 
 def _pct(x) -> str:

@@ -234,7 +234,9 @@ def test_codec_options_pass_through_and_are_reported():
     assert fake.seen == {"k": "q4_0", "v": "q4_0", "kv_rotation": "on", "kv_centering": "off"}
     assert bench.rotation_state(info) == "hadamard-64"
     assert bench.codec_state(info) == {"kv_rotation": "hadamard-64", "kv_centering": "off", "kv_codec_note": None}
-    assert bench._codec_text(bench.codec_state(info)) == "rotation hadamard-64, centering off"
+    assert bench._codec_text(bench.codec_state(info)) == "hadamard-64 / off"
+    result = {"types": {"f16/f16": {"codec": None}, "q4_0/q4_0": {"codec": bench.codec_state(info)}}}
+    assert bench._codec_header(result) == "rotation / centering"
     assert bench.rotation_state({"type_k": "f16"}) is None and bench.codec_state({"type_k": "f16"}) == {}
     with pytest.raises(ValueError, match="--kv-rounding is not supported"):
         bench.use_types(fake, "q4_0", "q4_0", {"kv_rounding": "lsq"})
