@@ -356,14 +356,20 @@ def _rows(x, slots, planes, geom, nb, lsq, divs, shrinks):
 
 
 @njit(cache=True)
-def _write(k, v, slots, kplanes, vplanes, geom, lsq_k, lsq_v, divs_k, divs_v, shrinks):
+def _precheck(k, v, slots, geom):
+    """-1 if a slot is outside the pool, else the count of non-finite values in k then v
+    (0: the write may go ahead; nothing has been written yet either way)."""
     capacity = geom[1] * geom[3]
     for s in slots:
         if s < 0 or s >= capacity:
             return -1
     bad = cpu._count_bad(k)
-    if bad == 0:
-        bad = cpu._count_bad(v)
+    return bad if bad else cpu._count_bad(v)
+
+
+@njit(cache=True)
+def _write(k, v, slots, kplanes, vplanes, geom, lsq_k, lsq_v, divs_k, divs_v, shrinks):
+    bad = _precheck(k, v, slots, geom)
     if bad:
         return bad
     _rows(k, slots, kplanes, geom, geom[4], lsq_k, divs_k, shrinks)
@@ -416,13 +422,7 @@ def _rotate_q(q, out, signs, size):
 def _store(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
     """The codec's whole write in one call: q rotated into q_out, k and v coded into the
     cache (side = (signs, size, shift, lsq, divisors)). Return codes as in ``_write``."""
-    capacity = geom[1] * geom[3]
-    for s in slots:
-        if s < 0 or s >= capacity:
-            return -1
-    bad = cpu._count_bad(k)
-    if bad == 0:
-        bad = cpu._count_bad(v)
+    bad = _precheck(k, v, slots, geom)
     if bad:
         return bad
     signs, size = side_k[0], side_k[1]
