@@ -5,6 +5,18 @@ CLI verb only pays for what it uses.
 """
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP (libgomp on Linux) keeps an idle thread spinning for 300,000 rounds by
+# default. With as many threads as cores and any other busy process, a spinning thread
+# holds the core its partner needs, and a SmolLM2 decode step took 230-980 ms instead of
+# 19 ms (benchmarks/README.md, "Threads on a shared machine"); 1,000 rounds cost <= 5% on
+# an idle machine and kept it at 36-52 ms. Only a default: it has effect when kvslim is
+# imported before torch (the CLI always is), and a user's GOMP_SPINCOUNT or
+# OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "__version__"]

@@ -233,3 +233,17 @@ def test_plugins_register_verbs(capsys, monkeypatch):
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 0
     assert "run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                           ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_openmp_spin_default(env, expected):
+    """Importing kvslim (before torch) shortens libgomp's idle spin unless the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", "import os, kvslim; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         env={**base, **env}, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(expected)
