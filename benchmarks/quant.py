@@ -5,6 +5,12 @@
 Throughput is GB/s of float32 values in (quantize) or out (dequantize); the copy
 column is a float32 tensor copy of the same size timed in the same run (read + write
 bytes / time), so the ratio is comparable across machines.
+
+Two paths: ``formats.quantize`` / ``formats.dequantize`` (vectorised torch, byte-exact
+with gguf, the API and the oracle) and the cache's write (``KVCache.write``: the fused
+quantize-on-write a model step runs, numba on CPU, K and V rows of 8 heads x 128 into
+reserved slots, ggml rounding, no codec). f32 dequantize is a reinterpretation of the
+bytes (no copy), hence its figure.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 import torch
 
 from kvslim import formats
+from kvslim.cache import KVCache
 
 
 def timed(fn, repeat: int) -> float:
@@ -47,14 +54,26 @@ def main(argv=None) -> None:
           f"{args.threads} threads, median of {args.repeat}")
     print(f"copy bandwidth (read+write): {copy_gbs:.1f} GB/s\n")
     print(f"{'type':8} {'B/value':>8} {'quantize GB/s':>14} {'dequantize GB/s':>16} "
-          f"{'q / copy':>9} {'dq / copy':>10}")
+          f"{'q / copy':>9} {'dq / copy':>10} {'cache write GB/s':>17} {'write / copy':>13}")
     for t in formats.TYPES:
         q = formats.quantize(x, t)
         qs = timed(lambda: formats.quantize(x, t), args.repeat)
         ds = timed(lambda: formats.dequantize(q, t), args.repeat)
-        qg, dg = nbytes / qs / 1e9, nbytes / ds / 1e9
+        ws = cache_write_seconds(x, t, args.repeat)
+        qg, dg, wg = nbytes / qs / 1e9, nbytes / ds / 1e9, nbytes / ws / 1e9
         print(f"{t:8} {formats.bytes_per_element(t):8.4f} {qg:14.2f} {dg:16.2f} "
-              f"{qg / copy_gbs:9.3f} {dg / copy_gbs:10.3f}")
+              f"{qg / copy_gbs:9.3f} {dg / copy_gbs:10.3f} {wg:17.2f} {wg / copy_gbs:13.3f}")
+
+
+def cache_write_seconds(x: torch.Tensor, t: str, repeat: int) -> float:
+    """Median seconds of KVCache.write of all of x as K and V rows [n, 8, 128] of type t."""
+    heads, dim = 8, 128
+    n = x.numel() // (2 * heads * dim)
+    k = x.reshape(-1)[:n * heads * dim].view(n, heads, dim)
+    v = x.reshape(-1)[n * heads * dim:2 * n * heads * dim].view(n, heads, dim)
+    cache = KVCache(1, heads, dim, -(-n // 64), page_size=64, cache_type_k=t, cache_type_v=t)
+    slots = cache.reserve(cache.new_sequence(), n)
+    return timed(lambda: cache.write(0, slots, k, v), repeat)
 
 
 if __name__ == "__main__":

@@ -506,9 +506,11 @@ def _plot_kld(ax, result: dict, colors: dict) -> None:
     # a zero KLD (the reference itself) has no place on a log axis: it is named in the title
     points = [(n, r["bits_per_element"], r["kld"]) for n, r in result["types"].items()
               if r["kld"] is not None and r["kld"] > 0]
-    for name, bits, kld in points:
+    for i, (name, bits, kld) in enumerate(points):
         ax.scatter(bits, kld, color=colors[name])
-        ax.annotate(name, (bits, kld), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # labels of near-equal points (same bits, KLD within 40%) stack instead of overprinting
+        below = sum(b == bits and abs(math.log(k / kld)) < 0.35 for _, b, k in points[:i])
+        ax.annotate(name, (bits, kld), textcoords="offset points", xytext=(5, 4 - 11 * below), fontsize=8)
     if points:
         ax.set_yscale("log")
     ax.set_xlabel("bits per element (K and V together)")
