@@ -425,6 +425,14 @@ def _store(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrink
     bad = _precheck(k, v, slots, geom)
     if bad:
         return bad
+    _store_rows(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrinks)
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _store_rows(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
+    """``_store`` without the checks, for rows already checked; releases the GIL, so
+    threads can code disjoint row ranges at once (their slots are distinct)."""
     signs, size = side_k[0], side_k[1]
     if size > 0:
         _rotate_q(q, q_out, signs, size)
@@ -432,7 +440,6 @@ def _store(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrink
                 shrinks)
     _coded_rows(v, slots, vplanes, geom, geom[5], side_v[0], side_v[1], side_v[2], side_v[3],
                 side_v[4], shrinks)
-    return 0
 
 
 def _check(rc: int, cache) -> None:
@@ -459,11 +466,44 @@ def store_rows(cache, layer: int, slots: torch.Tensor, q: torch.Tensor, k: torch
     """
     kviews, vviews = cpu._views(cache)
     q_out = torch.empty(q.shape, dtype=torch.float32) if sides[0][1] > 0 else q
-    rc = _store(q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), q_out.numpy(),
-                slots.detach().to(torch.int64).contiguous().numpy(), kviews, vviews,
-                cpu._geom(cache, layer), sides[0], sides[1], _SHRINKS)
-    _check(rc, cache)
+    arrays = (q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), q_out.numpy(),
+              slots.detach().to(torch.int64).contiguous().numpy())
+    geom = cpu._geom(cache, layer)
+    parts = _row_parts(slots.shape[0])
+    if len(parts) == 1:
+        _check(_store(*arrays, kviews, vviews, geom, sides[0], sides[1], _SHRINKS), cache)
+        return q_out
+    _check(_precheck(arrays[1], arrays[2], arrays[4], geom), cache)  # nothing written on error
+    futures = [_pool().submit(_store_rows, *(a[lo:hi] for a in arrays), kviews, vviews, geom,
+                              sides[0], sides[1], _SHRINKS) for lo, hi in parts[1:]]
+    lo, hi = parts[0]
+    _store_rows(*(a[lo:hi] for a in arrays), kviews, vviews, geom, sides[0], sides[1], _SHRINKS)
+    for f in futures:
+        f.result()
     return q_out
+
+
+# Long writes (prefill chunks) are split over threads: the lsq search makes coding a
+# 512-row chunk a few ms per layer, a tenth of a prefill on one thread.
+PARALLEL_MIN_ROWS = 64
+_POOL = None
+
+
+def _row_parts(n: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges, one per thread, for n rows (one range below PARALLEL_MIN_ROWS)."""
+    parts = min(torch.get_num_threads(), max(1, n // PARALLEL_MIN_ROWS))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads() - 1),
+                                   thread_name_prefix="kvslim-write")
+    return _POOL
 
 
 def side_args(cache_type: str, rotation, shift: np.ndarray, rounding: str) -> tuple:

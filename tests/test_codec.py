@@ -114,6 +114,34 @@ def test_fused_cpu_store_equals_torch_path(kt, vt, rk, rv):
             assert torch.equal(pa[name], pb[name]), name
 
 
+def test_threaded_store_equals_one_call(monkeypatch):
+    """A long write split over threads (row ranges coded at once) stores the same bytes and
+    returns the same q as one numba call; a NaN anywhere still leaves the cache untouched."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = rows(100, gen, offset=3.0)
+    codec = codec_for("q4_0", "q5_1")
+    caches = [KVCache(L, HKV, D, 4, page_size=32, cache_type_k="q4_0", cache_type_v="q5_1", codec=codec)
+              for _ in range(2)]
+    slots = [c.reserve(c.new_sequence(), 100) for c in caches]
+    q_one = codec.store(caches[0], 1, slots[0], q, k, v)
+    parts = rounding._row_parts
+    assert parts(10) == [(0, 10)] and len(parts(4096)) == min(torch.get_num_threads(),
+                                                              4096 // rounding.PARALLEL_MIN_ROWS)
+    monkeypatch.setattr(rounding, "_row_parts", lambda n: [(0, 33), (33, 34), (34, n)])
+    q_split = codec.store(caches[1], 1, slots[1], q, k, v)
+    assert torch.equal(q_one, q_split)
+    for name in caches[0].k_planes:
+        assert torch.equal(caches[0].k_planes[name], caches[1].k_planes[name]), name
+    for name in caches[0].v_planes:
+        assert torch.equal(caches[0].v_planes[name], caches[1].v_planes[name]), name
+    before = {n: p.clone() for n, p in caches[1].v_planes.items()}
+    v_bad = v.clone()
+    v_bad[90, 1, 5] = float("nan")  # in the last range: the first must not be written either
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.store(caches[1], 0, slots[1], q, k, v_bad)
+    assert all(torch.equal(before[n], caches[1].v_planes[n]) for n in before)
+
+
 def test_stored_blocks_are_ggml_blocks_of_coded_values():
     """With ggml rounding the cache holds exactly gguf's q4_0 bytes of R k - mu_k."""
     import gguf
