@@ -342,6 +342,48 @@ def test_ollama_generate_and_chat(client):
     assert streamed[-1].done_reason == "length" and streamed[-1].prompt_eval_count == c.prompt_eval_count
 
 
+def test_fit_messages_drops_the_oldest_and_keeps_system_and_last():
+    from kvslim.server.models import chat_limit, fit_messages
+
+    count = lambda ms: sum(len(m["content"]) for m in ms)  # noqa: E731
+    msgs = [{"role": "system", "content": "s" * 5}] + \
+        [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i) * 10} for i in range(8)]
+    assert fit_messages(msgs, count, 1000) == msgs
+    kept = fit_messages(msgs, count, 40)  # the system message + the last three
+    assert kept == [msgs[0]] + msgs[-3:] and count(kept) <= 40
+    assert fit_messages(msgs, count, 3) == [msgs[0], msgs[-1]]  # the last always stays
+    mid = [msgs[1], {"role": "system", "content": "t"}, *msgs[2:]]  # a system turn later on
+    assert fit_messages(mid, count, 32) == [mid[1]] + mid[-3:]
+    assert chat_limit(256, None) == 192 and chat_limit(4096, None) == 3840
+    assert chat_limit(256, 10) == 246 and chat_limit(256, 1000) == 128
+
+
+def test_long_chat_drops_old_messages_not_the_system_prompt(server, client, tiny_parts):
+    """A chat longer than num_ctx loses whole old messages, as Ollama's does (the system
+    message stays); with truncate false it is a 400."""
+    from kvslim.server.models import chat_limit, fit_messages
+
+    _, tok = tiny_parts
+    msgs = [{"role": "system", "content": "you are a cat"}] + \
+        [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "the cab " * 3}
+         for i in range(21)]
+    def ids(ms):  # as the server renders a chat (BOS once)
+        out = tok.encode(tok.apply_chat_template(ms, add_generation_prompt=True), add_special=True,
+                         parse_special=True)
+        return out[1:] if len(out) > 1 and out[0] == out[1] == tok.bos_id else out
+
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # loaded, as it is
+    num_ctx = ps_model(server.url, "tiny")["context_length"]
+    assert len(ids(msgs)) > num_ctx
+    want = fit_messages(msgs, lambda ms: len(ids(ms)), chat_limit(num_ctx, 2))
+    assert want[0] == msgs[0] and want[-1] == msgs[-1] and 3 < len(want) < len(msgs)
+    c = client.chat(model="tiny", messages=msgs, options={"num_predict": 2, **GREEDY})
+    assert c.done and c.prompt_eval_count == len(ids(want))
+    r = httpx.post(f"{server.url}/api/chat", json={"model": "tiny", "messages": msgs, "stream": False,
+                                                   "truncate": False, "options": {"num_predict": 2}})
+    assert r.status_code == 400 and "more than the context length" in r.json()["error"]
+
+
 def test_openai_chat_and_completions(oai):
     messages = [{"role": "user", "content": "hi"}]
     r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)

@@ -61,6 +61,36 @@ class CacheConfig:
     codec: CodecSettings = CodecSettings()
 
 
+def chat_limit(num_ctx: int, max_tokens: int | None) -> int:
+    """Prompt tokens a chat may keep: num_ctx less room to answer (num_predict, at most
+    half the context; without one, a quarter of it up to 256 tokens, as ``kvslim run``)."""
+    room = min(256, num_ctx // 4) if max_tokens is None else min(max_tokens, num_ctx // 2)
+    return max(1, num_ctx - room)
+
+
+def fit_messages(messages: list[dict], count, limit: int) -> list[dict]:
+    """The longest suffix of ``messages`` whose prompt (``count(msgs)`` tokens) fits
+    ``limit``, with the system messages before it kept in place; at least the last message.
+
+    Binary search over where the suffix starts (the count only grows as messages are
+    added back), so a long history costs a few renders, not one per message.
+    """
+    if len(messages) <= 1 or count(messages) <= limit:
+        return list(messages)
+
+    def keep_from(i: int) -> list[dict]:
+        return [m for m in messages[:i] if m.get("role") == "system"] + list(messages[i:])
+
+    lo, hi = 1, len(messages) - 1  # start index; hi (only the last message) is the fallback
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(keep_from(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return keep_from(hi)
+
+
 @dataclass(frozen=True)
 class CacheRequest:
     """What one request asks of the pool; None keeps whatever is loaded."""
@@ -238,8 +268,21 @@ class Runner:
 
     # ---------------------------------------------------------------- prompts
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of ``messages`` rendered with the chat template, ready to answer."""
+    def chat_ids(self, messages: list[dict], cache: "CacheRequest | None" = None,
+                 max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template, ready to answer.
+
+        With ``cache`` (the request's pool settings), a conversation longer than its
+        num_ctx loses its oldest messages first, as Ollama's chat does: the system
+        messages and the latest message always stay, and room is left to answer
+        (``chat_limit``). Only a last message too long on its own is then cut by tokens.
+        """
+        if cache is not None:
+            limit = chat_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
+            messages = fit_messages(messages, lambda m: len(self._render(m)), limit)
+        return self._render(messages)
+
+    def _render(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
         bos = self.tokenizer.bos_id

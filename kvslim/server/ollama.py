@@ -184,7 +184,9 @@ async def chat(request: Request):
     runner, load = await get_runner(request, req.model)
     params, cache = plan_request(runner, req.options)
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
-    job = await start_job(runner, lambda: runner.chat_ids(messages), params, cache, req.truncate)
+    fit = cache if req.truncate else None  # truncate false: a long chat is a 400
+    job = await start_job(runner, lambda: runner.chat_ids(messages, fit, params.max_tokens), params,
+                          cache, req.truncate)
 
     def head(content: str, **fields) -> dict:
         return {"model": req.model, "created_at": timestamp(),

@@ -107,7 +107,8 @@ async def chat_completions(request: Request):
     messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
     runner, _ = await get_runner(request, req.model)
     params, cache = plan_request(runner, req.ollama_options(max_tokens))
-    job = await start_job(runner, lambda: runner.chat_ids(messages), params, cache, True)
+    job = await start_job(runner, lambda: runner.chat_ids(messages, cache, params.max_tokens), params,
+                          cache, True)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
