@@ -58,6 +58,8 @@ def test_other_half_in_a_child_process(request):
         cmd += ["-m", request.config.getoption("markexpr")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, f"child pytest failed:\n{r.stdout[-8000:]}\n{r.stderr[-3000:]}"
+    passed = re.search(r"(\d+) passed", r.stdout)  # the child ran kernels, not only skips
+    assert passed and int(passed.group(1)) >= 100, r.stdout[-3000:]
 
 
 def _kernels(interpret: bool):
