@@ -388,3 +388,27 @@ def test_smollm2_weights(smollm2_gguf):
     # RMSNorm gains of a trained model sit around 1, not noise around 0.
     assert 0.1 < w["output_norm.weight"].abs().mean() < 10
     assert math.isclose(sum(t.numel() for t in w.values()), config.n_params)
+
+
+def _same_as_gguf_reader(path):
+    """open_gguf's reader (its own header slicing) holds what gguf.GGUFReader holds."""
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, a in theirs.fields.items():
+        b = ours.fields[name]
+        assert (b.offset, b.types, b.data, len(b.parts)) == (a.offset, a.types, a.data, len(a.parts)), name
+        assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(b.parts, a.parts)), name
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(theirs.tensors, ours.tensors):
+        assert (b.tensor_type, b.data_offset, b.n_bytes) == (a.tensor_type, a.data_offset, a.n_bytes)
+        assert b.data.dtype == a.data.dtype and np.array_equal(b.data, a.data), a.name
+    assert ours.data_offset == theirs.data_offset and ours.alignment == theirs.alignment
+
+
+def test_reader_equals_gguf_reader(tiny_path):
+    _same_as_gguf_reader(tiny_path)
+
+
+@pytest.mark.slow
+def test_reader_equals_gguf_reader_on_smollm2(smollm2_gguf):
+    _same_as_gguf_reader(smollm2_gguf)
