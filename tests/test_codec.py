@@ -316,3 +316,30 @@ def test_torch_path_for_other_dtypes_and_devices():
         outs.append(Attention(plan).forward(q, k, v, cache, 1, AttnMeta.prepare(cache, [seq], [40]), 0.125))
     assert outs[1].dtype == torch.float32  # the reference backend's output, decoded in float32
     assert rel(outs[1], outs[0]) < 1e-2  # bf16 q rounding only; k, v quantized from the same values
+
+
+def test_calibration_is_kept_beside_the_store(tiny64, monkeypatch, tmp_path):
+    """The centering means are computed once per model and read back from the store on
+    the next load; a damaged file is recomputed, an unwritable store only costs time."""
+    from kvslim import codec as C
+
+    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+    _, model, tok = tiny64
+    calls, real = [], C.calibrate
+    monkeypatch.setattr(C, "calibrate", lambda m, ids: calls.append(1) or real(m, ids))
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+
+    C._MEANS.pop(model, None)
+    first = C.model_means(model, tok)
+    files = list((tmp_path / "store" / ".calibration").glob("*.pt"))
+    assert len(calls) == 1 and len(files) == 1
+    C._MEANS.pop(model)
+    assert same(C.model_means(model, tok), first) and len(calls) == 1  # read back
+    files[0].write_bytes(b"not a tensor file")
+    C._MEANS.pop(model)
+    assert same(C.model_means(model, tok), first) and len(calls) == 2  # recomputed, rewritten
+    C._MEANS.pop(model)
+    assert same(C.model_means(model, tok), first) and len(calls) == 2
+    monkeypatch.setenv("KVSLIM_MODELS", str(files[0]))  # a file where the store should be
+    C._MEANS.pop(model)
+    assert same(C.model_means(model, tok), first) and len(calls) == 3
