@@ -12,13 +12,14 @@ import os
 import re
 import sys
 from fractions import Fraction
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import gguf
 
-from kvslim import formats
-from kvslim.cache import DEFAULT_PAGE_SIZE
-from kvslim.gguf_loader import ModelConfig, open_gguf
+# formats, cache and gguf_loader import torch: they are imported where used, so that
+# registering `kvslim plan` (every `kvslim` call does, kvslim.cli.PLUGINS) stays light.
+if TYPE_CHECKING:
+    from kvslim.gguf_loader import ModelConfig
 
 TypePair = tuple[str, str]
 
@@ -66,6 +67,7 @@ def parse_memory(size: str | int) -> int:
 
 def parse_type_pair(spec: str | Sequence[str]) -> TypePair:
     """ "q8_0" -> (q8_0, q8_0); "q8_0/q4_0" -> K q8_0, V q4_0; ValueError lists valid types."""
+    from kvslim import formats
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split("/")]
         if len(parts) == 1:
@@ -97,6 +99,7 @@ def effective_types(config: ModelConfig, type_k: str, type_v: str) -> tuple[str,
     The same head-dim rule as kvslim.attention.plan_attention. The rule that depends on
     the device (no fused kernel -> f16 V) is left out: a plan is made for any machine.
     """
+    from kvslim import formats
     dims_ok = config.head_dim % formats.QK == 0 and config.v_head_dim % formats.QK == 0
     if dims_ok or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
         return type_k, type_v, None
@@ -111,6 +114,7 @@ def effective_types(config: ModelConfig, type_k: str, type_v: str) -> tuple[str,
 
 def _row_bytes(dim: int, type: str) -> int:
     """Bytes of one head's row of `dim` values."""
+    from kvslim import formats
     n = dim * formats.block_bytes(type)
     if n % formats.QK:  # only float types can hold a dim that 32 does not divide
         raise ValueError(f"{type} cannot store rows of {dim} values: 32 does not divide {dim}")
@@ -127,14 +131,22 @@ def pages_for(ctx: int, page_size: int) -> int:
     return -(-ctx // page_size)
 
 
+def default_page_size() -> int:
+    """The cache's page (``kvslim.cache.DEFAULT_PAGE_SIZE``), read when a plan needs it."""
+    from kvslim.cache import DEFAULT_PAGE_SIZE
+
+    return DEFAULT_PAGE_SIZE
+
+
 def kv_bytes(config: ModelConfig, ctx: int, parallel: int = 1, type_k: str = "f16", type_v: str = "f16",
-             page_size: int = DEFAULT_PAGE_SIZE) -> int:
+             page_size: int | None = None) -> int:
     """Bytes of a cache for `parallel` sequences of `ctx` tokens, whole pages each.
 
     Equals KVCache(n_layers, n_kv_heads, head_dim, n_pages=parallel * ceil(ctx / page_size),
     page_size=..., cache_type_k=type_k, cache_type_v=type_v).nbytes. Types are taken as
     given: apply `effective_types` first to account for the f16 fallback.
     """
+    page_size = page_size or default_page_size()
     if ctx < 0 or parallel <= 0 or page_size <= 0:
         raise ValueError(f"need ctx >= 0, parallel > 0, page_size > 0; got {ctx}, {parallel}, {page_size}")
     tokens = parallel * pages_for(ctx, page_size) * page_size
@@ -142,11 +154,12 @@ def kv_bytes(config: ModelConfig, ctx: int, parallel: int = 1, type_k: str = "f1
 
 
 def max_ctx(config: ModelConfig, budget: int, parallel: int, type_k: str, type_v: str,
-            page_size: int = DEFAULT_PAGE_SIZE) -> tuple[int, bool]:
+            page_size: int | None = None) -> tuple[int, bool]:
     """(largest whole-page context per sequence whose cache fits in `budget` bytes, capped?).
 
     Capped at the model's context_length; the bool says the cap, not memory, decided.
     """
+    page_size = page_size or default_page_size()
     page_bytes = page_size * kv_bytes_per_token(config, type_k, type_v)
     ctx = max(budget, 0) // (parallel * page_bytes) * page_size
     if ctx > config.context_length:
@@ -160,6 +173,8 @@ def max_ctx(config: ModelConfig, budget: int, parallel: int, type_k: str, type_v
 
 def load_plan_config(model: str | os.PathLike | ModelConfig | gguf.GGUFReader) -> tuple[ModelConfig, str]:
     """(config, model label) from a path, an open reader or a config."""
+    from kvslim.gguf_loader import ModelConfig, open_gguf
+
     if isinstance(model, ModelConfig):
         return model, model.name or model.path or model.arch
     if isinstance(model, gguf.GGUFReader):
@@ -174,7 +189,7 @@ def plan(
     parallel: int = 1,
     ctx: int | None = None,
     types: str | Iterable = DEFAULT_TYPES,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int | None = None,
 ) -> dict:
     """Memory plan as a JSON-ready dict (the shape of issue 5; extra keys are additive).
 
@@ -183,6 +198,7 @@ def plan(
     """
     config, label = load_plan_config(model)
     memory = parse_memory(memory)
+    page_size = page_size or default_page_size()
     if parallel <= 0:
         raise ValueError(f"parallel must be positive, got {parallel}")
     ctx = config.context_length if ctx is None else ctx

@@ -247,3 +247,17 @@ def test_openmp_spin_default(env, expected):
     out = subprocess.run([sys.executable, "-c", "import os, kvslim; print(os.environ.get('GOMP_SPINCOUNT'))"],
                          env={**base, **env}, capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(expected)
+
+
+def test_parser_and_list_do_not_import_torch(tmp_path):
+    """Every `kvslim` call builds the parser with the plugins' verbs; it (and `list`) must
+    not pay torch's import (1.2 s here): the plugin contract in kvslim.cli's docstring."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from kvslim import cli; cli.build_parser(); cli.main(['list']); "
+            "print(sorted(m for m in ('torch', 'numba', 'kvslim.formats') if m in sys.modules))")
+    env = {**os.environ, "KVSLIM_MODELS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
