@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "butterfly"]
+__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "butterfly",
+           "forward_row", "rotate_kernel"]
 
 
 def hadamard_size(head_dim: int, max_size: int = 256) -> int | None:
@@ -74,8 +75,19 @@ def butterfly(buf, size):
         half *= 2
 
 
+@njit(inline="always")
+def forward_row(src, buf, signs, shift, size, scale):
+    """buf = H(S src) * scale - shift for one row [D] (size 0: no butterfly, scale 1)."""
+    for j in range(buf.shape[0]):
+        buf[j] = src[j] * signs[j]
+    if size > 0:
+        butterfly(buf, size)
+    for j in range(buf.shape[0]):
+        buf[j] = buf[j] * scale - shift[j]
+
+
 @njit(cache=True)
-def _rotate(x, out, signs, shift, size, inverse):
+def rotate_kernel(x, out, signs, shift, size, inverse):
     """out = H(S x) - shift (forward) or S H(x + shift) (inverse), per [N, H, D] row.
 
     signs [D] float32; shift [H, D] float32 (zeros when there is nothing to shift).
@@ -86,12 +98,15 @@ def _rotate(x, out, signs, shift, size, inverse):
     buf = np.empty(dim, np.float32)
     for i in range(n):
         for h in range(heads):
-            for j in range(dim):
-                buf[j] = x[i, h, j] + shift[h, j] if inverse else x[i, h, j] * signs[j]
-            butterfly(buf, size)
-            for j in range(dim):
-                y = buf[j] * scale
-                out[i, h, j] = y * signs[j] if inverse else y - shift[h, j]
+            if inverse:
+                for j in range(dim):
+                    buf[j] = x[i, h, j] + shift[h, j]
+                butterfly(buf, size)
+                for j in range(dim):
+                    out[i, h, j] = buf[j] * scale * signs[j]
+            else:
+                forward_row(x[i, h], buf, signs, shift[h], size, scale)
+                out[i, h, :] = buf
 
 
 def _numba_ok(x: torch.Tensor) -> bool:
@@ -113,7 +128,7 @@ def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | N
         xs = x.detach().numpy()
         out = x if in_place else torch.empty(x.shape, dtype=torch.float32)
         sh = shift.numpy() if shift is not None else np.zeros((x.shape[1], x.shape[2]), np.float32)
-        _rotate(xs, xs if in_place else out.numpy(), rot.signs_np, sh, rot.size, inverse)
+        rotate_kernel(xs, xs if in_place else out.numpy(), rot.signs_np, sh, rot.size, inverse)
         return out
     if inverse:
         return rot.inverse(x if shift is None else x + shift.to(x.dtype))

@@ -27,7 +27,7 @@ from numba import njit
 
 from kvslim import formats
 from kvslim.kernels import cpu
-from kvslim.rotation import butterfly
+from kvslim.rotation import forward_row, rotate_kernel
 
 __all__ = ["ROUNDINGS", "LSQ_TYPES", "encode", "supports_lsq", "symmetric_divisors",
            "affine_shrinks", "writer"]
@@ -337,9 +337,20 @@ def _lsq_block(code, x, blk, d, m, qh, qs, divs, shrinks, q, best):
         qh[blk] = bits
 
 
+@njit(inline="always")
+def _put_row(planes, xrow, row, nb, lsq, divs, shrinks, q, best, codes):
+    """One head's row xrow [nb*32] into flat row ``row`` of a side's planes: lsq or ggml."""
+    code, d, m, qh, qs, x32, x16 = planes
+    for b in range(nb):
+        xb = xrow[b * 32:(b + 1) * 32]
+        if lsq:
+            _lsq_block(code, xb, row * nb + b, d, m, qh, qs, divs, shrinks, q, best)
+        else:
+            cpu._encode_block(code, xb, row * nb + b, d, m, qh, qs, x32, x16, codes)
+
+
 @njit(cache=True)
 def _rows(x, slots, planes, geom, nb, lsq, divs, shrinks):
-    code, d, m, qh, qs, x32, x16 = planes
     layer, n_pages, n_kv, page_size = geom[0], geom[1], geom[2], geom[3]
     codes = np.empty(32, np.int32)
     q, best = np.empty(32, np.float32), np.empty(32, np.float32)
@@ -347,29 +358,12 @@ def _rows(x, slots, planes, geom, nb, lsq, divs, shrinks):
         page, off = slots[i] // page_size, slots[i] % page_size
         for h in range(n_kv):
             row = ((layer * n_pages + page) * n_kv + h) * page_size + off
-            for b in range(nb):
-                xb = x[i, h, b * 32:(b + 1) * 32]
-                if lsq:
-                    _lsq_block(code, xb, row * nb + b, d, m, qh, qs, divs, shrinks, q, best)
-                else:
-                    cpu._encode_block(code, xb, row * nb + b, d, m, qh, qs, x32, x16, codes)
-
-
-@njit(cache=True)
-def _precheck(k, v, slots, geom):
-    """-1 if a slot is outside the pool, else the count of non-finite values in k then v
-    (0: the write may go ahead; nothing has been written yet either way)."""
-    capacity = geom[1] * geom[3]
-    for s in slots:
-        if s < 0 or s >= capacity:
-            return -1
-    bad = cpu._count_bad(k)
-    return bad if bad else cpu._count_bad(v)
+            _put_row(planes, x[i, h], row, nb, lsq, divs, shrinks, q, best, codes)
 
 
 @njit(cache=True)
 def _write(k, v, slots, kplanes, vplanes, geom, lsq_k, lsq_v, divs_k, divs_v, shrinks):
-    bad = _precheck(k, v, slots, geom)
+    bad = cpu._precheck(k, v, slots, geom)
     if bad:
         return bad
     _rows(k, slots, kplanes, geom, geom[4], lsq_k, divs_k, shrinks)
@@ -380,49 +374,24 @@ def _write(k, v, slots, kplanes, vplanes, geom, lsq_k, lsq_v, divs_k, divs_v, sh
 @njit(cache=True)
 def _coded_rows(x, slots, planes, geom, nb, signs, size, shift, lsq, divs, shrinks):
     """Rows x [n, H, D] rotated (size > 0), minus shift [H, D], encoded into their slots."""
-    code, d, m, qh, qs, x32, x16 = planes
     layer, n_pages, n_kv, page_size = geom[0], geom[1], geom[2], geom[3]
-    dim = x.shape[2]
     scale = np.float32(1.0 / np.sqrt(size)) if size > 0 else _F1
-    buf = np.empty(dim, np.float32)
+    buf = np.empty(x.shape[2], np.float32)
     codes = np.empty(32, np.int32)
     q, best = np.empty(32, np.float32), np.empty(32, np.float32)
     for i in range(x.shape[0]):
         page, off = slots[i] // page_size, slots[i] % page_size
         for h in range(n_kv):
-            for j in range(dim):
-                buf[j] = x[i, h, j] * signs[j]
-            if size > 0:
-                butterfly(buf, size)
-            for j in range(dim):
-                buf[j] = buf[j] * scale - shift[h, j]
+            forward_row(x[i, h], buf, signs, shift[h], size, scale)
             row = ((layer * n_pages + page) * n_kv + h) * page_size + off
-            for b in range(nb):
-                xb = buf[b * 32:(b + 1) * 32]
-                if lsq:
-                    _lsq_block(code, xb, row * nb + b, d, m, qh, qs, divs, shrinks, q, best)
-                else:
-                    cpu._encode_block(code, xb, row * nb + b, d, m, qh, qs, x32, x16, codes)
-
-
-@njit(cache=True)
-def _rotate_q(q, out, signs, size):
-    scale = np.float32(1.0 / np.sqrt(size))
-    buf = np.empty(q.shape[2], np.float32)
-    for i in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            for j in range(q.shape[2]):
-                buf[j] = q[i, h, j] * signs[j]
-            butterfly(buf, size)
-            for j in range(q.shape[2]):
-                out[i, h, j] = buf[j] * scale
+            _put_row(planes, buf, row, nb, lsq, divs, shrinks, q, best, codes)
 
 
 @njit(cache=True)
 def _store(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
     """The codec's whole write in one call: q rotated into q_out, k and v coded into the
     cache (side = (signs, size, shift, lsq, divisors)). Return codes as in ``_write``."""
-    bad = _precheck(k, v, slots, geom)
+    bad = cpu._precheck(k, v, slots, geom)
     if bad:
         return bad
     _store_rows(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, shrinks)
@@ -434,20 +403,12 @@ def _store_rows(q, k, v, q_out, slots, kplanes, vplanes, geom, side_k, side_v, s
     """``_store`` without the checks, for rows already checked; releases the GIL, so
     threads can code disjoint row ranges at once (their slots are distinct)."""
     signs, size = side_k[0], side_k[1]
-    if size > 0:
-        _rotate_q(q, q_out, signs, size)
+    if size > 0:  # q by the keys' rotation, nothing subtracted
+        rotate_kernel(q, q_out, signs, np.zeros((q.shape[1], q.shape[2]), np.float32), size, False)
     _coded_rows(k, slots, kplanes, geom, geom[4], signs, size, side_k[2], side_k[3], side_k[4],
                 shrinks)
     _coded_rows(v, slots, vplanes, geom, geom[5], side_v[0], side_v[1], side_v[2], side_v[3],
                 side_v[4], shrinks)
-
-
-def _check(rc: int, cache) -> None:
-    if rc < 0:
-        raise IndexError(f"a slot is outside the pool of {cache.capacity} slots")
-    if rc:
-        raise ValueError(f"input holds {rc} non-finite values (NaN or inf); "
-                         "the K/V cache refuses them")
 
 
 def can_store(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -471,9 +432,9 @@ def store_rows(cache, layer: int, slots: torch.Tensor, q: torch.Tensor, k: torch
     geom = cpu._geom(cache, layer)
     parts = _row_parts(slots.shape[0])
     if len(parts) == 1:
-        _check(_store(*arrays, kviews, vviews, geom, sides[0], sides[1], _SHRINKS), cache)
+        cpu.raise_for(_store(*arrays, kviews, vviews, geom, sides[0], sides[1], _SHRINKS), cache)
         return q_out
-    _check(_precheck(arrays[1], arrays[2], arrays[4], geom), cache)  # nothing written on error
+    cpu.raise_for(cpu._precheck(arrays[1], arrays[2], arrays[4], geom), cache)  # nothing written on error
     futures = [_pool().submit(_store_rows, *(a[lo:hi] for a in arrays), kviews, vviews, geom,
                               sides[0], sides[1], _SHRINKS) for lo, hi in parts[1:]]
     lo, hi = parts[0]
@@ -526,7 +487,7 @@ def _numba_write(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: tor
                cpu._geom(cache, layer), lsq_k, lsq_v,
                _DIVISORS.get(cache.cache_type_k, _NO_DIVISORS),
                _DIVISORS.get(cache.cache_type_v, _NO_DIVISORS), _SHRINKS)
-    _check(rc, cache)
+    cpu.raise_for(rc, cache)
 
 
 def writer(cache):

@@ -951,16 +951,21 @@ def _encode_rows(x, slots, planes, geom, nb):
 
 
 @njit(cache=True)
-def _write(k, v, slots, kplanes, vplanes, geom):
-    """Check everything, then quantize K and V rows: -1 for a slot outside the pool, else
-    the count of non-finite values in K (or else V), with nothing written; 0 when done."""
+def _precheck(k, v, slots, geom):
+    """-1 if a slot is outside the pool, else the count of non-finite values in k (or else
+    v): 0 means the write may go ahead. Every writer checks before writing anything."""
     capacity = geom[1] * geom[3]
     for s in slots:
         if s < 0 or s >= capacity:
             return -1
     bad = _count_bad(k)
-    if bad == 0:
-        bad = _count_bad(v)
+    return bad if bad else _count_bad(v)
+
+
+@njit(cache=True)
+def _write(k, v, slots, kplanes, vplanes, geom):
+    """Check everything, then quantize K and V rows; ``_precheck``'s code, 0 when done."""
+    bad = _precheck(k, v, slots, geom)
     if bad:
         return bad
     _encode_rows(k, slots, kplanes, geom, geom[4])
@@ -1020,7 +1025,11 @@ def write_rows(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch
     kx = k.detach().to(torch.float32).contiguous().numpy()
     vx = v.detach().to(torch.float32).contiguous().numpy()
     slots_np = slots.detach().to(torch.int64).contiguous().numpy()
-    rc = _write(kx, vx, slots_np, kviews, vviews, _geom(cache, layer))
+    raise_for(_write(kx, vx, slots_np, kviews, vviews, _geom(cache, layer)), cache)
+
+
+def raise_for(rc: int, cache) -> None:
+    """The exception for a writer's ``_precheck`` code (nothing was written)."""
     if rc < 0:
         raise IndexError(f"a slot is outside the pool of {cache.capacity} slots")
     if rc:
