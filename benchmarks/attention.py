@@ -50,13 +50,7 @@ def _stream_sum(a):
 def bandwidth(reps: int = 15) -> float:
     """Streaming-read bytes/s with numba's threads over a 512 MiB buffer (median)."""
     a = np.ones((get_num_threads(), (512 << 20) // 4 // get_num_threads()), np.float32)
-    _stream_sum(a)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        _stream_sum(a)
-        times.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(times)
+    return a.nbytes / median_time(lambda i: _stream_sum(a), reps, warmup=1)
 
 
 def median_time(fn, reps: int, warmup: int = 3) -> float:

@@ -60,31 +60,37 @@ def prompt_ids(llm: LLM, n: int) -> list[int]:
 
 
 def measure(llm: LLM, types: list[tuple[str, str]], ids: list[int], n_decode: int) -> dict:
-    """{(k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)} for one prompt.
+    """{(k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)} for one prompt."""
+    engines = {(k, v): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
+                              num_ctx=len(ids) + n_decode + 8) for k, v in types}
+    return {kv: (engines[kv], pre, 1 / med, 1 / best)
+            for kv, (pre, med, best) in interleaved(engines, ids, n_decode).items()}
 
-    One engine per type shares the model's weights; their steps are interleaved round
-    robin, so load from other processes falls on every type alike. Decode uses the
-    median step time (a few steps stall behind other processes); the best step shows
-    what the code costs when it has the cores.
+
+def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
+    """{key: (prefill tok/s, median decode step s, best decode step s)}: ``ids`` then
+    ``n_decode`` greedy tokens on every engine (which share the model's weights).
+
+    The engines' steps are interleaved round robin, so load from other processes falls on
+    every row alike. Decode uses the median step time (a few steps stall behind other
+    processes); the best step shows what the code costs when it has the cores.
     """
     params = SamplingParams(max_tokens=n_decode + 1, temperature=0, repeat_penalty=1.0,
                             ignore_eos=True)
     runs = {}
-    for k, v in types:
-        e = Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
-                   num_ctx=len(ids) + n_decode + 8)
+    for key, e in engines.items():
         e.add_request(ids[:64], SamplingParams(max_tokens=4))  # warm up (numba compiles once)
         while e.has_work():
             e.step()
-        runs[(k, v)] = (e, e.add_request(ids, params), [0.0], [])
+        runs[key] = (e, e.add_request(ids, params), [0.0], [])
     while any(e.has_work() for e, *_ in runs.values()):
         for e, seq, prefill, decode in runs.values():
             if e.has_work():
                 decoding = seq.n_cached >= seq.n_prompt
                 t = _timed(e.step)
                 decode.append(t) if decoding else prefill.__setitem__(0, prefill[0] + t)
-    return {kv: (e, len(ids) / pre[0], 1 / statistics.median(dec), 1 / min(dec))
-            for kv, (e, _, pre, dec) in runs.items()}
+    return {key: (len(ids) / pre[0], statistics.median(dec), min(dec))
+            for key, (_, _, pre, dec) in runs.items()}
 
 
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,12 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import _timed, prompt_ids  # noqa: E402
+from generate import interleaved, prompt_ids  # noqa: E402
 
 from kvslim import LLM  # noqa: E402
 from kvslim.codec import CodecSettings  # noqa: E402
 from kvslim.engine import Engine  # noqa: E402
-from kvslim.sampling import SamplingParams  # noqa: E402
 
 CODINGS = {
     "off": CodecSettings("off", "off", "ggml"),
@@ -39,24 +37,10 @@ CODINGS = {
 
 def measure(llm: LLM, rows: list[tuple[str, str, str]], ids: list[int], n_decode: int) -> dict:
     """{(k, v, coding): (prefill tok/s, median decode step s, best step s)}, steps interleaved."""
-    params = SamplingParams(max_tokens=n_decode + 1, temperature=0, repeat_penalty=1.0,
-                            ignore_eos=True)
-    runs = {}
-    for k, v, coding in rows:
-        e = Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
-                   num_ctx=len(ids) + n_decode + 8, codec=CODINGS[coding])
-        e.add_request(ids[:64], SamplingParams(max_tokens=4))  # warm up: numba compiles once
-        while e.has_work():
-            e.step()
-        runs[(k, v, coding)] = (e, e.add_request(ids, params), [0.0], [])
-    while any(e.has_work() for e, *_ in runs.values()):
-        for e, seq, prefill, decode in runs.values():
-            if e.has_work():
-                decoding = seq.n_cached >= seq.n_prompt
-                t = _timed(e.step)
-                decode.append(t) if decoding else prefill.__setitem__(0, prefill[0] + t)
-    return {key: (len(ids) / pre[0], statistics.median(dec), min(dec))
-            for key, (e, _, pre, dec) in runs.items()}
+    engines = {(k, v, coding): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
+                                      num_ctx=len(ids) + n_decode + 8, codec=CODINGS[coding])
+               for k, v, coding in rows}
+    return interleaved(engines, ids, n_decode)
 
 
 def main() -> None:
@@ -74,7 +58,7 @@ def main() -> None:
     print(f"# {llm.config.name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.2f}; prompt {args.length}, {args.decode} decode steps")
     got = measure(llm, [(k, v, c) for k, v in types for c in codings], ids, args.decode)
-    print(f"| K/V | coding | prefill tok/s | decode tok/s | best step tok/s | decode cost vs off |")
+    print("| K/V | coding | prefill tok/s | decode tok/s | best step tok/s | decode cost vs off |")
     print("|---|---|---|---|---|---|")
     for (k, v, c), (prefill, med, best) in got.items():
         off = got.get((k, v, "off"))
