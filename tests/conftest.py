@@ -12,3 +12,19 @@ def smollm2_gguf():
     from kvslim import store
 
     return store.resolve("smollm2", pull_missing=True)
+
+
+JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
+
+
+@pytest.fixture(scope="session")
+def jargon_text():
+    """The Jargon File (English prose, Debian package jargon-text, as `kvslim bench` reads
+    by default); tests that need it are skipped where it is not installed."""
+    import gzip
+    from pathlib import Path
+
+    if not Path(JARGON).exists():
+        pytest.skip(f"{JARGON} is missing: install the Debian package jargon-text")
+    with gzip.open(JARGON, "rt", encoding="utf-8") as f:
+        return f.read()

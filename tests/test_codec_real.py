@@ -2,15 +2,11 @@
 from the f16 cache (slow: model load and five 1,024-token forwards)."""
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-
-JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +17,8 @@ def llm(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def ids(llm):
-    if not JARGON.exists():
-        pytest.skip(f"{JARGON} is missing: install the Debian package jargon-text")
-    with gzip.open(JARGON, "rt", encoding="utf-8", errors="replace") as f:
-        text = f.read()
+def ids(llm, jargon_text):
+    text = jargon_text
     return llm.tokenize(text[20000:40000])[:1024]  # past the front matter: running prose
 
 

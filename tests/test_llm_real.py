@@ -7,7 +7,6 @@ transformers forward); CI runs them with -m 'slow or not slow'.
 """
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 
 
@@ -38,11 +36,8 @@ def hf(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def english_ids(llm):
-    if not JARGON.exists():
-        pytest.skip(f"{JARGON} is missing: install the Debian package jargon-text")
-    with gzip.open(JARGON, "rt", encoding="utf-8", errors="replace") as f:
-        text = f.read()
+def english_ids(llm, jargon_text):
+    text = jargon_text
     ids = llm.tokenize(text[20000:40000])[:1024]  # past the front matter: running prose
     assert len(ids) == 1024
     return ids

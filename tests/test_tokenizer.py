@@ -7,7 +7,6 @@ gguf.GGUFWriter, whose expected ids are derived by hand in the comments.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import time
@@ -23,7 +22,6 @@ from kvslim.tokenizer import Tokenizer
 
 TESTS = Path(__file__).parent
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 def _load_fixture() -> dict | None:
@@ -403,10 +401,8 @@ def test_chatml_fallback_and_template_helpers(tmp_path: Path):
 # ---------------------------------------------------------------------------
 
 
-def test_jargon_encode_speed(smol: Tokenizer, capsys):
-    if not JARGON.exists():
-        pytest.skip(f"{JARGON} not installed (Debian package jargon-text)")
-    text = gzip.open(JARGON, "rt", encoding="utf-8").read()
+def test_jargon_encode_speed(smol: Tokenizer, capsys, jargon_text):
+    text = jargon_text
     fresh = Tokenizer(smol.vocab)  # empty word cache
     start = time.perf_counter()
     ids = fresh.encode(text)
