@@ -277,10 +277,13 @@ class Runner:
         messages and the latest message always stay, and room is left to answer
         (``chat_limit``). Only a last message too long on its own is then cut by tokens.
         """
-        if cache is not None:
-            limit = chat_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
-            messages = fit_messages(messages, lambda m: len(self._render(m)), limit)
-        return self._render(messages)
+        ids = self._render(messages)
+        if cache is None:
+            return ids
+        limit = chat_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
+        if len(ids) <= limit:  # the usual case: rendered once
+            return ids
+        return self._render(fit_messages(messages, lambda m: len(self._render(m)), limit))
 
     def _render(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
