@@ -20,6 +20,7 @@ the same pass (the cache's centering, see ``codec``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,6 +110,14 @@ def rotate_kernel(x, out, signs, shift, size, inverse):
                 out[i, h, :] = buf
 
 
+@functools.lru_cache(maxsize=16)
+def _zeros(heads: int, dim: int) -> np.ndarray:
+    """A read-only [heads, dim] zero shift, made once per shape (rotate_rows runs per layer)."""
+    z = np.zeros((heads, dim), np.float32)
+    z.flags.writeable = False
+    return z
+
+
 def _numba_ok(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype is torch.float32 and x.dim() == 3
 
@@ -127,7 +136,7 @@ def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | N
     if _numba_ok(x):
         xs = x.detach().numpy()
         out = x if in_place else torch.empty(x.shape, dtype=torch.float32)
-        sh = shift.numpy() if shift is not None else np.zeros((x.shape[1], x.shape[2]), np.float32)
+        sh = shift.numpy() if shift is not None else _zeros(x.shape[1], x.shape[2])
         rotate_kernel(xs, xs if in_place else out.numpy(), rot.signs_np, sh, rot.size, inverse)
         return out
     if inverse:
