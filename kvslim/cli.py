@@ -147,7 +147,7 @@ def cmd_show(args) -> int:
         per_tok = planner.kv_bytes_per_token(c, k, v)
         path_note = plan.backend + ("" if not plan.fell_back else
                                     f", falls back to {plan.effective_k}/{plan.effective_v}")
-        cd = decide(coding, plan.effective_k, plan.effective_v, -(-c.head_dim // formats.QK) * formats.QK)
+        cd = decide(coding, plan.effective_k, plan.effective_v, c.cache_head_dim)
         rows.append((t, f"{per_tok:,}", _size(per_tok * ctx), _size(per_tok * c.context_length),
                      path_note, _coding(cd.describe())))
     _table(["KV cache type", "bytes/token", f"at num_ctx {ctx}", f"at {c.context_length}",

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kvslim import formats
+
 # RoPE layout that each architecture's GGUF weights expect (llama.cpp's
 # llama_model_rope_type):
 # - "normal": rotate interleaved pairs (2i, 2i+1) of each head. llama.cpp's
@@ -184,6 +186,12 @@ class ModelConfig:
             raise ValueError(f"rope_dim {self.rope_dim} must be even and at most head_dim {self.head_dim}")
         self.rope_style = ROPE_STYLES[self.arch]
         self.n_rep = self.n_heads // self.n_kv_heads
+
+    @property
+    def cache_head_dim(self) -> int:
+        """head_dim rounded up to whole 32-value blocks: the row width the K/V cache holds
+        (a head_dim that 32 does not divide is zero-padded there and stored as f16)."""
+        return -(-self.head_dim // formats.QK) * formats.QK
 
     @property
     def file_type_name(self) -> str | None:

@@ -20,7 +20,6 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from kvslim import formats
 from kvslim.attention import Attention, AttnMeta
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
@@ -92,7 +91,7 @@ class Llama:
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         # Block formats need a multiple of 32 along head_dim: such heads are zero-padded
         # in the cache (zeros add nothing to q.k or to the output).
-        self.cache_head_dim = -(-c.head_dim // formats.QK) * formats.QK
+        self.cache_head_dim = c.cache_head_dim
         self.scale = 1.0 / math.sqrt(c.head_dim)
         # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
         self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
