@@ -324,7 +324,7 @@ class Engine:
         logits = self.model.forward(torch.tensor(tokens), self.cache, [s.cache_seq for s, _ in batch],
                                     [n for _, n in batch], self.attn,
                                     torch.tensor(rows, dtype=torch.long))
-        outputs, r = [], 0
+        outputs = []
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:
             s.n_cached += n

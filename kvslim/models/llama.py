@@ -207,7 +207,7 @@ class Llama:
         return pos.to(self.device)  # [N]
 
     def _forward(self, tokens, cache, meta, attn, logit_rows):
-        n, eps = tokens.shape[0], self.config.rms_eps
+        eps = self.config.rms_eps
         cos, sin = self._rope_tables(max(meta.kv_lens))
         pos = self._positions(meta)
         cos, sin = cos[pos], sin[pos]  # [N, 1, R], shared by every layer
