@@ -34,7 +34,8 @@ import torch
 
 from kvslim.attention import Attention, AttentionPlan, plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
-from kvslim.codec import CodecSettings, build_codec, decide
+from kvslim.calibration import build_codec
+from kvslim.codec import CodecSettings, decide
 from kvslim.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("kvslim")
@@ -47,6 +48,21 @@ DEFAULT_NUM_CTX = 4096
 DEFAULT_BATCH_TOKENS = 512
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_lens: list[int],
+             tokens: list[int], logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward step: reserve its slots (all or nothing), run the model, and roll the
+    cache back to the tokens it held before if anything fails.
+
+    tokens packed like q_lens -> logits [R, V] float32 for logit_rows (None: every row).
+    """
+    step = attn.begin(cache, cache_ids, q_lens)
+    try:
+        return model.forward(torch.tensor(tokens), step, logit_rows)
+    except BaseException:
+        step.rollback()
+        raise
 
 
 class PromptTooLong(ValueError):
@@ -88,7 +104,7 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then generated
         self.n_prompt = len(prompt_ids)
         self.n_cached = 0  # tokens of token_ids already in the cache
-        self.cache_seq: int | None = None
+        self.cache_id: int | None = None
         self.status = WAITING
         self.finish_reason: str | None = None
         self.text = ""  # all text released so far
@@ -271,7 +287,7 @@ class Engine:
     def _room(self) -> int:
         """Free pages not promised to running sequences (each may grow to _pages_for)."""
         ps = self.cache.page_size
-        held = sum(-(-self.cache.length(s.cache_seq) // ps) for s in self.running)
+        held = sum(-(-self.cache.length(s.cache_id) // ps) for s in self.running)
         return self.cache.free_pages - (sum(self._pages_for(s) for s in self.running) - held)
 
     def _make_room(self, need: int) -> bool:
@@ -285,13 +301,13 @@ class Engine:
         with self._lock:
             while self.waiting and len(self.running) < self.num_parallel:
                 seq = self.waiting[0]
-                cache_seq, reused = self._attach(seq)
+                cache_id, reused = self._attach(seq)
                 need = self._pages_for(seq) - reused // self.cache.page_size
                 if not self._make_room(need):
-                    self.cache.free(cache_seq)
+                    self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
-                seq.cache_seq, seq.n_cached, seq.stats.prompt_cache_count = cache_seq, reused, reused
+                seq.cache_id, seq.n_cached, seq.stats.prompt_cache_count = cache_id, reused, reused
                 seq.status = RUNNING
                 self.running.append(seq)
 
@@ -321,9 +337,8 @@ class Engine:
             if n == s.pending():
                 rows.append(row - 1)  # the last row of a sequence that is caught up
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(tokens), self.cache, [s.cache_seq for s, _ in batch],
-                                    [n for _, n in batch], self.attn,
-                                    torch.tensor(rows, dtype=torch.long))
+        logits = run_step(self.model, self.attn, self.cache, [s.cache_id for s, _ in batch],
+                          [n for _, n in batch], tokens, torch.tensor(rows, dtype=torch.long))
         outputs = []
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:
@@ -360,8 +375,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
             if self.prefix_cache is not None:  # keep its full pages for a later identical prefix
-                self.prefix_cache.retain(self.cache, seq.cache_seq, seq.token_ids[:seq.n_cached])
-            self.cache.free(seq.cache_seq)
+                self.prefix_cache.retain(self.cache, seq.cache_id, seq.token_ids[:seq.n_cached])
+            self.cache.free(seq.cache_id)
             self.running.remove(seq)
         seq.status, seq.finish_reason = FINISHED, reason
         seq.stats.finished = time.perf_counter()
@@ -380,13 +395,13 @@ class Engine:
             if not self._make_room(need):
                 raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
                                  f"{len(self.running)} sequences run")
-            seq = self.cache.new_sequence()
+            cid = self.cache.new_sequence()
             try:
-                out = [self.model.forward(torch.tensor(ids[i:i + chunk]), self.cache, [seq],
-                                          [len(ids[i:i + chunk])], self.attn).cpu()
+                out = [run_step(self.model, self.attn, self.cache, [cid], [len(ids[i:i + chunk])],
+                                ids[i:i + chunk]).cpu()
                        for i in range(0, len(ids), chunk)]
             finally:
-                self.cache.free(seq)
+                self.cache.free(cid)
         return torch.cat(out)
 
     # ---------------------------------------------------------------- reporting

@@ -17,9 +17,16 @@ matmul/logsumexp version over bounded blocks.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvslim import formats
+from kvslim.kernels import reference
+
+if TYPE_CHECKING:
+    from kvslim.attention import Step
+    from kvslim.cache import KVCache
 
 TILE = 1024  # keys per tile: the decoded K+V tile of an 8B layer is 8 MiB
 MATH_SCORES = 1 << 24  # scores per block in the generic path (64 MiB of float32)
@@ -100,15 +107,28 @@ def attend_sequence(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_
     return acc[0].transpose(0, 1)  # [n, Hq, Dv]
 
 
-def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence (meta.q_offsets) -> [N, Hq, Dv] float32."""
+def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
+              scale: float) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32."""
     out = torch.empty(q.shape[0], q.shape[1], cache.v_head_dim, dtype=torch.float32,
                       device=q.device)
-    for b in range(len(meta.seqs)):
-        lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
-        out[lo:hi] = attend_sequence(q[lo:hi], cache, layer, meta.page_table.pages[b],
-                                     meta.kv_lens[b], scale)
+    for b in range(len(step.cache_ids)):
+        lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
+        out[lo:hi] = attend_sequence(q[lo:hi], cache, layer, step.page_table.pages[b],
+                                     step.kv_lens[b], scale)
     return out
+
+
+class Backend:
+    """Flash attention over decoded tiles; plain-torch writes (``reference.write``)."""
+
+    name = "tiled"
+
+    def prepare(self, step: "Step") -> None:
+        """Nothing to build: tiles are decoded per call."""
+
+    write = staticmethod(reference.write)
+    attend = staticmethod(attention)
 
 
 def available(device, type_k: str, type_v: str) -> str | None:

@@ -305,7 +305,7 @@ class Runner:
         """
         e = self.engine
         info = e.cache_info()
-        seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_seq)}
+        seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_id)}
         prefix = e.prefix_cache
         info.update(
             pages_sequences=len(seq_pages),
