@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,15 +28,35 @@ log = logging.getLogger("kvslim")
 
 FLASH_MODES = ("auto", "on", "off")
 
-# backend name -> module exposing ``Backend`` (an object with ``prepare(step)``, ``write(cache,
-# layer, step, k, v)`` and ``attend(q, cache, layer, step, scale)``) and
-# ``available(device, type_k, type_v) -> str | None`` (None when usable, else the reason).
+# backend name -> module exposing ``Backend`` (the class of an object as the ``Backend``
+# protocol below says) and ``available(device, type_k, type_v) -> str | None`` (None when
+# usable, else the reason).
 BACKENDS = {
     "reference": "kvslim.kernels.reference",
     "cpu": "kvslim.kernels.cpu",
     "triton": "kvslim.kernels.triton",
     "tiled": "kvslim.kernels.tiled",
 }
+
+
+class Backend(Protocol):
+    """What every backend in ``BACKENDS`` provides (kernels/*.py ``Backend``).
+
+    ``prepare`` runs once per step, before any layer, and may leave per-step scratch in
+    ``step.scratch``; ``write`` stores a layer's k [N, Hkv, D], v [N, Hkv, Dv] (model
+    coordinates; the cache's codec applied) into ``step.slots``, all or nothing;
+    ``attend`` returns q [N, Hq, D] (cache coordinates) -> [N, Hq, Dv].
+    """
+
+    name: str
+
+    def prepare(self, step: "Step") -> None: ...
+
+    def write(self, cache: KVCache, layer: int, step: "Step", k: torch.Tensor,
+              v: torch.Tensor) -> None: ...
+
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, step: "Step",
+               scale: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -171,7 +191,7 @@ def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_
     return plan
 
 
-def make_backend(name: str):
+def make_backend(name: str) -> Backend:
     """A fresh backend object of one of ``BACKENDS``."""
     return importlib.import_module(BACKENDS[name]).Backend()
 

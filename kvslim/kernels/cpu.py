@@ -2,8 +2,9 @@
 
 Decode rows, and chunks of at most ``NUMBA_MAX_Q`` rows per sequence, run one numba
 kernel over (sequence x kv head x split-K chunk) work items merged by log-sum-exp; the
-calling thread and helper threads claim the items from an atomic counter. Each item walks its tokens in tiles (a few dozen tokens, never crossing a
-page) with an online softmax, and handles all g = Hq/Hkv query heads (times the chunk's
+calling thread and helper threads claim the items from an atomic counter. Each item
+walks its tokens in tiles (a few dozen tokens, never crossing a page) with an online
+softmax, and handles all g = Hq/Hkv query heads (times the chunk's
 rows) of its kv head together, so each stored byte is read once per step.
 
 The two products of a tile, scores = q K^T and out += p V, are small vector
@@ -13,9 +14,9 @@ are first dequantized into a float tile of ~16 KiB that stays in L1. No float co
 a sequence is ever made. Longer chunks (prefill) go to ``kernels.tiled``, whose flash
 GEMMs win there.
 
-One compiled kernel serves all 81 K/V type pairs: the type is a small integer code the
-kernel branches on per tile, so a first call compiles one function, not a version per
-pair, and ``cache=True`` keeps it on disk (benchmarks/README.md has the cost).
+One compiled kernel serves all 81 K/V type pairs: the kernel branches per tile on the
+type's ``formats.Format.code``, so a first call compiles one function, not a version
+per pair, and ``cache=True`` keeps it on disk (benchmarks/README.md has the cost).
 
 The query stays float32. Quantizing it to q8_0 for an integer dot product, as
 llama.cpp does, moves scores by ~1e-3 relative, past the 1e-4 error budget; and with
