@@ -194,8 +194,6 @@ def _lsq_block(p, x, blk, divs, shrinks, q, best):
         qh[blk] = bits
 
 
-
-
 # ---------------------------------------------------------------- rows
 
 
@@ -284,20 +282,20 @@ def plain_sides(heads: int, dim_k: int, dim_v: int) -> tuple[Side, Side]:
 
 
 def write_arrays(k: np.ndarray, v: np.ndarray, slots: np.ndarray, kplanes: ggml.Planes,
-                 vplanes: ggml.Planes, geom: ggml.Geom, sides: tuple[Side, Side]) -> int:
+                 vplanes: ggml.Planes, geom: ggml.Geom, coding: tuple[Side, Side]) -> int:
     """The numpy level of ``write``: ``ggml.precheck``'s code, 0 when written. Long
     writes are split over the write pool's threads once everything is checked."""
     parts = _row_parts(slots.shape[0])
     if len(parts) == 1:
-        return _write(k, v, slots, kplanes, vplanes, geom, *sides, _SHRINKS)
+        return _write(k, v, slots, kplanes, vplanes, geom, *coding, _SHRINKS)
     bad = ggml.precheck(k, v, slots, geom)
     if bad:
         return bad
     arrays = (k, v, slots)
     futures = [_pool().submit(_write_rows, *(a[lo:hi] for a in arrays), kplanes, vplanes, geom,
-                              *sides, _SHRINKS) for lo, hi in parts[1:]]
+                              *coding, _SHRINKS) for lo, hi in parts[1:]]
     lo, hi = parts[0]
-    _write_rows(*(a[lo:hi] for a in arrays), kplanes, vplanes, geom, *sides, _SHRINKS)
+    _write_rows(*(a[lo:hi] for a in arrays), kplanes, vplanes, geom, *coding, _SHRINKS)
     for f in futures:
         f.result()
     return 0
