@@ -118,16 +118,16 @@ def _coding(info: dict) -> str:
 def cmd_show(args) -> int:
     from kvslim import formats, planner, store
     from kvslim.attention import plan_attention
-    from kvslim.codec import CodecSettings, decide
+    from kvslim.codec import decide
     from kvslim.gguf_loader import ModelConfig, open_gguf
-    from kvslim.llm import pick_device, resolve_flash_attn, resolve_num_ctx
+    from kvslim.settings import pick_device, resolve_codec, resolve_flash_attn, resolve_num_ctx
 
     path = store.resolve(args.model)
     c = ModelConfig.from_gguf(open_gguf(path))
     device = pick_device(args.device)
     ctx = resolve_num_ctx(args.num_ctx, c.context_length, device)
     flash = resolve_flash_attn(args.flash_attn)
-    coding = CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    coding = resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     facts = [
         ("architecture", c.arch), ("name", c.name), ("parameters", _count(c.n_params)),
         ("quantization", c.file_type_name or "?"), ("context length", c.context_length),
@@ -157,14 +157,14 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     from kvslim import store
-    from kvslim.codec import CodecSettings
-    from kvslim.llm import LLM, pick_device, resolve_cache_types, resolve_flash_attn
+    from kvslim.llm import LLM
     from kvslim.sampling import SamplingParams
+    from kvslim.settings import pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn
 
     # bad flags fail before a first-use pull downloads anything
     resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
     resolve_flash_attn(args.flash_attn)
-    CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     pick_device(args.device)
     options = sampling_options(args)
     SamplingParams.from_options(**options)

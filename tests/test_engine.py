@@ -8,7 +8,7 @@ import torch
 
 from kvslim.engine import Engine, PromptTooLong, Sequence
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.llm import LLM, resolve_cache_types, resolve_flash_attn, resolve_num_ctx
+from kvslim.llm import LLM
 from kvslim.models import load_model
 from kvslim.sampling import SamplingParams, apply_penalties, sample
 from kvslim.tokenizer import Tokenizer
@@ -349,46 +349,3 @@ def test_llm_reconfigure_changes_types(llm):
     assert llm.kv_cache_info()["type_v"] == "q4_0"  # unchanged after a bad request
     llm.reconfigure(kv_cache_type="q8_0")
     assert llm.generate("a", max_tokens=2, **GREEDY).eval_count <= 2
-
-
-def test_settings_resolution():
-    env = {"KVSLIM_KV_CACHE_TYPE": "q4_0", "KVSLIM_FLASH_ATTENTION": "1"}
-    assert resolve_cache_types(env=env) == ("q4_0", "q4_0")
-    assert resolve_cache_types("q8_0", None, "f16", env=env) == ("q8_0", "f16")
-    assert resolve_cache_types(cache_type_k="Q8_0", env={}) == ("q8_0", "f16")
-    with pytest.raises(ValueError, match="valid types: f32, f16"):
-        resolve_cache_types("q9", env={})
-    assert resolve_flash_attn(env=env) == "on"
-    assert resolve_flash_attn("off", env=env) == "off"
-    assert resolve_flash_attn(env={"KVSLIM_FLASH_ATTENTION": "false"}) == "off"
-    assert resolve_flash_attn(env={}) == "auto"
-    cpu = torch.device("cpu")
-    assert resolve_num_ctx(None, 8192, cpu, env={}) == 4096
-    assert resolve_num_ctx(None, 2048, cpu, env={}) == 2048
-    assert resolve_num_ctx(None, 8192, cpu, env={"KVSLIM_CONTEXT_LENGTH": "16384"}) == 8192
-    with pytest.raises(ValueError, match="maximum context is 8192"):
-        resolve_num_ctx(9000, 8192, cpu, env={})
-
-
-def test_device_choice_and_dtype(monkeypatch):
-    from kvslim.llm import compute_dtype, pick_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert pick_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="no CUDA"):
-        pick_device("cuda")
-    with pytest.raises(ValueError, match="no Apple MPS"):
-        pick_device("mps")
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        pick_device("tpu")
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert pick_device("auto") == torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pick_device(None) == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
-    assert compute_dtype(torch.device("cpu")) == torch.float32
-    assert compute_dtype(torch.device("mps")) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert compute_dtype(torch.device("cuda")) == torch.float16  # e.g. Pascal / Turing
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert compute_dtype(torch.device("cuda")) == torch.bfloat16

@@ -28,7 +28,7 @@ from kvslim.models import load_model
 from kvslim.sampling import SamplingParams
 from kvslim.server.app import create_app
 from kvslim.server.prefix import PrefixCache
-from kvslim.server.settings import Settings, is_loopback, parse_host
+from kvslim.settings import ServerSettings, is_loopback, parse_host
 from kvslim.tokenizer import Tokenizer
 
 import tiny_llama
@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, models: dict | None = None):
+def running_server(settings: ServerSettings, models: dict | None = None):
     """uvicorn serving create_app(settings) on a free loopback port, in a thread."""
     settings = replace(settings, host="127.0.0.1", port=_free_port())
     app = create_app(settings, models)
@@ -149,7 +149,7 @@ def tiny_parts(tiny_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_path):
-    settings = Settings.from_env({}, num_parallel=4, max_body=64 * 1024)
+    settings = ServerSettings.from_env({}, num_parallel=4, max_body=64 * 1024)
     with running_server(settings, {"tiny": tiny_path}) as served:
         yield served
 
@@ -184,7 +184,7 @@ def test_bad_host_is_an_error(bad):
 
 
 def test_only_loopback_unless_asked():
-    assert is_loopback(Settings.from_env({}).host)
+    assert is_loopback(ServerSettings.from_env({}).host)
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
 
 
@@ -192,20 +192,20 @@ def test_settings_from_environment_and_flags():
     env = {"KVSLIM_HOST": "0.0.0.0:9000", "KVSLIM_KV_CACHE_TYPE": "q8_0", "KVSLIM_NUM_PARALLEL": "16",
            "KVSLIM_FLASH_ATTENTION": "1", "KVSLIM_KV_MEMORY": "1GiB", "KVSLIM_MAX_QUEUE": "3",
            "KVSLIM_PREFIX_CACHE": "0"}
-    s = Settings.from_env(env)
+    s = ServerSettings.from_env(env)
     assert (s.host, s.port, s.cache_type_k, s.cache_type_v) == ("0.0.0.0", 9000, "q8_0", "q8_0")
     assert (s.num_parallel, s.flash_attn, s.kv_memory, s.max_queue, s.prefix_cache) == \
         (16, "on", 2**30, 3, False)
-    s = Settings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
+    s = ServerSettings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
     assert (s.cache_type_k, s.cache_type_v, s.num_parallel, s.host) == ("q8_0", "q4_0", 2, "127.0.0.1")
     assert s.codec == CodecSettings()
-    s = Settings.from_env({"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_ROUNDING": "ggml"}, kv_centering="on")
+    s = ServerSettings.from_env({"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_ROUNDING": "ggml"}, kv_centering="on")
     assert s.codec == CodecSettings("off", "on", "ggml")
     for bad in ({"KVSLIM_NUM_PARALLEL": "0"}, {"KVSLIM_KV_CACHE_TYPE": "q3"},
                 {"KVSLIM_KV_MEMORY": "lots"}, {"KVSLIM_PREFIX_CACHE": "maybe"},
                 {"KVSLIM_KV_ROTATION": "maybe"}):
         with pytest.raises(ValueError):
-            Settings.from_env(bad)
+            ServerSettings.from_env(bad)
 
 
 def test_kvslim_serve_command_serves_on_kvslim_host(tiny_path):
@@ -461,7 +461,7 @@ def test_client_leaving_mid_stream_returns_its_pages(server, client):
 
 
 def test_full_queue_answers_503_and_recovers(tiny_path):
-    settings = Settings.from_env({}, num_parallel=1, max_queue=1)
+    settings = ServerSettings.from_env({}, num_parallel=1, max_queue=1)
     with running_server(settings, {"tiny": tiny_path}) as served:
         client = ollama.Client(host=served.url)
         client.generate(model="tiny")  # load
@@ -627,7 +627,7 @@ def test_kv_coding_options_rebuild_the_pool_and_show_in_ps(server, client):
 def test_kv_memory_budget_sizes_the_pool_in_whole_pages(tiny_path):
     t = tiny_llama.Tiny()
     budget = 300_000
-    with running_server(Settings.from_env({"KVSLIM_KV_MEMORY": str(budget),
+    with running_server(ServerSettings.from_env({"KVSLIM_KV_MEMORY": str(budget),
                                            "KVSLIM_KV_CACHE_TYPE": "q8_0"}), {"tiny": tiny_path}) as s:
         ollama.Client(host=s.url).generate(model="tiny")
         kv = ps_model(s.url, "tiny")["kv_cache"]
@@ -666,7 +666,7 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server):
 
 
 def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
-    with running_server(Settings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
+    with running_server(ServerSettings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
         httpx.post(served.url + "/api/generate", json={"model": "tiny"})
         runner = served.runner("tiny")
         gate = StepGate(runner)

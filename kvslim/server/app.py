@@ -2,7 +2,7 @@
 
 Errors are answered in the shape the client's API expects: ``{"error": "..."}`` under
 /api (Ollama), ``{"error": {"message", "type", ...}}`` under /v1 (OpenAI). Bodies larger
-than ``Settings.max_body`` get 413 before any handler reads them.
+than ``ServerSettings.max_body`` get 413 before any handler reads them.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from kvslim.server import ollama, openai
 from kvslim.server.common import APIError, status_of
 from kvslim.server.models import Registry
-from kvslim.server.settings import Settings
+from kvslim.settings import ServerSettings
 
 log = logging.getLogger("kvslim.server")
 
@@ -87,9 +87,9 @@ def _replay(chunks: list[bytes], pending, receive):
     return replay
 
 
-def create_app(settings: Settings | None = None, models: dict[str, Path] | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, models: dict[str, Path] | None = None) -> FastAPI:
     """The server app. ``models`` names extra .gguf files to serve besides the store's."""
-    settings = settings or Settings.from_env()
+    settings = settings or ServerSettings.from_env()
     reg = Registry(settings, models)
 
     @contextlib.asynccontextmanager

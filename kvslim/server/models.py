@@ -23,10 +23,10 @@ from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
 from kvslim.codec import CodecSettings
 from kvslim.engine import Engine, PromptTooLong
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.llm import compute_dtype, pick_device, resolve_num_ctx
 from kvslim.models import load_model
 from kvslim.server.prefix import PrefixCache
-from kvslim.server.settings import Settings
+from kvslim.settings import (ServerSettings, compute_dtype, pick_device, resolve_codec,
+                             resolve_num_ctx)
 from kvslim.tokenizer import Tokenizer
 
 log = logging.getLogger("kvslim.server")
@@ -136,7 +136,7 @@ def model_details(config: ModelConfig) -> dict:
 class Runner:
     """One loaded model: weights, tokenizer, the engine over its pool, and its scheduler."""
 
-    def __init__(self, name: str, path: Path, settings: Settings):
+    def __init__(self, name: str, path: Path, settings: ServerSettings):
         from kvslim.server.scheduler import Scheduler
 
         t0 = time.perf_counter()
@@ -174,7 +174,7 @@ class Runner:
                              f"(the model's maximum context is {top})")
         codec = None
         if (kv_rotation, kv_centering, kv_rounding) != (None, None, None):
-            codec = self.cache_config.codec.replace(kv_rotation, kv_centering, kv_rounding)
+            codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=self.cache_config.codec)
         return CacheRequest(k, v, num_ctx, codec)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
@@ -325,7 +325,7 @@ class Runner:
 class Registry:
     """Model names to files, and the models loaded now (at most ``max_loaded_models``)."""
 
-    def __init__(self, settings: Settings, aliases: dict[str, Path] | None = None):
+    def __init__(self, settings: ServerSettings, aliases: dict[str, Path] | None = None):
         self.settings = settings
         self.aliases = {k: Path(v) for k, v in (aliases or {}).items()}
         self._runners: dict[str, Runner] = {}
