@@ -180,8 +180,14 @@ def cmd_run(args) -> int:
 
 
 def _answer(llm, messages, options, args, load_duration: float = 0.0) -> str:
+    """Stream the answer to ``messages``; a chat too long for the context loses its oldest
+    messages first (``kvslim.chat``, as the server's)."""
+    from kvslim.chat import fit_chat, prompt_limit
+
     if args.system:
         messages = [{"role": "system", "content": args.system}] + messages
+    limit = prompt_limit(llm.kv_cache_info()["num_ctx"], options.get("max_tokens"))
+    messages = fit_chat(llm.chat_prompt, messages, limit)[0]
     t0 = time.perf_counter()
     stream = llm.chat(messages, stream=True, truncate=args.truncate, **options)
     for piece in stream:
@@ -216,7 +222,6 @@ def _interactive(llm, options, args) -> int:
                   file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        _fit_history(llm, history)
         try:
             answer = _answer(llm, history, options, args)
         except KeyboardInterrupt:  # stop this answer, keep the session
@@ -228,14 +233,6 @@ def _interactive(llm, options, args) -> int:
             print(f"Error: {_one_line(e)}", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": answer})
-
-
-def _fit_history(llm, history: list[dict]) -> None:
-    """Drop the oldest turns (as Ollama does) until the prompt leaves room to answer."""
-    num_ctx = llm.kv_cache_info()["num_ctx"]
-    limit = num_ctx - min(256, num_ctx // 4)
-    while len(history) > 1 and len(llm.chat_prompt(history)) > limit:
-        del history[:2 if len(history) > 2 else 1]  # a user turn and its answer
 
 
 def _read_prompt() -> str | None:

@@ -23,11 +23,14 @@ from typing import Iterator, Mapping, Sequence as Seq
 import torch
 
 from kvslim import models, store
+from kvslim.cache import DEFAULT_PAGE_SIZE
+from kvslim.chat import render_chat
 from kvslim.engine import Engine, Sequence, StepOutput
 from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
 from kvslim.settings import (compute_dtype, pick_device, resolve_cache_types, resolve_codec,
-                             resolve_flash_attn, resolve_num_ctx)
+                             resolve_flash_attn, resolve_num_ctx, resolve_prefix_cache)
 from kvslim.tokenizer import Tokenizer
 
 __all__ = ["LLM", "Completion", "Stream"]
@@ -48,6 +51,7 @@ class Completion:
     eval_count: int
     eval_duration: float
     total_duration: float
+    prompt_cache_count: int = 0  # prompt tokens reused from the prefix cache (not evaluated)
 
     def __str__(self) -> str:
         return self.text
@@ -56,7 +60,8 @@ class Completion:
     def from_sequence(cls, seq: Sequence) -> "Completion":
         s = seq.stats
         return cls(seq.text, seq.output_ids, seq.finish_reason, s.prompt_eval_count,
-                   s.prompt_eval_duration, s.eval_count, s.eval_duration, s.total_duration)
+                   s.prompt_eval_duration, s.eval_count, s.eval_duration, s.total_duration,
+                   s.prompt_cache_count)
 
 
 class Stream:
@@ -101,6 +106,9 @@ class LLM:
     kv_rotation / kv_centering: auto | on | off; kv_rounding: auto | lsq | ggml (how a
     block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
     types, off for f16/f32/bf16; env KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING).
+    prefix_cache: a prompt that starts with the whole pages of an earlier one (a chat's
+    next turn) reuses their K/V instead of evaluating them again (``kvslim.prefix``;
+    default on, env KVSLIM_PREFIX_CACHE); ``Completion.prompt_cache_count`` counts them.
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -109,11 +117,12 @@ class LLM:
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                 kv_rounding: str | None = None):
+                 kv_rounding: str | None = None, prefix_cache: bool | None = None):
         t0 = time.perf_counter()
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
         codec = resolve_codec(kv_rotation, kv_centering, kv_rounding)
+        self.prefix_cache = resolve_prefix_cache(prefix_cache)
         self.device = pick_device(device)
         self.path = store.resolve(model, pull_missing=pull)
         reader = open_gguf(self.path)
@@ -130,9 +139,10 @@ class LLM:
     def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec) -> Engine:
         ctx = resolve_num_ctx(num_ctx, self.config.context_length, self.device)
         extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+        prefix = PrefixCache(DEFAULT_PAGE_SIZE) if self.prefix_cache else None
         return Engine(self.model, self.tokenizer, cache_type_k=types[0], cache_type_v=types[1],
                       flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, codec=codec,
-                      **extra)
+                      page_size=DEFAULT_PAGE_SIZE, prefix_cache=prefix, **extra)
 
     def reconfigure(self, *, kv_cache_type: str | None = None, cache_type_k: str | None = None,
                     cache_type_v: str | None = None, flash_attn: str | bool | None = None,
@@ -174,12 +184,7 @@ class LLM:
 
     def chat_prompt(self, messages: Seq[Mapping]) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template, ready to generate."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenize(text)
-        bos = self.tokenizer.bos_id
-        if len(ids) > 1 and ids[0] == ids[1] == bos:
-            ids = ids[1:]  # the template wrote BOS itself
-        return ids
+        return render_chat(self.tokenizer, messages)
 
     # ---------------------------------------------------------------- generation
 

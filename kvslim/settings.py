@@ -10,6 +10,7 @@ beats the environment, which beats the default. The environment, like Ollama's
     KVSLIM_KV_ROTATION        auto | on | off: Hadamard rotation of quantized K/V (default auto)
     KVSLIM_KV_CENTERING       auto | on | off: keys stored minus the model's mean key (default auto)
     KVSLIM_KV_ROUNDING        auto | lsq | ggml: block scales of quantized K/V (default auto: lsq)
+    KVSLIM_PREFIX_CACHE       0 turns prefix caching off (default on)
 
 and for ``kvslim serve`` only (``ServerSettings``):
 
@@ -19,7 +20,6 @@ and for ``kvslim serve`` only (``ServerSettings``):
     KVSLIM_MAX_QUEUE          requests waiting per model before 503 (default 512, as Ollama)
     KVSLIM_MAX_LOADED_MODELS  models kept loaded at once (default 1)
     KVSLIM_MAX_BODY           largest request body, e.g. 16MiB (default)
-    KVSLIM_PREFIX_CACHE       0 turns prefix caching off (default on)
 
 Booleans and modes are read by one parser (``parse_mode``): 1/true/yes/on and
 0/false/no/off, any case.
@@ -40,7 +40,8 @@ from kvslim.engine import DEFAULT_NUM_CTX
 from kvslim.planner import parse_memory
 
 __all__ = ["parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
-           "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "ServerSettings",
+           "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "resolve_prefix_cache",
+           "ServerSettings",
            "parse_host", "is_loopback", "DEVICES", "MODES", "ROUNDING_MODES"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -146,6 +147,14 @@ def resolve_codec(rotation=None, centering=None, rounding=None,
         parse_mode("kv_rounding", _given(rounding, env, "KVSLIM_KV_ROUNDING"), ROUNDING_MODES))
 
 
+def resolve_prefix_cache(prefix_cache: bool | str | None = None,
+                         env: Mapping[str, str] = os.environ) -> bool:
+    """Whether finished prompts keep their whole K/V pages for a later identical prefix:
+    an argument, else KVSLIM_PREFIX_CACHE, else on."""
+    value = _given(prefix_cache, env, "KVSLIM_PREFIX_CACHE")
+    return parse_mode("KVSLIM_PREFIX_CACHE", value, ("on", "off"), default="on") == "on"
+
+
 def _given(value, env: Mapping[str, str], name: str):
     return value if value is not None else env.get(name)
 
@@ -204,10 +213,6 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    return parse_mode(name, env.get(name), ("on", "off"), "on" if default else "off") == "on"
-
-
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything ``kvslim serve`` is configured with; per-request options refine the cache."""
@@ -247,7 +252,7 @@ class ServerSettings:
             max_queue=_int(env, "KVSLIM_MAX_QUEUE", cls.max_queue, minimum=0),
             max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
             max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
-            prefix_cache=_flag(env, "KVSLIM_PREFIX_CACHE", True),
+            prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
             codec=codec, env=env,
         )
         return replace(settings, **given)

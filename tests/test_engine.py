@@ -7,11 +7,8 @@ import pytest
 import torch
 
 from kvslim.engine import Engine, PromptTooLong, Sequence
-from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.llm import LLM
-from kvslim.models import load_model
 from kvslim.sampling import SamplingParams, apply_penalties, sample
-from kvslim.tokenizer import Tokenizer
 
 import tiny_llama
 from tiny_llama import Tiny
@@ -28,9 +25,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parts(tiny_path):
-    reader = open_gguf(tiny_path)
-    config = ModelConfig.from_gguf(reader)
-    return load_model(reader, config, progress=False), Tokenizer.from_gguf(reader)
+    return tiny_llama.load(tiny_path)
 
 
 def engine(parts, **kw) -> Engine:

@@ -3,10 +3,11 @@
     kvslim serve                      # 127.0.0.1:11434, models from the store (kvslim pull)
     KVSLIM_HOST=0.0.0.0:8080 KVSLIM_KV_CACHE_TYPE=q8_0 KVSLIM_NUM_PARALLEL=16 kvslim serve
 
-Modules: ``settings`` (env and flags), ``models`` (loaded models and their pools),
-``scheduler`` (the thread that batches each model's requests), ``prefix`` (prefix
-cache), ``schemas`` (request bodies), ``ollama`` / ``openai`` (routes), ``app`` (the
-FastAPI app). This file stays light: every ``kvslim`` command imports it.
+Modules: ``types`` (what a pool is built with, what a request asks of it, errors),
+``models`` (loaded models and their pools), ``scheduler`` (the thread that batches each
+model's requests), ``schemas`` (request bodies), ``ollama`` / ``openai`` (routes),
+``app`` (the FastAPI app). Settings come from ``kvslim.settings``, the prefix cache from
+``kvslim.prefix``. This file stays light: every ``kvslim`` command imports it.
 """
 from __future__ import annotations
 
