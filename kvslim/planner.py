@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import gguf
 
-# formats, cache and gguf_loader import torch: they are imported where used, so that
+# formats, cache, attention and gguf_loader import torch: they are imported where used, so that
 # registering `kvslim plan` (every `kvslim` call does, kvslim.cli.PLUGINS) stays light.
 if TYPE_CHECKING:
     from kvslim.gguf_loader import ModelConfig
@@ -94,18 +94,13 @@ def pair_name(k: str, v: str) -> str:
 
 
 def effective_types(config: ModelConfig, type_k: str, type_v: str) -> tuple[str, str, str | None]:
-    """(k, v, reason): block types become f16 when 32 does not divide the head dims.
+    """(k, v, reason): block types become f16 when 32 does not divide the head dims
+    (``kvslim.attention.head_dim_fallback``, the rule ``plan_attention`` applies). The
+    rule that depends on the device (no fused kernel -> f16 V) is left out: a plan is
+    made for any machine."""
+    from kvslim.attention import head_dim_fallback
 
-    The same head-dim rule as kvslim.attention.plan_attention. The rule that depends on
-    the device (no fused kernel -> f16 V) is left out: a plan is made for any machine.
-    """
-    from kvslim import formats
-    dims_ok = config.head_dim % formats.QK == 0 and config.v_head_dim % formats.QK == 0
-    if dims_ok or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
-        return type_k, type_v, None
-    reason = f"head_dim {config.head_dim}/{config.v_head_dim} is not a multiple of {formats.QK}"
-    eff = tuple("f16" if formats.is_quantized(t) else t for t in (type_k, type_v))
-    return eff[0], eff[1], reason
+    return head_dim_fallback(config.head_dim, config.v_head_dim, type_k, type_v)
 
 
 # ---------------------------------------------------------------------------
