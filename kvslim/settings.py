@@ -37,7 +37,7 @@ from kvslim import formats
 from kvslim.attention import FLASH_MODES
 from kvslim.codec import CodecSettings
 from kvslim.engine import DEFAULT_NUM_CTX
-from kvslim.planner import parse_memory
+from kvslim.units import parse_memory
 
 __all__ = ["parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
            "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "resolve_prefix_cache",

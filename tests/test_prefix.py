@@ -2,29 +2,13 @@
 and the LLM API (a chat's next turn reuses the pages of the turns before it)."""
 from __future__ import annotations
 
-import pytest
-
 from kvslim.cache import KVCache
 from kvslim.engine import Engine
 from kvslim.llm import LLM
 from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
 
-import tiny_llama
-
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prefix") / "tiny.gguf"
-    tiny_llama.write(path, tiny_llama.Tiny(ctx=256, tied=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_parts(tiny_path):
-    return tiny_llama.load(tiny_path)
 
 
 def _filled(cache: KVCache, tokens: list[int]) -> int:

@@ -128,18 +128,6 @@ def settled(url: str, name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
-    tiny_llama.write(path, tiny_llama.Tiny(ctx=256, tied=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_parts(tiny_path):
-    return tiny_llama.load(tiny_path)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_path):
     settings = ServerSettings.from_env({}, num_parallel=4, max_body=64 * 1024)
     with running_server(settings, {"tiny": tiny_path}) as served:
