@@ -8,6 +8,7 @@ done: the weights stay, the old pool and its cached prefixes are dropped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -195,7 +196,7 @@ class Runner:
         messages and the latest message always stay, and room is left to answer
         (``kvslim.chat``). Only a last message too long on its own is then cut by tokens.
         """
-        render = lambda m: render_chat(self.tokenizer, m)  # noqa: E731
+        render = functools.partial(render_chat, self.tokenizer)
         if cache is None:
             return render(messages)
         limit = prompt_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
