@@ -159,6 +159,19 @@ def _fused_backend(device: torch.device, k: str, v: str) -> tuple[str | None, st
     return None, "; ".join(problems) or f"no fused kernel for device {device.type}"
 
 
+def head_dim_fallback(head_dim: int, v_head_dim: int, type_k: str,
+                      type_v: str) -> tuple[str, str, str | None]:
+    """(K type, V type, reason): block types become f16 when 32 does not divide the head
+    dims (a row must be whole blocks). The device-free part of ``plan_attention``, which
+    ``kvslim plan`` applies for any machine."""
+    whole_blocks = head_dim % formats.QK == 0 and v_head_dim % formats.QK == 0
+    if whole_blocks or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
+        return type_k, type_v, None
+    reason = f"head_dim {head_dim}/{v_head_dim} is not a multiple of {formats.QK}"
+    k, v = ("f16" if formats.is_quantized(t) else t for t in (type_k, type_v))
+    return k, v, reason
+
+
 def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
                    flash_attn: str = "auto", v_head_dim: int | None = None,
                    warn: bool = True) -> AttentionPlan:
@@ -168,12 +181,7 @@ def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_
     if flash_attn not in FLASH_MODES:
         raise ValueError(f"flash_attn must be one of {', '.join(FLASH_MODES)}, got {flash_attn!r}")
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
-    eff_k, eff_v, reason = k, v, None
-    dims_ok = head_dim % formats.QK == 0 and v_head_dim % formats.QK == 0
-    if not dims_ok and (formats.is_quantized(k) or formats.is_quantized(v)):
-        reason = f"head_dim {head_dim}/{v_head_dim} is not a multiple of {formats.QK}"
-        eff_k = "f16" if formats.is_quantized(k) else k
-        eff_v = "f16" if formats.is_quantized(v) else v
+    eff_k, eff_v, reason = head_dim_fallback(head_dim, v_head_dim, k, v)
     backend, problem = (None, "flash attention is off") if flash_attn == "off" else \
         _fused_backend(device, eff_k, eff_v)
     if backend is None:

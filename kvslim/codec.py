@@ -24,33 +24,14 @@ centering subtracts are measured by running the model (``kvslim.calibration``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
 from kvslim import formats, rounding
 from kvslim.rotation import Rotation, hadamard_size, rotate_rows
 
-__all__ = ["KVCodec", "CodecSettings", "CodecChoice", "decide", "MODES", "ROUNDING_MODES"]
-
-MODES = ("auto", "on", "off")
-ROUNDING_MODES = ("auto", "lsq", "ggml")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _mode(name: str, value, env_name: str, env: Mapping[str, str], choices=MODES) -> str:
-    """An explicit value, else the environment, else auto; 1/0/true/false mean on/off."""
-    raw = value if value is not None else env.get(env_name) or "auto"
-    if isinstance(raw, bool):
-        raw = "on" if raw else "off"
-    text = str(raw).strip().lower()
-    if choices is MODES:
-        text = "on" if text in _TRUE else "off" if text in _FALSE else text
-    if text not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-    return text
+__all__ = ["KVCodec", "CodecSettings", "CodecChoice", "decide"]
 
 
 @dataclass(frozen=True)
@@ -60,27 +41,13 @@ class CodecSettings:
     rotation: auto (Hadamard on each block-quantized side when head_dim allows it), on
     (both sides, whatever their type), off. centering: auto (keys of a block-quantized
     K), on (K and V), off. rounding: auto / lsq (least-squares scales on q8_0, q4_0,
-    q4_1, q5_0, q5_1), ggml (llama.cpp's own rounding).
+    q4_1, q5_0, q5_1), ggml (llama.cpp's own rounding). Parsed from arguments and
+    the environment by ``kvslim.settings.resolve_codec``.
     """
 
     rotation: str = "auto"
     centering: str = "auto"
     rounding: str = "auto"
-
-    @classmethod
-    def resolve(cls, rotation=None, centering=None, rounding=None,
-                env: Mapping[str, str] = os.environ) -> "CodecSettings":
-        """Arguments beat KVSLIM_KV_ROTATION / KVSLIM_KV_CENTERING / KVSLIM_KV_ROUNDING,
-        which beat auto. ValueError for an unknown value."""
-        return cls(_mode("kv_rotation", rotation, "KVSLIM_KV_ROTATION", env),
-                   _mode("kv_centering", centering, "KVSLIM_KV_CENTERING", env),
-                   _mode("kv_rounding", rounding, "KVSLIM_KV_ROUNDING", env, ROUNDING_MODES))
-
-    def replace(self, rotation=None, centering=None, rounding=None) -> "CodecSettings":
-        """These settings with the given ones changed (None keeps a setting)."""
-        keep = lambda new, old: old if new is None else new  # noqa: E731
-        return CodecSettings.resolve(keep(rotation, self.rotation), keep(centering, self.centering),
-                                     keep(rounding, self.rounding), env={})
 
 
 class KVCodec:

@@ -11,8 +11,8 @@ Admission reserves the pages a sequence may ever need (prompt + max_tokens, capp
 num_ctx), so a running sequence never meets a full cache; a request that does not fit
 waits in ``waiting`` until pages are freed.
 
-An optional ``prefix_cache`` (duck-typed: ``attach``, ``retain``, ``evict``; the server's
-``kvslim.server.prefix.PrefixCache``) starts a sequence as a fork of cached pages of an
+An optional ``prefix_cache`` (duck-typed: ``attach``, ``retain``, ``evict``;
+``kvslim.prefix.PrefixCache``) starts a sequence as a fork of cached pages of an
 identical prompt prefix, keeps finished sequences' full pages, and gives pages back when
 admission needs them. Room is therefore counted from the pool itself: free pages minus
 the pages running sequences may still take.
@@ -35,6 +35,7 @@ import torch
 from kvslim.attention import Attention, AttentionPlan, plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
 from kvslim.calibration import build_codec
+from kvslim.chat import PromptTooLong, fit_prompt, max_length
 from kvslim.codec import CodecSettings, decide
 from kvslim.sampling import Sampler, SamplingParams
 
@@ -63,10 +64,6 @@ def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_len
     except BaseException:
         step.rollback()
         raise
-
-
-class PromptTooLong(ValueError):
-    """A prompt that does not fit in the context and truncation was not asked for."""
 
 
 class StepOutput(NamedTuple):
@@ -110,8 +107,7 @@ class Sequence:
         self.text = ""  # all text released so far
         self.stats = Stats(created=time.perf_counter())
         self.sampler = Sampler(params)
-        self.max_len = num_ctx if params.max_tokens is None else \
-            min(num_ctx, self.n_prompt + params.max_tokens)
+        self.max_len = max_length(self.n_prompt, num_ctx, params.max_tokens)
         self._decoder = decoder
         self._eog = set() if params.ignore_eos else eog_ids
         self._held = ""  # decoded text not released yet (may start a stop string)
@@ -223,24 +219,10 @@ class Engine:
         return seq
 
     def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None = None) -> list[int]:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
-        if len(ids) <= self.num_ctx:
-            return ids
-        if not truncate:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context "
-                                f"length num_ctx={self.num_ctx}; raise num_ctx (model maximum "
-                                f"{self.model.config.context_length}) or ask for truncation")
-        # keep BOS, then the most recent tokens, leaving room to generate (half the
-        # context at most, so a long answer does not leave the prompt a few tokens)
-        room = min(max_tokens or self.num_ctx, self.num_ctx // 2)
-        keep = max(1, self.num_ctx - room)
-        bos = self.tokenizer.bos_id if self.tokenizer is not None else None
-        head = ids[:1] if bos is not None and ids[0] == bos else []
-        return head + ids[len(ids) - (keep - len(head)):]
+        return fit_prompt(ids, num_ctx=self.num_ctx, vocab_size=self.model.config.vocab_size,
+                          model_max=self.model.config.context_length, truncate=truncate,
+                          max_tokens=max_tokens,
+                          bos_id=self.tokenizer.bos_id if self.tokenizer is not None else None)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence and free its pages at the next step; thread-safe."""

@@ -223,18 +223,6 @@ def test_mixed_types_and_explicit_modes():
     assert decide(CodecSettings("off", "off", "ggml"), "q4_0", "q4_0", 64).active is False
 
 
-def test_settings_resolve():
-    env = {"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_CENTERING": "true", "KVSLIM_KV_ROUNDING": "ggml"}
-    assert CodecSettings.resolve(env=env) == CodecSettings("off", "on", "ggml")
-    assert CodecSettings.resolve("ON", None, "lsq", env=env) == CodecSettings("on", "on", "lsq")
-    assert CodecSettings.resolve(False, env={}).rotation == "off"
-    assert CodecSettings().replace(rounding="ggml") == CodecSettings("auto", "auto", "ggml")
-    with pytest.raises(ValueError, match="kv_rotation must be one of auto, on, off"):
-        CodecSettings.resolve("sometimes", env={})
-    with pytest.raises(ValueError, match="kv_rounding must be one of auto, lsq, ggml"):
-        CodecSettings.resolve(rounding="on", env={})
-
-
 # ---------------------------------------------------------------- through the model
 
 
