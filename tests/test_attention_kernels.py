@@ -117,6 +117,27 @@ def test_split_k_and_many_tiles(monkeypatch):
         check(backend, cache, meta, q, seed, 1e-4)
 
 
+@pytest.mark.parametrize("kt,vt", [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"),
+                                   ("q8_0", "q4_0")])
+def test_batch_does_not_change_a_sequences_output(kt, vt):
+    """A decode row attends with the same split-K items and merge order alone as in a
+    batch of long sequences, so its output is bit-identical (greedy output must not depend
+    on what else the server runs)."""
+    seed = random.randrange(1 << 30)
+    cache, meta, q = build(kt, vt, hq=6, hkv=3, d=64, prefix=[1500, 900, 2600],
+                           q_lens=[1, 1, 1], page_size=64, seed=seed)
+    batched = BACKENDS["cpu"].attend(q, cache, 1, meta, 0.125)
+    for b, cid in enumerate(meta.cache_ids):
+        alone = cache.fork(cid)  # the same pages; re-reserving the last slot copies its page
+        cache.trim(alone, meta.kv_lens[b] - 1)
+        solo = Step.reserve(cache, [alone], [1])
+        BACKENDS["cpu"].prepare(solo)
+        out = BACKENDS["cpu"].attend(q[b:b + 1], cache, 1, solo, 0.125)
+        assert torch.equal(out, batched[b:b + 1]), f"seed {seed}: sequence {b} differs alone"
+        cache.free(alone)
+    cache.check()
+
+
 def test_numba_chunk_rows_are_causal():
     """Rows appended after a prefix, at most NUMBA_MAX_Q of them: the numba path itself,
     with the rows of the long sequence spread over several split-K chunks."""

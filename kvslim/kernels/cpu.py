@@ -797,14 +797,16 @@ def _cdiv(a: int, b: int) -> int:
 def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
-    About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread: threads claim
-    items as they go, and small equal items leave little for one thread at the end.
+    About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread for one
+    sequence: threads claim items as they go, and small equal items leave little for one
+    thread at the end. A sequence's split depends on its own length only, never on what
+    else is in the batch, so its partial sums are added in the same order whether it runs
+    alone or batched: greedy output does not depend on other requests.
     """
-    total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
-    chunk = max(MIN_CHUNK, _cdiv(total, CHUNKS_PER_THREAD * threads))
     work, groups = [], [0]
     for b in seqs:
         L = int(kv_lens[b])
+        chunk = max(MIN_CHUNK, _cdiv(L * n_kv, CHUNKS_PER_THREAD * threads))
         n = max(1, _cdiv(L, chunk))
         step = _cdiv(_cdiv(L, n), 64) * 64
         for h in range(n_kv):
