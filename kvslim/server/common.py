@@ -43,7 +43,7 @@ async def read_json(request: Request, schema: type[BaseModel]) -> Any:
     if not body.strip():
         raise APIError(400, "missing request body")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"invalid JSON in the request body: {e}") from None
     if not isinstance(data, dict):
@@ -52,6 +52,11 @@ async def read_json(request: Request, schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as e:
         raise APIError(400, describe(e)) from None
+
+
+def _no_constant(name: str):
+    """NaN, Infinity and -Infinity are not JSON (RFC 8259), though Python's parser takes them."""
+    raise ValueError(f"{name} is not a valid JSON value")
 
 
 def describe(e: ValidationError) -> str:

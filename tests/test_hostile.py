@@ -1,0 +1,180 @@
+"""Issue 15: one bad request must never hurt another. Hostile and careless input against
+the sampler, the engine and the server (tiny random GGUF over loopback)."""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+
+import httpx
+import ollama
+import pytest
+import torch
+
+from kvslim.engine import Engine
+from kvslim.sampling import Sampler, SamplingParams, sample
+from kvslim.server.settings import Settings
+
+from test_server import GREEDY, running_server, settled, tiny_parts, tiny_path, wait_until  # noqa: F401
+
+# ---------------------------------------------------------------- defect 1: poisoned batch
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", math.nan), ("temperature", -1.0), ("temperature", math.inf),
+    ("top_p", math.nan), ("min_p", math.inf), ("repeat_penalty", 0.0), ("repeat_penalty", 1e-40),
+    ("repeat_penalty", math.nan), ("presence_penalty", math.nan), ("presence_penalty", -math.inf),
+    ("frequency_penalty", -1e308), ("seed", 1 << 64), ("top_k", 2.5), ("temperature", "hot"),
+])
+def test_sampling_params_refuse_values_that_poison_a_step(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_a_tiny_temperature_samples_the_top_token():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10
+    for t in (1e-40, 1e-30, 5e-324):
+        p = SamplingParams(temperature=t, top_k=0, top_p=1.0, repeat_penalty=1.0)
+        assert sample(logits, p, [], torch.Generator().manual_seed(1)) == int(logits.argmax())
+
+
+def test_extreme_but_valid_penalties_sample_a_real_token():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(repeat_penalty=1e-4, presence_penalty=-1e4, frequency_penalty=1e4,
+                       repeat_last_n=-1)
+    assert 0 <= sample(logits, p, [5, 5, 7] * 50, torch.Generator().manual_seed(1)) < 1000
+
+
+def _run_all(engine: Engine, seqs) -> None:
+    while any(not s.finished for s in seqs):
+        engine.step()
+
+
+def test_a_sequence_failing_in_sampling_fails_alone(tiny_parts, monkeypatch):
+    model, tok = tiny_parts
+    prompts = [[1, 5 + i, 9, 20 + 3 * i] for i in range(3)]
+    params = SamplingParams(max_tokens=8, seed=3, temperature=0.7)
+
+    def run(poison: bool):
+        engine = Engine(model, tok, num_ctx=64, num_parallel=4)
+        seqs = [engine.add_request(p, params) for p in prompts]
+        bad = engine.add_request([1, 2, 3], SamplingParams(max_tokens=8, seed=666)) if poison else None
+        _run_all(engine, seqs + ([bad] if bad else []))
+        return engine, [s.output_ids for s in seqs], bad
+
+    clean = run(False)[1]
+    real_call = Sampler.__call__
+
+    def poisoned(self, logits, history):
+        if self.params.seed == 666 and len(history) > 3:  # fails at its second token
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_call(self, logits, history)
+
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    engine, outputs, bad = run(True)
+    assert outputs == clean
+    assert bad.finish_reason == "error" and "probability tensor" in str(bad.error)
+    assert bad.n_generated == 1
+    assert engine.cache.pages_in_use == 0 and not engine.running
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):  # noqa: F811 - the fixture of test_server, with its tiny model
+    settings = Settings.from_env({}, num_parallel=8, max_body=64 * 1024)
+    with running_server(settings, {"tiny": tiny_path}) as served:
+        yield served
+
+
+def _stream(url: str, prompt: str, options: dict) -> str:
+    return "".join(c.response for c in ollama.Client(host=url).generate(
+        model="tiny", prompt=prompt, raw=True, stream=True, options=options))
+
+
+POISON = [  # (options as JSON text, the field the 400 names; None: served normally)
+    ('{"temperature": 1e-40}', None),
+    ('{"repeat_penalty": 1e-40}', "repeat_penalty"),
+    ('{"presence_penalty": NaN}', "NaN"),
+    ('{"frequency_penalty": -Infinity}', "Infinity"),
+    ('{"frequency_penalty": -1e308}', "frequency_penalty"),
+    ('{"temperature": 1e400}', "options.temperature"),
+    ('{"seed": 18446744073709551616}', "seed"),
+]
+
+
+def _poison(url: str, options: str) -> httpx.Response:
+    body = '{"model": "tiny", "prompt": "x y z", "raw": true, "stream": false, ' \
+           '"options": {"num_predict": 6, "top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0, ' \
+           + options[1:] + '}'
+    return httpx.post(url + "/api/generate", content=body, timeout=60)
+
+
+def test_poisoned_requests_leave_concurrent_streams_untouched(server):
+    options = {"num_predict": 12, "seed": 7, "temperature": 0.9}
+    prompts = [f"the cat ate hat {i}" for i in range(4)]
+    clean = [_stream(server.url, p, options) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts) + len(POISON)) as pool:
+        healthy = [pool.submit(_stream, server.url, p, options) for p in prompts]
+        bad = [pool.submit(_poison, server.url, o) for o, _ in POISON]
+        together = [f.result() for f in healthy]
+        answers = [f.result() for f in bad]
+    assert together == clean
+    for (options_text, field), r in zip(POISON, answers):
+        if field is None:  # a tiny temperature is a valid (nearly greedy) request
+            assert r.status_code == 200 and r.json()["done"], options_text
+        else:
+            assert r.status_code == 400 and field in r.json()["error"], (options_text, r.text)
+    wait_until(lambda: settled(server.url, "tiny"), what="no sequence pages")
+
+
+def test_a_sampling_failure_in_the_server_fails_that_request_alone(server, monkeypatch):
+    real_call = Sampler.__call__
+
+    def poisoned(self, logits, history):
+        if self.params.seed == 666:
+            raise RuntimeError("simulated sampling failure")
+        return real_call(self, logits, history)
+
+    options = {"num_predict": 10, "seed": 7, "temperature": 0.9}
+    prompts = [f"a hat tea {i}" for i in range(3)]
+    clean = [_stream(server.url, p, options) for p in prompts]
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        healthy = [pool.submit(_stream, server.url, p, options) for p in prompts]
+        bad = pool.submit(_stream, server.url, "x", {"num_predict": 10, "seed": 666})
+        assert [f.result() for f in healthy] == clean
+        with pytest.raises(ollama.ResponseError, match="simulated sampling failure"):
+            bad.result()
+    wait_until(lambda: settled(server.url, "tiny"), what="no sequence pages")
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"temperature": -1}, "options.temperature"), ({"top_k": -1}, "options.top_k"),
+    ({"min_p": 2}, "options.min_p"), ({"repeat_last_n": -2}, "options.repeat_last_n"),
+    ({"presence_penalty": 1e5}, "options.presence_penalty"), ({"seed": 2**64}, "options.seed"),
+])
+def test_out_of_range_options_are_a_400_naming_the_field(server, options, field):
+    r = httpx.post(server.url + "/api/generate", timeout=30,
+                   json={"model": "tiny", "prompt": "hi", "options": options})
+    assert r.status_code == 400 and field in r.json()["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"temperature": 3}, "temperature"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"max_completion_tokens": 0}, "max_tokens must be at least 1"),
+])
+def test_openai_ranges_are_openais(server, body, field):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], **body})
+    assert r.status_code == 400 and field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--temperature", "nan"], "temperature"), (["--temperature", "1e-40", "--repeat-penalty", "0"],
+                                                 "repeat_penalty"),
+    (["--seed", "18446744073709551616"], "seed"),
+])
+def test_cli_bad_sampling_flags_are_one_error_line(flags, field, capsys):
+    from kvslim.cli import main
+
+    assert main(["run", "no-such-model.gguf", "hi", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and field in err[0]
