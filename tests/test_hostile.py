@@ -178,3 +178,20 @@ def test_cli_bad_sampling_flags_are_one_error_line(flags, field, capsys):
     assert main(["run", "no-such-model.gguf", "hi", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error: ") and field in err[0]
+
+
+# ---------------------------------------------------------------- defect 6: nesting
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 60_000, b'{"model": "tiny", "prompt": "x", "options": ' + b"[" * 60_000 + b"}",
+    b'{"model": "tiny", "prompt": "x", "context": ' + b"[" * 500 + b"]" * 500 + b"}",
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "x", "images": '
+    + b"[" * 200 + b"]" * 200 + b"}]}",
+], ids=["array-60k", "options-60k", "context-500", "images-200"])
+def test_deeply_nested_json_is_a_400(server, body, caplog):
+    for path in ("/api/generate", "/api/chat", "/v1/chat/completions"):
+        r = httpx.post(server.url + path, content=body, timeout=30)
+        assert r.status_code == 400, (path, r.text[:200])
+        assert "nested" in r.text or "invalid JSON" in r.text
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]

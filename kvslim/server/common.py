@@ -22,6 +22,10 @@ from kvslim.server.schemas import Options
 log = logging.getLogger("kvslim.server")
 
 
+# No request of either API nests more than a few levels; deeper is an attack or a bug.
+MAX_JSON_DEPTH = 64
+
+
 class APIError(Exception):
     """An error answered with ``status`` and the API's error body."""
 
@@ -44,14 +48,29 @@ async def read_json(request: Request, schema: type[BaseModel]) -> Any:
         raise APIError(400, "missing request body")
     try:
         data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, "invalid JSON in the request body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"invalid JSON in the request body: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise APIError(400, f"invalid JSON in the request body: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise APIError(400, describe(e)) from None
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion (validators recurse over it later)."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        deepest = max(deepest, d)
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        level.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _no_constant(name: str):
