@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import time
 
 import httpx
 import ollama
 import pytest
 import torch
 
+from kvslim import tokenizer as tokenizer_module
 from kvslim.engine import Engine
 from kvslim.sampling import Sampler, SamplingParams, sample
 from kvslim.server.settings import Settings
 
+from test_tokenizer import smol  # noqa: F401
 from test_server import GREEDY, running_server, settled, tiny_parts, tiny_path, wait_until  # noqa: F401
 
 # ---------------------------------------------------------------- defect 1: poisoned batch
@@ -195,3 +198,43 @@ def test_deeply_nested_json_is_a_400(server, body, caplog):
         assert r.status_code == 400, (path, r.text[:200])
         assert "nested" in r.text or "invalid JSON" in r.text
     assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+# ---------------------------------------------------------------- defect 2: long prompts
+
+
+@pytest.fixture(scope="module")
+def whole(smol):  # noqa: F811 - a second tokenizer, with its own word cache
+    return tokenizer_module.Tokenizer(smol.vocab)
+
+
+def _whole_word_ids(whole, text: str, monkeypatch) -> list[int]:
+    """Ids as before the slicing: every pre-tokenized word merged in one piece."""
+    monkeypatch.setattr(tokenizer_module, "MAX_WORD_CHARS", 10**12)
+    try:
+        return whole.encode(text)
+    finally:
+        monkeypatch.undo()
+
+
+def test_long_runs_tokenize_in_linear_time(smol):  # noqa: F811
+    fresh = tokenizer_module.Tokenizer(smol.vocab)
+    for ch in (" ", "a", "!", "\n", "é"):
+        text = ch * 1_000_000
+        t0 = time.perf_counter()
+        ids = fresh.encode(text)
+        elapsed = time.perf_counter() - t0
+        assert fresh.decode(ids) == text
+        assert elapsed < 10, f"1 MB of {ch!r}: {elapsed:.1f} s"  # 9.4 s for spaces before, 0.1 s now
+
+
+@pytest.mark.parametrize("ch", [" ", "a", "!", "\n", "é", "7"])
+def test_runs_up_to_the_slice_length_keep_their_ids(smol, whole, ch, monkeypatch):  # noqa: F811
+    for n in (1, 2, 63, 64, 65, 300, tokenizer_module.MAX_WORD_CHARS - 1):  # + its space
+        text = f"x {ch * n} y"
+        assert smol.encode(text) == _whole_word_ids(whole, text, monkeypatch), n
+
+
+def test_normal_text_keeps_its_ids(smol, whole, jargon_text, monkeypatch):  # noqa: F811
+    text = jargon_text[:300_000]
+    assert smol.encode(text) == _whole_word_ids(whole, text, monkeypatch)
