@@ -3,21 +3,31 @@ the sampler, the engine and the server (tiny random GGUF over loopback)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import logging
 import math
+import socket
+import threading
 import time
+from dataclasses import replace
 
 import httpx
 import ollama
 import pytest
+import openai
 import torch
+import uvicorn
 
 from kvslim import tokenizer as tokenizer_module
 from kvslim.engine import Engine
 from kvslim.sampling import Sampler, SamplingParams, sample
+from kvslim.server.app import create_app
+from kvslim.server.security import Guard
 from kvslim.server.settings import Settings
 
 from test_tokenizer import smol  # noqa: F401
-from test_server import GREEDY, running_server, settled, tiny_parts, tiny_path, wait_until  # noqa: F401
+from test_server import (GREEDY, _free_port, running_server, settled, tiny_parts,  # noqa: F401
+                         tiny_path, wait_until)
 
 # ---------------------------------------------------------------- defect 1: poisoned batch
 
@@ -238,3 +248,179 @@ def test_runs_up_to_the_slice_length_keep_their_ids(smol, whole, ch, monkeypatch
 def test_normal_text_keeps_its_ids(smol, whole, jargon_text, monkeypatch):  # noqa: F811
     text = jargon_text[:300_000]
     assert smol.encode(text) == _whole_word_ids(whole, text, monkeypatch)
+
+
+# ---------------------------------------------------------------- defect 3: web security
+
+
+@contextlib.contextmanager
+def guarded_server(tiny_path, guard: Guard, **settings):  # noqa: F811
+    """uvicorn on a free loopback port serving the tiny model behind ``guard``."""
+    s = replace(Settings.from_env({}, **settings), host="127.0.0.1", port=_free_port())
+    app = create_app(s, {"tiny": tiny_path}, guard)
+    server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="the server to start")
+    try:
+        yield s.address
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+GUARD = Guard(allowed_hosts=("my.lan",), origins=("https://*.mysite.org",), max_prompt_chars=5000,
+              max_prompt_tokens=200, body_timeout=1.0)
+HI = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_path):  # noqa: F811
+    with guarded_server(tiny_path, GUARD) as url:
+        yield url
+
+
+@pytest.mark.parametrize("host, status", [
+    ("evil.example", 403), ("evil.example:11434", 403), ("localhost.evil.example", 403),
+    ("localhost", 200), ("LOCALHOST:11434", 200), ("127.0.0.1:9", 200), ("[::1]:11434", 200),
+    ("app.localhost", 200), ("my.lan:11434", 200), (socket.gethostname(), 200), ("10.1.2.3", 200),
+])
+def test_host_must_name_this_machine(guarded, host, status):
+    r = httpx.post(guarded + "/api/generate", json=HI, headers={"Host": host}, timeout=30)
+    assert r.status_code == status, r.text
+    if status == 403:
+        assert "KVSLIM_ALLOWED_HOSTS" in r.json()["error"]
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("https://evil.example", 403), ("http://localhost.evil.example", 403), ("null", 403),
+    ("http://localhost:3000", 200), ("http://127.0.0.1", 200), ("https://[::1]:8443", 200),
+    ("app://obsidian.md", 200), ("https://chat.mysite.org", 200),
+])
+def test_browser_origin_must_be_local_or_allowed(guarded, origin, status):
+    for path, body in (("/api/generate", HI), ("/api/pull", {"model": "smollm2"}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1})):
+        if status == 200 and path == "/api/pull":
+            continue  # an allowed origin would really pull
+        r = httpx.post(guarded + path, json=body, headers={"Origin": origin}, timeout=30)
+        assert r.status_code == status, (path, r.text)
+        if status == 200:
+            assert r.headers["access-control-allow-origin"] == origin
+
+
+def test_cors_preflight_for_allowed_origins_only(guarded):
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    ok = httpx.options(guarded + "/api/chat", headers={"Origin": "https://a.mysite.org", **ask})
+    assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == "https://a.mysite.org"
+    assert "content-type" in ok.headers["access-control-allow-headers"]
+    bad = httpx.options(guarded + "/api/chat", headers={"Origin": "https://evil.example", **ask})
+    assert bad.status_code == 403 and "access-control-allow-origin" not in bad.headers
+
+
+def test_any_content_type_is_read_as_json_like_ollama(guarded):
+    # curl -d '{...}' sends application/x-www-form-urlencoded; Ollama's docs rely on it
+    import json as json_module
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = httpx.post(guarded + "/api/generate", content=json_module.dumps(HI), headers=headers,
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["done"], ctype
+
+
+def test_api_key_when_set(tiny_path):  # noqa: F811
+    with guarded_server(tiny_path, Guard(api_key="s3cret")) as url:
+        assert httpx.post(url + "/api/generate", json=HI, timeout=30).status_code == 401
+        assert httpx.post(url + "/api/generate", json=HI, timeout=30,
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + "/api/tags", timeout=30).status_code == 401
+        assert httpx.get(url + "/", timeout=30).status_code == 200  # liveness stays public
+        c = ollama.Client(host=url, headers={"Authorization": "Bearer s3cret"})
+        assert c.generate(model="tiny", prompt="hi", options={"num_predict": 1}).done
+        o = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert o.completions.create(model="tiny", prompt="x", max_tokens=1).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_show_names_the_model_not_its_path(server, tiny_path):  # noqa: F811
+    r = httpx.post(server.url + "/api/show", json={"model": "tiny"}, timeout=30)
+    assert r.status_code == 200
+    assert str(tiny_path.parent) not in r.text and "FROM tiny:latest" in r.json()["modelfile"]
+
+
+# ---------------------------------------------------------------- defects 2 and 10: bounded work
+
+
+def test_prompt_text_and_token_limits_are_413(guarded):
+    r = httpx.post(guarded + "/api/generate", json={**HI, "prompt": " " * 6000}, timeout=30)
+    assert r.status_code == 413 and "KVSLIM_MAX_PROMPT_CHARS" in r.json()["error"]
+    r = httpx.post(guarded + "/api/chat", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x" * 3000}] * 2})
+    assert r.status_code == 413
+    r = httpx.post(guarded + "/api/generate", json={**HI, "prompt": "a b " * 300}, timeout=30)
+    assert r.status_code == 413 and "KVSLIM_MAX_PROMPT_TOKENS" in r.json()["error"]
+    assert httpx.post(guarded + "/api/generate", json={**HI, "prompt": "a b " * 20},
+                      timeout=30).status_code == 200
+
+
+def test_default_prompt_limit_follows_num_ctx():
+    g = Guard.from_env({}, default_num_ctx=None)
+    assert g.prompt_chars_limit(None) == 32 * 4096 and g.prompt_chars_limit(65536) == 32 * 65536
+    assert Guard.from_env({"KVSLIM_MAX_PROMPT_CHARS": "100"}).prompt_chars_limit(65536) == 100
+    with pytest.raises(ValueError, match="KVSLIM_MAX_PROMPT_CHARS"):
+        Guard.from_env({"KVSLIM_MAX_PROMPT_CHARS": "0"})
+
+
+def _raw(url: str, head: bytes, body: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head + body)
+    return sock
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def server_logs():
+    """Every record of kvslim's and uvicorn's loggers (uvicorn's do not reach the root)."""
+    handler = _Records()
+    loggers = [logging.getLogger(n) for n in ("kvslim.server", "uvicorn.error", "uvicorn")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+HEAD = (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 200\r\n\r\n")
+
+
+def test_a_stalled_body_gets_408_and_its_connection_closed(guarded):
+    t0 = time.monotonic()
+    with _raw(guarded, HEAD, b'{"model": "tiny", ') as sock:
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 8
+
+
+def test_aborted_uploads_log_one_info_line_each(guarded):
+    with server_logs() as records:
+        for _ in range(5):
+            _raw(guarded, HEAD, b'{"model": "tiny", "prompt": "abc').close()
+        time.sleep(1.0)
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    aborted = [r for r in records if "disconnected during the upload" in r.getMessage()]
+    assert len(aborted) == 5 and all(r.levelno == logging.INFO for r in aborted)
+    assert httpx.post(guarded + "/api/generate", json=HI, timeout=30).status_code == 200
