@@ -424,3 +424,30 @@ def test_aborted_uploads_log_one_info_line_each(guarded):
     aborted = [r for r in records if "disconnected during the upload" in r.getMessage()]
     assert len(aborted) == 5 and all(r.levelno == logging.INFO for r in aborted)
     assert httpx.post(guarded + "/api/generate", json=HI, timeout=30).status_code == 200
+
+
+def test_a_client_leaving_during_prefill_stops_it_at_the_next_step(server):
+    from test_server import StepGate
+
+    assert httpx.post(server.url + "/api/generate", json={"model": "tiny"}, timeout=30).status_code == 200
+    runner = server.runner("tiny")
+    engine, budget = runner.engine, runner.engine.max_batch_tokens
+    engine.max_batch_tokens = 8  # a 200-token prompt takes 25 prefill steps
+    gate = StepGate(runner)
+    body = {"model": "tiny", "prompt": "the cat ate hat " * 50, "raw": True,
+            "options": {"num_predict": 4, **GREEDY}}
+    try:
+        with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            wait_until(lambda: engine.waiting, what="the request in the engine")
+            seq = engine.waiting[0]
+            gate.allow(2)
+            wait_until(lambda: seq.n_cached >= 16, what="two prefill steps")
+        # the client is gone: the next step cancels the sequence, prefill unfinished
+        gate.allow(1)
+        wait_until(lambda: seq.finished, what="the cancel")
+        assert seq.finish_reason == "cancel" and seq.n_cached < seq.n_prompt
+    finally:
+        gate.open()
+        engine.max_batch_tokens = budget
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
