@@ -451,3 +451,23 @@ def test_a_client_leaving_during_prefill_stops_it_at_the_next_step(server):
         gate.open()
         engine.max_batch_tokens = budget
     wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+
+
+# ---------------------------------------------------------------- defect 8: a K/V budget too small
+
+
+def test_a_kv_budget_below_one_context_is_refused_with_the_budget_that_works(tiny_path):  # noqa: F811
+    import tiny_llama
+    from test_server import _page_bytes
+
+    t = tiny_llama.Tiny()
+    page = _page_bytes(t.n_layers, t.n_kv_heads, t.head_dim, "f16", "f16", 64)
+    need = -(-256 // 64) * page  # tiny's context is 256 tokens: 4 pages
+    for budget, ok in ((need - 1, False), (page, False), (need, True)):
+        settings = Settings.from_env({"KVSLIM_KV_MEMORY": str(budget)})
+        with running_server(settings, {"tiny": tiny_path}) as s:
+            r = httpx.post(s.url + "/api/generate", json=HI, timeout=60)
+        if ok:
+            assert r.status_code == 200, r.text
+        else:  # before: the model loaded, then refused every request ("cannot fit")
+            assert r.status_code >= 400 and f"at least {need:,} bytes" in r.json()["error"], r.text
