@@ -471,3 +471,51 @@ def test_a_kv_budget_below_one_context_is_refused_with_the_budget_that_works(tin
             assert r.status_code == 200, r.text
         else:  # before: the model loaded, then refused every request ("cannot fit")
             assert r.status_code >= 400 and f"at least {need:,} bytes" in r.json()["error"], r.text
+
+
+# ---------------------------------------------------------------- defect 12: model sanity at load
+
+
+def _bad_model(tmp_path, monkeypatch, *, arrays_of=None, change=None, **tiny) -> str:
+    import tiny_llama
+
+    path = tmp_path / "bad.gguf"
+    real = tiny_llama.arrays
+    if arrays_of is not None or change is not None:
+        def arrays(t, seed):
+            a = real(arrays_of or t, seed)
+            if change:
+                change(a)
+            return a
+        monkeypatch.setattr(tiny_llama, "arrays", arrays)
+    tiny_llama.write(path, tiny_llama.Tiny(**tiny))
+    return str(path)
+
+
+def _nan_norm(a):
+    a["blk.1.ffn_norm.weight"][3] = float("nan")
+
+
+@pytest.mark.parametrize("case, key", [
+    ({"rope_base": 0.0}, "rope.freq_base"), ({"rope_base": float("nan")}, "rope.freq_base"),
+    ({"rope_base": -10000.0}, "rope.freq_base"), ({"eps": float("nan")}, "layer_norm_rms_epsilon"),
+    ({"eps": 0.0}, "layer_norm_rms_epsilon"), ({"eps": float("inf")}, "layer_norm_rms_epsilon"),
+    ({"change": _nan_norm}, "blk.1.ffn_norm.weight"), ({"arrays_of": "3 blocks"}, "block_count"),
+])
+def test_physically_impossible_models_are_refused_at_load(tmp_path, monkeypatch, case, key):
+    import tiny_llama
+    from kvslim.gguf_loader import GGUFError, ModelConfig, open_gguf
+
+    if case.get("arrays_of"):
+        case = {"arrays_of": tiny_llama.Tiny(n_layers=3)}
+    path = _bad_model(tmp_path, monkeypatch, **case)
+    with pytest.raises(GGUFError) as e:
+        ModelConfig.from_gguf(open_gguf(path))
+    assert path in str(e.value) and key in str(e.value)
+
+
+def test_a_sane_model_still_loads(tmp_path, monkeypatch):
+    from kvslim.gguf_loader import ModelConfig, open_gguf
+
+    config = ModelConfig.from_gguf(open_gguf(_bad_model(tmp_path, monkeypatch)))
+    assert config.n_layers == 2 and config.rope_base == 10000.0
