@@ -96,6 +96,9 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def cmd_pull(args) -> int:
     from kvslim import store
 
+    if args.verify:
+        print(f"verified: {store.verify(args.model)}")
+        return 0
     path = store.pull(args.model)
     print(f"success: {path}")
     return 0
@@ -172,6 +175,8 @@ def cmd_run(args) -> int:
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     store.resolve(args.model, pull_missing=True)  # first use of a built-in model pulls it
+    if args.verify:
+        store.verify(args.model)
     llm = LLM(args.model, **llm_kwargs(args))
     if prompt is not None:
         _answer(llm, [{"role": "user", "content": prompt}], options, args, llm.load_duration)
@@ -352,12 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print timings and K/V cache details")
     p.add_argument("--truncate", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
+    p.add_argument("--verify", action="store_true",
+                   help="check the stored model's sha256 before loading it")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("pull", help="download a built-in model into the store")
     p.add_argument("model")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the stored file's sha256 (no download): an error if it differs")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("list", aliases=["ls"], help="list pulled models")

@@ -136,6 +136,23 @@ def resolve(name_or_path: str | os.PathLike, pull_missing: bool = False) -> Path
     raise ModelNotPulledError(f"model '{name_or_path}' is not pulled yet: run `kvslim pull {model.name}`")
 
 
+def verify(name_or_path: str | os.PathLike) -> Path:
+    """Path of a model whose file matches the sha256 it was pulled with (PullError if not).
+
+    For a built-in name that is its known sha256; for a .gguf in the store, its manifest's.
+    """
+    path = resolve(name_or_path)
+    model = lookup(str(name_or_path))
+    expected = model.sha256 if model else _read_manifest(path.parent / "manifest.json").get("sha256")
+    if expected is None:
+        raise PullError(f"{path}: no recorded sha256 to verify against (only pulled models have one)")
+    got = sha256_file(path, progress=True)
+    if got != expected:
+        hint = f": run `kvslim pull {model.name}` to fetch it again" if model else ""
+        raise PullError(f"{path}: sha256 {got} differs from the pulled {expected}{hint}")
+    return path
+
+
 def list_models() -> list[ModelEntry]:
     """Models present in the store (built-in pulls and any .gguf placed there)."""
     root = store_dir()

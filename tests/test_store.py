@@ -351,3 +351,23 @@ def test_a_killed_pull_leaves_debris_the_next_pull_removes(models_dir, fake, pay
     path = store.pull("fakemodel", progress=False)
     assert path.read_bytes() == payload
     assert store_files(models_dir) == ["fakemodel", "fakemodel/Fake.Q8_0.gguf", "fakemodel/manifest.json"]
+
+
+def test_verify_rechecks_the_stored_sha256(models_dir, fake, patched_download, capsys):
+    from kvslim.cli import main
+
+    path = store.pull("fakemodel", progress=False)
+    assert store.verify("fakemodel") == path
+    assert main(["pull", "fakemodel", "--verify"]) == 0 and "verified" in capsys.readouterr().out
+    with open(path, "r+b") as f:  # one flipped byte in the middle
+        f.seek(2 * store.CHUNK)
+        byte = f.read(1)
+        f.seek(2 * store.CHUNK)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(PullError, match="kvslim pull fakemodel"):
+        store.verify("fakemodel")
+    assert main(["pull", "fakemodel", "--verify"]) == 1
+    assert main(["run", "fakemodel", "hi", "--verify"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: ") and "sha256" in err[-1]
+    assert patched_download == ["kvslim-fake-model==1.0.0"]  # verify never downloads
