@@ -172,6 +172,8 @@ def cmd_run(args) -> int:
     options = sampling_options(args)
     SamplingParams.from_options(**options)
     prompt = " ".join(args.prompt) if args.prompt else None
+    if prompt is None and sys.stdin is None:  # `kvslim run model <&-`
+        raise ValueError("no prompt: give one as an argument (standard input is closed)")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     store.resolve(args.model, pull_missing=True)  # first use of a built-in model pulls it
@@ -434,16 +436,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    if sys.stdout is None:  # `>&-`: what would be printed goes nowhere, as it would for a shell
+        sys.stdout = open(os.devnull, "w")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head -c1`: the reader left; stop quietly, as `cat` does
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
     except _user_errors() as e:
         if os.environ.get("KVSLIM_DEBUG"):
             raise
         print(f"Error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _one_line(e: BaseException) -> str:

@@ -107,6 +107,8 @@ def resolve_num_ctx(num_ctx: int | None, model_max: int, device: torch.device,
         except ValueError:
             raise ValueError(f"KVSLIM_CONTEXT_LENGTH must be an integer, got "
                              f"{env['KVSLIM_CONTEXT_LENGTH']!r}") from None
+        if default < 1:  # not silently 1: a context of one token answers nothing
+            raise ValueError(f"KVSLIM_CONTEXT_LENGTH must be at least 1, got {default}")
     else:
         default = DEFAULT_NUM_CTX
         if device.type == "cuda":

@@ -519,3 +519,47 @@ def test_a_sane_model_still_loads(tmp_path, monkeypatch):
 
     config = ModelConfig.from_gguf(open_gguf(_bad_model(tmp_path, monkeypatch)))
     assert config.n_layers == 2 and config.rope_base == 10000.0
+
+
+# ---------------------------------------------------------------- defect 11: CLI and settings edges
+
+
+def _kvslim(args: list[str], **popen) -> "subprocess.Popen":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "kvslim.cli", *args], stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, KVSLIM_NUM_PARALLEL="1"), **popen)
+
+
+def test_cli_with_stdin_closed_is_one_error_line(tiny_path):  # noqa: F811
+    import os
+
+    proc = _kvslim(["run", str(tiny_path)], preexec_fn=lambda: os.close(0))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and err.strip().splitlines() == [
+        "Error: no prompt: give one as an argument (standard input is closed)"], err
+
+
+def test_cli_with_stdout_gone_exits_quietly(tiny_path):  # noqa: F811
+    import os
+    import subprocess
+
+    args = ["run", str(tiny_path), "the cat", "--num-predict", "20", "--temperature", "0"]
+    closed = _kvslim(args, preexec_fn=lambda: os.close(1))  # `>&-`
+    _, err = closed.communicate(timeout=300)
+    assert closed.returncode == 0 and "Traceback" not in err, err
+    reader_left = _kvslim(args, stdout=subprocess.PIPE)  # `| head -c0`: the reader is gone
+    reader_left.stdout.close()
+    reader_left.wait(timeout=300)
+    err = reader_left.stderr.read()
+    assert reader_left.returncode == 141 and "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_context_length_zero_is_an_error_not_one(value):
+    from kvslim.llm import resolve_num_ctx
+
+    with pytest.raises(ValueError, match="KVSLIM_CONTEXT_LENGTH must be at least 1"):
+        resolve_num_ctx(None, 8192, torch.device("cpu"), {"KVSLIM_CONTEXT_LENGTH": value})
