@@ -563,3 +563,25 @@ def test_context_length_zero_is_an_error_not_one(value):
 
     with pytest.raises(ValueError, match="KVSLIM_CONTEXT_LENGTH must be at least 1"):
         resolve_num_ctx(None, 8192, torch.device("cpu"), {"KVSLIM_CONTEXT_LENGTH": value})
+
+
+# ---------------------------------------------------------------- defect 4b: keep_alive 0
+
+
+def test_keep_alive_zero_waits_for_the_other_clients(tiny_path):  # noqa: F811
+    from test_server import StepGate
+
+    options = {"num_predict": 12, **GREEDY}
+    with running_server(Settings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as s:
+        solo = _stream(s.url, "the cat ate", options)
+        gate = StepGate(s.runner("tiny"))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_stream, s.url, "the cat ate", options)
+            wait_until(lambda: s.runner("tiny").engine.waiting, what="the request in the engine")
+            gate.allow(3)
+            r = httpx.post(s.url + "/api/generate", json={"model": "tiny", "keep_alive": 0}, timeout=30)
+            assert r.status_code == 200 and r.json()["done_reason"] == "unload"
+            assert [m["name"] for m in httpx.get(s.url + "/api/ps").json()["models"]] == ["tiny:latest"]
+            gate.open()
+            assert answer.result(timeout=60) == solo  # not cut short by the other client's unload
+        wait_until(lambda: httpx.get(s.url + "/api/ps").json()["models"] == [], what="the unload")

@@ -6,6 +6,7 @@ being evaluated (``prompt_eval_count`` counts the whole prompt, as Ollama's does
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
@@ -74,7 +75,7 @@ async def _load_or_unload(request: Request, model: str, keep_alive, chat: bool) 
     if _keep_alive_zero(keep_alive):
         reg.resolve(model)  # 404 for an unknown model
         if not await run_in_threadpool(reg.unload, model) and _is_loaded(reg, model):
-            raise APIError(503, f"model '{model}' is busy and cannot be unloaded now")
+            _unload_when_idle(reg, model)  # others are using it: it goes when they are done
         reason = "unload"
     else:
         await get_runner(request, model)
@@ -82,6 +83,27 @@ async def _load_or_unload(request: Request, model: str, keep_alive, chat: bool) 
     body = {"model": model, "created_at": timestamp()}
     body |= {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
     return JSONResponse(body | {"done": True, "done_reason": reason})
+
+
+_UNLOADS: dict[str, asyncio.Task] = {}  # model -> its pending unload (referenced until done)
+UNLOAD_POLL_S = 0.05
+
+
+def _unload_when_idle(reg, model: str) -> None:
+    """Unload ``model`` at the first moment no request runs or waits on it, as Ollama
+    does with keep_alive 0: one client's unload never cuts another's answer short."""
+    name = reg.canonical(model)
+    if name in _UNLOADS:
+        return
+
+    async def wait_and_unload():
+        try:
+            while _is_loaded(reg, name) and not await run_in_threadpool(reg.unload, name):
+                await asyncio.sleep(UNLOAD_POLL_S)
+        finally:
+            _UNLOADS.pop(name, None)
+
+    _UNLOADS[name] = asyncio.get_running_loop().create_task(wait_and_unload())
 
 
 def _is_loaded(reg, model: str) -> bool:
