@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -524,9 +525,8 @@ def test_a_sane_model_still_loads(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- defect 11: CLI and settings edges
 
 
-def _kvslim(args: list[str], **popen) -> "subprocess.Popen":
+def _kvslim(args: list[str], **popen) -> subprocess.Popen:
     import os
-    import subprocess
     import sys
 
     return subprocess.Popen([sys.executable, "-m", "kvslim.cli", *args], stderr=subprocess.PIPE,
@@ -544,7 +544,6 @@ def test_cli_with_stdin_closed_is_one_error_line(tiny_path):  # noqa: F811
 
 def test_cli_with_stdout_gone_exits_quietly(tiny_path):  # noqa: F811
     import os
-    import subprocess
 
     args = ["run", str(tiny_path), "the cat", "--num-predict", "20", "--temperature", "0"]
     closed = _kvslim(args, preexec_fn=lambda: os.close(1))  # `>&-`
