@@ -444,7 +444,9 @@ def test_a_client_leaving_during_prefill_stops_it_at_the_next_step(server):
             seq = engine.waiting[0]
             gate.allow(2)
             wait_until(lambda: seq.n_cached >= 16, what="two prefill steps")
-        # the client is gone: the next step cancels the sequence, prefill unfinished
+        # the client is gone: the cancel reaches the engine, and its next step ends the
+        # sequence with its prefill unfinished
+        wait_until(lambda: seq.cancelled, what="the disconnect to cancel the request")
         gate.allow(1)
         wait_until(lambda: seq.finished, what="the cancel")
         assert seq.finish_reason == "cancel" and seq.n_cached < seq.n_prompt
