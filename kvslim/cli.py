@@ -96,6 +96,9 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def cmd_pull(args) -> int:
     from kvslim import store
 
+    if args.verify:
+        print(f"verified: {store.verify(args.model)}")
+        return 0
     path = store.pull(args.model)
     print(f"success: {path}")
     return 0
@@ -169,9 +172,13 @@ def cmd_run(args) -> int:
     options = sampling_options(args)
     SamplingParams.from_options(**options)
     prompt = " ".join(args.prompt) if args.prompt else None
+    if prompt is None and sys.stdin is None:  # `kvslim run model <&-`
+        raise ValueError("no prompt: give one as an argument (standard input is closed)")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     store.resolve(args.model, pull_missing=True)  # first use of a built-in model pulls it
+    if args.verify:
+        store.verify(args.model)
     llm = LLM(args.model, **llm_kwargs(args))
     if prompt is not None:
         _answer(llm, [{"role": "user", "content": prompt}], options, args, llm.load_duration)
@@ -349,12 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print timings and K/V cache details")
     p.add_argument("--truncate", action="store_true",
                    help="keep the end of a prompt longer than the context instead of failing")
+    p.add_argument("--verify", action="store_true",
+                   help="check the stored model's sha256 before loading it")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("pull", help="download a built-in model into the store")
     p.add_argument("model")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the stored file's sha256 (no download): an error if it differs")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("list", aliases=["ls"], help="list pulled models")
@@ -422,16 +433,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    if sys.stdout is None:  # `>&-`: what would be printed goes nowhere, as it would for a shell
+        sys.stdout = open(os.devnull, "w")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head -c1`: the reader left; stop quietly, as `cat` does
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
     except _user_errors() as e:
         if os.environ.get("KVSLIM_DEBUG"):
             raise
         print(f"Error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _one_line(e: BaseException) -> str:

@@ -71,7 +71,7 @@ class StepOutput(NamedTuple):
     token_ids: list[int]  # tokens sampled this step (empty for a prefill chunk or a cancel)
     text: str  # text released this step
     finished: bool
-    reason: str | None  # "stop" (EOS or stop string), "length", "cancel"
+    reason: str | None  # "stop" (EOS or stop string), "length", "cancel", "error" (seq.error)
 
 
 @dataclass(eq=False)
@@ -112,6 +112,7 @@ class Sequence:
         self._eog = set() if params.ignore_eos else eog_ids
         self._held = ""  # decoded text not released yet (may start a stop string)
         self.cancelled = False
+        self.error: Exception | None = None  # why it finished with reason "error"
 
     @property
     def output_ids(self) -> list[int]:
@@ -334,14 +335,28 @@ class Engine:
             else:
                 s.stats.eval_duration += elapsed
         for s, tok in zip(sampled, ids):
-            outputs.append(self._after_sample(s, tok))
+            outputs.append(self._after_sample(s, tok) if isinstance(tok, int) else self._fail(s, tok))
         return outputs
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Next token per sequence. logits [len(seqs), V]."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """Next token per sequence, or the error that sampling it raised. logits [len(seqs), V]."""
         if all(s.params.greedy and not s.params.penalized for s in seqs):
             return logits.argmax(-1).tolist()  # one op for the whole batch
-        return [s.sampler(logits[i], s.token_ids) for i, s in enumerate(seqs)]
+        return [self._sample_one(s, logits[i]) for i, s in enumerate(seqs)]
+
+    @staticmethod
+    def _sample_one(s: Sequence, logits: torch.Tensor) -> int | Exception:
+        try:
+            return s.sampler(logits, s.token_ids)
+        except Exception as e:  # noqa: BLE001 - one sequence's failure must not end the batch
+            return e
+
+    def _fail(self, s: Sequence, error: Exception) -> StepOutput:
+        """End one sequence with ``error`` (its pages freed); the others go on."""
+        log.warning("sequence %d failed while sampling: %s", s.id, error)
+        s.error = error
+        self._finish(s, "error")
+        return StepOutput(s, [], "", True, "error")
 
     def _after_sample(self, s: Sequence, tok: int) -> StepOutput:
         text, reason = s.accept(tok)

@@ -8,7 +8,9 @@ it: opening a 70B file costs only its metadata.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +210,7 @@ class ModelConfig:
         if isinstance(n_heads, list):
             raise GGUFError(f"{path}: per-layer head counts are not supported")
         try:
-            return cls(
+            config = cls(
                 arch=arch,
                 name=get_key(reader, "general.name", Path(path).stem),
                 n_layers=key("block_count"),
@@ -238,6 +240,29 @@ class ModelConfig:
             raise
         except ValueError as e:  # inconsistent hyperparameters from __post_init__
             raise GGUFError(f"{path}: {e}") from e
+        check_physical(reader, config)
+        return config
+
+
+def check_physical(reader: gguf.GGUFReader, config: ModelConfig) -> None:
+    """GGUFError (file and key named) for values no working model has, which would
+    otherwise load and fail at the first token (a NaN or zero RoPE base or epsilon), or
+    answer nothing (a NaN norm weight), or quietly drop layers (a wrong block count)."""
+    path, arch = reader_path(reader), config.arch
+    for key, value in (("rope.freq_base", config.rope_base),
+                       ("attention.layer_norm_rms_epsilon", config.rms_eps),
+                       ("rope.scaling.factor", config.rope_scaling_factor)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise GGUFError(f"{path}: metadata '{arch}.{key}' is {value}; it must be a finite "
+                            f"positive number")
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if blocks != set(range(config.n_layers)):
+        raise GGUFError(f"{path}: metadata '{arch}.block_count' is {config.n_layers} but the file "
+                        f"holds tensors of {len(blocks)} blocks"
+                        + (f" (numbered up to {max(blocks)})" if blocks else ""))
+    for t in reader.tensors:  # norms are a few KB each: reading them all costs nothing
+        if t.name.endswith("norm.weight") and not np.isfinite(dequantize_tensor(t)).all():
+            raise GGUFError(f"{path}: tensor '{t.name}' holds non-finite values")
 
 
 def _opt_float(x: Any) -> float | None:

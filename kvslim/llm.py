@@ -76,6 +76,8 @@ class Stream:
 
     def __iter__(self) -> Iterator[str]:
         for out in self._llm._events(self.seq):
+            if out.reason == "error":
+                raise self.seq.error
             if out.text:
                 yield out.text
         self.completion = Completion.from_sequence(self.seq)

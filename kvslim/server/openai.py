@@ -101,7 +101,8 @@ async def chat_completions(request: Request):
     req = await read_json(request, ChatCompletionRequest)
     registry(request).resolve(req.model)
     fmt = req.response_format and req.response_format.get("type") not in (None, "text")
-    max_tokens = req.max_completion_tokens or req.max_tokens
+    # 0 is "at least 1" (a 400, as OpenAI answers it), not "no limit"
+    max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     _check(req, extra={"tools": req.tools, "logprobs": req.logprobs, "response_format": fmt},
            max_tokens=max_tokens)
     messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]

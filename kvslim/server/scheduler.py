@@ -177,7 +177,10 @@ class Scheduler:
             t = self._tickets.get(out.seq.id)
             if t is None:
                 continue
-            t.send("out", out)
+            if out.reason == "error":  # this sequence alone failed (its pages are free)
+                t.send("error", out.seq.error)
+            else:
+                t.send("out", out)
             if out.finished:
                 with self._cond:
                     del self._tickets[out.seq.id]

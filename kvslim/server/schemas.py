@@ -7,13 +7,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvslim.sampling import MAX_PENALTY, SEED_RANGE
+
 log = logging.getLogger("kvslim.server")
 
 Stop = str | list[str] | None
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+# The ranges of kvslim.sampling.SamplingParams, checked here too so that a 400 names the field.
+Penalty = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+Seed = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
 
 
 # ---------------------------------------------------------------- Ollama
@@ -32,20 +39,20 @@ SAMPLING_OPTIONS = ("num_predict", "temperature", "top_k", "top_p", "min_p", "se
 class Options(_Body):
     """Ollama's request ``options`` plus kvslim's cache types (a change rebuilds the pool)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-    num_ctx: int | None = None
+    num_ctx: int | None = Field(None, ge=1)
     num_predict: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: int | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Seed
     stop: Stop = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    repeat_penalty: float | None = Field(None, ge=1 / MAX_PENALTY, le=MAX_PENALTY)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    presence_penalty: float | None = Penalty
+    frequency_penalty: float | None = Penalty
     kv_cache_type: str | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
@@ -132,13 +139,14 @@ class _OpenAIBody(_Body):
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI's documented ranges (its API answers 400 outside them)
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Seed
     stop: Stop = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     n: int | None = None
     options: Options | None = None  # kvslim extension: Ollama options (cache types, num_ctx)
 
