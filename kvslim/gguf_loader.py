@@ -335,28 +335,38 @@ def load_weights(
     device: str | torch.device = "cpu",
     progress: bool = True,
     neox_qk: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized, keyed by its GGUF name ("blk.0.attn_q.weight").
+    quantized: bool = False,
+) -> dict[str, Any]:
+    """Every tensor of the file keyed by its GGUF name ("blk.0.attn_q.weight").
 
-    Tensors are dequantized one at a time so peak extra memory is one float32 tensor.
+    Dequantized (torch tensors in ``dtype`` on ``device``), one at a time so peak extra
+    memory is one float32 tensor; with ``quantized``, every matrix of a type the CPU
+    kernels read is instead a ``weights.QTensor``: a view of its blocks in the file's
+    memory map, no copy (1-D tensors, norms and biases, are still small float copies).
     With `neox_qk`, q/k of "normal"-style architectures are un-permuted so the caller
-    applies NEOX RoPE whatever the architecture (see ROPE_STYLES).
+    applies NEOX RoPE whatever the architecture (see ROPE_STYLES); a QTensor records the
+    permutation instead, and its matmul undoes it on the output.
     """
     _check_expected(reader, config)
     unpermute = neox_qk and config.rope_style == "normal"
-    total = sum(int(t.n_bytes) for t in reader.tensors)
+    heads = {".attn_q.": config.n_heads, ".attn_k.": config.n_kv_heads}
+    views: dict[str, Any] = {}
+    if quantized:
+        from kvslim import weights as wt  # numba: imported only when a model is built
+        views = wt.views(reader, {t.name: config.head_dim for t in reader.tensors
+                                  if unpermute and any(k in t.name for k in heads)})
+    rest = [t for t in reader.tensors if t.name not in views]
     show = progress and sys.stderr.isatty()
-    weights: dict[str, torch.Tensor] = {}
-    with _progress_bar(total, show) as bar:
-        for t in reader.tensors:
+    out: dict[str, Any] = dict(views)
+    with _progress_bar(sum(int(t.n_bytes) for t in rest), show) as bar:
+        for t in rest:
             w = torch.from_numpy(dequantize_tensor(t))
-            if unpermute and ".attn_q." in t.name:
-                w = unpermute_qk(w, config.n_heads)
-            elif unpermute and ".attn_k." in t.name:
-                w = unpermute_qk(w, config.n_kv_heads)
-            weights[t.name] = w.to(device=device, dtype=dtype)
+            n = next((h for k, h in heads.items() if k in t.name), 0) if unpermute else 0
+            if n:
+                w = unpermute_qk(w, n)
+            out[t.name] = w.to(device=device, dtype=dtype)
             bar.update(int(t.n_bytes))
-    return weights
+    return out
 
 
 def _check_expected(reader: gguf.GGUFReader, config: ModelConfig) -> None:
@@ -373,4 +383,6 @@ def _check_expected(reader: gguf.GGUFReader, config: ModelConfig) -> None:
 
 
 def _progress_bar(total_bytes: int, show: bool):
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show, leave=False)
+    # shown only once loading has taken a second (a quantized load never does)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show,
+                leave=False, delay=1.0)

@@ -29,6 +29,7 @@ from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.sampling import SamplingParams
 from kvslim.tokenizer import Tokenizer
+from kvslim.weights import WEIGHT_MODES, resolve_mode
 
 __all__ = ["LLM", "Completion", "Stream", "pick_device", "resolve_cache_types",
            "resolve_flash_attn", "resolve_num_ctx"]
@@ -183,6 +184,8 @@ class LLM:
     kv_rotation / kv_centering: auto | on | off; kv_rounding: auto | lsq | ggml (how a
     block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
     types, off for f16/f32/bf16; env KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING).
+    weights: quantized (default: the GGUF blocks stay as stored, read by fused CPU kernels)
+    | dequantize (expanded to float at load; always so on GPU/MPS for now), ``kvslim.weights``.
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -191,8 +194,10 @@ class LLM:
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                 kv_rounding: str | None = None):
+                 kv_rounding: str | None = None, weights: str = "quantized"):
         t0 = time.perf_counter()
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"unknown weights mode '{weights}' (choose from {', '.join(WEIGHT_MODES)})")
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
         codec = CodecSettings.resolve(kv_rotation, kv_centering, kv_rounding)
@@ -201,8 +206,10 @@ class LLM:
         reader = open_gguf(self.path)
         self.config: ModelConfig = ModelConfig.from_gguf(reader)
         self.tokenizer = Tokenizer.from_gguf(reader)
+        self.weights_mode = resolve_mode(weights, self.device, compute_dtype(self.device))
         self.model = models.load_model(reader, self.config, self.device,
-                                       compute_dtype(self.device), progress=progress)
+                                       compute_dtype(self.device), progress=progress,
+                                       weights=weights)
         self.name = str(model)
         self._lock = threading.Lock()  # one engine step (and its dispatch) at a time
         self._inbox: dict[int, collections.deque] = {}
@@ -351,6 +358,12 @@ class LLM:
     def kv_cache_info(self) -> dict:
         """Effective K/V types, any fallback and its reason, backend, bytes and capacity."""
         return self.engine.cache_info()
+
+    def memory_info(self) -> dict:
+        """Bytes held: weights as held (GGUF blocks, or dequantized), the K/V pool, total."""
+        w, kv = self.model.weight_bytes, self.kv_cache_info()["bytes"]
+        return {"weights": self.weights_mode, "weights_bytes": w, "kv_bytes": kv,
+                "total_bytes": w + kv}
 
     def __repr__(self) -> str:
         i = self.kv_cache_info()

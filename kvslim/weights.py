@@ -214,3 +214,28 @@ def held_bytes(tensors) -> int:
         elif t is not None:
             seen[("t", t.data_ptr())] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def views(reader, permuted: dict[str, int]) -> dict[str, QTensor]:
+    """A QTensor for every 2-D tensor of ``reader`` whose type has a kernel (no bytes are
+    read: views of the file's memory map); ``permuted``: tensor name -> head size of llama's
+    q/k row permutation. Matrices of other types are left to the caller to dequantize,
+    with one warning naming them."""
+    data = reader.data.view(np.ndarray)
+    if reader.byte_order != "I":  # the kernels read little-endian blocks
+        log.warning("weights: %s is byte-swapped: every tensor is dequantized at load",
+                    getattr(reader.data, "filename", "the GGUF file"))
+        return {}
+    out, other = {}, []
+    for t in reader.tensors:
+        if len(t.shape) != 2:
+            continue
+        if t.tensor_type not in qm.CODES:
+            other.append(f"{t.name} ({t.tensor_type.name})")
+            continue
+        shape = (int(t.shape[1]), int(t.shape[0]))  # ne = [in, out]
+        out[t.name] = QTensor(data, int(t.data_offset), t.tensor_type, shape,
+                              hd=permuted.get(t.name, 0), name=t.name)
+    if other:
+        log.warning("weights: no kernel for %s: dequantized at load", ", ".join(other))
+    return out

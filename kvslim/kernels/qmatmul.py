@@ -105,6 +105,93 @@ def _load_acquire(typingctx, counters, slot):
     return types.int64(counters, slot), codegen
 
 
+# ---------------------------------------------------------------- vector block pieces
+# LLVM does not vectorize the byte decoding below by itself (it cannot tell the float
+# stores from the byte loads apart), so the hot types' 16-value pieces are written as
+# vector IR: load 16 bytes, widen, mask/shift/merge the code bits, one multiply-add.
+
+_V16I = ir.VectorType(ir.IntType(32), 16)
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16B = ir.VectorType(ir.IntType(8), 16)
+
+
+def _vconst(xs):
+    return ir.Constant(_V16I, list(xs) if hasattr(xs, "__iter__") else [xs] * 16)
+
+
+def _vsplat(builder, x, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+
+def _ptr(context, builder, arrty, arr, idx):
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx])
+
+
+def _load16(builder, base, off, signed=False):
+    at = builder.bitcast(builder.gep(base, [off]), _V16B.as_pointer())
+    b = builder.load(at, align=1)
+    return builder.sext(b, _V16I) if signed else builder.zext(b, _V16I)
+
+
+def _make_piece(signed=False, shift=0, high=None, mask=1, bias=0):
+    """An intrinsic piece(y, o, d, p, q, sh, s, lo): y[o:o+16] = s * code + lo, where
+    code_j = byte p+j of d (signed, or its nibble at ``shift``), with bit 4 (and 5) taken
+    from ``high``: "bytes" (byte q+j shifted right by sh, ``mask``ed) or "bits" (bit sh+j of
+    the integer q), minus ``bias``."""
+
+    @intrinsic
+    def piece(typingctx, y, o, d, p, q, sh, s, lo):
+        def codegen(context, builder, sig, args):
+            base = _ptr(context, builder, sig.args[2], args[2], ir.Constant(_I64, 0))
+            code = _load16(builder, base, args[3], signed)
+            if not signed:
+                code = builder.and_(builder.lshr(code, _vconst(shift)), _vconst(15))
+            sh32 = builder.trunc(args[5], ir.IntType(32))
+            if high == "bytes":
+                h = builder.lshr(_load16(builder, base, args[4]), _vsplat(builder, sh32, _V16I))
+                code = builder.or_(code, builder.shl(builder.and_(h, _vconst(mask)), _vconst(4)))
+            elif high == "bits":
+                bits = _vsplat(builder, builder.trunc(args[4], ir.IntType(32)), _V16I)
+                lane = builder.add(_vsplat(builder, sh32, _V16I), _vconst(range(16)))
+                h = builder.and_(builder.lshr(bits, lane), _vconst(1))
+                code = builder.or_(code, builder.shl(h, _vconst(4)))
+            if bias:
+                code = builder.sub(code, _vconst(bias))
+            val = builder.fmul(builder.sitofp(code, _V16F), _vsplat(builder, args[6], _V16F),
+                               flags=["fast"])
+            val = builder.fadd(val, _vsplat(builder, args[7], _V16F), flags=["fast"])
+            dst = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1]),
+                                  _V16F.as_pointer())
+            builder.store(val, dst, align=4)
+            return context.get_dummy_value()
+        return types.void(y, o, d, p, q, sh, s, lo), codegen
+    return piece
+
+
+_P_I8 = _make_piece(signed=True)
+_P_LO, _P_HI = _make_piece(shift=0), _make_piece(shift=4)
+_P_Q5_LO, _P_Q5_HI = _make_piece(shift=0, high="bits"), _make_piece(shift=4, high="bits")
+_P_Q6_LO = _make_piece(shift=0, high="bytes", mask=3, bias=32)
+_P_Q6_HI = _make_piece(shift=4, high="bytes", mask=3, bias=32)
+_P_Q5K_LO = _make_piece(shift=0, high="bytes", mask=1)
+_P_Q5K_HI = _make_piece(shift=4, high="bytes", mask=1)
+
+
+@intrinsic
+def _f16x16(typingctx, y, o, d, p):
+    """y[o:o+16] = the 16 f16 values at byte p of d."""
+    def codegen(context, builder, sig, args):
+        vh = ir.VectorType(ir.HalfType(), 16)
+        src = builder.bitcast(_ptr(context, builder, sig.args[2], args[2], args[3]), vh.as_pointer())
+        val = builder.fpext(builder.load(src, align=1), _V16F)
+        dst = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1]), _V16F.as_pointer())
+        builder.store(val, dst, align=4)
+        return context.get_dummy_value()
+    return types.void(y, o, d, p), codegen
+
+
 # ---------------------------------------------------------------- block decoders
 # Each writes the values of one block at byte p of d into y[o:]: ggml's dequantize_row_*
 # (float32 arithmetic in ggml's order), checked against gguf.quants.dequantize by the tests.
@@ -125,30 +212,29 @@ def _i8(b):
     return np.int64(b) - ((np.int64(b) & 128) << 1)
 
 
+_Z = np.float32(0.0)
+
+
 @njit(inline="always", fastmath=_FAST)
 def _q8_0(d, p, y, o):
     s = _f16(d, p)
-    for j in range(32):
-        y[o + j] = s * np.float32(_i8(d[p + 2 + j]))
+    _P_I8(y, o, d, p + 2, 0, 0, s, _Z)
+    _P_I8(y, o + 16, d, p + 18, 0, 0, s, _Z)
 
 
 @njit(inline="always", fastmath=_FAST)
 def _q4(d, q, y, o, s, lo):
     """y = s * nibble + lo for the 16 bytes at q (low nibbles first)."""
-    for j in range(16):
-        b = np.int64(d[q + j])
-        y[o + j] = s * np.float32(b & 15) + lo
-        y[o + j + 16] = s * np.float32(b >> 4) + lo
+    _P_LO(y, o, d, q, 0, 0, s, lo)
+    _P_HI(y, o + 16, d, q, 0, 0, s, lo)
 
 
 @njit(inline="always", fastmath=_FAST)
 def _q5(d, p, q, y, o, s, lo):
     """As _q4 with bit j of the u32 at p (ggml's qh) as bit 4 of value j."""
     qh = _u16(d, p) | (_u16(d, p + 2) << 16)
-    for j in range(16):
-        b = np.int64(d[q + j])
-        y[o + j] = s * np.float32((b & 15) | (((qh >> j) & 1) << 4)) + lo
-        y[o + j + 16] = s * np.float32((b >> 4) | (((qh >> (j + 16)) & 1) << 4)) + lo
+    _P_Q5_LO(y, o, d, q, qh, 0, s, lo)
+    _P_Q5_HI(y, o + 16, d, q, qh, 16, s, lo)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -178,10 +264,10 @@ def _q4_k(d, p, y, o):
         d1, lo1 = dd * np.float32(sc1), -dmin * np.float32(m1)
         d2, lo2 = dd * np.float32(sc2), -dmin * np.float32(m2)
         q, yo = p + 16 + 32 * g, o + 64 * g
-        for j in range(32):
-            b = np.int64(d[q + j])
-            y[yo + j] = d1 * np.float32(b & 15) + lo1
-            y[yo + 32 + j] = d2 * np.float32(b >> 4) + lo2
+        _P_LO(y, yo, d, q, 0, 0, d1, lo1)
+        _P_LO(y, yo + 16, d, q + 16, 0, 0, d1, lo1)
+        _P_HI(y, yo + 32, d, q, 0, 0, d2, lo2)
+        _P_HI(y, yo + 48, d, q + 16, 0, 0, d2, lo2)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -193,10 +279,10 @@ def _q5_k(d, p, y, o):
         d1, lo1 = dd * np.float32(sc1), -dmin * np.float32(m1)
         d2, lo2 = dd * np.float32(sc2), -dmin * np.float32(m2)
         q, yo = p + 48 + 32 * g, o + 64 * g
-        for j in range(32):
-            b, h = np.int64(d[q + j]), np.int64(d[p + 16 + j]) >> (2 * g)
-            y[yo + j] = d1 * np.float32((b & 15) | ((h & 1) << 4)) + lo1
-            y[yo + 32 + j] = d2 * np.float32((b >> 4) | ((h & 2) << 3)) + lo2
+        _P_Q5K_LO(y, yo, d, q, p + 16, 2 * g, d1, lo1)
+        _P_Q5K_LO(y, yo + 16, d, q + 16, p + 32, 2 * g, d1, lo1)
+        _P_Q5K_HI(y, yo + 32, d, q, p + 16, 2 * g + 1, d2, lo2)
+        _P_Q5K_HI(y, yo + 48, d, q + 16, p + 32, 2 * g + 1, d2, lo2)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -204,16 +290,12 @@ def _q6_k(d, p, y, o):
     dd = _f16(d, p + 208)
     for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
         ql, qh, sc, yo = p + 64 * n, p + 128 + 32 * n, p + 192 + 8 * n, o + 128 * n
-        for j in range(32):
-            a, b, h = np.int64(d[ql + j]), np.int64(d[ql + 32 + j]), np.int64(d[qh + j])
-            s = j // 16
-            y[yo + j] = dd * np.float32(_i8(d[sc + s])) * np.float32(((a & 15) | ((h & 3) << 4)) - 32)
-            y[yo + 32 + j] = (dd * np.float32(_i8(d[sc + s + 2]))
-                              * np.float32(((b & 15) | (((h >> 2) & 3) << 4)) - 32))
-            y[yo + 64 + j] = (dd * np.float32(_i8(d[sc + s + 4]))
-                              * np.float32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32))
-            y[yo + 96 + j] = (dd * np.float32(_i8(d[sc + s + 6]))
-                              * np.float32(((b >> 4) | (((h >> 6) & 3) << 4)) - 32))
+        for h in range(2):  # 16 values each: scales sc[h], sc[h + 2], ...
+            a, b, c, z = ql + 16 * h, ql + 32 + 16 * h, qh + 16 * h, yo + 16 * h
+            _P_Q6_LO(y, z, d, a, c, 0, dd * np.float32(_i8(d[sc + h])), _Z)
+            _P_Q6_LO(y, z + 32, d, b, c, 2, dd * np.float32(_i8(d[sc + h + 2])), _Z)
+            _P_Q6_HI(y, z + 64, d, a, c, 4, dd * np.float32(_i8(d[sc + h + 4])), _Z)
+            _P_Q6_HI(y, z + 96, d, b, c, 6, dd * np.float32(_i8(d[sc + h + 6])), _Z)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -266,7 +348,9 @@ def _dequantize(code, d, p, n, y):
         for j in range(n):
             y[j] = _bits_f32(_u16(d, p + 4 * j) | (_u16(d, p + 4 * j + 2) << 16))
     elif code == F16:
-        for j in range(n):
+        for j in range(n // 16):
+            _f16x16(y, 16 * j, d, p + 32 * j)
+        for j in range(n // 16 * 16, n):
             y[j] = _f16(d, p + 2 * j)
     elif code == BF16:
         for j in range(n):
