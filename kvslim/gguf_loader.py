@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kvslim.kernels.qtypes import CODES as KERNEL_TYPES  # the types read in place
+
 from kvslim import formats
 
 # RoPE layout that each architecture's GGUF weights expect (llama.cpp's
@@ -126,14 +128,25 @@ class WeightStats(NamedTuple):
     n_params: int  # elements over all tensors
     n_bytes: int  # bytes of tensor data in the file, as stored (quantized)
     n_tensors: int
+    held_quantized: int  # bytes a CPU model holds with weights="quantized"
+    held_params: int  # elements a model holds dequantized (weights="dequantize")
+
+
+# Tensors a model folds into something else at load instead of holding them.
+CONSUMED_AT_LOAD = ("rope_freqs.weight",)
 
 
 def weight_stats(reader: gguf.GGUFReader) -> WeightStats:
     """Parameter count and weight bytes from the tensor infos, without dequantizing."""
+    held = [t for t in reader.tensors if t.name not in CONSUMED_AT_LOAD]
     return WeightStats(
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         n_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         n_tensors=len(reader.tensors),
+        # matrices as stored; 1-D tensors and types without a kernel as float32
+        held_quantized=sum(int(t.n_bytes) if len(t.shape) == 2 and t.tensor_type in KERNEL_TYPES
+                           else 4 * int(t.n_elements) for t in held),
+        held_params=sum(int(t.n_elements) for t in held),
     )
 
 
@@ -161,8 +174,10 @@ class ModelConfig:
     name: str = ""
     file_type: int | None = None  # general.file_type (gguf.LlamaFileType)
     n_params: int = 0  # from the file's tensor infos (0 for hand-built configs)
-    weights_bytes: int = 0
+    weights_bytes: int = 0  # in the file, as stored
     path: str | None = None
+    held_quantized: int = field(default=0, repr=False)  # see WeightStats (0: weights_bytes)
+    held_params: int = field(default=0, repr=False)  # (0: n_params)
     # derived in __post_init__
     rope_style: str = field(init=False)  # "normal" (interleaved pairs) or "neox"
     n_rep: int = field(init=False)  # query heads per kv head
@@ -192,6 +207,13 @@ class ModelConfig:
         """head_dim rounded up to whole 32-value blocks: the row width the K/V cache holds
         (a head_dim that 32 does not divide is zero-padded there and stored as f16)."""
         return -(-self.head_dim // formats.QK) * formats.QK
+
+    def held_weight_bytes(self, weights: str = "quantized", element_size: int = 4) -> int:
+        """Bytes of weights a loaded model holds: with weights="quantized" (CPU) the stored
+        blocks, else every tensor dequantized to ``element_size`` bytes (4: CPU float32)."""
+        if weights == "quantized":
+            return self.held_quantized or self.weights_bytes
+        return (self.held_params or self.n_params) * element_size
 
     @property
     def file_type_name(self) -> str | None:
@@ -243,6 +265,8 @@ class ModelConfig:
                 n_params=stats.n_params,
                 weights_bytes=stats.n_bytes,
                 path=path,
+                held_quantized=stats.held_quantized,
+                held_params=stats.held_params,
             )
         except GGUFError:
             raise

@@ -75,6 +75,14 @@ def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | No
     return formats.get_format(k).name, formats.get_format(v).name
 
 
+def resolve_weights(weights: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """quantized|dequantize from an argument or KVSLIM_WEIGHTS (default quantized)."""
+    value = (weights or env.get("KVSLIM_WEIGHTS") or "quantized").strip().lower()
+    if value not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {value!r}")
+    return value
+
+
 def resolve_flash_attn(flash_attn: str | bool | None = None,
                        env: Mapping[str, str] = os.environ) -> str:
     """auto|on|off from an argument or KVSLIM_FLASH_ATTENTION (1/true/on, 0/false/off, auto)."""
@@ -185,7 +193,8 @@ class LLM:
     block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
     types, off for f16/f32/bf16; env KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING).
     weights: quantized (default: the GGUF blocks stay as stored, read by fused CPU kernels)
-    | dequantize (expanded to float at load; always so on GPU/MPS for now), ``kvslim.weights``.
+    | dequantize (expanded to float at load; always so on GPU/MPS for now), ``kvslim.weights``;
+    env KVSLIM_WEIGHTS.
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -194,10 +203,9 @@ class LLM:
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                 kv_rounding: str | None = None, weights: str = "quantized"):
+                 kv_rounding: str | None = None, weights: str | None = None):
         t0 = time.perf_counter()
-        if weights not in WEIGHT_MODES:
-            raise ValueError(f"unknown weights mode '{weights}' (choose from {', '.join(WEIGHT_MODES)})")
+        weights = resolve_weights(weights)
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
         codec = CodecSettings.resolve(kv_rotation, kv_centering, kv_rounding)

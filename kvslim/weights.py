@@ -36,7 +36,7 @@ SPLIT_MAX_ROWS = 16
 # Up to this many input rows QLinear runs the fused GEMV; beyond, dequantized tiles and
 # torch's GEMM (benchmarks/weights.py measures both sides of this).
 GEMV_MAX_ROWS = 8
-TILE_FLOATS = 1 << 20  # a prefill tile of weight rows: 4 MiB of float32
+TILE_FLOATS = 1 << 22  # a prefill tile of weight rows: 16 MiB of float32
 
 
 def resolve_mode(mode: str, device: str | torch.device, dtype: torch.dtype) -> str:
@@ -120,18 +120,22 @@ class QLinear:
         return y if self.b is None else y + self.b
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        yt = torch.empty(self.n_out, x.shape[0])  # [out, M]
-        buf = torch.empty(self.tile_rows, self.n_in)
-        xt = x.t()
+        y = torch.empty(x.shape[0], self.n_out)  # [M, out]
+        buf = torch.empty(self.tile_rows, self.n_in)  # [rows, in]: one tile, reused
         for c0, work in self.tiles:
             n = int(work[-1, 2] - work[0, 1])
             qm.dequantize_rows(self.data, self.parts, work, buf.numpy())
-            torch.mm(buf[:n], xt, out=yt[c0:c0 + n])
-        return yt.t().contiguous()
+            y[:, c0:c0 + n] = F.linear(x, buf[:n])  # the GEMM F.linear runs on float weights
+        return y
 
     @property
     def tensors(self) -> list:
         return list(self.qtensors) + ([self.b] if self.b is not None else [])
+
+    def sample(self, n: int) -> bytes:
+        """The stored bytes of the first ``n`` rows of the first part (a cheap fingerprint)."""
+        q = self.qtensors[0]
+        return q.data[q.offset:q.offset + min(n, q.shape[0]) * q.row_bytes].tobytes()
 
 
 class Linear:
@@ -159,6 +163,10 @@ class Linear:
     @property
     def tensors(self) -> list:
         return [self.w] + ([self.b] if self.b is not None else [])
+
+    def sample(self, n: int) -> bytes:
+        """float32 bytes of the first ``n`` rows (a cheap fingerprint)."""
+        return self.w[:n].detach().float().cpu().numpy().tobytes()
 
 
 class Embedding:

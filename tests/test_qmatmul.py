@@ -5,34 +5,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import quantize
 
 from kvslim.gguf_loader import unpermute_qk
 from kvslim.kernels import qmatmul as qm
-from kvslim.kernels.qmatmul_ref import dequantize_ref, matmul_ref
+from kvslim.kernels.qmatmul_ref import dequantize_ref, matmul_ref, random_blocks
 from kvslim.weights import Embedding, QLinear, QTensor, held_bytes, linear
 
 T = gguf.GGMLQuantizationType
 GEMMA = Path("/work/models/gemma/gemma-3-270m-q4_k_m.gguf")
-
-# byte offsets of the fp16 scales in a block of the types gguf cannot quantize
-_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-           T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
-
-
-def random_blocks(qt, rows: int, cols: int, rng) -> np.ndarray:
-    """uint8 [rows, row bytes]: gguf's quantization of random floats where it has one, else
-    random bytes with small finite fp16 scales (every code and sub-scale is then valid)."""
-    if qt not in _SCALES:
-        x = rng.standard_normal((rows, cols)).astype(np.float32)
-        return np.ascontiguousarray(quantize(x, qt)).view(np.uint8).reshape(rows, -1)
-    n, bs = gguf.GGML_QUANT_SIZES[qt]
-    b = rng.integers(0, 256, (rows, cols // n, bs), dtype=np.uint8)
-    for p in _SCALES[qt]:
-        d = (rng.random((rows, cols // n)) * 0.01 + 0.001).astype(np.float16)
-        b[:, :, p:p + 2] = d.view(np.uint8).reshape(rows, cols // n, 2)
-    return b.reshape(rows, -1)
-
 
 def as_file(*blocks: np.ndarray, pad: int = 7) -> tuple[np.ndarray, list[int]]:
     """One read-only byte array holding the tensors at odd offsets, like a mapped GGUF."""

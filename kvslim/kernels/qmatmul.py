@@ -28,15 +28,13 @@ import threading
 
 import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-# Types with a kernel, in code order.
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
-         T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
-CODES = {t: i for i, t in enumerate(TYPES)}
+from kvslim.kernels.qtypes import CODES, TYPES
+
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
  IQ4_XS) = range(len(TYPES))
 _QK = np.array([GGML_QUANT_SIZES[t][0] for t in TYPES], dtype=np.int64)  # values per block

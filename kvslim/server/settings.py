@@ -13,6 +13,7 @@
     KVSLIM_KV_ROTATION        auto | on | off: Hadamard rotation of quantized K/V (default auto)
     KVSLIM_KV_CENTERING       auto | on | off: keys stored minus the model's mean key (default auto)
     KVSLIM_KV_ROUNDING        auto | lsq | ggml: block scales of quantized K/V (default auto: lsq)
+    KVSLIM_WEIGHTS            quantized | dequantize: weights as stored in the GGUF (default) or float
 """
 from __future__ import annotations
 
@@ -105,12 +106,13 @@ class Settings:
     prefix_cache: bool = True
     device: str = "auto"
     codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
+    weights: str = "quantized"  # kvslim.weights mode
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
         """Settings from ``env`` (default os.environ); keyword overrides (flags) win when not None."""
-        from kvslim.llm import resolve_cache_types, resolve_flash_attn
+        from kvslim.llm import resolve_cache_types, resolve_flash_attn, resolve_weights
         from kvslim.planner import parse_memory
 
         env = dict(os.environ if env is None else env)
@@ -130,7 +132,7 @@ class Settings:
             max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
             max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
             prefix_cache=_flag(env, "KVSLIM_PREFIX_CACHE", True),
-            codec=codec, env=env,
+            codec=codec, weights=resolve_weights(given.pop("weights", None), env=env), env=env,
         )
         return replace(settings, **given)
 
