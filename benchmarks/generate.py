@@ -2,12 +2,13 @@
 
     python benchmarks/generate.py                      # smollm2, f16,q8_0,q4_0, 512,4096
     python benchmarks/generate.py --types q8_0 --lengths 4096 --decode 64 --profile
+    python benchmarks/generate.py --weights dequantize  # weights expanded to float32 at load
 
 Each row runs one request through an engine (the path `kvslim run` takes): a prompt of
 L tokens of English prose prefilled in chunks, then greedy decoding. The types' engines
 share the weights and step in turn, so machine load falls on all of them alike. Decode tok/s counts
 only decode steps (the first token comes from the prefill). The floor column is what
-one decode step must read (float32 weights + the K/V cache at that length) over the
+one decode step must read (the weights as held + the K/V cache at that length) over the
 streaming-read bandwidth measured in the same run. Numbers drift with machine load:
 compare rows of one run, and note the load average printed at the top. Decode tok/s is
 1 / the median decode step time.
@@ -96,8 +97,8 @@ def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     """torch.profiler table of decode steps after a prefill of ``ids``.
 
-    The fused attention and the quantize-on-write run in numba, invisible to the
-    profiler, so they are labelled "attention" and "cache write" here.
+    The fused attention, the quantize-on-write and the quantized-weight matmuls run in
+    numba, invisible to the profiler, so they are labelled here.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -107,7 +108,14 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
                 return fn(*args)
         return run
 
-    e.attn, e.cache.write = labelled(e.attn, "attention"), labelled(e.cache.write, "cache write")
+    from kvslim.kernels import qmatmul
+
+    # instance attributes shadow the methods the model calls (wrapping e.attn itself
+    # replaced the Attention object by a function the model cannot call .forward on)
+    e.attn.forward = labelled(e.attn.forward, "attention")
+    e.cache.write = labelled(e.cache.write, "cache write")
+    for name in ("gemv", "dequantize_rows"):  # the quantized weights' numba kernels
+        setattr(qmatmul, name, labelled(getattr(qmatmul, name), f"weights {name}"))
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:
@@ -127,12 +135,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,4096")
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed per row")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--weights", default="quantized", help="quantized|dequantize (kvslim.weights)")
     ap.add_argument("--profile", action="store_true", help="also profile decode at the last length")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     types = [(t.split("/") * 2)[:2] for t in args.types.split(",")]
 
-    llm = LLM(args.model, num_ctx=64, device=args.device, progress=False)  # engines below
+    llm = LLM(args.model, num_ctx=64, device=args.device, progress=False,  # engines below
+              weights=args.weights)
     bw = read_bandwidth()
     weights = llm.model.weight_bytes
     print(f"# {llm.config.name} on {llm.device}, torch {torch.__version__}, "

@@ -105,10 +105,14 @@ def copy_tokenizer(w: gguf.GGUFWriter, source: Path) -> int:
     return len(reader.fields["tokenizer.ggml.tokens"].data)
 
 
-def write(layout_name: str, mix: str, path: Path, seed: int = 0) -> Path:
+def write(layout_name: str, mix: str, path: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """The GGUF of ``layout_name`` in ``mix`` at ``path`` (``layers``: fewer layers, for tests)."""
+    from dataclasses import replace
+
     from kvslim import store
 
     lay = LAYOUTS[layout_name]
+    lay = replace(lay, n_layers=layers) if layers else lay
     rng = np.random.default_rng(seed)
     hd = lay.d_model // lay.n_heads
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +170,10 @@ def main() -> None:
     ap.add_argument("mix", choices=MIXES)
     ap.add_argument("out", type=Path, help="the .gguf to write (under /tmp or /work/models, not the repo)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="fewer layers than the layout (a small test file)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    path = write(args.layout, args.mix, args.out, args.seed)
+    path = write(args.layout, args.mix, args.out, args.seed, args.layers)
     print(f"{path}: {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
 
 

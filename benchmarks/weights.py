@@ -71,13 +71,13 @@ def int4pack(rows: int, cols: int):
     return lambda x: aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
 
 
-def bench_kernels(types, repeat: int, bw: float) -> None:
+def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
     from kvslim.weights import QLinear
 
     rng = np.random.default_rng(0)
     print(f"\n## GEMV, one input row: weight GB/s (floor: streaming read {bw / 1e9:.1f} GB/s)")
     print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'M=512 vs f32':>14}")
-    for rows, cols in ((2048, 8192), (8192, 2048)):
+    for rows, cols in shapes:
         x1, xp = torch.randn(1, cols), torch.randn(512, cols)
         w = torch.randn(rows, cols)
         f32_1 = best_of(lambda: F.linear(x1, w), repeat)
@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("kernels", "models"))
     ap.add_argument("--types-kernel", default="q4_0,q4_1,q5_0,q8_0,q4_k,q6_k,f16",
                     help="weight types for the kernel table ('all': every type with a kernel)")
+    ap.add_argument("--shapes", default="2048x8192,8192x2048", help="ROWSxCOLS list for the kernel table")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--models", default="smollm2,llama-3.2-1b",
                     help="smollm2, synthetic layouts (llama-3.2-1b, llama-3.1-8b) or .gguf paths")
@@ -230,7 +231,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}, streaming read {bw / 1e9:.1f} GB/s")
     if args.only != "models":
         names = [t.name for t in KERNEL_TYPES] if args.types_kernel == "all" else args.types_kernel.upper().split(",")
-        bench_kernels([T[n] for n in names], args.repeat, bw)
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        bench_kernels([T[n] for n in names], shapes, args.repeat, bw)
     if args.only != "kernels":
         bench_models(args, bw)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
