@@ -19,7 +19,10 @@ Several weights can be one matmul (q, k and v; gate and up): ``parts`` lists the
 the work items span all of them, one job and one output. A part may name a head size
 ``hd``: its output column j (in head h, half a, index i of head_dim/2) is read from the
 stored row h*hd + 2i + a. That undoes llama's GGUF q/k row permutation (see
-``gguf_loader.unpermute_qk``) on the output, for free, instead of copying the weights.
+``gguf_loader.unpermute_qk``) on the output, for free, instead of copying the weights:
+the same bytes are read, in an order that stays inside one head's rows. (Rotating the
+file's order with interleaved RoPE instead would also keep q.k, but the cache's coding
+-- mean keys, un-rotation -- and every other architecture work in NEOX order.)
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The llama family (llama, mistral, qwen2): one decoder forward over the paged K/V cache.
 
 RoPE, GQA, RMSNorm, SwiGLU, tied or separate output head, optional q/k/v bias (qwen2).
-Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k rows are in
-Hugging Face order and every architecture uses the NEOX ("rotate half") rotation.
+Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k come out in
+Hugging Face order and every architecture uses the NEOX ("rotate half") rotation. Every
+matrix and the token table are built through ``kvslim.weights`` (``linear``,
+``Embedding``): GGUF blocks read in place, or tensors dequantized at load.
 
 Shapes: N = rows of this step packed over sequences (``AttnMeta.q_offsets``),
 d = d_model, H = query heads, Hkv = kv heads, D = head_dim, F = ffn_dim, V = vocab.
