@@ -449,10 +449,13 @@ def _dequantize_items(counters, d, parts, work, out):
 
 
 @njit(nogil=True, cache=True)
-def _wait(counters, n):
-    """Wait until n items are finished (other threads run at most one each by now)."""
-    while _load_acquire(counters, 1) < n:
-        pass
+def _finished(counters):
+    """Items finished so far (an atomic read)."""
+    return _load_acquire(counters, 1)
+
+
+def _load_acquire_py(counters) -> int:
+    return _finished(counters)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -497,7 +500,11 @@ class _Helpers:
                     self._job, self._gen = (fn, args), self._gen + 1
                     self._cond.notify(helpers)
             fn(*args)
-            _wait(args[0], n_items)
+            counters = args[0]
+            # A helper still on its last item may be waiting for a core (a busy machine):
+            # yield to it rather than spin through its time slice.
+            while _load_acquire_py(counters) < n_items:
+                os.sched_yield()
 
 
 _HELPERS: list[_Helpers] = []
