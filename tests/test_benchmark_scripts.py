@@ -31,8 +31,9 @@ def tiny(tmp_path_factory):
 @pytest.mark.slow
 def test_generate_profile_and_weights_flags(tiny):
     out = run("benchmarks/generate.py", "--model", tiny, "--types", "f16,q8_0/q4_0", "--lengths", "40",
-              "--decode", "2", "--weights", "dequantize", "--profile")
+              "--decode", "2", "--weights", "quantized,dequantize", "--profile")
     assert "q8_0/q4_0" in out and "attention" in out  # the table and the profile's labels
+    assert "\nquantized " in out and "\ndequantize " in out
     out = run("benchmarks/generate.py", "--model", tiny, "--types", "q8_0", "--lengths", "40",
               "--decode", "2", "--profile")
     assert "weights gemv" in out
