@@ -2,12 +2,13 @@
 
     python benchmarks/generate.py                      # smollm2, f16,q8_0,q4_0, 512,4096
     python benchmarks/generate.py --types q8_0 --lengths 4096 --decode 64 --profile
+    python benchmarks/generate.py --weights quantized,dequantize --types q8_0   # both, in turn
 
 Each row runs one request through an engine (the path `kvslim run` takes): a prompt of
 L tokens of English prose prefilled in chunks, then greedy decoding. The types' engines
 share the weights and step in turn, so machine load falls on all of them alike. Decode tok/s counts
 only decode steps (the first token comes from the prefill). The floor column is what
-one decode step must read (float32 weights + the K/V cache at that length) over the
+one decode step must read (the weights as held + the K/V cache at that length) over the
 streaming-read bandwidth measured in the same run. Numbers drift with machine load:
 compare rows of one run, and note the load average printed at the top. Decode tok/s is
 1 / the median decode step time.
@@ -59,12 +60,14 @@ def prompt_ids(llm: LLM, n: int) -> list[int]:
     return ids[:n]
 
 
-def measure(llm: LLM, types: list[tuple[str, str]], ids: list[int], n_decode: int) -> dict:
-    """{(k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)} for one prompt."""
-    engines = {(k, v): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
-                              num_ctx=len(ids) + n_decode + 8) for k, v in types}
-    return {kv: (engines[kv], pre, 1 / med, 1 / best)
-            for kv, (pre, med, best) in interleaved(engines, ids, n_decode).items()}
+def measure(llms: dict[str, LLM], types: list[tuple[str, str]], ids: list[int], n_decode: int) -> dict:
+    """{(weights mode, k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)}
+    for one prompt; every engine of every model steps in turn."""
+    engines = {(mode, k, v): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
+                                    num_ctx=len(ids) + n_decode + 8)
+               for mode, llm in llms.items() for k, v in types}
+    return {key: (engines[key], pre, 1 / med, 1 / best)
+            for key, (pre, med, best) in interleaved(engines, ids, n_decode).items()}
 
 
 def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
@@ -96,8 +99,8 @@ def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     """torch.profiler table of decode steps after a prefill of ``ids``.
 
-    The fused attention and the quantize-on-write run in numba, invisible to the
-    profiler, so they are labelled "attention" and "cache write" here.
+    The fused attention, the quantize-on-write and the quantized-weight matmuls run in
+    numba, invisible to the profiler, so they are labelled here.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -109,6 +112,10 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
 
     b = e.attn.backend
     b.attend, b.write = labelled(b.attend, "attention"), labelled(b.write, "cache write")
+    from kvslim.kernels import qmatmul
+
+    for name in ("gemv", "dequantize_rows"):  # the quantized weights' numba kernels
+        setattr(qmatmul, name, labelled(getattr(qmatmul, name), f"weights {name}"))
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:
@@ -128,26 +135,30 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,4096")
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed per row")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--weights", default="quantized",
+                    help="quantized|dequantize, or both (comma list: the models step in turn)")
     ap.add_argument("--profile", action="store_true", help="also profile decode at the last length")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     types = [(t.split("/") * 2)[:2] for t in args.types.split(",")]
 
-    llm = LLM(args.model, num_ctx=64, device=args.device, progress=False)  # engines below
+    llms = {mode: LLM(args.model, num_ctx=64, device=args.device, progress=False,  # engines below
+                      weights=mode) for mode in args.weights.split(",")}
+    llm = next(iter(llms.values()))
     bw = read_bandwidth()
-    weights = llm.model.weight_bytes
+    held = {mode: m.model.weight_bytes for mode, m in llms.items()}
     print(f"# {llm.config.name} on {llm.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; read bandwidth {bw / 1e9:.1f} GB/s; "
-          f"weights {weights / 1e6:.0f} MB")
-    print(f"{'K/V':<11}{'backend':<9}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
+          + "; ".join(f"{mode} weights {b / 1e6:.0f} MB" for mode, b in held.items()))
+    print(f"{'weights':<12}{'K/V':<11}{'backend':<9}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
           f"{'best step':>11}{'floor tok/s':>13}{'median/floor':>14}")
     for n in lengths:
         ids = prompt_ids(llm, n)
-        for (k, v), (e, prefill, decode, best) in measure(llm, types, ids, args.decode).items():
+        for (mode, k, v), (e, prefill, decode, best) in measure(llms, types, ids, args.decode).items():
             info = e.cache_info()
-            floor = bw / (weights + n * info["bytes_per_token"])
+            floor = bw / (held[mode] + n * info["bytes_per_token"])
             name = f"{info['type_k']}/{info['type_v']}"
-            print(f"{name:<11}{info['backend']:<9}{n:>7}{prefill:>15.1f}{decode:>14.1f}"
+            print(f"{mode:<12}{name:<11}{info['backend']:<9}{n:>7}{prefill:>15.1f}{decode:>14.1f}"
                   f"{best:>11.1f}{floor:>13.1f}{decode / floor:>14.0%}", flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile:

@@ -68,7 +68,7 @@ def _means_path(model, ids: list[int]):
                              model.device.type)).encode())
     h.update(np.asarray(ids, np.int64).tobytes())
     for layer in (layers[0], layers[-1]):  # a sample of the weights themselves
-        h.update(layer.wqkv.w[:8].detach().float().cpu().numpy().tobytes())
+        h.update(layer.wqkv.sample(8))
     return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}.pt"
 
 

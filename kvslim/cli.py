@@ -47,6 +47,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flash-attn", "-fa", metavar="MODE",
                    help="auto|on|off (env KVSLIM_FLASH_ATTENTION; a quantized V needs it)")
     g.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda > mps > cpu)")
+    g.add_argument("--weights", metavar="MODE",
+                   help="quantized|dequantize: keep the GGUF weight blocks as stored (default; "
+                        "CPU) or expand them to float at load (env KVSLIM_WEIGHTS)")
     g.add_argument("--num-ctx", "-c", type=int, metavar="N",
                    help="context length (env KVSLIM_CONTEXT_LENGTH; default 4096, at most the model's)")
     g.add_argument("--kv-rotation", metavar="MODE",
@@ -80,7 +83,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     return dict(kv_cache_type=args.kv_cache_type, cache_type_k=args.cache_type_k,
                 cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, device=args.device,
                 num_ctx=args.num_ctx, kv_rotation=args.kv_rotation,
-                kv_centering=args.kv_centering, kv_rounding=args.kv_rounding)
+                kv_centering=args.kv_centering, kv_rounding=args.kv_rounding,
+                weights=args.weights)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -137,7 +141,10 @@ def cmd_show(args) -> int:
         ("embedding length", c.d_model), ("layers", c.n_layers),
         ("heads (q / kv)", f"{c.n_heads} / {c.n_kv_heads}"),
         ("head dim (k / v)", f"{c.head_dim} / {c.v_head_dim}"),
-        ("rope", f"{c.rope_style}, base {c.rope_base:g}"), ("file", path),
+        ("rope", f"{c.rope_style}, base {c.rope_base:g}"),
+        ("weights held", f"{_size(c.held_weight_bytes('quantized'))} quantized (as stored), "
+                         f"{_size(c.held_weight_bytes('dequantize'))} dequantized (float32)"),
+        ("file", path),
     ]
     print("  Model")
     for name, value in facts:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from kvslim import formats
 from kvslim.architectures import ARCHITECTURES
+from kvslim.kernels.qtypes import CODES as KERNEL_TYPES  # the types read in place
 
 SUPPORTED_ARCHS = tuple(ARCHITECTURES)
 
@@ -118,14 +119,25 @@ class WeightStats(NamedTuple):
     n_params: int  # elements over all tensors
     n_bytes: int  # bytes of tensor data in the file, as stored (quantized)
     n_tensors: int
+    held_quantized: int  # bytes a CPU model holds with weights="quantized"
+    held_params: int  # elements a model holds dequantized (weights="dequantize")
+
+
+# Tensors a model folds into something else at load instead of holding them.
+CONSUMED_AT_LOAD = ("rope_freqs.weight",)
 
 
 def weight_stats(reader: gguf.GGUFReader) -> WeightStats:
     """Parameter count and weight bytes from the tensor infos, without dequantizing."""
+    held = [t for t in reader.tensors if t.name not in CONSUMED_AT_LOAD]
     return WeightStats(
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         n_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         n_tensors=len(reader.tensors),
+        # matrices as stored; 1-D tensors and types without a kernel as float32
+        held_quantized=sum(int(t.n_bytes) if len(t.shape) == 2 and t.tensor_type in KERNEL_TYPES
+                           else 4 * int(t.n_elements) for t in held),
+        held_params=sum(int(t.n_elements) for t in held),
     )
 
 
@@ -153,8 +165,10 @@ class ModelConfig:
     name: str = ""
     file_type: int | None = None  # general.file_type (gguf.LlamaFileType)
     n_params: int = 0  # from the file's tensor infos (0 for hand-built configs)
-    weights_bytes: int = 0
+    weights_bytes: int = 0  # in the file, as stored
     path: str | None = None
+    held_quantized: int = field(default=0, repr=False)  # see WeightStats (0: weights_bytes)
+    held_params: int = field(default=0, repr=False)  # (0: n_params)
     # derived in __post_init__
     rope_style: str = field(init=False)  # "normal" (interleaved pairs) or "neox"
     n_rep: int = field(init=False)  # query heads per kv head
@@ -184,6 +198,13 @@ class ModelConfig:
         """head_dim rounded up to whole 32-value blocks: the row width the K/V cache holds
         (a head_dim that 32 does not divide is zero-padded there and stored as f16)."""
         return -(-self.head_dim // formats.QK) * formats.QK
+
+    def held_weight_bytes(self, weights: str = "quantized", element_size: int = 4) -> int:
+        """Bytes of weights a loaded model holds: with weights="quantized" (CPU) the stored
+        blocks, else every tensor dequantized to ``element_size`` bytes (4: CPU float32)."""
+        if weights == "quantized":
+            return self.held_quantized or self.weights_bytes
+        return (self.held_params or self.n_params) * element_size
 
     @property
     def file_type_name(self) -> str | None:
@@ -235,6 +256,8 @@ class ModelConfig:
                 n_params=stats.n_params,
                 weights_bytes=stats.n_bytes,
                 path=path,
+                held_quantized=stats.held_quantized,
+                held_params=stats.held_params,
             )
         except GGUFError:
             raise
@@ -350,28 +373,38 @@ def load_weights(
     device: str | torch.device = "cpu",
     progress: bool = True,
     neox_qk: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized, keyed by its GGUF name ("blk.0.attn_q.weight").
+    quantized: bool = False,
+) -> dict[str, Any]:
+    """Every tensor of the file keyed by its GGUF name ("blk.0.attn_q.weight").
 
-    Tensors are dequantized one at a time so peak extra memory is one float32 tensor.
+    Dequantized (torch tensors in ``dtype`` on ``device``), one at a time so peak extra
+    memory is one float32 tensor; with ``quantized``, every matrix of a type the CPU
+    kernels read is instead a ``weights.QTensor``: a view of its blocks in the file's
+    memory map, no copy (1-D tensors, norms and biases, are still small float copies).
     With `neox_qk`, q/k of "normal"-style architectures are un-permuted so the caller
-    applies NEOX RoPE whatever the architecture (see ``kvslim.architectures``).
+    applies NEOX RoPE whatever the architecture (see ``kvslim.architectures``); a QTensor
+    records the permutation instead, and its matmul undoes it on the output.
     """
     _check_expected(reader, config)
     unpermute = neox_qk and config.rope_style == "normal"
-    total = sum(int(t.n_bytes) for t in reader.tensors)
+    heads = {".attn_q.": config.n_heads, ".attn_k.": config.n_kv_heads}
+    views: dict[str, Any] = {}
+    if quantized:
+        from kvslim import weights as wt  # numba: imported only when a model is built
+        views = wt.views(reader, {t.name: config.head_dim for t in reader.tensors
+                                  if unpermute and any(k in t.name for k in heads)})
+    rest = [t for t in reader.tensors if t.name not in views]
     show = progress and sys.stderr.isatty()
-    weights: dict[str, torch.Tensor] = {}
-    with _progress_bar(total, show) as bar:
-        for t in reader.tensors:
+    out: dict[str, Any] = dict(views)
+    with _progress_bar(sum(int(t.n_bytes) for t in rest), show) as bar:
+        for t in rest:
             w = torch.from_numpy(dequantize_tensor(t))
-            if unpermute and ".attn_q." in t.name:
-                w = unpermute_qk(w, config.n_heads)
-            elif unpermute and ".attn_k." in t.name:
-                w = unpermute_qk(w, config.n_kv_heads)
-            weights[t.name] = w.to(device=device, dtype=dtype)
+            n = next((h for k, h in heads.items() if k in t.name), 0) if unpermute else 0
+            if n:
+                w = unpermute_qk(w, n)
+            out[t.name] = w.to(device=device, dtype=dtype)
             bar.update(int(t.n_bytes))
-    return weights
+    return out
 
 
 def _check_expected(reader: gguf.GGUFReader, config: ModelConfig) -> None:
@@ -388,4 +421,6 @@ def _check_expected(reader: gguf.GGUFReader, config: ModelConfig) -> None:
 
 
 def _progress_bar(total_bytes: int, show: bool):
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show, leave=False)
+    # shown only once loading has taken a second (a quantized load never does)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show,
+                leave=False, delay=1.0)

@@ -30,8 +30,10 @@ from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
 from kvslim.settings import (compute_dtype, pick_device, resolve_cache_types, resolve_codec,
-                             resolve_flash_attn, resolve_num_ctx, resolve_prefix_cache)
+                             resolve_flash_attn, resolve_num_ctx, resolve_prefix_cache,
+                             resolve_weights)
 from kvslim.tokenizer import Tokenizer
+from kvslim.weights import resolve_mode
 
 __all__ = ["LLM", "Completion", "Stream"]
 
@@ -111,6 +113,9 @@ class LLM:
     prefix_cache: a prompt that starts with the whole pages of an earlier one (a chat's
     next turn) reuses their K/V instead of evaluating them again (``kvslim.prefix``;
     default on, env KVSLIM_PREFIX_CACHE); ``Completion.prompt_cache_count`` counts them.
+    weights: quantized (default: the GGUF blocks stay as stored, read by fused CPU kernels)
+    | dequantize (expanded to float at load; always so on GPU/MPS for now), ``kvslim.weights``;
+    env KVSLIM_WEIGHTS.
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -119,8 +124,10 @@ class LLM:
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                 kv_rounding: str | None = None, prefix_cache: bool | None = None):
+                 kv_rounding: str | None = None, prefix_cache: bool | None = None,
+                 weights: str | None = None):
         t0 = time.perf_counter()
+        weights = resolve_weights(weights)
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
         codec = resolve_codec(kv_rotation, kv_centering, kv_rounding)
@@ -130,8 +137,10 @@ class LLM:
         reader = open_gguf(self.path)
         self.config: ModelConfig = ModelConfig.from_gguf(reader)
         self.tokenizer = Tokenizer.from_gguf(reader)
+        self.weights_mode = resolve_mode(weights, self.device, compute_dtype(self.device))
         self.model = models.load_model(reader, self.config, self.device,
-                                       compute_dtype(self.device), progress=progress)
+                                       compute_dtype(self.device), progress=progress,
+                                       weights=weights)
         self.name = str(model)
         self._lock = threading.Lock()  # one engine step (and its dispatch) at a time
         self._inbox: dict[int, collections.deque] = {}
@@ -276,6 +285,12 @@ class LLM:
     def kv_cache_info(self) -> dict:
         """Effective K/V types, any fallback and its reason, backend, bytes and capacity."""
         return self.engine.cache_info()
+
+    def memory_info(self) -> dict:
+        """Bytes held: weights as held (GGUF blocks, or dequantized), the K/V pool, total."""
+        w, kv = self.model.weight_bytes, self.kv_cache_info()["bytes"]
+        return {"weights": self.weights_mode, "weights_bytes": w, "kv_bytes": kv,
+                "total_bytes": w + kv}
 
     def __repr__(self) -> str:
         i = self.kv_cache_info()

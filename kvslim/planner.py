@@ -151,11 +151,14 @@ def plan(
     ctx: int | None = None,
     types: str | Iterable = DEFAULT_TYPES,
     page_size: int | None = None,
+    weights: str = "quantized",
 ) -> dict:
     """Memory plan as a JSON-ready dict (the shape of issue 5; extra keys are additive).
 
     `ctx` (tokens per sequence, default the model's context length) sets bytes_at_ctx;
-    `memory` covers the weights plus the cache (activations are not counted).
+    `memory` covers the weights plus the cache (activations are not counted). `weights`:
+    the weight mode of a CPU model ("quantized": the GGUF blocks as stored;
+    "dequantize": float32), whose bytes as held count.
     """
     config, label = load_plan_config(model)
     memory = parse_memory(memory)
@@ -165,10 +168,14 @@ def plan(
     ctx = config.context_length if ctx is None else ctx
     if not 0 < ctx <= config.context_length:
         raise ValueError(f"ctx must be between 1 and the model's context length {config.context_length}, got {ctx}")
-    budget = memory - config.weights_bytes
+    if weights not in ("quantized", "dequantize"):
+        raise ValueError(f"unknown weights mode '{weights}' (choose from quantized, dequantize)")
+    held = config.held_weight_bytes(weights)
+    budget = memory - held
     out = {
         "model": label,
-        "weights_bytes": config.weights_bytes,
+        "weights": weights,
+        "weights_bytes": held,
         "memory": memory,
         "parallel": parallel,
         "ctx": ctx,
@@ -178,11 +185,13 @@ def plan(
         "types": {},
     }
     for k, v in parse_types(types):
-        out["types"][pair_name(k, v)] = _plan_type(config, k, v, budget, parallel, ctx, page_size)
+        out["types"][pair_name(k, v)] = _plan_type(config, held, k, v, budget, parallel, ctx,
+                                                   page_size)
     return out
 
 
-def _plan_type(config: ModelConfig, k: str, v: str, budget: int, parallel: int, ctx: int, page_size: int) -> dict:
+def _plan_type(config: ModelConfig, held: int, k: str, v: str, budget: int, parallel: int, ctx: int,
+               page_size: int) -> dict:
     ek, ev, reason = effective_types(config, k, v)
     fit_ctx, capped = max_ctx(config, budget, parallel, ek, ev, page_size)
     at_ctx = kv_bytes(config, ctx, parallel, ek, ev, page_size)
@@ -196,7 +205,7 @@ def _plan_type(config: ModelConfig, k: str, v: str, budget: int, parallel: int, 
         "max_ctx": fit_ctx,
         "max_ctx_capped": capped,  # True: the model's context length, not memory, is the limit
         "bytes_at_ctx": at_ctx,  # K/V cache only
-        "total_bytes_at_ctx": config.weights_bytes + at_ctx,
+        "total_bytes_at_ctx": held + at_ctx,
         "fits_at_ctx": at_ctx <= budget,
     }
 
@@ -216,6 +225,9 @@ def cli_register(subparsers) -> None:
                                                        "(default: the model's context length)")
     p.add_argument("--types", default=",".join(pair_name(*t) for t in DEFAULT_TYPES),
                    help="comma-separated TYPE or K/V pairs (default: %(default)s)")
+    p.add_argument("--weights", choices=("quantized", "dequantize"), default="quantized",
+                   help="count the weights as a CPU model holds them: GGUF blocks as stored "
+                        "(default) or dequantized to float32")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -226,7 +238,8 @@ def cmd_plan(args) -> int:
     from kvslim import store
 
     path = store.resolve(args.model)  # never pulls: a plan comes before any download
-    result = plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types)
+    result = plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types,
+                  weights=args.weights)
     result["model"] = str(args.model)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -243,7 +256,7 @@ def _print_plan(p: dict) -> None:
     n, ctx = p["parallel"], p["ctx"]
     seqs = f" x {n} sequences" if n > 1 else ""
     t = Table(box=box.SIMPLE_HEAD, show_edge=False,
-              title=f"{p['model']}: {_gib(p['memory'])} for weights ({_gib(p['weights_bytes'])}) "
+              title=f"{p['model']}: {_gib(p['memory'])} for weights ({_gib(p['weights_bytes'])}, {p['weights']}) "
                     f"and K/V cache{seqs}",
               caption=f"exact block sizes, whole pages of {p['page_size']} tokens; "
                       f"model context length {p['context_length']:,}")

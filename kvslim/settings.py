@@ -10,6 +10,7 @@ beats the environment, which beats the default. The environment, like Ollama's
     KVSLIM_KV_ROTATION        auto | on | off: Hadamard rotation of quantized K/V (default auto)
     KVSLIM_KV_CENTERING       auto | on | off: keys stored minus the model's mean key (default auto)
     KVSLIM_KV_ROUNDING        auto | lsq | ggml: block scales of quantized K/V (default auto: lsq)
+    KVSLIM_WEIGHTS            quantized | dequantize: weights as stored in the GGUF (default) or float
     KVSLIM_PREFIX_CACHE       0 turns prefix caching off (default on)
 
 and for ``kvslim serve`` only (``ServerSettings``):
@@ -102,6 +103,16 @@ def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | No
     shared = kv_cache_type or env.get("KVSLIM_KV_CACHE_TYPE") or "f16"
     k, v = cache_type_k or shared, cache_type_v or shared
     return formats.get_format(k).name, formats.get_format(v).name
+
+
+def resolve_weights(weights: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """quantized|dequantize from an argument or KVSLIM_WEIGHTS (default quantized)."""
+    from kvslim.weights import WEIGHT_MODES
+
+    value = (weights or env.get("KVSLIM_WEIGHTS") or "quantized").strip().lower()
+    if value not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {value!r}")
+    return value
 
 
 def resolve_flash_attn(flash_attn: str | bool | None = None,
@@ -231,6 +242,7 @@ class ServerSettings:
     prefix_cache: bool = True
     device: str = "auto"
     codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
+    weights: str = "quantized"  # kvslim.weights mode
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -253,7 +265,7 @@ class ServerSettings:
             max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
             max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
             prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
-            codec=codec, env=env,
+            codec=codec, weights=resolve_weights(given.pop("weights", None), env=env), env=env,
         )
         return replace(settings, **given)
 

@@ -25,6 +25,7 @@ RANKS = {
     "kvslim.codec": 2,  # what a cache's rows are coded with (no model needed)
     "kvslim.cache": 3,
     "kvslim.attention": 4,
+    "kvslim.weights": 4,  # weights as held (blocks in the mapped file), read by the models
     "kvslim.architectures": 5,  # the table of architectures (module, class, rope style)
     "kvslim.models": 5,  # every models.* module
     "kvslim.gguf_loader": 5,  # model files: metadata, weights, tokenizer, the store

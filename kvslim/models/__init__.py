@@ -26,7 +26,9 @@ def model_class(arch: str) -> type:
 
 
 def load_model(reader: gguf.GGUFReader, config: ModelConfig, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, progress: bool = True):
-    """Weights of ``reader`` loaded into the model class for ``config.arch``."""
+               dtype: torch.dtype = torch.float32, progress: bool = True,
+               weights: str = "quantized"):
+    """Weights of ``reader`` loaded into the model class for ``config.arch``; ``weights``:
+    "quantized" (GGUF blocks in place, CPU) or "dequantize" (see ``kvslim.weights``)."""
     return model_class(config.arch).from_gguf(reader, config, device=device, dtype=dtype,
-                                              progress=progress)
+                                              progress=progress, weights=weights)

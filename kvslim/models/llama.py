@@ -1,8 +1,10 @@
 """The llama family (llama, mistral, qwen2): one decoder forward over the paged K/V cache.
 
 RoPE, GQA, RMSNorm, SwiGLU, tied or separate output head, optional q/k/v bias (qwen2).
-Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k rows are in
-Hugging Face order and every architecture uses the NEOX ("rotate half") rotation.
+Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k come out in
+Hugging Face order and every architecture uses the NEOX ("rotate half") rotation. Every
+matrix and the token table are built through ``kvslim.weights`` (``linear``,
+``Embedding``): GGUF blocks read in place, or tensors dequantized at load.
 
 Shapes: N = rows of this step packed over sequences (``Step.q_offsets``),
 d = d_model, H = query heads, Hkv = kv heads, D = head_dim, F = ffn_dim, V = vocab.
@@ -23,47 +25,22 @@ import torch.nn.functional as F
 from kvslim.attention import Step
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
+from kvslim.weights import Embedding, QLinear, held_bytes, linear, resolve_mode
+from kvslim.weights import Linear  # noqa: F401  (re-exported: the dense path's matmul)
 
 __all__ = ["Llama", "apply_rope"]
 
 # RoPE scalings this forward implements (rope.scaling.type); others are refused at load.
 _ROPE_SCALINGS = (None, "none", "linear")
 
-# Up to this many rows, a CPU matmul is split over threads by output rows (see Linear).
-SPLIT_MAX_ROWS = 16
-
-
-class Linear:
-    """y = x @ w.T + b for x [M, in], w [out, in].
-
-    For a few rows (decode) MKL runs the matrix-vector product on one thread, which
-    reads the weights at one core's bandwidth; a batched matmul over ``splits`` row
-    blocks of w (a view, no copy) runs the blocks on all threads, about twice as fast
-    on two cores. Larger M (prefill) goes to one multithreaded GEMM.
-    """
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, splits: int = 1):
-        self.w, self.b = w, b
-        self.ws = w.view(splits, -1, w.shape[1]) if splits > 1 and w.shape[0] % splits == 0 else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        if self.ws is None or m > SPLIT_MAX_ROWS:
-            return F.linear(x, self.w, self.b)
-        y = torch.bmm(self.ws, x.t().expand(self.ws.shape[0], -1, -1))  # [S, out/S, M]
-        y = y.view(self.w.shape[0], m).t()  # [M, out]
-        y = y if m == 1 else y.contiguous()
-        return y if self.b is None else y + self.b
-
-
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [d]
-    wqkv: Linear  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked (+ bias for qwen2)
-    wo: Linear  # [d, H * D]
+    wqkv: Linear | QLinear  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked (+ bias for qwen2)
+    wo: Linear | QLinear  # [d, H * D]
     ffn_norm: torch.Tensor  # [d]
-    w13: Linear  # [2F, d]: gate rows then up rows
-    w2: Linear  # [d, F]
+    w13: Linear | QLinear  # [2F, d]: gate rows then up rows
+    w2: Linear | QLinear  # [d, F]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,9 +72,9 @@ class Llama:
         self.scale = 1.0 / math.sqrt(c.head_dim)
         # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
         self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
-        self.embed = self._w(weights.pop("token_embd.weight"))  # [V, d]
-        out = self._w(weights.pop("output.weight")) if "output.weight" in weights else self.embed
-        self.output = Linear(out, splits=self.splits)
+        embed = weights.pop("token_embd.weight")
+        self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
+        self.output = self._linear([weights.pop("output.weight", self.embed.table)])
         self.output_norm = self._w(weights.pop("output_norm.weight"))
         self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
         freq_factors = weights.pop("rope_freqs.weight", None)
@@ -108,26 +85,32 @@ class Llama:
 
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader, config: ModelConfig, device="cpu",
-                  dtype: torch.dtype = torch.float32, progress: bool = True) -> "Llama":
+                  dtype: torch.dtype = torch.float32, progress: bool = True,
+                  weights: str = "quantized") -> "Llama":
+        """``weights``: "quantized" keeps the GGUF blocks (kvslim.weights; CPU float32 only,
+        elsewhere it means "dequantize"), "dequantize" expands them to ``dtype`` at load."""
         weights = load_weights(reader, config, dtype=dtype, device=device, progress=progress,
-                               neox_qk=True)
+                               neox_qk=True,
+                               quantized=resolve_mode(weights, device, dtype) == "quantized")
         return cls(config, weights, device, dtype)
 
     def _w(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
-    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
+    def _linear(self, parts: list, bias: list | None = None) -> Linear | QLinear:
+        return linear(parts, bias, device=self.device, dtype=self.dtype, splits=self.splits)
+
+    def _layer(self, w: dict, i: int) -> Layer:
         p = f"blk.{i}."
         qkv = [w.pop(p + f"attn_{x}.weight") for x in "qkv"]
         bias = [w.pop(p + f"attn_{x}.bias") for x in "qkv"] if self.config.qkv_bias else None
-        lin = lambda t, b=None: Linear(self._w(t), b if b is None else self._w(b), self.splits)  # noqa: E731
         return Layer(
             attn_norm=self._w(w.pop(p + "attn_norm.weight")),
-            wqkv=lin(torch.cat(qkv), torch.cat(bias) if bias else None),
-            wo=lin(w.pop(p + "attn_output.weight")),
+            wqkv=self._linear(qkv, bias),
+            wo=self._linear([w.pop(p + "attn_output.weight")]),
             ffn_norm=self._w(w.pop(p + "ffn_norm.weight")),
-            w13=lin(torch.cat([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")])),
-            w2=lin(w.pop(p + "ffn_down.weight")),
+            w13=self._linear([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")]),
+            w2=self._linear([w.pop(p + "ffn_down.weight")]),
         )
 
     def _rope_inv_freq(self, freq_factors: torch.Tensor | None) -> torch.Tensor:
@@ -168,12 +151,13 @@ class Llama:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights as held in memory (a tied head counted once)."""
-        ts = [self.embed, self.output.w, self.output_norm]
+        """Bytes of the weights as held in memory: GGUF blocks as stored, or the dequantized
+        tensors (a tied head counted once)."""
+        ts = self.embed.tensors + self.output.tensors + [self.output_norm]
         for L in self.layers:
-            ts += [L.attn_norm, L.ffn_norm] + [x for lin in (L.wqkv, L.wo, L.w13, L.w2)
-                                                for x in (lin.w, lin.b) if x is not None]
-        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ts}.values())
+            ts += [L.attn_norm, L.ffn_norm] + [t for lin in (L.wqkv, L.wo, L.w13, L.w2)
+                                                for t in lin.tensors]
+        return held_bytes(ts)
 
     def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
                   codec=None) -> KVCache:
@@ -196,7 +180,7 @@ class Llama:
         cos, sin = self._rope_tables(max(step.kv_lens))
         pos = step.positions.to(self.device)
         cos, sin = cos[pos], sin[pos]  # [N, 1, R], shared by every layer
-        x = F.embedding(tokens.to(self.device), self.embed)  # [N, d]
+        x = self.embed(tokens.to(self.device))  # [N, d]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
             x = x + self._attention(h, i, layer, step, cos, sin)

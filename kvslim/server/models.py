@@ -71,8 +71,8 @@ class Runner:
         self.config = ModelConfig.from_gguf(reader)
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
-                                progress=False)
-        self.weight_bytes = self.model.weight_bytes  # as held in memory (CPU: float32)
+                                progress=False, weights=settings.weights)
+        self.weight_bytes = self.model.weight_bytes  # as held in memory (blocks, or dequantized)
         self.page_size = DEFAULT_PAGE_SIZE
         self.engine: Engine | None = None
         self.cache_config = CacheConfig(settings.cache_type_k, settings.cache_type_v,

@@ -1,0 +1,544 @@
+"""Matmuls that read GGUF weight blocks in place (numba, CPU).
+
+A weight is a byte range of the mapped GGUF file: ``rows`` rows of ``row_bytes`` bytes,
+each row a run of ggml blocks (32 or 256 values) or plain f32/f16/bf16 values. Nothing
+here holds a float copy of a matrix.
+
+- ``gemv``: few input rows (decode). Each output row's blocks are dequantized into a
+  row buffer that stays in L1/L2 and dotted with every input row there, so each block
+  is read from memory once per call. Output rows are
+  split into work items that the caller and helper threads claim from an atomic
+  counter (late threads find the items gone instead of stalling the step).
+- ``dequantize_rows``: rows into a float32 tile (same threads), for prefill, where
+  torch's GEMM on a tile of a few MiB beats any per-row dot (``kvslim.weights`` picks).
+
+One compiled function serves every type: the type is a small integer code the kernel
+branches on per chunk, so a first call compiles one function per kernel, cached on disk.
+
+Several weights can be one matmul (q, k and v; gate and up): ``parts`` lists them and
+the work items span all of them, one job and one output. A part may name a head size
+``hd``: its output column j (in head h, half a, index i of head_dim/2) is read from the
+stored row h*hd + 2i + a. That undoes llama's GGUF q/k row permutation (see
+``gguf_loader.unpermute_qk``) on the output, for free, instead of copying the weights:
+the same bytes are read, in an order that stays inside one head's rows. (Rotating the
+file's order with interleaved RoPE instead would also keep q.k, but the cache's coding
+-- mean keys, un-rotation -- and every other architecture work in NEOX order.)
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from kvslim.kernels.qtypes import TYPES
+
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+ IQ4_XS) = range(len(TYPES))
+
+# columns of each `parts` row: byte offset, row bytes, type code, rows, first output column,
+# head size of the q/k un-permutation (0: rows in order)
+PART_FIELDS = 6
+
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                    dtype=np.float32)  # iq4_nl / iq4_xs codebook
+_I64 = ir.IntType(64)
+
+
+# ---------------------------------------------------------------- intrinsics
+
+
+@intrinsic
+def _half(typingctx, bits):
+    """The low 16 bits of an integer, as f16 bits -> float32 (vcvtph2ps with F16C)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        h = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, bits):
+    """The low 32 bits of an integer as a float32."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, counters, slot):
+    """counters[slot] += 1 atomically; returns the value before (claims a work item)."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(base, [args[1]])
+        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 1), "seq_cst")
+    return types.int64(counters, slot), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, counters, slot):
+    """counters[slot], read atomically (a plain load could be hoisted out of a wait loop)."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load_atomic(builder.gep(base, [args[1]]), "acquire", 8)
+    return types.int64(counters, slot), codegen
+
+
+# ---------------------------------------------------------------- vector block pieces
+# LLVM does not vectorize the byte decoding below by itself (it cannot tell the float
+# stores from the byte loads apart), so the hot types' 16-value pieces are written as
+# vector IR: load 16 bytes, widen, mask/shift/merge the code bits, one multiply-add.
+
+_V16I = ir.VectorType(ir.IntType(32), 16)
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16B = ir.VectorType(ir.IntType(8), 16)
+
+
+def _vconst(xs):
+    return ir.Constant(_V16I, list(xs) if hasattr(xs, "__iter__") else [xs] * 16)
+
+
+def _vsplat(builder, x, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+
+def _ptr(context, builder, arrty, arr, idx):
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx])
+
+
+def _load16(builder, base, off, signed=False):
+    at = builder.bitcast(builder.gep(base, [off]), _V16B.as_pointer())
+    b = builder.load(at, align=1)
+    return builder.sext(b, _V16I) if signed else builder.zext(b, _V16I)
+
+
+def _make_piece(signed=False, shift=0, high=None, mask=1, bias=0):
+    """An intrinsic piece(y, o, d, p, q, sh, s, lo): y[o:o+16] = s * code + lo, where
+    code_j = byte p+j of d (signed, or its nibble at ``shift``), with bit 4 (and 5) taken
+    from ``high``: "bytes" (byte q+j shifted right by sh, ``mask``ed) or "bits" (bit sh+j of
+    the integer q), minus ``bias``."""
+
+    @intrinsic
+    def piece(typingctx, y, o, d, p, q, sh, s, lo):
+        def codegen(context, builder, sig, args):
+            base = _ptr(context, builder, sig.args[2], args[2], ir.Constant(_I64, 0))
+            code = _load16(builder, base, args[3], signed)
+            if not signed:
+                code = builder.and_(builder.lshr(code, _vconst(shift)), _vconst(15))
+            sh32 = builder.trunc(args[5], ir.IntType(32))
+            if high == "bytes":
+                h = builder.lshr(_load16(builder, base, args[4]), _vsplat(builder, sh32, _V16I))
+                code = builder.or_(code, builder.shl(builder.and_(h, _vconst(mask)), _vconst(4)))
+            elif high == "bits":
+                bits = _vsplat(builder, builder.trunc(args[4], ir.IntType(32)), _V16I)
+                lane = builder.add(_vsplat(builder, sh32, _V16I), _vconst(range(16)))
+                h = builder.and_(builder.lshr(bits, lane), _vconst(1))
+                code = builder.or_(code, builder.shl(h, _vconst(4)))
+            if bias:
+                code = builder.sub(code, _vconst(bias))
+            val = builder.fmul(builder.sitofp(code, _V16F), _vsplat(builder, args[6], _V16F),
+                               flags=["fast"])
+            val = builder.fadd(val, _vsplat(builder, args[7], _V16F), flags=["fast"])
+            dst = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1]),
+                                  _V16F.as_pointer())
+            builder.store(val, dst, align=4)
+            return context.get_dummy_value()
+        return types.void(y, o, d, p, q, sh, s, lo), codegen
+    return piece
+
+
+_P_I8 = _make_piece(signed=True)
+_P_LO, _P_HI = _make_piece(shift=0), _make_piece(shift=4)
+_P_Q5_LO, _P_Q5_HI = _make_piece(shift=0, high="bits"), _make_piece(shift=4, high="bits")
+_P_Q6_LO = _make_piece(shift=0, high="bytes", mask=3, bias=32)
+_P_Q6_HI = _make_piece(shift=4, high="bytes", mask=3, bias=32)
+_P_Q5K_LO = _make_piece(shift=0, high="bytes", mask=1)
+_P_Q5K_HI = _make_piece(shift=4, high="bytes", mask=1)
+
+
+@intrinsic
+def _f16x16(typingctx, y, o, d, p):
+    """y[o:o+16] = the 16 f16 values at byte p of d."""
+    def codegen(context, builder, sig, args):
+        vh = ir.VectorType(ir.HalfType(), 16)
+        src = builder.bitcast(_ptr(context, builder, sig.args[2], args[2], args[3]), vh.as_pointer())
+        val = builder.fpext(builder.load(src, align=1), _V16F)
+        dst = builder.bitcast(_ptr(context, builder, sig.args[0], args[0], args[1]), _V16F.as_pointer())
+        builder.store(val, dst, align=4)
+        return context.get_dummy_value()
+    return types.void(y, o, d, p), codegen
+
+
+# ---------------------------------------------------------------- block decoders
+# Each writes the values of one block at byte p of d into y[o:]: ggml's dequantize_row_*
+# (float32 arithmetic in ggml's order), checked against gguf.quants.dequantize by the tests.
+
+
+@njit(inline="always")
+def _u16(d, p):
+    return np.int64(d[p]) | (np.int64(d[p + 1]) << 8)
+
+
+@njit(inline="always")
+def _f16(d, p):
+    return _half(_u16(d, p))
+
+
+@njit(inline="always")
+def _i8(b):
+    return np.int64(b) - ((np.int64(b) & 128) << 1)
+
+
+_Z = np.float32(0.0)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q8_0(d, p, y, o):
+    s = _f16(d, p)
+    _P_I8(y, o, d, p + 2, 0, 0, s, _Z)
+    _P_I8(y, o + 16, d, p + 18, 0, 0, s, _Z)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q4(d, q, y, o, s, lo):
+    """y = s * nibble + lo for the 16 bytes at q (low nibbles first)."""
+    _P_LO(y, o, d, q, 0, 0, s, lo)
+    _P_HI(y, o + 16, d, q, 0, 0, s, lo)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q5(d, p, q, y, o, s, lo):
+    """As _q4 with bit j of the u32 at p (ggml's qh) as bit 4 of value j."""
+    qh = _u16(d, p) | (_u16(d, p + 2) << 16)
+    _P_Q5_LO(y, o, d, q, qh, 0, s, lo)
+    _P_Q5_HI(y, o + 16, d, q, qh, 16, s, lo)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _iq4(d, q, y, o, s):
+    for j in range(16):
+        b = np.int64(d[q + j])
+        y[o + j] = s * _KVALUES[b & 15]
+        y[o + j + 16] = s * _KVALUES[b >> 4]
+
+
+@njit(inline="always")
+def _scale_min_k4(j, d, p):
+    """The 6-bit scale and min of sub-block j from the 12 packed bytes at p (q4_K, q5_K)."""
+    if j < 4:
+        return np.int64(d[p + j]) & 63, np.int64(d[p + j + 4]) & 63
+    sc = (np.int64(d[p + j + 4]) & 15) | ((np.int64(d[p + j - 4]) >> 6) << 4)
+    m = (np.int64(d[p + j + 4]) >> 4) | ((np.int64(d[p + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q4_k(d, p, y, o):
+    dd, dmin = _f16(d, p), _f16(d, p + 2)
+    for g in range(4):  # 64 values: 32 low nibbles, 32 high nibbles of 32 bytes
+        sc1, m1 = _scale_min_k4(2 * g, d, p + 4)
+        sc2, m2 = _scale_min_k4(2 * g + 1, d, p + 4)
+        d1, lo1 = dd * np.float32(sc1), -dmin * np.float32(m1)
+        d2, lo2 = dd * np.float32(sc2), -dmin * np.float32(m2)
+        q, yo = p + 16 + 32 * g, o + 64 * g
+        _P_LO(y, yo, d, q, 0, 0, d1, lo1)
+        _P_LO(y, yo + 16, d, q + 16, 0, 0, d1, lo1)
+        _P_HI(y, yo + 32, d, q, 0, 0, d2, lo2)
+        _P_HI(y, yo + 48, d, q + 16, 0, 0, d2, lo2)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q5_k(d, p, y, o):
+    dd, dmin = _f16(d, p), _f16(d, p + 2)
+    for g in range(4):
+        sc1, m1 = _scale_min_k4(2 * g, d, p + 4)
+        sc2, m2 = _scale_min_k4(2 * g + 1, d, p + 4)
+        d1, lo1 = dd * np.float32(sc1), -dmin * np.float32(m1)
+        d2, lo2 = dd * np.float32(sc2), -dmin * np.float32(m2)
+        q, yo = p + 48 + 32 * g, o + 64 * g
+        _P_Q5K_LO(y, yo, d, q, p + 16, 2 * g, d1, lo1)
+        _P_Q5K_LO(y, yo + 16, d, q + 16, p + 32, 2 * g, d1, lo1)
+        _P_Q5K_HI(y, yo + 32, d, q, p + 16, 2 * g + 1, d2, lo2)
+        _P_Q5K_HI(y, yo + 48, d, q + 16, p + 32, 2 * g + 1, d2, lo2)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q6_k(d, p, y, o):
+    dd = _f16(d, p + 208)
+    for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
+        ql, qh, sc, yo = p + 64 * n, p + 128 + 32 * n, p + 192 + 8 * n, o + 128 * n
+        for h in range(2):  # 16 values each: scales sc[h], sc[h + 2], ...
+            a, b, c, z = ql + 16 * h, ql + 32 + 16 * h, qh + 16 * h, yo + 16 * h
+            _P_Q6_LO(y, z, d, a, c, 0, dd * np.float32(_i8(d[sc + h])), _Z)
+            _P_Q6_LO(y, z + 32, d, b, c, 2, dd * np.float32(_i8(d[sc + h + 2])), _Z)
+            _P_Q6_HI(y, z + 64, d, a, c, 4, dd * np.float32(_i8(d[sc + h + 4])), _Z)
+            _P_Q6_HI(y, z + 96, d, b, c, 6, dd * np.float32(_i8(d[sc + h + 6])), _Z)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q2_k(d, p, y, o):
+    dd, dmin = _f16(d, p + 80), _f16(d, p + 82)
+    for n in range(2):  # 128 values from 32 bytes of 2-bit codes, 8 scale bytes
+        q = p + 16 + 32 * n
+        for k in range(4):  # shift 2k
+            for half in range(2):
+                sc = np.int64(d[p + 8 * n + 2 * k + half])
+                dl, ml = dd * np.float32(sc & 15), dmin * np.float32(sc >> 4)
+                yo = o + 128 * n + 32 * k + 16 * half
+                for j in range(16):
+                    y[yo + j] = dl * np.float32((np.int64(d[q + 16 * half + j]) >> (2 * k)) & 3) - ml
+
+
+@njit(inline="always", fastmath=_FAST)
+def _q3_k(d, p, y, o):
+    dd = _f16(d, p + 108)
+    for n in range(2):
+        q = p + 32 + 32 * n
+        for k in range(4):
+            for half in range(2):
+                i = 8 * n + 2 * k + half  # sub-block of 16 values
+                lo4 = (np.int64(d[p + 96 + i]) & 15) if i < 8 else (np.int64(d[p + 96 + i - 8]) >> 4)
+                hi2 = (np.int64(d[p + 104 + i % 4]) >> (2 * (i // 4))) & 3
+                dl = dd * np.float32((lo4 | (hi2 << 4)) - 32)
+                bit = 4 * n + k  # hmask bit of this shift
+                yo = o + 128 * n + 32 * k + 16 * half
+                for j in range(16):
+                    l = 16 * half + j  # noqa: E741
+                    c = (np.int64(d[q + l]) >> (2 * k)) & 3
+                    c -= 0 if (np.int64(d[p + l]) >> bit) & 1 else 4
+                    y[yo + j] = dl * np.float32(c)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _iq4_xs(d, p, y, o):
+    dd = _f16(d, p)
+    sh = _u16(d, p + 2)
+    for ib in range(8):
+        ls = ((np.int64(d[p + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+        _iq4(d, p + 8 + 16 * ib, y, o + 32 * ib, dd * np.float32(ls - 32))
+
+
+@njit(fastmath=_FAST, cache=True)
+def _dequantize(code, d, p, n, y):
+    """y[0:n] = the n values stored from byte p (n a multiple of the type's block size)."""
+    if code == F32:
+        for j in range(n):
+            y[j] = _bits_f32(_u16(d, p + 4 * j) | (_u16(d, p + 4 * j + 2) << 16))
+    elif code == F16:
+        for j in range(n // 16):
+            _f16x16(y, 16 * j, d, p + 32 * j)
+        for j in range(n // 16 * 16, n):
+            y[j] = _f16(d, p + 2 * j)
+    elif code == BF16:
+        for j in range(n):
+            y[j] = _bits_f32(_u16(d, p + 2 * j) << 16)
+    elif code == Q8_0:
+        for b in range(n // 32):
+            _q8_0(d, p + 34 * b, y, 32 * b)
+    elif code == Q4_0:
+        for b in range(n // 32):
+            s = _f16(d, p + 18 * b)
+            _q4(d, p + 18 * b + 2, y, 32 * b, s, np.float32(-8.0) * s)
+    elif code == Q4_1:
+        for b in range(n // 32):
+            _q4(d, p + 20 * b + 4, y, 32 * b, _f16(d, p + 20 * b), _f16(d, p + 20 * b + 2))
+    elif code == Q5_0:
+        for b in range(n // 32):
+            s = _f16(d, p + 22 * b)
+            _q5(d, p + 22 * b + 2, p + 22 * b + 6, y, 32 * b, s, np.float32(-16.0) * s)
+    elif code == Q5_1:
+        for b in range(n // 32):
+            _q5(d, p + 24 * b + 4, p + 24 * b + 8, y, 32 * b, _f16(d, p + 24 * b),
+                _f16(d, p + 24 * b + 2))
+    elif code == IQ4_NL:
+        for b in range(n // 32):
+            _iq4(d, p + 18 * b + 2, y, 32 * b, _f16(d, p + 18 * b))
+    elif code == Q4_K:
+        for b in range(n // 256):
+            _q4_k(d, p + 144 * b, y, 256 * b)
+    elif code == Q6_K:
+        for b in range(n // 256):
+            _q6_k(d, p + 210 * b, y, 256 * b)
+    elif code == Q5_K:
+        for b in range(n // 256):
+            _q5_k(d, p + 176 * b, y, 256 * b)
+    elif code == Q2_K:
+        for b in range(n // 256):
+            _q2_k(d, p + 84 * b, y, 256 * b)
+    elif code == Q3_K:
+        for b in range(n // 256):
+            _q3_k(d, p + 110 * b, y, 256 * b)
+    elif code == IQ4_XS:
+        for b in range(n // 256):
+            _iq4_xs(d, p + 136 * b, y, 256 * b)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@njit(inline="always")
+def _src_row(j, hd):
+    """Stored row of output row j: llama's GGUF q/k permutation undone (hd: head size)."""
+    if hd == 0:
+        return j
+    h, r = j // hd, j % hd
+    half = hd // 2
+    return h * hd + 2 * (r % half) + r // half
+
+
+@njit(nogil=True, fastmath=_FAST, cache=True)
+def _gemv_items(counters, d, parts, work, x, out):
+    """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
+
+    Each row is dequantized whole into a buffer (a few to tens of KiB: L1/L2), then dotted
+    with every input row; one decode call per row beat one per 256 values (measured)."""
+    m_rows, k = x.shape
+    buf = np.empty(k, dtype=np.float32)
+    while True:
+        w = _fetch_add(counters, 0)
+        if w >= work.shape[0]:
+            return
+        part = parts[work[w, 0]]
+        off, rb, code, col0, hd = part[0], part[1], part[2], part[4], part[5]
+        for j in range(work[w, 1], work[w, 2]):
+            _dequantize(code, d, off + _src_row(j, hd) * rb, k, buf)
+            for m in range(m_rows):
+                s = np.float32(0.0)
+                for i in range(k):
+                    s += buf[i] * x[m, i]
+                out[m, col0 + j] = s
+        _fetch_add(counters, 1)
+
+
+@njit(nogil=True, fastmath=_FAST, cache=True)
+def _dequantize_items(counters, d, parts, work, out):
+    """Claim work items (part, first row, end row): out[row - work[0, 1]] = the row's values,
+    so one job fills a tile of consecutive output rows of one part."""
+    r_base = work[0, 1]
+    while True:
+        w = _fetch_add(counters, 0)
+        if w >= work.shape[0]:
+            return
+        part = parts[work[w, 0]]
+        off, rb, code, hd = part[0], part[1], part[2], part[5]
+        k = out.shape[1]
+        for j in range(work[w, 1], work[w, 2]):
+            _dequantize(code, d, off + _src_row(j, hd) * rb, k, out[j - r_base])
+        _fetch_add(counters, 1)
+
+
+@njit(nogil=True, cache=True)
+def _finished(counters):
+    """Items finished so far (an atomic read)."""
+    return _load_acquire(counters, 1)
+
+
+def _load_acquire_py(counters) -> int:
+    return _finished(counters)
+
+
+@njit(fastmath=_FAST, cache=True)
+def gather_rows(d, part, ids, out):
+    """out[i] = values of output row ids[i] of `part` (token embedding lookup)."""
+    off, rb, code, hd = part[0], part[1], part[2], part[5]
+    k = out.shape[1]
+    for i in range(ids.shape[0]):
+        _dequantize(code, d, off + _src_row(ids[i], hd) * rb, k, out[i])
+
+
+# ---------------------------------------------------------------- threads
+
+
+class _Helpers:
+    """Daemon threads that join the caller in one nogil work loop per job."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._cond = threading.Condition()
+        self._job, self._gen = None, 0
+        self._lock = threading.Lock()  # one job at a time: callers on several threads queue
+        for _ in range(n):
+            threading.Thread(target=self._loop, daemon=True, name="kvslim-qmatmul").start()
+
+    def _loop(self) -> None:
+        seen = 0
+        while True:
+            with self._cond:
+                while self._gen == seen:
+                    self._cond.wait()
+                seen, (fn, args) = self._gen, self._job
+            fn(*args)
+
+    def run(self, fn, args: tuple, n_items: int) -> None:
+        """fn(*args) on the caller's thread and helpers (args[0] is the counters), then wait
+        for every item."""
+        with self._lock:
+            helpers = min(self.n, n_items - 1)
+            if helpers > 0:
+                with self._cond:
+                    self._job, self._gen = (fn, args), self._gen + 1
+                    self._cond.notify(helpers)
+            fn(*args)
+            counters = args[0]
+            # A helper still on its last item may be waiting for a core (a busy machine):
+            # yield to it rather than spin through its time slice.
+            while _load_acquire_py(counters) < n_items:
+                os.sched_yield()
+
+
+_HELPERS: list[_Helpers] = []
+os.register_at_fork(after_in_child=_HELPERS.clear)  # a forked child has none of the threads
+
+
+def threads() -> int:
+    return max(1, numba.config.NUMBA_NUM_THREADS)
+
+
+def _helpers() -> _Helpers:
+    if not _HELPERS:
+        _HELPERS.append(_Helpers(threads() - 1))
+    return _HELPERS[0]
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def plan_work(parts: np.ndarray, rows_per_item: int) -> np.ndarray:
+    """int64 [W, 3] work items (part, first row, end row) covering every row of every part."""
+    items = [(i, r, min(r + rows_per_item, int(p[3])))
+             for i, p in enumerate(parts) for r in range(0, int(p[3]), rows_per_item)]
+    return np.array(items, dtype=np.int64).reshape(-1, 3)
+
+
+def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
+         out: np.ndarray) -> None:
+    """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous)."""
+    counters = np.zeros(2, dtype=np.int64)
+    _helpers().run(_gemv_items, (counters, data, parts, work, x, out), len(work))
+
+
+def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
+                    out: np.ndarray) -> None:
+    """out[r - r0] = row r of the part, for the rows the work items cover (r0: the first)."""
+    counters = np.zeros(2, dtype=np.int64)
+    _helpers().run(_dequantize_items, (counters, data, parts, work, out), len(work))

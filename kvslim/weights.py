@@ -1,0 +1,251 @@
+"""Model weights as held in memory: GGUF blocks in place, or dequantized at load.
+
+A model file builds every matrix through ``linear`` and its token table through
+``embedding``; what they are given decides the path:
+
+- ``QTensor`` (``weights="quantized"``, the default on CPU): a view of one tensor's
+  blocks in the read-only memory map of the GGUF file. ``QLinear`` multiplies by it
+  with ``kernels.qmatmul``: a fused dequantize-and-dot for a few input rows (decode),
+  tiles of rows dequantized into a small float32 buffer for torch's GEMM beyond that
+  (prefill). Several tensors given together (q, k, v; gate, up) are one matmul over
+  their blocks, never concatenated.
+- ``torch.Tensor`` (``weights="dequantize"``, and always on GPU/MPS for now: there is
+  no Triton weight kernel yet): today's float path, ``Linear``.
+
+``held_bytes`` counts what a model holds, a tied head's table once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
+
+from kvslim.kernels import qmatmul as qm
+from kvslim.kernels.qtypes import CODES
+
+__all__ = ["WEIGHT_MODES", "QTensor", "QLinear", "Linear", "Embedding", "linear", "embedding",
+           "held_bytes", "resolve_mode"]
+
+log = logging.getLogger("kvslim")
+
+WEIGHT_MODES = ("quantized", "dequantize")
+# Up to this many rows, a dense CPU matmul is split over threads by output rows (Linear).
+SPLIT_MAX_ROWS = 16
+# Up to this many input rows QLinear runs the fused GEMV; beyond, dequantized tiles and
+# torch's GEMM (benchmarks/weights.py measures both sides of this).
+GEMV_MAX_ROWS = 8
+TILE_FLOATS = 1 << 22  # a prefill tile of weight rows: 16 MiB of float32
+
+
+def resolve_mode(mode: str, device: str | torch.device, dtype: torch.dtype) -> str:
+    """The weight mode a model on ``device`` in ``dtype`` actually uses."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode '{mode}' (choose from {', '.join(WEIGHT_MODES)})")
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return "dequantize"  # the kernels are CPU float32 ones
+    return mode
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """A 2-D weight as stored: ``shape[0]`` rows of ggml blocks at ``offset`` in ``data``
+    (the whole mapped file, read-only uint8). ``hd``: llama's GGUF q/k row permutation,
+    undone on the matmul's output (head size; 0 for rows in order)."""
+
+    data: np.ndarray
+    offset: int
+    qtype: int  # gguf.GGMLQuantizationType
+    shape: tuple[int, int]  # torch order [out, in]
+    hd: int = 0
+    name: str = ""
+
+    @property
+    def row_bytes(self) -> int:
+        n, size = GGML_QUANT_SIZES[self.qtype]
+        return self.shape[1] // n * size
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def part(self, col0: int = 0) -> list[int]:
+        return [self.offset, self.row_bytes, CODES[self.qtype], self.shape[0], col0, self.hd]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [out, in], rows in output order."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        parts = np.array([self.part()], dtype=np.int64)
+        qm.dequantize_rows(self.data, parts, qm.plan_work(parts, _rows_per_item(self.shape[0])),
+                           out.numpy())
+        return out
+
+
+def _rows_per_item(rows: int) -> int:
+    # a few items per thread balance a busy machine; 16 rows amortize the claim
+    return max(16, -(-rows // (4 * qm.threads())))
+
+
+class QLinear:
+    """y = x @ W.T (+ b) for W the row-stack of ``parts`` (QTensors of one file, same in)."""
+
+    def __init__(self, parts: list[QTensor], bias: torch.Tensor | None = None):
+        k = parts[0].shape[1]
+        if any(p.shape[1] != k or p.data is not parts[0].data for p in parts):
+            raise ValueError("QLinear parts must share the input size and the file")
+        self.qtensors, self.b, self.data = parts, bias, parts[0].data
+        cols = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.parts = np.array([p.part(int(c)) for p, c in zip(parts, cols)], dtype=np.int64)
+        self.n_out, self.n_in = int(cols[-1]), k
+        self.work = qm.plan_work(self.parts, _rows_per_item(self.n_out))
+        self.tile_rows = max(16, TILE_FLOATS // k // 16 * 16)
+        self.tiles = [(int(c) + r, np.array(w, dtype=np.int64).reshape(-1, 3))
+                      for i, (p, c) in enumerate(zip(parts, cols))
+                      for r in range(0, p.shape[0], self.tile_rows)
+                      for w in [self._tile_work(i, r, min(r + self.tile_rows, p.shape[0]))]]
+
+    def _tile_work(self, part: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
+        step = max(8, -(-(r1 - r0) // (2 * qm.threads())))
+        return [(part, r, min(r + step, r1)) for r in range(r0, r1, step)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()  # [M, in]
+        m = x.shape[0]
+        if m <= GEMV_MAX_ROWS:
+            y = torch.empty(m, self.n_out)
+            qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy())
+        else:
+            y = self._tiled(x)
+        return y if self.b is None else y + self.b
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.n_out)  # [M, out]
+        buf = torch.empty(self.tile_rows, self.n_in)  # [rows, in]: one tile, reused
+        for c0, work in self.tiles:
+            n = int(work[-1, 2] - work[0, 1])
+            qm.dequantize_rows(self.data, self.parts, work, buf.numpy())
+            y[:, c0:c0 + n] = F.linear(x, buf[:n])  # the GEMM F.linear runs on float weights
+        return y
+
+    @property
+    def tensors(self) -> list:
+        return list(self.qtensors) + ([self.b] if self.b is not None else [])
+
+    def sample(self, n: int) -> bytes:
+        """The stored bytes of the first ``n`` rows of the first part (a cheap fingerprint)."""
+        q = self.qtensors[0]
+        return q.data[q.offset:q.offset + min(n, q.shape[0]) * q.row_bytes].tobytes()
+
+
+class Linear:
+    """y = x @ w.T + b for a float w [out, in] (the dequantized path).
+
+    For a few rows (decode) MKL runs the matrix-vector product on one thread, which
+    reads the weights at one core's bandwidth; a batched matmul over ``splits`` row
+    blocks of w (a view, no copy) runs the blocks on all threads. Larger M (prefill)
+    goes to one multithreaded GEMM.
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, splits: int = 1):
+        self.w, self.b = w, b
+        self.ws = w.view(splits, -1, w.shape[1]) if splits > 1 and w.shape[0] % splits == 0 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self.ws is None or m > SPLIT_MAX_ROWS:
+            return F.linear(x, self.w, self.b)
+        y = torch.bmm(self.ws, x.t().expand(self.ws.shape[0], -1, -1))  # [S, out/S, M]
+        y = y.view(self.w.shape[0], m).t()  # [M, out]
+        y = y if m == 1 else y.contiguous()
+        return y if self.b is None else y + self.b
+
+    @property
+    def tensors(self) -> list:
+        return [self.w] + ([self.b] if self.b is not None else [])
+
+    def sample(self, n: int) -> bytes:
+        """float32 bytes of the first ``n`` rows (a cheap fingerprint)."""
+        return self.w[:n].detach().float().cpu().numpy().tobytes()
+
+
+class Embedding:
+    """Token rows of a [V, d] table: dequantized per lookup from a QTensor, or indexed."""
+
+    def __init__(self, table: QTensor | torch.Tensor):
+        self.table = table
+        if isinstance(table, QTensor):
+            self._part = np.array(table.part(), dtype=np.int64)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.table, QTensor):
+            return F.embedding(tokens, self.table)
+        ids = tokens.to("cpu", torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], self.table.shape[1])  # [N, d]
+        qm.gather_rows(self.table.data, self._part, ids.numpy(), out.numpy())
+        return out
+
+    @property
+    def tensors(self) -> list:
+        return [self.table]
+
+
+def _dense(t: QTensor | torch.Tensor, device, dtype) -> torch.Tensor:
+    t = t.dequantize() if isinstance(t, QTensor) else t
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def linear(parts: list[QTensor | torch.Tensor], bias: list[torch.Tensor] | None = None, *,
+           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+           splits: int = 1) -> QLinear | Linear:
+    """One matmul over the row-stack of ``parts`` (q, k, v or gate, up: never copied when
+    they are QTensors); ``bias``: one per part, or None."""
+    b = torch.cat([x.to(device=device, dtype=dtype) for x in bias]) if bias else None
+    if all(isinstance(p, QTensor) for p in parts):
+        return QLinear(list(parts), b)
+    w = torch.cat([_dense(p, device, dtype) for p in parts]) if len(parts) > 1 else _dense(parts[0], device, dtype)
+    return Linear(w, b, splits)
+
+
+def embedding(table: QTensor | torch.Tensor, *, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> Embedding:
+    return Embedding(table if isinstance(table, QTensor) else _dense(table, device, dtype))
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of distinct weights (a QTensor's stored blocks, a tensor's elements): what
+    the model holds, a tied head counted once."""
+    seen: dict = {}
+    for t in tensors:
+        if isinstance(t, QTensor):
+            seen[("q", id(t.data), t.offset)] = t.nbytes
+        elif t is not None:
+            seen[("t", t.data_ptr())] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def views(reader, permuted: dict[str, int]) -> dict[str, QTensor]:
+    """A QTensor for every 2-D tensor of ``reader`` whose type has a kernel (no bytes are
+    read: views of the file's memory map); ``permuted``: tensor name -> head size of llama's
+    q/k row permutation. Matrices of other types are left to the caller to dequantize,
+    with one warning naming them."""
+    data = reader.data.view(np.ndarray)
+    if reader.byte_order != "I":  # the kernels read little-endian blocks
+        log.warning("weights: %s is byte-swapped: every tensor is dequantized at load",
+                    getattr(reader.data, "filename", "the GGUF file"))
+        return {}
+    out, other = {}, []
+    for t in reader.tensors:
+        if len(t.shape) != 2:
+            continue
+        if t.tensor_type not in CODES:
+            other.append(f"{t.name} ({t.tensor_type.name})")
+            continue
+        shape = (int(t.shape[1]), int(t.shape[0]))  # ne = [in, out]
+        out[t.name] = QTensor(data, int(t.data_offset), t.tensor_type, shape,
+                              hd=permuted.get(t.name, 0), name=t.name)
+    if other:
+        log.warning("weights: no kernel for %s: dequantized at load", ", ".join(other))
+    return out

@@ -1,0 +1,62 @@
+"""Every flag of the weight benchmarks runs (a smoke test on tiny inputs: the figures
+themselves belong in benchmarks/README.md, measured on a quiet machine)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=900) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny.gguf"
+    tiny_llama.write(path)
+    return path
+
+
+@pytest.mark.slow
+def test_generate_profile_and_weights_flags(tiny):
+    out = run("benchmarks/generate.py", "--model", tiny, "--types", "f16,q8_0/q4_0", "--lengths", "40",
+              "--decode", "2", "--weights", "quantized,dequantize", "--profile")
+    assert "q8_0/q4_0" in out and "attention" in out  # the table and the profile's labels
+    assert "\nquantized " in out and "\ndequantize " in out
+    out = run("benchmarks/generate.py", "--model", tiny, "--types", "q8_0", "--lengths", "40",
+              "--decode", "2", "--profile")
+    assert "weights gemv" in out
+
+
+@pytest.mark.slow
+def test_weights_benchmark_kernels_and_models(tiny):
+    out = run("benchmarks/weights.py", "--only", "kernels", "--types-kernel", "all", "--shapes", "64x256",
+              "--repeat", "1")
+    for t in ("Q4_K", "IQ4_XS", "F32", "f32"):
+        assert f"\n{t} " in out
+    out = run("benchmarks/weights.py", "--only", "models", "--models", tiny, "--lengths", "40",
+              "--types", "q8_0", "--decode", "2")
+    assert "\nquantized " in out and "\ndequantize " in out and "failed" not in out
+
+
+@pytest.mark.slow
+def test_synth_model_runs_in_kvslim(tmp_path):
+    path = tmp_path / "synth.gguf"
+    run("benchmarks/synth_model.py", "smollm2-135m", "q4_k_m", path, "--layers", "2")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    # 576 is no multiple of 256: llama.cpp's fallbacks for Q4_K / Q6_K rows
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q5_0
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    out = run("-m", "kvslim.cli", "run", path, "Hello", "-n", "4", "--temperature", "0")
+    assert out.strip()
