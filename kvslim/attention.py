@@ -169,14 +169,26 @@ class Attention:
         self._impl = importlib.import_module(BACKENDS[plan.backend]).attention
 
     def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta,
-                 scale: float) -> torch.Tensor:
+                 scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         """q [N, Hq, D] -> [N, Hq, Dv] (float32 on CPU; the compute dtype on GPU).
 
-        q in the cache's coordinates: rotated already when the cache's codec rotates."""
-        return self._impl(q, cache, layer, meta, scale)
+        q in the cache's coordinates: rotated already when the cache's codec rotates.
+        window: a sliding-window layer's keys per query (0: all); softcap: soft-capping
+        of the scores (0: none)."""
+        if not (window or softcap):
+            return self._impl(q, cache, layer, meta, scale)
+        if self.plan.backend in ("reference", "tiled"):
+            return self._impl(q, cache, layer, meta, scale, window=window, softcap=softcap)
+        # The fused CPU/Triton kernels attend to every key without soft-capping: a window
+        # that a sequence has outgrown, or a soft-cap, goes to the tiled path, which
+        # honours both on any device.
+        if softcap or max(meta.kv_lens) > window:
+            return _tiled_attention(q, cache, layer, meta, scale, window, softcap)
+        return self._impl(q, cache, layer, meta, scale)  # the window holds every key
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                layer: int, meta: AttnMeta, scale: float) -> torch.Tensor:
+                layer: int, meta: AttnMeta, scale: float, window: int = 0,
+                softcap: float = 0.0) -> torch.Tensor:
         """Write this step's k [N, Hkv, D], v [N, Hkv, Dv] into ``meta.slots`` and attend
         q [N, Hq, D] -> [N, Hq, Dv], all in the model's coordinates.
 
@@ -187,6 +199,12 @@ class Attention:
         codec = cache.codec
         if codec is None:
             cache.write(layer, meta.slots, k, v)
-            return self._impl(q, cache, layer, meta, scale)
+            return self(q, cache, layer, meta, scale, window, softcap)
         q = codec.store(cache, layer, meta.slots, q, k, v)  # coded q; coded k, v written
-        return codec.decode(layer, self._impl(q, cache, layer, meta, scale))
+        return codec.decode(layer, self(q, cache, layer, meta, scale, window, softcap))
+
+
+def _tiled_attention(q, cache, layer, meta, scale, window, softcap):
+    from kvslim.kernels import tiled
+
+    return tiled.attention(q, cache, layer, meta, scale, window=window, softcap=softcap)

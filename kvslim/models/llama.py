@@ -149,8 +149,9 @@ class Llama:
             self._sin = torch.cat([-sin, sin], -1)[:, None].to(self.device, self.dtype)
         return self._cos, self._sin
 
-    def unrope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation."""
+    def unrope(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation
+        (every layer has the same RoPE here; ``layer`` matters to models where not)."""
         cos, sin = self._rope_tables(int(pos.max()) + 1)
         return apply_rope(x, cos[pos], -sin[pos])  # rotating by -theta
 
