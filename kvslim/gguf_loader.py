@@ -31,7 +31,8 @@ from kvslim import formats
 #   weights are stored unpermuted.
 # `load_weights(..., neox_qk=True)` undoes the permutation so every architecture
 # can use the "neox" rotation.
-ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "gemma3": "neox"}
+ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "gemma2": "neox",
+               "gemma3": "neox"}
 SUPPORTED_ARCHS = tuple(ROPE_STYLES)
 
 GGUF_MAGIC = b"GGUF"
@@ -272,7 +273,7 @@ class ModelConfig:
 
 # Layers on a sliding window where the GGUF does not list them (llama.cpp's
 # set_swa_pattern(n): layer i is windowed unless i % n == n - 1).
-_SWA_PERIOD = {"gemma3": 6}
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0  # Gemma 3's rope_local_base_freq; GGUFs do not store it
 
 
@@ -289,14 +290,18 @@ def _gemma_fields(reader: gguf.GGUFReader, arch: str, n_layers: int, key_length:
     else:
         period = int(pattern) if pattern else _SWA_PERIOD[arch]
         swa = tuple(i % period != period - 1 for i in range(n_layers))
+    # query_pre_attn_scalar is head_dim in every Gemma 3 and in Gemma 2 2B/9B, which is
+    # what llama.cpp scales by; Gemma 2 27B (46 layers) uses d_model / n_heads.
+    scalar = key_length
+    if arch == "gemma2" and n_layers == 46:
+        scalar = get("embedding_length") // get("attention.head_count")
     return {
         "sliding_window": window,
         "swa_layers": swa if window else (),
-        "rope_base_local": _GEMMA3_LOCAL_ROPE_BASE,
+        "rope_base_local": _GEMMA3_LOCAL_ROPE_BASE if arch == "gemma3" else 0.0,
         "attn_softcap": float(get("attn_logit_softcapping", 0.0) or 0.0),
         "final_softcap": float(get("final_logit_softcapping", 0.0) or 0.0),
-        # query_pre_attn_scalar is head_dim in every Gemma 3; llama.cpp scales by key_length
-        "query_scale": 1.0 / key_length ** 0.5 if key_length else 0.0,
+        "query_scale": 1.0 / scalar ** 0.5 if scalar else 0.0,
     }
 
 
@@ -349,10 +354,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         }
         if config.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (k,), p + "attn_v.bias": (v,)}
-        if config.arch == "gemma3":  # q/k norms, and norms after attention and FFN
+        if config.arch in ("gemma2", "gemma3"):  # norms after attention and FFN
+            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
+        if config.arch in ("gemma3", "qwen3"):  # q and k RMS-normalized per head
             shapes |= {p + "attn_q_norm.weight": (config.head_dim,),
-                       p + "attn_k_norm.weight": (config.head_dim,),
-                       p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
+                       p + "attn_k_norm.weight": (config.head_dim,)}
     return shapes
 
 

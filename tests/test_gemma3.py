@@ -1,5 +1,6 @@
-"""Gemma 3 on a tiny random GGUF: against transformers loading the same file, and the
-sliding window through every cache type, chunked prefill, batching and the K/V coding.
+"""Gemma 3 (and Gemma 2) on tiny random GGUFs: against transformers loading the same
+file, and the sliding window through every cache type, chunked prefill, batching and
+the K/V coding.
 
 The tiny model has 7 layers (layer 5 global, the others on a window of 5 tokens) and
 sequences of 40 tokens, so most keys fall outside the window.
@@ -17,7 +18,7 @@ from kvslim.codec import CodecChoice, build_codec
 from kvslim.gguf_loader import GGUFError, ModelConfig, open_gguf
 from kvslim.models import load_model
 from test_model import IDS, run
-from tiny_models import TinyGemma3
+from tiny_models import TinyGemma2, TinyGemma3
 
 T = TinyGemma3(head_dim_=64)
 IDS40 = IDS + IDS[::-1]
@@ -103,3 +104,26 @@ def test_unknown_rope_scaling_is_refused(tmp_path):
     config.rope_scaling_type = "yarn"
     with pytest.raises(GGUFError, match="rope scaling 'yarn'"):
         load_model(reader, config, progress=False)
+
+
+def test_gemma2_matches_transformers(tmp_path):
+    """Gemma 2: no q/k norms, attention and final soft-capping (set small in the file so
+    they bite), every other layer windowed. transformers reads none of these three from
+    a GGUF but the window, so they are passed to it."""
+    pytest.importorskip("transformers")
+    t = TinyGemma2(head_dim_=64)
+    path = tmp_path / "g2.gguf"
+    tiny_models.write_gemma2(path, t)
+    reader = open_gguf(path)
+    model = load_model(reader, ModelConfig.from_gguf(reader), progress=False)
+    c = model.config
+    assert (c.attn_softcap, c.final_softcap) == (3.0, 5.0)
+    assert [c.layer_window(i) for i in range(4)] == [5, 0, 5, 0]
+    ref = tiny_models.transformers_logits(path, IDS40, query_pre_attn_scalar=t.head_dim,
+                                          attn_logit_softcapping=t.attn_softcap,
+                                          final_logit_softcapping=t.final_softcap)
+    assert np.abs(ref).max() <= t.final_softcap  # capped (tanh saturates in float32)
+    for flash_attn, chunk in (("off", None), ("auto", 7)):
+        (ours,), _, _ = run(model, [IDS40], "f32", chunk, flash_attn)
+        err = np.abs(ours.numpy() - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, f"{flash_attn}, chunk {chunk}: max error {err:.2e}"

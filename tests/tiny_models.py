@@ -59,6 +59,29 @@ def write_gemma3(path: Path, t: TinyGemma3 = TinyGemma3(), seed: int = 0) -> dic
     return a
 
 
+@dataclass(frozen=True)
+class TinyGemma2(TinyGemma3):
+    arch: str = "gemma2"
+    n_layers: int = 4  # layers 0 and 2 on the window
+    rope_base: float = 1e4
+    attn_softcap: float = 3.0  # small enough to bite on these scores (Gemma 2 uses 50)
+    final_softcap: float = 5.0  # (Gemma 2: 30)
+
+
+def write_gemma2(path: Path, t: TinyGemma2 = TinyGemma2(), seed: int = 0) -> dict:
+    """A tiny gemma2 GGUF (no q/k norms, soft-capped) at ``path``; returns its arrays."""
+    w = gguf.GGUFWriter(str(path), t.arch)
+    _common_keys(w, t)
+    w.add_uint32(f"{t.arch}.attention.key_length", t.head_dim)
+    w.add_uint32(f"{t.arch}.attention.value_length", t.head_dim)
+    w.add_uint32(f"{t.arch}.attention.sliding_window", t.window)
+    w.add_float32(f"{t.arch}.attn_logit_softcapping", t.attn_softcap)
+    w.add_float32(f"{t.arch}.final_logit_softcapping", t.final_softcap)
+    a = {k: v for k, v in gemma3_arrays(t, seed).items() if "_q_norm" not in k and "_k_norm" not in k}
+    _finish(w, a)
+    return a
+
+
 def _common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
     arch = t.arch
     for key, value in {"block_count": t.n_layers, "context_length": t.ctx,

@@ -1,4 +1,5 @@
-"""Gemma 3 (``gemma3`` GGUFs): a decoder whose layers mostly attend over a sliding window.
+"""Gemma 3 and Gemma 2 (``gemma3``, ``gemma2`` GGUFs): decoders whose layers mostly
+attend over a sliding window.
 
 What differs from the llama family (``llama.py``):
 
@@ -16,6 +17,10 @@ What differs from the llama family (``llama.py``):
   position p sees keys p-window+1..p) and use RoPE base 10,000; the global layers use
   the GGUF's base, with its linear scaling if it declares one;
 * optional final-logit soft-capping (``final_logit_softcapping``).
+
+Gemma 2 is the same decoder without the q/k norms, with attention-logit soft-capping
+(``attn_logit_softcapping``, 50), final-logit soft-capping (30), every other layer on
+a window of 4,096 and one RoPE base for all layers; ``ModelConfig`` carries all of it.
 
 Shapes as in ``llama.py``: N rows packed over sequences, d = d_model, H / Hkv query and
 kv heads, D = head_dim, F = ffn_dim, V = vocab.
@@ -44,8 +49,8 @@ _ROPE_SCALINGS = (None, "none", "linear")
 class Layer:
     attn_norm: torch.Tensor  # [d]
     wqkv: Linear  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked
-    q_norm: torch.Tensor  # [D]
-    k_norm: torch.Tensor  # [D]
+    q_norm: torch.Tensor | None  # [D] (gemma3; None in gemma2)
+    k_norm: torch.Tensor | None  # [D]
     wo: Linear  # [d, H * D]
     post_attn_norm: torch.Tensor  # [d]
     ffn_norm: torch.Tensor  # [d]
@@ -56,7 +61,7 @@ class Layer:
 
 
 class Gemma3:
-    """Weights and forward of one Gemma 3 model on one device and dtype."""
+    """Weights and forward of one Gemma 3 (or Gemma 2) model on one device and dtype."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -96,11 +101,12 @@ class Gemma3:
         p = f"blk.{i}."
         lin = lambda t: Linear(self._w(t), None, self.splits)  # noqa: E731
         norm = lambda name: self._w(w.pop(p + name + ".weight"))  # noqa: E731
+        qk_norms = p + "attn_q_norm.weight" in w
         return Layer(
             attn_norm=norm("attn_norm"),
             wqkv=lin(torch.cat([w.pop(p + f"attn_{x}.weight") for x in "qkv"])),
-            q_norm=norm("attn_q_norm"),
-            k_norm=norm("attn_k_norm"),
+            q_norm=norm("attn_q_norm") if qk_norms else None,
+            k_norm=norm("attn_k_norm") if qk_norms else None,
             wo=lin(w.pop(p + "attn_output.weight")),
             post_attn_norm=norm("post_attention_norm"),
             ffn_norm=norm("ffn_norm"),
@@ -132,8 +138,8 @@ class Gemma3:
         """Bytes of the weights as held in memory (a tied head counted once)."""
         ts = [self.embed, self.output.w, self.output_norm]
         for L in self.layers:
-            ts += [L.attn_norm, L.q_norm, L.k_norm, L.post_attn_norm, L.ffn_norm,
-                   L.post_ffn_norm, L.wqkv.w, L.wo.w, L.w13.w, L.w2.w]
+            ts += [L.attn_norm, L.post_attn_norm, L.ffn_norm, L.post_ffn_norm, L.wqkv.w,
+                   L.wo.w, L.w13.w, L.w2.w] + ([L.q_norm, L.k_norm] if L.q_norm is not None else [])
         return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ts}.values())
 
     def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
@@ -190,8 +196,10 @@ class Gemma3:
         n, hq, hkv, dim, eps = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim, \
             self.config.rms_eps
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
-        q = F.rms_norm(qkv[:, :hq], (dim,), layer.q_norm, eps)  # [N, H, D]
-        k = F.rms_norm(qkv[:, hq:hq + hkv], (dim,), layer.k_norm, eps)  # [N, Hkv, D]
+        q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]  # [N, H, D], [N, Hkv, D]
+        if layer.q_norm is not None:
+            q = F.rms_norm(q, (dim,), layer.q_norm, eps)
+            k = F.rms_norm(k, (dim,), layer.k_norm, eps)
         q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), qkv[:, hq + hkv:]
         if self.cache_head_dim != dim:
             pad = (0, self.cache_head_dim - dim)
