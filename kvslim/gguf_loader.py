@@ -31,7 +31,7 @@ from kvslim import formats
 #   weights are stored unpermuted.
 # `load_weights(..., neox_qk=True)` undoes the permutation so every architecture
 # can use the "neox" rotation.
-ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "gemma2": "neox",
+ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "qwen3": "neox", "gemma2": "neox",
                "gemma3": "neox"}
 SUPPORTED_ARCHS = tuple(ROPE_STYLES)
 

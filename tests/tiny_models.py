@@ -82,6 +82,36 @@ def write_gemma2(path: Path, t: TinyGemma2 = TinyGemma2(), seed: int = 0) -> dic
     return a
 
 
+@dataclass(frozen=True)
+class TinyQwen3(Tiny):
+    arch: str = "qwen3"
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim_: int = 32  # from attention.key_length, independent of d_model
+    rope_base: float = 1e6
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_
+
+
+def write_qwen3(path: Path, t: TinyQwen3 = TinyQwen3(), seed: int = 0) -> dict:
+    """A tiny qwen3 GGUF (q/k norms, no biases) at ``path``; returns its arrays."""
+    w = gguf.GGUFWriter(str(path), t.arch)
+    _common_keys(w, t)
+    w.add_uint32(f"{t.arch}.attention.key_length", t.head_dim)
+    w.add_uint32(f"{t.arch}.attention.value_length", t.head_dim)
+    a = tiny_llama.arrays(t, seed)
+    rng = np.random.default_rng(seed + 1)
+    for i in range(t.n_layers):
+        a[f"blk.{i}.attn_q_norm.weight"] = 1 + 0.2 * rng.standard_normal(t.head_dim)
+        a[f"blk.{i}.attn_k_norm.weight"] = 1 + 0.2 * rng.standard_normal(t.head_dim)
+    _finish(w, {k: v.astype(np.float32) for k, v in a.items()})
+    return a
+
+
 def _common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
     arch = t.arch
     for key, value in {"block_count": t.n_layers, "context_length": t.ctx,

@@ -16,6 +16,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("kvslim.models.llama", "Llama"),
     "mistral": ("kvslim.models.llama", "Llama"),
     "qwen2": ("kvslim.models.llama", "Llama"),
+    "qwen3": ("kvslim.models.qwen3", "Qwen3"),
     "gemma2": ("kvslim.models.gemma3", "Gemma3"),
     "gemma3": ("kvslim.models.gemma3", "Gemma3"),
 }
