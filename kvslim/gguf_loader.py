@@ -229,6 +229,7 @@ class ModelConfig:
         if arch not in ROPE_STYLES:
             raise GGUFError(f"{path}: unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
         tensors = {t.name: t for t in reader.tensors}
+        _refuse_experts(reader, arch, tensors)
         stats = weight_stats(reader)
 
         def key(suffix: str, default: Any = _REQUIRED) -> Any:
@@ -303,6 +304,17 @@ def _gemma_fields(reader: gguf.GGUFReader, arch: str, n_layers: int, key_length:
         "final_softcap": float(get("final_logit_softcapping", 0.0) or 0.0),
         "query_scale": 1.0 / scalar ** 0.5 if scalar else 0.0,
     }
+
+
+def _refuse_experts(reader: gguf.GGUFReader, arch: str, tensors: dict) -> None:
+    """Mixture-of-experts files (Mixtral is arch 'llama' with expert tensors) would load
+    without their experts' weights being used: refuse them by name."""
+    experts = sorted(n for n in tensors if "_exps." in n or "_shexp." in n)
+    n_experts = get_key(reader, f"{arch}.expert_count", 0) or 0
+    if experts or n_experts:
+        what = f"tensor '{experts[0]}'" if experts else f"'{arch}.expert_count' = {n_experts}"
+        raise GGUFError(f"{reader_path(reader)}: mixture-of-experts models are not supported "
+                        f"({what})")
 
 
 def _opt_float(x: Any) -> float | None:

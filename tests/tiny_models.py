@@ -112,6 +112,41 @@ def write_qwen3(path: Path, t: TinyQwen3 = TinyQwen3(), seed: int = 0) -> dict:
     return a
 
 
+def llama3_rope_factors(t: Tiny, factor: float, low: float, high: float,
+                        orig_ctx: int) -> np.ndarray:
+    """``rope_freqs.weight`` as llama.cpp's converter computes it for Llama 3.1 scaling:
+    per frequency, the divisor that turns the base frequency into the scaled one."""
+    freqs = 1.0 / t.rope_base ** (np.arange(0, t.head_dim, 2) / t.head_dim)
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < orig_ctx / high:
+            out.append(1.0)
+        elif wavelen > orig_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (orig_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def write_llama3(path: Path, t: Tiny, rope: dict, seed: int = 0,
+                 declare: str | None = None) -> dict:
+    """A tiny llama GGUF with Llama 3.1 RoPE scaling (``rope``: transformers' rope_scaling
+    dict) stored as llama.cpp does: a ``rope_freqs.weight`` tensor; ``declare`` also
+    writes ``rope.scaling.type``."""
+    w = gguf.GGUFWriter(str(path), t.arch)
+    _common_keys(w, t)
+    if declare:
+        w.add_string(f"{t.arch}.rope.scaling.type", declare)
+    a = tiny_llama.arrays(t, seed)
+    a["rope_freqs.weight"] = llama3_rope_factors(t, rope["factor"], rope["low_freq_factor"],
+                                                 rope["high_freq_factor"],
+                                                 rope["original_max_position_embeddings"])
+    _finish(w, a)
+    return a
+
+
 def _common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
     arch = t.arch
     for key, value in {"block_count": t.n_layers, "context_length": t.ctx,
