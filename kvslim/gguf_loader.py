@@ -31,7 +31,8 @@ from kvslim import formats
 #   weights are stored unpermuted.
 # `load_weights(..., neox_qk=True)` undoes the permutation so every architecture
 # can use the "neox" rotation.
-ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "qwen3": "neox", "gemma2": "neox",
+ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "qwen3": "neox", "phi3": "neox",
+               "gemma2": "neox",
                "gemma3": "neox"}
 SUPPORTED_ARCHS = tuple(ROPE_STYLES)
 
@@ -366,6 +367,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         }
         if config.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (k,), p + "attn_v.bias": (v,)}
+        if config.arch == "phi3":  # fused q/k/v rows and fused gate/up rows
+            for name in ("attn_q", "attn_k", "attn_v", "ffn_gate"):
+                del shapes[p + name + ".weight"]
+            shapes |= {p + "attn_qkv.weight": (q + 2 * k, d),
+                       p + "ffn_up.weight": (2 * config.ffn_dim, d)}
         if config.arch in ("gemma2", "gemma3"):  # norms after attention and FFN
             shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
         if config.arch in ("gemma3", "qwen3"):  # q and k RMS-normalized per head

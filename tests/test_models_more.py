@@ -1,5 +1,5 @@
 """Architectures beside llama and gemma on tiny random GGUFs, against transformers
-loading the same file: qwen3, llama with Llama 3 RoPE scaling; and the clear errors for
+loading the same file: qwen3, phi3, llama with Llama 3 RoPE scaling; and the clear errors for
 what a GGUF declares that kvslim does not run."""
 from __future__ import annotations
 
@@ -81,3 +81,24 @@ def test_mixture_of_experts_is_refused_by_name(tmp_path):
     tiny_models._finish(w, {"blk.0.ffn_gate_exps.weight": np.zeros((8, 4, 4), np.float32)})
     with pytest.raises(GGUFError, match=r"mixture-of-experts .*blk\.0\.ffn_gate_exps\.weight"):
         ModelConfig.from_gguf(open_gguf(path))
+
+
+def test_phi3_fused_weights_and_partial_rotary_match_transformers(tmp_path):
+    """RoPE on 3/4 of each head (Phi-3.5 / Phi-4-mini style); transformers takes the
+    factor in rope_parameters (it does not read rope.dimension_count for phi3)."""
+    pytest.importorskip("transformers")
+    t = Tiny(arch="phi3", tied=False)
+    path = tmp_path / "phi3.gguf"
+    tiny_models.write_phi3(path, t, rope_dim=24)
+    model = _load(path)
+    assert model.config.rope_dim == 24
+    ref = tiny_models.transformers_logits(path, IDS40, pad_token_id=0, rope_parameters={
+        "rope_type": "default", "rope_theta": t.rope_base, "partial_rotary_factor": 24 / t.head_dim})
+    _check(model, ref, "phi3")
+
+
+def test_phi3_longrope_is_refused_by_name(tmp_path):
+    path = tmp_path / "phi3.gguf"
+    tiny_models.write_phi3(path, Tiny(arch="phi3"), rope_dim=32, longrope=True)
+    with pytest.raises(GGUFError, match="LongRoPE .*rope_factors_long"):
+        _load(path)

@@ -147,6 +147,23 @@ def write_llama3(path: Path, t: Tiny, rope: dict, seed: int = 0,
     return a
 
 
+def write_phi3(path: Path, t: Tiny, rope_dim: int, seed: int = 0, longrope: bool = False) -> dict:
+    """A tiny phi3 GGUF at ``path``: fused attn_qkv and gate/up (``ffn_up``) tensors,
+    RoPE over the first ``rope_dim`` dims of each head; returns its arrays."""
+    w = gguf.GGUFWriter(str(path), t.arch)
+    _common_keys(w, t)
+    w.add_uint32(f"{t.arch}.rope.dimension_count", rope_dim)
+    a = tiny_llama.arrays(t, seed)
+    for i in range(t.n_layers):
+        p = f"blk.{i}."
+        a[p + "attn_qkv.weight"] = np.concatenate([a.pop(p + f"attn_{x}.weight") for x in "qkv"])
+        a[p + "ffn_up.weight"] = np.concatenate([a.pop(p + "ffn_gate.weight"), a[p + "ffn_up.weight"]])
+    if longrope:
+        a["rope_factors_long.weight"] = np.ones(rope_dim // 2, np.float32)
+    _finish(w, a)
+    return a
+
+
 def _common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
     arch = t.arch
     for key, value in {"block_count": t.n_layers, "context_length": t.ctx,

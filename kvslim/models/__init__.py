@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "mistral": ("kvslim.models.llama", "Llama"),
     "qwen2": ("kvslim.models.llama", "Llama"),
     "qwen3": ("kvslim.models.qwen3", "Qwen3"),
+    "phi3": ("kvslim.models.phi3", "Phi3"),
     "gemma2": ("kvslim.models.gemma3", "Gemma3"),
     "gemma3": ("kvslim.models.gemma3", "Gemma3"),
 }
