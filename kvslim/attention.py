@@ -179,9 +179,11 @@ class Attention:
             return self._impl(q, cache, layer, meta, scale)
         if self.plan.backend in ("reference", "tiled"):
             return self._impl(q, cache, layer, meta, scale, window=window, softcap=softcap)
-        # The fused CPU/Triton kernels attend to every key without soft-capping: a window
-        # that a sequence has outgrown, or a soft-cap, goes to the tiled path, which
-        # honours both on any device.
+        if self.plan.backend == "cpu" and not softcap:  # it honours a window itself
+            return self._impl(q, cache, layer, meta, scale, window=window)
+        # The Triton kernels attend to every key without soft-capping, and the CPU kernel
+        # does not soft-cap: a window that a sequence has outgrown, or a soft-cap, goes to
+        # the tiled path, which honours both on any device.
         if softcap or max(meta.kv_lens) > window:
             return _tiled_attention(q, cache, layer, meta, scale, window, softcap)
         return self._impl(q, cache, layer, meta, scale)  # the window holds every key

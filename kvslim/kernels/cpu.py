@@ -1040,17 +1040,23 @@ def raise_for(rc: int, cache) -> None:
 class _Step:
     """Per-step scratch shared by every layer: which sequences run where, the work list."""
 
-    def __init__(self, meta, cache, hq: int):
+    def __init__(self, meta, cache, hq: int, window: int = 0):
         g = hq // cache.n_kv_heads
-        self.fused = [b for b, n in enumerate(meta.q_lens) if 0 < n <= NUMBA_MAX_Q]
-        self.tiled = [b for b, n in enumerate(meta.q_lens) if n > NUMBA_MAX_Q]
+        # A windowed layer: a decode row reads only its last `window` keys (the work list
+        # starts there); several rows past the window see different key ranges, which
+        # the tiled path's banded attention handles.
+        banded = [window and n > 1 and kv > window for n, kv in zip(meta.q_lens, meta.kv_lens)]
+        self.fused = [b for b, n in enumerate(meta.q_lens) if 0 < n <= NUMBA_MAX_Q and not banded[b]]
+        self.tiled = [b for b, n in enumerate(meta.q_lens) if n > NUMBA_MAX_Q and not banded[b]]
+        self.banded = [b for b in range(len(meta.q_lens)) if banded[b]]
         table = meta.page_table
         self.pages = table.pages.to(torch.int64).numpy()  # [B, max_pages]
         self.kv_lens = np.asarray(meta.kv_lens, np.int64)
         self.q_lens = np.asarray(meta.q_lens, np.int64)
         self.q_off = np.asarray(meta.q_offsets, np.int64)
+        starts = np.maximum(self.kv_lens - window, 0) if window else None
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
-                                           numba.config.NUMBA_NUM_THREADS)
+                                           numba.config.NUMBA_NUM_THREADS, starts)
         rows = max([meta.q_lens[b] * g for b in self.fused] + [1])
         self.part_acc = np.empty((len(self.work), rows, cache.v_head_dim), np.float32)
         self.part_ml = np.empty((len(self.work), rows, 2), np.float32)
@@ -1060,34 +1066,41 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
+def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int,
+              starts: np.ndarray | None = None):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
     About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread: threads claim
     items as they go, and small equal items leave little for one thread at the end.
+    starts: first key per sequence (a sliding window's), 0 when None.
     """
-    total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
+    first = [0 if starts is None else int(starts[b]) for b in range(len(kv_lens))]
+    total = int(sum(int(kv_lens[b]) - first[b] for b in seqs)) * n_kv
     chunk = max(MIN_CHUNK, _cdiv(total, CHUNKS_PER_THREAD * threads))
     work, groups = [], [0]
     for b in seqs:
-        L = int(kv_lens[b])
-        n = max(1, _cdiv(L, chunk))
-        step = _cdiv(_cdiv(L, n), 64) * 64
+        L, a = int(kv_lens[b]), first[b]
+        n = max(1, _cdiv(L - a, chunk))
+        step = _cdiv(_cdiv(L - a, n), 64) * 64
         for h in range(n_kv):
-            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(0, L, step)]
+            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(a, L, step)]
             groups.append(len(work))
     return (np.asarray(work, np.int64).reshape(-1, 4), np.asarray(groups, np.int64))
 
 
-def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring)."""
+def attention(q: torch.Tensor, cache, layer: int, meta, scale: float,
+              window: int = 0) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring).
+
+    window: a sliding-window layer's keys per query (0: every key before it)."""
     n, hq, dim = q.shape
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != meta.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {meta.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
-    st = meta.extra.get("cpu")
+    key = "cpu" if not window else ("cpu", window)
+    st = meta.extra.get(key)
     if st is None:
-        st = meta.extra["cpu"] = _Step(meta, cache, hq)
+        st = meta.extra[key] = _Step(meta, cache, hq, window)
     q = q.detach().to(torch.float32).contiguous()
     bad = _count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
@@ -1101,12 +1114,13 @@ def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.T
         _helpers().run(_attend_items, items, _finish,
                        (counters, out.numpy(), cache.n_kv_heads, st.q_lens, st.q_off, st.work,
                         st.groups, st.part_acc, st.part_ml), len(st.work) - 1)
-    if st.tiled:
+    if st.tiled or st.banded:
         from kvslim.kernels import tiled
-        for b in st.tiled:
+        for b in st.tiled + st.banded:
             lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
-            out[lo:hi] = tiled.attend_sequence(q[lo:hi], cache, layer, meta.page_table.pages[b],
-                                               meta.kv_lens[b], scale)
+            pages, kv_len = meta.page_table.pages[b], meta.kv_lens[b]
+            out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window) \
+                if b in st.banded else tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
 
 
