@@ -133,3 +133,21 @@ def test_tokenizer_matches_fixture(gemma_tokenizer, case):
     assert got == case["ids"]
     if case["special"]:
         assert gemma_tokenizer.decode(got, skip_special=False) == case["text"]
+
+
+def test_server_chat_matches_transformers(gemma_path, llm, reference):
+    """The Ollama route on the real file gives transformers' greedy answer."""
+    import ollama
+
+    from kvslim.server.settings import Settings
+    from test_server import running_server
+
+    expected = reference[1]["greedy"][0][:8]
+    stops = [i for i, t in enumerate(expected) if t in llm.tokenizer.eog_ids]
+    expected = expected[:stops[0]] if stops else expected
+    settings = Settings.from_env({}, num_parallel=1, num_ctx=512, kv_cache_type="f16")
+    with running_server(settings) as s:
+        reply = ollama.Client(host=s.url, timeout=600).chat(
+            model=str(gemma_path), messages=[{"role": "user", "content": PROMPTS[0]}],
+            options={"num_predict": 8, **GREEDY})
+    assert reply.message.content == llm.detokenize(expected)
