@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from numba import get_num_threads, njit, prange
 
-from kvslim.attention import AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
-from kvslim.kernels import cpu, reference
+from kvslim.kernels import cpu, cpu_write, reference
 
 SHAPES = {"smollm2": (9, 3, 64), "8b": (32, 8, 128)}  # q heads, kv heads, head dim
 PAIRS = {"f16": ("f16", "f16"), "q8_0": ("q8_0", "q8_0"), "q4_0": ("q4_0", "q4_0"),
@@ -73,10 +73,12 @@ def decode_cache(shape, kt: str, vt: str, ctx: int, page_size: int = 64):
                     cache_type_k=kt, cache_type_v=vt)
     seq = cache.new_sequence()
     if ctx > 1:
-        first = AttnMeta.prepare(cache, [seq], [ctx - 1])
-        cache.write(0, first.slots, torch.randn(ctx - 1, hkv, d), torch.randn(ctx - 1, hkv, d))
-    meta = AttnMeta.prepare(cache, [seq], [1])
-    cache.write(0, meta.slots, torch.randn(1, hkv, d), torch.randn(1, hkv, d))
+        first = Step.reserve(cache, [seq], [ctx - 1])
+        cpu_write.write(cache, 0, first.slots, torch.randn(ctx - 1, hkv, d),
+                        torch.randn(ctx - 1, hkv, d))
+    meta = Step.reserve(cache, [seq], [1])
+    cpu.Backend().prepare(meta)
+    cpu_write.write(cache, 0, meta.slots, torch.randn(1, hkv, d), torch.randn(1, hkv, d))
     for planes in (cache.k_planes, cache.v_planes):
         for t in planes.values():
             t[1:] = t[0]
@@ -115,9 +117,10 @@ def bench_prefill(shape, n: int, reps: int) -> tuple[float, float, float]:
     cache = KVCache(1, hkv, d, -(-n // 64), page_size=64, cache_type_k="q8_0",
                     cache_type_v="q8_0")
     seq = cache.new_sequence()
-    meta = AttnMeta.prepare(cache, [seq], [n])
+    meta = Step.reserve(cache, [seq], [n])
+    cpu.Backend().prepare(meta)
     k, v, q = torch.randn(n, hkv, d), torch.randn(n, hkv, d), torch.randn(n, hq, d)
-    t_write = median_time(lambda i: cache.write(0, meta.slots, k, v), reps, warmup=1)
+    t_write = median_time(lambda i: cpu_write.write(cache, 0, meta.slots, k, v), reps, warmup=1)
     t_fused = median_time(lambda i: cpu.attention(q, cache, 0, meta, d ** -0.5), reps, warmup=1)
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     t_sdpa = median_time(lambda i: F.scaled_dot_product_attention(
@@ -127,15 +130,16 @@ def bench_prefill(shape, n: int, reps: int) -> tuple[float, float, float]:
 
 _FIRST_CALL = """
 import time, torch
-from kvslim.attention import AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
 cache = KVCache(1, 3, 64, 4, page_size=64, cache_type_k="q8_0", cache_type_v="q4_0")
 seq = cache.new_sequence()
-meta = AttnMeta.prepare(cache, [seq], [5])
+meta = Step.reserve(cache, [seq], [5])
 t0 = time.perf_counter()
-from kvslim.kernels import cpu
+from kvslim.kernels import cpu, cpu_write
+cpu.Backend().prepare(meta)
 t1 = time.perf_counter()
-cache.write(0, meta.slots, torch.randn(5, 3, 64), torch.randn(5, 3, 64))
+cpu_write.write(cache, 0, meta.slots, torch.randn(5, 3, 64), torch.randn(5, 3, 64))
 t2 = time.perf_counter()
 cpu.attention(torch.randn(5, 9, 64), cache, 0, meta, 0.125)
 t3 = time.perf_counter()

@@ -107,7 +107,8 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
                 return fn(*args)
         return run
 
-    e.attn, e.cache.write = labelled(e.attn, "attention"), labelled(e.cache.write, "cache write")
+    b = e.attn.backend
+    b.attend, b.write = labelled(b.attend, "attention"), labelled(b.write, "cache write")
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:

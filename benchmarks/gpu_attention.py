@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvslim import formats
-from kvslim.attention import AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
 from kvslim.kernels import reference
 from kvslim.kernels import triton as tk
@@ -75,7 +75,8 @@ def random_cache(type_: str, batch: int, ctx: int, hkv: int, dim: int):
     seqs = [cache.new_sequence() for _ in range(batch)]
     for s in seqs:
         cache.reserve(s, ctx)
-    meta = AttnMeta.prepare(cache, seqs, [1] * batch)
+    meta = Step.reserve(cache, seqs, [1] * batch)
+    tk.Backend().prepare(meta)
     return cache, meta
 
 

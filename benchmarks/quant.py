@@ -22,6 +22,7 @@ import torch
 
 from kvslim import formats
 from kvslim.cache import KVCache
+from kvslim.kernels import cpu_write
 
 
 def timed(fn, repeat: int) -> float:
@@ -66,14 +67,15 @@ def main(argv=None) -> None:
 
 
 def cache_write_seconds(x: torch.Tensor, t: str, repeat: int) -> float:
-    """Median seconds of KVCache.write of all of x as K and V rows [n, 8, 128] of type t."""
+    """Median seconds of the CPU cache writer (kernels.cpu_write) storing all of x as K and
+    V rows [n, 8, 128] of type t."""
     heads, dim = 8, 128
     n = x.numel() // (2 * heads * dim)
     k = x.reshape(-1)[:n * heads * dim].view(n, heads, dim)
     v = x.reshape(-1)[n * heads * dim:2 * n * heads * dim].view(n, heads, dim)
     cache = KVCache(1, heads, dim, -(-n // 64), page_size=64, cache_type_k=t, cache_type_v=t)
     slots = cache.reserve(cache.new_sequence(), n)
-    return timed(lambda: cache.write(0, slots, k, v), repeat)
+    return timed(lambda: cpu_write.write(cache, 0, slots, k, v), repeat)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-__version__ = "0.1.0"
+from kvslim.version import __version__  # noqa: E402
 
 __all__ = ["LLM", "__version__"]
 

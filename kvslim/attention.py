@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -27,8 +28,9 @@ log = logging.getLogger("kvslim")
 
 FLASH_MODES = ("auto", "on", "off")
 
-# backend name -> module exposing `attention(q, cache, layer, meta, scale)` and
-# `available(device, type_k, type_v) -> str | None` (None when usable, else the reason).
+# backend name -> module exposing ``Backend`` (the class of an object as the ``Backend``
+# protocol below says) and ``available(device, type_k, type_v) -> str | None`` (None when
+# usable, else the reason).
 BACKENDS = {
     "reference": "kvslim.kernels.reference",
     "cpu": "kvslim.kernels.cpu",
@@ -37,21 +39,46 @@ BACKENDS = {
 }
 
 
-@dataclass
-class AttnMeta:
-    """What every layer needs for one forward step; built once per step.
+class Backend(Protocol):
+    """What every backend in ``BACKENDS`` provides (kernels/*.py ``Backend``).
 
-    Query rows of all sequences are packed: rows q_offsets[b]:q_offsets[b+1] belong to
-    seqs[b], and its i-th row sits at position kv_lens[b] - q_lens[b] + i (causal).
+    ``prepare`` runs once per step, before any layer, and may leave per-step scratch in
+    ``step.scratch``; ``write`` stores a layer's k [N, Hkv, D], v [N, Hkv, Dv] (model
+    coordinates; the cache's codec applied) into ``step.slots``, all or nothing;
+    ``attend`` returns q [N, Hq, D] (cache coordinates) -> [N, Hq, Dv].
     """
 
-    seqs: list[int]
+    name: str
+
+    def prepare(self, step: "Step") -> None: ...
+
+    def write(self, cache: KVCache, layer: int, step: "Step", k: torch.Tensor,
+              v: torch.Tensor) -> None: ...
+
+    def attend(self, q: torch.Tensor, cache: KVCache, layer: int, step: "Step",
+               scale: float) -> torch.Tensor: ...
+
+
+@dataclass
+class Step:
+    """What every layer needs for one forward step: built once per step by the engine
+    (``Attention.begin``), then read by the model's layers and the backend.
+
+    Query rows of all sequences are packed: rows q_offsets[b]:q_offsets[b+1] belong to
+    cache sequence cache_ids[b], and its i-th row sits at position
+    kv_lens[b] - q_lens[b] + i (causal).
+    """
+
+    cache: KVCache
+    cache_ids: list[int]
     q_lens: list[int]
     kv_lens: list[int]
     q_offsets: list[int]
     slots: torch.Tensor  # [N] int64 slots of this step's new rows, packed like q
-    page_table: PageTable | None = None
-    extra: dict = field(default_factory=dict)  # per-backend scratch built once per step
+    positions: torch.Tensor  # [N] int64 position of each row, on the CPU
+    page_table: PageTable
+    attn: "Attention | None" = None  # the model's layers call it
+    scratch: Any = None  # the backend's, set by its prepare(step)
 
     @property
     def n_rows(self) -> int:
@@ -62,31 +89,35 @@ class AttnMeta:
         return all(n == 1 for n in self.q_lens)
 
     @classmethod
-    def prepare(cls, cache: KVCache, seqs: list[int], q_lens: list[int]) -> "AttnMeta":
+    def reserve(cls, cache: KVCache, cache_ids: list[int], q_lens: list[int]) -> "Step":
         """Reserve this step's slots in ``cache`` (all or nothing) and build the metadata."""
         done: list[tuple[int, int]] = []
         try:
             slots = []
-            for s, n in zip(seqs, q_lens):
-                before = cache.length(s)
-                slots.append(cache.reserve(s, n))
-                done.append((s, before))
+            for cid, n in zip(cache_ids, q_lens):
+                before = cache.length(cid)
+                slots.append(cache.reserve(cid, n))
+                done.append((cid, before))
         except BaseException:
-            for s, before in done:  # undo the sequences already extended
-                cache.trim(s, before)
+            for cid, before in done:  # undo the sequences already extended
+                cache.trim(cid, before)
             raise
         offsets = [0]
         for n in q_lens:
             offsets.append(offsets[-1] + n)
-        kv_lens = [cache.length(s) for s in seqs]
-        return cls(list(seqs), list(q_lens), kv_lens, offsets, torch.cat(slots),
-                   cache.page_table(list(seqs)))
+        kv_lens = [cache.length(cid) for cid in cache_ids]
+        if all(n == 1 for n in q_lens):  # decode: one row each, at the last position
+            positions = torch.tensor(kv_lens) - 1
+        else:
+            positions = torch.cat([torch.arange(kv - n, kv) for kv, n in zip(kv_lens, q_lens)])
+        return cls(cache, list(cache_ids), list(q_lens), kv_lens, offsets, torch.cat(slots),
+                   positions, cache.page_table(list(cache_ids)))
 
-    def rollback(self, cache: KVCache) -> None:
-        """Undo ``prepare`` after a failed step so the cache holds only complete tokens."""
-        for s, n, total in zip(self.seqs, self.q_lens, self.kv_lens):
-            if s in cache.sequences and cache.length(s) == total:
-                cache.trim(s, total - n)
+    def rollback(self) -> None:
+        """Undo ``reserve`` after a failed step so the cache holds only complete tokens."""
+        for cid, n, total in zip(self.cache_ids, self.q_lens, self.kv_lens):
+            if cid in self.cache.sequences and self.cache.length(cid) == total:
+                self.cache.trim(cid, total - n)
 
 
 @dataclass
@@ -128,6 +159,19 @@ def _fused_backend(device: torch.device, k: str, v: str) -> tuple[str | None, st
     return None, "; ".join(problems) or f"no fused kernel for device {device.type}"
 
 
+def head_dim_fallback(head_dim: int, v_head_dim: int, type_k: str,
+                      type_v: str) -> tuple[str, str, str | None]:
+    """(K type, V type, reason): block types become f16 when 32 does not divide the head
+    dims (a row must be whole blocks). The device-free part of ``plan_attention``, which
+    ``kvslim plan`` applies for any machine."""
+    whole_blocks = head_dim % formats.QK == 0 and v_head_dim % formats.QK == 0
+    if whole_blocks or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
+        return type_k, type_v, None
+    reason = f"head_dim {head_dim}/{v_head_dim} is not a multiple of {formats.QK}"
+    k, v = ("f16" if formats.is_quantized(t) else t for t in (type_k, type_v))
+    return k, v, reason
+
+
 def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_v: str = "f16",
                    flash_attn: str = "auto", v_head_dim: int | None = None,
                    warn: bool = True) -> AttentionPlan:
@@ -137,12 +181,7 @@ def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_
     if flash_attn not in FLASH_MODES:
         raise ValueError(f"flash_attn must be one of {', '.join(FLASH_MODES)}, got {flash_attn!r}")
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
-    eff_k, eff_v, reason = k, v, None
-    dims_ok = head_dim % formats.QK == 0 and v_head_dim % formats.QK == 0
-    if not dims_ok and (formats.is_quantized(k) or formats.is_quantized(v)):
-        reason = f"head_dim {head_dim}/{v_head_dim} is not a multiple of {formats.QK}"
-        eff_k = "f16" if formats.is_quantized(k) else k
-        eff_v = "f16" if formats.is_quantized(v) else v
+    eff_k, eff_v, reason = head_dim_fallback(head_dim, v_head_dim, k, v)
     backend, problem = (None, "flash attention is off") if flash_attn == "off" else \
         _fused_backend(device, eff_k, eff_v)
     if backend is None:
@@ -160,53 +199,65 @@ def plan_attention(device, head_dim: int, cache_type_k: str = "f16", cache_type_
     return plan
 
 
+def make_backend(name: str) -> Backend:
+    """A fresh backend object of one of ``BACKENDS``."""
+    return importlib.import_module(BACKENDS[name]).Backend()
+
+
 class Attention:
-    """Attention for one plan: ``attn.forward(q, k, v, cache, layer, meta, scale)`` stores
-    a step's K/V and attends; ``attn(q, cache, layer, meta, scale)`` only attends."""
+    """Attention for one plan; its backend owns both the K/V write and the read.
+
+    ``begin(cache, cache_ids, q_lens)`` reserves and prepares a step;
+    ``attn(q, k, v, layer, step, scale)`` writes the step's k, v and attends.
+    """
 
     def __init__(self, plan: AttentionPlan):
         self.plan = plan
-        self._impl = importlib.import_module(BACKENDS[plan.backend]).attention
+        self.backend = make_backend(plan.backend)
 
-    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta,
-                 scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-        """q [N, Hq, D] -> [N, Hq, Dv] (float32 on CPU; the compute dtype on GPU).
+    def begin(self, cache: KVCache, cache_ids: list[int], q_lens: list[int]) -> Step:
+        """Reserve the step's slots (all or nothing; ``Step.rollback`` undoes it) and let
+        the backend build its per-step scratch once for every layer."""
+        step = Step.reserve(cache, cache_ids, q_lens)
+        step.attn = self
+        try:
+            self.backend.prepare(step)
+        except BaseException:
+            step.rollback()
+            raise
+        return step
 
-        q in the cache's coordinates: rotated already when the cache's codec rotates.
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                 step: Step, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+        """Write this step's k [N, Hkv, D], v [N, Hkv, Dv] into ``step.slots`` and attend
+        q [N, Hq, D] -> [N, Hq, Dv], all in the model's coordinates (float32 on CPU; the
+        compute dtype on GPU).
+
+        The cache's codec (rotation, centering; ``kvslim.codec``) is applied here and in
+        the backend's write only: k, v are coded as they are written, q before the read
+        and the output restored after, so only the stored blocks hold coded values.
         window: a sliding-window layer's keys per query (0: all); softcap: soft-capping
-        of the scores (0: none)."""
-        if not (window or softcap):
-            return self._impl(q, cache, layer, meta, scale)
-        if self.plan.backend in ("reference", "tiled"):
-            return self._impl(q, cache, layer, meta, scale, window=window, softcap=softcap)
-        if self.plan.backend == "cpu" and not softcap:  # it honours a window itself
-            return self._impl(q, cache, layer, meta, scale, window=window)
-        # The Triton kernels attend to every key without soft-capping, and the CPU kernel
-        # does not soft-cap: a window that a sequence has outgrown, or a soft-cap, goes to
-        # the tiled path, which honours both on any device.
-        if softcap or max(meta.kv_lens) > window:
-            return _tiled_attention(q, cache, layer, meta, scale, window, softcap)
-        return self._impl(q, cache, layer, meta, scale)  # the window holds every key
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                layer: int, meta: AttnMeta, scale: float, window: int = 0,
-                softcap: float = 0.0) -> torch.Tensor:
-        """Write this step's k [N, Hkv, D], v [N, Hkv, Dv] into ``meta.slots`` and attend
-        q [N, Hq, D] -> [N, Hq, Dv], all in the model's coordinates.
-
-        The cache's codec (rotation, centering; ``kvslim.codec``) is applied here and
-        only here: rows are encoded before the write and the output decoded after, so
-        the stored blocks hold rotated (centered) values and nothing else sees them.
+        of the scores (0: none).
         """
+        cache = step.cache
+        self.backend.write(cache, layer, step, k, v)
         codec = cache.codec
-        if codec is None:
-            cache.write(layer, meta.slots, k, v)
-            return self(q, cache, layer, meta, scale, window, softcap)
-        q = codec.store(cache, layer, meta.slots, q, k, v)  # coded q; coded k, v written
-        return codec.decode(layer, self(q, cache, layer, meta, scale, window, softcap))
+        if codec is not None:
+            q = codec.transform_q(layer, q)
+        o = self._attend(q, cache, layer, step, scale, window, softcap)
+        return o if codec is None else codec.restore(layer, o)
 
+    def _attend(self, q, cache, layer, step, scale, window, softcap):
+        if not (window or softcap):
+            return self.backend.attend(q, cache, layer, step, scale)
+        if self.backend.name in ("reference", "tiled"):
+            return self.backend.attend(q, cache, layer, step, scale, window=window,
+                                       softcap=softcap)
+        # The fused CPU/Triton kernels attend to every key without soft-capping: a window
+        # that a sequence has outgrown, or a soft-cap, goes to the tiled path, which
+        # honours both on any device.
+        if softcap or max(step.kv_lens) > window:
+            from kvslim.kernels import tiled
 
-def _tiled_attention(q, cache, layer, meta, scale, window, softcap):
-    from kvslim.kernels import tiled
-
-    return tiled.attention(q, cache, layer, meta, scale, window=window, softcap=softcap)
+            return tiled.attention(q, cache, layer, step, scale, window=window, softcap=softcap)
+        return self.backend.attend(q, cache, layer, step, scale)  # the window holds every key

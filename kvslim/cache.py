@@ -11,10 +11,11 @@ contiguous memory. There is no full-precision copy anywhere: ``nbytes`` is exact
 layers x kv_heads x capacity x (head_dim x bytes_per_element(k) + v_head_dim x
 bytes_per_element(v)).
 
-Writing follows the slot-mapping protocol of paged engines: ``reserve(seq, n)`` once
+Writing follows the slot-mapping protocol of paged engines: ``reserve(cid, n)`` once
 per step extends a sequence and returns its new slots (allocating pages, copying a
-shared last page on write), then ``write(layer, slots, k, v)`` quantizes each layer's
-rows into those slots. Rows are quantized per token and per head along head_dim, so
+shared last page on write), then the attention backend's write (``kvslim.kernels``;
+``write(layer, slots, k, v)`` here is the plain-torch reference) quantizes each
+layer's rows into those slots. Rows are quantized per token and per head along head_dim, so
 appending a token never touches older ones.
 """
 from __future__ import annotations
@@ -23,54 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvslim import formats
+from kvslim import formats, rounding
 
 DEFAULT_PAGE_SIZE = 64
 
 __all__ = ["KVCache", "CacheFull", "DEFAULT_PAGE_SIZE", "PageTable"]
-
-
-_FLOAT_ROWS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _cpu_writer():
-    """``kernels.cpu.write_rows`` (byte-identical to ``formats.encode``), None without numba."""
-    try:
-        from kvslim.kernels.cpu import write_rows
-    except ImportError:
-        return None
-    return write_rows
-
-
-def _triton_writer(cache: "KVCache"):
-    """A fused quantize-on-write for CUDA/ROCm caches, or None where Triton cannot run."""
-    try:
-        from kvslim.kernels import triton as tk
-    except ImportError:
-        return None
-    if tk.available(cache.device, cache.cache_type_k, cache.cache_type_v) is not None:
-        return None
-
-    def write(cache, layer, slots, k, v):
-        # Check both sides before writing either, so a NaN in V leaves K untouched too.
-        if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
-            raise ValueError("K/V rows hold non-finite values (NaN or inf); "
-                             "the K/V cache refuses them")
-        kp, vp = cache.layer_planes(layer)
-        slots = slots.to(cache.device)
-        tk.quantize_into(kp, slots, k, cache.cache_type_k, check_finite=False)
-        tk.quantize_into(vp, slots, v, cache.cache_type_v, check_finite=False)
-
-    return write
-
-
-def _fused_writer(cache: "KVCache"):
-    """The device's fused quantize-on-write (one kernel per side), or None for the torch path."""
-    if cache.device.type == "cpu":
-        return _cpu_writer()
-    if cache.device.type == "cuda":
-        return _triton_writer(cache)
-    return None
 
 
 class CacheFull(RuntimeError):
@@ -113,12 +71,10 @@ class KVCache:
         self._pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._next_id = 0
-        self._writer = None  # the device's fused quantize-on-write, looked up on first write
         # How rows are coded beyond the block format (rotation, centering, rounding;
         # kvslim.codec.KVCodec), fixed for the pool's life: the cache is only ever read
         # the way it was written. None: rows are stored as given, with ggml rounding.
         self.codec = codec
-        self._lsq = self._lsq_writer()
 
     # -------------------------------------------------------------- construction
 
@@ -168,16 +124,16 @@ class KVCache:
     def sequences(self) -> list[int]:
         return list(self._pages)
 
-    def length(self, seq: int) -> int:
-        return self._lens[self._check_seq(seq)]
+    def length(self, cid: int) -> int:
+        return self._lens[self._check_cid(cid)]
 
-    def pages(self, seq: int) -> list[int]:
-        return list(self._pages[self._check_seq(seq)])
+    def pages(self, cid: int) -> list[int]:
+        return list(self._pages[self._check_cid(cid)])
 
-    def _check_seq(self, seq: int) -> int:
-        if seq not in self._pages:
-            raise KeyError(f"no sequence {seq} in this cache")
-        return seq
+    def _check_cid(self, cid: int) -> int:
+        if cid not in self._pages:
+            raise KeyError(f"no sequence {cid} in this cache")
+        return cid
 
     def _take_page(self) -> int:
         page = self._free.pop()
@@ -190,39 +146,39 @@ class KVCache:
             self._free.append(page)
 
     def new_sequence(self) -> int:
-        """A new empty sequence; it owns no page until it is written."""
-        seq = self._next_id
+        """A new empty sequence (its id, ``cid``); it owns no page until it is written."""
+        cid = self._next_id
         self._next_id += 1
-        self._pages[seq], self._lens[seq] = [], 0
-        return seq
+        self._pages[cid], self._lens[cid] = [], 0
+        return cid
 
-    def pages_needed(self, seq: int, n: int) -> int:
-        """Free pages that ``reserve(seq, n)`` would take."""
-        length, pages = self._lens[self._check_seq(seq)], self._pages[seq]
+    def pages_needed(self, cid: int, n: int) -> int:
+        """Free pages that ``reserve(cid, n)`` would take."""
+        length, pages = self._lens[self._check_cid(cid)], self._pages[cid]
         need = -(-(length + n) // self.page_size) - len(pages)
         if n > 0 and length % self.page_size and self._refs[pages[-1]] > 1:
             need += 1  # the shared last page is copied before it is written
         return need
 
-    def reserve(self, seq: int, n: int) -> torch.Tensor:
-        """Extend ``seq`` by ``n`` tokens; return their slots [n] (page * page_size + offset).
+    def reserve(self, cid: int, n: int) -> torch.Tensor:
+        """Extend ``cid`` by ``n`` tokens; return their slots [n] (page * page_size + offset).
 
         All or nothing: on ``CacheFull`` the sequence and the pool are unchanged.
         """
         if n < 0:
             raise ValueError(f"cannot reserve {n} tokens")
-        need = self.pages_needed(seq, n)
+        need = self.pages_needed(cid, n)
         if need > len(self._free):
             raise CacheFull(
                 f"K/V cache full: {n} more tokens need {need} free pages of {self.page_size} "
                 f"tokens, {len(self._free)} free of {self.n_pages} "
                 f"({self.capacity} tokens in all)")
-        length, pages = self._lens[seq], self._pages[seq]
+        length, pages = self._lens[cid], self._pages[cid]
         if n > 0 and length % self.page_size and self._refs[pages[-1]] > 1:
             pages[-1] = self._copy_page(pages[-1])
         while len(pages) * self.page_size < length + n:
             pages.append(self._take_page())
-        self._lens[seq] = length + n
+        self._lens[cid] = length + n
         pos = torch.arange(length, length + n)
         table = torch.tensor(pages, dtype=torch.int64)
         return table[pos // self.page_size] * self.page_size + pos % self.page_size
@@ -235,69 +191,60 @@ class KVCache:
         self._release(src)
         return dst
 
-    def fork(self, seq: int) -> int:
-        """A new sequence sharing all of ``seq``'s pages (copy on write)."""
+    def fork(self, cid: int) -> int:
+        """A new sequence sharing all of ``cid``'s pages (copy on write)."""
         child = self.new_sequence()
-        self._pages[child] = list(self._pages[self._check_seq(seq)])
-        self._lens[child] = self._lens[seq]
+        self._pages[child] = list(self._pages[self._check_cid(cid)])
+        self._lens[child] = self._lens[cid]
         for page in self._pages[child]:
             self._refs[page] += 1
         return child
 
-    def trim(self, seq: int, length: int) -> None:
-        """Keep the first ``length`` tokens of ``seq`` and release the pages past them."""
-        if not 0 <= length <= self.length(seq):
-            raise ValueError(f"cannot trim sequence {seq} of {self._lens[seq]} tokens to {length}")
-        pages = self._pages[seq]
+    def trim(self, cid: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``cid`` and release the pages past them."""
+        if not 0 <= length <= self.length(cid):
+            raise ValueError(f"cannot trim sequence {cid} of {self._lens[cid]} tokens to {length}")
+        pages = self._pages[cid]
         keep = -(-length // self.page_size)
         for page in pages[keep:]:
             self._release(page)
         del pages[keep:]
-        self._lens[seq] = length
+        self._lens[cid] = length
 
-    def free(self, seq: int) -> None:
-        """Release every page of ``seq`` and forget it."""
-        self.trim(seq, 0)
-        del self._pages[seq], self._lens[seq]
+    def free(self, cid: int) -> None:
+        """Release every page of ``cid`` and forget it."""
+        self.trim(cid, 0)
+        del self._pages[cid], self._lens[cid]
 
     def reset(self) -> None:
         """Free every sequence."""
-        for seq in list(self._pages):
-            self.free(seq)
+        for cid in list(self._pages):
+            self.free(cid)
 
     # -------------------------------------------------------------- data
 
-    def _lsq_writer(self):
-        """The least-squares rounding writer when the codec asks for it on a side whose
-        type has it (kvslim.rounding), else None: the fused writers round as ggml does."""
-        from kvslim import rounding
-
-        c = self.codec
-        want = c is not None and any(r == "lsq" and rounding.supports_lsq(f.name) for r, f in
-                                     ((c.rounding_k, self.fmt_k), (c.rounding_v, self.fmt_v)))
-        return rounding.writer(self) if want else None
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize rows into reserved slots. k: [n, kv_heads, head_dim], v: [n, kv_heads, v_head_dim].
-
-        Raises ValueError (cache unchanged) on non-finite rows or wrong shapes.
-        """
+    def check_rows(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """ValueError unless k is [n, kv_heads, head_dim] and v [n, kv_heads, v_head_dim]
+        for n = len(slots): every writer checks this before it writes."""
         n = slots.shape[0]
         for name, x, dim in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
             if tuple(x.shape) != (n, self.n_kv_heads, dim):
                 raise ValueError(f"{name} rows must be [{n}, {self.n_kv_heads}, {dim}], "
                                  f"got {list(x.shape)}")
-        if self._lsq is not None:
-            self._lsq(self, layer, slots, k, v)
-            return
-        if self._writer is None:
-            self._writer = _fused_writer(self) or False
-        if self._writer and all(x.device.type == self.device.type and x.dtype in _FLOAT_ROWS
-                                for x in (k, v)):
-            self._writer(self, layer, slots, k, v)  # one kernel instead of ~15 torch ops per side
-            return
-        enc_k = formats.encode(k, self.fmt_k.name)  # [n, kvh, nb, per]
-        enc_v = formats.encode(v, self.fmt_v.name)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize rows into reserved slots, in plain torch (the reference writer; the
+        attention backends write through their own kernels, ``kvslim.kernels``).
+
+        k: [n, kv_heads, head_dim], v: [n, kv_heads, v_head_dim], stored as given (in the
+        cache's coordinates: the codec's rotation and centering are the caller's), with
+        the codec's rounding. Raises ValueError (cache unchanged) on non-finite rows or
+        wrong shapes.
+        """
+        self.check_rows(slots, k, v)
+        c = self.codec
+        enc_k = rounding.encode_rounded(k, self.fmt_k.name, c.rounding_k if c else "ggml")
+        enc_v = rounding.encode_rounded(v, self.fmt_v.name, c.rounding_v if c else "ggml")
         slots = slots.to(self.device)
         page, off = slots // self.page_size, slots % self.page_size
         for planes, enc in ((self.k_planes, enc_k), (self.v_planes, enc_v)):
@@ -309,13 +256,13 @@ class KVCache:
         return ({n: t[layer] for n, t in self.k_planes.items()},
                 {n: t[layer] for n, t in self.v_planes.items()})
 
-    def gather(self, layer: int, seq: int, start: int = 0, end: int | None = None):
-        """Stored planes of tokens [start, end) of ``seq``: {name: [kv_heads, T, nb, per]} for K, V."""
-        end = self.length(seq) if end is None else end
-        if not 0 <= start <= end <= self._lens[seq]:
-            raise ValueError(f"range [{start}, {end}) outside sequence {seq} of {self._lens[seq]}")
+    def gather(self, layer: int, cid: int, start: int = 0, end: int | None = None):
+        """Stored planes of tokens [start, end) of ``cid``: {name: [kv_heads, T, nb, per]} for K, V."""
+        end = self.length(cid) if end is None else end
+        if not 0 <= start <= end <= self._lens[cid]:
+            raise ValueError(f"range [{start}, {end}) outside sequence {cid} of {self._lens[cid]}")
         first, last = start // self.page_size, -(-end // self.page_size)
-        pages = torch.tensor(self._pages[seq][first:last], dtype=torch.int64, device=self.device)
+        pages = torch.tensor(self._pages[cid][first:last], dtype=torch.int64, device=self.device)
         lo, hi = start - first * self.page_size, end - first * self.page_size
         out = []
         for planes in self.layer_planes(layer):
@@ -327,23 +274,23 @@ class KVCache:
             out.append(got)
         return out[0], out[1]
 
-    def read(self, layer: int, seq: int, start: int = 0, end: int | None = None):
+    def read(self, layer: int, cid: int, start: int = 0, end: int | None = None):
         """Dequantized K [kv_heads, T, head_dim] and V [kv_heads, T, v_head_dim], float32."""
-        gk, gv = self.gather(layer, seq, start, end)
+        gk, gv = self.gather(layer, cid, start, end)
         return formats.decode(gk, self.fmt_k.name), formats.decode(gv, self.fmt_v.name)
 
-    def export(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def export(self, layer: int, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ggml bytes of a sequence's K and V rows: [kv_heads, T, nb * block_bytes] uint8."""
-        gk, gv = self.gather(layer, seq)
+        gk, gv = self.gather(layer, cid)
         return formats.to_bytes(gk, self.fmt_k.name), formats.to_bytes(gv, self.fmt_v.name)
 
-    def page_table(self, seqs: list[int]) -> PageTable:
+    def page_table(self, cids: list[int]) -> PageTable:
         """Page table and lengths of a batch of sequences, on the cache's device."""
-        width = max([len(self._pages[self._check_seq(s)]) for s in seqs] + [1])
-        table = torch.full((len(seqs), width), -1, dtype=torch.int32)
-        for i, s in enumerate(seqs):
+        width = max([len(self._pages[self._check_cid(s)]) for s in cids] + [1])
+        table = torch.full((len(cids), width), -1, dtype=torch.int32)
+        for i, s in enumerate(cids):
             table[i, :len(self._pages[s])] = torch.tensor(self._pages[s], dtype=torch.int32)
-        lens = torch.tensor([self._lens[s] for s in seqs], dtype=torch.int32)
+        lens = torch.tensor([self._lens[s] for s in cids], dtype=torch.int32)
         return PageTable(table.to(self.device), lens.to(self.device), self.page_size)
 
     # -------------------------------------------------------------- checks
@@ -351,8 +298,8 @@ class KVCache:
     def check(self) -> None:
         """Assert the bookkeeping is consistent: refcounts, free list, lengths."""
         counts = [0] * self.n_pages
-        for seq, pages in self._pages.items():
-            assert len(pages) == -(-self._lens[seq] // self.page_size), f"seq {seq} page count"
+        for cid, pages in self._pages.items():
+            assert len(pages) == -(-self._lens[cid] // self.page_size), f"cid {cid} page count"
             for p in pages:
                 counts[p] += 1
         assert counts == self._refs, "refcounts differ from the page tables"

@@ -118,16 +118,16 @@ def _coding(info: dict) -> str:
 def cmd_show(args) -> int:
     from kvslim import formats, planner, store
     from kvslim.attention import plan_attention
-    from kvslim.codec import CodecSettings, decide
+    from kvslim.codec import decide
     from kvslim.gguf_loader import ModelConfig, open_gguf
-    from kvslim.llm import pick_device, resolve_flash_attn, resolve_num_ctx
+    from kvslim.settings import pick_device, resolve_codec, resolve_flash_attn, resolve_num_ctx
 
     path = store.resolve(args.model)
     c = ModelConfig.from_gguf(open_gguf(path))
     device = pick_device(args.device)
     ctx = resolve_num_ctx(args.num_ctx, c.context_length, device)
     flash = resolve_flash_attn(args.flash_attn)
-    coding = CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    coding = resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     facts = [
         ("architecture", c.arch), ("name", c.name), ("parameters", _count(c.n_params)),
         ("quantization", c.file_type_name or "?"), ("context length", c.context_length),
@@ -157,14 +157,14 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     from kvslim import store
-    from kvslim.codec import CodecSettings
-    from kvslim.llm import LLM, pick_device, resolve_cache_types, resolve_flash_attn
+    from kvslim.llm import LLM
     from kvslim.sampling import SamplingParams
+    from kvslim.settings import pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn
 
     # bad flags fail before a first-use pull downloads anything
     resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
     resolve_flash_attn(args.flash_attn)
-    CodecSettings.resolve(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     pick_device(args.device)
     options = sampling_options(args)
     SamplingParams.from_options(**options)
@@ -180,8 +180,14 @@ def cmd_run(args) -> int:
 
 
 def _answer(llm, messages, options, args, load_duration: float = 0.0) -> str:
+    """Stream the answer to ``messages``; a chat too long for the context loses its oldest
+    messages first (``kvslim.chat``, as the server's)."""
+    from kvslim.chat import fit_chat, prompt_limit
+
     if args.system:
         messages = [{"role": "system", "content": args.system}] + messages
+    limit = prompt_limit(llm.kv_cache_info()["num_ctx"], options.get("max_tokens"))
+    messages = fit_chat(llm.chat_prompt, messages, limit)[0]
     t0 = time.perf_counter()
     stream = llm.chat(messages, stream=True, truncate=args.truncate, **options)
     for piece in stream:
@@ -216,7 +222,6 @@ def _interactive(llm, options, args) -> int:
                   file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        _fit_history(llm, history)
         try:
             answer = _answer(llm, history, options, args)
         except KeyboardInterrupt:  # stop this answer, keep the session
@@ -228,14 +233,6 @@ def _interactive(llm, options, args) -> int:
             print(f"Error: {_one_line(e)}", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": answer})
-
-
-def _fit_history(llm, history: list[dict]) -> None:
-    """Drop the oldest turns (as Ollama does) until the prompt leaves room to answer."""
-    num_ctx = llm.kv_cache_info()["num_ctx"]
-    limit = num_ctx - min(256, num_ctx // 4)
-    while len(history) > 1 and len(llm.chat_prompt(history)) > limit:
-        del history[:2 if len(history) > 2 else 1]  # a user turn and its answer
 
 
 def _read_prompt() -> str | None:

@@ -11,8 +11,8 @@ Admission reserves the pages a sequence may ever need (prompt + max_tokens, capp
 num_ctx), so a running sequence never meets a full cache; a request that does not fit
 waits in ``waiting`` until pages are freed.
 
-An optional ``prefix_cache`` (duck-typed: ``attach``, ``retain``, ``evict``; the server's
-``kvslim.server.prefix.PrefixCache``) starts a sequence as a fork of cached pages of an
+An optional ``prefix_cache`` (duck-typed: ``attach``, ``retain``, ``evict``;
+``kvslim.prefix.PrefixCache``) starts a sequence as a fork of cached pages of an
 identical prompt prefix, keeps finished sequences' full pages, and gives pages back when
 admission needs them. Room is therefore counted from the pool itself: free pages minus
 the pages running sequences may still take.
@@ -34,7 +34,9 @@ import torch
 
 from kvslim.attention import Attention, AttentionPlan, plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
-from kvslim.codec import CodecSettings, build_codec, decide
+from kvslim.calibration import build_codec
+from kvslim.chat import PromptTooLong, fit_prompt, max_length
+from kvslim.codec import CodecSettings, decide
 from kvslim.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("kvslim")
@@ -49,8 +51,19 @@ DEFAULT_BATCH_TOKENS = 512
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-class PromptTooLong(ValueError):
-    """A prompt that does not fit in the context and truncation was not asked for."""
+def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_lens: list[int],
+             tokens: list[int], logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward step: reserve its slots (all or nothing), run the model, and roll the
+    cache back to the tokens it held before if anything fails.
+
+    tokens packed like q_lens -> logits [R, V] float32 for logit_rows (None: every row).
+    """
+    step = attn.begin(cache, cache_ids, q_lens)
+    try:
+        return model.forward(torch.tensor(tokens), step, logit_rows)
+    except BaseException:
+        step.rollback()
+        raise
 
 
 class StepOutput(NamedTuple):
@@ -88,14 +101,13 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then generated
         self.n_prompt = len(prompt_ids)
         self.n_cached = 0  # tokens of token_ids already in the cache
-        self.cache_seq: int | None = None
+        self.cache_id: int | None = None
         self.status = WAITING
         self.finish_reason: str | None = None
         self.text = ""  # all text released so far
         self.stats = Stats(created=time.perf_counter())
         self.sampler = Sampler(params)
-        self.max_len = num_ctx if params.max_tokens is None else \
-            min(num_ctx, self.n_prompt + params.max_tokens)
+        self.max_len = max_length(self.n_prompt, num_ctx, params.max_tokens)
         self._decoder = decoder
         self._eog = set() if params.ignore_eos else eog_ids
         self._held = ""  # decoded text not released yet (may start a stop string)
@@ -207,24 +219,10 @@ class Engine:
         return seq
 
     def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None = None) -> list[int]:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
-        if len(ids) <= self.num_ctx:
-            return ids
-        if not truncate:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context "
-                                f"length num_ctx={self.num_ctx}; raise num_ctx (model maximum "
-                                f"{self.model.config.context_length}) or ask for truncation")
-        # keep BOS, then the most recent tokens, leaving room to generate (half the
-        # context at most, so a long answer does not leave the prompt a few tokens)
-        room = min(max_tokens or self.num_ctx, self.num_ctx // 2)
-        keep = max(1, self.num_ctx - room)
-        bos = self.tokenizer.bos_id if self.tokenizer is not None else None
-        head = ids[:1] if bos is not None and ids[0] == bos else []
-        return head + ids[len(ids) - (keep - len(head)):]
+        return fit_prompt(ids, num_ctx=self.num_ctx, vocab_size=self.model.config.vocab_size,
+                          model_max=self.model.config.context_length, truncate=truncate,
+                          max_tokens=max_tokens,
+                          bos_id=self.tokenizer.bos_id if self.tokenizer is not None else None)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence and free its pages at the next step; thread-safe."""
@@ -271,7 +269,7 @@ class Engine:
     def _room(self) -> int:
         """Free pages not promised to running sequences (each may grow to _pages_for)."""
         ps = self.cache.page_size
-        held = sum(-(-self.cache.length(s.cache_seq) // ps) for s in self.running)
+        held = sum(-(-self.cache.length(s.cache_id) // ps) for s in self.running)
         return self.cache.free_pages - (sum(self._pages_for(s) for s in self.running) - held)
 
     def _make_room(self, need: int) -> bool:
@@ -285,13 +283,13 @@ class Engine:
         with self._lock:
             while self.waiting and len(self.running) < self.num_parallel:
                 seq = self.waiting[0]
-                cache_seq, reused = self._attach(seq)
+                cache_id, reused = self._attach(seq)
                 need = self._pages_for(seq) - reused // self.cache.page_size
                 if not self._make_room(need):
-                    self.cache.free(cache_seq)
+                    self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
-                seq.cache_seq, seq.n_cached, seq.stats.prompt_cache_count = cache_seq, reused, reused
+                seq.cache_id, seq.n_cached, seq.stats.prompt_cache_count = cache_id, reused, reused
                 seq.status = RUNNING
                 self.running.append(seq)
 
@@ -321,9 +319,8 @@ class Engine:
             if n == s.pending():
                 rows.append(row - 1)  # the last row of a sequence that is caught up
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(tokens), self.cache, [s.cache_seq for s, _ in batch],
-                                    [n for _, n in batch], self.attn,
-                                    torch.tensor(rows, dtype=torch.long))
+        logits = run_step(self.model, self.attn, self.cache, [s.cache_id for s, _ in batch],
+                          [n for _, n in batch], tokens, torch.tensor(rows, dtype=torch.long))
         outputs = []
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:
@@ -360,8 +357,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
             if self.prefix_cache is not None:  # keep its full pages for a later identical prefix
-                self.prefix_cache.retain(self.cache, seq.cache_seq, seq.token_ids[:seq.n_cached])
-            self.cache.free(seq.cache_seq)
+                self.prefix_cache.retain(self.cache, seq.cache_id, seq.token_ids[:seq.n_cached])
+            self.cache.free(seq.cache_id)
             self.running.remove(seq)
         seq.status, seq.finish_reason = FINISHED, reason
         seq.stats.finished = time.perf_counter()
@@ -380,13 +377,13 @@ class Engine:
             if not self._make_room(need):
                 raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
                                  f"{len(self.running)} sequences run")
-            seq = self.cache.new_sequence()
+            cid = self.cache.new_sequence()
             try:
-                out = [self.model.forward(torch.tensor(ids[i:i + chunk]), self.cache, [seq],
-                                          [len(ids[i:i + chunk])], self.attn).cpu()
+                out = [run_step(self.model, self.attn, self.cache, [cid], [len(ids[i:i + chunk])],
+                                ids[i:i + chunk]).cpu()
                        for i in range(0, len(ids), chunk)]
             finally:
-                self.cache.free(seq)
+                self.cache.free(cid)
         return torch.cat(out)
 
     # ---------------------------------------------------------------- reporting

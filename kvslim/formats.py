@@ -30,6 +30,7 @@ QK = 32  # values per block, for every format
 __all__ = [
     "QK", "TYPES", "FORMATS", "Format", "get_format", "bytes_per_element", "block_bytes",
     "is_quantized", "quantize", "dequantize", "encode", "decode", "to_bytes", "from_bytes",
+    "as_blocks", "pack_nibbles", "pack_high_bits",
 ]
 
 # (field name, dtype, elements per block), in ggml's field order.
@@ -40,12 +41,18 @@ class Format:
     """One block format. Subclasses define ``planes`` and the two block transforms."""
 
     name: ClassVar[str]
+    # The format's identity in every kernel (numba and Triton branch on it): fixed per
+    # format, never derived from the registry's order, never reused.
+    code: ClassVar[int]
     planes: ClassVar[tuple[Plane, ...]]
     quantized: ClassVar[bool] = True
     registry: ClassVar[dict[str, "Format"]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        taken = {f.code: f.name for f in Format.registry.values()}
+        if cls.code in taken:
+            raise ValueError(f"format {cls.name} reuses code {cls.code} of {taken[cls.code]}")
         Format.registry[cls.name] = cls()
 
     @property
@@ -72,6 +79,7 @@ class Format:
 
 class F32(Format):
     name = "f32"
+    code = 0
     planes = (("x", torch.float32, QK),)
     quantized = False
 
@@ -84,6 +92,7 @@ class F32(Format):
 
 class F16(Format):
     name = "f16"
+    code = 1
     planes = (("x", torch.float16, QK),)
     quantized = False
 
@@ -96,6 +105,7 @@ class F16(Format):
 
 class BF16(Format):
     name = "bf16"
+    code = 2
     planes = (("x", torch.bfloat16, QK),)
     quantized = False
 
@@ -132,7 +142,7 @@ def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return torch.gather(blocks, -1, idx)  # [N, 1]
 
 
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """[N, 32] uint8 in 0..15 -> [N, 16]: value j in the low nibble, j+16 in the high."""
     return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
 
@@ -145,7 +155,7 @@ def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
 _BIT = torch.arange(8, dtype=torch.uint8)
 
 
-def _pack_high_bits(q: torch.Tensor) -> torch.Tensor:
+def pack_high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of each of 32 values -> 4 bytes, little-endian bit order (ggml's ``qh``)."""
     bits = ((q >> 4) & 1).view(-1, 4, 8)  # [N, 4, 8]
     return (bits << _BIT.to(q.device)).sum(dim=-1, dtype=torch.uint8)  # [N, 4]
@@ -174,6 +184,7 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
 
 class Q8_0(Format):
     name = "q8_0"
+    code = 3
     planes = (("d", torch.float16, 1), ("qs", torch.int8, QK))
 
     def encode_blocks(self, blocks):
@@ -187,12 +198,13 @@ class Q8_0(Format):
 
 class Q4_0(Format):
     name = "q4_0"
+    code = 4
     planes = (("d", torch.float16, 1), ("qs", torch.uint8, QK // 2))
 
     def encode_blocks(self, blocks):
         d = _signed_absmax(blocks) / -8
         q = _code(torch.trunc(blocks * _inv(d) + 8.5), 15)
-        return {"d": _f16(d), "qs": _pack_nibbles(q)}
+        return {"d": _f16(d), "qs": pack_nibbles(q)}
 
     def decode_blocks(self, p):
         q = _unpack_nibbles(p["qs"]).to(torch.int8) - 8
@@ -201,6 +213,7 @@ class Q4_0(Format):
 
 class Q4_1(Format):
     name = "q4_1"
+    code = 5
     planes = (("d", torch.float16, 1), ("m", torch.float16, 1), ("qs", torch.uint8, QK // 2))
 
     def encode_blocks(self, blocks):
@@ -208,7 +221,7 @@ class Q4_1(Format):
         mn = blocks.amin(dim=-1, keepdim=True)
         d = (mx - mn) / 15
         q = _code(torch.trunc((blocks - mn) * _inv(d) + 0.5), 15)
-        return {"d": _f16(d), "m": _f16(mn), "qs": _pack_nibbles(q)}
+        return {"d": _f16(d), "m": _f16(mn), "qs": pack_nibbles(q)}
 
     def decode_blocks(self, p):
         q = _unpack_nibbles(p["qs"]).float()
@@ -217,12 +230,13 @@ class Q4_1(Format):
 
 class Q5_0(Format):
     name = "q5_0"
+    code = 6
     planes = (("d", torch.float16, 1), ("qh", torch.uint8, 4), ("qs", torch.uint8, QK // 2))
 
     def encode_blocks(self, blocks):
         d = _signed_absmax(blocks) / -16
         q = _code(torch.trunc(blocks * _inv(d) + 16.5), 31)
-        return {"d": _f16(d), "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+        return {"d": _f16(d), "qh": pack_high_bits(q), "qs": pack_nibbles(q)}
 
     def decode_blocks(self, p):
         q = (_unpack_nibbles(p["qs"]) | _unpack_high_bits(p["qh"])).to(torch.int8) - 16
@@ -231,6 +245,7 @@ class Q5_0(Format):
 
 class Q5_1(Format):
     name = "q5_1"
+    code = 7
     planes = (("d", torch.float16, 1), ("m", torch.float16, 1), ("qh", torch.uint8, 4),
               ("qs", torch.uint8, QK // 2))
 
@@ -239,7 +254,7 @@ class Q5_1(Format):
         mn = blocks.amin(dim=-1, keepdim=True)
         d = (mx - mn) / 31
         q = _code(torch.trunc((blocks - mn) * _inv(d) + 0.5), 31)
-        return {"d": _f16(d), "m": _f16(mn), "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+        return {"d": _f16(d), "m": _f16(mn), "qh": pack_high_bits(q), "qs": pack_nibbles(q)}
 
     def decode_blocks(self, p):
         q = (_unpack_nibbles(p["qs"]) | _unpack_high_bits(p["qh"])).float()
@@ -260,6 +275,7 @@ class IQ4_NL(Format):
     """
 
     name = "iq4_nl"
+    code = 8
     planes = (("d", torch.float16, 1), ("qs", torch.uint8, QK // 2))
     _values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
     # midpoints doubled: code j is chosen once 2x >= values[j-1] + values[j]
@@ -293,7 +309,7 @@ class IQ4_NL(Format):
         pos = sumq2 > 0
         d = torch.where(pos, sumqx / torch.where(pos, sumq2, torch.ones_like(sumq2)), 0.0)
         d = torch.where(tiny[:, 0], 0.0, d)
-        return {"d": _f16(d[:, None]), "qs": _pack_nibbles(L.to(torch.uint8))}
+        return {"d": _f16(d[:, None]), "qs": pack_nibbles(L.to(torch.uint8))}
 
     def decode_blocks(self, p):
         q = self._values.to(p["qs"].device)[_unpack_nibbles(p["qs"]).long()]
@@ -332,7 +348,7 @@ def is_quantized(type: str) -> bool:
 _FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _as_blocks(x: torch.Tensor) -> torch.Tensor:
+def as_blocks(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_IN:
@@ -353,7 +369,7 @@ def encode(x: torch.Tensor, type: str) -> dict[str, torch.Tensor]:
     """[..., n] float -> planes {name: [..., n/32, per_block]} in the cache's layout."""
     fmt = get_format(type)
     lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-    planes = fmt.encode_blocks(_as_blocks(x))
+    planes = fmt.encode_blocks(as_blocks(x))
     nb = x.shape[-1] // QK
     return {k: v.reshape(*lead, nb, v.shape[-1]) for k, v in planes.items()}
 

@@ -20,21 +20,9 @@ import torch
 from tqdm import tqdm
 
 from kvslim import formats
+from kvslim.architectures import ARCHITECTURES
 
-# RoPE layout that each architecture's GGUF weights expect (llama.cpp's
-# llama_model_rope_type):
-# - "normal": rotate interleaved pairs (2i, 2i+1) of each head. llama.cpp's
-#   converter (convert_hf_to_gguf.py, LlamaModel.permute) reorders the rows of
-#   attn_q / attn_k of llama-arch models so that this layout gives the same
-#   attention as Hugging Face's rotate_half on the original weights.
-# - "neox": rotate pairs (i, i + rope_dim/2), Hugging Face's rotate_half; qwen2
-#   weights are stored unpermuted.
-# `load_weights(..., neox_qk=True)` undoes the permutation so every architecture
-# can use the "neox" rotation.
-ROPE_STYLES = {"llama": "normal", "mistral": "normal", "qwen2": "neox", "qwen3": "neox", "phi3": "neox",
-               "gemma2": "neox",
-               "gemma3": "neox"}
-SUPPORTED_ARCHS = tuple(ROPE_STYLES)
+SUPPORTED_ARCHS = tuple(ARCHITECTURES)
 
 GGUF_MAGIC = b"GGUF"
 _REQUIRED = object()
@@ -178,7 +166,7 @@ class ModelConfig:
     n_rep: int = field(init=False)  # query heads per kv head
 
     def __post_init__(self):
-        if self.arch not in ROPE_STYLES:
+        if self.arch not in ARCHITECTURES:
             raise GGUFError(f"unsupported architecture '{self.arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
         for name in ("n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "context_length"):
             if getattr(self, name) <= 0:
@@ -194,7 +182,7 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.rope_dim > self.head_dim or self.rope_dim % 2:
             raise ValueError(f"rope_dim {self.rope_dim} must be even and at most head_dim {self.head_dim}")
-        self.rope_style = ROPE_STYLES[self.arch]
+        self.rope_style = ARCHITECTURES[self.arch].rope_style
         self.n_rep = self.n_heads // self.n_kv_heads
         self.rope_base_local = self.rope_base_local or self.rope_base
         self.query_scale = self.query_scale or 1.0 / self.head_dim ** 0.5
@@ -227,7 +215,7 @@ class ModelConfig:
     def from_gguf(cls, reader: gguf.GGUFReader) -> "ModelConfig":
         path = reader_path(reader)
         arch = get_key(reader, "general.architecture")
-        if arch not in ROPE_STYLES:
+        if arch not in ARCHITECTURES:
             raise GGUFError(f"{path}: unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
         tensors = {t.name: t for t in reader.tensors}
         _refuse_experts(reader, arch, tensors)
@@ -418,7 +406,7 @@ def load_weights(
 
     Tensors are dequantized one at a time so peak extra memory is one float32 tensor.
     With `neox_qk`, q/k of "normal"-style architectures are un-permuted so the caller
-    applies NEOX RoPE whatever the architecture (see ROPE_STYLES).
+    applies NEOX RoPE whatever the architecture (see ``kvslim.architectures``).
     """
     _check_expected(reader, config)
     unpermute = neox_qk and config.rope_style == "normal"

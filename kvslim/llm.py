@@ -9,7 +9,7 @@ Settings resolve as: explicit argument > environment (``KVSLIM_KV_CACHE_TYPE``,
 ``KVSLIM_FLASH_ATTENTION``, ``KVSLIM_CONTEXT_LENGTH``, meaning what
 ``OLLAMA_KV_CACHE_TYPE``, ``OLLAMA_FLASH_ATTENTION`` and ``OLLAMA_CONTEXT_LENGTH``
 mean to Ollama; ``KVSLIM_KV_ROTATION``, ``KVSLIM_KV_CENTERING``, ``KVSLIM_KV_ROUNDING``)
-> defaults (f16, auto, 4096, auto).
+> defaults (f16, auto, 4096, auto), all in ``kvslim.settings``.
 """
 from __future__ import annotations
 
@@ -22,97 +22,18 @@ from typing import Iterator, Mapping, Sequence as Seq
 
 import torch
 
-from kvslim import formats, models, store
-from kvslim.attention import FLASH_MODES
-from kvslim.codec import CodecSettings
-from kvslim.engine import DEFAULT_NUM_CTX, Engine, Sequence, StepOutput
+from kvslim import models, store
+from kvslim.cache import DEFAULT_PAGE_SIZE
+from kvslim.chat import render_chat
+from kvslim.engine import Engine, Sequence, StepOutput
 from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
+from kvslim.settings import (compute_dtype, pick_device, resolve_cache_types, resolve_codec,
+                             resolve_flash_attn, resolve_num_ctx, resolve_prefix_cache)
 from kvslim.tokenizer import Tokenizer
 
-__all__ = ["LLM", "Completion", "Stream", "pick_device", "resolve_cache_types",
-           "resolve_flash_attn", "resolve_num_ctx"]
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-# ---------------------------------------------------------------- settings
-
-
-def pick_device(name: str | None = "auto") -> torch.device:
-    """auto: cuda > mps > cpu. ValueError for an unknown or unavailable device."""
-    name = (name or "auto").lower()
-    base = name.split(":")[0]
-    if base not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if base == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda asked for, but torch sees no CUDA/ROCm GPU")
-    if base == "mps" and not has_mps:
-        raise ValueError("device mps asked for, but torch sees no Apple MPS device")
-    return torch.device(name)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
-
-
-def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | None = None,
-                        cache_type_v: str | None = None,
-                        env: Mapping[str, str] = os.environ) -> tuple[str, str]:
-    """(K type, V type): a per-tensor type beats the shared one, which beats
-    KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown."""
-    shared = kv_cache_type or env.get("KVSLIM_KV_CACHE_TYPE") or "f16"
-    k, v = cache_type_k or shared, cache_type_v or shared
-    return formats.get_format(k).name, formats.get_format(v).name
-
-
-def resolve_flash_attn(flash_attn: str | bool | None = None,
-                       env: Mapping[str, str] = os.environ) -> str:
-    """auto|on|off from an argument or KVSLIM_FLASH_ATTENTION (1/true/on, 0/false/off, auto)."""
-    value = flash_attn if flash_attn is not None else env.get("KVSLIM_FLASH_ATTENTION") or "auto"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    value = str(value).strip().lower()
-    if value in _TRUE:
-        return "on"
-    if value in _FALSE:
-        return "off"
-    if value not in FLASH_MODES:
-        raise ValueError(f"flash attention must be one of auto, on, off (or 1/0), got {value!r}")
-    return value
-
-
-def resolve_num_ctx(num_ctx: int | None, model_max: int, device: torch.device,
-                    env: Mapping[str, str] = os.environ) -> int:
-    """An explicit num_ctx must fit the model; env/default values are capped at its maximum.
-
-    Default as Ollama's: 4096 on CPU/MPS and GPUs under 24 GiB, 32k under 48 GiB, 256k above.
-    """
-    if num_ctx is not None:
-        if not 1 <= num_ctx <= model_max:
-            raise ValueError(f"num_ctx {num_ctx} is outside [1, {model_max}] "
-                             f"(the model's maximum context is {model_max})")
-        return num_ctx
-    if env.get("KVSLIM_CONTEXT_LENGTH"):
-        try:
-            default = int(env["KVSLIM_CONTEXT_LENGTH"])
-        except ValueError:
-            raise ValueError(f"KVSLIM_CONTEXT_LENGTH must be an integer, got "
-                             f"{env['KVSLIM_CONTEXT_LENGTH']!r}") from None
-    else:
-        default = DEFAULT_NUM_CTX
-        if device.type == "cuda":
-            vram = torch.cuda.get_device_properties(device).total_memory / 2**30
-            default = 262144 if vram >= 48 else 32768 if vram >= 24 else DEFAULT_NUM_CTX
-    return max(1, min(default, model_max))
+__all__ = ["LLM", "Completion", "Stream"]
 
 
 # ---------------------------------------------------------------- results
@@ -130,6 +51,7 @@ class Completion:
     eval_count: int
     eval_duration: float
     total_duration: float
+    prompt_cache_count: int = 0  # prompt tokens reused from the prefix cache (not evaluated)
 
     def __str__(self) -> str:
         return self.text
@@ -138,7 +60,8 @@ class Completion:
     def from_sequence(cls, seq: Sequence) -> "Completion":
         s = seq.stats
         return cls(seq.text, seq.output_ids, seq.finish_reason, s.prompt_eval_count,
-                   s.prompt_eval_duration, s.eval_count, s.eval_duration, s.total_duration)
+                   s.prompt_eval_duration, s.eval_count, s.eval_duration, s.total_duration,
+                   s.prompt_cache_count)
 
 
 class Stream:
@@ -183,6 +106,9 @@ class LLM:
     kv_rotation / kv_centering: auto | on | off; kv_rounding: auto | lsq | ggml (how a
     block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
     types, off for f16/f32/bf16; env KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING).
+    prefix_cache: a prompt that starts with the whole pages of an earlier one (a chat's
+    next turn) reuses their K/V instead of evaluating them again (``kvslim.prefix``;
+    default on, env KVSLIM_PREFIX_CACHE); ``Completion.prompt_cache_count`` counts them.
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -191,11 +117,12 @@ class LLM:
                  num_parallel: int = 1, device: str | None = "auto", pull: bool = True,
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                 kv_rounding: str | None = None):
+                 kv_rounding: str | None = None, prefix_cache: bool | None = None):
         t0 = time.perf_counter()
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
-        codec = CodecSettings.resolve(kv_rotation, kv_centering, kv_rounding)
+        codec = resolve_codec(kv_rotation, kv_centering, kv_rounding)
+        self.prefix_cache = resolve_prefix_cache(prefix_cache)
         self.device = pick_device(device)
         self.path = store.resolve(model, pull_missing=pull)
         reader = open_gguf(self.path)
@@ -212,9 +139,10 @@ class LLM:
     def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec) -> Engine:
         ctx = resolve_num_ctx(num_ctx, self.config.context_length, self.device)
         extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+        prefix = PrefixCache(DEFAULT_PAGE_SIZE) if self.prefix_cache else None
         return Engine(self.model, self.tokenizer, cache_type_k=types[0], cache_type_v=types[1],
                       flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, codec=codec,
-                      **extra)
+                      page_size=DEFAULT_PAGE_SIZE, prefix_cache=prefix, **extra)
 
     def reconfigure(self, *, kv_cache_type: str | None = None, cache_type_k: str | None = None,
                     cache_type_v: str | None = None, flash_attn: str | bool | None = None,
@@ -234,7 +162,7 @@ class LLM:
                                         cache_type_v or kv_cache_type or old.plan.requested_v)
             flash = resolve_flash_attn(flash_attn if flash_attn is not None else old.plan.flash_attn)
             ctx = resolve_num_ctx(num_ctx or old.num_ctx, self.config.context_length, self.device)
-            codec = old.codec_settings.replace(kv_rotation, kv_centering, kv_rounding)
+            codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=old.codec_settings)
             previous = ((old.plan.requested_k, old.plan.requested_v), old.plan.flash_attn,
                         old.num_ctx, old.num_parallel, old.max_batch_tokens, old.codec_settings)
             old.cache = self.engine = None  # drop the old pool before allocating the new one
@@ -256,12 +184,7 @@ class LLM:
 
     def chat_prompt(self, messages: Seq[Mapping]) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template, ready to generate."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenize(text)
-        bos = self.tokenizer.bos_id
-        if len(ids) > 1 and ids[0] == ids[1] == bos:
-            ids = ids[1:]  # the template wrote BOS itself
-        return ids
+        return render_chat(self.tokenizer, messages)
 
     # ---------------------------------------------------------------- generation
 

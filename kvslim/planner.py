@@ -9,14 +9,14 @@ of `page_size` tokens per sequence, so every figure is rounded to pages the way
 from __future__ import annotations
 
 import os
-import re
 import sys
-from fractions import Fraction
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import gguf
 
-# formats, cache and gguf_loader import torch: they are imported where used, so that
+from kvslim.units import parse_memory
+
+# formats, cache, attention and gguf_loader import torch: they are imported where used, so that
 # registering `kvslim plan` (every `kvslim` call does, kvslim.cli.PLUGINS) stays light.
 if TYPE_CHECKING:
     from kvslim.gguf_loader import ModelConfig
@@ -26,40 +26,6 @@ TypePair = tuple[str, str]
 DEFAULT_TYPES: tuple[TypePair, ...] = (
     ("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
 )
-
-# Units are case-insensitive. A bare letter (512M, 8G) means binary units, as in
-# docker/llama.cpp memory flags; "GB" is decimal and "GiB" binary.
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 2**10, "kib": 2**10, "kb": 10**3,
-    "m": 2**20, "mib": 2**20, "mb": 10**6,
-    "g": 2**30, "gib": 2**30, "gb": 10**9,
-    "t": 2**40, "tib": 2**40, "tb": 10**12,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_memory(size: str | int) -> int:
-    """Bytes in a size like "8GiB", "8GB", "8192MiB", "512M" or a plain byte count."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"memory size must be positive, got {size}")
-        return size
-    text = str(size)
-    if text.strip().startswith("-"):
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"bad memory size {text!r}: expected a number and a unit, like 8GiB, 8GB or 512MiB")
-    unit = m.group(2).lower()
-    if unit not in _UNITS:
-        raise ValueError(f"bad memory size {text!r}: unknown unit {m.group(2)!r} "
-                         "(use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or K, M, G, T)")
-    n = int(Fraction(m.group(1)) * _UNITS[unit])  # exact: "1.5GiB" is 1610612736
-    if n <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return n
-
 
 # ---------------------------------------------------------------------------
 # Cache types
@@ -94,18 +60,13 @@ def pair_name(k: str, v: str) -> str:
 
 
 def effective_types(config: ModelConfig, type_k: str, type_v: str) -> tuple[str, str, str | None]:
-    """(k, v, reason): block types become f16 when 32 does not divide the head dims.
+    """(k, v, reason): block types become f16 when 32 does not divide the head dims
+    (``kvslim.attention.head_dim_fallback``, the rule ``plan_attention`` applies). The
+    rule that depends on the device (no fused kernel -> f16 V) is left out: a plan is
+    made for any machine."""
+    from kvslim.attention import head_dim_fallback
 
-    The same head-dim rule as kvslim.attention.plan_attention. The rule that depends on
-    the device (no fused kernel -> f16 V) is left out: a plan is made for any machine.
-    """
-    from kvslim import formats
-    dims_ok = config.head_dim % formats.QK == 0 and config.v_head_dim % formats.QK == 0
-    if dims_ok or not (formats.is_quantized(type_k) or formats.is_quantized(type_v)):
-        return type_k, type_v, None
-    reason = f"head_dim {config.head_dim}/{config.v_head_dim} is not a multiple of {formats.QK}"
-    eff = tuple("f16" if formats.is_quantized(t) else t for t in (type_k, type_v))
-    return eff[0], eff[1], reason
+    return head_dim_fallback(config.head_dim, config.v_head_dim, type_k, type_v)
 
 
 # ---------------------------------------------------------------------------

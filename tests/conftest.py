@@ -28,3 +28,45 @@ def jargon_text():
         pytest.skip(f"{JARGON} is missing: install the Debian package jargon-text")
     with gzip.open(JARGON, "rt", encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """``make(**fields)``: the path of a tiny random GGUF (tests/tiny_llama.py) with those
+    ``Tiny`` fields, written once per session and shared by the modules that ask for it."""
+    import tiny_llama
+
+    made = {}
+
+    def make(**fields):
+        key = tuple(sorted(fields.items()))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+            tiny_llama.write(made[key], tiny_llama.Tiny(**fields))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_gguf):
+    """The tiny model the engine, server and prefix tests run (context 256, untied
+    embeddings so greedy text varies); a module may override it."""
+    return tiny_gguf(ctx=256, tied=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_path):
+    """(model, tokenizer) of ``tiny_path``."""
+    import tiny_llama
+
+    return tiny_llama.load(tiny_path)
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No KVSLIM_* setting from the caller's environment, and an empty model store."""
+    for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG",
+                 "KVSLIM_KV_ROTATION", "KVSLIM_KV_CENTERING", "KVSLIM_KV_ROUNDING", "KVSLIM_PREFIX_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))

@@ -1,5 +1,6 @@
 """Fused CPU (numba) and tiled (torch) attention against float64 attention over the
-same stored values, and the fused quantize-on-write against formats.encode byte for byte.
+same stored values, and the CPU writer (``kernels.cpu_write``) against formats.encode
+byte for byte.
 
 Tolerances (relative Frobenius norm per sequence): float caches (f32/f16/bf16) 1e-5,
 float32 rounding over a few thousand terms; quantized caches 1e-4, the issue's budget
@@ -15,15 +16,15 @@ import torch
 from test_attention_reference import float64_attention
 
 from kvslim import formats
-from kvslim.attention import AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
-from kvslim.kernels import cpu, tiled
+from kvslim.kernels import cpu, cpu_write, tiled
 
 TYPES = formats.TYPES
 # every type once as K and once as V, K != V; plus the plain float caches
 PAIRS = [(t, TYPES[(i + 1) % len(TYPES)]) for i, t in enumerate(TYPES)] + \
     [("f32", "f32"), ("f16", "f16")]
-BACKENDS = {"cpu": cpu.attention, "tiled": tiled.attention}
+BACKENDS = {"cpu": cpu.Backend(), "tiled": tiled.Backend()}
 
 
 def tolerance(kt: str, vt: str) -> float:
@@ -31,7 +32,8 @@ def tolerance(kt: str, vt: str) -> float:
 
 
 def build(kt, vt, *, hq, hkv, d, prefix, q_lens, page_size=16, seed, q_scale=1.0, dv=None):
-    """A cache holding ``prefix`` tokens per sequence, then one step of ``q_lens`` new rows."""
+    """A cache holding ``prefix`` tokens per sequence, then one step of ``q_lens`` new rows
+    (prepared for the cpu backend; the tiled one needs nothing)."""
     gen = torch.Generator().manual_seed(seed)
     dv = d if dv is None else dv
     need = sum(-(-(p + n) // page_size) for p, n in zip(prefix, q_lens)) + 1
@@ -40,23 +42,24 @@ def build(kt, vt, *, hq, hkv, d, prefix, q_lens, page_size=16, seed, q_scale=1.0
     seqs = [cache.new_sequence() for _ in prefix]
     for s, n in zip(seqs, prefix):
         if n:
-            m = AttnMeta.prepare(cache, [s], [n])
-            cache.write(1, m.slots, torch.randn(n, hkv, d, generator=gen),
-                        torch.randn(n, hkv, dv, generator=gen))
-    meta = AttnMeta.prepare(cache, seqs, q_lens)
+            m = Step.reserve(cache, [s], [n])
+            cpu_write.write(cache, 1, m.slots, torch.randn(n, hkv, d, generator=gen),
+                            torch.randn(n, hkv, dv, generator=gen))
+    meta = Step.reserve(cache, seqs, q_lens)
+    BACKENDS["cpu"].prepare(meta)
     n = meta.n_rows
-    cache.write(1, meta.slots, torch.randn(n, hkv, d, generator=gen),
-                torch.randn(n, hkv, dv, generator=gen))
+    cpu_write.write(cache, 1, meta.slots, torch.randn(n, hkv, d, generator=gen),
+                    torch.randn(n, hkv, dv, generator=gen))
     q = torch.randn(n, hq, d, generator=gen) * q_scale
     return cache, meta, q
 
 
 def check(backend, cache, meta, q, seed, tol):
     scale = cache.head_dim ** -0.5
-    out = BACKENDS[backend](q, cache, 1, meta, scale)
+    out = BACKENDS[backend].attend(q, cache, 1, meta, scale)
     assert out.shape == (q.shape[0], q.shape[1], cache.v_head_dim) and out.dtype == torch.float32
     assert torch.isfinite(out).all(), f"seed {seed}: non-finite output from {backend}"
-    for b, s in enumerate(meta.seqs):
+    for b, s in enumerate(meta.cache_ids):
         k, v = cache.read(1, s)  # the stored values, dequantized
         lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
         ref = float64_attention(q[lo:hi].double(), k.double(), v.double(), scale)
@@ -122,7 +125,7 @@ def test_numba_chunk_rows_are_causal():
     cache, meta, q = build("q5_0", "iq4_nl", hq=4, hkv=2, d=64, prefix=[45, 0, 700],
                            q_lens=[n, 1, 20], page_size=64, seed=seed)
     check("cpu", cache, meta, q, seed, 1e-4)
-    st = meta.extra["cpu"]
+    st = meta.scratch
     assert not st.tiled  # every sequence ran in numba
     assert sum(st.work[:, 0] == 2) > 2  # the long one in several chunks per head
 
@@ -153,7 +156,7 @@ def test_non_finite_query_raises(backend):
                            seed=0)
     q[-1, 2, 5] = float("nan")  # in the prefill rows: the tiled route inside cpu too
     with pytest.raises(ValueError, match="non-finite"):
-        BACKENDS[backend](q, cache, 1, meta, 0.125)
+        BACKENDS[backend].attend(q, cache, 1, meta, 0.125)
 
 
 def test_rejects_mismatched_queries():
@@ -166,7 +169,7 @@ def test_rejects_mismatched_queries():
 
 def test_warmup_compiles_both_kernels():
     cpu.warmup()
-    assert cpu._attend_items.signatures and cpu._finish.signatures and cpu._write.signatures
+    assert cpu._attend_items.signatures and cpu._finish.signatures and cpu_write._write.signatures
 
 
 def test_concurrent_callers_get_their_own_results():
@@ -231,7 +234,7 @@ def test_write_is_byte_identical_to_encode(t):
         s = cache.new_sequence()
         slots = cache.reserve(s, 40)
         v = x.flip(0).to(torch.bfloat16)  # any floating dtype is accepted, as encode does
-        cache.write(1, slots, x, v)
+        cpu_write.write(cache, 1, slots, x, v)
         got_k, got_v = cache.export(1, s)  # [H, T, bytes]
         want_k = formats.quantize(x, t).transpose(0, 1)
         want_v = formats.quantize(v, "q4_0").transpose(0, 1)
@@ -250,12 +253,12 @@ def test_non_finite_rows_are_refused_cache_unchanged(bad, side):
     cache = KVCache(1, 2, 64, 4, page_size=8, cache_type_k="q8_0", cache_type_v="q4_0")
     s = cache.new_sequence()
     slots = cache.reserve(s, 5)
-    cache.write(0, slots, torch.randn(5, 2, 64), torch.randn(5, 2, 64))
+    cpu_write.write(cache, 0, slots, torch.randn(5, 2, 64), torch.randn(5, 2, 64))
     before = snapshot(cache)
     k, v = torch.randn(5, 2, 64), torch.randn(5, 2, 64)
     (k if side == "k" else v)[3, 1, 17] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        cache.write(0, slots, k, v)
+        cpu_write.write(cache, 0, slots, k, v)
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(cache)))
 
 
@@ -263,7 +266,8 @@ def test_slot_outside_pool_is_refused_cache_unchanged():
     cache = KVCache(1, 2, 32, 2, page_size=4, cache_type_k="q8_0", cache_type_v="q8_0")
     before = snapshot(cache)
     with pytest.raises(IndexError):
-        cache.write(0, torch.tensor([1, 8]), torch.randn(2, 2, 32), torch.randn(2, 2, 32))
+        cpu_write.write(cache, 0, torch.tensor([1, 8]), torch.randn(2, 2, 32),
+                        torch.randn(2, 2, 32))
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(cache)))
 
 

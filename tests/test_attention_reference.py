@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from kvslim.attention import AttnMeta, plan_attention
+from kvslim.attention import Step, plan_attention
 from kvslim.cache import CacheFull, KVCache
 from kvslim.kernels import reference
 
@@ -30,10 +30,10 @@ def test_reference_matches_float64_on_stored_values(kt, vt):
     prefix = [5, 0, 17]
     for s, n in zip(seqs, prefix):  # existing context
         if n:
-            m = AttnMeta.prepare(cache, [s], [n])
+            m = Step.reserve(cache, [s], [n])
             cache.write(0, m.slots, torch.randn(n, hkv, d), torch.randn(n, hkv, d))
     q_lens = [3, 1, 9]
-    meta = AttnMeta.prepare(cache, seqs, q_lens)
+    meta = Step.reserve(cache, seqs, q_lens)
     n = meta.n_rows
     cache.write(0, meta.slots, torch.randn(n, hkv, d), torch.randn(n, hkv, d))
     q = torch.randn(n, hq, d)
@@ -46,14 +46,14 @@ def test_reference_matches_float64_on_stored_values(kt, vt):
         assert err < 1e-6, f"seed {seed}: seq {b} relative error {err}"
 
 
-def test_prepare_is_all_or_nothing():
+def test_reserve_is_all_or_nothing():
     cache = KVCache(1, 1, 32, 3, page_size=4)
     a, b = cache.new_sequence(), cache.new_sequence()
     with pytest.raises(CacheFull):
-        AttnMeta.prepare(cache, [a, b], [8, 8])
+        Step.reserve(cache, [a, b], [8, 8])
     assert cache.length(a) == 0 and cache.length(b) == 0 and cache.pages_in_use == 0
-    meta = AttnMeta.prepare(cache, [a], [5])
-    meta.rollback(cache)
+    meta = Step.reserve(cache, [a], [5])
+    meta.rollback()
     assert cache.length(a) == 0
     cache.check()
 

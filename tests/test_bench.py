@@ -14,8 +14,6 @@ import torch
 from kvslim import bench, cli
 from kvslim.llm import LLM
 
-import tiny_llama
-from tiny_llama import Tiny
 
 FIELDS = ("k", "v", "effective_k", "effective_v", "bytes_per_token", "ppl", "kld", "top1",
           "prefill_tok_s", "decode_tok_s")
@@ -24,10 +22,8 @@ PROSE = ("The quick brown fox jumps over the lazy dog while the hacker reads the
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "tiny.gguf"
-    tiny_llama.write(path, Tiny(ctx=512, tied=False))
-    return path
+def tiny(tiny_gguf):
+    return tiny_gguf(ctx=512, tied=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,12 @@ from kvslim import cli, planner, store
 from kvslim.gguf_loader import load_config
 from kvslim.store import PullError
 
-import tiny_llama
-from tiny_llama import Tiny
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
-    tiny_llama.write(path, Tiny(ctx=512, tied=False))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG",
-                 "KVSLIM_KV_ROTATION", "KVSLIM_KV_CENTERING", "KVSLIM_KV_ROUNDING"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+def tiny(tiny_gguf):
+    return tiny_gguf(ctx=512, tied=False)
 
 
 def fails(capsys, argv, match: str) -> str:

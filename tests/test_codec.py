@@ -13,8 +13,9 @@ import torch
 from test_attention_reference import float64_attention
 
 from kvslim import formats, rounding
-from kvslim.attention import Attention, AttnMeta, plan_attention
+from kvslim.attention import Attention, plan_attention
 from kvslim.cache import KVCache
+from kvslim.kernels import cpu_write
 from kvslim.codec import CodecChoice, CodecSettings, KVCodec, decide
 from kvslim.rotation import Rotation
 
@@ -39,7 +40,7 @@ def rows(n, gen, offset=0.0):
 
 
 def run_steps(kt, vt, codec, backend, steps, seed, page_size=16):
-    """One sequence fed ``steps`` rows at a time through Attention.forward: outputs [T, HQ, D]."""
+    """One sequence fed ``steps`` rows at a time through Attention: outputs [T, HQ, D]."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(steps)
     cache = KVCache(L, HKV, D, -(-total // page_size) + 1, page_size=page_size, cache_type_k=kt,
@@ -49,8 +50,7 @@ def run_steps(kt, vt, codec, backend, steps, seed, page_size=16):
     attn, seq, outs, inputs = Attention(plan), cache.new_sequence(), [], []
     for n in steps:
         q, k, v = rows(n, gen, offset=4.0)
-        meta = AttnMeta.prepare(cache, [seq], [n])
-        outs.append(attn.forward(q, k, v, cache, 1, meta, D ** -0.5))
+        outs.append(attn(q, k, v, 1, attn.begin(cache, [seq], [n]), D ** -0.5))
         inputs.append((q, k, v))
     return torch.cat(outs), inputs, cache, seq
 
@@ -80,8 +80,9 @@ def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
     codec = codec_for(kt, vt, seed=seed)
     out, inputs, cache, seq = run_steps(kt, vt, codec, backend, [40, 1, 1, 3], seed)
     k, v = cache.read(1, seq)  # [HKV, T, D] stored (rotated, centered) values
-    k = codec.rotation_k.inverse(k + codec._shift_k[1][:, None])
-    v = codec.rotation_v.inverse(v + codec._shift_v[1][:, None])
+    shift_k, shift_v = codec.stored_shift(1)
+    k = codec.rotation_k.inverse(k + shift_k[:, None])
+    v = codec.rotation_v.inverse(v + shift_v[:, None])
     q = torch.cat([x[0] for x in inputs])
     t = 0
     for q_step in [x[0] for x in inputs]:
@@ -94,42 +95,40 @@ def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
 
 @pytest.mark.parametrize("kt,vt,rk,rv", [("q4_0", "q8_0", "lsq", "lsq"), ("q4_1", "f16", "lsq", "ggml"),
                                          ("iq4_nl", "q5_0", "ggml", "ggml"), ("q8_0", "bf16", "ggml", "lsq")])
-def test_fused_cpu_store_equals_torch_path(kt, vt, rk, rv):
-    """codec.store's one numba call writes the same bytes as encode + the torch writer,
-    and returns the same rotated q (symmetric lsq types and ggml rounding are exact)."""
+def test_fused_cpu_write_equals_torch_path(kt, vt, rk, rv):
+    """The CPU writer's one numba call (rotate, centre, round, store) writes the same bytes
+    as the torch path: transform_kv + cache.write (symmetric lsq types and ggml rounding
+    are exact)."""
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(70, HQ + 2 * HKV, D, generator=gen)
-    q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]  # strided views, as the model's
+    k, v = qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]  # strided views, as the model's
     codec = codec_for(kt, vt, rounding_k=rk, rounding_v=rv)
     a, b = (KVCache(L, HKV, D, 4, page_size=32, cache_type_k=kt, cache_type_v=vt, codec=codec)
             for _ in range(2))
     sa, sb = a.new_sequence(), b.new_sequence()
     slots_a, slots_b = a.reserve(sa, 70), b.reserve(sb, 70)
-    qa = codec.store(a, 1, slots_a, q, k, v)
-    qe, ke, ve = codec.encode(1, q, k, v)
-    rounding._torch_write(b, 1, slots_b, ke, ve)
-    assert torch.equal(qa, qe)
+    cpu_write.write(a, 1, slots_a, k, v)
+    b.write(1, slots_b, *codec.transform_kv(1, k, v))
     for pa, pb in ((a.k_planes, b.k_planes), (a.v_planes, b.v_planes)):
         for name in pa:
             assert torch.equal(pa[name], pb[name]), name
 
 
-def test_threaded_store_equals_one_call(monkeypatch):
-    """A long write split over threads (row ranges coded at once) stores the same bytes and
-    returns the same q as one numba call; a NaN anywhere still leaves the cache untouched."""
+def test_threaded_write_equals_one_call(monkeypatch):
+    """A long write split over threads (row ranges coded at once) stores the same bytes as
+    one numba call; a NaN anywhere still leaves the cache untouched."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = rows(100, gen, offset=3.0)
     codec = codec_for("q4_0", "q5_1")
     caches = [KVCache(L, HKV, D, 4, page_size=32, cache_type_k="q4_0", cache_type_v="q5_1", codec=codec)
               for _ in range(2)]
     slots = [c.reserve(c.new_sequence(), 100) for c in caches]
-    q_one = codec.store(caches[0], 1, slots[0], q, k, v)
-    parts = rounding._row_parts
+    cpu_write.write(caches[0], 1, slots[0], k, v)
+    parts = cpu_write._row_parts
     assert parts(10) == [(0, 10)] and len(parts(4096)) == min(torch.get_num_threads(),
-                                                              4096 // rounding.PARALLEL_MIN_ROWS)
-    monkeypatch.setattr(rounding, "_row_parts", lambda n: [(0, 33), (33, 34), (34, n)])
-    q_split = codec.store(caches[1], 1, slots[1], q, k, v)
-    assert torch.equal(q_one, q_split)
+                                                              4096 // cpu_write.PARALLEL_MIN_ROWS)
+    monkeypatch.setattr(cpu_write, "_row_parts", lambda n: [(0, 33), (33, 34), (34, n)])
+    cpu_write.write(caches[1], 1, slots[1], k, v)
     for name in caches[0].k_planes:
         assert torch.equal(caches[0].k_planes[name], caches[1].k_planes[name]), name
     for name in caches[0].v_planes:
@@ -138,7 +137,7 @@ def test_threaded_store_equals_one_call(monkeypatch):
     v_bad = v.clone()
     v_bad[90, 1, 5] = float("nan")  # in the last range: the first must not be written either
     with pytest.raises(ValueError, match="non-finite"):
-        codec.store(caches[1], 0, slots[1], q, k, v_bad)
+        cpu_write.write(caches[1], 0, slots[1], k, v_bad)
     assert all(torch.equal(before[n], caches[1].v_planes[n]) for n in before)
 
 
@@ -152,9 +151,9 @@ def test_stored_blocks_are_ggml_blocks_of_coded_values():
     q, k, v = rows(20, gen, offset=2.0)
     cache = KVCache(L, HKV, D, 2, page_size=32, cache_type_k="q4_0", cache_type_v="q4_0", codec=codec)
     seq = cache.new_sequence()
-    codec.store(cache, 0, cache.reserve(seq, 20), q, k, v)
+    cpu_write.write(cache, 0, cache.reserve(seq, 20), k, v)
     kb, _ = cache.export(0, seq)  # [HKV, T, bytes]
-    coded = codec.rotation_k.forward(k) - codec._shift_k[0]  # [T, HKV, D]
+    coded = codec.rotation_k.forward(k) - codec.stored_shift(0)[0]  # [T, HKV, D]
     want = gguf.quants.quantize(coded.transpose(0, 1).numpy(), gguf.GGMLQuantizationType.Q4_0)
     assert np.array_equal(kb.numpy(), want)
 
@@ -170,11 +169,11 @@ def test_lsq_never_worse_than_ggml_per_block(t):
     x[51, 0] = 1.5  # a constant row
     err = lambda y: ((y - x) ** 2).reshape(-1, 32).sum(-1)  # noqa: E731
     ggml = err(formats.decode(formats.encode(x, t), t))
-    torch_lsq = err(formats.decode(rounding.encode(x, t, "lsq"), t))
+    torch_lsq = err(formats.decode(rounding.encode_rounded(x, t, "lsq"), t))
     cache = KVCache(1, HKV, D, 63, page_size=32, cache_type_k=t, cache_type_v="f16",
                     codec=KVCodec(HQ, rounding_k="lsq"))
     seq = cache.new_sequence()
-    cache.write(0, cache.reserve(seq, 2000), x, x)
+    cpu_write.write(cache, 0, cache.reserve(seq, 2000), x, x)
     numba_lsq = err(cache.read(0, seq)[0].transpose(0, 1))
     normal = slice(52 * HKV * D // 32, None)  # the blocks of the Gaussian rows
     for got in (torch_lsq, numba_lsq):
@@ -191,9 +190,11 @@ def test_lsq_refuses_non_finite_and_keeps_the_cache():
     v = k.clone()
     v[1, 0, 3] = float("nan")
     before = {n: t.clone() for n, t in cache.k_planes.items()}
-    with pytest.raises(ValueError, match="non-finite"):
-        cache.write(0, cache.reserve(seq, 2), k, v)
-    assert all(torch.equal(before[n], t) for n, t in cache.k_planes.items())
+    slots = cache.reserve(seq, 2)
+    for write in (cache.write, lambda *a: cpu_write.write(cache, *a)):  # torch, numba
+        with pytest.raises(ValueError, match="non-finite"):
+            write(0, slots, k, v)
+        assert all(torch.equal(before[n], t) for n, t in cache.k_planes.items())
 
 
 # The defaults, as the README states them: rotation and key centering on for every
@@ -220,18 +221,6 @@ def test_mixed_types_and_explicit_modes():
     c = decide(CodecSettings("on", "off", "auto"), "q4_0", "q4_0", 96)
     assert c.rotation_k is None and "head_dim 96" in c.note
     assert decide(CodecSettings("off", "off", "ggml"), "q4_0", "q4_0", 64).active is False
-
-
-def test_settings_resolve():
-    env = {"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_CENTERING": "true", "KVSLIM_KV_ROUNDING": "ggml"}
-    assert CodecSettings.resolve(env=env) == CodecSettings("off", "on", "ggml")
-    assert CodecSettings.resolve("ON", None, "lsq", env=env) == CodecSettings("on", "on", "lsq")
-    assert CodecSettings.resolve(False, env={}).rotation == "off"
-    assert CodecSettings().replace(rounding="ggml") == CodecSettings("auto", "auto", "ggml")
-    with pytest.raises(ValueError, match="kv_rotation must be one of auto, on, off"):
-        CodecSettings.resolve("sometimes", env={})
-    with pytest.raises(ValueError, match="kv_rounding must be one of auto, lsq, ggml"):
-        CodecSettings.resolve(rounding="on", env={})
 
 
 # ---------------------------------------------------------------- through the model
@@ -302,8 +291,9 @@ def test_llm_settings_and_reconfigure(tiny64, monkeypatch):
 
 
 def test_torch_path_for_other_dtypes_and_devices():
-    """Rows that the numba store does not take (here bf16, as a GPU's compute dtype) go
-    through encode + cache.write + torch lsq, in float32, and attend like float32 rows."""
+    """The plain-torch write (transform_kv + cache.write + torch lsq, as off the CPU) takes
+    bf16 rows (a GPU's compute dtype), codes them in float32, and they attend like float32
+    rows."""
     codec = codec_for("q8_0", "q8_0")
     outs = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -312,8 +302,8 @@ def test_torch_path_for_other_dtypes_and_devices():
         plan.backend = "reference"
         seq = cache.new_sequence()
         q, k, v = (x.to(torch.bfloat16).to(dtype) for x in rows(40, torch.Generator().manual_seed(5)))
-        assert rounding.can_store(cache, q, k, v) == (dtype is torch.float32)
-        outs.append(Attention(plan).forward(q, k, v, cache, 1, AttnMeta.prepare(cache, [seq], [40]), 0.125))
+        attn = Attention(plan)
+        outs.append(attn(q, k, v, 1, attn.begin(cache, [seq], [40]), 0.125))
     assert outs[1].dtype == torch.float32  # the reference backend's output, decoded in float32
     assert rel(outs[1], outs[0]) < 1e-2  # bf16 q rounding only; k, v quantized from the same values
 
@@ -321,7 +311,7 @@ def test_torch_path_for_other_dtypes_and_devices():
 def test_calibration_is_kept_beside_the_store(tiny64, monkeypatch, tmp_path):
     """The centering means are computed once per model and read back from the store on
     the next load; a damaged file is recomputed, an unwritable store only costs time."""
-    from kvslim import codec as C
+    from kvslim import calibration as C
 
     monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
     _, model, tok = tiny64

@@ -7,34 +7,21 @@ import pytest
 import torch
 
 from kvslim.engine import Engine, PromptTooLong, Sequence
-from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.llm import LLM, resolve_cache_types, resolve_flash_attn, resolve_num_ctx
-from kvslim.models import load_model
+from kvslim.llm import LLM
 from kvslim.sampling import SamplingParams, apply_penalties, sample
-from kvslim.tokenizer import Tokenizer
 
 import tiny_llama
-from tiny_llama import Tiny
 
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    tiny_llama.write(path, Tiny(ctx=128, tied=False))  # untied: greedy text varies
-    return path
+def tiny_path(tiny_gguf):
+    return tiny_gguf(ctx=128, tied=False)  # untied: greedy text varies
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_path):
-    reader = open_gguf(tiny_path)
-    config = ModelConfig.from_gguf(reader)
-    return load_model(reader, config, progress=False), Tokenizer.from_gguf(reader)
-
-
-def engine(parts, **kw) -> Engine:
-    model, tok = parts
+def engine(tiny_parts, **kw) -> Engine:
+    model, tok = tiny_parts
     kw = {"cache_type_k": "q8_0", "cache_type_v": "q8_0", "num_ctx": 128, "page_size": 16} | kw
     return Engine(model, tok, **kw)
 
@@ -100,12 +87,12 @@ def test_bad_sampling_options():
 # ---------------------------------------------------------------- engine
 
 
-def test_parallel_sequences_equal_each_alone(parts):
-    e = engine(parts, num_parallel=4, max_batch_tokens=8)  # prefill split into chunks
+def test_parallel_sequences_equal_each_alone(tiny_parts):
+    e = engine(tiny_parts, num_parallel=4, max_batch_tokens=8)  # prefill split into chunks
     seqs = [e.add_request(p, SamplingParams(max_tokens=12, **GREEDY)) for p in PROMPTS]
     drain(e)
     for p, s in zip(PROMPTS, seqs):
-        alone = engine(parts)
+        alone = engine(tiny_parts)
         a = alone.add_request(p, SamplingParams(max_tokens=12, **GREEDY))
         drain(alone)
         assert s.output_ids == a.output_ids and len(a.output_ids) == 12
@@ -113,10 +100,10 @@ def test_parallel_sequences_equal_each_alone(parts):
     e.cache.check()
 
 
-def test_chunked_prefill_in_the_engine(parts):
+def test_chunked_prefill_in_the_engine(tiny_parts):
     outputs = []
     for budget in (4, 512):  # 27 prompt tokens: 7 steps with no row to sample, or one
-        e = engine(parts, max_batch_tokens=budget)
+        e = engine(tiny_parts, max_batch_tokens=budget)
         s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=6, **GREEDY))
         drain(e)
         assert s.stats.prompt_eval_count == 27
@@ -124,9 +111,9 @@ def test_chunked_prefill_in_the_engine(parts):
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
 
 
-def test_seeded_parallel_sampling_is_reproducible(parts):
+def test_seeded_parallel_sampling_is_reproducible(tiny_parts):
     def outputs(n_parallel):
-        e = engine(parts, num_parallel=n_parallel)
+        e = engine(tiny_parts, num_parallel=n_parallel)
         seqs = [e.add_request(p, SamplingParams(max_tokens=10, temperature=1.0, seed=i))
                 for i, p in enumerate(PROMPTS)]
         drain(e)
@@ -135,8 +122,8 @@ def test_seeded_parallel_sampling_is_reproducible(parts):
     assert outputs(4) == outputs(1)
 
 
-def test_a_request_joins_while_another_decodes(parts):
-    e = engine(parts, num_parallel=2)
+def test_a_request_joins_while_another_decodes(tiny_parts):
+    e = engine(tiny_parts, num_parallel=2)
     first = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, **GREEDY))
     for _ in range(4):
         e.step()
@@ -145,15 +132,15 @@ def test_a_request_joins_while_another_decodes(parts):
     mixed = e.step()  # one forward: first decodes, second prefills
     assert {o.seq for o in mixed} == {first, second}
     drain(e)
-    alone = engine(parts)
+    alone = engine(tiny_parts)
     ref = [alone.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in
            ((PROMPTS[1], 20), (PROMPTS[3], 5))]
     drain(alone)
     assert [first.output_ids, second.output_ids] == [r.output_ids for r in ref]
 
 
-def test_max_tokens_and_context_full_finish_with_length(parts):
-    e = engine(parts, num_ctx=32)
+def test_max_tokens_and_context_full_finish_with_length(tiny_parts):
+    e = engine(tiny_parts, num_ctx=32)
     s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
     outs = drain(e)
     assert (s.n_generated, s.finish_reason, outs[-1].finished) == (3, "length", True)
@@ -164,17 +151,17 @@ def test_max_tokens_and_context_full_finish_with_length(parts):
     assert e.cache.pages_in_use == 0
 
 
-def test_end_of_generation_token_stops(parts, monkeypatch):
-    e = engine(parts)
+def test_end_of_generation_token_stops(tiny_parts, monkeypatch):
+    e = engine(tiny_parts)
     free = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY))
     drain(e)
     eog = free.output_ids[5]  # make the 6th token an end-of-generation token
-    monkeypatch.setattr(parts[1], "eog_ids", {eog})
+    monkeypatch.setattr(tiny_parts[1], "eog_ids", {eog})
     s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=20, **GREEDY))
     outs = drain(e)
     first = free.output_ids.index(eog)
     assert s.output_ids == free.output_ids[:first + 1] and s.finish_reason == "stop"
-    assert s.text == parts[1].decode(free.output_ids[:first])  # EOG itself adds no text
+    assert s.text == tiny_parts[1].decode(free.output_ids[:first])  # EOG itself adds no text
     assert outs[-1].finished and outs[-1].reason == "stop"
 
 
@@ -203,8 +190,8 @@ def test_stop_strings_hold_back_a_possible_start():
     assert [t for t, _ in got] == ["", "", "ENx"]  # released once it cannot be a stop
 
 
-def test_stop_string_ends_generation_in_the_engine(parts):
-    e = engine(parts)
+def test_stop_string_ends_generation_in_the_engine(tiny_parts):
+    e = engine(tiny_parts)
     free = e.add_request(PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True, **GREEDY))
     drain(e)
     text = free.text
@@ -216,8 +203,8 @@ def test_stop_string_ends_generation_in_the_engine(parts):
     assert "".join(o.text for o in outs) == s.text
 
 
-def test_prompt_longer_than_context(parts):
-    e = engine(parts, num_ctx=16)
+def test_prompt_longer_than_context(tiny_parts):
+    e = engine(tiny_parts, num_ctx=16)
     with pytest.raises(PromptTooLong, match="27 tokens.*num_ctx=16"):
         e.add_request(PROMPTS[3], SamplingParams())
     s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=4, **GREEDY), truncate=True)
@@ -227,13 +214,13 @@ def test_prompt_longer_than_context(parts):
     assert s.n_generated == 4
 
 
-def test_num_ctx_above_model_maximum(parts):
+def test_num_ctx_above_model_maximum(tiny_parts):
     with pytest.raises(ValueError, match="above the model's maximum"):
-        engine(parts, num_ctx=4096)
+        engine(tiny_parts, num_ctx=4096)
 
 
-def test_cancel_frees_pages(parts):
-    e = engine(parts, num_parallel=2)
+def test_cancel_frees_pages(tiny_parts):
+    e = engine(tiny_parts, num_parallel=2)
     a = e.add_request(PROMPTS[1], SamplingParams(**GREEDY, ignore_eos=True))
     b = e.add_request(PROMPTS[2], SamplingParams(**GREEDY, ignore_eos=True))
     for _ in range(3):
@@ -247,9 +234,9 @@ def test_cancel_frees_pages(parts):
     e.cache.check()
 
 
-def test_requests_wait_for_pages(parts):
+def test_requests_wait_for_pages(tiny_parts):
     # each request may need 4 pages of 16 tokens: two fit in 7 pages, the third waits
-    e = engine(parts, num_parallel=4, n_pages=7)
+    e = engine(tiny_parts, num_parallel=4, n_pages=7)
     seqs = [e.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True, **GREEDY))
             for p in PROMPTS[:3]]
     e.step()
@@ -260,8 +247,8 @@ def test_requests_wait_for_pages(parts):
         e.add_request(PROMPTS[0], SamplingParams(max_tokens=200))
 
 
-def test_score_equals_generation_logits(parts):
-    e = engine(parts)
+def test_score_equals_generation_logits(tiny_parts):
+    e = engine(tiny_parts)
     logits = e.score(PROMPTS[3], chunk=5)
     assert logits.shape == (27, len(tiny_llama.vocab()[0])) and logits.dtype == torch.float32
     s = e.add_request(PROMPTS[3], SamplingParams(max_tokens=1, **GREEDY))
@@ -349,46 +336,3 @@ def test_llm_reconfigure_changes_types(llm):
     assert llm.kv_cache_info()["type_v"] == "q4_0"  # unchanged after a bad request
     llm.reconfigure(kv_cache_type="q8_0")
     assert llm.generate("a", max_tokens=2, **GREEDY).eval_count <= 2
-
-
-def test_settings_resolution():
-    env = {"KVSLIM_KV_CACHE_TYPE": "q4_0", "KVSLIM_FLASH_ATTENTION": "1"}
-    assert resolve_cache_types(env=env) == ("q4_0", "q4_0")
-    assert resolve_cache_types("q8_0", None, "f16", env=env) == ("q8_0", "f16")
-    assert resolve_cache_types(cache_type_k="Q8_0", env={}) == ("q8_0", "f16")
-    with pytest.raises(ValueError, match="valid types: f32, f16"):
-        resolve_cache_types("q9", env={})
-    assert resolve_flash_attn(env=env) == "on"
-    assert resolve_flash_attn("off", env=env) == "off"
-    assert resolve_flash_attn(env={"KVSLIM_FLASH_ATTENTION": "false"}) == "off"
-    assert resolve_flash_attn(env={}) == "auto"
-    cpu = torch.device("cpu")
-    assert resolve_num_ctx(None, 8192, cpu, env={}) == 4096
-    assert resolve_num_ctx(None, 2048, cpu, env={}) == 2048
-    assert resolve_num_ctx(None, 8192, cpu, env={"KVSLIM_CONTEXT_LENGTH": "16384"}) == 8192
-    with pytest.raises(ValueError, match="maximum context is 8192"):
-        resolve_num_ctx(9000, 8192, cpu, env={})
-
-
-def test_device_choice_and_dtype(monkeypatch):
-    from kvslim.llm import compute_dtype, pick_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert pick_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="no CUDA"):
-        pick_device("cuda")
-    with pytest.raises(ValueError, match="no Apple MPS"):
-        pick_device("mps")
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        pick_device("tpu")
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert pick_device("auto") == torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pick_device(None) == torch.device("cuda") and pick_device("cuda:1") == torch.device("cuda:1")
-    assert compute_dtype(torch.device("cpu")) == torch.float32
-    assert compute_dtype(torch.device("mps")) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert compute_dtype(torch.device("cuda")) == torch.float16  # e.g. Pascal / Turing
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert compute_dtype(torch.device("cuda")) == torch.bfloat16

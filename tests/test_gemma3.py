@@ -14,7 +14,9 @@ import torch
 import tiny_models
 from kvslim import formats
 from kvslim.attention import Attention, plan_attention
-from kvslim.codec import CodecChoice, build_codec
+from kvslim.calibration import build_codec
+from kvslim.codec import CodecChoice
+from kvslim.engine import run_step
 from kvslim.gguf_loader import GGUFError, ModelConfig, open_gguf
 from kvslim.models import load_model
 from test_model import IDS, run
@@ -91,8 +93,9 @@ def test_kv_coding_is_exact_on_a_float_cache(gemma):
     plan = plan_attention("cpu", model.config.head_dim, "f32", "f32", warn=False)
     cache = model.new_cache(8, 16, "f32", "f32", codec=codec)
     seq = cache.new_sequence()
-    got = [model.forward(torch.tensor(IDS40[a:a + 6]), cache, [seq], [len(IDS40[a:a + 6])],
-                         Attention(plan)) for a in range(0, len(IDS40), 6)]
+    attn = Attention(plan)
+    got = [run_step(model, attn, cache, [seq], [len(IDS40[a:a + 6])], IDS40[a:a + 6])
+           for a in range(0, len(IDS40), 6)]
     torch.testing.assert_close(torch.cat(got), ref, atol=2e-4, rtol=1e-4)
 
 

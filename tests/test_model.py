@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvslim.attention import Attention, plan_attention
+from kvslim.engine import run_step
 from kvslim.gguf_loader import GGUFError, ModelConfig, open_gguf
 from kvslim.models import ARCHITECTURES, load_model, model_class
 
@@ -91,7 +92,8 @@ def run(model, ids_per_seq, cache_type="f32", chunk=None, flash_attn="auto"):
         parts = [ids[lo:lo + step] for ids in ids_per_seq]
         live = [b for b, part in enumerate(parts) if part]
         tokens = torch.tensor([tok for b in live for tok in parts[b]])
-        logits = model.forward(tokens, cache, [seqs[b] for b in live], [len(parts[b]) for b in live], attn)
+        logits = run_step(model, attn, cache, [seqs[b] for b in live], [len(parts[b]) for b in live],
+                          tokens.tolist())
         r = 0
         for b in live:
             out[b].append(logits[r:r + len(parts[b])])
@@ -152,7 +154,7 @@ def test_logit_rows_select_rows(tmp_path):
     plan = plan_attention("cpu", model.config.head_dim, "f16", "f16", warn=False)
     cache = model.new_cache(8, 16, "f16", "f16")
     s = cache.new_sequence()
-    rows = model.forward(torch.tensor(IDS), cache, [s], [len(IDS)], Attention(plan), torch.tensor([4, 19]))
+    rows = run_step(model, Attention(plan), cache, [s], [len(IDS)], IDS, torch.tensor([4, 19]))
     (full,), _, _ = run(model, [IDS], cache_type="f16")
     assert rows.shape == (2, full.shape[1]) and rows.dtype == torch.float32
     torch.testing.assert_close(rows, full[[4, 19]], rtol=1e-4, atol=1e-4)
@@ -164,26 +166,26 @@ def test_error_mid_forward_rolls_the_cache_back(tmp_path):
     attn = Attention(plan)
     cache = model.new_cache(8, 16, plan.effective_k, plan.effective_v)
     a, b = cache.new_sequence(), cache.new_sequence()
-    model.forward(torch.tensor(IDS[:10]), cache, [a], [10], attn)
+    run_step(model, attn, cache, [a], [10], IDS[:10])
     pages = cache.pages_in_use
 
     calls = {"n": 0}
 
-    class Failing:  # layer 1 writes its rows, then its kernel fails
-        def forward(self, q, k, v, cache_, layer, meta, scale):
+    class Failing(Attention):  # layer 1 writes its rows, then its kernel fails
+        def __call__(self, q, k, v, layer, step, scale):
             calls["n"] += 1
             if layer == 1:
-                cache_.write(layer, meta.slots, k, v)
+                self.backend.write(step.cache, layer, step, k, v)
                 raise RuntimeError("kernel failed")
-            return attn.forward(q, k, v, cache_, layer, meta, scale)
+            return super().__call__(q, k, v, layer, step, scale)
 
     with pytest.raises(RuntimeError, match="kernel failed"):
-        model.forward(torch.tensor(IDS[:8]), cache, [a, b], [3, 5], Failing())
+        run_step(model, Failing(plan), cache, [a, b], [3, 5], IDS[:8])
     assert calls["n"] == 2  # it failed after layer 0 had written its rows
     assert (cache.length(a), cache.length(b), cache.pages_in_use) == (10, 0, pages)
     cache.check()
     # the next step overwrites the abandoned rows: same logits as a cache that never failed
-    after = model.forward(torch.tensor(IDS[10:12]), cache, [a], [2], attn)
+    after = run_step(model, attn, cache, [a], [2], IDS[10:12])
     (clean,), _, _ = run(model, [IDS[:12]], cache_type="q8_0")
     torch.testing.assert_close(after, clean[10:12], rtol=1e-4, atol=1e-4)
 

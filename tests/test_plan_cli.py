@@ -11,23 +11,15 @@ from kvslim import cli
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import load_config
 
-import tiny_llama
-from tiny_llama import Tiny
-
 TYPE_FIELDS = ("kv_bytes_per_token", "max_ctx", "bytes_at_ctx")
 
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plan") / "tiny.gguf"
-    tiny_llama.write(path, Tiny(ctx=512, tied=False))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("KVSLIM_DEBUG", raising=False)
-    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+def tiny(tiny_gguf):
+    return tiny_gguf(ctx=512, tied=False)
 
 
 def plan_json(capsys, argv) -> dict:

@@ -20,16 +20,9 @@ import pytest
 import uvicorn
 
 from kvslim import formats
-from kvslim.cache import KVCache
 from kvslim.codec import CodecSettings
-from kvslim.engine import Engine
-from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.models import load_model
-from kvslim.sampling import SamplingParams
 from kvslim.server.app import create_app
-from kvslim.server.prefix import PrefixCache
-from kvslim.server.settings import Settings, is_loopback, parse_host
-from kvslim.tokenizer import Tokenizer
+from kvslim.settings import ServerSettings, is_loopback, parse_host
 
 import tiny_llama
 
@@ -55,7 +48,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, models: dict | None = None):
+def running_server(settings: ServerSettings, models: dict | None = None):
     """uvicorn serving create_app(settings) on a free loopback port, in a thread."""
     settings = replace(settings, host="127.0.0.1", port=_free_port())
     app = create_app(settings, models)
@@ -135,21 +128,8 @@ def settled(url: str, name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
-    tiny_llama.write(path, tiny_llama.Tiny(ctx=256, tied=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_parts(tiny_path):
-    reader = open_gguf(tiny_path)
-    return load_model(reader, ModelConfig.from_gguf(reader), progress=False), Tokenizer.from_gguf(reader)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_path):
-    settings = Settings.from_env({}, num_parallel=4, max_body=64 * 1024)
+    settings = ServerSettings.from_env({}, num_parallel=4, max_body=64 * 1024)
     with running_server(settings, {"tiny": tiny_path}) as served:
         yield served
 
@@ -184,7 +164,7 @@ def test_bad_host_is_an_error(bad):
 
 
 def test_only_loopback_unless_asked():
-    assert is_loopback(Settings.from_env({}).host)
+    assert is_loopback(ServerSettings.from_env({}).host)
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
 
 
@@ -192,20 +172,20 @@ def test_settings_from_environment_and_flags():
     env = {"KVSLIM_HOST": "0.0.0.0:9000", "KVSLIM_KV_CACHE_TYPE": "q8_0", "KVSLIM_NUM_PARALLEL": "16",
            "KVSLIM_FLASH_ATTENTION": "1", "KVSLIM_KV_MEMORY": "1GiB", "KVSLIM_MAX_QUEUE": "3",
            "KVSLIM_PREFIX_CACHE": "0"}
-    s = Settings.from_env(env)
+    s = ServerSettings.from_env(env)
     assert (s.host, s.port, s.cache_type_k, s.cache_type_v) == ("0.0.0.0", 9000, "q8_0", "q8_0")
     assert (s.num_parallel, s.flash_attn, s.kv_memory, s.max_queue, s.prefix_cache) == \
         (16, "on", 2**30, 3, False)
-    s = Settings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
+    s = ServerSettings.from_env(env, cache_type_v="q4_0", num_parallel=2, host="127.0.0.1")
     assert (s.cache_type_k, s.cache_type_v, s.num_parallel, s.host) == ("q8_0", "q4_0", 2, "127.0.0.1")
     assert s.codec == CodecSettings()
-    s = Settings.from_env({"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_ROUNDING": "ggml"}, kv_centering="on")
+    s = ServerSettings.from_env({"KVSLIM_KV_ROTATION": "0", "KVSLIM_KV_ROUNDING": "ggml"}, kv_centering="on")
     assert s.codec == CodecSettings("off", "on", "ggml")
     for bad in ({"KVSLIM_NUM_PARALLEL": "0"}, {"KVSLIM_KV_CACHE_TYPE": "q3"},
                 {"KVSLIM_KV_MEMORY": "lots"}, {"KVSLIM_PREFIX_CACHE": "maybe"},
                 {"KVSLIM_KV_ROTATION": "maybe"}):
         with pytest.raises(ValueError):
-            Settings.from_env(bad)
+            ServerSettings.from_env(bad)
 
 
 def test_kvslim_serve_command_serves_on_kvslim_host(tiny_path):
@@ -241,86 +221,6 @@ def test_serve_is_a_cli_verb():
     assert args.num_parallel == 8 and args.kv_cache_type == "q4_0" and callable(args.func)
 
 
-# ---------------------------------------------------------------- prefix cache
-
-
-def _filled(cache: KVCache, tokens: list[int]) -> int:
-    seq = cache.new_sequence()
-    cache.reserve(seq, len(tokens))
-    return seq
-
-
-def test_prefix_cache_shares_whole_pages_and_checks_tokens():
-    cache = KVCache(1, 1, 32, n_pages=8, page_size=4)
-    pc = PrefixCache(page_size=4)
-    a = list(range(10))  # 2 whole pages + 2 tokens
-    seq = _filled(cache, a)
-    pc.retain(cache, seq, a)
-    cache.free(seq)
-    assert cache.pages_in_use == 2 and len(pc) == 1  # the partial page went back
-
-    child, reused = pc.attach(cache, a[:9])
-    assert reused == 8 and set(cache.pages(child)) == pc.pages(cache)  # shared, not copied
-    cache.free(child)
-    other, reused = pc.attach(cache, a[:4] + [99] * 6)  # same first page only
-    assert reused == 4
-    cache.free(other)
-    fresh, reused = pc.attach(cache, [7] * 9)
-    assert reused == 0 and cache.length(fresh) == 0
-    cache.free(fresh)
-    cache.check()
-
-
-def test_prefix_cache_keeps_the_longest_entry_and_evicts_lru_first():
-    cache = KVCache(1, 1, 32, n_pages=8, page_size=4)
-    pc = PrefixCache(page_size=4)
-    short, long_, other = list(range(4)), list(range(12)), [50 + i for i in range(8)]
-    for tokens in (short, long_, other):
-        seq = _filled(cache, tokens)
-        pc.retain(cache, seq, tokens)
-        cache.free(seq)
-    assert len(pc) == 2  # `short` is a prefix of `long_`: dropped
-    assert cache.pages_in_use == 5
-    freed = pc.evict(cache, 3)
-    assert freed == 3 and len(pc) == 1 and cache.pages_in_use == 2  # long_ was least recent
-    assert pc.attach(cache, other + [0])[1] == 8
-    cache.check()
-
-
-def test_engine_reuses_a_cached_prompt_and_answers_the_same(tiny_parts):
-    model, tok = tiny_parts
-    engine = Engine(model, tok, num_ctx=256, num_parallel=2, page_size=16,
-                    prefix_cache=PrefixCache(16))
-    prompt = [1] + [(7 * i) % 250 + 3 for i in range(70)]  # 71 tokens: 4 whole pages + 7
-
-    def run() -> tuple[list[int], int]:
-        seq = engine.add_request(prompt, SamplingParams(max_tokens=5, **GREEDY))
-        while engine.has_work():
-            engine.step()
-        return seq.output_ids, seq.stats.prompt_cache_count
-
-    first, cached_first = run()
-    second, cached_second = run()
-    assert (cached_first, cached_second) == (0, 64)
-    assert second == first
-    held = engine.prefix_cache.pages(engine.cache)
-    assert engine.cache.pages_in_use == len(held) > 0  # only the prefix cache holds pages
-    engine.cache.check()
-
-
-def test_engine_evicts_cached_prefixes_when_a_request_needs_the_pages(tiny_parts):
-    model, tok = tiny_parts
-    engine = Engine(model, tok, num_ctx=64, num_parallel=1, page_size=16, n_pages=4,
-                    prefix_cache=PrefixCache(16))
-    for start in (3, 100):
-        seq = engine.add_request([1] + list(range(start, start + 40)), SamplingParams(max_tokens=2, **GREEDY))
-        while engine.has_work():
-            engine.step()
-        assert seq.finish_reason == "length"
-    assert engine.cache.pages_in_use > 0 and engine.prefix_cache.evictions > 0
-    engine.cache.check()
-
-
 # ---------------------------------------------------------------- the APIs with real clients
 
 
@@ -342,40 +242,22 @@ def test_ollama_generate_and_chat(client):
     assert streamed[-1].done_reason == "length" and streamed[-1].prompt_eval_count == c.prompt_eval_count
 
 
-def test_fit_messages_drops_the_oldest_and_keeps_system_and_last():
-    from kvslim.server.models import chat_limit, fit_messages
-
-    count = lambda ms: sum(len(m["content"]) for m in ms)  # noqa: E731
-    msgs = [{"role": "system", "content": "s" * 5}] + \
-        [{"role": "user" if i % 2 == 0 else "assistant", "content": str(i) * 10} for i in range(8)]
-    assert fit_messages(msgs, count, 1000) == msgs
-    kept = fit_messages(msgs, count, 40)  # the system message + the last three
-    assert kept == [msgs[0]] + msgs[-3:] and count(kept) <= 40
-    assert fit_messages(msgs, count, 3) == [msgs[0], msgs[-1]]  # the last always stays
-    mid = [msgs[1], {"role": "system", "content": "t"}, *msgs[2:]]  # a system turn later on
-    assert fit_messages(mid, count, 32) == [mid[1]] + mid[-3:]
-    assert chat_limit(256, None) == 192 and chat_limit(4096, None) == 3840
-    assert chat_limit(256, 10) == 246 and chat_limit(256, 1000) == 128
-
-
 def test_long_chat_drops_old_messages_not_the_system_prompt(server, client, tiny_parts):
     """A chat longer than num_ctx loses whole old messages, as Ollama's does (the system
     message stays); with truncate false it is a 400."""
-    from kvslim.server.models import chat_limit, fit_messages
+    from kvslim.chat import fit_messages, prompt_limit, render_chat
 
     _, tok = tiny_parts
     msgs = [{"role": "system", "content": "you are a cat"}] + \
         [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "the cab " * 3}
          for i in range(21)]
     def ids(ms):  # as the server renders a chat (BOS once)
-        out = tok.encode(tok.apply_chat_template(ms, add_generation_prompt=True), add_special=True,
-                         parse_special=True)
-        return out[1:] if len(out) > 1 and out[0] == out[1] == tok.bos_id else out
+        return render_chat(tok, ms)
 
     client.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # loaded, as it is
     num_ctx = ps_model(server.url, "tiny")["context_length"]
     assert len(ids(msgs)) > num_ctx
-    want = fit_messages(msgs, lambda ms: len(ids(ms)), chat_limit(num_ctx, 2))
+    want = fit_messages(msgs, lambda ms: len(ids(ms)), prompt_limit(num_ctx, 2))
     assert want[0] == msgs[0] and want[-1] == msgs[-1] and 3 < len(want) < len(msgs)
     c = client.chat(model="tiny", messages=msgs, options={"num_predict": 2, **GREEDY})
     assert c.done and c.prompt_eval_count == len(ids(want))
@@ -461,7 +343,7 @@ def test_client_leaving_mid_stream_returns_its_pages(server, client):
 
 
 def test_full_queue_answers_503_and_recovers(tiny_path):
-    settings = Settings.from_env({}, num_parallel=1, max_queue=1)
+    settings = ServerSettings.from_env({}, num_parallel=1, max_queue=1)
     with running_server(settings, {"tiny": tiny_path}) as served:
         client = ollama.Client(host=served.url)
         client.generate(model="tiny")  # load
@@ -627,7 +509,7 @@ def test_kv_coding_options_rebuild_the_pool_and_show_in_ps(server, client):
 def test_kv_memory_budget_sizes_the_pool_in_whole_pages(tiny_path):
     t = tiny_llama.Tiny()
     budget = 300_000
-    with running_server(Settings.from_env({"KVSLIM_KV_MEMORY": str(budget),
+    with running_server(ServerSettings.from_env({"KVSLIM_KV_MEMORY": str(budget),
                                            "KVSLIM_KV_CACHE_TYPE": "q8_0"}), {"tiny": tiny_path}) as s:
         ollama.Client(host=s.url).generate(model="tiny")
         kv = ps_model(s.url, "tiny")["kv_cache"]
@@ -666,7 +548,7 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server):
 
 
 def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
-    with running_server(Settings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
+    with running_server(ServerSettings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
         httpx.post(served.url + "/api/generate", json={"model": "tiny"})
         runner = served.runner("tiny")
         gate = StepGate(runner)

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from kvslim.server.settings import Settings
+from kvslim.settings import ServerSettings
 from test_server import ps_model, running_server, settled, wait_until
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ TOPICS = ["the sea", "bread", "the moon", "trains", "cats", "rain", "music", "ch
 
 @pytest.fixture(scope="module")
 def served(smollm2_gguf):
-    settings = Settings.from_env({}, num_parallel=16, num_ctx=512, kv_cache_type="q8_0")
+    settings = ServerSettings.from_env({}, num_parallel=16, num_ctx=512, kv_cache_type="q8_0")
     with running_server(settings) as s:
         ollama.Client(host=s.url).generate(model="smollm2")  # load once for the module
         yield s

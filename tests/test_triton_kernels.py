@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from triton.runtime.interpreter import InterpretedFunction
 
 from kvslim import formats
-from kvslim.attention import AttnMeta, plan_attention
+from kvslim.attention import Step, plan_attention
 from kvslim.cache import KVCache
 from kvslim.kernels import reference
 
@@ -99,10 +99,11 @@ def filled_cache(kt, vt, prefix, q_lens, *, hq=6, hkv=2, d=64, dv=None, page=8, 
     seqs = [cache.new_sequence() for _ in prefix]
     for s, n in zip(seqs, prefix):
         if n:
-            m = AttnMeta.prepare(cache, [s], [n])
+            m = Step.reserve(cache, [s], [n])
             for layer in range(layers):
                 cache.write(layer, m.slots, torch.randn(n, hkv, d), torch.randn(n, hkv, dv))
-    meta = AttnMeta.prepare(cache, seqs, q_lens)
+    meta = Step.reserve(cache, seqs, q_lens)
+    _kernels(interpret=INTERPRETING).Backend().prepare(meta)
     n = meta.n_rows
     for layer in range(layers):
         cache.write(layer, meta.slots, torch.randn(n, hkv, d), torch.randn(n, hkv, dv))
@@ -183,9 +184,9 @@ def test_backend_entry_point_reuses_step_metadata(tk):
     out = tk.attention(q.half(), cache, 1, meta, 0.125)
     ref = reference.attention(q.half().float(), cache, 1, meta, 0.125)
     assert out.dtype == torch.float16 and (out.float() - ref).abs().max() < 1e-2
-    work = {k: v for k, v in meta.extra.items() if k[0] == "triton.work"}
+    work = {k: v for k, v in meta.scratch.items() if k[0] == "work"}
     tk.attention(q.half(), cache, 0, meta, 0.125)  # the next layer reuses the work items
-    assert work and all(meta.extra[k] is v for k, v in work.items())
+    assert work and all(meta.scratch[k] is v for k, v in work.items())
 
 
 # ---------------------------------------------------------------- quantize on write

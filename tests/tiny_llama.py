@@ -105,3 +105,13 @@ def write(path: Path, t: Tiny = Tiny(), seed: int = 0, chat_template: str | None
     w.write_tensors_to_file()
     w.close()
     return a
+
+
+def load(path: Path):
+    """(model, tokenizer) of a GGUF written by ``write``, on CPU."""
+    from kvslim.gguf_loader import ModelConfig, open_gguf
+    from kvslim.models import load_model
+    from kvslim.tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    return load_model(reader, ModelConfig.from_gguf(reader), progress=False), Tokenizer.from_gguf(reader)

@@ -2,8 +2,9 @@
 
 Decode rows, and chunks of at most ``NUMBA_MAX_Q`` rows per sequence, run one numba
 kernel over (sequence x kv head x split-K chunk) work items merged by log-sum-exp; the
-calling thread and helper threads claim the items from an atomic counter. Each item walks its tokens in tiles (a few dozen tokens, never crossing a
-page) with an online softmax, and handles all g = Hq/Hkv query heads (times the chunk's
+calling thread and helper threads claim the items from an atomic counter. Each item
+walks its tokens in tiles (a few dozen tokens, never crossing a page) with an online
+softmax, and handles all g = Hq/Hkv query heads (times the chunk's
 rows) of its kv head together, so each stored byte is read once per step.
 
 The two products of a tile, scores = q K^T and out += p V, are small vector
@@ -13,25 +14,22 @@ are first dequantized into a float tile of ~16 KiB that stays in L1. No float co
 a sequence is ever made. Longer chunks (prefill) go to ``kernels.tiled``, whose flash
 GEMMs win there.
 
-One compiled kernel serves all 81 K/V type pairs: the type is a small integer code the
-kernel branches on per tile, so a first call compiles one function, not a version per
-pair, and ``cache=True`` keeps it on disk (benchmarks/README.md has the cost).
+One compiled kernel serves all 81 K/V type pairs: the kernel branches per tile on the
+type's ``formats.Format.code``, so a first call compiles one function, not a version
+per pair, and ``cache=True`` keeps it on disk (benchmarks/README.md has the cost).
 
 The query stays float32. Quantizing it to q8_0 for an integer dot product, as
 llama.cpp does, moves scores by ~1e-3 relative, past the 1e-4 error budget; and with
 GQA the dequantization it would save is shared by the g query heads anyway.
 
-numba has no float16 on CPU: tiny LLVM intrinsics convert f16 <-> f32 (F16C
-``vcvtph2ps`` / ``vcvtps2ph``); bf16 is its 16 bits shifted into a float32.
-
-``write_rows`` is the matching fused quantize-on-write used by ``KVCache.write`` on
-CPU, byte-identical to ``formats.encode`` (same float32 operations, no fastmath).
+The cache writes of this backend are ``kernels.cpu_write``'s; the ggml block
+primitives both use are in ``kernels.ggml``.
 """
 from __future__ import annotations
 
 import os
 import threading
-import weakref
+from typing import TYPE_CHECKING, NamedTuple
 
 import numba
 import numpy as np
@@ -42,17 +40,22 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kvslim import formats
+from kvslim.kernels import cpu_write, ggml, tiled
+from kvslim.kernels.ggml import (BF16, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+                                 bits_to_float, count_bad, half_to_float)
 
-TYPE_CODES = {name: i for i, name in enumerate(
-    ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))}
-F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = range(9)
+if TYPE_CHECKING:
+    from kvslim.attention import Step
+    from kvslim.cache import KVCache
+
+__all__ = ["Backend", "attention", "available", "plan_work", "warmup", "NUMBA_MAX_Q"]
 
 # tokens per online-softmax step x head_dim (a float tile is 16 KiB); the token count is a
 # multiple of 4, the microkernels' step
 TILE_FLOATS = 4096
-# Query rows per sequence up to which numba beats the tiled path, which decodes the whole
-# context through torch on every call (measured at 4,096 tokens: numba is faster up to
-# ~64 rows for SmolLM2's shape and beyond 64 for an 8B shape).
+# Query rows per sequence up to which a chunk runs here rather than in the tiled path,
+# which decodes the whole context through torch on every call (benchmarks/README.md:
+# where numba stops winning).
 NUMBA_MAX_Q = 32
 MIN_CHUNK = 256  # tokens: smaller split-K chunks cost more in merging than they balance
 CHUNKS_PER_THREAD = 4
@@ -61,57 +64,10 @@ CHUNKS_PER_THREAD = 4
 # nowhere, but a non-finite value must still propagate rather than be assumed away.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
-_IQ4NL = np.array(formats.IQ4NL_VALUES, dtype=np.float32)
-_IQ4NL_MID2 = np.array([formats.IQ4NL_VALUES[j - 1] + formats.IQ4NL_VALUES[j]
-                        for j in range(1, 16)], dtype=np.float32)
 _NEG = np.float32(-1e30)  # "no score yet": finite, so exp(_NEG - m) is 0 without inf math
 
-# ---------------------------------------------------------------- intrinsics
 
-
-@intrinsic
-def _half_to_float(typingctx, bits):
-    """uint16 holding f16 bits -> float32 (fpext, vcvtph2ps with F16C)."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def _float_to_half(typingctx, x):
-    """float32 -> uint16 f16 bits, round to nearest even (fptrunc, vcvtps2ph)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(x), codegen
-
-
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    """The low 32 bits of an integer -> float32 with those bits."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def _float_to_bits(typingctx, x):
-    """float32 -> its uint32 bits."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(x), codegen
+# ---------------------------------------------------------------- llvm helpers
 
 
 def _data_ptr(context, builder, arrty, arr, idx):
@@ -395,7 +351,7 @@ def _make_pv(fmt: int):
 @intrinsic
 def _prefetch(typingctx, arr, first, count):
     """Ask for arr[first : first + count] in L2 (prefetcht1 per 64-byte line): into L1 a
-    whole tile evicted the one being computed, and decode ran 20% slower."""
+    whole tile evicts the one being computed (slower decode, benchmarks/README.md)."""
     if not isinstance(arr, types.Array):
         return None
 
@@ -444,7 +400,7 @@ def _exp(x):
     r = x - n * _LN2_HI - n * _LN2_LO
     p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
     p = p * (r * r) + r + _ONE
-    return p * _bits_to_float((k + np.int32(127)) << np.int32(23))
+    return p * bits_to_float((k + np.int32(127)) << np.int32(23))
 
 
 # ---------------------------------------------------------------- tile loader
@@ -464,10 +420,10 @@ def _load_scales(d, row0, T, nb, sc):
     """sc[:T*nb] = the f16 block scales of rows row0.. (contiguous), as float32.
 
     One vector loop: converting one scalar at a time merges into the previous vector
-    register (vpinsrw), a dependency chain that cost 20 cycles per row.
+    register (vpinsrw), a dependency chain through every row.
     """
     for b in range(T * nb):
-        sc[b] = _half_to_float(d[row0 * nb + b])
+        sc[b] = half_to_float(d[row0 * nb + b])
 
 
 @njit(inline="always")
@@ -502,7 +458,7 @@ def _load_tile(code, d, m, qh, qs, row0, T, nb, qk, out, sc, lo):
     _load_scales(d, row0, T, nb, sc)
     if code == Q4_1 or code == Q5_1:
         for b in range(nblk):
-            lo[b] = _half_to_float(m[blk0 + b])
+            lo[b] = half_to_float(m[blk0 + b])
     else:
         for b in range(nblk):
             lo[b] = np.float32(-16.0) * sc[b]
@@ -518,8 +474,8 @@ def _load_tile(code, d, m, qh, qs, row0, T, nb, qk, out, sc, lo):
             base, ob = (blk0 + b) * half, b * qk
             for j in range(half):
                 v = np.int32(np.uint8(qs[base + j]))
-                out[ob + j] = sc[b] * _IQ4NL[v & _M15]
-                out[ob + half + j] = sc[b] * _IQ4NL[v >> _S4]
+                out[ob + j] = sc[b] * IQ4NL[v & _M15]
+                out[ob + half + j] = sc[b] * IQ4NL[v >> _S4]
 
 
 # ---------------------------------------------------------------- attention kernel
@@ -607,26 +563,26 @@ def _softmax_step(p, acc, mx, den, vis, R, T, Dv, TL):
 @njit(inline="always")
 def _tile_at(b, h, t, t1, geom, pages):
     """First stored row (uint64) and token count of the tile at token t of item (b, h):
-    at most TL tokens, within one page and before t1."""
-    layer, n_pages, n_kv, page_size, TL = geom[0], geom[1], geom[2], geom[3], geom[7]
+    at most geom.tile tokens, within one page and before t1."""
+    page_size = geom.page_size
     pi = t // page_size
     off = t - pi * page_size
-    T = min(TL, page_size - off, t1 - t)
-    return np.uint64(((layer * n_pages + pages[b, pi]) * n_kv + h) * page_size + off), T
+    T = min(geom.tile, page_size - off, t1 - t)
+    return np.uint64(((geom.layer * geom.n_pages + pages[b, pi]) * geom.n_kv + h) * page_size
+                     + off), T
 
 
 @njit(fastmath=_FAST, cache=True)
-def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work,
-                  part_acc, part_ml):
-    """Online softmax of work item w = (b, h, t0, t1) into part_acc[w], part_ml[w]."""
+def _attend_chunk(w, q, scale, kplanes, vplanes, geom, job):
+    """Online softmax of work item w = (b, h, t0, t1) into job.part_acc[w], job.part_ml[w]."""
     kcode, kd, km, kqh, kqs, kx32, kx16 = kplanes
     vcode, vd, vm, vqh, vqs, vx32, vx16 = vplanes
-    n_kv, TL = geom[2], geom[7]
-    nbk, nbv, qk = np.uint64(geom[4]), np.uint64(geom[5]), np.uint64(geom[6])
-    b, h, t0, t1 = work[w, 0], work[w, 1], work[w, 2], work[w, 3]
+    n_kv, TL, pages, q_off = geom.n_kv, geom.tile, job.pages, job.q_off
+    nbk, nbv, qk = np.uint64(geom.nb_k), np.uint64(geom.nb_v), np.uint64(geom.qk)
+    b, h, t0, t1 = job.work[w, 0], job.work[w, 1], job.work[w, 2], job.work[w, 3]
     g = q.shape[1] // n_kv
     D, Dv = nbk * qk, nbv * qk
-    nq, L = q_lens[b], kv_lens[b]
+    nq, L = job.q_lens[b], job.kv_lens[b]
     R = nq * g  # query vectors of this kv head: row i, member gg -> i*g + gg
     qv = np.empty(R * D, np.float32)
     lim = np.empty(R, np.int64)  # tokens visible to each query vector (causal)
@@ -666,17 +622,18 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q
         _accumulate(fmt, p, uTL, uT, acc, Dv, uR, src, vx16, vqs, sc, first, nbv)
         t += T
     for r in range(R):
-        part_ml[w, r, 0] = mx[r]
-        part_ml[w, r, 1] = den[r]
+        job.part_ml[w, r, 0] = mx[r]
+        job.part_ml[w, r, 1] = den[r]
         for j in range(Dv):
-            part_acc[w, r, j] = acc[r * Dv + j]
+            job.part_acc[w, r, j] = acc[r * Dv + j]
 
 
 @njit(fastmath=_FAST, cache=True)
-def _merge_group(gi, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml):
+def _merge_group(gi, out, n_kv, job):
     """Combine the split-K partials of one (sequence, kv head) into out rows."""
-    w0, w1 = groups[gi], groups[gi + 1]
-    b, h = work[w0, 0], work[w0, 1]
+    q_lens, q_off, part_acc, part_ml = job.q_lens, job.q_off, job.part_acc, job.part_ml
+    w0, w1 = job.groups[gi], job.groups[gi + 1]
+    b, h = job.work[w0, 0], job.work[w0, 1]
     g = out.shape[1] // n_kv
     Dv = out.shape[2]
     for r in range(q_lens[b] * g):
@@ -699,8 +656,8 @@ def _merge_group(gi, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml):
 # Work items are claimed from an atomic counter by the calling thread and by helper
 # threads (numba nogil code, so they run in parallel). Unlike an OpenMP parallel region,
 # nobody waits for a thread that has not started: on a busy machine a late helper finds
-# the items gone and the caller has done them, where a static OpenMP split stalled a
-# decode step by whole scheduler time slices (28 ms for a 0.4 ms step, measured).
+# the items gone and the caller has done them, where a static OpenMP split stalls a
+# decode step by whole scheduler time slices (benchmarks/README.md).
 
 
 @intrinsic
@@ -728,26 +685,24 @@ def _load_acquire(typingctx, counters, slot):
 
 
 @njit(nogil=True, cache=True)
-def _attend_items(counters, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off,
-                  work, part_acc, part_ml):
+def _attend_items(counters, q, scale, kplanes, vplanes, geom, job):
     """Claim and run work items until none is left, on any number of threads at once:
     counters[0] hands out items, counters[1] counts the finished ones."""
     while True:
         w = _fetch_add(counters, 0)
-        if w >= work.shape[0]:
+        if w >= job.work.shape[0]:
             return
-        _attend_chunk(w, q, scale, kplanes, vplanes, geom, pages, kv_lens, q_lens, q_off, work,
-                      part_acc, part_ml)
+        _attend_chunk(w, q, scale, kplanes, vplanes, geom, job)
         _fetch_add(counters, 1)
 
 
 @njit(nogil=True, cache=True)
-def _finish(counters, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml):
+def _finish(counters, out, n_kv, job):
     """Wait for the items other threads still run (at most one each), then merge."""
-    while _load_acquire(counters, 1) < work.shape[0]:
+    while _load_acquire(counters, 1) < job.work.shape[0]:
         pass
-    for gi in range(groups.shape[0] - 1):
-        _merge_group(gi, out, n_kv, q_lens, q_off, work, groups, part_acc, part_ml)
+    for gi in range(job.groups.shape[0] - 1):
+        _merge_group(gi, out, n_kv, job)
 
 
 class _Helpers:
@@ -793,356 +748,149 @@ def _helpers() -> _Helpers:
     return _HELPERS[0]
 
 
-# ---------------------------------------------------------------- quantize on write
-# Exact float32 replicas of formats.*.encode_blocks (no fastmath: every rounding
-# matters). Constants are float32 so numba does not promote the arithmetic to float64.
-
-_F0, _F05, _F85, _F165 = np.float32(0.0), np.float32(0.5), np.float32(8.5), np.float32(16.5)
-_F127, _FM8, _FM16, _F15, _F31, _FM127 = (np.float32(127.0), np.float32(-8.0), np.float32(-16.0),
-                                          np.float32(15.0), np.float32(31.0), np.float32(-127.0))
-_TINY = np.float32(1e-15)
-
-
-@njit(inline="always")
-def _inv(d):
-    return np.float32(1.0) / d if d != _F0 else _F0
-
-
-@njit(inline="always")
-def _code(t, hi):
-    """MIN(hi, (int)t) as formats._code: a non-finite code becomes 0."""
-    if not np.isfinite(t):
-        return 0
-    return np.int32(min(t, hi))
-
-
-@njit(inline="always")
-def _roundf(x):
-    a = abs(x)
-    fl = np.floor(a)
-    r = fl + np.floor(np.float32(2.0) * (a - fl))
-    return r if x > _F0 else (-r if x < _F0 else _F0)
-
-
-@njit(inline="always")
-def _signed_absmax(x):
-    best, at = np.float32(-1.0), 0
-    for j in range(32):
-        if abs(x[j]) > best:  # strict: the first of equal magnitudes wins, as argmax
-            best, at = abs(x[j]), j
-    return x[at]
-
-
-@njit(inline="always")
-def _min_max(x):
-    lo, hi = x[0], x[0]
-    for j in range(1, 32):
-        lo, hi = min(lo, x[j]), max(hi, x[j])
-    return lo, hi
-
-
-@njit(inline="always")
-def _put_nibbles(qs, base, codes):
-    for j in range(16):  # value j low nibble, j+16 high; the int8 store wraps like a byte
-        qs[base + j] = (codes[j] & 15) | ((codes[j + 16] & 15) << 4)
-
-
-@njit(inline="always")
-def _high_bits(codes):
-    bits = np.uint32(0)
-    for j in range(32):
-        bits |= np.uint32((codes[j] >> 4) & 1) << np.uint32(j)
-    return bits
-
-
-@njit
-def _iq4nl_block(x, codes):
-    """Codes into ``codes``; returns the float32 scale (before f16 rounding)."""
-    mx = _signed_absmax(x)
-    tiny = abs(mx) < _TINY
-    d0 = np.float32(1.0) if tiny else mx / _FM127
-    inv = np.float32(1.0) / d0
-    sumqx, sumq2 = _F0, _F0
-    for j in range(32):
-        x2 = inv * x[j]
-        x2 = x2 + x2
-        idx = 0
-        for step in (8, 4, 2, 1):
-            if x2 >= _IQ4NL_MID2[idx + step - 1]:
-                idx += step
-        idx = 0 if tiny else idx
-        codes[j] = idx
-        q = _IQ4NL[idx]
-        wq = (x[j] * x[j]) * q
-        sumqx = sumqx + wq * x[j]
-        sumq2 = sumq2 + wq * q
-    if tiny or not sumq2 > _F0:
-        return _F0
-    return sumqx / sumq2
-
-
-@njit
-def _encode_block(code, x, blk, d, m, qh, qs, x32, x16, codes):
-    """Quantize 32 float32 values x into block number ``blk`` of the flat planes."""
-    if code == F32:
-        for j in range(32):
-            x32[blk * 32 + j] = x[j]
-    elif code == F16:
-        for j in range(32):
-            x16[blk * 32 + j] = _float_to_half(x[j])
-    elif code == BF16:
-        for j in range(32):
-            n = np.int64(_float_to_bits(x[j]))
-            x16[blk * 32 + j] = np.uint16(((n + (0x7FFF + ((n >> 16) & 1))) >> 16) & 0xFFFF)
-    elif code == Q8_0:
-        amax = _F0
-        for j in range(32):
-            amax = max(amax, abs(x[j]))
-        dd = amax / _F127
-        inv = _inv(dd)
-        d[blk] = _float_to_half(dd)
-        for j in range(32):
-            qs[blk * 32 + j] = np.int8(_code(_roundf(x[j] * inv), _F127))
-    elif code == IQ4_NL:
-        d[blk] = _float_to_half(_iq4nl_block(x, codes))
-        _put_nibbles(qs, blk * 16, codes)
-    else:
-        if code == Q4_0 or code == Q5_0:
-            top = _F15 if code == Q4_0 else _F31
-            dd = _signed_absmax(x) / (_FM8 if code == Q4_0 else _FM16)
-            lo, bias = _F0, _F85 if code == Q4_0 else _F165
-        else:  # q4_1, q5_1
-            top = _F15 if code == Q4_1 else _F31
-            lo, hi = _min_max(x)
-            dd = (hi - lo) / top
-            bias = _F05
-            m[blk] = _float_to_half(lo)
-        inv = _inv(dd)
-        d[blk] = _float_to_half(dd)
-        for j in range(32):
-            codes[j] = _code(np.trunc((x[j] - lo) * inv + bias), top) & 0xFF
-        if code == Q5_0 or code == Q5_1:
-            qh[blk] = _high_bits(codes)
-        _put_nibbles(qs, blk * 16, codes)
-
-
-@njit(cache=True)
-def _count_bad(x):
-    n = 0
-    for v in x.ravel():
-        if not np.isfinite(v):
-            n += 1
-    return n
-
-
-@njit(cache=True)
-def _encode_rows(x, slots, planes, geom, nb):
-    """x [n, H, nb*32] float32 into the rows of ``slots`` (one side: K or V)."""
-    code, d, m, qh, qs, x32, x16 = planes
-    layer, n_pages, n_kv, page_size = geom[0], geom[1], geom[2], geom[3]
-    codes = np.empty(32, np.int32)
-    for i in range(x.shape[0]):
-        page, off = slots[i] // page_size, slots[i] % page_size
-        for h in range(n_kv):
-            row = ((layer * n_pages + page) * n_kv + h) * page_size + off
-            for b in range(nb):
-                _encode_block(code, x[i, h, b * 32:(b + 1) * 32], row * nb + b, d, m, qh, qs,
-                              x32, x16, codes)
-
-
-@njit(cache=True)
-def _precheck(k, v, slots, geom):
-    """-1 if a slot is outside the pool, else the count of non-finite values in k (or else
-    v): 0 means the write may go ahead. Every writer checks before writing anything."""
-    capacity = geom[1] * geom[3]
-    for s in slots:
-        if s < 0 or s >= capacity:
-            return -1
-    bad = _count_bad(k)
-    return bad if bad else _count_bad(v)
-
-
-@njit(cache=True)
-def _write(k, v, slots, kplanes, vplanes, geom):
-    """Check everything, then quantize K and V rows; ``_precheck``'s code, 0 when done."""
-    bad = _precheck(k, v, slots, geom)
-    if bad:
-        return bad
-    _encode_rows(k, slots, kplanes, geom, geom[4])
-    _encode_rows(v, slots, vplanes, geom, geom[5])
-    return 0
-
-
 # ---------------------------------------------------------------- torch glue
 
-_DUMMY = {dt: np.zeros(1, dt) for dt in (np.uint16, np.uint32, np.int8, np.float32)}
-_NP_VIEW = {"d": (torch.int16, np.uint16), "m": (torch.int16, np.uint16),
-            "qh": (torch.int32, np.uint32), "qs": (torch.int8, np.int8)}
-_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+class Job(NamedTuple):
+    """One step's split-K work, shared by every layer (the kernels' view of a Step)."""
+
+    pages: np.ndarray  # [B, max_pages] int64 page table
+    kv_lens: np.ndarray  # [B] int64
+    q_lens: np.ndarray  # [B] int64
+    q_off: np.ndarray  # [B + 1] int64 first packed query row of each sequence
+    work: np.ndarray  # [W, 4] int64 items (b, h, t0, t1)
+    groups: np.ndarray  # [G + 1] int64: items of one (b, h) are work[groups[i]:groups[i+1]]
+    part_acc: np.ndarray  # [W, rows, Dv] float32 partial outputs
+    part_ml: np.ndarray  # [W, rows, 2] float32 partial (max, denominator)
 
 
-def _flat(t: torch.Tensor, tdt: torch.dtype, ndt) -> np.ndarray:
-    """A flat numpy view (shared memory) of a contiguous plane, reinterpreted."""
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return t.view(tdt).reshape(-1).numpy().view(ndt)
+class _Scratch:
+    """``Backend.prepare``'s per-step state: which sequences run where, the work list."""
 
-
-def _side(fmt: formats.Format, planes: dict[str, torch.Tensor]) -> tuple:
-    """The kernels' (code, d, m, qh, qs, x32, x16) for one side; absent planes are dummies."""
-    got = {name: _flat(planes[name], *_NP_VIEW[name]) for name in planes if name in _NP_VIEW}
-    x32, x16 = _DUMMY[np.float32], _DUMMY[np.uint16]
-    if "x" in planes:
-        if fmt.name == "f32":
-            x32 = _flat(planes["x"], torch.float32, np.float32)
-        else:
-            x16 = _flat(planes["x"], torch.int16, np.uint16)
-    return (TYPE_CODES[fmt.name], got.get("d", _DUMMY[np.uint16]), got.get("m", _DUMMY[np.uint16]),
-            got.get("qh", _DUMMY[np.uint32]), got.get("qs", _DUMMY[np.int8]), x32, x16)
-
-
-def _views(cache) -> tuple[tuple, tuple]:
-    """Numpy views of a cache's K and V planes, made once per cache (all layers)."""
-    key = tuple(t.data_ptr() for t in (*cache.k_planes.values(), *cache.v_planes.values()))
-    got = _VIEWS.get(cache)
-    if got is None or got[0] != key:
-        got = _VIEWS[cache] = (key, _side(cache.fmt_k, cache.k_planes),
-                               _side(cache.fmt_v, cache.v_planes))
-    return got[1], got[2]
-
-
-def _geom(cache, layer: int) -> tuple:
-    layer = range(cache.n_layers)[layer]  # IndexError out of range, as tensor indexing
-    return (layer, cache.n_pages, cache.n_kv_heads, cache.page_size,
-            cache.head_dim // formats.QK, cache.v_head_dim // formats.QK, formats.QK,
-            max(4, TILE_FLOATS // max(cache.head_dim, cache.v_head_dim) // 4 * 4))
-
-
-def write_rows(cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Quantize k, v [n, kv_heads, dim] (floating) into ``slots`` of a CPU cache, in one
-    numba call. Byte-identical to ``formats.encode``; on a non-finite value or a slot
-    outside the pool it raises with the cache unchanged."""
-    kviews, vviews = _views(cache)
-    kx = k.detach().to(torch.float32).contiguous().numpy()
-    vx = v.detach().to(torch.float32).contiguous().numpy()
-    slots_np = slots.detach().to(torch.int64).contiguous().numpy()
-    raise_for(_write(kx, vx, slots_np, kviews, vviews, _geom(cache, layer)), cache)
-
-
-def raise_for(rc: int, cache) -> None:
-    """The exception for a writer's ``_precheck`` code (nothing was written)."""
-    if rc < 0:
-        raise IndexError(f"a slot is outside the pool of {cache.capacity} slots")
-    if rc:
-        raise ValueError(f"input holds {rc} non-finite values (NaN or inf); "
-                         "the K/V cache refuses them")
-
-
-class _Step:
-    """Per-step scratch shared by every layer: which sequences run where, the work list."""
-
-    def __init__(self, meta, cache, hq: int, window: int = 0):
-        g = hq // cache.n_kv_heads
-        # A windowed layer: a decode row reads only its last `window` keys (the work list
-        # starts there); several rows past the window see different key ranges, which
-        # the tiled path's banded attention handles.
-        banded = [window and n > 1 and kv > window for n, kv in zip(meta.q_lens, meta.kv_lens)]
-        self.fused = [b for b, n in enumerate(meta.q_lens) if 0 < n <= NUMBA_MAX_Q and not banded[b]]
-        self.tiled = [b for b, n in enumerate(meta.q_lens) if n > NUMBA_MAX_Q and not banded[b]]
-        self.banded = [b for b in range(len(meta.q_lens)) if banded[b]]
-        table = meta.page_table
-        self.pages = table.pages.to(torch.int64).numpy()  # [B, max_pages]
-        self.kv_lens = np.asarray(meta.kv_lens, np.int64)
-        self.q_lens = np.asarray(meta.q_lens, np.int64)
-        self.q_off = np.asarray(meta.q_offsets, np.int64)
-        starts = np.maximum(self.kv_lens - window, 0) if window else None
+    def __init__(self, step: "Step"):
+        cache, q_lens = step.cache, step.q_lens
+        self.fused = [b for b, n in enumerate(q_lens) if 0 < n <= NUMBA_MAX_Q]
+        self.tiled = [b for b, n in enumerate(q_lens) if n > NUMBA_MAX_Q]
+        self.kv_lens = np.asarray(step.kv_lens, np.int64)
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
-                                           numba.config.NUMBA_NUM_THREADS, starts)
-        rows = max([meta.q_lens[b] * g for b in self.fused] + [1])
-        self.part_acc = np.empty((len(self.work), rows, cache.v_head_dim), np.float32)
-        self.part_ml = np.empty((len(self.work), rows, 2), np.float32)
+                                           numba.config.NUMBA_NUM_THREADS)
+        self._step, self._job = step, None
+
+    def job(self, group: int, dv: int) -> Job:
+        """The kernels' record, with partial buffers for ``group`` query heads per kv head
+        (known at the first layer's call), made once per step."""
+        if self._job is None:
+            st = self._step
+            rows = max([st.q_lens[b] * group for b in self.fused] + [1])
+            self._job = Job(st.page_table.pages.to(torch.int64).numpy(), self.kv_lens,
+                            np.asarray(st.q_lens, np.int64), np.asarray(st.q_offsets, np.int64),
+                            self.work, self.groups,
+                            np.empty((len(self.work), rows, dv), np.float32),
+                            np.empty((len(self.work), rows, 2), np.float32))
+        return self._job
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int,
-              starts: np.ndarray | None = None):
+def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
     About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread: threads claim
     items as they go, and small equal items leave little for one thread at the end.
-    starts: first key per sequence (a sliding window's), 0 when None.
     """
-    first = [0 if starts is None else int(starts[b]) for b in range(len(kv_lens))]
-    total = int(sum(int(kv_lens[b]) - first[b] for b in seqs)) * n_kv
+    total = int(sum(int(kv_lens[b]) for b in seqs)) * n_kv
     chunk = max(MIN_CHUNK, _cdiv(total, CHUNKS_PER_THREAD * threads))
     work, groups = [], [0]
     for b in seqs:
-        L, a = int(kv_lens[b]), first[b]
-        n = max(1, _cdiv(L - a, chunk))
-        step = _cdiv(_cdiv(L - a, n), 64) * 64
+        L = int(kv_lens[b])
+        n = max(1, _cdiv(L, chunk))
+        step = _cdiv(_cdiv(L, n), 64) * 64
         for h in range(n_kv):
-            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(a, L, step)]
+            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(0, L, step)]
             groups.append(len(work))
     return (np.asarray(work, np.int64).reshape(-1, 4), np.asarray(groups, np.int64))
 
 
-def attention(q: torch.Tensor, cache, layer: int, meta, scale: float,
-              window: int = 0) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring).
+def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
+    return max(4, TILE_FLOATS // max(head_dim, v_head_dim) // 4 * 4)
 
-    window: a sliding-window layer's keys per query (0: every key before it)."""
+
+def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray) -> None:
+    """The fused items of a step on the caller's and the helper threads, merged into out."""
+    counters = np.zeros(2, np.int64)
+    _helpers().run(_attend_items, (counters, q, np.float32(scale), kplanes, vplanes, geom, job),
+                   _finish, (counters, out, geom.n_kv, job), len(job.work) - 1)
+
+
+def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
+              scale: float) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring);
+    ``step`` prepared by ``Backend.prepare``."""
     n, hq, dim = q.shape
-    if dim != cache.head_dim or hq % cache.n_kv_heads or n != meta.n_rows:
-        raise ValueError(f"q {list(q.shape)} does not fit {meta.n_rows} rows, head_dim "
+    if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
+        raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
-    key = "cpu" if not window else ("cpu", window)
-    st = meta.extra.get(key)
-    if st is None:
-        st = meta.extra[key] = _Step(meta, cache, hq, window)
+    st: _Scratch = step.scratch
     q = q.detach().to(torch.float32).contiguous()
-    bad = _count_bad(q.numpy())
+    bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")
     out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
     if len(st.work):
-        kviews, vviews = _views(cache)
-        counters = np.zeros(2, np.int64)
-        items = (counters, q.numpy(), np.float32(scale), kviews, vviews, _geom(cache, layer),
-                 st.pages, st.kv_lens, st.q_lens, st.q_off, st.work, st.part_acc, st.part_ml)
-        _helpers().run(_attend_items, items, _finish,
-                       (counters, out.numpy(), cache.n_kv_heads, st.q_lens, st.q_off, st.work,
-                        st.groups, st.part_acc, st.part_ml), len(st.work) - 1)
-    if st.tiled or st.banded:
-        from kvslim.kernels import tiled
-        for b in st.tiled + st.banded:
-            lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
-            pages, kv_len = meta.page_table.pages[b], meta.kv_lens[b]
-            out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window) \
-                if b in st.banded else tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
+        kplanes, vplanes = ggml.plane_views(cache)
+        geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
+        _run(q.numpy(), scale, kplanes, vplanes, geom,
+             st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy())
+    for b in st.tiled:
+        lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
+        out[lo:hi] = tiled.attend_sequence(q[lo:hi], cache, layer, step.page_table.pages[b],
+                                           step.kv_lens[b], scale)
     return out
 
 
+class Backend:
+    """The CPU backend: numba writes (``cpu_write``), fused attention, tiled long chunks."""
+
+    name = "cpu"
+
+    def prepare(self, step: "Step") -> None:
+        step.scratch = _Scratch(step)
+
+    def write(self, cache: "KVCache", layer: int, step: "Step", k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        cpu_write.write(cache, layer, step.slots, k, v)
+
+    def attend(self, q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
+               scale: float) -> torch.Tensor:
+        return attention(q, cache, layer, step, scale)
+
+
 def warmup() -> None:
-    """Compile (or load from numba's disk cache) both kernels now, on a tiny cache.
+    """Compile (or load from numba's disk cache) the writer and the attention kernel now,
+    on a one-page pool of q8_0 K and q4_0 V.
 
     The first compile takes seconds (benchmarks/README.md); an engine can call this
     while it loads a model, even from another thread, instead of paying it on the first
     token.
     """
-    from kvslim.attention import AttnMeta
-    from kvslim.cache import KVCache
-    cache = KVCache(1, 1, formats.QK, 1, page_size=4, cache_type_k="q8_0", cache_type_v="q4_0")
-    meta = AttnMeta.prepare(cache, [cache.new_sequence()], [2])
-    rows = torch.zeros(2, 1, formats.QK)
-    cache.write(0, meta.slots, rows, rows)
-    attention(torch.zeros(2, 1, formats.QK), cache, 0, meta, 1.0)
+    qk, page = formats.QK, 4
+    kplanes, vplanes = ggml.tiny_planes("q8_0", page), ggml.tiny_planes("q4_0", page)
+    geom = ggml.Geom(0, 1, 1, page, 1, 1, qk, _tile_tokens(qk, qk))
+    rows, slots = np.zeros((2, 1, qk), np.float32), np.arange(2, dtype=np.int64)
+    cpu_write.write_arrays(rows, rows, slots, kplanes, vplanes, geom, cpu_write.plain_sides(1, qk, qk))
+    kv_lens = np.array([2], np.int64)
+    work, groups = plan_work(kv_lens, [0], 1, 1)
+    job = Job(np.zeros((1, 1), np.int64), kv_lens, kv_lens.copy(), np.array([0, 2], np.int64),
+              work, groups, np.empty((len(work), 2, qk), np.float32),
+              np.empty((len(work), 2, 2), np.float32))
+    _run(rows, 1.0, kplanes, vplanes, geom, job, np.empty((2, 1, qk), np.float32))
 
 
 def available(device, type_k: str, type_v: str) -> str | None:
     """None on CPU for every type (numba imported with this module); else the reason."""
     if torch.device(device).type != "cpu":
         return f"the numba kernels run on CPU only, not {torch.device(device).type}"
-    missing = [t for t in (type_k, type_v) if t not in TYPE_CODES]
+    missing = [t for t in (type_k, type_v) if t not in ggml.CODES]
     return f"no numba kernel for cache type {', '.join(missing)}" if missing else None

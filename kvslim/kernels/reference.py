@@ -6,10 +6,14 @@ kernels are unavailable.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from kvslim.cache import KVCache
+if TYPE_CHECKING:
+    from kvslim.attention import Step
+    from kvslim.cache import KVCache
 
 
 def causal_mask(q_len: int, kv_len: int, device=None, window: int = 0) -> torch.Tensor:
@@ -42,15 +46,37 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.matmul(p, v).transpose(0, 1)  # [n, Hq, Dv]
 
 
-def attention(q: torch.Tensor, cache: KVCache, layer: int, meta, scale: float,
-              window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence (meta.q_offsets) -> [N, Hq, Dv] float32."""
+def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32.
+
+    window: a sliding-window layer's keys per query (0: all); softcap: soft-capping of
+    the scores (0: none)."""
     out = q.new_empty(q.shape[0], q.shape[1], cache.v_head_dim, dtype=torch.float32)
-    for b, seq in enumerate(meta.seqs):
-        lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
-        k, v = cache.read(layer, seq)  # [Hkv, L, D] float32
+    for b, cid in enumerate(step.cache_ids):
+        lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
+        k, v = cache.read(layer, cid)  # [Hkv, L, D] float32
         out[lo:hi] = attend_one(q[lo:hi].float(), k, v, scale, window, softcap)
     return out
+
+
+def write(cache: "KVCache", layer: int, step: "Step", k: torch.Tensor, v: torch.Tensor) -> None:
+    """The plain-torch write: k, v coded as the cache's codec says, then ``cache.write``."""
+    if cache.codec is not None:
+        k, v = cache.codec.transform_kv(layer, k, v)
+    cache.write(layer, step.slots, k, v)
+
+
+class Backend:
+    """Dequantize-then-SDPA attention over plain-torch writes."""
+
+    name = "reference"
+
+    def prepare(self, step: "Step") -> None:
+        """Nothing to build: every call reads whole sequences."""
+
+    write = staticmethod(write)
+    attend = staticmethod(attention)
 
 
 def available(device: torch.device, type_k: str, type_v: str) -> str | None:

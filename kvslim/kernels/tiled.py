@@ -17,9 +17,16 @@ matmul/logsumexp version over bounded blocks.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvslim import formats
+from kvslim.kernels import reference
+
+if TYPE_CHECKING:
+    from kvslim.attention import Step
+    from kvslim.cache import KVCache
 
 TILE = 1024  # keys per tile: the decoded K+V tile of an 8B layer is 8 MiB
 BAND_ROWS = 256  # query rows per block on a window: each block decodes its own key range
@@ -136,23 +143,35 @@ def attend_banded(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_le
     return out
 
 
-def attention(q: torch.Tensor, cache, layer: int, meta, scale: float, window: int = 0,
-              softcap: float = 0.0) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence (meta.q_offsets) -> [N, Hq, Dv] float32.
+def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32.
 
     window: a windowed layer's keys per query (0: causal over the whole sequence);
     softcap: soft-capping of the scores (0: none)."""
     out = torch.empty(q.shape[0], q.shape[1], cache.v_head_dim, dtype=torch.float32,
                       device=q.device)
-    for b in range(len(meta.seqs)):
-        lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
-        pages, kv_len = meta.page_table.pages[b], meta.kv_lens[b]
+    for b in range(len(step.cache_ids)):
+        lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
+        pages, kv_len = step.page_table.pages[b], step.kv_lens[b]
         if (window and kv_len > window) or softcap:
             out[lo:hi] = attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window,
                                        softcap)
         else:  # a window longer than the sequence is plain causal attention
             out[lo:hi] = attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
+
+
+class Backend:
+    """Flash attention over decoded tiles; plain-torch writes (``reference.write``)."""
+
+    name = "tiled"
+
+    def prepare(self, step: "Step") -> None:
+        """Nothing to build: tiles are decoded per call."""
+
+    write = staticmethod(reference.write)
+    attend = staticmethod(attention)
 
 
 def available(device, type_k: str, type_v: str) -> str | None:

@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from kvslim import formats
+from kvslim import formats, rounding
 
 try:
     import triton
@@ -37,15 +37,17 @@ except ImportError as e:  # CPU-only installs: stay importable so available() ca
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["KERNEL_TYPES", "attention", "available", "paged_attention", "quantize_into"]
+__all__ = ["Backend", "KERNEL_TYPES", "attention", "available", "paged_attention",
+           "quantize_into"]
 
-# Format ids seen by the kernels (constexpr). Ids below _SPLIT hold 32 values per block row;
-# ids from _SPLIT on are nibble formats read as two 16-column parts.
-_F32, _F16, _BF16, _Q8_0, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _IQ4_NL = range(9)
-_SPLIT = _Q4_0
-_FMT_ID = {"f32": _F32, "f16": _F16, "bf16": _BF16, "q8_0": _Q8_0, "q4_0": _Q4_0,
-           "q4_1": _Q4_1, "q5_0": _Q5_0, "q5_1": _Q5_1, "iq4_nl": _IQ4_NL}
-KERNEL_TYPES: tuple[str, ...] = tuple(_FMT_ID)
+# The kernels branch on ``formats.Format.code`` (a constexpr FMT): codes 0-3 (f32, f16,
+# bf16, q8_0) hold 32 values per block row, the nibble formats (q4_0 = 4 and up) are
+# read as two 16-column parts. The literal codes in the kernels below are these.
+KERNEL_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                 "iq4_nl")
+_SPLIT = formats.get_format("q4_0").code
+assert all(formats.get_format(t).code == i for i, t in enumerate(KERNEL_TYPES)), \
+    "the Triton kernels' literal format codes no longer match formats.Format.code"
 
 _LOG2E = 1.4426950408889634
 _PASCAL = (6, 0)
@@ -68,7 +70,7 @@ def available(device, type_k: str, type_v: str) -> str | None:
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < _PASCAL:
             return f"GPU sm_{major}{minor} is older than Pascal (sm_60), triton's minimum"
-    missing = [t for t in (type_k, type_v) if formats.get_format(t).name not in _FMT_ID]
+    missing = [t for t in (type_k, type_v) if formats.get_format(t).name not in KERNEL_TYPES]
     if missing:
         return f"no triton kernel for cache type {', '.join(missing)}"
     return None
@@ -280,17 +282,17 @@ def _plane_args(planes: dict[str, torch.Tensor], type: str) -> tuple[torch.Tenso
     return planes.get("d", qs), planes.get("m", qs), qh, qs
 
 
-def _work(meta, rows_per_item: int, device: torch.device) -> torch.Tensor:
+def _work(step, rows_per_item: int, device: torch.device) -> torch.Tensor:
     """[W, 5] int32 work items (batch row, first packed row, rows, first position, kv_len),
-    built once per step and shared by all layers through ``meta.extra``."""
-    key = ("triton.work", rows_per_item)
-    if key not in meta.extra:
+    built once per step and shared by all layers through the step's scratch."""
+    key = ("work", rows_per_item)
+    if key not in step.scratch:
         items = []
-        for b, (ql, kl, off) in enumerate(zip(meta.q_lens, meta.kv_lens, meta.q_offsets)):
+        for b, (ql, kl, off) in enumerate(zip(step.q_lens, step.kv_lens, step.q_offsets)):
             for r0 in range(0, ql, rows_per_item):
                 items.append((b, off + r0, min(rows_per_item, ql - r0), kl - ql + r0, kl))
-        meta.extra[key] = torch.tensor(items, dtype=torch.int32).reshape(-1, 5).to(device)
-    return meta.extra[key]
+        step.scratch[key] = torch.tensor(items, dtype=torch.int32).reshape(-1, 5).to(device)
+    return step.scratch[key]
 
 
 def _splits(n_programs: int, max_len: int, block_n: int, min_chunk: int,
@@ -313,11 +315,11 @@ def _default_blocks(decode: bool, head_dim: int, group: int) -> tuple[int, int]:
 
 
 def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str,
-                    type_v: str, meta, scale: float, *, block_m: int | None = None,
+                    type_v: str, step, scale: float, *, block_m: int | None = None,
                     block_n: int | None = None, min_chunk: int = 256,
                     splits: int | None = None, num_warps: int = 4,
                     num_stages: int = 2) -> torch.Tensor:
-    """q [N, Hq, D] packed as ``meta`` says; planes {name: [P, Hkv, S, nb, per]}
+    """q [N, Hq, D] packed as ``step`` says (prepared by ``Backend.prepare``); planes {name: [P, Hkv, S, nb, per]}
     -> [N, Hq, Dv] in q's dtype (fp32 for other float dtypes).
 
     Block sizes, the shortest key chunk per split and the number of splits have
@@ -336,11 +338,11 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
     if n_rows == 0:
         return out
     group = hq // h_kv
-    bm, bn = _default_blocks(meta.is_decode, d, group)
+    bm, bn = _default_blocks(step.is_decode, d, group)
     bm = max(block_m or bm, _pow2(group))
     bn = block_n or bn
-    work = _work(meta, bm // group, q.device)
-    n_splits, chunk = _splits(work.shape[0] * h_kv, max(meta.kv_lens), bn, min_chunk, q.device,
+    work = _work(step, bm // group, q.device)
+    n_splits, chunk = _splits(work.shape[0] * h_kv, max(step.kv_lens), bn, min_chunk, q.device,
                               splits)
     partial = n_splits > 1
     if partial:
@@ -348,17 +350,17 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
         lse = q.new_empty(n_rows, hq, n_splits, dtype=torch.float32)
     else:
         part = lse = out  # never touched
-    pages = meta.page_table.pages
+    pages = step.page_table.pages
     lut, _ = _lut(q.device)
-    kw = 16 if _FMT_ID[fk] >= _SPLIT else 32
-    vw = 16 if _FMT_ID[fv] >= _SPLIT else 32
+    kw = 16 if formats.get_format(fk).code >= _SPLIT else 32
+    vw = 16 if formats.get_format(fv).code >= _SPLIT else 32
     _attn_kernel[(work.shape[0], h_kv, n_splits)](
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1), part, lse,
         *_plane_args(k_planes, fk), *_plane_args(v_planes, fv), lut,
         pages, pages.stride(0), work, scale * _LOG2E, chunk, n_splits,
         H_KV=h_kv, G=group, PAGE=page,
-        KFMT=_FMT_ID[fk], NBK=nbk, NBKP=_pow2(nbk), KW=kw,
-        VFMT=_FMT_ID[fv], NBV=nbv, NBVP=_pow2(nbv), VW=vw,
+        KFMT=formats.get_format(fk).code, NBK=nbk, NBKP=_pow2(nbk), KW=kw,
+        VFMT=formats.get_format(fv).code, NBV=nbv, NBVP=_pow2(nbv), VW=vw,
         BLOCK_M=bm, BLOCK_N=bn, PARTIAL=partial, DT=_TL_DTYPES[q.dtype],
         PREC="ieee" if q.dtype == torch.float32 else None, num_warps=num_warps,
         num_stages=num_stages)
@@ -369,11 +371,44 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
     return out
 
 
-def attention(q: torch.Tensor, cache, layer: int, meta, scale: float) -> torch.Tensor:
-    """The backend entry point: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype."""
+def attention(q: torch.Tensor, cache, layer: int, step, scale: float) -> torch.Tensor:
+    """The backend's read: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype."""
     k_planes, v_planes = cache.layer_planes(layer)
     return paged_attention(q, k_planes, v_planes, cache.cache_type_k, cache.cache_type_v,
-                           meta, scale)
+                           step, scale)
+
+
+def write(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The backend's write: k, v coded by the cache's codec, then quantized on the device
+    (both sides checked before either is written); lsq rounding is the torch
+    reference's (``cache.write``), there being no Triton version of its search."""
+    cache.check_rows(step.slots, k, v)
+    codec = cache.codec
+    if codec is not None:
+        k, v = codec.transform_kv(layer, k, v)
+        if any(r == "lsq" and rounding.supports_lsq(t) for r, t in (
+                (codec.rounding_k, cache.cache_type_k), (codec.rounding_v, cache.cache_type_v))):
+            cache.write(layer, step.slots, k, v)
+            return
+    if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
+        raise ValueError("K/V rows hold non-finite values (NaN or inf); "
+                         "the K/V cache refuses them")
+    kp, vp = cache.layer_planes(layer)
+    slots = step.slots.to(cache.device)
+    quantize_into(kp, slots, k, cache.cache_type_k, check_finite=False)
+    quantize_into(vp, slots, v, cache.cache_type_v, check_finite=False)
+
+
+class Backend:
+    """Triton decode/prefill over the pages and quantize-on-write (CUDA, ROCm)."""
+
+    name = "triton"
+
+    def prepare(self, step) -> None:
+        step.scratch = {}  # work lists, one per rows-per-item, made at first use
+
+    write = staticmethod(write)
+    attend = staticmethod(attention)
 
 
 # ================================================================ quantize on write
@@ -554,5 +589,5 @@ def quantize_into(planes: dict[str, torch.Tensor], slots: torch.Tensor, rows: to
         rows.view(torch.int16) if x_bf16 else rows,
         slots.to(device=rows.device, dtype=torch.int64).contiguous(),
         d, m, qh, qs, lut, mid, n_blocks,
-        H=h, NB=nb, PAGE=page, FMT=_FMT_ID[fmt.name], BLOCK_R=block_r, X_BF16=x_bf16,
+        H=h, NB=nb, PAGE=page, FMT=fmt.code, BLOCK_R=block_r, X_BF16=x_bf16,
         num_warps=4, enable_fp_fusion=False)

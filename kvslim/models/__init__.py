@@ -1,7 +1,8 @@
 """Model architectures, picked by the GGUF's ``general.architecture``.
 
-Each module implements one family; ``ARCHITECTURES`` maps an architecture name to
-``(module, class)`` so adding one is one file and one line here.
+Each module implements one family; ``ARCHITECTURES`` (``kvslim.architectures``, the one
+table) maps an architecture name to its module, class and rope style, so adding one is
+one file here and one line there.
 """
 from __future__ import annotations
 
@@ -10,17 +11,8 @@ import importlib
 import gguf
 import torch
 
+from kvslim.architectures import ARCHITECTURES
 from kvslim.gguf_loader import GGUFError, ModelConfig
-
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llama": ("kvslim.models.llama", "Llama"),
-    "mistral": ("kvslim.models.llama", "Llama"),
-    "qwen2": ("kvslim.models.llama", "Llama"),
-    "qwen3": ("kvslim.models.qwen3", "Qwen3"),
-    "phi3": ("kvslim.models.phi3", "Phi3"),
-    "gemma2": ("kvslim.models.gemma3", "Gemma3"),
-    "gemma3": ("kvslim.models.gemma3", "Gemma3"),
-}
 
 __all__ = ["ARCHITECTURES", "model_class", "load_model"]
 
@@ -29,8 +21,8 @@ def model_class(arch: str) -> type:
     """The class that runs ``arch``; GGUFError listing the supported ones otherwise."""
     if arch not in ARCHITECTURES:
         raise GGUFError(f"unsupported architecture '{arch}'; supported: {', '.join(ARCHITECTURES)}")
-    module, name = ARCHITECTURES[arch]
-    return getattr(importlib.import_module(module), name)
+    entry = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(entry.module), entry.cls)
 
 
 def load_model(reader: gguf.GGUFReader, config: ModelConfig, device: str | torch.device = "cpu",

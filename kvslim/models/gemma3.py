@@ -34,7 +34,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from kvslim.attention import Attention, AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
 from kvslim.models.common import Rope, rope_inv_freq
@@ -151,35 +151,21 @@ class Gemma3:
     # ---------------------------------------------------------------- forward
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, seqs: list[int], q_lens: list[int],
-                attn: Attention, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step and append its K/V to ``cache`` (as ``Llama.forward``).
+    def forward(self, tokens: torch.Tensor, step: Step,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step, appending its K/V to ``step.cache`` through ``step.attn`` (as
+        ``Llama.forward``): tokens [N], logit_rows [R] or None -> logits [R, V] float32."""
+        return self._forward(tokens.to(self.device), step, logit_rows)
 
-        tokens [N] (packed like ``q_lens``), logit_rows [R] row indices or None for all
-        -> logits [R, V] float32. On any error the cache is rolled back.
-        """
-        meta = AttnMeta.prepare(cache, seqs, q_lens)
-        try:
-            return self._forward(tokens.to(self.device), cache, meta, attn, logit_rows)
-        except BaseException:
-            meta.rollback(cache)
-            raise
-
-    @staticmethod
-    def _positions(meta: AttnMeta) -> torch.Tensor:
-        if meta.is_decode:
-            return torch.tensor(meta.kv_lens) - 1  # [B]
-        return torch.cat([torch.arange(kv - n, kv) for kv, n in zip(meta.kv_lens, meta.q_lens)])
-
-    def _forward(self, tokens, cache, meta, attn, logit_rows):
+    def _forward(self, tokens, step, logit_rows):
         eps = self.config.rms_eps
-        pos = self._positions(meta).to(self.device)  # [N]
+        pos = step.positions.to(self.device)  # [N]
         ropes = {"local": self.rope_local.at(pos), "global": self.rope_global.at(pos)}
         x = F.embedding(tokens, self.embed) * self.embed_scale  # [N, d]
         for i, layer in enumerate(self.layers):
             cos, sin = ropes["local" if layer.window else "global"]  # [N, 1, D] each
             h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
-            h = self._attention(h, i, layer, cache, meta, attn, cos, sin)
+            h = self._attention(h, i, layer, step, cos, sin)
             x = x + F.rms_norm(h, h.shape[-1:], layer.post_attn_norm, eps)
             h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
             gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
@@ -192,7 +178,7 @@ class Gemma3:
         cap = self.config.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def _attention(self, h, i, layer, cache, meta, attn, cos, sin):
+    def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim, eps = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim, \
             self.config.rms_eps
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
@@ -204,7 +190,7 @@ class Gemma3:
         if self.cache_head_dim != dim:
             pad = (0, self.cache_head_dim - dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = attn.forward(q, k, v, cache, i, meta, self.scale, window=layer.window,
-                         softcap=self.config.attn_softcap)  # [N, H, Dc]
+        o = step.attn(q, k, v, i, step, self.scale, window=layer.window,
+                      softcap=self.config.attn_softcap)  # [N, H, Dc]: write, attend
         o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
         return layer.wo(o)  # [N, d]

@@ -4,7 +4,7 @@ RoPE, GQA, RMSNorm, SwiGLU, tied or separate output head, optional q/k/v bias (q
 Weights come from ``gguf_loader.load_weights(neox_qk=True)``, so q/k rows are in
 Hugging Face order and every architecture uses the NEOX ("rotate half") rotation.
 
-Shapes: N = rows of this step packed over sequences (``AttnMeta.q_offsets``),
+Shapes: N = rows of this step packed over sequences (``Step.q_offsets``),
 d = d_model, H = query heads, Hkv = kv heads, D = head_dim, F = ffn_dim, V = vocab.
 
 Per layer the forward runs few large ops: one fused qkv matmul, one rotation of q and
@@ -20,7 +20,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from kvslim.attention import Attention, AttnMeta
+from kvslim.attention import Step
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
 
@@ -188,37 +188,22 @@ class Llama:
     # ---------------------------------------------------------------- forward
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, seqs: list[int], q_lens: list[int],
-                attn: Attention, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step and append its K/V to ``cache``.
+    def forward(self, tokens: torch.Tensor, step: Step,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step, appending its K/V to ``step.cache`` through ``step.attn``.
 
-        tokens [N] (packed like ``q_lens``), logit_rows [R] row indices or None for all
-        -> logits [R, V] float32. On any error the cache is rolled back to the tokens it
-        held before the call.
+        tokens [N] (packed like ``step.q_lens``), logit_rows [R] row indices or None for
+        all -> logits [R, V] float32. The step's slots are reserved already
+        (``Attention.begin``); on an error the caller rolls the step back.
         """
-        meta = AttnMeta.prepare(cache, seqs, q_lens)
-        try:
-            return self._forward(tokens.to(self.device), cache, meta, attn, logit_rows)
-        except BaseException:
-            meta.rollback(cache)
-            raise
-
-    def _positions(self, meta: AttnMeta) -> torch.Tensor:
-        if meta.is_decode:
-            pos = torch.tensor(meta.kv_lens) - 1  # [B]
-        else:
-            pos = torch.cat([torch.arange(kv - n, kv) for kv, n in zip(meta.kv_lens, meta.q_lens)])
-        return pos.to(self.device)  # [N]
-
-    def _forward(self, tokens, cache, meta, attn, logit_rows):
         eps = self.config.rms_eps
-        cos, sin = self._rope_tables(max(meta.kv_lens))
-        pos = self._positions(meta)
+        cos, sin = self._rope_tables(max(step.kv_lens))
+        pos = step.positions.to(self.device)
         cos, sin = cos[pos], sin[pos]  # [N, 1, R], shared by every layer
-        x = F.embedding(tokens, self.embed)  # [N, d]
+        x = F.embedding(tokens.to(self.device), self.embed)  # [N, d]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
-            x = x + self._attention(h, i, layer, cache, meta, attn, cos, sin)
+            x = x + self._attention(h, i, layer, step, cos, sin)
             h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
             gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
             x = x + layer.w2(F.silu(gate).mul_(up))  # [N, d]
@@ -227,7 +212,7 @@ class Llama:
         x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
         return self.output(x).float()  # [R, V]
 
-    def _attention(self, h, i, layer, cache, meta, attn, cos, sin):
+    def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
         qk = apply_rope(qkv[:, :hq + hkv], cos, sin)  # [N, H + Hkv, D]
@@ -235,6 +220,6 @@ class Llama:
         if self.cache_head_dim != dim:
             pad = (0, self.cache_head_dim - dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = attn.forward(q, k, v, cache, i, meta, self.scale)  # [N, H, Dc]: write, attend
+        o = step.attn(q, k, v, i, step, self.scale)  # [N, H, Dc]: write, attend
         o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
         return layer.wo(o)  # [N, d]

@@ -36,7 +36,7 @@ class Qwen3(Llama):
         norms = sum(2 * L.q_norm.numel() * L.q_norm.element_size() for L in self.layers)
         return super().weight_bytes + norms
 
-    def _attention(self, h, i, layer, cache, meta, attn, cos, sin):
+    def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         eps = self.config.rms_eps
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
@@ -46,6 +46,6 @@ class Qwen3(Llama):
         if self.cache_head_dim != dim:
             pad = (0, self.cache_head_dim - dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = attn.forward(q, k, v, cache, i, meta, self.scale)  # [N, H, Dc]
+        o = step.attn(q, k, v, i, step, self.scale)  # [N, H, Dc]: write, attend
         o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
         return layer.wo(o)  # [N, d]

@@ -3,10 +3,11 @@
     kvslim serve                      # 127.0.0.1:11434, models from the store (kvslim pull)
     KVSLIM_HOST=0.0.0.0:8080 KVSLIM_KV_CACHE_TYPE=q8_0 KVSLIM_NUM_PARALLEL=16 kvslim serve
 
-Modules: ``settings`` (env and flags), ``models`` (loaded models and their pools),
-``scheduler`` (the thread that batches each model's requests), ``prefix`` (prefix
-cache), ``schemas`` (request bodies), ``ollama`` / ``openai`` (routes), ``app`` (the
-FastAPI app). This file stays light: every ``kvslim`` command imports it.
+Modules: ``types`` (what a pool is built with, what a request asks of it, errors),
+``models`` (loaded models and their pools), ``scheduler`` (the thread that batches each
+model's requests), ``schemas`` (request bodies), ``ollama`` / ``openai`` (routes),
+``app`` (the FastAPI app). Settings come from ``kvslim.settings``, the prefix cache from
+``kvslim.prefix``. This file stays light: every ``kvslim`` command imports it.
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def _positive(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from kvslim.server.settings import Settings
+    from kvslim.settings import ServerSettings
 
-    settings = Settings.from_env(
+    settings = ServerSettings.from_env(
         host=args.host, kv_cache_type=args.kv_cache_type, cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, num_ctx=args.num_ctx,
         num_parallel=args.num_parallel, kv_memory=args.kv_memory, max_queue=args.max_queue,
@@ -72,9 +73,9 @@ def serve(settings=None, models: dict[str, Path] | None = None) -> None:
     import uvicorn
 
     from kvslim.server.app import create_app
-    from kvslim.server.settings import Settings, is_loopback
+    from kvslim.settings import ServerSettings, is_loopback
 
-    settings = settings or Settings.from_env()
+    settings = settings or ServerSettings.from_env()
     log = logging.getLogger("kvslim.server")
     if not is_loopback(settings.host):
         log.warning("listening on %s: reachable from the network, with no authentication",

@@ -2,7 +2,7 @@
 
 Errors are answered in the shape the client's API expects: ``{"error": "..."}`` under
 /api (Ollama), ``{"error": {"message", "type", ...}}`` under /v1 (OpenAI). Bodies larger
-than ``Settings.max_body`` get 413 before any handler reads them.
+than ``ServerSettings.max_body`` get 413 before any handler reads them.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kvslim.server import ollama, openai
 from kvslim.server.common import APIError, status_of
 from kvslim.server.models import Registry
-from kvslim.server.settings import Settings
+from kvslim.server.ollama import router as ollama_router
+from kvslim.server.openai import error_body, router as openai_router
+from kvslim.settings import ServerSettings
 
 log = logging.getLogger("kvslim.server")
 
@@ -28,7 +29,7 @@ __all__ = ["create_app"]
 
 def error_response(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
     """The error body of the API that ``path`` belongs to."""
-    body = openai.error_body(status, message, code) if path.startswith("/v1") else {"error": message}
+    body = error_body(status, message, code) if path.startswith("/v1") else {"error": message}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -87,9 +88,9 @@ def _replay(chunks: list[bytes], pending, receive):
     return replay
 
 
-def create_app(settings: Settings | None = None, models: dict[str, Path] | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, models: dict[str, Path] | None = None) -> FastAPI:
     """The server app. ``models`` names extra .gguf files to serve besides the store's."""
-    settings = settings or Settings.from_env()
+    settings = settings or ServerSettings.from_env()
     reg = Registry(settings, models)
 
     @contextlib.asynccontextmanager
@@ -100,8 +101,8 @@ def create_app(settings: Settings | None = None, models: dict[str, Path] | None 
     app = FastAPI(title="kvslim", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.registry, app.state.settings = reg, settings
-    app.include_router(ollama.router)
-    app.include_router(openai.router)
+    app.include_router(ollama_router)
+    app.include_router(openai_router)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _api_error)
     for kind in (APIError, LookupError, ValueError, MemoryError, RuntimeError):

@@ -14,10 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from kvslim.engine import StepOutput
 from kvslim.sampling import SamplingParams
-from kvslim.server.models import (CacheRequest, ModelNotFound, PoolTooLarge, Registry, Runner,
-                                  ServerBusy)
+from kvslim.server.models import Registry, Runner
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import Options
+from kvslim.server.types import CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
 
 log = logging.getLogger("kvslim.server")
 
@@ -117,7 +117,7 @@ async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: Cache
         runner.check_request(ids, params, cache, truncate)
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    return Job.start(runner, ids, params, cache, truncate)
+    return Job.start(runner.scheduler, ids, params, cache, truncate)
 
 
 # ---------------------------------------------------------------- answers

@@ -8,11 +8,11 @@ done: the weights stay, the old pool and its cached prefixes are dropped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,94 +20,20 @@ import torch
 from kvslim import formats, store
 from kvslim.attention import plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
-from kvslim.codec import CodecSettings
-from kvslim.engine import Engine, PromptTooLong
+from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_chat
+from kvslim.engine import Engine
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.llm import compute_dtype, pick_device, resolve_num_ctx
 from kvslim.models import load_model
-from kvslim.server.prefix import PrefixCache
-from kvslim.server.settings import Settings
+from kvslim.prefix import PrefixCache
+from kvslim.server.scheduler import Scheduler
+from kvslim.server.types import CacheConfig, CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
+from kvslim.settings import (ServerSettings, compute_dtype, pick_device, resolve_codec,
+                             resolve_num_ctx)
 from kvslim.tokenizer import Tokenizer
 
 log = logging.getLogger("kvslim.server")
 
-__all__ = ["CacheConfig", "CacheRequest", "Runner", "Registry", "ModelNotFound", "ServerBusy",
-           "PoolTooLarge", "model_details"]
-
-
-class ModelNotFound(LookupError):
-    """No such model here (HTTP 404)."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class ServerBusy(RuntimeError):
-    """The server cannot take the request now; try again later (HTTP 503)."""
-
-
-class PoolTooLarge(MemoryError):
-    """A K/V pool that would not fit in the memory the device has free."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """What the pool of a loaded model is built with (the codec too: a pool is only ever
-    read with the rotation / centering / rounding it was written with)."""
-
-    type_k: str
-    type_v: str
-    num_ctx: int
-    codec: CodecSettings = CodecSettings()
-
-
-def chat_limit(num_ctx: int, max_tokens: int | None) -> int:
-    """Prompt tokens a chat may keep: num_ctx less room to answer (num_predict, at most
-    half the context; without one, a quarter of it up to 256 tokens, as ``kvslim run``)."""
-    room = min(256, num_ctx // 4) if max_tokens is None else min(max_tokens, num_ctx // 2)
-    return max(1, num_ctx - room)
-
-
-def fit_messages(messages: list[dict], count, limit: int) -> list[dict]:
-    """The longest suffix of ``messages`` whose prompt (``count(msgs)`` tokens) fits
-    ``limit``, with the system messages before it kept in place; at least the last message.
-
-    Binary search over where the suffix starts (the count only grows as messages are
-    added back), so a long history costs a few renders, not one per message.
-    """
-    if len(messages) <= 1 or count(messages) <= limit:
-        return list(messages)
-
-    def keep_from(i: int) -> list[dict]:
-        return [m for m in messages[:i] if m.get("role") == "system"] + list(messages[i:])
-
-    lo, hi = 1, len(messages) - 1  # start index; hi (only the last message) is the fallback
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(keep_from(mid)) <= limit:
-            hi = mid
-        else:
-            lo = mid + 1
-    return keep_from(hi)
-
-
-@dataclass(frozen=True)
-class CacheRequest:
-    """What one request asks of the pool; None keeps whatever is loaded."""
-
-    type_k: str | None = None
-    type_v: str | None = None
-    num_ctx: int | None = None
-    codec: CodecSettings | None = None  # the loaded settings with the request's changes
-
-    def fits(self, cfg: CacheConfig) -> bool:
-        return all(want is None or want == have for want, have in
-                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx),
-                    (self.codec, cfg.codec)))
-
-    def apply(self, cfg: CacheConfig) -> CacheConfig:
-        return CacheConfig(self.type_k or cfg.type_k, self.type_v or cfg.type_v,
-                           self.num_ctx or cfg.num_ctx, self.codec or cfg.codec)
+__all__ = ["Runner", "Registry", "model_details"]
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -134,11 +60,10 @@ def model_details(config: ModelConfig) -> dict:
 
 
 class Runner:
-    """One loaded model: weights, tokenizer, the engine over its pool, and its scheduler."""
+    """One loaded model: weights, tokenizer, the engine over its pool, and its scheduler
+    (which steps it as a ``kvslim.server.types.Pool``)."""
 
-    def __init__(self, name: str, path: Path, settings: Settings):
-        from kvslim.server.scheduler import Scheduler
-
+    def __init__(self, name: str, path: Path, settings: ServerSettings):
         t0 = time.perf_counter()
         self.name, self.path, self.settings = name, Path(path), settings
         self.device = pick_device(settings.device)
@@ -156,7 +81,7 @@ class Runner:
         self.engine = self.build(self.cache_config)
         self.load_duration = time.perf_counter() - t0
         self.loaded_at = time.time()
-        self.scheduler = Scheduler(self, settings.max_queue)
+        self.scheduler = Scheduler(self, settings.max_queue, settings.num_parallel)
 
     # ---------------------------------------------------------------- the pool
 
@@ -174,7 +99,7 @@ class Runner:
                              f"(the model's maximum context is {top})")
         codec = None
         if (kv_rotation, kv_centering, kv_rounding) != (None, None, None):
-            codec = self.cache_config.codec.replace(kv_rotation, kv_centering, kv_rounding)
+            codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=self.cache_config.codec)
         return CacheRequest(k, v, num_ctx, codec)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
@@ -215,16 +140,10 @@ class Runner:
         """ValueError when a request cannot run in the pool it asks for: a prompt longer
         than num_ctx (without truncation) or more tokens than the whole pool holds."""
         cfg = cache.apply(self.cache_config)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        if len(ids) > cfg.num_ctx and not truncate:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens, more than the context length "
-                                f"num_ctx={cfg.num_ctx} (model maximum {self.config.context_length})")
-        n_prompt = min(len(ids), cfg.num_ctx)
-        max_len = cfg.num_ctx if params.max_tokens is None else \
-            min(cfg.num_ctx, n_prompt + params.max_tokens)
+        n_prompt = len(fit_prompt(ids, num_ctx=cfg.num_ctx, vocab_size=self.config.vocab_size,
+                                  model_max=self.config.context_length, truncate=truncate,
+                                  max_tokens=params.max_tokens, bos_id=self.tokenizer.bos_id))
+        max_len = max_length(n_prompt, cfg.num_ctx, params.max_tokens)
         n_pages = self.n_pages(cfg)
         if -(-max_len // self.page_size) > n_pages:
             raise ValueError(f"a request of up to {max_len} tokens cannot fit in the K/V pool "
@@ -275,23 +194,13 @@ class Runner:
         With ``cache`` (the request's pool settings), a conversation longer than its
         num_ctx loses its oldest messages first, as Ollama's chat does: the system
         messages and the latest message always stay, and room is left to answer
-        (``chat_limit``). Only a last message too long on its own is then cut by tokens.
+        (``kvslim.chat``). Only a last message too long on its own is then cut by tokens.
         """
-        ids = self._render(messages)
+        render = functools.partial(render_chat, self.tokenizer)
         if cache is None:
-            return ids
-        limit = chat_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
-        if len(ids) <= limit:  # the usual case: rendered once
-            return ids
-        return self._render(fit_messages(messages, lambda m: len(self._render(m)), limit))
-
-    def _render(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
-        bos = self.tokenizer.bos_id
-        if len(ids) > 1 and ids[0] == ids[1] == bos:
-            ids = ids[1:]  # the template wrote BOS itself
-        return ids
+            return render(messages)
+        limit = prompt_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
+        return fit_chat(render, messages, limit)[1]
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=True, parse_special=True)
@@ -305,7 +214,7 @@ class Runner:
         """
         e = self.engine
         info = e.cache_info()
-        seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_seq)}
+        seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_id)}
         prefix = e.prefix_cache
         info.update(
             pages_sequences=len(seq_pages),
@@ -325,7 +234,7 @@ class Runner:
 class Registry:
     """Model names to files, and the models loaded now (at most ``max_loaded_models``)."""
 
-    def __init__(self, settings: Settings, aliases: dict[str, Path] | None = None):
+    def __init__(self, settings: ServerSettings, aliases: dict[str, Path] | None = None):
         self.settings = settings
         self.aliases = {k: Path(v) for k, v in (aliases or {}).items()}
         self._runners: dict[str, Runner] = {}

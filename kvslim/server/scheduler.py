@@ -21,7 +21,7 @@ from typing import AsyncIterator
 
 from kvslim.engine import Sequence, StepOutput
 from kvslim.sampling import SamplingParams
-from kvslim.server.models import CacheRequest, ServerBusy
+from kvslim.server.types import CacheRequest, Pool, ServerBusy
 
 log = logging.getLogger("kvslim.server")
 
@@ -56,31 +56,31 @@ class Ticket:
 
 
 class Scheduler:
-    """Steps one runner's engine in a background thread while there is work."""
+    """Steps one pool's engine in a background thread while there is work."""
 
-    def __init__(self, runner, max_queue: int):
-        self.runner, self.max_queue = runner, max_queue
+    def __init__(self, pool: Pool, max_queue: int, num_parallel: int):
+        self.pool, self.max_queue, self.num_parallel = pool, max_queue, num_parallel
         self._cond = threading.Condition()
         self._queue: collections.deque[Ticket] = collections.deque()  # not in the engine yet
         self._tickets: dict[int, Ticket] = {}  # sequence id -> ticket, in the engine
         self._stop = False
         self.counters = collections.Counter()
-        self.snapshot = runner.status()
-        self._thread = threading.Thread(target=self._run, name=f"kvslim-{runner.name}", daemon=True)
+        self.snapshot = pool.status()
+        self._thread = threading.Thread(target=self._run, name=f"kvslim-{pool.name}", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- handler side
 
     def waiting(self) -> int:
         """Requests not decoding yet: queued here or waiting in the engine for pages."""
-        return len(self._queue) + len(self.runner.engine.waiting)
+        return len(self._queue) + len(self.pool.engine.waiting)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket; QueueFull when KVSLIM_MAX_QUEUE requests already wait for a slot."""
         with self._cond:
             if self._stop:
-                raise ServerBusy(f"model '{self.runner.name}' is being unloaded")
-            free_slots = max(0, self.runner.settings.num_parallel - len(self.runner.engine.running))
+                raise ServerBusy(f"model '{self.pool.name}' is being unloaded")
+            free_slots = max(0, self.num_parallel - len(self.pool.engine.running))
             if self.waiting() >= self.max_queue + free_slots:
                 raise QueueFull("server busy, please try again. maximum pending requests "
                                 f"exceeded (KVSLIM_MAX_QUEUE={self.max_queue})")
@@ -94,13 +94,13 @@ class Scheduler:
             ticket.cancelled = True
             if ticket in self._queue:
                 self._queue.remove(ticket)
-            elif ticket.seq is not None and self.runner.engine is not None:
-                self.runner.engine.cancel(ticket.seq)
+            elif ticket.seq is not None and self.pool.engine is not None:
+                self.pool.engine.cancel(ticket.seq)
             self._cond.notify()
 
     def idle(self) -> bool:
         with self._cond:
-            return not (self._queue or self._tickets or self.runner.engine.has_work())
+            return not (self._queue or self._tickets or self.pool.engine.has_work())
 
     def stop(self) -> None:
         with self._cond:
@@ -108,37 +108,37 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=60)
         for t in list(self._queue) + list(self._tickets.values()):
-            t.send("error", ServerBusy(f"model '{self.runner.name}' was unloaded"))
+            t.send("error", ServerBusy(f"model '{self.pool.name}' was unloaded"))
 
     # ---------------------------------------------------------------- the thread
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._queue or self.runner.engine.has_work()):
+                while not (self._stop or self._queue or self.pool.engine.has_work()):
                     self._cond.wait()
                 if self._stop:
                     return
                 admit = self._take_fitting()
                 switch = self._queue[0] if (self._queue and not admit
-                                            and not self.runner.engine.has_work()) else None
+                                            and not self.pool.engine.has_work()) else None
             for t in admit:
                 self._add(t)
             if switch is not None:
                 self._switch(switch)
-            if self.runner.engine.has_work():
+            if self.pool.engine.has_work():
                 self._step()
-            self.snapshot = self.runner.status()
+            self.snapshot = self.pool.status()
 
     def _take_fitting(self) -> list[Ticket]:
         """Tickets at the head of the queue that the current pool can serve (FIFO)."""
-        out, cfg = [], self.runner.cache_config
+        out, cfg = [], self.pool.cache_config
         while self._queue and self._queue[0].cache.fits(cfg):
             out.append(self._queue.popleft())
         return out
 
     def _add(self, t: Ticket) -> None:
-        engine = self.runner.engine
+        engine = self.pool.engine
         try:
             seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate)
         except ValueError as e:  # too long for the context or the pool
@@ -152,12 +152,12 @@ class Scheduler:
 
     def _switch(self, head: Ticket) -> None:
         """Rebuild the pool for the head ticket (the engine is idle)."""
-        cfg = head.cache.apply(self.runner.cache_config)
+        cfg = head.cache.apply(self.pool.cache_config)
         try:
-            head.load_duration = self.runner.switch(cfg)
+            head.load_duration = self.pool.switch(cfg)
             self.counters["rebuilds"] += 1
         except Exception as e:  # noqa: BLE001 - every waiter of this config hears why
-            log.warning("%s: cannot rebuild the K/V pool: %s", self.runner.name, e)
+            log.warning("%s: cannot rebuild the K/V pool: %s", self.pool.name, e)
             with self._cond:
                 failed = [t for t in self._queue if t.cache == head.cache]
                 for t in failed:
@@ -166,11 +166,11 @@ class Scheduler:
                 t.send("error", e)
 
     def _step(self) -> None:
-        engine = self.runner.engine
+        engine = self.pool.engine
         try:
             outputs = engine.step()
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-            log.exception("%s: engine step failed", self.runner.name)
+            log.exception("%s: engine step failed", self.pool.name)
             self._fail_all(e)
             return
         for out in outputs:
@@ -192,7 +192,7 @@ class Scheduler:
         c["generated_tokens"] += seq.n_generated
 
     def _fail_all(self, error: Exception) -> None:
-        engine = self.runner.engine
+        engine = self.pool.engine
         with self._cond:
             tickets, self._tickets = list(self._tickets.values()), {}
         for t in tickets:
@@ -213,11 +213,11 @@ class Job:
         self.scheduler, self.ticket = scheduler, ticket
 
     @classmethod
-    def start(cls, runner, prompt_ids: list[int], params: SamplingParams, cache: CacheRequest,
-              truncate: bool) -> "Job":
+    def start(cls, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams,
+              cache: CacheRequest, truncate: bool) -> "Job":
         ticket = Ticket(prompt_ids, params, cache, truncate, asyncio.get_running_loop())
-        runner.scheduler.submit(ticket)
-        return cls(runner.scheduler, ticket)
+        scheduler.submit(ticket)
+        return cls(scheduler, ticket)
 
     @property
     def seq(self) -> Sequence | None:

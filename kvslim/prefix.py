@@ -8,8 +8,9 @@ chains the keys of the pages before it, as in nano-vllm's block manager, so a ke
 a whole prefix. Entries are dropped least recently used first, when admission needs
 pages (``evict``) or beyond ``max_entries``.
 
-Plugs into ``kvslim.engine.Engine(prefix_cache=...)``; the engine calls every method
-under its step lock, so nothing here locks.
+It sits beside the pool's allocator (above ``cache``, below ``engine``) and plugs into
+``kvslim.engine.Engine(prefix_cache=...)``, which ``LLM`` and the server both build; the
+engine calls every method under its step lock, so nothing here locks.
 """
 from __future__ import annotations
 

@@ -1,0 +1,190 @@
+"""The K/V codec's calibration: the mean key and value of every layer and head, measured
+by running the model once over a short text, and the ``KVCodec`` built from them.
+
+It runs the model, so it sits above ``models`` (the coding transforms themselves,
+``codec``, stay below the cache). The means depend on the weights only: they are
+computed once per loaded model and kept beside the model store.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvslim import store
+from kvslim.attention import Attention, plan_attention
+from kvslim.codec import CodecChoice, KVCodec
+from kvslim.rotation import Rotation
+from kvslim.version import __version__
+
+__all__ = ["CALIBRATION_TEXT", "build_codec", "calibrate", "key_shift", "model_means"]
+
+log = logging.getLogger("kvslim")
+
+_MEANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``calibrate`` on CALIBRATION_TEXT, once per loaded model (the weights never change).
+
+    Without a tokenizer (bare engines in tests) a fixed spread of token ids stands in.
+    """
+    got = _MEANS.get(model)
+    if got is None:
+        if tokenizer is not None:
+            ids = tokenizer.encode(CALIBRATION_TEXT, add_special=True, parse_special=False)
+        else:
+            ids = [(i * 7919) % model.config.vocab_size for i in range(256)]
+        path = _means_path(model, ids)
+        got = _load_means(path, model) if path is not None else None
+        if got is None:
+            got = calibrate(model, ids)
+            if path is not None:
+                _save_means(path, got)
+        _MEANS[model] = got
+    return got
+
+
+# ---------------------------------------------------------------- the means on disk
+# The calibration forward is a sizeable part of a model load (benchmarks/README.md) and
+# its result only depends on the weights, so it is kept beside the model store, keyed by
+# everything it depends on. A missing, unreadable or mismatched file is recomputed.
+
+_MEANS_FORMAT = 1
+
+
+def _means_path(model, ids: list[int]):
+    """Where ``model``'s means live (None: this model cannot be keyed, e.g. no layers)."""
+    layers = getattr(model, "layers", None)
+    if not layers or not hasattr(layers[0], "wqkv"):
+        return None
+    h = hashlib.sha256(repr((_MEANS_FORMAT, __version__, model.config, str(model.dtype),
+                             model.device.type)).encode())
+    h.update(np.asarray(ids, np.int64).tobytes())
+    for layer in (layers[0], layers[-1]):  # a sample of the weights themselves
+        h.update(layer.wqkv.w[:8].detach().float().cpu().numpy().tobytes())
+    return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}.pt"
+
+
+def _load_means(path, model):
+    try:
+        mk, mv = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # absent, cut short, or not ours: recompute
+        return None
+    c = model.config
+    want = (c.n_layers, c.n_kv_heads)
+    if mk.dtype != torch.float32 or mv.dtype != torch.float32 or mk.shape[:2] != want or mv.shape[:2] != want:
+        return None
+    return mk, mv
+
+
+def _save_means(path, means) -> None:
+    """Write atomically (a temporary file renamed); a store that cannot be written only
+    costs the next load the calibration."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tuple(means), tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("K/V calibration not saved to %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def build_codec(model, tokenizer, choice: CodecChoice, n_positions: int) -> KVCodec | None:
+    """The KVCodec for ``choice`` on ``model`` (None when it does nothing).
+
+    n_positions: the context the cache serves; keys are centered on their mean over it.
+    The first centered cache of a model runs the calibration forward (then remembered).
+    """
+    if not choice.active:
+        return None
+    mu_k = mu_v = None
+    if choice.centering_k or choice.centering_v:
+        pre_k, mean_v = model_means(model, tokenizer)
+        mu_k = key_shift(model, pre_k, n_positions) if choice.centering_k else None
+        mu_v = mean_v if choice.centering_v else None
+    dim = model.cache_head_dim
+    rot = lambda size: Rotation.make(dim, size) if size else None  # noqa: E731
+    codec = KVCodec(model.n_heads, rot(choice.rotation_k), rot(choice.rotation_v), mu_k, mu_v,
+                    choice.rounding_k, choice.rounding_v)
+    return codec.to(model.device)
+
+
+# Original prose written for kvslim (no outside text): the model reads it once to estimate
+# the mean key and value of every layer and head. Ordinary English on everyday topics, so
+# the means describe the model, not one kind of text.
+CALIBRATION_TEXT = """\
+The morning train was late again, so the platform filled slowly with people who had \
+stopped pretending to read. A woman in a green coat checked her watch twice, then \
+called someone to say she would miss the start of the meeting. Near the stairs, a boy \
+explained to his grandfather how the new bridge had been built: first the towers, then \
+the cables, and only at the end the road that everyone would drive on. The old man \
+listened, nodded, and asked whether the river had been closed while they worked.
+
+In the kitchen of a small restaurant across the street, the cook was already preparing \
+soup for lunch. She cut onions, carrots and celery, warmed oil in a heavy pot, and let \
+the vegetables soften before adding stock. Her assistant counted plates and wrote a list \
+of what to buy on Friday: flour, eggs, lemons, rice, and more of the dark bread that \
+customers kept asking for. Neither of them looked up when the train finally arrived.
+
+Scientists who study weather often say that the hardest part of a forecast is not the \
+physics but the measurements. A model can only be as good as the numbers it starts from, \
+and the atmosphere is large, fast and full of small surprises. Satellites help, as do \
+balloons, ships and thousands of ground stations, yet every forecast still carries some \
+doubt. That is why a careful report speaks of chances rather than certainties, and why \
+it is updated several times a day.
+
+Later that afternoon the library held a short talk about the history of the town. The \
+speaker showed maps from three different centuries and pointed out how the market square \
+had moved twice, once after a fire and once when the railway came. Questions came from \
+every corner of the room. One visitor wanted to know why the church clock had four faces \
+but only three worked; another asked where the first school had stood. The answers were \
+not always certain, but everyone left with something to talk about on the way home.
+"""
+
+
+@torch.inference_mode()
+def calibrate(model, ids: list[int], skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key before RoPE and mean value per layer and kv head over ``ids``:
+    ([L, Hkv, D], [L, Hkv, Dv]) float32 on CPU, in the cache's head dims.
+
+    One forward through a float32 cache, no codec; positions before ``skip`` are left out
+    (the first token is an attention sink whose K/V look like no other token's). Keys
+    are averaged before RoPE because that mean hardly depends on position, so a short
+    text serves any context length (``key_shift`` rotates it back per position).
+    """
+    page = 64
+    cache = model.new_cache(-(-len(ids) // page), page, "f32", "f32")
+    plan = plan_attention(model.device, cache.head_dim, "f32", "f32", warn=False)
+    cid = cache.new_sequence()
+    model.forward(torch.tensor(ids), Attention(plan).begin(cache, [cid], [len(ids)]),
+                  torch.tensor([len(ids) - 1]))
+    pos = torch.arange(skip, len(ids), device=model.device)
+    dim = model.head_dim
+    mk, mv = [], []
+    for layer in range(cache.n_layers):
+        k, v = cache.read(layer, cid)  # [Hkv, T, Dc] float32
+        pre = model.unrope(k[:, skip:, :dim].transpose(0, 1).to(model.dtype), pos, layer)  # [T', Hkv, D]
+        mk.append(F.pad(pre.float().mean(0), (0, cache.head_dim - dim)))
+        mv.append(v[:, skip:].mean(1))
+    return torch.stack(mk).cpu(), torch.stack(mv).float().cpu()
+
+
+def key_shift(model, pre_mean: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """The constant subtracted from stored keys: the mean over positions 0..n-1 of the
+    RoPE-rotated pre-RoPE mean key. pre_mean [L, Hkv, Dc] -> [L, Hkv, Dc] float32 on CPU.
+
+    A constant is what keeps attention exact; for RoPE frequencies that turn little over
+    the context it is nearly the whole offset, for fast ones it averages out to ~0.
+    """
+    dim = model.head_dim
+    mu = model.rope_mean(pre_mean[..., :dim].to(model.device), n_positions).float().cpu()
+    return F.pad(mu, (0, pre_mean.shape[-1] - dim))

@@ -1,0 +1,74 @@
+"""Value types shared by the runner (``models``), its scheduler and the handlers.
+
+The scheduler steps a ``Pool`` (the runner, as this protocol): it never imports the
+runner, so ``models`` builds a ``Scheduler`` without a cycle between the two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from kvslim.codec import CodecSettings
+
+if TYPE_CHECKING:
+    from kvslim.engine import Engine
+
+__all__ = ["ModelNotFound", "ServerBusy", "PoolTooLarge", "CacheConfig", "CacheRequest", "Pool"]
+
+
+class ModelNotFound(LookupError):
+    """No such model here (HTTP 404)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ServerBusy(RuntimeError):
+    """The server cannot take the request now; try again later (HTTP 503)."""
+
+
+class PoolTooLarge(MemoryError):
+    """A K/V pool that would not fit in the memory the device has free."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the pool of a loaded model is built with (the codec too: a pool is only ever
+    read with the rotation / centering / rounding it was written with)."""
+
+    type_k: str
+    type_v: str
+    num_ctx: int
+    codec: CodecSettings = CodecSettings()
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What one request asks of the pool; None keeps whatever is loaded."""
+
+    type_k: str | None = None
+    type_v: str | None = None
+    num_ctx: int | None = None
+    codec: CodecSettings | None = None  # the loaded settings with the request's changes
+
+    def fits(self, cfg: CacheConfig) -> bool:
+        return all(want is None or want == have for want, have in
+                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx),
+                    (self.codec, cfg.codec)))
+
+    def apply(self, cfg: CacheConfig) -> CacheConfig:
+        return CacheConfig(self.type_k or cfg.type_k, self.type_v or cfg.type_v,
+                           self.num_ctx or cfg.num_ctx, self.codec or cfg.codec)
+
+
+class Pool(Protocol):
+    """What a scheduler steps: one model's current engine and how its pool was built,
+    rebuilt on demand (``switch``, when the engine is idle; seconds it took)."""
+
+    name: str
+    engine: "Engine | None"
+    cache_config: CacheConfig
+
+    def switch(self, cfg: CacheConfig) -> float: ...
+
+    def status(self) -> dict: ...

@@ -1,0 +1,263 @@
+"""Settings, resolved once for the Python API, the CLI and the server.
+
+Every value resolves the same way: an explicit argument (a keyword of ``LLM``, a flag)
+beats the environment, which beats the default. The environment, like Ollama's
+``OLLAMA_*``:
+
+    KVSLIM_KV_CACHE_TYPE      K and V cache type (f16, q8_0, q4_0, ...; default f16)
+    KVSLIM_FLASH_ATTENTION    auto | 1 | 0 (a quantized V cache needs it)
+    KVSLIM_CONTEXT_LENGTH     default num_ctx (4096, at most the model's)
+    KVSLIM_KV_ROTATION        auto | on | off: Hadamard rotation of quantized K/V (default auto)
+    KVSLIM_KV_CENTERING       auto | on | off: keys stored minus the model's mean key (default auto)
+    KVSLIM_KV_ROUNDING        auto | lsq | ggml: block scales of quantized K/V (default auto: lsq)
+    KVSLIM_PREFIX_CACHE       0 turns prefix caching off (default on)
+
+and for ``kvslim serve`` only (``ServerSettings``):
+
+    KVSLIM_HOST               address, like OLLAMA_HOST (default 127.0.0.1:11434)
+    KVSLIM_NUM_PARALLEL       sequences decoding together per model (default 4)
+    KVSLIM_KV_MEMORY          K/V pool size per model, e.g. 2GiB (default num_ctx x num_parallel)
+    KVSLIM_MAX_QUEUE          requests waiting per model before 503 (default 512, as Ollama)
+    KVSLIM_MAX_LOADED_MODELS  models kept loaded at once (default 1)
+    KVSLIM_MAX_BODY           largest request body, e.g. 16MiB (default)
+
+Booleans and modes are read by one parser (``parse_mode``): 1/true/yes/on and
+0/false/no/off, any case.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+
+from kvslim import formats
+from kvslim.attention import FLASH_MODES
+from kvslim.codec import CodecSettings
+from kvslim.engine import DEFAULT_NUM_CTX
+from kvslim.units import parse_memory
+
+__all__ = ["parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
+           "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "resolve_prefix_cache",
+           "ServerSettings",
+           "parse_host", "is_loopback", "DEVICES", "MODES", "ROUNDING_MODES"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MODES = ("auto", "on", "off")
+ROUNDING_MODES = ("auto", "lsq", "ggml")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_mode(name: str, value, choices: tuple[str, ...] = MODES, default: str = "auto") -> str:
+    """One of ``choices`` from a bool, a word or None (``default``); where ``choices``
+    has on/off, 1/true/yes and 0/false/no mean them. ValueError names ``name``."""
+    raw = default if value is None or value == "" else value
+    if isinstance(raw, bool):
+        raw = "on" if raw else "off"
+    text = str(raw).strip().lower()
+    if "on" in choices:
+        text = "on" if text in _TRUE else "off" if text in _FALSE else text
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return text
+
+
+# ---------------------------------------------------------------- device
+
+
+def pick_device(name: str | None = "auto") -> torch.device:
+    """auto: cuda > mps > cpu. ValueError for an unknown or unavailable device."""
+    name = (name or "auto").lower()
+    base = name.split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if base == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA/ROCm GPU")
+    if base == "mps" and not has_mps:
+        raise ValueError("device mps asked for, but torch sees no Apple MPS device")
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU, bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+# ---------------------------------------------------------------- the K/V cache
+
+
+def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | None = None,
+                        cache_type_v: str | None = None,
+                        env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(K type, V type): a per-tensor type beats the shared one, which beats
+    KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown."""
+    shared = kv_cache_type or env.get("KVSLIM_KV_CACHE_TYPE") or "f16"
+    k, v = cache_type_k or shared, cache_type_v or shared
+    return formats.get_format(k).name, formats.get_format(v).name
+
+
+def resolve_flash_attn(flash_attn: str | bool | None = None,
+                       env: Mapping[str, str] = os.environ) -> str:
+    """auto|on|off from an argument or KVSLIM_FLASH_ATTENTION (1/true/on, 0/false/off, auto)."""
+    return parse_mode("flash attention", _given(flash_attn, env, "KVSLIM_FLASH_ATTENTION"),
+                      FLASH_MODES)
+
+
+def resolve_num_ctx(num_ctx: int | None, model_max: int, device: torch.device,
+                    env: Mapping[str, str] = os.environ) -> int:
+    """An explicit num_ctx must fit the model; env/default values are capped at its maximum.
+
+    Default as Ollama's: 4096 on CPU/MPS and GPUs under 24 GiB, 32k under 48 GiB, 256k above.
+    """
+    if num_ctx is not None:
+        if not 1 <= num_ctx <= model_max:
+            raise ValueError(f"num_ctx {num_ctx} is outside [1, {model_max}] "
+                             f"(the model's maximum context is {model_max})")
+        return num_ctx
+    if env.get("KVSLIM_CONTEXT_LENGTH"):
+        default = _int(env, "KVSLIM_CONTEXT_LENGTH", DEFAULT_NUM_CTX)
+    else:
+        default = DEFAULT_NUM_CTX
+        if device.type == "cuda":
+            vram = torch.cuda.get_device_properties(device).total_memory / 2**30
+            default = 262144 if vram >= 48 else 32768 if vram >= 24 else DEFAULT_NUM_CTX
+    return max(1, min(default, model_max))
+
+
+def resolve_codec(rotation=None, centering=None, rounding=None,
+                  env: Mapping[str, str] = os.environ,
+                  base: CodecSettings | None = None) -> CodecSettings:
+    """How quantized K/V rows are coded (``kvslim.codec``). Arguments beat
+    KVSLIM_KV_ROTATION / _CENTERING / _ROUNDING, which beat auto; with ``base``, the
+    environment is not read and an argument left None keeps ``base``'s value."""
+    if base is not None:
+        env = {"KVSLIM_KV_ROTATION": base.rotation, "KVSLIM_KV_CENTERING": base.centering,
+               "KVSLIM_KV_ROUNDING": base.rounding}
+    return CodecSettings(
+        parse_mode("kv_rotation", _given(rotation, env, "KVSLIM_KV_ROTATION")),
+        parse_mode("kv_centering", _given(centering, env, "KVSLIM_KV_CENTERING")),
+        parse_mode("kv_rounding", _given(rounding, env, "KVSLIM_KV_ROUNDING"), ROUNDING_MODES))
+
+
+def resolve_prefix_cache(prefix_cache: bool | str | None = None,
+                         env: Mapping[str, str] = os.environ) -> bool:
+    """Whether finished prompts keep their whole K/V pages for a later identical prefix:
+    an argument, else KVSLIM_PREFIX_CACHE, else on."""
+    value = _given(prefix_cache, env, "KVSLIM_PREFIX_CACHE")
+    return parse_mode("KVSLIM_PREFIX_CACHE", value, ("on", "off"), default="on") == "on"
+
+
+def _given(value, env: Mapping[str, str], name: str):
+    return value if value is not None else env.get(name)
+
+
+# ---------------------------------------------------------------- the server
+
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434
+_SCHEME_PORTS = {"http": 80}  # like OLLAMA_HOST: "http://host" means port 80
+
+
+def parse_host(value: str | None) -> tuple[str, int]:
+    """(host, port) from OLLAMA_HOST-style text: host, host:port, :port, [v6]:port, http://host:port.
+
+    Unlike Ollama, an empty host (":8080") stays on loopback: binding beyond it is explicit.
+    """
+    text = (value or "").strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    if scheme not in _SCHEME_PORTS:
+        raise ValueError(f"KVSLIM_HOST {value!r}: only http:// is served (put a TLS proxy in front)")
+    default_port = _SCHEME_PORTS[scheme] if sep else DEFAULT_PORT
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):  # [v6] or [v6]:port
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:  # a name, a v4 address or a bare v6 address
+        host, port = rest, ""
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"KVSLIM_HOST {value!r}: bad port {port!r}")
+    return host or DEFAULT_HOST, int(port) if port else default_port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``kvslim serve`` is configured with; per-request options refine the cache."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    num_ctx: int | None = None  # None: KVSLIM_CONTEXT_LENGTH or 4096, capped per model
+    num_parallel: int = 4
+    kv_memory: int | None = None  # bytes of K/V pool per model; None: num_ctx x num_parallel
+    max_queue: int = 512
+    max_loaded_models: int = 1
+    max_body: int = 16 * 2**20
+    prefix_cache: bool = True
+    device: str = "auto"
+    codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "ServerSettings":
+        """Settings from ``env`` (default os.environ); keyword overrides (flags) win when not None."""
+        env = dict(os.environ if env is None else env)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        host, port = parse_host(given.pop("host", None) or env.get("KVSLIM_HOST"))
+        k, v = resolve_cache_types(given.pop("kv_cache_type", None), given.pop("cache_type_k", None),
+                                   given.pop("cache_type_v", None), env=env)
+        memory = given.pop("kv_memory", None) or env.get("KVSLIM_KV_MEMORY")
+        codec = resolve_codec(given.pop("kv_rotation", None), given.pop("kv_centering", None),
+                              given.pop("kv_rounding", None), env=env)
+        settings = cls(
+            host=host, port=port, cache_type_k=k, cache_type_v=v,
+            flash_attn=resolve_flash_attn(given.pop("flash_attn", None), env=env),
+            num_parallel=_int(env, "KVSLIM_NUM_PARALLEL", cls.num_parallel),
+            kv_memory=parse_memory(memory) if memory else None,
+            max_queue=_int(env, "KVSLIM_MAX_QUEUE", cls.max_queue, minimum=0),
+            max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
+            max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
+            prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
+            codec=codec, env=env,
+        )
+        return replace(settings, **given)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
