@@ -253,9 +253,11 @@ class Attention:
         if self.backend.name in ("reference", "tiled"):
             return self.backend.attend(q, cache, layer, step, scale, window=window,
                                        softcap=softcap)
-        # The fused CPU/Triton kernels attend to every key without soft-capping: a window
-        # that a sequence has outgrown, or a soft-cap, goes to the tiled path, which
-        # honours both on any device.
+        if self.backend.name == "cpu" and not softcap:  # it honours a window itself
+            return self.backend.attend(q, cache, layer, step, scale, window=window)
+        # The Triton kernels attend to every key without soft-capping, nor does the CPU
+        # kernel soft-cap: a window that a sequence has outgrown, or a soft-cap, goes to
+        # the tiled path, which honours both on any device.
         if softcap or max(step.kv_lens) > window:
             from kvslim.kernels import tiled
 

@@ -11,7 +11,7 @@ import torch
 from test_attention_kernels import build, tolerance
 
 from kvslim.attention import Attention, plan_attention
-from kvslim.kernels import reference, tiled
+from kvslim.kernels import cpu, reference, tiled
 
 
 def float64_banded(q, k, v, scale, window=0, softcap=0.0):
@@ -76,3 +76,14 @@ def test_attention_routes_a_window_past_the_fused_kernel():
         assert (got - want).norm() / want.norm() < 1e-4, f"seed {seed}, window {window}"
     full = reference.attention(q, cache, 1, meta, 0.125)
     assert (attn._attend(q, cache, 1, meta, 0.125, 4, 0.0) - full).norm() > 1e-2  # it masked
+
+
+@pytest.mark.parametrize("kt,vt,window", [("q8_0", "q4_0", 20), ("f16", "f16", 7), ("q4_1", "q5_0", 64)])
+def test_cpu_kernel_honours_a_window(kt, vt, window):
+    """Decode rows past the window read only their window in the fused kernel; a chunk of
+    rows past it goes to the banded path; sequences inside the window stay plain."""
+    seed = random.randrange(1 << 30)
+    cache, meta, q = build(kt, vt, hq=4, hkv=2, d=64, prefix=[200, 3, 0, 90, 30],
+                           q_lens=[1, 1, cpu.NUMBA_MAX_Q + 5, 6, 1], seed=seed)
+    check(lambda *a, window, softcap: cpu.attention(*a, window=window), cache, meta, q,
+          window, 0.0, seed)

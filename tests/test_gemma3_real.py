@@ -139,15 +139,15 @@ def test_server_chat_matches_transformers(gemma_path, llm, reference):
     """The Ollama route on the real file gives transformers' greedy answer."""
     import ollama
 
-    from kvslim.server.settings import Settings
+    from kvslim.settings import ServerSettings
     from test_server import running_server
 
     expected = reference[1]["greedy"][0][:8]
     stops = [i for i, t in enumerate(expected) if t in llm.tokenizer.eog_ids]
     expected = expected[:stops[0]] if stops else expected
-    settings = Settings.from_env({}, num_parallel=1, num_ctx=512, kv_cache_type="f16")
-    with running_server(settings) as s:
+    settings = ServerSettings.from_env({}, num_parallel=1, num_ctx=512, kv_cache_type="f16")
+    with running_server(settings, {"gemma3": gemma_path}) as s:
         reply = ollama.Client(host=s.url, timeout=600).chat(
-            model=str(gemma_path), messages=[{"role": "user", "content": PROMPTS[0]}],
+            model="gemma3", messages=[{"role": "user", "content": PROMPTS[0]}],
             options={"num_predict": 8, **GREEDY})
     assert reply.message.content == llm.detokenize(expected)
