@@ -35,4 +35,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("kvslim.models.llama", "Llama", "normal"),
     "mistral": Architecture("kvslim.models.llama", "Llama", "normal"),
     "qwen2": Architecture("kvslim.models.llama", "Llama", "neox"),
+    "qwen3": Architecture("kvslim.models.qwen3", "Qwen3", "neox"),
+    "phi3": Architecture("kvslim.models.phi3", "Phi3", "neox"),
+    "gemma2": Architecture("kvslim.models.gemma3", "Gemma3", "neox"),
+    "gemma3": Architecture("kvslim.models.gemma3", "Gemma3", "neox"),
 }

@@ -228,7 +228,7 @@ class Attention:
         return step
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                 step: Step, scale: float) -> torch.Tensor:
+                 step: Step, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         """Write this step's k [N, Hkv, D], v [N, Hkv, Dv] into ``step.slots`` and attend
         q [N, Hq, D] -> [N, Hq, Dv], all in the model's coordinates (float32 on CPU; the
         compute dtype on GPU).
@@ -236,11 +236,30 @@ class Attention:
         The cache's codec (rotation, centering; ``kvslim.codec``) is applied here and in
         the backend's write only: k, v are coded as they are written, q before the read
         and the output restored after, so only the stored blocks hold coded values.
+        window: a sliding-window layer's keys per query (0: all); softcap: soft-capping
+        of the scores (0: none).
         """
         cache = step.cache
         self.backend.write(cache, layer, step, k, v)
         codec = cache.codec
-        if codec is None:
+        if codec is not None:
+            q = codec.transform_q(layer, q)
+        o = self._attend(q, cache, layer, step, scale, window, softcap)
+        return o if codec is None else codec.restore(layer, o)
+
+    def _attend(self, q, cache, layer, step, scale, window, softcap):
+        if not (window or softcap):
             return self.backend.attend(q, cache, layer, step, scale)
-        o = self.backend.attend(codec.transform_q(layer, q), cache, layer, step, scale)
-        return codec.restore(layer, o)
+        if self.backend.name in ("reference", "tiled"):
+            return self.backend.attend(q, cache, layer, step, scale, window=window,
+                                       softcap=softcap)
+        if self.backend.name == "cpu" and not softcap:  # it honours a window itself
+            return self.backend.attend(q, cache, layer, step, scale, window=window)
+        # The Triton kernels attend to every key without soft-capping, nor does the CPU
+        # kernel soft-cap: a window that a sequence has outgrown, or a soft-cap, goes to
+        # the tiled path, which honours both on any device.
+        if softcap or max(step.kv_lens) > window:
+            from kvslim.kernels import tiled
+
+            return tiled.attention(q, cache, layer, step, scale, window=window, softcap=softcap)
+        return self.backend.attend(q, cache, layer, step, scale)  # the window holds every key

@@ -172,7 +172,7 @@ def calibrate(model, ids: list[int], skip: int = 1) -> tuple[torch.Tensor, torch
     mk, mv = [], []
     for layer in range(cache.n_layers):
         k, v = cache.read(layer, cid)  # [Hkv, T, Dc] float32
-        pre = model.unrope(k[:, skip:, :dim].transpose(0, 1).to(model.dtype), pos)  # [T', Hkv, D]
+        pre = model.unrope(k[:, skip:, :dim].transpose(0, 1).to(model.dtype), pos, layer)  # [T', Hkv, D]
         mk.append(F.pad(pre.float().mean(0), (0, cache.head_dim - dim)))
         mv.append(v[:, skip:].mean(1))
     return torch.stack(mk).cpu(), torch.stack(mv).float().cpu()

@@ -160,6 +160,14 @@ class ModelConfig:
     rope_scaling_orig_ctx: int | None = None
     rope_freq_factors: bool = False  # a `rope_freqs.weight` tensor (llama-3.1 style scaling)
     rms_eps: float = 1e-5
+    # Sliding-window attention (gemma2/3): a windowed layer's query at position p sees
+    # keys p-window+1..p only. swa_layers[i] says whether layer i is windowed.
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()
+    rope_base_local: float = 0.0  # RoPE base of the windowed layers (0: rope_base)
+    attn_softcap: float = 0.0  # 0: none; else scores -> cap * tanh(scores / cap)
+    final_softcap: float = 0.0  # the same on the output logits
+    query_scale: float = 0.0  # 0: 1/sqrt(head_dim); gemma: 1/sqrt(query_pre_attn_scalar)
     tied_output: bool = False  # no output.weight: the head reuses token_embd
     qkv_bias: bool = False  # qwen2 has biases on q, k, v
     name: str = ""
@@ -192,6 +200,17 @@ class ModelConfig:
             raise ValueError(f"rope_dim {self.rope_dim} must be even and at most head_dim {self.head_dim}")
         self.rope_style = ARCHITECTURES[self.arch].rope_style
         self.n_rep = self.n_heads // self.n_kv_heads
+        self.rope_base_local = self.rope_base_local or self.rope_base
+        self.query_scale = self.query_scale or 1.0 / self.head_dim ** 0.5
+        if self.swa_layers and len(self.swa_layers) != self.n_layers:
+            raise ValueError(f"sliding-window pattern has {len(self.swa_layers)} layers, "
+                             f"the model {self.n_layers}")
+        if any(self.swa_layers) and self.sliding_window <= 0:
+            raise ValueError("windowed layers need a positive attention.sliding_window")
+
+    def layer_window(self, layer: int) -> int:
+        """Keys a query of ``layer`` attends to, itself included (0: all before it)."""
+        return self.sliding_window if self.swa_layers and self.swa_layers[layer] else 0
 
     @property
     def cache_head_dim(self) -> int:
@@ -222,6 +241,7 @@ class ModelConfig:
         if arch not in ARCHITECTURES:
             raise GGUFError(f"{path}: unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHS)}")
         tensors = {t.name: t for t in reader.tensors}
+        _refuse_experts(reader, arch, tensors)
         stats = weight_stats(reader)
 
         def key(suffix: str, default: Any = _REQUIRED) -> Any:
@@ -250,6 +270,7 @@ class ModelConfig:
                 rope_scaling_orig_ctx=key("rope.scaling.original_context_length", None),
                 rope_freq_factors="rope_freqs.weight" in tensors,
                 rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+                **_gemma_fields(reader, arch, key("block_count"), key("attention.key_length", 0)),
                 tied_output="output.weight" not in tensors,
                 qkv_bias="blk.0.attn_q.bias" in tensors,
                 file_type=get_key(reader, "general.file_type", None),
@@ -286,6 +307,51 @@ def check_physical(reader: gguf.GGUFReader, config: ModelConfig) -> None:
     for t in reader.tensors:  # norms are a few KB each: reading them all costs nothing
         if t.name.endswith("norm.weight") and not np.isfinite(dequantize_tensor(t)).all():
             raise GGUFError(f"{path}: tensor '{t.name}' holds non-finite values")
+
+
+# Layers on a sliding window where the GGUF does not list them (llama.cpp's
+# set_swa_pattern(n): layer i is windowed unless i % n == n - 1).
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0  # Gemma 3's rope_local_base_freq; GGUFs do not store it
+
+
+def _gemma_fields(reader: gguf.GGUFReader, arch: str, n_layers: int, key_length: int) -> dict:
+    """ModelConfig fields of the gemma family: window, its layers, local RoPE base,
+    soft-caps and query scale. Empty for other architectures."""
+    if arch not in _SWA_PERIOD:
+        return {}
+    get = lambda suffix, default=None: get_key(reader, f"{arch}.{suffix}", default)  # noqa: E731
+    window = int(get("attention.sliding_window", 0))
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        swa = tuple(bool(x) for x in pattern)
+    else:
+        period = int(pattern) if pattern else _SWA_PERIOD[arch]
+        swa = tuple(i % period != period - 1 for i in range(n_layers))
+    # query_pre_attn_scalar is head_dim in every Gemma 3 and in Gemma 2 2B/9B, which is
+    # what llama.cpp scales by; Gemma 2 27B (46 layers) uses d_model / n_heads.
+    scalar = key_length
+    if arch == "gemma2" and n_layers == 46:
+        scalar = get("embedding_length") // get("attention.head_count")
+    return {
+        "sliding_window": window,
+        "swa_layers": swa if window else (),
+        "rope_base_local": _GEMMA3_LOCAL_ROPE_BASE if arch == "gemma3" else 0.0,
+        "attn_softcap": float(get("attn_logit_softcapping", 0.0) or 0.0),
+        "final_softcap": float(get("final_logit_softcapping", 0.0) or 0.0),
+        "query_scale": 1.0 / scalar ** 0.5 if scalar else 0.0,
+    }
+
+
+def _refuse_experts(reader: gguf.GGUFReader, arch: str, tensors: dict) -> None:
+    """Mixture-of-experts files (Mixtral is arch 'llama' with expert tensors) would load
+    without their experts' weights being used: refuse them by name."""
+    experts = sorted(n for n in tensors if "_exps." in n or "_shexp." in n)
+    n_experts = get_key(reader, f"{arch}.expert_count", 0) or 0
+    if experts or n_experts:
+        what = f"tensor '{experts[0]}'" if experts else f"'{arch}.expert_count' = {n_experts}"
+        raise GGUFError(f"{reader_path(reader)}: mixture-of-experts models are not supported "
+                        f"({what})")
 
 
 def _opt_float(x: Any) -> float | None:
@@ -337,6 +403,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         }
         if config.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (k,), p + "attn_v.bias": (v,)}
+        if config.arch == "phi3":  # fused q/k/v rows and fused gate/up rows
+            for name in ("attn_q", "attn_k", "attn_v", "ffn_gate"):
+                del shapes[p + name + ".weight"]
+            shapes |= {p + "attn_qkv.weight": (q + 2 * k, d),
+                       p + "ffn_up.weight": (2 * config.ffn_dim, d)}
+        if config.arch in ("gemma2", "gemma3"):  # norms after attention and FFN
+            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
+        if config.arch in ("gemma3", "qwen3"):  # q and k RMS-normalized per head
+            shapes |= {p + "attn_q_norm.weight": (config.head_dim,),
+                       p + "attn_k_norm.weight": (config.head_dim,)}
     return shapes
 
 

@@ -218,6 +218,31 @@ _CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's instruction format (Google's template for Gemma 2/3 text): a system message is
+# folded into the first user turn; the assistant's role is "model". Used for gemma GGUFs
+# that carry no template (llama.cpp's converter omits it when the tokenizer has none).
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+_DEFAULT_TEMPLATES = {"gemma2": _GEMMA_TEMPLATE, "gemma3": _GEMMA_TEMPLATE}
+
 
 def _field(reader: Any, key: str) -> Any:
     """A GGUF metadata value as a Python scalar, str, list or numpy array (None if absent).
@@ -290,7 +315,8 @@ class GGUFVocab:
             # llama.cpp's defaults, overridden below by the GGUF's own flags
             add_bos=is_spm or _PRE_GROUPS[_PRE_NAMES.get(pre, "gpt2")].add_bos,
             add_space_prefix=is_spm,
-            chat_template=_field(reader, "tokenizer.chat_template"),
+            chat_template=(_field(reader, "tokenizer.chat_template")
+                           or _DEFAULT_TEMPLATES.get(_field(reader, "general.architecture"))),
         )
         if model == "gpt2" and not vocab.merges:
             raise ValueError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
@@ -603,7 +629,8 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str:
-        """The GGUF's `tokenizer.chat_template`, or plain ChatML when it has none."""
+        """The GGUF's `tokenizer.chat_template`; without one, the family's own format
+        (gemma) or plain ChatML."""
         return self.vocab.chat_template or _CHATML_TEMPLATE
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
@@ -611,7 +638,8 @@ class Tokenizer:
         """Render `messages` with the model's chat template (jinja2, sandboxed, HF-style).
 
         Messages are ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``.
-        A GGUF without a template gets ChatML (``<|im_start|>role\\ncontent<|im_end|>``).
+        A GGUF without a template gets its family's format (gemma) or ChatML
+        (``<|im_start|>role\\ncontent<|im_end|>``).
         Extra keywords (``tools=``, ...) are passed to the template. The result is meant
         to be encoded with ``parse_special=True``. Raises ValueError on malformed
         messages or when the template itself rejects them.

@@ -767,14 +767,29 @@ class Job(NamedTuple):
 class _Scratch:
     """``Backend.prepare``'s per-step state: which sequences run where, the work list."""
 
-    def __init__(self, step: "Step"):
+    def __init__(self, step: "Step", window: int = 0):
         cache, q_lens = step.cache, step.q_lens
-        self.fused = [b for b, n in enumerate(q_lens) if 0 < n <= NUMBA_MAX_Q]
-        self.tiled = [b for b, n in enumerate(q_lens) if n > NUMBA_MAX_Q]
+        # On a sliding-window layer a decode row reads only its last `window` keys (the
+        # work list starts there); several rows past the window see different key
+        # ranges, which the tiled path's banded attention handles.
+        banded = [bool(window) and n > 1 and kv > window for n, kv in zip(q_lens, step.kv_lens)]
+        self.fused = [b for b, n in enumerate(q_lens) if 0 < n <= NUMBA_MAX_Q and not banded[b]]
+        self.tiled = [b for b, n in enumerate(q_lens) if n > NUMBA_MAX_Q and not banded[b]]
+        self.banded = [b for b in range(len(q_lens)) if banded[b]]
         self.kv_lens = np.asarray(step.kv_lens, np.int64)
+        starts = np.maximum(self.kv_lens - window, 0) if window else None
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
-                                           numba.config.NUMBA_NUM_THREADS)
+                                           numba.config.NUMBA_NUM_THREADS, starts)
         self._step, self._job = step, None
+        self._windows: dict[int, _Scratch] = {}
+
+    def for_window(self, window: int) -> "_Scratch":
+        """The scratch of a layer on a ``window`` (0: this one), made once per step."""
+        if not window:
+            return self
+        if window not in self._windows:
+            self._windows[window] = _Scratch(self._step, window)
+        return self._windows[window]
 
     def job(self, group: int, dv: int) -> Job:
         """The kernels' record, with partial buffers for ``group`` query heads per kv head
@@ -794,23 +809,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int):
+def plan_work(kv_lens: np.ndarray, seqs: list[int], n_kv: int, threads: int,
+              starts: np.ndarray | None = None):
     """Split-K work items (b, h, t0, t1), items of one (b, h) adjacent; group offsets.
 
     About CHUNKS_PER_THREAD near-equal, 64-token aligned items per thread for one
     sequence: threads claim items as they go, and small equal items leave little for one
-    thread at the end. A sequence's split depends on its own length only, never on what
+    thread at the end. A sequence's split depends on its own keys only, never on what
     else is in the batch, so its partial sums are added in the same order whether it runs
     alone or batched: greedy output does not depend on other requests.
+    starts: first key per sequence (a sliding window's), 0 when None.
     """
+    first = [0 if starts is None else int(starts[b]) for b in range(len(kv_lens))]
     work, groups = [], [0]
     for b in seqs:
-        L = int(kv_lens[b])
-        chunk = max(MIN_CHUNK, _cdiv(L * n_kv, CHUNKS_PER_THREAD * threads))
-        n = max(1, _cdiv(L, chunk))
-        step = _cdiv(_cdiv(L, n), 64) * 64
+        L, a = int(kv_lens[b]), first[b]
+        chunk = max(MIN_CHUNK, _cdiv((L - a) * n_kv, CHUNKS_PER_THREAD * threads))
+        n = max(1, _cdiv(L - a, chunk))
+        step = _cdiv(_cdiv(L - a, n), 64) * 64
         for h in range(n_kv):
-            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(0, L, step)]
+            work += [(b, h, t0, min(L, t0 + step)) for t0 in range(a, L, step)]
             groups.append(len(work))
     return (np.asarray(work, np.int64).reshape(-1, 4), np.asarray(groups, np.int64))
 
@@ -827,14 +845,15 @@ def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-              scale: float) -> torch.Tensor:
+              scale: float, window: int = 0) -> torch.Tensor:
     """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring);
-    ``step`` prepared by ``Backend.prepare``."""
+    ``step`` prepared by ``Backend.prepare``. window: a sliding-window layer's keys per
+    query (0: every key before it)."""
     n, hq, dim = q.shape
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
-    st: _Scratch = step.scratch
+    st: _Scratch = step.scratch.for_window(window)
     q = q.detach().to(torch.float32).contiguous()
     bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
@@ -845,10 +864,11 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
         _run(q.numpy(), scale, kplanes, vplanes, geom,
              st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy())
-    for b in st.tiled:
+    for b in st.tiled + st.banded:
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
-        out[lo:hi] = tiled.attend_sequence(q[lo:hi], cache, layer, step.page_table.pages[b],
-                                           step.kv_lens[b], scale)
+        pages, kv_len = step.page_table.pages[b], step.kv_lens[b]
+        out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window) \
+            if b in st.banded else tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
 
 
@@ -865,8 +885,8 @@ class Backend:
         cpu_write.write(cache, layer, step.slots, k, v)
 
     def attend(self, q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-               scale: float) -> torch.Tensor:
-        return attention(q, cache, layer, step, scale)
+               scale: float, window: int = 0) -> torch.Tensor:
+        return attention(q, cache, layer, step, scale, window)
 
 
 def warmup() -> None:

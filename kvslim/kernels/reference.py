@@ -16,31 +16,47 @@ if TYPE_CHECKING:
     from kvslim.cache import KVCache
 
 
-def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
-    """[q_len, kv_len] bool, True where allowed: query i sits at position kv_len - q_len + i."""
+def causal_mask(q_len: int, kv_len: int, device=None, window: int = 0) -> torch.Tensor:
+    """[q_len, kv_len] bool, True where allowed: query i sits at position kv_len - q_len + i.
+
+    With a window, query p sees keys p-window+1..p only (Hugging Face's and llama.cpp's
+    sliding window: itself and the window-1 keys before it)."""
     pos_q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= pos_q
+    pos_k = torch.arange(kv_len, device=device)[None, :]
+    allowed = pos_k <= pos_q
+    return allowed & (pos_k > pos_q - window) if window else allowed
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [n, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] -> [n, Hq, Dv], causal, GQA by repetition."""
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q [n, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] -> [n, Hq, Dv], causal, GQA by repetition.
+
+    softcap: scores s -> softcap * tanh(s / softcap) before the softmax (gemma2)."""
     n, hq, _ = q.shape
     group = hq // k.shape[0]
     k = k.repeat_interleave(group, dim=0).to(q.dtype)  # [Hq, L, D]
     v = v.repeat_interleave(group, dim=0).to(q.dtype)
-    mask = causal_mask(n, k.shape[1], q.device)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)  # [n, Hq, Dv]
+    mask = causal_mask(n, k.shape[1], q.device, window)
+    if not softcap:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+        return out.transpose(0, 1)  # [n, Hq, Dv]
+    s = torch.matmul(q.transpose(0, 1), k.transpose(1, 2)) * scale  # [Hq, n, L]
+    s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(p, v).transpose(0, 1)  # [n, Hq, Dv]
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-              scale: float) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32."""
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32.
+
+    window: a sliding-window layer's keys per query (0: all); softcap: soft-capping of
+    the scores (0: none)."""
     out = q.new_empty(q.shape[0], q.shape[1], cache.v_head_dim, dtype=torch.float32)
     for b, cid in enumerate(step.cache_ids):
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
         k, v = cache.read(layer, cid)  # [Hkv, L, D] float32
-        out[lo:hi] = attend_one(q[lo:hi].float(), k, v, scale)
+        out[lo:hi] = attend_one(q[lo:hi].float(), k, v, scale, window, softcap)
     return out
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kvslim.cache import KVCache
 
 TILE = 1024  # keys per tile: the decoded K+V tile of an 8B layer is 8 MiB
+BAND_ROWS = 256  # query rows per block on a window: each block decodes its own key range
 MATH_SCORES = 1 << 24  # scores per block in the generic path (64 MiB of float32)
 
 
@@ -107,15 +108,57 @@ def attend_sequence(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_
     return acc[0].transpose(0, 1)  # [n, Hq, Dv]
 
 
+def attend_banded(q: torch.Tensor, cache, layer: int, pages: torch.Tensor, kv_len: int,
+                  scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """``attend_sequence`` with a sliding window and/or soft-capped scores.
+
+    Query rows go in blocks of ``BAND_ROWS``; each block decodes only the keys its rows
+    can see (the last ``window`` before each row, or all before it) and attends them with
+    an explicit mask, so a block needs no merging and a windowed decode step reads at
+    most ``window`` keys whatever the sequence's length.
+    """
+    n = q.shape[0]
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("query holds non-finite values (NaN or inf)")
+    kp, vp = cache.layer_planes(layer)
+    first = kv_len - n  # position of query row 0
+    out = torch.empty(n, q.shape[1], cache.v_head_dim, dtype=torch.float32, device=q.device)
+    for a in range(0, n, BAND_ROWS):
+        b = min(n, a + BAND_ROWS)
+        k0 = max(0, first + a - window + 1) if window else 0
+        k = _decode_range(kp, cache.fmt_k, pages, cache.page_size, k0, first + b)[0]
+        v = _decode_range(vp, cache.fmt_v, pages, cache.page_size, k0, first + b)[0]
+        pos_q = torch.arange(first + a, first + b, device=q.device)[:, None]
+        pos_k = torch.arange(k0, first + b, device=q.device)[None, :]
+        allowed = pos_k <= pos_q
+        if window:
+            allowed &= pos_k > pos_q - window
+        g = q.shape[1] // k.shape[0]
+        k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)  # [Hq, T, D]
+        s = torch.matmul(q[a:b].float().transpose(0, 1), k.transpose(1, 2)) * scale  # [Hq, r, T]
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[a:b] = torch.matmul(p, v).transpose(0, 1)  # [r, Hq, Dv]
+    return out
+
+
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-              scale: float) -> torch.Tensor:
-    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32."""
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q [N, Hq, D] packed by sequence (step.q_offsets) -> [N, Hq, Dv] float32.
+
+    window: a windowed layer's keys per query (0: causal over the whole sequence);
+    softcap: soft-capping of the scores (0: none)."""
     out = torch.empty(q.shape[0], q.shape[1], cache.v_head_dim, dtype=torch.float32,
                       device=q.device)
     for b in range(len(step.cache_ids)):
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
-        out[lo:hi] = attend_sequence(q[lo:hi], cache, layer, step.page_table.pages[b],
-                                     step.kv_lens[b], scale)
+        pages, kv_len = step.page_table.pages[b], step.kv_lens[b]
+        if (window and kv_len > window) or softcap:
+            out[lo:hi] = attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window,
+                                       softcap)
+        else:  # a window longer than the sequence is plain causal attention
+            out[lo:hi] = attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
 
 

@@ -60,9 +60,12 @@ class Llama:
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        if config.rope_scaling_type not in _ROPE_SCALINGS:
+        # Llama 3.x scaling is the rope_freqs.weight tensor (per-frequency divisors);
+        # a GGUF that names it without the tensor cannot be run as it says.
+        llama3 = config.rope_scaling_type == "llama3" and config.rope_freq_factors
+        if config.rope_scaling_type not in _ROPE_SCALINGS and not llama3:
             raise GGUFError(f"rope scaling '{config.rope_scaling_type}' is not supported "
-                            f"(supported: linear)")
+                            f"(supported: linear, llama3 with rope_freqs.weight)")
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
@@ -132,8 +135,9 @@ class Llama:
             self._sin = torch.cat([-sin, sin], -1)[:, None].to(self.device, self.dtype)
         return self._cos, self._sin
 
-    def unrope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation."""
+    def unrope(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation
+        (every layer has the same RoPE here; ``layer`` matters to models where not)."""
         cos, sin = self._rope_tables(int(pos.max()) + 1)
         return apply_rope(x, cos[pos], -sin[pos])  # rotating by -theta
 

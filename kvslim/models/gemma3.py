@@ -1,0 +1,206 @@
+"""Gemma 3 and Gemma 2 (``gemma3``, ``gemma2`` GGUFs): decoders whose layers mostly
+attend over a sliding window.
+
+What differs from the llama family (``llama.py``):
+
+* the embedding is scaled by sqrt(d_model);
+* RMSNorm multiplies by (1 + w) in Hugging Face's weights; llama.cpp's converter stores
+  w + 1 in the GGUF (transformers' GGUF loader subtracts the 1 again), so here the
+  stored weight multiplies as it is;
+* q and k are RMS-normalized per head (over head_dim) before RoPE;
+* each sublayer's output is normalized again before the residual add (post-attention
+  and post-FFN norms), besides the usual pre-norms;
+* the FFN is GeGLU: down(gelu_tanh(gate x) * up x);
+* head_dim (``attention.key_length``, 256) is independent of d_model, and the query
+  scale is 1/sqrt(query_pre_attn_scalar) = 1/sqrt(key_length);
+* five of every six layers attend over a sliding window (``ModelConfig.swa_layers``:
+  position p sees keys p-window+1..p) and use RoPE base 10,000; the global layers use
+  the GGUF's base, with its linear scaling if it declares one;
+* optional final-logit soft-capping (``final_logit_softcapping``).
+
+Gemma 2 is the same decoder without the q/k norms, with attention-logit soft-capping
+(``attn_logit_softcapping``, 50), final-logit soft-capping (30), every other layer on
+a window of 4,096 and one RoPE base for all layers; ``ModelConfig`` carries all of it.
+
+Shapes as in ``llama.py``: N rows packed over sequences, d = d_model, H / Hkv query and
+kv heads, D = head_dim, F = ffn_dim, V = vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+from kvslim.attention import Step
+from kvslim.cache import KVCache
+from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
+from kvslim.models.common import Rope, rope_inv_freq
+from kvslim.models.llama import apply_rope
+from kvslim.weights import Embedding, Linear, QLinear, held_bytes, linear, resolve_mode
+
+__all__ = ["Gemma3"]
+
+_ROPE_SCALINGS = (None, "none", "linear")
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # [d]
+    wqkv: Linear | QLinear  # [(H + 2 Hkv) * D, d]: q, k, v rows stacked
+    q_norm: torch.Tensor | None  # [D] (gemma3; None in gemma2)
+    k_norm: torch.Tensor | None  # [D]
+    wo: Linear | QLinear  # [d, H * D]
+    post_attn_norm: torch.Tensor  # [d]
+    ffn_norm: torch.Tensor  # [d]
+    w13: Linear | QLinear  # [2F, d]: gate rows then up rows
+    w2: Linear | QLinear  # [d, F]
+    post_ffn_norm: torch.Tensor  # [d]
+    window: int  # keys per query on a sliding window, 0 for a global layer
+
+
+class Gemma3:
+    """Weights and forward of one Gemma 3 (or Gemma 2) model on one device and dtype."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if config.rope_scaling_type not in _ROPE_SCALINGS:
+            raise GGUFError(f"rope scaling '{config.rope_scaling_type}' is not supported "
+                            f"for {config.arch} (supported: linear)")
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.cache_head_dim = c.cache_head_dim
+        self.scale = c.query_scale
+        self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
+        embed = weights.pop("token_embd.weight")
+        self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
+        self.output = self._linear([weights.pop("output.weight", self.embed.table)])
+        self.output_norm = self._w(weights.pop("output_norm.weight"))
+        # Hugging Face multiplies by sqrt(d) rounded to the compute dtype
+        self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=dtype).item()
+        self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
+        factor = c.rope_scaling_factor if c.rope_scaling_type == "linear" else None
+        self.rope_global = Rope(rope_inv_freq(c.rope_base, c.rope_dim, factor), self.device, dtype)
+        self.rope_local = Rope(rope_inv_freq(c.rope_base_local, c.rope_dim), self.device, dtype)
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader, config: ModelConfig, device="cpu",
+                  dtype: torch.dtype = torch.float32, progress: bool = True,
+                  weights: str = "quantized") -> "Gemma3":
+        """``weights``: "quantized" keeps the GGUF blocks (``kvslim.weights``), "dequantize"
+        expands them to ``dtype`` at load."""
+        weights = load_weights(reader, config, dtype=dtype, device=device, progress=progress,
+                               neox_qk=True,
+                               quantized=resolve_mode(weights, device, dtype) == "quantized")
+        return cls(config, weights, device, dtype)
+
+    def _w(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _linear(self, parts: list) -> Linear | QLinear:
+        return linear(parts, None, device=self.device, dtype=self.dtype, splits=self.splits)
+
+    def _layer(self, w: dict, i: int) -> Layer:
+        p = f"blk.{i}."
+        lin = lambda t: self._linear([t])  # noqa: E731
+        norm = lambda name: self._w(w.pop(p + name + ".weight"))  # noqa: E731
+        qk_norms = p + "attn_q_norm.weight" in w
+        return Layer(
+            attn_norm=norm("attn_norm"),
+            wqkv=self._linear([w.pop(p + f"attn_{x}.weight") for x in "qkv"]),
+            q_norm=norm("attn_q_norm") if qk_norms else None,
+            k_norm=norm("attn_k_norm") if qk_norms else None,
+            wo=lin(w.pop(p + "attn_output.weight")),
+            post_attn_norm=norm("post_attention_norm"),
+            ffn_norm=norm("ffn_norm"),
+            w13=self._linear([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")]),
+            w2=lin(w.pop(p + "ffn_down.weight")),
+            post_ffn_norm=norm("post_ffw_norm"),
+            window=self.config.layer_window(i),
+        )
+
+    def _rope(self, layer: int) -> Rope:
+        return self.rope_local if self.layers[layer].window else self.rope_global
+
+    def unrope(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Undo RoPE: x [N, h, D] of ``layer`` (default: a global layer) at positions pos [N]."""
+        rope = self.rope_global if layer is None else self._rope(layer)
+        return rope.unrope(x, pos.to(self.device))
+
+    def rope_mean(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Mean over positions 0..n-1 of RoPE on fixed vectors x [L, h, D] (one row per
+        layer, each with its layer's base)."""
+        return torch.stack([self._rope(i).mean(x[i], n) for i in range(x.shape[0])])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as held in memory: GGUF blocks as stored, or the dequantized
+        tensors (a tied head counted once)."""
+        ts = self.embed.tensors + self.output.tensors + [self.output_norm]
+        for L in self.layers:
+            ts += [L.attn_norm, L.post_attn_norm, L.ffn_norm, L.post_ffn_norm]
+            ts += [L.q_norm, L.k_norm] if L.q_norm is not None else []
+            ts += [t for lin in (L.wqkv, L.wo, L.w13, L.w2) for t in lin.tensors]
+        return held_bytes(ts)
+
+    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
+                  codec=None) -> KVCache:
+        return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
+                       page_size=page_size, cache_type_k=cache_type_k,
+                       cache_type_v=cache_type_v, device=self.device, codec=codec)
+
+    # ---------------------------------------------------------------- forward
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, step: Step,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step, appending its K/V to ``step.cache`` through ``step.attn`` (as
+        ``Llama.forward``): tokens [N], logit_rows [R] or None -> logits [R, V] float32."""
+        return self._forward(tokens.to(self.device), step, logit_rows)
+
+    def _forward(self, tokens, step, logit_rows):
+        eps = self.config.rms_eps
+        pos = step.positions.to(self.device)  # [N]
+        ropes = {"local": self.rope_local.at(pos), "global": self.rope_global.at(pos)}
+        x = self.embed(tokens) * self.embed_scale  # [N, d]
+        for i, layer in enumerate(self.layers):
+            cos, sin = ropes["local" if layer.window else "global"]  # [N, 1, D] each
+            h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
+            h = self._attention(h, i, layer, step, cos, sin)
+            x = x + F.rms_norm(h, h.shape[-1:], layer.post_attn_norm, eps)
+            h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
+            gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
+            h = layer.w2(F.gelu(gate, approximate="tanh").mul_(up))  # [N, d]
+            x = x + F.rms_norm(h, h.shape[-1:], layer.post_ffn_norm, eps)
+        if logit_rows is not None:
+            x = x[logit_rows.to(self.device)]  # [R, d]
+        x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+        logits = self.output(x).float()  # [R, V]
+        cap = self.config.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _attention(self, h, i, layer, step, cos, sin):
+        n, hq, hkv, dim, eps = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim, \
+            self.config.rms_eps
+        qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
+        q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]  # [N, H, D], [N, Hkv, D]
+        if layer.q_norm is not None:
+            q = F.rms_norm(q, (dim,), layer.q_norm, eps)
+            k = F.rms_norm(k, (dim,), layer.k_norm, eps)
+        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), qkv[:, hq + hkv:]
+        if self.cache_head_dim != dim:
+            pad = (0, self.cache_head_dim - dim)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        o = step.attn(q, k, v, i, step, self.scale, window=layer.window,
+                      softcap=self.config.attn_softcap)  # [N, H, Dc]: write, attend
+        o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
+        return layer.wo(o)  # [N, d]
