@@ -184,7 +184,8 @@ def test_prefill_budget_is_shared_shortest_first(tiny_parts):
     # short decodes (its row comes first); 15 left: 8 to mid, 7 to alone
     assert e._schedule() == [(short, 1), (mid, 8), (alone, 7)]
     tight = engine(tiny_parts, num_parallel=4, max_batch_tokens=2)
-    seqs = [tight.add_request(p, SamplingParams(max_tokens=1, **GREEDY)) for p in (LONG[:9], LONG[:5], LONG[:7])]
+    seqs = [tight.add_request(p, SamplingParams(max_tokens=1, **GREEDY))
+            for p in (LONG[:9], LONG[:5], LONG[:7])]
     tight._admit()
     assert tight._schedule() == [(seqs[1], 1), (seqs[2], 1)]  # a budget below the prefills: 1 each
     drain(e), drain(tight)
