@@ -60,6 +60,9 @@ from kvslim.tokenizer import Tokenizer  # noqa: E402
 
 JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 CONVERSATION = 4096
+# The short request of the prefill table: several tokens, so it has a prefill of its own
+# (a 1-token prompt is a decode row from the start)
+SHORT = "Write one short sentence about the sea."
 
 
 def load_average() -> str:
@@ -233,7 +236,7 @@ def long_prefill(args) -> list[tuple]:
         server = Server(args.model, 2, n + 64)
         try:
             asyncio.run(prefill_latency(server.url, args.model, ["1: warm", "2: up"], "Hi", 2))  # JIT
-            r = asyncio.run(prefill_latency(server.url, args.model, long_texts, "Hi", args.decode))
+            r = asyncio.run(prefill_latency(server.url, args.model, long_texts, SHORT, args.decode))
         finally:
             server.close()
         a = r["alone"]
@@ -338,7 +341,7 @@ def main() -> None:
         table(["K/V", "streams", "prompt tok", "decode tok/s", "per stream", "floor tok/s",
                "attention"], throughput(args, bandwidth))
     if args.prefill:
-        print(f"\nA short request ('Hi', {args.decode} tokens) during a long prefill: seconds, "
+        print(f"\nA short request ({SHORT!r}, {args.decode} tokens) during a long prefill: seconds, "
               f"prompt tok/s\n")
         table(["long prompt", "TTFT alone", "TTFT during", "ratio", "ITL alone", "ITL during",
                "ITL max", "tokens during", "long TTFT", "long tok/s alone", "long tok/s shared",
