@@ -62,7 +62,7 @@ JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 CONVERSATION = 4096
 # The short request of the prefill table: several tokens, so it has a prefill of its own
 # (a 1-token prompt is a decode row from the start)
-SHORT = "Write one short sentence about the sea."
+SHORT = "Once upon a time, there was a little"  # 9 tokens, continued for 24 and more
 
 
 def load_average() -> str:
@@ -209,6 +209,8 @@ async def prefill_latency(url: str, model: str, long_texts: list[str], short_tex
     """Two distinct long prompts: the second must not be a prefix-cache hit of the first."""
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         t0, short, _ = await _timed(client, model, short_text, decode)
+        if not short:
+            raise SystemExit(f"{short_text!r} gave no text: the table needs a prompt it continues")
         alone = {"ttft": short[0] - t0, "itl": _median(_gaps(short))}
         _, _, final = await _timed(client, model, long_texts[0], 1)
         alone["long_tok_s"] = _prompt_tok_s(final)
