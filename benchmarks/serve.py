@@ -1,8 +1,10 @@
 """Serving benchmark: aggregate decode tokens/s through `kvslim serve` with 1, 4 and 16
-streams per K/V cache type, and how many 4,096-token conversations fit in a K/V budget.
+streams per K/V cache type, how many 4,096-token conversations fit in a K/V budget, and
+the latency of a short request during a long prefill.
 
     python benchmarks/serve.py                          # smollm2; f16,q8_0,q4_0; 1,4,16 streams
     python benchmarks/serve.py --types q8_0 --streams 16 --decode 32 --budget 2GiB
+    python benchmarks/serve.py --skip-throughput --skip-capacity --prefill 4096,8000
 
 Throughput: `kvslim serve` runs in a subprocess (KVSLIM_NUM_PARALLEL = the most streams);
 N concurrent streaming /api/generate requests with distinct prose prompts ask for the
@@ -18,6 +20,13 @@ bytes (block scales included), beside the count an Ollama-style 2 / 1 / 0.5 byte
 value estimate gives, then verified: a pool of that budget admits exactly that many
 4,096-token requests (one more waits), and every admitted one can really take its
 4,096 slots while one more conversation cannot.
+
+Long prefill (--prefill N,...; issue 15 item 4): a server with two slots and a context
+of N + 64. A short prompt alone (time to first token, median gap between tokens), an
+N-token prose prompt alone (its prompt tok/s, server-side), then another N-token prompt
+(not a prefix-cache hit) with the short one sent 1 s after it: the short one's time to
+first token, the gaps between its tokens that arrive while the long prompt is still
+prefilling (inter-token latency), and the long prompt's prompt tok/s while shared.
 
 The machine is shared: the load average is printed with the numbers; compare rows of
 one run.
@@ -51,6 +60,9 @@ from kvslim.tokenizer import Tokenizer  # noqa: E402
 
 JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 CONVERSATION = 4096
+# The short request of the prefill table: several tokens, so it has a prefill of its own
+# (a 1-token prompt is a decode row from the start)
+SHORT = "Once upon a time, there was a little"  # 9 tokens, continued for 24 and more
 
 
 def load_average() -> str:
@@ -165,6 +177,80 @@ def throughput(args, bandwidth: float) -> list[tuple]:
     return rows
 
 
+# ---------------------------------------------------------------- a short request during a long prefill
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+async def _timed(client: httpx.AsyncClient, model: str, text: str, n: int,
+                 delay: float = 0.0) -> tuple[float, list[float], dict]:
+    """(send time, token arrival times, final object) of one raw greedy stream."""
+    await asyncio.sleep(delay)
+    options = {"num_predict": n, "temperature": 0, "repeat_penalty": 1.0}
+    t0 = time.perf_counter()
+    times, final = await _stream(client, {"model": model, "prompt": text, "raw": True,
+                                          "options": options})
+    return t0, times, final
+
+
+def _prompt_tok_s(final: dict) -> float:
+    return final["prompt_eval_count"] / (final["prompt_eval_duration"] / 1e9)
+
+
+async def prefill_latency(url: str, model: str, long_texts: list[str], short_text: str,
+                          decode: int) -> dict:
+    """Two distinct long prompts: the second must not be a prefix-cache hit of the first."""
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        t0, short, _ = await _timed(client, model, short_text, decode)
+        if not short:
+            raise SystemExit(f"{short_text!r} gave no text: the table needs a prompt it continues")
+        alone = {"ttft": short[0] - t0, "itl": _median(_gaps(short))}
+        _, _, final = await _timed(client, model, long_texts[0], 1)
+        alone["long_tok_s"] = _prompt_tok_s(final)
+        (l0, long, lfinal), (s0, short, _) = await asyncio.gather(
+            _timed(client, model, long_texts[1], 1), _timed(client, model, short_text, decode, 1.0))
+    during = [t for t in short if t < long[0]]  # tokens that came while the long one prefilled
+    return {"tokens": lfinal["prompt_eval_count"], "alone": alone,
+            "ttft": short[0] - s0, "itl": _median(_gaps(during)),
+            "itl_max": max(_gaps(during), default=float("nan")),
+            "n_during": len(during), "long_tok_s": _prompt_tok_s(lfinal), "long_ttft": long[0] - l0}
+
+
+def long_prefill(args) -> list[tuple]:
+    path = store.resolve(args.model, pull_missing=True)
+    reader = open_gguf(path)
+    tokenizer = Tokenizer.from_gguf(reader)
+    ctx_max = ModelConfig.from_gguf(reader).context_length
+    texts = prompts(2, 50000)
+    rows = []
+    for n in args.prefill:
+        if n + 64 > ctx_max:
+            print(f"  skipped {n:,}: the model's context is {ctx_max:,}", file=sys.stderr)
+            continue
+        long_texts = [tokenizer.decode(tokenizer.encode(t)[:n]) for t in texts]
+        server = Server(args.model, 2, n + 64)
+        try:
+            asyncio.run(prefill_latency(server.url, args.model, ["1: warm", "2: up"], "Hi", 2))  # JIT
+            r = asyncio.run(prefill_latency(server.url, args.model, long_texts, SHORT, args.decode))
+        finally:
+            server.close()
+        a = r["alone"]
+        rows.append((f"{r['tokens']:,}", f"{a['ttft']:.2f}", f"{r['ttft']:.2f}",
+                     f"{r['ttft'] / a['ttft']:.1f}x", f"{a['itl']:.3f}", f"{r['itl']:.3f}",
+                     f"{r['itl_max']:.3f}", r["n_during"], f"{r['long_ttft']:.1f}",
+                     f"{a['long_tok_s']:.0f}", f"{r['long_tok_s']:.0f}",
+                     f"{r['long_tok_s'] / a['long_tok_s']:.2f}"))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- capacity in a budget
 
 
@@ -243,7 +329,10 @@ def main() -> None:
     p.add_argument("--num-ctx", type=int, default=512)
     p.add_argument("--budget", type=parse_memory, default=parse_memory("1GiB"),
                    help="K/V memory budget for the capacity table")
+    p.add_argument("--prefill", default="4096", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="long prompt tokens for the prefill-latency table ('' skips it)")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-capacity", action="store_true")
     args = p.parse_args()
     print(f"# kvslim serve benchmark, {args.model}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}; {load_average()}")
@@ -253,9 +342,16 @@ def main() -> None:
               f"read bandwidth {bandwidth / 1e9:.1f} GB/s)\n")
         table(["K/V", "streams", "prompt tok", "decode tok/s", "per stream", "floor tok/s",
                "attention"], throughput(args, bandwidth))
-    print(f"\nConcurrent {CONVERSATION:,}-token conversations in {args.budget / 2**30:g} GiB of K/V\n")
-    table(["K/V", "bytes/token", "per conversation", "fit (exact)", "Ollama-style estimate",
-           "admitted", "one more refused", "vs first"], capacity(args))
+    if args.prefill:
+        print(f"\nA short request ({SHORT!r}, {args.decode} tokens) during a long prefill: seconds, "
+              f"prompt tok/s\n")
+        table(["long prompt", "TTFT alone", "TTFT during", "ratio", "ITL alone", "ITL during",
+               "ITL max", "tokens during", "long TTFT", "long tok/s alone", "long tok/s shared",
+               "ratio"], long_prefill(args))
+    if not args.skip_capacity:
+        print(f"\nConcurrent {CONVERSATION:,}-token conversations in {args.budget / 2**30:g} GiB of K/V\n")
+        table(["K/V", "bytes/token", "per conversation", "fit (exact)", "Ollama-style estimate",
+               "admitted", "one more refused", "vs first"], capacity(args))
     print(f"\n# {load_average()}")
 
 

@@ -3,7 +3,8 @@
 The engine owns one model, one tokenizer and one paged K/V cache shared by up to
 ``num_parallel`` sequences. Every ``step()`` packs the pending rows of all running
 sequences into one forward: running sequences decode one token each, new ones prefill
-in chunks from what is left of the ``max_batch_tokens`` budget. So a server thread can
+in chunks sharing what is left of the ``max_batch_tokens`` budget (shortest first, each
+at most an equal share), so a long prompt never holds back a short one. So a server thread can
 call ``step()`` in a loop while request threads ``add_request`` / ``cancel`` (both are
 thread-safe) and new requests join between steps (continuous batching).
 
@@ -302,14 +303,23 @@ class Engine:
         return self.prefix_cache.attach(self.cache, seq.token_ids[:seq.n_prompt - 1])
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, rows to feed) for this step: every decode, then prefill chunks."""
+        """(sequence, rows to feed) for this step: every decode gets its row, then what is
+        left of ``max_batch_tokens`` is shared max-min fairly among the prefills.
+
+        Prefills go shortest-remaining first and each takes at most an equal share of
+        what is still left, so a short prompt finishes in the step after it arrives
+        while a long one is chunked, and the long one still gets at least
+        budget / prefills rows a step (no starvation); alone it gets the whole budget.
+        """
         batch = [(s, 1) for s in self.running if s.pending() == 1]
         budget = self.max_batch_tokens - len(batch)
-        for s in self.running:
-            n = s.pending()
-            if n > 1 and budget > 0:
-                batch.append((s, min(n, budget)))
-                budget -= batch[-1][1]
+        prefills = sorted((s for s in self.running if s.pending() > 1), key=Sequence.pending)
+        for i, s in enumerate(prefills):
+            if budget < 1:
+                break
+            share = -(-budget // (len(prefills) - i))  # ceil: a budget < prefills goes 1 each
+            batch.append((s, min(s.pending(), share)))
+            budget -= batch[-1][1]
         return batch
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> list[StepOutput]:

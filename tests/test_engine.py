@@ -139,6 +139,59 @@ def test_a_request_joins_while_another_decodes(tiny_parts):
     assert [first.output_ids, second.output_ids] == [r.output_ids for r in ref]
 
 
+LONG = [1] + [(7 * i) % 250 + 3 for i in range(95)]  # 96 prompt tokens
+
+
+def test_a_short_request_is_not_held_back_by_a_long_prefill(tiny_parts):
+    """Issue 15 item 4: a short prompt gets its first token in the step after it arrives
+    and then a row every step, while a long prompt's prefill goes on in chunks; neither
+    output changes."""
+    e = engine(tiny_parts, num_parallel=2, max_batch_tokens=16)
+    long = e.add_request(LONG, SamplingParams(max_tokens=4, **GREEDY))
+    e.step()
+    short = e.add_request(PROMPTS[0], SamplingParams(max_tokens=20, **GREEDY))
+    e.step()
+    assert short.n_generated == 1 and 0 < long.n_cached < long.n_prompt
+    steps = 1
+    while long.n_cached < long.n_prompt:
+        e.step()
+        steps += 1
+        assert short.n_generated == steps  # one decode row every step of the prefill
+    assert steps >= 6  # the prefill really overlapped: 80 tokens in chunks of at most 15
+    drain(e)
+    for s, p, n in ((long, LONG, 4), (short, PROMPTS[0], 20)):
+        alone = engine(tiny_parts, max_batch_tokens=16)
+        a = alone.add_request(p, SamplingParams(max_tokens=n, **GREEDY))
+        drain(alone)
+        assert s.output_ids == a.output_ids and len(a.output_ids) == n
+    assert e.cache.pages_in_use == 0
+    e.cache.check()
+
+
+def test_prefill_budget_is_shared_shortest_first(tiny_parts):
+    e = engine(tiny_parts, num_parallel=4, max_batch_tokens=16)
+    alone = e.add_request(LONG[:40], SamplingParams(max_tokens=2, **GREEDY))
+    e._admit()
+    assert e._schedule() == [(alone, 16)]  # alone: the whole budget, as before
+    e.step()
+    e.add_request(LONG[:20], SamplingParams(max_tokens=2, **GREEDY))
+    short = e.add_request([1, 5, 6], SamplingParams(max_tokens=2, **GREEDY))
+    e._admit()
+    mid = e.running[1]
+    # 3 rows fit whole; 13 left for two: ceil(13 / 2) = 7 to the shorter, 6 to the longest
+    assert e._schedule() == [(short, 3), (mid, 7), (alone, 6)]
+    e.step()
+    # short decodes (its row comes first); 15 left: 8 to mid, 7 to alone
+    assert e._schedule() == [(short, 1), (mid, 8), (alone, 7)]
+    tight = engine(tiny_parts, num_parallel=4, max_batch_tokens=2)
+    seqs = [tight.add_request(p, SamplingParams(max_tokens=1, **GREEDY))
+            for p in (LONG[:9], LONG[:5], LONG[:7])]
+    tight._admit()
+    assert tight._schedule() == [(seqs[1], 1), (seqs[2], 1)]  # a budget below the prefills: 1 each
+    drain(e), drain(tight)
+    e.cache.check()
+
+
 def test_max_tokens_and_context_full_finish_with_length(tiny_parts):
     e = engine(tiny_parts, num_ctx=32)
     s = e.add_request(PROMPTS[1], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
