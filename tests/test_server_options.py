@@ -1,0 +1,105 @@
+"""Per-request options as Ollama treats them (issue 16): a request that sets nothing gets
+the server's defaults whatever came before; num_ctx is a per-sequence limit in one pool."""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+import httpx
+import ollama
+import pytest
+
+from kvslim.settings import ServerSettings
+
+from test_server import StepGate, ps_model, running_server, settled, wait_until
+
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    with running_server(ServerSettings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
+        yield served
+
+
+def _long_prompt(n_words: int) -> str:
+    return " ".join(f"word{i % 37}" for i in range(n_words))
+
+
+def test_one_requests_num_ctx_never_cuts_a_later_prompt(server):
+    """The reported defect: num_ctx 64 once, then a 200-token prompt was cut to fit 64."""
+    client = ollama.Client(host=server.url)
+    prompt = _long_prompt(60)
+    full = client.generate(model="tiny", prompt=prompt, raw=True, options={"num_predict": 1})
+    assert 150 < full.prompt_eval_count < 256  # the tiny model's context is 256
+    small = client.generate(model="tiny", prompt=prompt, raw=True,
+                            options={"num_predict": 1, "num_ctx": 64})
+    assert small.prompt_eval_count < 64  # truncated to its own num_ctx
+    again = client.generate(model="tiny", prompt=prompt, raw=True, options={"num_predict": 1})
+    assert again.prompt_eval_count == full.prompt_eval_count
+    assert server.runner("tiny").scheduler.counters["rebuilds"] == 0
+
+
+def test_different_num_ctx_run_side_by_side(server):
+    runner = server.runner("tiny")
+    gate = StepGate(runner)
+
+    def ask(num_ctx: int) -> httpx.Response:
+        return httpx.post(server.url + "/api/generate", timeout=60, json={
+            "model": "tiny", "prompt": "x", "stream": False,
+            "options": GREEDY | {"num_predict": 4, "num_ctx": num_ctx}})
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            a, b = pool.submit(ask, 32), pool.submit(ask, 200)
+            wait_until(lambda: len(runner.engine.waiting) == 2, what="both in the engine")
+            gate.allow(1)  # one step admits both into the same pool
+            wait_until(lambda: len(runner.engine.running) == 2, what="both running")
+            assert sorted(s.max_len for s in runner.engine.running) == \
+                sorted(min(n, s.n_prompt + 4) for n, s in zip((32, 200), runner.engine.running))
+        finally:
+            gate.open()
+        assert [f.result().status_code for f in (a, b)] == [200, 200]
+    assert runner.scheduler.counters["rebuilds"] == 0
+    assert ps_model(server.url, "tiny")["context_length"] == 256  # the server's, unchanged
+
+
+def test_num_ctx_above_the_models_maximum_is_clamped_with_a_warning(server, caplog):
+    with caplog.at_level(logging.WARNING, logger="kvslim.server"):
+        r = httpx.post(server.url + "/api/generate", timeout=60, json={
+            "model": "tiny", "prompt": _long_prompt(60), "raw": True, "stream": False,
+            "options": {"num_predict": 1, "num_ctx": 100000}})
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] > 150
+    assert any("num_ctx 100000" in m and "maximum 256" in m for m in caplog.messages)
+
+
+def test_a_larger_num_ctx_waits_for_its_pages_or_is_a_400_if_it_never_fits(tiny_path):
+    # pool: 2 x 64 tokens = 2 pages; num_ctx 128 takes both, 256 can never fit
+    with running_server(ServerSettings.from_env({}, num_parallel=2, num_ctx=64),
+                        {"tiny": tiny_path}) as served:
+        httpx.post(served.url + "/api/generate", json={"model": "tiny"})
+        runner = served.runner("tiny")
+        r = httpx.post(served.url + "/api/generate", timeout=60, json={
+            "model": "tiny", "prompt": "x", "stream": False, "options": {"num_ctx": 256}})
+        assert r.status_code == 400 and "can never fit" in r.json()["error"]
+        gate = StepGate(runner)
+
+        def ask(options: dict) -> httpx.Response:
+            return httpx.post(served.url + "/api/generate", timeout=60, json={
+                "model": "tiny", "prompt": "x", "stream": False, "options": GREEDY | options})
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            try:
+                big = pool.submit(ask, {"num_ctx": 128, "num_predict": 100})
+                wait_until(lambda: runner.engine.waiting, what="the big request in the engine")
+                gate.allow(1)
+                wait_until(lambda: runner.engine.running, what="the big request running")
+                small = pool.submit(ask, {"num_predict": 2})
+                wait_until(lambda: runner.scheduler.waiting() == 1, what="the small one queued")
+                gate.allow(3)  # it joins the engine, which has no pages for it yet
+                wait_until(lambda: runner.engine.waiting, what="the small one waiting for pages")
+                assert len(runner.engine.running) == 1
+            finally:
+                gate.open()
+            assert [f.result().status_code for f in (big, small)] == [200, 200]
+        wait_until(lambda: settled(served.url, "tiny"), what="pages back")
