@@ -103,3 +103,27 @@ def test_a_larger_num_ctx_waits_for_its_pages_or_is_a_400_if_it_never_fits(tiny_
                 gate.open()
             assert [f.result().status_code for f in (big, small)] == [200, 200]
         wait_until(lambda: settled(served.url, "tiny"), what="pages back")
+
+
+def _generate(url: str, options: dict) -> httpx.Response:
+    return httpx.post(url + "/api/generate", timeout=60, json={
+        "model": "tiny", "prompt": "x", "stream": False, "options": options})
+
+
+def test_number_options_accept_integral_floats_as_ollama_does(server):
+    as_ints = _generate(server.url, {"num_predict": 8, "num_ctx": 200, "seed": 3, "top_k": 5,
+                                     "temperature": 1})
+    as_floats = _generate(server.url, {"num_predict": 8.0, "num_ctx": 200.0, "seed": 3.0,
+                                       "top_k": 5.0, "temperature": 1})
+    assert as_ints.status_code == as_floats.status_code == 200
+    assert as_floats.json()["eval_count"] == 8
+    assert as_floats.json()["response"] == as_ints.json()["response"]  # same seed, same text
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"num_predict": 8.5}, "options.num_predict"), ({"num_ctx": "x"}, "options.num_ctx"),
+    ({"seed": 3.25}, "options.seed"), ({"top_k": True}, "options.top_k"),
+])
+def test_number_options_refuse_real_type_errors_naming_the_field(server, options, field):
+    r = _generate(server.url, options)
+    assert r.status_code == 400 and r.json()["error"].startswith(field)

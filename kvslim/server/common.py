@@ -88,6 +88,8 @@ def _num_ctx(data: dict) -> int | None:
     """The num_ctx a body asks for, if it names a sensible one (the schema checks it later)."""
     options = data.get("options")
     n = options.get("num_ctx") if isinstance(options, dict) else None
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
     return n if isinstance(n, int) and 0 < n < 1 << 24 else None
 
 
