@@ -127,3 +127,55 @@ def test_number_options_accept_integral_floats_as_ollama_does(server):
 def test_number_options_refuse_real_type_errors_naming_the_field(server, options, field):
     r = _generate(server.url, options)
     assert r.status_code == 400 and r.json()["error"].startswith(field)
+
+
+# ---------------------------------------------------------------- HTTP conventions
+
+
+def test_an_unknown_route_is_a_json_404_naming_it(server):
+    r = httpx.post(server.url + "/api/nothing", json={})
+    assert r.status_code == 404 and "POST /api/nothing" in r.json()["error"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "GET /v1/nothing" in r.json()["error"]["message"]
+
+
+def test_known_but_unsupported_routes_are_501_naming_them(server):
+    import openai
+
+    client = ollama.Client(host=server.url)
+    calls = [(lambda: client.embed(model="tiny", input="hi"), "/api/embed"),
+             (lambda: client.embeddings(model="tiny", prompt="hi"), "/api/embeddings"),
+             (lambda: client.copy("tiny", "other"), "/api/copy"),
+             (lambda: client.delete("tiny"), "/api/delete"),
+             (lambda: client.push("tiny"), "/api/push"),
+             (lambda: client.create("x", from_="tiny"), "/api/create")]
+    for call, route in calls:
+        with pytest.raises(ollama.ResponseError) as e:
+            call()
+        assert e.value.status_code == 501 and route in str(e.value), route
+    r = httpx.post(server.url + "/api/blobs/sha256-00", content=b"x")
+    assert r.status_code == 501 and "/api/blobs/{digest}" in r.json()["error"]
+    assert httpx.head(server.url + "/api/blobs/sha256-00").status_code == 501
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.embeddings.create(model="tiny", input="hi")
+    assert e.value.status_code == 501 and "/v1/embeddings" in e.value.message
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi"})
+    assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
+
+
+def test_cors_preflight_for_a_local_page_and_ollama_origins(tiny_path):
+    env = {"OLLAMA_ORIGINS": "https://app.example"}
+    with running_server(ServerSettings.from_env(env), {"tiny": tiny_path}) as served:
+        for origin in ("http://localhost:3000", "https://app.example"):
+            for path in ("/api/chat", "/v1/chat/completions"):
+                r = httpx.options(served.url + path, headers={
+                    "Origin": origin, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type, authorization"})
+                assert r.status_code == 204 and r.headers["access-control-allow-origin"] == origin
+                assert "POST" in r.headers["access-control-allow-methods"]
+            r = httpx.get(served.url + "/api/version", headers={"Origin": origin})
+            assert r.headers["access-control-allow-origin"] == origin
+        r = httpx.options(served.url + "/api/chat", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
