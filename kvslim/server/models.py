@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import threading
+import math
 import time
 from pathlib import Path
 
@@ -36,6 +37,10 @@ from kvslim.tokenizer import Tokenizer
 log = logging.getLogger("kvslim.server")
 
 __all__ = ["Runner", "Registry", "model_details"]
+
+HANDOFF_S = 10.0  # a claim (get() to the job's submit) keeps an idle model loaded this long at most
+FOREVER_S = 292 * 365.25 * 86400  # what Ollama's "forever" expiry (now + max int64 ns) shows
+REAP_POLL_S = 0.25  # how often a busy model with a finite keep_alive is checked
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -85,6 +90,8 @@ class Runner:
         self.engine = self.build(self.cache_config)
         self.load_duration = time.perf_counter() - t0
         self.loaded_at = time.time()
+        self.keep_alive = settings.keep_alive  # seconds it stays loaded once idle (inf: forever)
+        self._claims: list[float] = []  # monotonic times of get()s whose job is not queued yet
         self.scheduler = Scheduler(self, settings.max_queue, settings.num_parallel)
 
     # ---------------------------------------------------------------- the pool
@@ -200,6 +207,30 @@ class Runner:
                  cfg.codec)
         return time.perf_counter() - t0
 
+    # ---------------------------------------------------------------- keep_alive
+
+    def claim(self, keep_alive: float | None) -> None:
+        """A request is about to use this model; ``keep_alive`` (None: the server's) is how
+        long it stays loaded once idle afterwards, as Ollama sets it per request."""
+        self.keep_alive = self.settings.keep_alive if keep_alive is None else keep_alive
+        self._claims.append(time.monotonic())
+
+    def release(self) -> None:
+        """The claiming request has queued its job (or needs none)."""
+        if self._claims:
+            self._claims.pop(0)
+
+    def in_use(self) -> bool:
+        """A request runs, waits or is on its way (a claim younger than HANDOFF_S)."""
+        fresh = time.monotonic() - HANDOFF_S
+        return any(t > fresh for t in self._claims) or not self.scheduler.idle()
+
+    def expires_at(self) -> float:
+        """Unix time at which it unloads if nothing uses it meanwhile."""
+        now = time.time()
+        start = now if self.in_use() else self.scheduler.last_active
+        return start + (FOREVER_S if math.isinf(self.keep_alive) else self.keep_alive)
+
     # ---------------------------------------------------------------- prompts
 
     def chat_ids(self, messages: list[dict], cache: "CacheRequest | None" = None,
@@ -255,6 +286,9 @@ class Registry:
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()  # one load at a time; guards _runners
         self._digests: dict[Path, str] = {}
+        self._wake, self._closed = threading.Event(), False
+        self._reaper = threading.Thread(target=self._reap, name="kvslim-keep-alive", daemon=True)
+        self._reaper.start()
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -301,18 +335,38 @@ class Registry:
                 self._digests[path] = h.hexdigest()
         return self._digests[path]
 
-    def get(self, name: str) -> tuple[Runner, float]:
-        """(runner, seconds spent loading it now): loads on first use; blocking."""
+    def get(self, name: str, keep_alive: float | None = None) -> tuple[Runner, float]:
+        """(runner, seconds spent loading it now): loads on first use; blocking. The runner
+        is claimed (``Runner.claim``): release it once the request's job is queued."""
         name, path = self.resolve(name)
         with self._lock:
-            runner = self._runners.get(name)
-            if runner is not None:
-                return runner, 0.0
-            self._make_room()
-            runner = Runner(name, path, self.settings)
-            self._runners[name] = runner
-            log.info("%s: loaded in %.1fs", name, runner.load_duration)
-            return runner, runner.load_duration
+            runner, load = self._runners.get(name), 0.0
+            if runner is None:
+                self._make_room()
+                runner = Runner(name, path, self.settings)
+                self._runners[name] = runner
+                log.info("%s: loaded in %.1fs", name, runner.load_duration)
+                load = runner.load_duration
+            runner.claim(keep_alive)
+        self._wake.set()
+        return runner, load
+
+    def _reap(self) -> None:
+        """Unload models idle for longer than their keep_alive (a thread of its own)."""
+        while not self._closed:
+            now, timeout = time.time(), None
+            for runner in self.loaded():
+                if runner.in_use():
+                    timeout = REAP_POLL_S if math.isfinite(runner.keep_alive) else timeout
+                elif runner.expires_at() <= now:
+                    if self.unload(runner.name):
+                        log.info("%s: unloaded after %gs idle (keep_alive)", runner.name,
+                                 runner.keep_alive)
+                else:
+                    wait = runner.expires_at() - now
+                    timeout = wait if timeout is None else min(timeout, wait)
+            self._wake.wait(timeout)
+            self._wake.clear()
 
     def _make_room(self) -> None:
         while len(self._runners) >= self.settings.max_loaded_models:
@@ -327,7 +381,7 @@ class Registry:
         name = self.canonical(name)
         with self._lock:
             runner = self._runners.get(name)
-            if runner is None or not runner.scheduler.idle():
+            if runner is None or runner.in_use():
                 return False
             self._runners.pop(name).close()
             return True
@@ -336,6 +390,8 @@ class Registry:
         return list(self._runners.values())  # one C-level copy: no lock, so no wait on a load
 
     def close(self) -> None:
+        self._closed = True
+        self._wake.set()
         with self._lock:
             for runner in self._runners.values():
                 runner.close()

@@ -67,6 +67,7 @@ class Scheduler:
         self._stop = False
         self.counters = collections.Counter()
         self.snapshot = pool.status()
+        self.last_active = time.time()  # when it last had work (keep_alive counts from here)
         self._thread = threading.Thread(target=self._run, name=f"kvslim-{pool.name}", daemon=True)
         self._thread.start()
 
@@ -130,6 +131,7 @@ class Scheduler:
             if self.pool.engine.has_work():
                 self._step()
             self.snapshot = self.pool.status()
+            self.last_active = time.time()
 
     def _take_fitting(self) -> list[Ticket]:
         """Tickets at the head of the queue that the current pool can serve (FIFO)."""
