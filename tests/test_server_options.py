@@ -221,3 +221,61 @@ def test_ollama_keep_alive_from_the_environment(tiny_path):
         assert _loaded(served.url) == ["tiny:latest"]
         wait_until(lambda: not _loaded(served.url), timeout=10, what="unloaded after 1s idle")
 
+
+# ---------------------------------------------------------------- stream keep-alives
+
+
+@pytest.fixture
+def quick_keepalives(monkeypatch):
+    import kvslim.server.common as common
+
+    monkeypatch.setattr(common, "STREAM_KEEPALIVE_S", 0.1)
+
+
+def _held_stream(server, read):
+    """Run ``read()`` (a streaming request) while the engine's steps are held for a while
+    (a long prefill, as the client sees it), then let them go."""
+    import time
+
+    runner = server.runner("tiny")
+    gate = StepGate(runner)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            answer = pool.submit(read)
+            time.sleep(0.6)  # several keep-alive intervals with no step
+        finally:
+            gate.open()
+        return answer.result(timeout=60)
+
+
+def test_ndjson_streams_send_empty_pieces_while_waiting(server, quick_keepalives):
+    client = ollama.Client(host=server.url)
+    client.generate(model="tiny")
+    body = {"model": "tiny", "prompt": "x", "options": GREEDY | {"num_predict": 4}}
+    solo = client.generate(**body).response
+    pieces = _held_stream(server, lambda: list(client.generate(stream=True, **body)))
+    assert [p.response for p in pieces[:2]] == ["", ""] and not pieces[0].done  # keep-alives
+    assert "".join(p.response for p in pieces) == solo and pieces[-1].done
+    chat = _held_stream(server, lambda: list(client.chat(
+        model="tiny", messages=[{"role": "user", "content": "x"}], stream=True,
+        options=GREEDY | {"num_predict": 2})))
+    assert chat[0].message.content == "" and chat[0].message.role == "assistant" and chat[-1].done
+
+
+def test_sse_streams_send_comments_while_waiting(server, quick_keepalives):
+    import openai
+
+    httpx.post(server.url + "/api/generate", json={"model": "tiny"})
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "temperature": 0, "stream": True}
+
+    def raw() -> list[str]:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            return list(r.iter_lines())
+
+    lines = _held_stream(server, raw)
+    assert lines.count(": keep-alive") >= 2 and lines[-2] == "data: [DONE]"
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    chunks = _held_stream(server, lambda: list(oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+        temperature=0, stream=True)))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -26,6 +26,9 @@ log = logging.getLogger("kvslim.server")
 
 # No request of either API nests more than a few levels; deeper is an attack or a bug.
 MAX_JSON_DEPTH = 64
+# A stream quiet this long (a long prefill, a wait for pages) sends a keep-alive, so proxies
+# that cut idle connections (nginx: 60 s by default) do not end it.
+STREAM_KEEPALIVE_S = 10.0
 
 
 class APIError(Exception):
@@ -231,6 +234,27 @@ async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
     except Exception as e:  # noqa: BLE001 - reported to the client in the stream
         log.warning("request failed while streaming: %s", e)
         yield e
+
+
+async def with_keepalives(items: AsyncIterator, every: float | None = None) -> AsyncIterator:
+    """``items``, with None whenever ``every`` seconds (STREAM_KEEPALIVE_S) pass without
+    one. Leaving early cancels the pending read, which cancels the job."""
+    it = items.__aiter__()
+    pending = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every or STREAM_KEEPALIVE_S)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        pending.cancel()
 
 
 def status_of(e: Exception) -> int:

@@ -23,7 +23,7 @@ from kvslim import store
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.server.common import (APIError, ClientGone, collect, get_runner, keep_alive_seconds, ns,
                                   outputs_or_error, plan_request, registry, read_json, start_job,
-                                  timestamp)
+                                  timestamp, with_keepalives)
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatRequest, GenerateRequest, ModelRequest
@@ -116,8 +116,15 @@ def final_stats(job: Job, load: float) -> dict:
 
 
 async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
-    """One JSON object per line: a piece per text output, then the final statistics."""
-    async for out in outputs_or_error(job):
+    """One JSON object per line: a piece per text output, then the final statistics.
+
+    While nothing comes (a long prefill), an empty piece now and then keeps proxies from
+    closing the stream: Ollama's clients parse every line as JSON (a blank line breaks
+    the official Python client) and already meet empty pieces from Ollama itself."""
+    async for out in with_keepalives(outputs_or_error(job)):
+        if out is None:
+            yield _line(piece(""))
+            continue
         if isinstance(out, Exception):
             yield _line({"error": str(out)})
             return
