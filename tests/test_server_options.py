@@ -279,3 +279,17 @@ def test_sse_streams_send_comments_while_waiting(server, quick_keepalives):
         model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3,
         temperature=0, stream=True)))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_idle_model_makes_room_for_another_but_a_claimed_one_does_not(tiny_path):
+    with running_server(ServerSettings.from_env({"OLLAMA_MAX_LOADED_MODELS": "1"}),
+                        {"a": tiny_path, "b": tiny_path}) as served:
+        httpx.post(served.url + "/api/generate", json={"model": "a"})
+        httpx.post(served.url + "/api/generate", json={"model": "b"})
+        assert _loaded(served.url) == ["b:latest"]
+        served.runner("b").claim(None)  # a request between its lookup and its submit
+        r = httpx.post(served.url + "/api/generate", json={"model": "a"})
+        assert r.status_code == 503 and "KVSLIM_MAX_LOADED_MODELS=1" in r.json()["error"]
+        served.runner("b").release()
+        httpx.post(served.url + "/api/generate", json={"model": "a"})
+        assert _loaded(served.url) == ["a:latest"]

@@ -370,7 +370,7 @@ class Registry:
 
     def _make_room(self) -> None:
         while len(self._runners) >= self.settings.max_loaded_models:
-            idle = [n for n, r in self._runners.items() if r.scheduler.idle()]
+            idle = [n for n, r in self._runners.items() if not r.in_use()]
             if not idle:
                 raise ServerBusy(f"{len(self._runners)} model(s) loaded and busy "
                                  f"(KVSLIM_MAX_LOADED_MODELS={self.settings.max_loaded_models})")
