@@ -206,13 +206,21 @@ class Engine:
     # ---------------------------------------------------------------- requests
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    truncate: bool = False) -> Sequence:
-        """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate)."""
+                    truncate: bool = False, num_ctx: int | None = None) -> Sequence:
+        """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate).
+
+        ``num_ctx``: this sequence's context limit (default the engine's, at most the
+        model's); sequences with different limits share the pool.
+        """
         params = params or SamplingParams()
-        prompt_ids = self._fit_prompt(list(prompt_ids), truncate, params.max_tokens)
+        num_ctx = num_ctx or self.num_ctx
+        if num_ctx > self.model.config.context_length:
+            raise ValueError(f"num_ctx {num_ctx} is above the model's maximum context "
+                             f"{self.model.config.context_length}")
+        prompt_ids = self._fit_prompt(list(prompt_ids), truncate, params.max_tokens, num_ctx)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
         eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
-        seq = Sequence(next(self._ids), prompt_ids, params, self.num_ctx, decoder, eog)
+        seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog)
         if self._pages_for(seq) > self.cache.n_pages:
             raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "
                              f"({self.cache.capacity} tokens)")
@@ -220,8 +228,9 @@ class Engine:
             self.waiting.append(seq)
         return seq
 
-    def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None = None) -> list[int]:
-        return fit_prompt(ids, num_ctx=self.num_ctx, vocab_size=self.model.config.vocab_size,
+    def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None = None,
+                    num_ctx: int | None = None) -> list[int]:
+        return fit_prompt(ids, num_ctx=num_ctx or self.num_ctx, vocab_size=self.model.config.vocab_size,
                           model_max=self.model.config.context_length, truncate=truncate,
                           max_tokens=max_tokens,
                           bos_id=self.tokenizer.bos_id if self.tokenizer is not None else None)

@@ -22,13 +22,21 @@ and for ``kvslim serve`` only (``ServerSettings``):
     KVSLIM_MAX_LOADED_MODELS  models kept loaded at once (default 1)
     KVSLIM_MAX_BODY           largest request body, e.g. 16MiB (default)
 
+and ``KVSLIM_KEEP_ALIVE`` (how long an idle model stays loaded: 5m, 1h30m, seconds, -1
+forever; default 5m as Ollama). Each setting Ollama has is also read from its ``OLLAMA_*``
+name (``OLLAMA_NAMES``: OLLAMA_HOST, OLLAMA_KV_CACHE_TYPE, ...), the ``KVSLIM_*`` one
+winning, so an Ollama user's environment works unchanged (``env_value``); the model
+store's ``KVSLIM_MODELS`` / ``OLLAMA_MODELS`` is read by ``kvslim.store``.
+
 Booleans and modes are read by one parser (``parse_mode``): 1/true/yes/on and
 0/false/no/off, any case.
 """
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -40,15 +48,30 @@ from kvslim.codec import CodecSettings
 from kvslim.engine import DEFAULT_NUM_CTX
 from kvslim.units import parse_memory
 
-__all__ = ["parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
+__all__ = ["env_value", "OLLAMA_NAMES", "parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
            "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "resolve_prefix_cache",
-           "ServerSettings",
+           "ServerSettings", "parse_keep_alive", "DEFAULT_KEEP_ALIVE",
            "parse_host", "is_loopback", "DEVICES", "MODES", "ROUNDING_MODES"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODES = ("auto", "on", "off")
 ROUNDING_MODES = ("auto", "lsq", "ggml")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+# Settings Ollama also has, under its name (read when the KVSLIM_* one is unset or empty)
+OLLAMA_NAMES = {f"KVSLIM_{n}": f"OLLAMA_{n}" for n in (
+    "HOST", "KV_CACHE_TYPE", "FLASH_ATTENTION", "NUM_PARALLEL", "MAX_LOADED_MODELS",
+    "MAX_QUEUE", "CONTEXT_LENGTH", "KEEP_ALIVE")}
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """Setting ``name`` (a KVSLIM_* variable) from ``env``, else from its Ollama name."""
+    return env.get(name) or env.get(OLLAMA_NAMES.get(name, name)) or None
+
+
+def _source(env: Mapping[str, str], name: str) -> str:
+    """Which variable ``env_value`` read ``name`` from, for error messages."""
+    return name if env.get(name) or name not in OLLAMA_NAMES else OLLAMA_NAMES[name]
 
 
 def parse_mode(name: str, value, choices: tuple[str, ...] = MODES, default: str = "auto") -> str:
@@ -100,7 +123,7 @@ def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | No
                         env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """(K type, V type): a per-tensor type beats the shared one, which beats
     KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown."""
-    shared = kv_cache_type or env.get("KVSLIM_KV_CACHE_TYPE") or "f16"
+    shared = kv_cache_type or env_value(env, "KVSLIM_KV_CACHE_TYPE") or "f16"
     k, v = cache_type_k or shared, cache_type_v or shared
     return formats.get_format(k).name, formats.get_format(v).name
 
@@ -133,7 +156,7 @@ def resolve_num_ctx(num_ctx: int | None, model_max: int, device: torch.device,
             raise ValueError(f"num_ctx {num_ctx} is outside [1, {model_max}] "
                              f"(the model's maximum context is {model_max})")
         return num_ctx
-    if env.get("KVSLIM_CONTEXT_LENGTH"):
+    if env_value(env, "KVSLIM_CONTEXT_LENGTH"):
         default = _int(env, "KVSLIM_CONTEXT_LENGTH", DEFAULT_NUM_CTX)
     else:
         default = DEFAULT_NUM_CTX
@@ -167,7 +190,7 @@ def resolve_prefix_cache(prefix_cache: bool | str | None = None,
 
 
 def _given(value, env: Mapping[str, str], name: str):
-    return value if value is not None else env.get(name)
+    return value if value is not None else env_value(env, name)
 
 
 # ---------------------------------------------------------------- the server
@@ -202,6 +225,35 @@ def parse_host(value: str | None) -> tuple[str, int]:
     return host or DEFAULT_HOST, int(port) if port else default_port
 
 
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's 5m
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_keep_alive(value, name: str = "keep_alive") -> float:
+    """Seconds an idle model stays loaded, read as Ollama reads keep_alive: a number of
+    seconds, a Go duration ("5m", "1h30m", "1.5h", "0") or a whole number of seconds as
+    text; anything negative is forever (inf). ValueError names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a duration like '5m' or a number of seconds, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+        parts = _DURATION.findall(body)
+        if body.isdigit():  # "300": seconds, as OLLAMA_KEEP_ALIVE takes
+            seconds = sign * int(body)
+        elif parts and "".join(n + u for n, u in parts) == body:
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+        else:
+            raise ValueError(f"{name} must be a duration like '5m', '1h30m' or a number of "
+                             f"seconds (negative: forever), got {value!r}")
+    else:
+        seconds = float(value)
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    return math.inf if seconds < 0 else seconds
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -212,15 +264,15 @@ def is_loopback(host: str) -> bool:
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
+    raw = env_value(env, name)
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise ValueError(f"{_source(env, name)} must be an integer, got {raw!r}") from None
     if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise ValueError(f"{_source(env, name)} must be at least {minimum}, got {value}")
     return value
 
 
@@ -239,6 +291,7 @@ class ServerSettings:
     max_queue: int = 512
     max_loaded_models: int = 1
     max_body: int = 16 * 2**20
+    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds an idle model stays loaded (inf: forever)
     prefix_cache: bool = True
     device: str = "auto"
     codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
@@ -250,10 +303,11 @@ class ServerSettings:
         """Settings from ``env`` (default os.environ); keyword overrides (flags) win when not None."""
         env = dict(os.environ if env is None else env)
         given = {k: v for k, v in overrides.items() if v is not None}
-        host, port = parse_host(given.pop("host", None) or env.get("KVSLIM_HOST"))
+        host, port = parse_host(given.pop("host", None) or env_value(env, "KVSLIM_HOST"))
         k, v = resolve_cache_types(given.pop("kv_cache_type", None), given.pop("cache_type_k", None),
                                    given.pop("cache_type_v", None), env=env)
         memory = given.pop("kv_memory", None) or env.get("KVSLIM_KV_MEMORY")
+        keep_alive = env_value(env, "KVSLIM_KEEP_ALIVE")
         codec = resolve_codec(given.pop("kv_rotation", None), given.pop("kv_centering", None),
                               given.pop("kv_rounding", None), env=env)
         settings = cls(
@@ -264,6 +318,8 @@ class ServerSettings:
             max_queue=_int(env, "KVSLIM_MAX_QUEUE", cls.max_queue, minimum=0),
             max_loaded_models=_int(env, "KVSLIM_MAX_LOADED_MODELS", cls.max_loaded_models),
             max_body=parse_memory(env["KVSLIM_MAX_BODY"]) if env.get("KVSLIM_MAX_BODY") else cls.max_body,
+            keep_alive=parse_keep_alive(keep_alive, _source(env, "KVSLIM_KEEP_ALIVE"))
+            if keep_alive else DEFAULT_KEEP_ALIVE,
             prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
             codec=codec, weights=resolve_weights(given.pop("weights", None), env=env), env=env,
         )

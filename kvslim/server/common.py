@@ -19,12 +19,16 @@ from kvslim.server.scheduler import Job
 from kvslim.server import security
 from kvslim.server.schemas import Options
 from kvslim.server.types import CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
+from kvslim.settings import parse_keep_alive
 
 log = logging.getLogger("kvslim.server")
 
 
 # No request of either API nests more than a few levels; deeper is an attack or a bug.
 MAX_JSON_DEPTH = 64
+# A stream quiet this long (a long prefill, a wait for pages) sends a keep-alive, so proxies
+# that cut idle connections (nginx: 60 s by default) do not end it.
+STREAM_KEEPALIVE_S = 10.0
 
 
 class APIError(Exception):
@@ -88,6 +92,8 @@ def _num_ctx(data: dict) -> int | None:
     """The num_ctx a body asks for, if it names a sensible one (the schema checks it later)."""
     options = data.get("options")
     n = options.get("num_ctx") if isinstance(options, dict) else None
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
     return n if isinstance(n, int) and 0 < n < 1 << 24 else None
 
 
@@ -109,11 +115,26 @@ def registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-async def get_runner(request: Request, name: str) -> tuple[Runner, float]:
-    """The loaded model called ``name`` (loading it now if needed) and the load seconds."""
+def keep_alive_seconds(value) -> float | None:
+    """A request's keep_alive in seconds (None when absent); APIError(400) if malformed."""
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def get_runner(request: Request, name: str, keep_alive=None) -> tuple[Runner, float]:
+    """The loaded model called ``name`` (loading it now if needed) and the load seconds.
+
+    The model stays loaded for ``keep_alive`` (the request's; None: the server's) once
+    idle; it is claimed until ``start_job`` queues the request.
+    """
     if not name:
         raise APIError(400, "model is required")
-    return await run_in_threadpool(registry(request).get, name)
+    seconds = keep_alive_seconds(keep_alive)
+    return await run_in_threadpool(registry(request).get, name, seconds)
 
 
 # ---------------------------------------------------------------- options
@@ -135,8 +156,17 @@ def check_num_predict(n: int | None, runner: Runner) -> int | None:
 
 def plan_request(runner: Runner, options: Options | None,
                  defaults: dict | None = None) -> tuple[SamplingParams, CacheRequest]:
-    """Sampling parameters and cache request from Ollama-style options (ValueError -> 400)."""
-    options = options or Options()
+    """Sampling parameters and cache request from Ollama-style options (ValueError -> 400).
+
+    A request refused here ends the runner's claim (``get_runner``)."""
+    try:
+        return _plan(runner, options or Options(), defaults)
+    except BaseException:
+        runner.release()
+        raise
+
+
+def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[SamplingParams, CacheRequest]:
     sampling = (defaults or {}) | options.sampling()
     sampling["max_tokens"] = check_num_predict(sampling.pop("num_predict", None), runner)
     try:
@@ -153,17 +183,21 @@ def plan_request(runner: Runner, options: Options | None,
 
 async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: CacheRequest,
                     truncate: bool) -> Job:
-    """Tokenize (in a worker thread), check the request fits, and queue it."""
+    """Tokenize (in a worker thread), check the request fits, and queue it; the runner's
+    claim (``get_runner``) ends here either way."""
     try:
-        ids = await run_in_threadpool(ids_fn)
-        runner.check_request(ids, params, cache, truncate)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    limit = security.current().max_prompt_tokens
-    if limit is not None and len(ids) > limit:
-        raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of {limit:,} "
-                            f"(KVSLIM_MAX_PROMPT_TOKENS)")
-    return Job.start(runner.scheduler, ids, params, cache, truncate)
+        try:
+            ids = await run_in_threadpool(ids_fn)
+            runner.check_request(ids, params, cache, truncate)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        limit = security.current().max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of "
+                                f"{limit:,} (KVSLIM_MAX_PROMPT_TOKENS)")
+        return Job.start(runner.scheduler, ids, params, cache, truncate)
+    finally:
+        runner.release()
 
 
 # ---------------------------------------------------------------- answers
@@ -200,6 +234,27 @@ async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
     except Exception as e:  # noqa: BLE001 - reported to the client in the stream
         log.warning("request failed while streaming: %s", e)
         yield e
+
+
+async def with_keepalives(items: AsyncIterator, every: float | None = None) -> AsyncIterator:
+    """``items``, with None whenever ``every`` seconds (STREAM_KEEPALIVE_S) pass without
+    one. Leaving early cancels the pending read, which cancels the job."""
+    it = items.__aiter__()
+    pending = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every or STREAM_KEEPALIVE_S)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        pending.cancel()
 
 
 def status_of(e: Exception) -> int:

@@ -2,9 +2,11 @@
 
 A ``Runner`` is one loaded model with its current engine (paged pool) and the scheduler
 thread that steps it. The pool is sized from ``KVSLIM_KV_MEMORY`` in exact page bytes,
-or num_ctx x num_parallel. Requests may ask for other cache types or another num_ctx
-(``CacheRequest``); the scheduler then rebuilds the pool once the running sequences are
-done: the weights stay, the old pool and its cached prefixes are dropped.
+or the server's num_ctx x num_parallel. A request's num_ctx limits its own sequence in
+that pool (requests with different num_ctx run side by side). A request asking for other
+cache types, or leaving them out while the pool holds another request's types, waits
+for the running sequences to finish; the pool is then rebuilt (``CacheRequest``): the
+weights stay, the old pool and its cached prefixes are dropped.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import functools
 import hashlib
 import logging
 import threading
+import math
 import time
 from pathlib import Path
 
@@ -34,6 +37,10 @@ from kvslim.tokenizer import Tokenizer
 log = logging.getLogger("kvslim.server")
 
 __all__ = ["Runner", "Registry", "model_details"]
+
+HANDOFF_S = 10.0  # a claim (get() to the job's submit) keeps an idle model loaded this long at most
+FOREVER_S = 292 * 365.25 * 86400  # what Ollama's "forever" expiry (now + max int64 ns) shows
+REAP_POLL_S = 0.25  # how often a busy model with a finite keep_alive is checked
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -75,12 +82,16 @@ class Runner:
         self.weight_bytes = self.model.weight_bytes  # as held in memory (blocks, or dequantized)
         self.page_size = DEFAULT_PAGE_SIZE
         self.engine: Engine | None = None
-        self.cache_config = CacheConfig(settings.cache_type_k, settings.cache_type_v,
-                                        resolve_num_ctx(settings.num_ctx, self.config.context_length,
-                                                        self.device, settings.env), settings.codec)
+        # the server's defaults: what a request that sets nothing gets
+        self.num_ctx = resolve_num_ctx(settings.num_ctx, self.config.context_length, self.device,
+                                       settings.env)
+        self.defaults = CacheConfig(settings.cache_type_k, settings.cache_type_v, settings.codec)
+        self.cache_config = self.defaults  # what the pool is built with now
         self.engine = self.build(self.cache_config)
         self.load_duration = time.perf_counter() - t0
         self.loaded_at = time.time()
+        self.keep_alive = settings.keep_alive  # seconds it stays loaded once idle (inf: forever)
+        self._claims: list[float] = []  # monotonic times of get()s whose job is not queued yet
         self.scheduler = Scheduler(self, settings.max_queue, settings.num_parallel)
 
     # ---------------------------------------------------------------- the pool
@@ -89,18 +100,22 @@ class Runner:
                       cache_type_v: str | None = None, num_ctx: int | None = None, *,
                       kv_rotation: str | None = None, kv_centering: str | None = None,
                       kv_rounding: str | None = None) -> CacheRequest:
-        """Validate per-request cache options (ValueError says what is wrong)."""
+        """A request's pool and context: what it gives, the server's defaults for what it
+        leaves out (never what an earlier request set). ValueError says what is wrong;
+        a num_ctx above the model's maximum is clamped to it, with a warning, as Ollama does."""
+        d = self.defaults
         shared = formats.get_format(kv_cache_type).name if kv_cache_type else None
-        k = formats.get_format(cache_type_k).name if cache_type_k else shared
-        v = formats.get_format(cache_type_v).name if cache_type_v else shared
+        k = formats.get_format(cache_type_k).name if cache_type_k else shared or d.type_k
+        v = formats.get_format(cache_type_v).name if cache_type_v else shared or d.type_v
         top = self.config.context_length
-        if num_ctx is not None and not 1 <= num_ctx <= top:
-            raise ValueError(f"num_ctx {num_ctx} is outside [1, {top}] "
-                             f"(the model's maximum context is {top})")
-        codec = None
-        if (kv_rotation, kv_centering, kv_rounding) != (None, None, None):
-            codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=self.cache_config.codec)
-        return CacheRequest(k, v, num_ctx, codec)
+        if num_ctx is not None and num_ctx < 1:
+            raise ValueError(f"num_ctx must be at least 1, got {num_ctx}")
+        if num_ctx is not None and num_ctx > top:
+            log.warning("%s: requested context size too large for model: num_ctx %d, "
+                        "using the model's maximum %d", self.name, num_ctx, top)
+            num_ctx = top
+        codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=d.codec)
+        return CacheRequest(CacheConfig(k, v, codec), num_ctx or self.num_ctx)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
         """Exact bytes of one page (all layers, K and V) with the types the plan stores."""
@@ -113,14 +128,16 @@ class Runner:
         return round(per_token * self.page_size)
 
     def n_pages(self, cfg: CacheConfig) -> int:
-        """Pages of the pool for ``cfg``: the memory budget in whole pages, or num_ctx x num_parallel."""
+        """Pages of the pool for ``cfg``: the memory budget in whole pages, or the server's
+        num_ctx x num_parallel."""
+        context = -(-self.num_ctx // self.page_size)
         if self.settings.kv_memory is None:
-            return self.settings.num_parallel * -(-cfg.num_ctx // self.page_size)
-        pages, context = self.settings.kv_memory // self.page_bytes(cfg), -(-cfg.num_ctx // self.page_size)
+            return self.settings.num_parallel * context
+        pages = self.settings.kv_memory // self.page_bytes(cfg)
         if pages < context:  # it could never serve one full-context request: say what would
             raise ValueError(f"KVSLIM_KV_MEMORY of {self.settings.kv_memory:,} bytes holds "
                              f"{pages * self.page_size:,} tokens of K {cfg.type_k} / V {cfg.type_v}, "
-                             f"less than one context of num_ctx {cfg.num_ctx}: set it to at least "
+                             f"less than one context of num_ctx {self.num_ctx}: set it to at least "
                              f"{context * self.page_bytes(cfg):,} bytes, or lower num_ctx "
                              f"(KVSLIM_CONTEXT_LENGTH)")
         return pages
@@ -134,23 +151,25 @@ class Runner:
         free = _available_memory(self.device)
         if free is not None and need > free + old:
             raise PoolTooLarge(f"a K/V pool of {need:,} bytes ({n_pages} pages, num_ctx "
-                               f"{cfg.num_ctx}, K {cfg.type_k} / V {cfg.type_v}) does not fit in "
+                               f"{self.num_ctx}, K {cfg.type_k} / V {cfg.type_v}) does not fit in "
                                f"the {free + old:,} bytes free on {self.device}; lower num_ctx, "
                                f"KVSLIM_NUM_PARALLEL or KVSLIM_KV_MEMORY, or use a smaller type")
         return n_pages
 
     def check_request(self, ids: list[int], params, cache: CacheRequest, truncate: bool) -> None:
-        """ValueError when a request cannot run in the pool it asks for: a prompt longer
-        than num_ctx (without truncation) or more tokens than the whole pool holds."""
-        cfg = cache.apply(self.cache_config)
-        n_prompt = len(fit_prompt(ids, num_ctx=cfg.num_ctx, vocab_size=self.config.vocab_size,
+        """ValueError when a request can never run in the pool it needs: a prompt longer
+        than its num_ctx (without truncation) or more tokens than the whole pool holds
+        (one that fits waits for its pages)."""
+        num_ctx, cfg = cache.num_ctx, cache.pool
+        n_prompt = len(fit_prompt(ids, num_ctx=num_ctx, vocab_size=self.config.vocab_size,
                                   model_max=self.config.context_length, truncate=truncate,
                                   max_tokens=params.max_tokens, bos_id=self.tokenizer.bos_id))
-        max_len = max_length(n_prompt, cfg.num_ctx, params.max_tokens)
+        max_len = max_length(n_prompt, num_ctx, params.max_tokens)
         n_pages = self.n_pages(cfg)
         if -(-max_len // self.page_size) > n_pages:
-            raise ValueError(f"a request of up to {max_len} tokens cannot fit in the K/V pool "
-                             f"({n_pages * self.page_size} tokens, KVSLIM_KV_MEMORY); lower "
+            raise ValueError(f"a request of up to {max_len} tokens (num_ctx {num_ctx}) can never "
+                             f"fit in the K/V pool ({n_pages * self.page_size} tokens: the server's "
+                             f"num_ctx x KVSLIM_NUM_PARALLEL, or KVSLIM_KV_MEMORY); lower "
                              f"num_predict or num_ctx")
         if cfg != self.cache_config:
             self.check_memory(cfg)
@@ -165,7 +184,7 @@ class Runner:
             self.engine.cache = None  # the old pool goes before the new one is allocated
         prefix = PrefixCache(self.page_size) if self.settings.prefix_cache else None
         engine = Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
-                        flash_attn=self.settings.flash_attn, num_ctx=cfg.num_ctx,
+                        flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
                         num_parallel=self.settings.num_parallel, page_size=self.page_size,
                         n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
         self.cache_config = cfg
@@ -184,9 +203,33 @@ class Runner:
         except Exception:
             self.engine = self.build(previous)
             raise
-        log.info("%s: K/V pool rebuilt: K %s / V %s, num_ctx %d, %s", self.name, cfg.type_k,
-                 cfg.type_v, cfg.num_ctx, cfg.codec)
+        log.info("%s: K/V pool rebuilt: K %s / V %s, %s", self.name, cfg.type_k, cfg.type_v,
+                 cfg.codec)
         return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- keep_alive
+
+    def claim(self, keep_alive: float | None) -> None:
+        """A request is about to use this model; ``keep_alive`` (None: the server's) is how
+        long it stays loaded once idle afterwards, as Ollama sets it per request."""
+        self.keep_alive = self.settings.keep_alive if keep_alive is None else keep_alive
+        self._claims.append(time.monotonic())
+
+    def release(self) -> None:
+        """The claiming request has queued its job (or needs none)."""
+        if self._claims:
+            self._claims.pop(0)
+
+    def in_use(self) -> bool:
+        """A request runs, waits or is on its way (a claim younger than HANDOFF_S)."""
+        fresh = time.monotonic() - HANDOFF_S
+        return any(t > fresh for t in self._claims) or not self.scheduler.idle()
+
+    def expires_at(self) -> float:
+        """Unix time at which it unloads if nothing uses it meanwhile."""
+        now = time.time()
+        start = now if self.in_use() else self.scheduler.last_active
+        return start + (FOREVER_S if math.isinf(self.keep_alive) else self.keep_alive)
 
     # ---------------------------------------------------------------- prompts
 
@@ -202,7 +245,7 @@ class Runner:
         render = functools.partial(render_chat, self.tokenizer)
         if cache is None:
             return render(messages)
-        limit = prompt_limit(cache.apply(self.cache_config).num_ctx, max_tokens)
+        limit = prompt_limit(cache.num_ctx, max_tokens)
         return fit_chat(render, messages, limit)[1]
 
     def text_ids(self, text: str) -> list[int]:
@@ -243,6 +286,9 @@ class Registry:
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()  # one load at a time; guards _runners
         self._digests: dict[Path, str] = {}
+        self._wake, self._closed = threading.Event(), False
+        self._reaper = threading.Thread(target=self._reap, name="kvslim-keep-alive", daemon=True)
+        self._reaper.start()
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -289,22 +335,42 @@ class Registry:
                 self._digests[path] = h.hexdigest()
         return self._digests[path]
 
-    def get(self, name: str) -> tuple[Runner, float]:
-        """(runner, seconds spent loading it now): loads on first use; blocking."""
+    def get(self, name: str, keep_alive: float | None = None) -> tuple[Runner, float]:
+        """(runner, seconds spent loading it now): loads on first use; blocking. The runner
+        is claimed (``Runner.claim``): release it once the request's job is queued."""
         name, path = self.resolve(name)
         with self._lock:
-            runner = self._runners.get(name)
-            if runner is not None:
-                return runner, 0.0
-            self._make_room()
-            runner = Runner(name, path, self.settings)
-            self._runners[name] = runner
-            log.info("%s: loaded in %.1fs", name, runner.load_duration)
-            return runner, runner.load_duration
+            runner, load = self._runners.get(name), 0.0
+            if runner is None:
+                self._make_room()
+                runner = Runner(name, path, self.settings)
+                self._runners[name] = runner
+                log.info("%s: loaded in %.1fs", name, runner.load_duration)
+                load = runner.load_duration
+            runner.claim(keep_alive)
+        self._wake.set()
+        return runner, load
+
+    def _reap(self) -> None:
+        """Unload models idle for longer than their keep_alive (a thread of its own)."""
+        while not self._closed:
+            now, timeout = time.time(), None
+            for runner in self.loaded():
+                if runner.in_use():
+                    timeout = REAP_POLL_S if math.isfinite(runner.keep_alive) else timeout
+                elif runner.expires_at() <= now:
+                    if self.unload(runner.name):
+                        log.info("%s: unloaded after %gs idle (keep_alive)", runner.name,
+                                 runner.keep_alive)
+                else:
+                    wait = runner.expires_at() - now
+                    timeout = wait if timeout is None else min(timeout, wait)
+            self._wake.wait(timeout)
+            self._wake.clear()
 
     def _make_room(self) -> None:
         while len(self._runners) >= self.settings.max_loaded_models:
-            idle = [n for n, r in self._runners.items() if r.scheduler.idle()]
+            idle = [n for n, r in self._runners.items() if not r.in_use()]
             if not idle:
                 raise ServerBusy(f"{len(self._runners)} model(s) loaded and busy "
                                  f"(KVSLIM_MAX_LOADED_MODELS={self.settings.max_loaded_models})")
@@ -315,7 +381,7 @@ class Registry:
         name = self.canonical(name)
         with self._lock:
             runner = self._runners.get(name)
-            if runner is None or not runner.scheduler.idle():
+            if runner is None or runner.in_use():
                 return False
             self._runners.pop(name).close()
             return True
@@ -324,6 +390,8 @@ class Registry:
         return list(self._runners.values())  # one C-level copy: no lock, so no wait on a load
 
     def close(self) -> None:
+        self._closed = True
+        self._wake.set()
         with self._lock:
             for runner in self._runners.values():
                 runner.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -22,8 +21,9 @@ from starlette.concurrency import run_in_threadpool
 import kvslim
 from kvslim import store
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.server.common import (APIError, ClientGone, collect, get_runner, ns, outputs_or_error,
-                                  plan_request, registry, read_json, start_job, timestamp)
+from kvslim.server.common import (APIError, ClientGone, collect, get_runner, keep_alive_seconds, ns,
+                                  outputs_or_error, plan_request, registry, read_json, start_job,
+                                  timestamp, with_keepalives)
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatRequest, GenerateRequest, ModelRequest
@@ -59,26 +59,17 @@ def _unsupported(model: str, *, images=None, suffix="", fmt=None, template="", t
                             "chat template")
 
 
-def _keep_alive_zero(value) -> bool:
-    """Whether an Ollama keep_alive (seconds, or a duration like "0s", "5m") is zero."""
-    if value is None:
-        return False
-    if isinstance(value, (int, float)):
-        return value == 0
-    m = re.fullmatch(r"\s*(-?\d+(?:\.\d*)?)\s*(ns|us|µs|ms|s|m|h)?\s*", value)
-    return bool(m) and float(m.group(1)) == 0
-
-
 async def _load_or_unload(request: Request, model: str, keep_alive, chat: bool) -> JSONResponse:
     """Ollama's empty request: load the model, or with keep_alive 0 unload it."""
     reg = registry(request)
-    if _keep_alive_zero(keep_alive):
+    if keep_alive_seconds(keep_alive) == 0:
         reg.resolve(model)  # 404 for an unknown model
         if not await run_in_threadpool(reg.unload, model) and _is_loaded(reg, model):
             _unload_when_idle(reg, model)  # others are using it: it goes when they are done
         reason = "unload"
     else:
-        await get_runner(request, model)
+        runner, _ = await get_runner(request, model, keep_alive)
+        runner.release()  # no job follows
         reason = "load"
     body = {"model": model, "created_at": timestamp()}
     body |= {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
@@ -125,8 +116,15 @@ def final_stats(job: Job, load: float) -> dict:
 
 
 async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
-    """One JSON object per line: a piece per text output, then the final statistics."""
-    async for out in outputs_or_error(job):
+    """One JSON object per line: a piece per text output, then the final statistics.
+
+    While nothing comes (a long prefill), an empty piece now and then keeps proxies from
+    closing the stream: Ollama's clients parse every line as JSON (a blank line breaks
+    the official Python client) and already meet empty pieces from Ollama itself."""
+    async for out in with_keepalives(outputs_or_error(job)):
+        if out is None:
+            yield _line(piece(""))
+            continue
         if isinstance(out, Exception):
             yield _line({"error": str(out)})
             return
@@ -162,7 +160,7 @@ async def generate(request: Request):
                  template=req.template, think=req.think)
     if req.raw and (req.system or req.context):
         raise APIError(400, "raw mode does not support template, system, or context")
-    runner, load = await get_runner(request, req.model)
+    runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
     job = await start_job(runner, lambda: _generate_ids(runner, req), params, cache, req.truncate)
 
@@ -203,7 +201,7 @@ async def chat(request: Request):
     registry(request).resolve(req.model)
     _unsupported(req.model, images=any(m.images for m in req.messages), fmt=req.format,
                  tools=req.tools, think=req.think)
-    runner, load = await get_runner(request, req.model)
+    runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
     fit = cache if req.truncate else None  # truncate false: a long chat is a 400
@@ -324,6 +322,7 @@ def ps_entry(reg, runner: Runner) -> dict:
         "name": tagged(runner.name), "model": tagged(runner.name), "size": size,
         "digest": reg.digest(runner.path), "details": model_details(runner.config),
         "size_vram": 0 if on_cpu else size, "context_length": snap["num_ctx"],
+        "expires_at": timestamp(runner.expires_at()),
         "device": snap["device"], "num_parallel": snap["num_parallel"],
         "kv_cache": {k: snap[k] for k in (
             "type_k", "type_v", "requested_k", "requested_v", "fallback", "reason", "bytes",

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kvslim.server.common import (APIError, ClientGone, collect, get_runner, outputs_or_error,
-                                  plan_request, registry, read_json, start_job, status_of)
+                                  plan_request, registry, read_json, start_job, status_of,
+                                  with_keepalives)
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -54,10 +55,14 @@ def _finish_reason(job: Job) -> str:
 
 
 async def _sse(job: Job, chunk, first: dict | None, include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: ``data: {chunk}`` per text output, the finish, usage, ``[DONE]``."""
+    """Server-sent events: ``data: {chunk}`` per text output, the finish, usage, ``[DONE]``;
+    a ``: keep-alive`` comment (which SSE clients skip) while nothing comes."""
     if first is not None:
         yield _event(chunk(first, None))
-    async for out in outputs_or_error(job):
+    async for out in with_keepalives(outputs_or_error(job)):
+        if out is None:
+            yield b": keep-alive\n\n"
+            continue
         if isinstance(out, Exception):
             yield _event(error_body(status_of(out), str(out)))
             break

@@ -5,9 +5,10 @@ outputs from an asyncio queue through a ``Job``. The thread moves tickets into t
 engine between steps, runs ``engine.step()`` while there is work (one batched forward
 over every running sequence) and hands each output to its ticket's event loop.
 
-Tickets wait in one FIFO. The head joins the engine when its cache request fits the
-pool; when it asks for other cache types or another num_ctx, the tickets behind it wait
-too, the running sequences finish, and the pool is rebuilt for it.
+Tickets wait in one FIFO. The head joins the engine when the pool has the cache types
+it needs (its num_ctx is its own sequence's limit, any value shares the pool); when it
+needs other types, the tickets behind it wait too, the running sequences finish, and the
+pool is rebuilt for it: one client's cache never changes under another.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class Scheduler:
         self._stop = False
         self.counters = collections.Counter()
         self.snapshot = pool.status()
+        self.last_active = time.time()  # when it last had work (keep_alive counts from here)
         self._thread = threading.Thread(target=self._run, name=f"kvslim-{pool.name}", daemon=True)
         self._thread.start()
 
@@ -129,18 +131,20 @@ class Scheduler:
             if self.pool.engine.has_work():
                 self._step()
             self.snapshot = self.pool.status()
+            self.last_active = time.time()
 
     def _take_fitting(self) -> list[Ticket]:
         """Tickets at the head of the queue that the current pool can serve (FIFO)."""
         out, cfg = [], self.pool.cache_config
-        while self._queue and self._queue[0].cache.fits(cfg):
+        while self._queue and self._queue[0].cache.pool == cfg:
             out.append(self._queue.popleft())
         return out
 
     def _add(self, t: Ticket) -> None:
         engine = self.pool.engine
         try:
-            seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate)
+            seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate,
+                                     num_ctx=t.cache.num_ctx)
         except ValueError as e:  # too long for the context or the pool
             t.send("error", e)
             return
@@ -152,14 +156,13 @@ class Scheduler:
 
     def _switch(self, head: Ticket) -> None:
         """Rebuild the pool for the head ticket (the engine is idle)."""
-        cfg = head.cache.apply(self.pool.cache_config)
         try:
-            head.load_duration = self.pool.switch(cfg)
+            head.load_duration = self.pool.switch(head.cache.pool)
             self.counters["rebuilds"] += 1
         except Exception as e:  # noqa: BLE001 - every waiter of this config hears why
             log.warning("%s: cannot rebuild the K/V pool: %s", self.pool.name, e)
             with self._cond:
-                failed = [t for t in self._queue if t.cache == head.cache]
+                failed = [t for t in self._queue if t.cache.pool == head.cache.pool]
                 for t in failed:
                     self._queue.remove(t)
             for t in failed:

@@ -3,9 +3,9 @@ number belongs is a 400, not a guess). Unknown fields are ignored, as both APIs 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from kvslim.sampling import MAX_PENALTY, SEED_RANGE
 
@@ -17,6 +17,17 @@ Stop = str | list[str] | None
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
+
+def _integral(value):
+    """8.0 -> 8: Ollama reads options from JSON numbers, so clients that write every number
+    as a float (JavaScript's JSON.stringify(8.0) is "8", others write "8.0") work. 8.5
+    and "8" are left for the strict int check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 # The ranges of kvslim.sampling.SamplingParams, checked here too so that a 400 names the field.
 Penalty = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -41,16 +52,16 @@ class Options(_Body):
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-    num_ctx: int | None = Field(None, ge=1)
-    num_predict: int | None = None
+    num_ctx: Int | None = Field(None, ge=1)
+    num_predict: Int | None = None
     temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Seed
+    seed: Int | None = Seed
     stop: Stop = None
     repeat_penalty: float | None = Field(None, ge=1 / MAX_PENALTY, le=MAX_PENALTY)
-    repeat_last_n: int | None = Field(None, ge=-1)
+    repeat_last_n: Int | None = Field(None, ge=-1)
     presence_penalty: float | None = Penalty
     frequency_penalty: float | None = Penalty
     kv_cache_type: str | None = None

@@ -38,27 +38,16 @@ class CacheConfig:
 
     type_k: str
     type_v: str
-    num_ctx: int
     codec: CodecSettings = CodecSettings()
 
 
 @dataclass(frozen=True)
 class CacheRequest:
-    """What one request asks of the pool; None keeps whatever is loaded."""
+    """What one request needs: the pool it runs in (its types, else the server's) and
+    its own context limit, a per-sequence bound within that pool."""
 
-    type_k: str | None = None
-    type_v: str | None = None
-    num_ctx: int | None = None
-    codec: CodecSettings | None = None  # the loaded settings with the request's changes
-
-    def fits(self, cfg: CacheConfig) -> bool:
-        return all(want is None or want == have for want, have in
-                   ((self.type_k, cfg.type_k), (self.type_v, cfg.type_v), (self.num_ctx, cfg.num_ctx),
-                    (self.codec, cfg.codec)))
-
-    def apply(self, cfg: CacheConfig) -> CacheConfig:
-        return CacheConfig(self.type_k or cfg.type_k, self.type_v or cfg.type_v,
-                           self.num_ctx or cfg.num_ctx, self.codec or cfg.codec)
+    pool: CacheConfig
+    num_ctx: int
 
 
 class Pool(Protocol):
