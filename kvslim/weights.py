@@ -36,8 +36,11 @@ WEIGHT_MODES = ("quantized", "dequantize")
 # Up to this many rows, a dense CPU matmul is split over threads by output rows (Linear).
 SPLIT_MAX_ROWS = 16
 # Up to this many input rows QLinear runs the fused GEMV; beyond, dequantized tiles and
-# torch's GEMM (benchmarks/weights.py measures both sides of this).
-GEMV_MAX_ROWS = 8
+# torch's GEMM (benchmarks/weights.py measures both sides of this). The GEMV sums each
+# row alone, so a decode batch of up to this many sequences gives every sequence the
+# same logits it gets alone (greedy output independent of the batch): at least the
+# server's usual num_parallel.
+GEMV_MAX_ROWS = 16
 TILE_FLOATS = 1 << 22  # a prefill tile of weight rows: 16 MiB of float32
 
 

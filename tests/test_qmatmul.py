@@ -62,6 +62,21 @@ def test_qlinear_matches_reference(qt, m):
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_a_decode_batch_gives_each_row_its_solo_result(qt):
+    """Up to GEMV_MAX_ROWS input rows (a decode batch), each output row is summed alone:
+    bit-identical to computing that row by itself, so batching cannot flip a greedy token."""
+    from kvslim.weights import GEMV_MAX_ROWS
+
+    rng = np.random.default_rng(int(qt) + 77)
+    q, _ = qtensor(qt, 131, _cols(qt), rng)
+    lin = QLinear([q])
+    x = torch.from_numpy(rng.standard_normal((GEMV_MAX_ROWS, _cols(qt))).astype(np.float32))
+    batched = lin(x)
+    for r in range(GEMV_MAX_ROWS):
+        assert torch.equal(lin(x[r:r + 1]), batched[r:r + 1]), f"row {r} differs when batched"
+
 @pytest.mark.parametrize("m", [1, 9])
 def test_parts_and_qk_permutation(m):
     """q (permuted, Q4_K), k (permuted, Q6_K) and v (Q8_0) as one matmul equal the
