@@ -99,7 +99,16 @@ def test_quantized_caches_order_and_coherence(llm, english_ids):
     logits = llm.logits(prompt + answer.token_ids)[len(prompt) - 1:-1]
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer.token_ids)).item()
     assert nll < 1.0, (nll, answer.text)
-    assert answer.token_ids[:16] == base_answer[:16], (answer.text, llm.detokenize(base_answer))
+    # it starts as f16's does, or leaves it only where f16 itself nearly tied: greedy
+    # decoding turns a 0.05-logit tie into another sentence, and which side of such a tie
+    # a float sum lands on differs between CPUs (it did on an AMD EPYC, already before
+    # q8_0 was involved); a real cache defect moves logits by far more
+    first = next((i for i, (a, b) in enumerate(zip(answer.token_ids[:16], base_answer))
+                  if a != b), None)
+    if first is not None:
+        f16 = llm.logits(prompt + base_answer)[len(prompt) - 1 + first]
+        margin = (f16[base_answer[first]] - f16[answer.token_ids[first]]).item()
+        assert margin < 0.25, (first, margin, answer.text, llm.detokenize(base_answer))
 
 
 def test_engine_batches_real_sequences(llm):
