@@ -41,6 +41,7 @@ from numba.extending import intrinsic
 
 from kvslim import formats
 from kvslim.kernels import cpu_write, ggml, tiled
+from kvslim.kernels.ggml import fetch_add, load_acquire
 from kvslim.kernels.ggml import (BF16, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
                                  bits_to_float, count_bad, half_to_float)
 
@@ -660,46 +661,22 @@ def _merge_group(gi, out, n_kv, job):
 # decode step by whole scheduler time slices (benchmarks/README.md).
 
 
-@intrinsic
-def _fetch_add(typingctx, counters, slot):
-    """counters[slot] += 1 atomically; returns the value before (claims a work item)."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _data_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 1), "seq_cst")
-    return types.int64(counters, slot), codegen
-
-
-@intrinsic
-def _load_acquire(typingctx, counters, slot):
-    """counters[slot], read atomically (a plain load could be hoisted out of a wait loop)."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _data_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load_atomic(ptr, "acquire", 8)
-    return types.int64(counters, slot), codegen
-
-
 @njit(nogil=True, cache=True)
 def _attend_items(counters, q, scale, kplanes, vplanes, geom, job):
     """Claim and run work items until none is left, on any number of threads at once:
     counters[0] hands out items, counters[1] counts the finished ones."""
     while True:
-        w = _fetch_add(counters, 0)
+        w = fetch_add(counters, 0)
         if w >= job.work.shape[0]:
             return
         _attend_chunk(w, q, scale, kplanes, vplanes, geom, job)
-        _fetch_add(counters, 1)
+        fetch_add(counters, 1)
 
 
 @njit(nogil=True, cache=True)
 def _finish(counters, out, n_kv, job):
     """Wait for the items other threads still run (at most one each), then merge."""
-    while _load_acquire(counters, 1) < job.work.shape[0]:
+    while load_acquire(counters, 1) < job.work.shape[0]:
         pass
     for gi in range(job.groups.shape[0] - 1):
         _merge_group(gi, out, n_kv, job)

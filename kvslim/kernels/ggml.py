@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from kvslim.cache import KVCache
 
 __all__ = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "CODES",
-           "Planes", "Geom", "plane_views", "geom", "precheck", "raise_for", "encode_block"]
+           "Planes", "Geom", "plane_views", "geom", "precheck", "raise_for", "encode_block",
+           "fetch_add", "load_acquire"]
 
 # Format codes as the kernels branch on them (``formats.Format.code``).
 CODES = {name: fmt.code for name, fmt in formats.FORMATS.items()}
@@ -323,3 +324,35 @@ def tiny_planes(type: str, page_size: int) -> Planes:
     fmt = formats.get_format(type)
     return _side(fmt, {name: torch.zeros(1, 1, 1, page_size, 1, n, dtype=dt)
                        for name, dt, n in fmt.planes})
+
+
+# ---------------------------------------------------------------- work claiming
+# The CPU kernels' threads (attention, quantized matmuls) claim work items from an int64
+# counter array: these two atomics are all they share.
+
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def fetch_add(typingctx, counters, slot):
+    """counters[slot] += 1 atomically; returns the value before (claims a work item)."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(base, [args[1]])
+        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 1), "seq_cst")
+    return types.int64(counters, slot), codegen
+
+
+@intrinsic
+def load_acquire(typingctx, counters, slot):
+    """counters[slot], read atomically (a plain load could be hoisted out of a wait loop)."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load_atomic(builder.gep(base, [args[1]]), "acquire", 8)
+    return types.int64(counters, slot), codegen

@@ -35,6 +35,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
 from kvslim.kernels.qtypes import TYPES
 
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
@@ -63,43 +64,6 @@ def _half(typingctx, bits):
         h = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
         return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
     return types.float32(bits), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, bits):
-    """The low 32 bits of an integer as a float32."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth < 32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def _fetch_add(typingctx, counters, slot):
-    """counters[slot] += 1 atomically; returns the value before (claims a work item)."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        base = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.gep(base, [args[1]])
-        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 1), "seq_cst")
-    return types.int64(counters, slot), codegen
-
-
-@intrinsic
-def _load_acquire(typingctx, counters, slot):
-    """counters[slot], read atomically (a plain load could be hoisted out of a wait loop)."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
-        return None
-
-    def codegen(context, builder, sig, args):
-        base = context.make_array(sig.args[0])(context, builder, args[0]).data
-        return builder.load_atomic(builder.gep(base, [args[1]]), "acquire", 8)
-    return types.int64(counters, slot), codegen
 
 
 # ---------------------------------------------------------------- vector block pieces
@@ -343,7 +307,7 @@ def _dequantize(code, d, p, n, y):
     """y[0:n] = the n values stored from byte p (n a multiple of the type's block size)."""
     if code == F32:
         for j in range(n):
-            y[j] = _bits_f32(_u16(d, p + 4 * j) | (_u16(d, p + 4 * j + 2) << 16))
+            y[j] = bits_to_float(_u16(d, p + 4 * j) | (_u16(d, p + 4 * j + 2) << 16))
     elif code == F16:
         for j in range(n // 16):
             _f16x16(y, 16 * j, d, p + 32 * j)
@@ -351,7 +315,7 @@ def _dequantize(code, d, p, n, y):
             y[j] = _f16(d, p + 2 * j)
     elif code == BF16:
         for j in range(n):
-            y[j] = _bits_f32(_u16(d, p + 2 * j) << 16)
+            y[j] = bits_to_float(_u16(d, p + 2 * j) << 16)
     elif code == Q8_0:
         for b in range(n // 32):
             _q8_0(d, p + 34 * b, y, 32 * b)
@@ -415,7 +379,7 @@ def _gemv_items(counters, d, parts, work, x, out):
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
     while True:
-        w = _fetch_add(counters, 0)
+        w = fetch_add(counters, 0)
         if w >= work.shape[0]:
             return
         part = parts[work[w, 0]]
@@ -427,7 +391,7 @@ def _gemv_items(counters, d, parts, work, x, out):
                 for i in range(k):
                     s += buf[i] * x[m, i]
                 out[m, col0 + j] = s
-        _fetch_add(counters, 1)
+        fetch_add(counters, 1)
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
@@ -436,7 +400,7 @@ def _dequantize_items(counters, d, parts, work, out):
     so one job fills a tile of consecutive output rows of one part."""
     r_base = work[0, 1]
     while True:
-        w = _fetch_add(counters, 0)
+        w = fetch_add(counters, 0)
         if w >= work.shape[0]:
             return
         part = parts[work[w, 0]]
@@ -444,13 +408,13 @@ def _dequantize_items(counters, d, parts, work, out):
         k = out.shape[1]
         for j in range(work[w, 1], work[w, 2]):
             _dequantize(code, d, off + _src_row(j, hd) * rb, k, out[j - r_base])
-        _fetch_add(counters, 1)
+        fetch_add(counters, 1)
 
 
 @njit(nogil=True, cache=True)
 def _finished(counters):
     """Items finished so far (an atomic read)."""
-    return _load_acquire(counters, 1)
+    return load_acquire(counters, 1)
 
 
 def _load_acquire_py(counters) -> int:
