@@ -26,6 +26,7 @@ from gguf import GGML_QUANT_SIZES
 
 from kvslim.kernels import qmatmul as qm
 from kvslim.kernels.qtypes import CODES
+from kvslim.kernels.threads import threads
 
 __all__ = ["WEIGHT_MODES", "QTensor", "QLinear", "Linear", "Embedding", "linear", "embedding",
            "held_bytes", "resolve_mode"]
@@ -89,7 +90,7 @@ class QTensor:
 
 def _rows_per_item(rows: int) -> int:
     # a few items per thread balance a busy machine; 16 rows amortize the claim
-    return max(16, -(-rows // (4 * qm.threads())))
+    return max(16, -(-rows // (4 * threads())))
 
 
 class QLinear:
@@ -111,7 +112,7 @@ class QLinear:
                       for w in [self._tile_work(i, r, min(r + self.tile_rows, p.shape[0]))]]
 
     def _tile_work(self, part: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
-        step = max(8, -(-(r1 - r0) // (2 * qm.threads())))
+        step = max(8, -(-(r1 - r0) // (2 * threads())))
         return [(part, r, min(r + step, r1)) for r in range(r0, r1, step)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,8 @@ primitives both use are in ``kernels.ggml``.
 """
 from __future__ import annotations
 
-import os
-import threading
 from typing import TYPE_CHECKING, NamedTuple
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -40,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kvslim import formats
-from kvslim.kernels import cpu_write, ggml, tiled
+from kvslim.kernels import cpu_write, ggml, threads, tiled
 from kvslim.kernels.ggml import fetch_add, load_acquire
 from kvslim.kernels.ggml import (BF16, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
                                  bits_to_float, count_bad, half_to_float)
@@ -682,49 +679,6 @@ def _finish(counters, out, n_kv, job):
         _merge_group(gi, out, n_kv, job)
 
 
-class _Helpers:
-    """Daemon threads that join the caller in one nogil work loop per job."""
-
-    def __init__(self, n: int):
-        self._cond = threading.Condition()
-        self._job, self._gen = None, 0
-        self._lock = threading.Lock()  # one job at a time: callers on several threads queue
-        for _ in range(n):
-            threading.Thread(target=self._loop, daemon=True, name="kvslim-attention").start()
-
-    def _loop(self) -> None:
-        seen = 0
-        while True:
-            with self._cond:
-                while self._gen == seen:
-                    self._cond.wait()
-                seen, (fn, args) = self._gen, self._job
-            fn(*args)
-
-    def run(self, fn, args, finish, finish_args, helpers: int) -> None:
-        """fn(*args) on the caller's thread and up to ``helpers`` more, then
-        finish(*finish_args) on the caller's (waking only threads the work can use)."""
-        with self._lock:
-            if helpers > 0:
-                with self._cond:
-                    self._job, self._gen = (fn, args), self._gen + 1
-                    self._cond.notify(helpers)
-            fn(*args)
-            finish(*finish_args)
-
-
-_HELPERS: list[_Helpers] = []
-# A forked child has none of the threads and maybe a lock a thread held: start afresh.
-os.register_at_fork(after_in_child=_HELPERS.clear)
-
-
-def _helpers() -> _Helpers:
-    """The helper threads, started on first use: numba's thread count minus the caller."""
-    if not _HELPERS:
-        _HELPERS.append(_Helpers(max(0, numba.config.NUMBA_NUM_THREADS - 1)))
-    return _HELPERS[0]
-
-
 # ---------------------------------------------------------------- torch glue
 
 
@@ -756,7 +710,7 @@ class _Scratch:
         self.kv_lens = np.asarray(step.kv_lens, np.int64)
         starts = np.maximum(self.kv_lens - window, 0) if window else None
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
-                                           numba.config.NUMBA_NUM_THREADS, starts)
+                                           threads.threads(), starts)
         self._step, self._job = step, None
         self._windows: dict[int, _Scratch] = {}
 
@@ -817,8 +771,9 @@ def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
 def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray) -> None:
     """The fused items of a step on the caller's and the helper threads, merged into out."""
     counters = np.zeros(2, np.int64)
-    _helpers().run(_attend_items, (counters, q, np.float32(scale), kplanes, vplanes, geom, job),
-                   _finish, (counters, out, geom.n_kv, job), len(job.work) - 1)
+    threads.pool("attention").run(
+        _attend_items, (counters, q, np.float32(scale), kplanes, vplanes, geom, job),
+        len(job.work) - 1, _finish, (counters, out, geom.n_kv, job))
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",

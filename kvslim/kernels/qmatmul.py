@@ -27,9 +27,7 @@ file's order with interleaved RoPE instead would also keep q.k, but the cache's 
 from __future__ import annotations
 
 import os
-import threading
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -37,6 +35,7 @@ from numba.extending import intrinsic
 
 from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
 from kvslim.kernels.qtypes import TYPES
+from kvslim.kernels.threads import pool
 
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
  IQ4_XS) = range(len(TYPES))
@@ -417,10 +416,6 @@ def _finished(counters):
     return load_acquire(counters, 1)
 
 
-def _load_acquire_py(counters) -> int:
-    return _finished(counters)
-
-
 @njit(fastmath=_FAST, cache=True)
 def gather_rows(d, part, ids, out):
     """out[i] = values of output row ids[i] of `part` (token embedding lookup)."""
@@ -433,55 +428,18 @@ def gather_rows(d, part, ids, out):
 # ---------------------------------------------------------------- threads
 
 
-class _Helpers:
-    """Daemon threads that join the caller in one nogil work loop per job."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self._cond = threading.Condition()
-        self._job, self._gen = None, 0
-        self._lock = threading.Lock()  # one job at a time: callers on several threads queue
-        for _ in range(n):
-            threading.Thread(target=self._loop, daemon=True, name="kvslim-qmatmul").start()
-
-    def _loop(self) -> None:
-        seen = 0
-        while True:
-            with self._cond:
-                while self._gen == seen:
-                    self._cond.wait()
-                seen, (fn, args) = self._gen, self._job
-            fn(*args)
-
-    def run(self, fn, args: tuple, n_items: int) -> None:
-        """fn(*args) on the caller's thread and helpers (args[0] is the counters), then wait
-        for every item."""
-        with self._lock:
-            helpers = min(self.n, n_items - 1)
-            if helpers > 0:
-                with self._cond:
-                    self._job, self._gen = (fn, args), self._gen + 1
-                    self._cond.notify(helpers)
-            fn(*args)
-            counters = args[0]
-            # A helper still on its last item may be waiting for a core (a busy machine):
-            # yield to it rather than spin through its time slice.
-            while _load_acquire_py(counters) < n_items:
-                os.sched_yield()
+def _run(fn, args: tuple, n_items: int) -> None:
+    """fn(*args) on the caller's and the helper threads (args[0]: the counters), then wait
+    for every item."""
+    helpers = pool("qmatmul")
+    helpers.run(fn, args, min(helpers.n, n_items - 1), _wait, (args[0], n_items))
 
 
-_HELPERS: list[_Helpers] = []
-os.register_at_fork(after_in_child=_HELPERS.clear)  # a forked child has none of the threads
-
-
-def threads() -> int:
-    return max(1, numba.config.NUMBA_NUM_THREADS)
-
-
-def _helpers() -> _Helpers:
-    if not _HELPERS:
-        _HELPERS.append(_Helpers(threads() - 1))
-    return _HELPERS[0]
+def _wait(counters: np.ndarray, n_items: int) -> None:
+    # A helper still on its last item may be waiting for a core (a busy machine): yield
+    # to it rather than spin through its time slice.
+    while _finished(counters) < n_items:
+        os.sched_yield()
 
 
 # ---------------------------------------------------------------- entry points
@@ -498,11 +456,11 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
          out: np.ndarray) -> None:
     """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous)."""
     counters = np.zeros(2, dtype=np.int64)
-    _helpers().run(_gemv_items, (counters, data, parts, work, x, out), len(work))
+    _run(_gemv_items, (counters, data, parts, work, x, out), len(work))
 
 
 def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
                     out: np.ndarray) -> None:
     """out[r - r0] = row r of the part, for the rows the work items cover (r0: the first)."""
     counters = np.zeros(2, dtype=np.int64)
-    _helpers().run(_dequantize_items, (counters, data, parts, work, out), len(work))
+    _run(_dequantize_items, (counters, data, parts, work, out), len(work))
