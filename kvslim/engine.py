@@ -20,6 +20,9 @@ the pages running sequences may still take.
 
 Text: each output carries the text its tokens complete, with incomplete UTF-8 and any
 tail that may be the start of a stop string held back until it is decided.
+
+A request may carry a grammar (``kvslim.grammar``): its sequence samples only tokens the
+grammar allows, advances the grammar with each one, and stops when the grammar ends.
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ class Sequence:
     """One request: its tokens, how many are in the cache, its sampler and text state."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
-                 num_ctx: int, decoder, eog_ids: set[int]):
+                 num_ctx: int, decoder, eog_ids: set[int], constraint=None):
         self.id = seq_id
         self.params = params
         self.token_ids = list(prompt_ids)  # prompt then generated
@@ -107,7 +110,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = ""  # all text released so far
         self.stats = Stats(created=time.perf_counter())
-        self.sampler = Sampler(params)
+        self.sampler = Sampler(params, constraint)
         self.max_len = max_length(self.n_prompt, num_ctx, params.max_tokens)
         self._decoder = decoder
         self._eog = set() if params.ignore_eos else eog_ids
@@ -136,10 +139,13 @@ class Sequence:
         self.token_ids.append(token)
         if token in self._eog:
             return self._release_all(), "stop"
+        grammar_ended = self.sampler.accept(token)
         self._held += self._decoder.push(token)
         text, stopped = self._check_stop()
         if stopped:
             return text, "stop"
+        if grammar_ended:
+            return text + self._release_all(), "stop"
         if self.n_generated >= (self.params.max_tokens or float("inf")):
             return text + self._release_all(), "length"
         return text, None
@@ -206,11 +212,13 @@ class Engine:
     # ---------------------------------------------------------------- requests
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    truncate: bool = False, num_ctx: int | None = None) -> Sequence:
+                    truncate: bool = False, num_ctx: int | None = None,
+                    grammar=None) -> Sequence:
         """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate).
 
         ``num_ctx``: this sequence's context limit (default the engine's, at most the
-        model's); sequences with different limits share the pool.
+        model's); sequences with different limits share the pool. ``grammar``: a
+        ``kvslim.grammar.Grammar`` the output must follow (None: free text).
         """
         params = params or SamplingParams()
         num_ctx = num_ctx or self.num_ctx
@@ -220,7 +228,8 @@ class Engine:
         prompt_ids = self._fit_prompt(list(prompt_ids), truncate, params.max_tokens, num_ctx)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
         eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
-        seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog)
+        constraint = grammar.constraint(self.tokenizer) if grammar is not None else None
+        seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog, constraint)
         if self._pages_for(seq) > self.cache.n_pages:
             raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "
                              f"({self.cache.capacity} tokens)")
@@ -359,7 +368,8 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
         """Next token per sequence, or the error that sampling it raised. logits [len(seqs), V]."""
-        if all(s.params.greedy and not s.params.penalized for s in seqs):
+        if all(s.params.greedy and not s.params.penalized and s.sampler.constraint is None
+               for s in seqs):
             return logits.argmax(-1).tolist()  # one op for the whole batch
         return [self._sample_one(s, logits[i]) for i, s in enumerate(seqs)]
 

@@ -27,6 +27,7 @@ from kvslim.cache import DEFAULT_PAGE_SIZE
 from kvslim.chat import render_chat
 from kvslim.engine import Engine, Sequence, StepOutput
 from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.grammar import format_grammar
 from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
 from kvslim.settings import (compute_dtype, pick_device, resolve_cache_types, resolve_codec,
@@ -200,7 +201,7 @@ class LLM:
     # ---------------------------------------------------------------- generation
 
     def generate(self, prompt: str | Seq[int], *, stream: bool = False, raw: bool = True,
-                 system: str | None = None, truncate: bool = False, **options):
+                 system: str | None = None, truncate: bool = False, format=None, **options):
         """Continue ``prompt`` (text or token ids).
 
         raw=False wraps a text prompt in the chat template as a user turn (with
@@ -208,7 +209,9 @@ class LLM:
         max_tokens (or num_predict), temperature, top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, presence_penalty, frequency_penalty, seed, stop, ignore_eos.
         truncate: keep the start token and the latest tokens of a prompt longer than
-        num_ctx instead of raising PromptTooLong.
+        num_ctx instead of raising PromptTooLong. format: "json" (any JSON object) or a
+        JSON schema (a dict) the answer must follow, as Ollama's ``format``
+        (``kvslim.grammar``; ValueError for a schema it cannot compile).
         """
         if isinstance(prompt, str):
             if raw:
@@ -219,12 +222,13 @@ class LLM:
                 ids = self.chat_prompt(turns)
         else:
             ids = list(prompt)
-        return self._start(ids, options, stream, truncate)
+        return self._start(ids, options, stream, truncate, format)
 
     def chat(self, messages: Seq[Mapping], *, stream: bool = False, truncate: bool = False,
-             **options):
-        """Answer the last message of ``messages`` ([{"role": ..., "content": ...}, ...])."""
-        return self._start(self.chat_prompt(messages), options, stream, truncate)
+             format=None, **options):
+        """Answer the last message of ``messages`` ([{"role": ..., "content": ...}, ...]);
+        ``format`` as in ``generate``."""
+        return self._start(self.chat_prompt(messages), options, stream, truncate, format)
 
     def generate_stream(self, prompt: str | Seq[int], **kw) -> Stream:
         return self.generate(prompt, stream=True, **kw)
@@ -232,10 +236,11 @@ class LLM:
     def chat_stream(self, messages: Seq[Mapping], **kw) -> Stream:
         return self.chat(messages, stream=True, **kw)
 
-    def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool):
+    def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool, fmt=None):
         params = SamplingParams.from_options(**options)
+        grammar = format_grammar(fmt)
         with self._lock:  # the inbox exists before any step can produce for the sequence
-            seq = self.engine.add_request(ids, params, truncate=truncate)
+            seq = self.engine.add_request(ids, params, truncate=truncate, grammar=grammar)
             self._inbox[seq.id] = collections.deque()
         s = Stream(self, seq)
         if stream:

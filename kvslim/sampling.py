@@ -5,6 +5,10 @@ penalties over the last ``repeat_last_n`` tokens of the context (prompt included
 top-k, temperature, softmax, top-p, min-p, and a draw. ``temperature == 0`` is greedy
 (after penalties). Each sequence draws from its own ``torch.Generator``, so parallel
 sequences with seeds are reproducible whatever else runs in the batch.
+
+A sequence under a grammar (``kvslim.grammar.Constraint``, duck-typed: ``allowed()``,
+``advance(token)``, ``finished``) has its logits masked to the tokens the grammar allows,
+after the penalties and before everything else; each sequence of a batch has its own.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "Sampler", "sample"]
+__all__ = ["SamplingParams", "Sampler", "sample", "apply_mask", "NoAllowedToken"]
 
 
 @dataclass
@@ -100,11 +104,17 @@ def _checks(p: SamplingParams) -> list[tuple[str, bool, str]]:
     ]
 
 
-class Sampler:
-    """Per-sequence sampling state: the parameters and the random generator."""
+class NoAllowedToken(RuntimeError):
+    """A sequence's grammar allows no token of its vocabulary: that request ends in error."""
 
-    def __init__(self, params: SamplingParams):
+
+class Sampler:
+    """Per-sequence sampling state: the parameters, the random generator and the
+    sequence's grammar constraint, if any."""
+
+    def __init__(self, params: SamplingParams, constraint=None):
         self.params = params
+        self.constraint = constraint
         self.generator = torch.Generator()  # on CPU: draws happen on a few CPU candidates
         if params.seed is None or params.seed < 0:
             self.generator.seed()
@@ -113,7 +123,25 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits [V] of one row, history: the sequence's tokens so far -> the next token id."""
-        return sample(logits, self.params, history, self.generator)
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        return sample(logits, self.params, history, self.generator, allowed)
+
+    def accept(self, token: int) -> bool:
+        """Advance the grammar with an accepted token; True when the grammar has ended."""
+        if self.constraint is None:
+            return False
+        self.constraint.advance(token)
+        return self.constraint.finished
+
+
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits [V] with every token outside ``allowed`` (bool [A], A <= V: ids past the
+    tokenizer's vocabulary are never allowed) set to -inf."""
+    if not bool(allowed.any()):
+        raise NoAllowedToken("the grammar allows no token here")
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[:allowed.shape[0]] = allowed.to(logits.device)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
@@ -132,10 +160,12 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int])
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
-           generator: torch.Generator | None = None) -> int:
-    """One token from logits [V] (float32)."""
+           generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> int:
+    """One token from logits [V] (float32); ``allowed`` (bool [<= V]): a grammar's mask."""
     if p.penalized:
         logits = apply_penalties(logits, p, history)
+    if allowed is not None:
+        logits = apply_mask(logits, allowed)
     if p.greedy:
         return int(logits.argmax())
     if 0 < p.top_k < logits.shape[0]:
