@@ -52,8 +52,7 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 def json_grammar(schema: dict | bool | None = None, name: str = "json schema") -> Grammar:
     """A grammar for one JSON value matching ``schema``; None: any JSON object (Ollama's
     ``format: "json"``, OpenAI's ``json_object``)."""
-    import llguidance
-
+    llguidance = _llguidance()
     if schema is None:
         schema, name = {"type": "object"}, "json"
     if not isinstance(schema, (dict, bool)):
@@ -111,7 +110,7 @@ class Constraint:
         self.vocab_size = tokenizer.vocab_size
         self._matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), grammar.source, log_level=0)
         if self._matcher.is_error():
-            raise GrammarError(f"{grammar.name}: {self._matcher.get_error()}")
+            raise GrammarError(f"{grammar.name}: {_short(self._matcher.get_error())}")
         self._words = np.zeros(-(-self.vocab_size // 32), dtype=np.int32)  # 1 bit per token
 
     def allowed(self) -> torch.Tensor:
@@ -119,7 +118,7 @@ class Constraint:
         included once the text so far is complete)."""
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         if self._matcher.is_error():
-            raise GrammarError(f"{self.grammar.name}: {self._matcher.get_error()}")
+            raise GrammarError(f"{self.grammar.name}: {_short(self._matcher.get_error())}")
         # bit i of word w is token 32w + i: little-endian words, little bit order
         bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab_size]
         return torch.from_numpy(bits.view(np.bool_))
@@ -137,17 +136,34 @@ class Constraint:
 
 
 def mask_reference(grammar: Grammar, tokenizer, prefix: list[int]) -> torch.Tensor:
-    """bool [vocab]: ``Constraint.allowed()`` after ``prefix``, found the slow way (each
-    token tried on its own copy of the parser), to test the bit mask against."""
+    """bool [vocab]: the tokens the parser accepts after ``prefix``, found the slow way
+    (each token tried on its own copy of the parser), to test the bit mask against.
+    ``allowed()`` equals it but for tokens whose bytes another token also has: llguidance
+    keeps one token per byte string (a piece, not its byte-fallback twin)."""
     c = Constraint(grammar, tokenizer)
     for t in prefix:
         c.advance(t)
     if c._matcher.is_error():
-        raise GrammarError(c._matcher.get_error())
+        raise GrammarError(_short(c._matcher.get_error()))
     out = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
     for t in range(tokenizer.vocab_size):
         out[t] = c._matcher.deep_copy().try_consume_tokens([t]) == 1
     return out
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:
+        raise GrammarError("structured output needs the llguidance package: "
+                           "pip install 'kvslim[structured]'") from e
+    return llguidance
+
+
+def _short(error: str) -> str:
+    """llguidance's error line, without the parser state it dumps around it."""
+    lines = [ln for ln in error.splitlines() if ln.startswith("Error:")]
+    return lines[0][len("Error:"):].strip() if lines else error.splitlines()[0] if error else error
 
 
 # ---------------------------------------------------------------- tokenizer table
@@ -180,8 +196,15 @@ class _Wrapper:
         self.tokens = tokens
 
     def __call__(self, text: str | bytes) -> list[int]:
+        """Tokens of text that continues an answer: llguidance tokenizes the bytes a
+        grammar forces with it, so SentencePiece's space prefix (a start-of-text rule)
+        must not be added."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
+        if self._tok.is_spm:
+            out: list[int] = []
+            self._tok._encode_spm_text(text, out)
+            return out
         return self._tok.encode(text)
 
 

@@ -33,6 +33,7 @@ RANKS = {
     "kvslim.store": 5,
     "kvslim.engine": 6,
     "kvslim.sampling": 6,
+    "kvslim.grammar": 6,  # constrained decoding: a grammar's token mask per sequence
     "kvslim.calibration": 6,  # runs the model to build a codec for the engine
     "kvslim.chat": 6,  # chat rendering and the one prompt-fitting policy
     "kvslim.prefix": 6,  # the prefix cache over the pool's pages, used by the engine
