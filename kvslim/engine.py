@@ -213,12 +213,13 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     truncate: bool = False, num_ctx: int | None = None,
-                    grammar=None) -> Sequence:
+                    constraint=None) -> Sequence:
         """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate).
 
         ``num_ctx``: this sequence's context limit (default the engine's, at most the
-        model's); sequences with different limits share the pool. ``grammar``: a
-        ``kvslim.grammar.Grammar`` the output must follow (None: free text).
+        model's); sequences with different limits share the pool. ``constraint``: this
+        sequence's grammar state (``Grammar.constraint()``, built by the caller so that a
+        first use's tokenizer table is not built in a step), None for free text.
         """
         params = params or SamplingParams()
         num_ctx = num_ctx or self.num_ctx
@@ -228,7 +229,6 @@ class Engine:
         prompt_ids = self._fit_prompt(list(prompt_ids), truncate, params.max_tokens, num_ctx)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
         eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
-        constraint = grammar.constraint(self.tokenizer) if grammar is not None else None
         seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog, constraint)
         if self._pages_for(seq) > self.cache.n_pages:
             raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "

@@ -239,8 +239,9 @@ class LLM:
     def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool, fmt=None):
         params = SamplingParams.from_options(**options)
         grammar = format_grammar(fmt)
+        constraint = grammar.constraint(self.tokenizer) if grammar is not None else None
         with self._lock:  # the inbox exists before any step can produce for the sequence
-            seq = self.engine.add_request(ids, params, truncate=truncate, grammar=grammar)
+            seq = self.engine.add_request(ids, params, truncate=truncate, constraint=constraint)
             self._inbox[seq.id] = collections.deque()
         s = Stream(self, seq)
         if stream:

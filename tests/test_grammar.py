@@ -118,7 +118,7 @@ def test_constrained_and_free_sequences_in_one_batch(tiny_parts):
     e = engine(tiny_parts, num_parallel=2)
     free = e.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY))
     json_seq = e.add_request(prompt, SamplingParams(max_tokens=200, **GREEDY),
-                             grammar=json_grammar(PERSON))
+                             constraint=json_grammar(PERSON).constraint(tok))
     drain(e)
     alone = engine(tiny_parts)
     a = alone.add_request(prompt, SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY))
@@ -184,7 +184,7 @@ def test_every_answer_validates_against_its_schema(schema_engine, tiny_parts, sc
     _, tok = tiny_parts
     seq = schema_engine.add_request(tok.encode("the", add_special=True),
                                     SamplingParams(temperature=1.0, seed=seed, max_tokens=200),
-                                    grammar=json_grammar(schema))
+                                    constraint=json_grammar(schema).constraint(tok))
     drain(schema_engine)
     assert seq.finish_reason == "stop", (seq.finish_reason, seq.text)
     jsonschema.validate(json.loads(seq.text), schema)

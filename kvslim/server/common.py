@@ -182,20 +182,23 @@ def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[Samp
 
 
 async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: CacheRequest,
-                    truncate: bool) -> Job:
+                    truncate: bool, grammar=None) -> Job:
     """Tokenize (in a worker thread), check the request fits, and queue it; the runner's
-    claim (``get_runner``) ends here either way."""
+    claim (``get_runner``) ends here either way. ``grammar`` (``kvslim.grammar``): the
+    sequence's parser starts in the worker thread too, not in the scheduler's steps."""
     try:
         try:
             ids = await run_in_threadpool(ids_fn)
             runner.check_request(ids, params, cache, truncate)
+            constraint = None if grammar is None else \
+                await run_in_threadpool(grammar.constraint, runner.tokenizer)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         limit = security.current().max_prompt_tokens
         if limit is not None and len(ids) > limit:
             raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of "
                                 f"{limit:,} (KVSLIM_MAX_PROMPT_TOKENS)")
-        return Job.start(runner.scheduler, ids, params, cache, truncate)
+        return Job.start(runner.scheduler, ids, params, cache, truncate, constraint)
     finally:
         runner.release()
 

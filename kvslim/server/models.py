@@ -234,7 +234,7 @@ class Runner:
     # ---------------------------------------------------------------- prompts
 
     def chat_ids(self, messages: list[dict], cache: "CacheRequest | None" = None,
-                 max_tokens: int | None = None) -> list[int]:
+                 max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template, ready to answer.
 
         With ``cache`` (the request's pool settings), a conversation longer than its
@@ -242,7 +242,7 @@ class Runner:
         messages and the latest message always stay, and room is left to answer
         (``kvslim.chat``). Only a last message too long on its own is then cut by tokens.
         """
-        render = functools.partial(render_chat, self.tokenizer)
+        render = functools.partial(render_chat, self.tokenizer, tools=tools)
         if cache is None:
             return render(messages)
         limit = prompt_limit(cache.num_ctx, max_tokens)

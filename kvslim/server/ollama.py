@@ -27,6 +27,7 @@ from kvslim.server.common import (APIError, ClientGone, collect, get_runner, kee
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatRequest, GenerateRequest, ModelRequest
+from kvslim.server.structured import history_message, ollama_format, ollama_tool_calls, plan_tools
 
 router = APIRouter()
 
@@ -41,19 +42,14 @@ def tagged(name: str) -> str:
 # ---------------------------------------------------------------- generation
 
 
-def _unsupported(model: str, *, images=None, suffix="", fmt=None, template="", tools=None,
-                 think=None) -> None:
+def _unsupported(model: str, *, images=None, suffix="", template="", think=None) -> None:
     """APIError(400) for features this server does not have, in Ollama's words where it has them."""
     if images:
         raise APIError(400, f'"{model}" does not support images')
     if suffix:
         raise APIError(400, f'"{model}" does not support insert')
-    if tools:
-        raise APIError(400, f'"{model}" does not support tools')
     if think not in (None, False):
         raise APIError(400, f'"{model}" does not support thinking')
-    if fmt not in (None, ""):
-        raise APIError(400, "format (JSON mode and structured outputs) is not supported by kvslim")
     if template:
         raise APIError(400, "a custom template is not supported: kvslim renders the model's own "
                             "chat template")
@@ -115,12 +111,14 @@ def final_stats(job: Job, load: float) -> dict:
     }
 
 
-async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
+async def _ndjson(job: Job, piece, final, tools=None) -> AsyncIterator[bytes]:
     """One JSON object per line: a piece per text output, then the final statistics.
 
     While nothing comes (a long prefill), an empty piece now and then keeps proxies from
     closing the stream: Ollama's clients parse every line as JSON (a blank line breaks
-    the official Python client) and already meet empty pieces from Ollama itself."""
+    the official Python client) and already meet empty pieces from Ollama itself.
+    ``tools`` (a ``ToolCallStream``): text that may be a tool call is held back, and
+    the calls come in one piece (``piece(text, calls)``) before the statistics."""
     async for out in with_keepalives(outputs_or_error(job)):
         if out is None:
             yield _line(piece(""))
@@ -128,9 +126,14 @@ async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
         if isinstance(out, Exception):
             yield _line({"error": str(out)})
             return
-        if out.text:
-            yield _line(piece(out.text))
+        text = tools.push(out.text) if tools is not None and out.text else out.text
+        if text:
+            yield _line(piece(text))
         if out.finished:
+            if tools is not None:
+                text, calls = tools.finish()
+                if text or calls:
+                    yield _line(piece(text, calls))
             yield _line(final())
 
 
@@ -138,9 +141,10 @@ def _line(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-async def _answer(request: Request, job: Job, stream: bool, piece, final, whole) -> object:
+async def _answer(request: Request, job: Job, stream: bool, piece, final, whole,
+                  tools=None) -> object:
     if stream:
-        return StreamingResponse(_ndjson(job, piece, final), media_type=NDJSON)
+        return StreamingResponse(_ndjson(job, piece, final, tools), media_type=NDJSON)
     try:
         text = await collect(job, request)
     except ClientGone:
@@ -156,13 +160,15 @@ async def generate(request: Request):
     if not req.prompt and not req.context:
         return await _load_or_unload(request, req.model, req.keep_alive, chat=False)
     registry(request).resolve(req.model)  # 404 before anything else
-    _unsupported(req.model, images=req.images, suffix=req.suffix, fmt=req.format,
-                 template=req.template, think=req.think)
+    _unsupported(req.model, images=req.images, suffix=req.suffix, template=req.template,
+                 think=req.think)
     if req.raw and (req.system or req.context):
         raise APIError(400, "raw mode does not support template, system, or context")
+    grammar = ollama_format(req.format)
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
-    job = await start_job(runner, lambda: _generate_ids(runner, req), params, cache, req.truncate)
+    job = await start_job(runner, lambda: _generate_ids(runner, req), params, cache, req.truncate,
+                          grammar)
 
     def head(**fields) -> dict:
         return {"model": req.model, "created_at": timestamp(), **fields}
@@ -199,22 +205,29 @@ async def chat(request: Request):
     if not req.messages:
         return await _load_or_unload(request, req.model, req.keep_alive, chat=True)
     registry(request).resolve(req.model)
-    _unsupported(req.model, images=any(m.images for m in req.messages), fmt=req.format,
-                 tools=req.tools, think=req.think)
+    _unsupported(req.model, images=any(m.images for m in req.messages), think=req.think)
+    grammar, tools = ollama_format(req.format), plan_tools(req.tools)
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
-    messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    messages = [history_message(m.role, m.content, m.tool_calls, tool_name=m.tool_name)
+                for m in req.messages]
     fit = cache if req.truncate else None  # truncate false: a long chat is a 400
-    job = await start_job(runner, lambda: runner.chat_ids(messages, fit, params.max_tokens), params,
-                          cache, req.truncate)
+    job = await start_job(runner, lambda: runner.chat_ids(messages, fit, params.max_tokens, tools.tools),
+                          params, cache, req.truncate, grammar)
 
-    def head(content: str, **fields) -> dict:
-        return {"model": req.model, "created_at": timestamp(),
-                "message": {"role": "assistant", "content": content}, **fields}
+    def head(content: str, calls=None, **fields) -> dict:
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = ollama_tool_calls(calls)
+        return {"model": req.model, "created_at": timestamp(), "message": message, **fields}
 
-    return await _answer(request, job, req.stream, lambda text: head(text, done=False),
-                         lambda: head("") | final_stats(job, load),
-                         lambda text: head(text) | final_stats(job, load))
+    def whole(text: str) -> dict:
+        content, calls = tools.split(text)
+        return head(content, calls) | final_stats(job, load)
+
+    return await _answer(request, job, req.stream,
+                         lambda text, calls=None: head(text, calls, done=False),
+                         lambda: head("") | final_stats(job, load), whole, tools.stream())
 
 
 # ---------------------------------------------------------------- models
@@ -272,7 +285,7 @@ def _show(name: str, path: Path, verbose: bool) -> dict:
         "template": template,
         "details": model_details(config),
         "model_info": info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],  # tools: through the template or kvslim.chat's prompt
         "modified_at": timestamp(path.stat().st_mtime),
     }
 

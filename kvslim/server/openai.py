@@ -21,6 +21,8 @@ from kvslim.server.common import (APIError, ClientGone, collect, get_runner, out
                                   with_keepalives)
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest
+from kvslim.server.structured import (history_message, one_grammar, openai_response_format,
+                                      openai_tool_calls, plan_tools)
 
 router = APIRouter(prefix="/v1")
 
@@ -50,13 +52,18 @@ def usage(job: Job) -> dict:
             "prompt_tokens_details": {"cached_tokens": seq.stats.prompt_cache_count}}
 
 
-def _finish_reason(job: Job) -> str:
+def _finish_reason(job: Job, calls: list | None = None) -> str:
+    if calls:
+        return "tool_calls"
     return "length" if job.seq.finish_reason == "length" else "stop"
 
 
-async def _sse(job: Job, chunk, first: dict | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(job: Job, chunk, first: dict | None, include_usage: bool,
+               tools=None) -> AsyncIterator[bytes]:
     """Server-sent events: ``data: {chunk}`` per text output, the finish, usage, ``[DONE]``;
-    a ``: keep-alive`` comment (which SSE clients skip) while nothing comes."""
+    a ``: keep-alive`` comment (which SSE clients skip) while nothing comes. ``tools`` (a
+    ``ToolCallStream``): text that may be a call is held back; calls come in one chunk
+    (``chunk(text, None, calls=...)``) before the finish."""
     if first is not None:
         yield _event(chunk(first, None))
     async for out in with_keepalives(outputs_or_error(job)):
@@ -66,10 +73,16 @@ async def _sse(job: Job, chunk, first: dict | None, include_usage: bool) -> Asyn
         if isinstance(out, Exception):
             yield _event(error_body(status_of(out), str(out)))
             break
-        if out.text:
-            yield _event(chunk(out.text, None))
+        text = tools.push(out.text) if tools is not None and out.text else out.text
+        if text:
+            yield _event(chunk(text, None))
         if out.finished:
-            yield _event(chunk(None, _finish_reason(job)))
+            calls = None
+            if tools is not None:
+                text, calls = tools.finish()
+                if text or calls:
+                    yield _event(chunk(text, None, calls=calls))
+            yield _event(chunk(None, _finish_reason(job, calls)))
             if include_usage:
                 yield _event(chunk(None, None, final_usage=True))
     yield b"data: [DONE]\n\n"
@@ -79,9 +92,10 @@ def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _respond(request: Request, job: Job, stream: bool, chunk, first, whole, include_usage):
+async def _respond(request: Request, job: Job, stream: bool, chunk, first, whole, include_usage,
+                   tools=None):
     if stream:
-        return StreamingResponse(_sse(job, chunk, first, include_usage),
+        return StreamingResponse(_sse(job, chunk, first, include_usage, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
@@ -105,16 +119,17 @@ def _text(content) -> str:
 async def chat_completions(request: Request):
     req = await read_json(request, ChatCompletionRequest)
     registry(request).resolve(req.model)
-    fmt = req.response_format and req.response_format.get("type") not in (None, "text")
     # 0 is "at least 1" (a 400, as OpenAI answers it), not "no limit"
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-    _check(req, extra={"tools": req.tools, "logprobs": req.logprobs, "response_format": fmt},
-           max_tokens=max_tokens)
-    messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
+    _check(req, extra={"logprobs": req.logprobs}, max_tokens=max_tokens)
+    tools = plan_tools(req.tools, req.tool_choice)
+    grammar = one_grammar(tools, openai_response_format(req.response_format))
+    messages = [history_message(m.role, _text(m.content), m.tool_calls,
+                                tool_call_id=m.tool_call_id, name=m.name) for m in req.messages]
     runner, _ = await get_runner(request, req.model)
     params, cache = plan_request(runner, req.ollama_options(max_tokens))
-    job = await start_job(runner, lambda: runner.chat_ids(messages, cache, params.max_tokens), params,
-                          cache, True)
+    job = await start_job(runner, lambda: runner.chat_ids(messages, cache, params.max_tokens, tools.tools),
+                          params, cache, True, grammar)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -122,21 +137,28 @@ async def chat_completions(request: Request):
         return {"id": cid, "object": obj, "created": created, "model": req.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def chunk(text, reason, final_usage=False) -> dict:
+    def chunk(text, reason, final_usage=False, calls=None) -> dict:
         if final_usage:
             return head("chat.completion.chunk") | {"choices": [], "usage": usage(job)}
         delta = {} if text is None else {"role": "assistant", "content": text}
+        if calls:
+            delta["tool_calls"] = openai_tool_calls(calls, stream=True)
         body = head("chat.completion.chunk") | {
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
         return body | ({"usage": None} if include_usage else {})
 
     def whole(text: str) -> dict:
+        content, calls = tools.split(text)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = openai_tool_calls(calls)
         return head("chat.completion") | {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": _finish_reason(job)}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish_reason(job, calls)}],
             "usage": usage(job)}
 
-    return await _respond(request, job, req.stream, chunk, "", whole, include_usage)
+    return await _respond(request, job, req.stream, chunk, "", whole, include_usage,
+                          tools.stream())
 
 
 @router.post("/completions")

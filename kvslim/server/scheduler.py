@@ -47,6 +47,7 @@ class Ticket:
     cancelled: bool = False
     created: float = field(default_factory=time.perf_counter)
     load_duration: float = 0.0  # pool rebuilt for this request (seconds)
+    constraint: object = None  # the sequence's grammar state (kvslim.grammar), if any
 
     def send(self, kind: str, value) -> None:
         """Deliver ("out", StepOutput) or ("error", exception) to the handler's loop."""
@@ -144,7 +145,7 @@ class Scheduler:
         engine = self.pool.engine
         try:
             seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate,
-                                     num_ctx=t.cache.num_ctx)
+                                     num_ctx=t.cache.num_ctx, constraint=t.constraint)
         except ValueError as e:  # too long for the context or the pool
             t.send("error", e)
             return
@@ -220,8 +221,9 @@ class Job:
 
     @classmethod
     def start(cls, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams,
-              cache: CacheRequest, truncate: bool) -> "Job":
-        ticket = Ticket(prompt_ids, params, cache, truncate, asyncio.get_running_loop())
+              cache: CacheRequest, truncate: bool, constraint=None) -> "Job":
+        ticket = Ticket(prompt_ids, params, cache, truncate, asyncio.get_running_loop(),
+                        constraint=constraint)
         scheduler.submit(ticket)
         return cls(scheduler, ticket)
 

@@ -81,9 +81,10 @@ class Options(_Body):
 
 class Message(_Body):
     role: str = Field(min_length=1)
-    content: str = ""
+    content: str | None = ""
     images: list[Any] | None = None
     tool_calls: list[Any] | None = None
+    tool_name: str | None = None  # a "tool" turn: the tool that answered
 
 
 class GenerateRequest(_Body):
@@ -140,6 +141,9 @@ class ContentPart(_Body):
 class ChatMessage(_Body):
     role: str = Field(min_length=1)
     content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
+    name: str | None = None
 
 
 class StreamOptions(_Body):
@@ -180,6 +184,7 @@ class ChatCompletionRequest(_OpenAIBody):
     max_completion_tokens: int | None = None
     response_format: dict | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict | None = None
     logprobs: bool | None = None
 
 
