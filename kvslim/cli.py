@@ -178,6 +178,8 @@ def cmd_run(args) -> int:
     pick_device(args.device)
     options = sampling_options(args)
     SamplingParams.from_options(**options)
+    if args.format is not None:
+        options["format"] = _answer_format(args.format)
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None and sys.stdin is None:  # `kvslim run model <&-`
         raise ValueError("no prompt: give one as an argument (standard input is closed)")
@@ -191,6 +193,23 @@ def cmd_run(args) -> int:
         _answer(llm, [{"role": "user", "content": prompt}], options, args, llm.load_duration)
         return 0
     return _interactive(llm, options, args)
+
+
+def _answer_format(text: str):
+    """--format: "json" (any JSON object) or a JSON schema written inline; checked here so
+    that a bad one is an error before the model loads."""
+    import json
+
+    from kvslim.grammar import format_grammar
+
+    fmt = text
+    if text.lstrip().startswith("{"):
+        try:
+            fmt = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--format: not valid JSON: {e}") from None
+    format_grammar(fmt)
+    return fmt
 
 
 def _answer(llm, messages, options, args, load_duration: float = 0.0) -> str:
@@ -365,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the end of a prompt longer than the context instead of failing")
     p.add_argument("--verify", action="store_true",
                    help="check the stored model's sha256 before loading it")
+    p.add_argument("--format", metavar="json|SCHEMA",
+                   help='answer in JSON: "json" for any object, or a JSON schema ({...}) to follow')
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
