@@ -8,6 +8,11 @@ through the tokens of a valid answer.
 Each mask is checked to allow the token that follows. An engine that is not installed
 is skipped.
 
+Then JSON-Schema keywords: for each, whether the engine compiles a schema using it and,
+if it does, whether it enforces it: a text that breaks the keyword (and only it) is fed
+to the engine's parser over a byte vocabulary, and "ignored" means it was accepted (a
+text that keeps the keyword must be accepted first).
+
     python benchmarks/grammar.py                  # SmolLM2's 49,152-token vocabulary
     python benchmarks/grammar.py --model PATH.gguf --repeats 5
 """
@@ -133,6 +138,102 @@ def run_outlines(tok: Tokenizer, ids: list[int]):
 
 ENGINES = {"llguidance": run_llguidance, "xgrammar": run_xgrammar, "outlines-core": run_outlines}
 
+# keyword: (schema, a JSON text that breaks only that keyword, one that keeps it)
+KEYWORDS = {
+    "pattern": ({"type": "string", "pattern": "^[a-z]+-[0-9]+$"}, '"ab-x"', '"ab-12"'),
+    "minLength/maxLength": ({"type": "string", "minLength": 2, "maxLength": 4}, '"abcdef"', '"abc"'),
+    "minimum/maximum": ({"type": "integer", "minimum": 3, "maximum": 17}, "18", "17"),
+    "exclusiveMinimum (number)": ({"type": "number", "exclusiveMinimum": 0.5}, "0.5", "0.75"),
+    "multipleOf": ({"type": "integer", "multipleOf": 5}, "7", "15"),
+    "enum / const": ({"enum": ["a", "b"]}, '"c"', '"b"'),
+    "minItems/maxItems": ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, "[1]", "[1, 2]"),
+    "prefixItems": ({"type": "array", "prefixItems": [{"type": "integer"}],
+                     "items": False}, '["x"]', "[1]"),
+    "required": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                  "required": ["a"]}, "{}", '{"a": 1}'),
+    "additionalProperties: false": ({"type": "object", "properties": {"a": {"type": "integer"}},
+                                     "additionalProperties": False}, '{"b": 1}', '{"a": 1}'),
+    "anyOf": ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, '"s"', "true"),
+    "$ref (recursive)": ({"$defs": {"n": {"type": "object", "properties": {
+        "c": {"$ref": "#/$defs/n"}}, "additionalProperties": False}}, "$ref": "#/$defs/n"},
+        '{"c": {"d": 1}}', '{"c": {"c": {}}}'),
+    "minProperties": ({"type": "object", "minProperties": 1}, "{}", '{"a": 1}'),
+    "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]", "[1, 2]"),
+    "not": ({"not": {"type": "string"}}, '"a"', "1"),
+    "if/then": ({"if": {"properties": {"a": {"const": 1}}, "required": ["a"]},
+                 "then": {"required": ["b"]}}, '{"a": 1}', '{"a": 1, "b": 2}'),
+}
+
+
+def _bytes_engine(name: str):
+    """compile(schema) -> accepts(text) over a vocabulary of the 256 bytes + an end token."""
+    if name == "llguidance":
+        import llguidance
+
+        class Bytes:
+            eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+            tokens = [bytes([i]) for i in range(256)] + [b"\xff<end>"]
+
+            def __call__(self, s):
+                return list(s.encode() if isinstance(s, str) else s)
+        tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Bytes()))
+
+        def compile_(schema):
+            from kvslim.grammar import json_grammar
+            source = json_grammar(schema).source
+            return lambda text: _ll_accepts(llguidance.LLMatcher(tok, source, log_level=0), text)
+        return compile_
+    if name == "xgrammar":
+        import xgrammar as xgr
+        info = xgr.TokenizerInfo([bytes([i]) for i in range(256)] + [b""], vocab_size=257,
+                                 stop_token_ids=[256])
+        comp = xgr.GrammarCompiler(info)
+
+        def compile_(schema):
+            g = comp.compile_json_schema(json.dumps(schema))
+            return lambda text: _xgr_accepts(xgr.GrammarMatcher(g), text)
+        return compile_
+    import outlines_core as oc
+
+    def compile_(schema):
+        regex = oc.json_schema.build_regex_from_schema(json.dumps(schema))
+        import re
+        return lambda text: re.fullmatch(regex, text) is not None
+    return compile_
+
+
+def _ll_accepts(m, text: str) -> bool:
+    return m.consume_tokens(list(text.encode())) and m.is_accepting()
+
+
+def _xgr_accepts(m, text: str) -> bool:
+    return m.accept_string(text) and m.is_completed() if hasattr(m, "is_completed") else \
+        m.accept_string(text)
+
+
+def keyword_table(engines: list[str]) -> None:
+    compilers = {}
+    for name in engines:
+        try:
+            compilers[name] = _bytes_engine(name)
+        except ImportError:
+            pass
+    print("\n| keyword | " + " | ".join(compilers) + " |")
+    print("|---|" + "---|" * len(compilers))
+    for kw, (schema, bad, good) in KEYWORDS.items():
+        cells = []
+        for name, compile_ in compilers.items():
+            try:
+                accepts = compile_(schema)
+            except Exception as e:  # noqa: BLE001 - the engine refuses the schema
+                cells.append("refused")
+                continue
+            if not accepts(good):  # refuses valid text too: the test says nothing
+                cells.append("wrong (refuses a valid text)")
+            else:
+                cells.append("ignored" if accepts(bad) else "enforced")
+        print(f"| {kw} | " + " | ".join(cells) + " |")
+
 
 def measure(name: str, tok: Tokenizer, ids: list[int], repeats: int) -> dict | None:
     try:
@@ -171,6 +272,7 @@ def main(argv=None) -> None:
         if r:
             print(f"| {r['engine']} | {r['table_s']:.2f} | {1e3 * r['compile_s']:.1f} | {r['start_ms']:.2f} | "
                   f"{r['step_us_median']:.0f} | {r['step_us_p90']:.0f} | {r['masks_right']} |")
+    keyword_table(args.engines.split(","))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Serving benchmark: aggregate decode tokens/s through `kvslim serve` with 1, 4 and 16
-streams per K/V cache type, how many 4,096-token conversations fit in a K/V budget, and
-the latency of a short request during a long prefill.
+streams per K/V cache type, how many 4,096-token conversations fit in a K/V budget, the
+latency of a short request during a long prefill, and the per-token cost of constrained
+decoding.
 
     python benchmarks/serve.py                          # smollm2; f16,q8_0,q4_0; 1,4,16 streams
     python benchmarks/serve.py --types q8_0 --streams 16 --decode 32 --budget 2GiB
     python benchmarks/serve.py --skip-throughput --skip-capacity --prefill 4096,8000
+    python benchmarks/serve.py --skip-throughput --skip-capacity --prefill '' --constrained 1,4
 
 Throughput: `kvslim serve` runs in a subprocess (KVSLIM_NUM_PARALLEL = the most streams);
 N concurrent streaming /api/generate requests with distinct prose prompts ask for the
@@ -27,6 +29,12 @@ N-token prose prompt alone (its prompt tok/s, server-side), then another N-token
 (not a prefix-cache hit) with the short one sent 1 s after it: the short one's time to
 first token, the gaps between its tokens that arrive while the long prompt is still
 prefilling (inter-token latency), and the long prompt's prompt tok/s while shared.
+
+Constrained decoding (--constrained N,...; issue 16): N concurrent chat streams of
+--decode tokens, as free text and with a JSON-schema ``format`` (a long string field, so
+no answer ends early), alternated over --rounds rounds in one server. Per token: the
+server's eval_duration / eval_count of each stream (the decode steps it took part in),
+mean over streams and rounds; aggregate decode tok/s as in the throughput table.
 
 The machine is shared: the load average is printed with the numbers; compare rows of
 one run.
@@ -140,18 +148,21 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[float], d
     return times, final
 
 
-async def run_streams(url: str, model: str, texts: list[str], kv: str, decode: int) -> dict:
-    """N concurrent streams; the decode window in which all N decode together."""
+async def run_streams(url: str, model: str, texts: list[str], kv: str, decode: int,
+                      extra: dict | None = None) -> dict:
+    """N concurrent streams; the decode window in which all N decode together. ``extra``:
+    more request fields (``format``, ``raw``)."""
     options = {"num_predict": decode, "temperature": 0, "repeat_penalty": 1.0, "kv_cache_type": kv}
+    body = {"model": model, "raw": True, "options": options} | (extra or {})
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        results = await asyncio.gather(*[
-            _stream(client, {"model": model, "prompt": t, "raw": True, "options": options})
-            for t in texts])
+        results = await asyncio.gather(*[_stream(client, body | {"prompt": t}) for t in texts])
     start = max(times[0] for times, _ in results)  # every stream has its first token
     end = min(times[-1] for times, _ in results)  # no stream has ended yet
     tokens = sum(sum(start < t <= end for t in times) for times, _ in results)
     prompt = sum(f["prompt_eval_count"] for _, f in results) / len(results)
-    return {"tok_s": tokens / (end - start) if end > start else float("nan"), "prompt": prompt}
+    ms = [f["eval_duration"] / 1e6 / f["eval_count"] for _, f in results]
+    return {"tok_s": tokens / (end - start) if end > start else float("nan"), "prompt": prompt,
+            "ms_per_token": sum(ms) / len(ms), "tokens": sum(f["eval_count"] for _, f in results)}
 
 
 def throughput(args, bandwidth: float) -> list[tuple]:
@@ -251,6 +262,42 @@ def long_prefill(args) -> list[tuple]:
     return rows
 
 
+# ---------------------------------------------------------------- constrained decoding
+
+# a schema whose answer cannot end within --decode tokens: every stream decodes them all
+STORY = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                          "story": {"type": "string", "minLength": 4000}},
+         "required": ["title", "story"], "additionalProperties": False}
+
+
+def constrained(args) -> list[tuple]:
+    server = Server(args.model, max(args.constrained), args.num_ctx)
+    kinds = {"free text": {"raw": False}, "JSON schema": {"raw": False, "format": STORY}}
+    rows = []
+    try:
+        for extra in kinds.values():  # JIT, the grammar engine's tokenizer table
+            asyncio.run(run_streams(server.url, args.model, prompts(1, 40), "f16", 4, extra))
+        for n in args.constrained:
+            texts = [f"Write a long story about {t}" for t in prompts(n, 60)]
+            got = {k: [] for k in kinds}
+            for _ in range(args.rounds):
+                for kind, extra in kinds.items():
+                    got[kind].append(asyncio.run(run_streams(server.url, args.model, texts, "f16",
+                                                             args.decode, extra)))
+            mean = {k: {f: sum(r[f] for r in v) / len(v) for f in ("ms_per_token", "tok_s", "tokens")}
+                    for k, v in got.items()}
+            free, json_ = mean["free text"], mean["JSON schema"]
+            rows.append((n, f"{free['tokens']:.0f}", f"{json_['tokens']:.0f}",
+                         f"{free['ms_per_token']:.1f}", f"{json_['ms_per_token']:.1f}",
+                         f"{json_['ms_per_token'] - free['ms_per_token']:+.2f}",
+                         f"{json_['ms_per_token'] / free['ms_per_token']:.3f}",
+                         f"{free['tok_s']:.1f}", f"{json_['tok_s']:.1f}"))
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    finally:
+        server.close()
+    return rows
+
+
 # ---------------------------------------------------------------- capacity in a budget
 
 
@@ -331,6 +378,9 @@ def main() -> None:
                    help="K/V memory budget for the capacity table")
     p.add_argument("--prefill", default="4096", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="long prompt tokens for the prefill-latency table ('' skips it)")
+    p.add_argument("--constrained", default="1,4", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="streams for the constrained-decoding table ('' skips it)")
+    p.add_argument("--rounds", type=int, default=2, help="free/JSON rounds of that table")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-capacity", action="store_true")
     args = p.parse_args()
@@ -348,6 +398,11 @@ def main() -> None:
         table(["long prompt", "TTFT alone", "TTFT during", "ratio", "ITL alone", "ITL during",
                "ITL max", "tokens during", "long TTFT", "long tok/s alone", "long tok/s shared",
                "ratio"], long_prefill(args))
+    if args.constrained:
+        print(f"\nConstrained decoding: free text vs a JSON schema, {args.decode} tokens per stream, "
+              f"{args.rounds} rounds alternated; ms per token (server-side), aggregate tok/s\n")
+        table(["streams", "tokens free", "tokens JSON", "ms/token free", "ms/token JSON",
+               "difference", "ratio", "tok/s free", "tok/s JSON"], constrained(args))
     if not args.skip_capacity:
         print(f"\nConcurrent {CONVERSATION:,}-token conversations in {args.budget / 2**30:g} GiB of K/V\n")
         table(["K/V", "bytes/token", "per conversation", "fit (exact)", "Ollama-style estimate",

@@ -60,3 +60,10 @@ def test_synth_model_runs_in_kvslim(tmp_path):
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
     out = run("-m", "kvslim.cli", "run", path, "Hello", "-n", "4", "--temperature", "0")
     assert out.strip()
+
+
+@pytest.mark.slow
+def test_grammar_benchmark_runs(tiny):
+    out = run("benchmarks/grammar.py", "--model", tiny, "--repeats", "1", "--engines", "llguidance")
+    assert "| llguidance |" in out and "| True |" in out  # every mask allowed the next token
+    assert "| uniqueItems | refused |" in out and "| pattern | enforced |" in out
