@@ -368,10 +368,11 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
         """Next token per sequence, or the error that sampling it raised. logits [len(seqs), V]."""
-        if all(s.params.greedy and not s.params.penalized and s.sampler.constraint is None
-               for s in seqs):
-            return logits.argmax(-1).tolist()  # one op for the whole batch
-        return [self._sample_one(s, logits[i]) for i, s in enumerate(seqs)]
+        plain = [s.params.greedy and not s.params.penalized and s.sampler.constraint is None
+                 for s in seqs]
+        best = logits.argmax(-1).tolist() if any(plain) else []  # one op for those rows
+        return [best[i] if p else self._sample_one(s, logits[i])
+                for i, (s, p) in enumerate(zip(seqs, plain))]
 
     @staticmethod
     def _sample_one(s: Sequence, logits: torch.Tensor) -> int | Exception:

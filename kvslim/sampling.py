@@ -135,12 +135,13 @@ class Sampler:
 
 
 def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """logits [V] with every token outside ``allowed`` (bool [A], A <= V: ids past the
-    tokenizer's vocabulary are never allowed) set to -inf."""
-    if not bool(allowed.any()):
-        raise NoAllowedToken("the grammar allows no token here")
+    """logits [V] with every token outside ``allowed`` (bool [A], one per tokenizer token:
+    ids the other one lacks are never allowed) set to -inf."""
+    n = min(allowed.shape[0], logits.shape[-1])
     keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    keep[:allowed.shape[0]] = allowed.to(logits.device)
+    keep[:n] = allowed[:n].to(logits.device)
+    if not bool(keep.any()):
+        raise NoAllowedToken("the grammar allows no token here")
     return logits.masked_fill(~keep, float("-inf"))
 
 

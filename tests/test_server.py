@@ -399,7 +399,7 @@ BAD_OLLAMA = [
                    "options": {"kv_cache_type": "q3_k"}}, 400, "valid types: f32, f16"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"cache_type_v": "int4"}}, 400,
      "q4_0"),
-    ("/api/generate", {"model": "tiny", "prompt": "hi", "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": "tiny", "prompt": "hi", "format": "yaml"}, 400, "format must be"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "images": ["aGk="]}, 400, "images"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "truncate": False,
                        "options": {"num_ctx": 8}}, 400, "more than the context length"),
