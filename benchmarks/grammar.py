@@ -262,7 +262,8 @@ def main(argv=None) -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     args = ap.parse_args(argv)
     tok = Tokenizer.from_gguf(args.model)
-    ids = tok.encode(json.dumps(ANSWER))
+    from kvslim.grammar import _Wrapper
+    ids = _Wrapper(tok)(json.dumps(ANSWER))  # an answer's tokens (no SentencePiece start space)
     print(f"vocabulary {tok.vocab_size} tokens; answer {len(ids)} tokens; {args.repeats} passes")
     print("| engine | vocabulary table (s) | compile schema (ms) | start a sequence (ms) | "
           "mask + advance, median (us) | p90 (us) | masks right |")
