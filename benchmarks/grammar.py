@@ -80,7 +80,6 @@ def run_llguidance(tok: Tokenizer, ids: list[int]):
 
 
 def run_xgrammar(tok: Tokenizer, ids: list[int]):
-    import torch
     import xgrammar as xgr
 
     t0 = time.perf_counter()
@@ -102,7 +101,6 @@ def run_xgrammar(tok: Tokenizer, ids: list[int]):
         ok = bool(bits[t])
         m.accept_token(t)
         return ok
-    del torch
     return table_s, compile_s, start, step
 
 
@@ -225,7 +223,7 @@ def keyword_table(engines: list[str]) -> None:
         for name, compile_ in compilers.items():
             try:
                 accepts = compile_(schema)
-            except Exception as e:  # noqa: BLE001 - the engine refuses the schema
+            except Exception:  # noqa: BLE001 - the engine refuses the schema
                 cells.append("refused")
                 continue
             if not accepts(good):  # refuses valid text too: the test says nothing
