@@ -100,11 +100,14 @@ def _no_quant(ggufs: list[str], quant: str | None, repo: str):
 def pull_hf(name: str, report: Progress, force: bool = False) -> Path:
     """A .gguf of a Hugging Face model repo, found through ``huggingface_hub``'s API
     (HF_ENDPOINT, HF_TOKEN honoured), into our store."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import build_hf_headers
-
     repo, quant = parse_hf(name)
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import build_hf_headers
+    except ImportError:
+        raise PullError("pulling from Hugging Face needs huggingface_hub: "
+                        "pip install 'kvslim[hf]' (or pip install huggingface_hub)") from None
     endpoint = hf_endpoint()
     report({"status": "pulling manifest"})
     try:

@@ -282,3 +282,11 @@ def test_template_braces_and_trimming_are_kept_literally():
 def test_untranslatable_templates_are_named(go, what):
     with pytest.raises(TemplateError, match=what if what[0] != "{" else "end"):
         to_jinja(go)
+
+
+def test_hf_without_huggingface_hub_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(PullError, match=r"pip install 'kvslim\[hf\]'"):
+        pull("hf.co/user/repo")
