@@ -319,6 +319,8 @@ def copy_model(source: str | os.PathLike, name: str, card_: ModelCard | None = N
     source's card or ``card_``: a hard link when the file system allows, else a copy."""
     src = resolve(source)
     target = check_name(name)
+    if card_ is None and canonical(str(source)) == target:
+        raise ValueError(f"'{source}' and '{name}' are the same model")
     src_manifest = manifest_of(src)
     card_ = card(src) if card_ is None else card_
     with writing(target) as directory:

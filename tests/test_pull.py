@@ -290,3 +290,42 @@ def test_hf_without_huggingface_hub_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(PullError, match=r"pip install 'kvslim\[hf\]'"):
         pull("hf.co/user/repo")
+
+
+def test_ctrl_c_mid_download_keeps_nothing_runnable_and_the_next_pull_resumes(reg, served, data,
+                                                                              monkeypatch):
+    reg.add("library/tiny", "latest", data)
+    monkeypatch.setattr(download, "REPORT_EVERY_S", 0.0)  # a progress line per chunk received
+
+    def interrupt(line):
+        if line.get("completed"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pull("tiny", interrupt)
+    nothing_runnable("tiny")
+    assert pull("tiny").read_bytes() == data
+    ranges = [h.get("range") for p, h in served.log if p == f"/cdn/{sha(data)}"]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1] != "bytes=0-"
+
+
+def test_cli_pull_draws_ollama_progress_on_a_terminal(reg, data, monkeypatch, capsys):
+    import io
+    import sys
+
+    from kvslim import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    reg.add("library/tiny", "latest", data)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert cli.main(["pull", "tiny"]) == 0
+    assert capsys.readouterr().out == f"success: {store.resolve('tiny')}\n"
+    shown = term.getvalue()
+    for status in ("pulling manifest", f"pulling {sha(data)[:12]}", "verifying sha256 digest",
+                   "writing manifest"):
+        assert status in shown
+    assert "100%" in shown and "pip" not in shown
