@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ class Blob:
 def fetch(http: httpx.Client, blob: Blob, directory: Path, report: Progress) -> Path:
     """Download ``blob`` into ``directory`` (resuming), verify its sha256; the verified
     temporary file, for ``store.commit``. Raises PullError, keeping resumable bytes."""
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.sha256):  # it names a file: never a path
+        raise PullError(f"{blob.url}: the server gave no valid sha256 ({blob.sha256[:80]!r})")
     part = directory / f"{store.RESUME_PREFIX}{blob.sha256}"
     digest = f"sha256:{blob.sha256}"
     h, have = _hash_existing(part, blob.size)

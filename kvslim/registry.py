@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +111,8 @@ def _layers(manifest: dict, name: str):
         if kind in seen:
             raise PullError(f"'{name}' has several {kind} layers; kvslim reads one")
         digest = str(layer.get("digest", ""))
-        if not digest.startswith("sha256:") or len(digest) != 71:
-            raise PullError(f"'{name}': a layer without a sha256 digest")
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise PullError(f"'{name}': a layer without a valid sha256 digest ({digest[:80]!r})")
         seen.add(kind)
         yield kind, layer
     if "model" not in seen:

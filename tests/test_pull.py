@@ -329,3 +329,14 @@ def test_cli_pull_draws_ollama_progress_on_a_terminal(reg, data, monkeypatch, ca
                    "writing manifest"):
         assert status in shown
     assert "100%" in shown and "pip" not in shown
+
+
+def test_a_digest_that_is_not_a_sha256_never_names_a_file(reg, served, data):
+    reg.add("library/tiny", "latest", data)
+    manifest = served.json["/v2/library/tiny/manifests/latest"]
+    manifest["layers"][0]["digest"] = "sha256:" + "../" * 21 + "x"  # 64 characters
+    with pytest.raises(PullError, match="without a valid sha256 digest"):
+        pull("tiny")
+    assert store_files() == []
+    with pytest.raises(PullError, match="no valid sha256"):  # the download's own check
+        download.fetch(None, download.Blob("http://x", "../" * 21 + "x", 1), store.store_dir(), print)
