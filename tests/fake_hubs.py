@@ -6,7 +6,8 @@
         registry = FakeRegistry(s); registry.add("library/tiny", "latest", data, template=...)
 
 Files are served with Range support; ``cut[path] = n`` makes the next answer for ``path``
-stop after n bytes (the connection closes mid-body); every request is logged.
+stop after n bytes (the connection closes mid-body), ``slow[path] = s`` sends it 64 KiB
+every s seconds; every request is logged.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -23,6 +25,7 @@ class FakeServer:
         self.json: dict[str, object] = {}
         self.redirects: dict[str, str] = {}
         self.cut: dict[str, int] = {}
+        self.slow: dict[str, float] = {}  # path -> seconds to wait before each 64 KiB sent
         self.log: list[tuple[str, dict]] = []  # (path, headers with lower-case names)
         server = self
 
@@ -46,7 +49,8 @@ class FakeServer:
                     self.end_headers()
                     self.wfile.write(body)
                 elif path in server.files:
-                    self.send_file(server.files[path], server.cut.pop(path, None))
+                    self.send_file(server.files[path], server.cut.pop(path, None),
+                                   server.slow.get(path, 0.0))
                 else:
                     body = json.dumps({"error": "file does not exist"}).encode()
                     self.send_response(404)
@@ -56,7 +60,7 @@ class FakeServer:
                     self.end_headers()
                     self.wfile.write(body)
 
-            def send_file(self, data: bytes, cut: int | None):
+            def send_file(self, data: bytes, cut: int | None, slow: float):
                 start = 0
                 m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 if m:
@@ -73,8 +77,16 @@ class FakeServer:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body if cut is None else body[:cut])
-                self.wfile.flush()
+                body = body if cut is None else body[:cut]
+                step = 1 << 16 if slow else max(len(body), 1)
+                try:
+                    for i in range(0, len(body), step):
+                        time.sleep(slow)
+                        self.wfile.write(body[i:i + step])
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):  # the client left
+                    self.close_connection = True
+                    return
                 if cut is not None:
                     self.close_connection = True
 

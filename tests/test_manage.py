@@ -140,6 +140,7 @@ def served(tiny, monkeypatch):
         FakeRegistry(hub).add("library/tiny", "latest", tiny.read_bytes(),
                               params=json.dumps({"temperature": 0.0}))
         with running_server(ServerSettings.from_env({})) as server:
+            server.hub = hub
             yield server
 
 
@@ -188,3 +189,19 @@ def test_api_copy_delete_create_show(served):
         r = httpx.post(f"{served.url}/api/create", json=body)
         assert r.status_code == status and match in r.json()["error"], r.text
     assert sorted(names()) == ["terse", "tiny"]
+
+
+def test_a_client_that_leaves_a_streamed_pull_stops_it_and_the_next_pull_resumes(served, tiny):
+    from fake_hubs import sha
+
+    hub, cdn = served.hub, f"/cdn/{sha(tiny.read_bytes())}"
+    hub.slow[cdn] = 0.05  # about 0.75 s for the whole blob
+    with httpx.stream("POST", f"{served.url}/api/pull", json={"model": "tiny"}, timeout=30) as r:
+        for line in r.iter_lines():
+            if json.loads(line).get("completed"):
+                break  # the client leaves mid-download
+    hub.slow.pop(cdn)
+    assert ollama.Client(host=served.url).pull("tiny").status == "success"  # after the lock: resumed
+    ranges = [h.get("range") for p, h in hub.log if p == cdn]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1] not in (None, "bytes=0-")
+    assert store.resolve("tiny").read_bytes() == tiny.read_bytes()

@@ -315,6 +315,7 @@ async def pull(request: Request):
         loop.call_soon_threadsafe(lines.put_nowait, line)
 
     job = loop.run_in_executor(None, functools.partial(pulls.pull, name, report))
+    job.add_done_callback(lambda f: f.cancelled() or f.exception())  # read even if the client left
 
     async def progress() -> AsyncIterator[bytes]:
         try:
