@@ -35,6 +35,17 @@ def pull(name: str, on_progress: Progress | None = None, force: bool = False) ->
     return registry.pull(name, report, force)
 
 
+def resolve_or_pull(name: str, on_progress: Progress | None = None) -> Path:
+    """Ollama's `run` rule: a model the store (or a path) has, else pulled by its name."""
+    try:
+        return store.resolve(name, pull_missing=True)
+    except store.UnknownModelError:
+        if name.endswith(".gguf") or Path(name).expanduser().exists():
+            raise
+        store.check_name(name)  # a path-like typo is an unknown model, not a registry name
+    return pull(name, on_progress)
+
+
 # ---------------------------------------------------------------- Hugging Face
 
 HF_PREFIX = "hf.co/"

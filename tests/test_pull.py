@@ -340,3 +340,16 @@ def test_a_digest_that_is_not_a_sha256_never_names_a_file(reg, served, data):
     assert store_files() == []
     with pytest.raises(PullError, match="no valid sha256"):  # the download's own check
         download.fetch(None, download.Blob("http://x", "../" * 21 + "x", 1), store.store_dir(), print)
+
+
+def test_resolve_or_pull_pulls_only_what_is_missing(reg, served, data, tmp_path):
+    from kvslim.pull import resolve_or_pull
+
+    reg.add("library/tiny", "latest", data)
+    path = resolve_or_pull("tiny")
+    assert resolve_or_pull("tiny:latest") == path and path.read_bytes() == data
+    assert served.paths().count("/v2/library/tiny/manifests/latest") == 1
+    with pytest.raises(UnknownModelError, match="no such file"):
+        resolve_or_pull(str(tmp_path / "typo.gguf"))
+    with pytest.raises(ValueError, match="invalid model name"):
+        resolve_or_pull("./not a model")
