@@ -284,6 +284,8 @@ def _read_manifest(path: Path) -> dict:
 def writing(name: str) -> Iterator[Path]:
     """The model's directory, locked against other writers, with dead pulls' debris gone.
     Left out of the store when what runs inside fails before committing anything."""
+    if lookup(name) is not None:  # its folder holds the PyPI pull's file, checked by its sha256
+        raise ValueError(f"'{name}' is the name of a built-in model: choose another")
     directory = model_dir(name)
     with _model_lock(directory):
         try:

@@ -61,6 +61,7 @@ def test_cp_links_and_rm_removes(capsys, tiny):
     fails(capsys, ["rm", "a"], "model 'a' not found in the store")
     fails(capsys, ["cp", "team/b:v2", "bad name"], "invalid model name 'bad name'")
     fails(capsys, ["cp", "nothing", "x"], "unknown model 'nothing'")
+    fails(capsys, ["cp", "team/b:v2", "smollm2"], "'smollm2' is the name of a built-in model")
 
 
 MODELFILE = f'''# a terse tiny model
