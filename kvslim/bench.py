@@ -485,8 +485,18 @@ def _caption(result: dict) -> str:
             "prompt.")
 
 
+def _require_matplotlib() -> None:
+    """matplotlib is an optional extra (`kvslim[plot]`): a clear error where it is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: "
+                         "pip install 'kvslim[plot]' (or pip install matplotlib)") from None
+
+
 def plot(result: dict, path: str | Path) -> None:
     """PNG with two panels: KLD against bits per element; KV memory against context length."""
+    _require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -595,6 +605,8 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--speed-rounds must be at least 1, got {args.speed_rounds}")
     text = load_text(args.text)  # fail before the model loads
     planner.parse_types(args.types)
+    if args.plot:
+        _require_matplotlib()
     llm = LLM(args.model, cache_type_k="f16", cache_type_v="f16", flash_attn=args.flash_attn,
               num_ctx=args.ctx, device=args.device, progress=not args.no_progress,
               **_supported(LLM, codec_options(args)))

@@ -1,7 +1,7 @@
 """The ``kvslim`` command: Ollama's verbs with llama.cpp's cache flags.
 
     kvslim run MODEL [PROMPT]     answer once, or chat interactively (/bye exits)
-    kvslim pull MODEL | list | show MODEL
+    kvslim pull MODEL | list | show MODEL | rm MODEL | cp SRC DST | create NAME -f Modelfile
 
 Other modules add verbs: a module named in ``PLUGINS`` that defines
 ``cli_register(subparsers)`` adds its parser there (``add_parser``, its arguments, and
@@ -99,13 +99,107 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def cmd_pull(args) -> int:
     from kvslim import store
+    from kvslim.pull import pull
 
     if args.verify:
         print(f"verified: {store.verify(args.model)}")
         return 0
-    path = store.pull(args.model)
+    with _PullProgress() as progress:
+        path = pull(args.model, progress.line)
     print(f"success: {path}")
     return 0
+
+
+class _PullProgress:
+    """Ollama's pull output from its progress lines, on a terminal (stderr): each status
+    once, and a byte bar per blob. Elsewhere only the result (or one error line)."""
+
+    def __init__(self):
+        self.bars, self.last, self.tty = {}, None, sys.stderr.isatty()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for bar in self.bars.values():
+            bar.close()
+        return False
+
+    def line(self, line: dict) -> None:
+        from tqdm import tqdm
+
+        if not self.tty:
+            return
+        status, total = line.get("status", ""), line.get("total")
+        if total is None or "completed" not in line:
+            if status != self.last and status != "success":
+                print(status, file=sys.stderr)
+            self.last = status
+            return
+        key = line.get("digest") or status
+        bar = self.bars.get(key)
+        if bar is None:
+            bar = self.bars[key] = tqdm(total=total, unit="B", unit_scale=True, desc=status,
+                                        leave=True)
+        bar.update(line["completed"] - bar.n)
+
+
+def cmd_rm(args) -> int:
+    from kvslim import store
+
+    for name in args.model:
+        store.remove(name)
+        print(f"deleted '{name}'")
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from kvslim import store
+
+    store.copy_model(args.source, args.destination)
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
+def cmd_create(args) -> int:
+    from pathlib import Path
+
+    from kvslim import modelfile
+
+    path = Path(args.file).expanduser()
+    text = path.read_text()
+    modelfile.create(args.model, modelfile.parse(text), base=path.parent)
+    print("success")
+    return 0
+
+
+def _show_card(args) -> bool:
+    """``show --modelfile|--parameters|--template|--license|--system``: print it; whether asked."""
+    from kvslim import modelfile, store
+    from kvslim.gguf_loader import open_gguf
+
+    wanted = [k for k in ("modelfile", "parameters", "template", "license", "system")
+              if getattr(args, k, False)]
+    if not wanted:
+        return False
+    path = store.resolve(args.model)
+    card = store.card(path)
+    fields = open_gguf(path).fields
+
+    def meta(key: str) -> str:
+        field = fields.get(key)
+        return str(field.contents()) if field is not None else ""
+
+    for k in wanted:
+        text = {
+            "modelfile": lambda: modelfile.render(store.canonical(args.model), card),
+            "parameters": lambda: modelfile.render_parameters(card),
+            "template": lambda: card.template or meta("tokenizer.chat_template"),
+            "license": lambda: card.license or meta("general.license"),
+            "system": lambda: card.system or "",
+        }[k]()
+        print(text.rstrip("\n"))
+    return True
 
 
 def cmd_list(args) -> int:
@@ -129,6 +223,8 @@ def cmd_show(args) -> int:
     from kvslim.gguf_loader import ModelConfig, open_gguf
     from kvslim.settings import pick_device, resolve_codec, resolve_flash_attn, resolve_num_ctx
 
+    if _show_card(args):
+        return 0
     path = store.resolve(args.model)
     c = ModelConfig.from_gguf(open_gguf(path))
     device = pick_device(args.device)
@@ -390,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("pull", help="download a built-in model into the store")
+    p = sub.add_parser("pull", help="download a model into the store: NAME[:TAG] from the Ollama "
+                                    "registry (KVSLIM_REGISTRY), hf.co/USER/REPO[:QUANT], smollm2")
     p.add_argument("model")
     p.add_argument("--verify", action="store_true",
                    help="only check the stored file's sha256 (no download): an error if it differs")
@@ -401,8 +498,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="model facts and K/V bytes per token for every cache type")
     p.add_argument("model")
+    for k in ("modelfile", "parameters", "template", "license", "system"):
+        p.add_argument(f"--{k}", action="store_true", help=f"print the model's {k} only")
     add_model_args(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", help="remove models from the store")
+    p.add_argument("model", nargs="+")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("cp", help="copy a model under another name (a hard link: no new bytes)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("create", help="create a model from a Modelfile (FROM, PARAMETER, "
+                                      "SYSTEM, TEMPLATE, LICENSE)")
+    p.add_argument("model")
+    p.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
+    p.set_defaults(func=cmd_create)
 
     _register_plugins(sub)
     return parser

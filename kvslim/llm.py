@@ -138,6 +138,11 @@ class LLM:
         reader = open_gguf(self.path)
         self.config: ModelConfig = ModelConfig.from_gguf(reader)
         self.tokenizer = Tokenizer.from_gguf(reader)
+        card = store.card(self.path)  # a Modelfile's or the registry's TEMPLATE, SYSTEM, PARAMETERs
+        self.tokenizer.set_chat_defaults(card.chat_template, card.system)
+        self.default_options = {("max_tokens" if k == "num_predict" else k): v
+                                for k, v in card.parameters.items() if k != "num_ctx"}
+        num_ctx = num_ctx or card.parameters.get("num_ctx")
         self.weights_mode = resolve_mode(weights, self.device, compute_dtype(self.device))
         self.model = models.load_model(reader, self.config, self.device,
                                        compute_dtype(self.device), progress=progress,
@@ -237,7 +242,7 @@ class LLM:
         return self.chat(messages, stream=True, **kw)
 
     def _start(self, ids: list[int], options: dict, stream: bool, truncate: bool, fmt=None):
-        params = SamplingParams.from_options(**options)
+        params = SamplingParams.from_options(**{**self.default_options, **options})
         grammar = format_grammar(fmt)
         constraint = grammar.constraint(self.tokenizer) if grammar is not None else None
         with self._lock:  # the inbox exists before any step can produce for the sequence

@@ -389,6 +389,8 @@ class Tokenizer:
         else:
             self._init_bpe(cache_size)
         self._template = None
+        self._template_source: str | None = None  # a model card's, rendered instead of the GGUF's
+        self.default_system: str | None = None
 
     @classmethod
     def from_gguf(cls, reader_or_path: Any) -> "Tokenizer":
@@ -631,7 +633,15 @@ class Tokenizer:
     def chat_template(self) -> str:
         """The GGUF's `tokenizer.chat_template`; without one, the family's own format
         (gemma) or plain ChatML."""
-        return self.vocab.chat_template or _CHATML_TEMPLATE
+        return self._template_source or self.vocab.chat_template or _CHATML_TEMPLATE
+
+    def set_chat_defaults(self, chat_template: str | None = None, system: str | None = None) -> None:
+        """What a model card (a Modelfile, the Ollama registry) adds: a Jinja chat template
+        rendered instead of the GGUF's, and the system message of chats that have none."""
+        if chat_template:
+            _compile_template(chat_template)  # a broken one fails at load, not at the first chat
+            self._template_source, self._template = chat_template, None
+        self.default_system = system or None
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
                             add_generation_prompt: bool = True, **kw: Any) -> str:
@@ -647,6 +657,8 @@ class Tokenizer:
         import jinja2
 
         _validate_messages(messages)
+        if self.default_system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         try:

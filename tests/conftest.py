@@ -72,3 +72,8 @@ def clean_env(monkeypatch, tmp_path):
     for name in ("OLLAMA_KV_CACHE_TYPE", "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MODELS"):
         monkeypatch.delenv(name, raising=False)  # read when the KVSLIM_* name is unset
     monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+    # pulls never reach the network: nothing listens on the discard port (tests that pull
+    # point these at a local fake registry / Hub)
+    monkeypatch.setenv("KVSLIM_REGISTRY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -336,3 +337,12 @@ def test_smollm2_q8_0_keeps_more_than_q4_0(smollm2_gguf):
     assert t["f16/f16"]["kld"] == 0 and t["f16/f16"]["top1"] == 1
     assert 0 < t["q8_0/q8_0"]["kld"] < t["q4_0/q4_0"]["kld"]
     assert t["q8_0/q8_0"]["top1"] >= t["q4_0/q4_0"]["top1"]
+
+
+def test_plot_without_matplotlib_is_one_clear_error(tiny, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import fails
+    assert cli.main(["bench", str(tiny), "--text", str(text_file), "--plot", str(tmp_path / "k.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["Error: --plot needs matplotlib, which is not installed: pip install "
+                   "'kvslim[plot]' (or pip install matplotlib)"]
+    assert not (tmp_path / "k.png").exists()

@@ -108,8 +108,14 @@ def test_bad_flags_fail_before_a_pull(capsys, monkeypatch):
     fails(capsys, ["run", "smollm2", "hi", "--top-p", "0"], "top_p must be in (0, 1]")
 
 
-def test_pull_unknown_name(capsys):
-    fails(capsys, ["pull", "llama9000"], "unknown model 'llama9000'")
+def test_pull_unknown_name(capsys, monkeypatch):
+    from fake_hubs import FakeServer
+
+    fails(capsys, ["pull", "llama9000"], "cannot reach http://127.0.0.1:9/v2/library/llama9000")
+    with FakeServer() as registry:  # answers 404 to everything
+        monkeypatch.setenv("KVSLIM_REGISTRY", registry.url)
+        fails(capsys, ["pull", "llama9000"], "model 'llama9000' not found in the registry")
+    fails(capsys, ["pull", "no such"], "invalid model name 'no such'")
 
 
 # ---------------------------------------------------------------- verbs

@@ -31,6 +31,11 @@ RANKS = {
     "kvslim.gguf_loader": 5,  # model files: metadata, weights, tokenizer, the store
     "kvslim.tokenizer": 5,
     "kvslim.store": 5,
+    "kvslim.download": 5,  # resumable, verified HTTP downloads into the store
+    "kvslim.gotemplate": 5,  # Ollama's Go chat templates as Jinja
+    "kvslim.modelfile": 5,  # Modelfiles and model cards (create, show --modelfile)
+    "kvslim.registry": 5,  # pulls from the Ollama registry
+    "kvslim.pull": 5,  # `kvslim pull`: registry, Hugging Face, built-in
     "kvslim.engine": 6,
     "kvslim.sampling": 6,
     "kvslim.grammar": 6,  # constrained decoding: a grammar's token mask per sequence

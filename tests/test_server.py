@@ -404,7 +404,7 @@ BAD_OLLAMA = [
     ("/api/generate", {"model": "tiny", "prompt": "hi", "truncate": False,
                        "options": {"num_ctx": 8}}, 400, "more than the context length"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "context": [1, 10**6]}, 400, "token ids"),
-    ("/api/pull", {"model": "nope"}, 404, "cannot be pulled"),
+    ("/api/pull", {"model": "no such/model!"}, 400, "invalid model name"),
     ("/api/nothing", {"model": "tiny"}, 404, "404 page not found"),
 ]
 

@@ -57,8 +57,7 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 # client what is missing, where a 404 looks like a wrong address. Registered after the
 # real routes, so a route that gets implemented takes over from its entry here.
 UNSUPPORTED = {
-    "/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"],
-    "/api/delete": ["DELETE"], "/api/blobs/{digest}": ["HEAD", "POST"],
+    "/api/push": ["POST"], "/api/blobs/{digest}": ["HEAD", "POST"],
     "/api/embed": ["POST"], "/api/embeddings": ["POST"],
     "/v1/embeddings": ["POST"], "/v1/responses": ["POST"],
 }

@@ -167,7 +167,7 @@ def plan_request(runner: Runner, options: Options | None,
 
 
 def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[SamplingParams, CacheRequest]:
-    sampling = (defaults or {}) | options.sampling()
+    sampling = (defaults or {}) | runner.options | options.sampling()  # runner's: the model card's
     sampling["max_tokens"] = check_num_predict(sampling.pop("num_predict", None), runner)
     try:
         params = SamplingParams.from_options(**sampling)

@@ -77,14 +77,17 @@ class Runner:
         reader = open_gguf(self.path)
         self.config = ModelConfig.from_gguf(reader)
         self.tokenizer = Tokenizer.from_gguf(reader)
+        card = store.card(self.path)  # a Modelfile's or the registry's TEMPLATE, SYSTEM, PARAMETERs
+        self.tokenizer.set_chat_defaults(card.chat_template, card.system)
+        self.options = {k: v for k, v in card.parameters.items() if k != "num_ctx"}
         self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
                                 progress=False, weights=settings.weights)
         self.weight_bytes = self.model.weight_bytes  # as held in memory (blocks, or dequantized)
         self.page_size = DEFAULT_PAGE_SIZE
         self.engine: Engine | None = None
         # the server's defaults: what a request that sets nothing gets
-        self.num_ctx = resolve_num_ctx(settings.num_ctx, self.config.context_length, self.device,
-                                       settings.env)
+        self.num_ctx = resolve_num_ctx(card.parameters.get("num_ctx") or settings.num_ctx,
+                                       self.config.context_length, self.device, settings.env)
         self.defaults = CacheConfig(settings.cache_type_k, settings.cache_type_v, settings.codec)
         self.cache_config = self.defaults  # what the pool is built with now
         self.engine = self.build(self.cache_config)
@@ -292,26 +295,23 @@ class Registry:
 
     @staticmethod
     def canonical(name: str) -> str:
-        return name[:-len(":latest")] if name.endswith(":latest") else name
+        return store.canonical(name)
 
     def resolve(self, name: str) -> tuple[str, Path]:
         """(canonical name, .gguf path) of a servable model; ModelNotFound otherwise.
 
-        Served: names given to ``kvslim serve``, built-in models that are pulled, and
-        models in the store. Arbitrary file paths are not: clients cannot open files.
+        Served: names given to ``kvslim serve``, then the store's models by the store's one
+        resolution (``store.find``: the names `kvslim list` shows). Arbitrary file paths are
+        not: clients cannot open files.
         """
         name = self.canonical(name)
         if name in self.aliases:
             return name, self.aliases[name]
-        builtin = store.lookup(name)
-        if builtin is not None:
-            path = store.model_path(builtin)
-            if not path.is_file():
-                raise ModelNotFound(f"model '{name}' not found, try pulling it first")
-            return builtin.name, path
-        for entry in store.list_models():
-            if entry.name == name:
-                return name, entry.path
+        entry = store.find(name)
+        if entry is not None:
+            return store.canonical(entry.name), entry.path
+        if store.lookup(name) is not None:
+            raise ModelNotFound(f"model '{name}' not found, try pulling it first")
         raise ModelNotFound(f"model '{name}' not found")
 
     def available(self) -> list[tuple[str, Path]]:

@@ -130,6 +130,35 @@ class ModelRequest(_Body):
         return self.model or self.name
 
 
+class CopyRequest(_Body):
+    """/api/copy."""
+
+    source: str = ""
+    destination: str = ""
+
+
+class CreateRequest(_Body):
+    """/api/create: a Modelfile's text (older clients), or ``from`` and the fields."""
+
+    model: str = ""
+    name: str = ""
+    modelfile: str = ""
+    from_: str = Field("", alias="from")
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict | None = None
+    files: dict | None = None
+    adapters: dict | None = None
+    messages: list | None = None
+    quantize: str | None = None
+    stream: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
+
+
 # ---------------------------------------------------------------- OpenAI
 
 
