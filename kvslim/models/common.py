@@ -156,11 +156,13 @@ class Decoder:
         return held_bytes(ts)
 
     def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
-                  codec=None) -> KVCache:
-        """The paged pool for this model's layers."""
+                  codec=None, window_pages: int | None = None) -> KVCache:
+        """The paged pool for this model's layers: ``n_pages`` for the global layers,
+        ``window_pages`` (default ``n_pages``) for those on a sliding window."""
         return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
                        page_size=page_size, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, device=self.device, codec=codec)
+                       cache_type_v=cache_type_v, device=self.device, codec=codec,
+                       windows=self.layer_windows(), window_pages=window_pages)
 
     # ---------------------------------------------------------------- attention
 
