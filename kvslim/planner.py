@@ -335,11 +335,11 @@ def _print_plan(p: dict) -> None:
                   f"{r['kv_bytes_per_token']:,}", fit, _gib(r["bytes_at_ctx"]), total)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(t)
-    for name, r in p["types"].items():
-        if r["window_bytes_per_sequence"]:
-            console.print(f"{name}: the layers on a sliding window hold "
-                          f"{_gib(r['window_bytes_per_sequence'])} per sequence whatever its "
-                          f"length; KV bytes/token counts the global layers")
+    fixed = [f"{name} {_gib(r['window_bytes_per_sequence'])}" for name, r in p["types"].items()
+             if r["window_bytes_per_sequence"]]
+    if fixed:
+        console.print("KV bytes/token counts the global layers; the layers on a sliding window "
+                      "hold a fixed amount per sequence, whatever its length: " + ", ".join(fixed))
     for name, r in p["types"].items():
         if r["fallback"]:
             console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")

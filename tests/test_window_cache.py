@@ -16,7 +16,7 @@ import torch
 import tiny_models
 from kvslim import formats, planner
 from kvslim.attention import Attention, plan_attention
-from kvslim.cache import KVCache, window_pages
+from kvslim.cache import CacheFull, KVCache, window_pages
 from kvslim.engine import Engine, run_step
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.models import load_model
@@ -123,7 +123,7 @@ def test_fork_trim_and_rollback_keep_the_window():
 def test_cache_full_in_the_window_pool_changes_nothing():
     cache = KVCache(2, 1, 32, n_pages=16, page_size=PAGE, windows=[0, 5], window_pages=2)
     a = cache.new_sequence()
-    with pytest.raises(Exception, match="window of 5"):
+    with pytest.raises(CacheFull, match="window of 5"):
         cache.reserve(a, 9)  # 3 window pages at once, 2 in the pool
     assert cache.length(a) == 0 and cache.free_per_group() == [16, 2]
     cache.check()
