@@ -240,3 +240,29 @@ def test_plan_and_engine_count_the_same_bytes(gemma):
     ctx, capped = planner.max_ctx(c, budget, 2, "q8_0", "q4_0", PAGE)
     assert (ctx, capped) == (128, False)
     assert planner.max_ctx(c, budget - 1, 2, "q8_0", "q4_0", PAGE)[0] == 128 - PAGE
+
+
+def test_server_sizes_and_reports_both_pools(tmp_path):
+    """``KVSLIM_KV_MEMORY`` pays the windowed layers' fixed pages first, the rest goes to
+    whole pages of the global layers; ``/api/ps`` reports both."""
+    import ollama
+
+    from kvslim.settings import ServerSettings
+    from test_server import ps_model, running_server
+
+    path = tmp_path / "g.gguf"
+    tiny_models.write_gemma3(path, T)
+    budget = 500_000
+    env = {"KVSLIM_KV_MEMORY": str(budget), "KVSLIM_KV_CACHE_TYPE": "q8_0",
+           "KVSLIM_NUM_PARALLEL": "4"}
+    with running_server(ServerSettings.from_env(env), {"g": path}) as s:
+        ollama.Client(host=s.url).generate(model="g", prompt="ab ab", options={"num_predict": 2})
+        kv = ps_model(s.url, "g")["kv_cache"]
+    config = ModelConfig.from_gguf(open_gguf(path))
+    window = planner.window_bytes(config, 256, "q8_0", "q8_0", 64)
+    page = 64 * planner.kv_bytes_per_token(config, "q8_0", "q8_0")
+    assert kv["window"] == 5 and kv["window_bytes_per_sequence"] == window
+    assert kv["bytes_per_token"] == page // 64
+    assert kv["pages_total"] == (budget - 4 * window) // page
+    assert kv["bytes"] == kv["pages_total"] * page + 4 * window <= budget
+    assert kv["window_pages_total"] == 4 * window_pages(5, 64, 256, 512)
