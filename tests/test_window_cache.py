@@ -76,8 +76,21 @@ def test_window_pages_bound():
     assert window_pages(512, 64, 32768, 512) == 17
 
 
+def _pool(windows: list[int], window_pages: int) -> KVCache:
+    return KVCache(len(windows), 1, 32, n_pages=16, page_size=PAGE, windows=windows,
+                   window_pages=window_pages)
+
+
+def _free_all(cache: KVCache, *seqs: int) -> None:
+    """Free ``seqs``: every page of every pool goes back."""
+    for s in seqs:
+        cache.free(s)
+    assert cache.free_per_group() == cache.pages_per_group()
+    cache.check()
+
+
 def test_pool_releases_pages_out_of_the_window():
-    cache = KVCache(3, 1, 32, n_pages=16, page_size=PAGE, windows=[5, 0, 5], window_pages=4)
+    cache = _pool([5, 0, 5], window_pages=4)
     g = cache.window_groups()[0]
     assert [len(x.layers) for x in cache.groups] == [1, 2] and g.n_pages == 4
     seq = cache.new_sequence()
@@ -92,13 +105,11 @@ def test_pool_releases_pages_out_of_the_window():
         cache.read(0, seq)  # the windowed layer's early keys are gone
     cache.read(0, seq, 55)  # its window is there
     cache.read(1, seq)  # the global layer still holds every key
-    cache.free(seq)
-    assert cache.free_per_group() == [16, 4]
-    cache.check()
+    _free_all(cache, seq)
 
 
 def test_fork_trim_and_rollback_keep_the_window():
-    cache = KVCache(2, 1, 32, n_pages=16, page_size=PAGE, windows=[0, 5], window_pages=8)
+    cache = _pool([0, 5], window_pages=8)
     a = cache.new_sequence()
     cache.reserve(a, 20)
     cache.reserve(a, 2)  # a step from 20 needs keys from 16 on: pages before it go back
@@ -114,14 +125,11 @@ def test_fork_trim_and_rollback_keep_the_window():
     cache.trim(a, 22)  # a rollback to where the step began always works
     cache.trim(a, 21)  # so does any length whose window is still held
     cache.check()
-    for s in (a, child):
-        cache.free(s)
-    assert cache.free_per_group() == [16, 8]
-    cache.check()
+    _free_all(cache, a, child)
 
 
 def test_cache_full_in_the_window_pool_changes_nothing():
-    cache = KVCache(2, 1, 32, n_pages=16, page_size=PAGE, windows=[0, 5], window_pages=2)
+    cache = _pool([0, 5], window_pages=2)
     a = cache.new_sequence()
     with pytest.raises(CacheFull, match="window of 5"):
         cache.reserve(a, 9)  # 3 window pages at once, 2 in the pool
