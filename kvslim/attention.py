@@ -74,11 +74,25 @@ class Step:
     q_lens: list[int]
     kv_lens: list[int]
     q_offsets: list[int]
-    slots: torch.Tensor  # [N] int64 slots of this step's new rows, packed like q
+    slots: torch.Tensor  # [N] int64 slots of this step's new rows in group 0, packed like q
     positions: torch.Tensor  # [N] int64 position of each row, on the CPU
-    page_table: PageTable
+    page_table: PageTable  # group 0's
     attn: "Attention | None" = None  # the model's layers call it
     scratch: Any = None  # the backend's, set by its prepare(step)
+    group_slots: list[torch.Tensor] | None = None  # slots per cache group (None: group 0's only)
+    tables: list[PageTable] | None = None  # page table per cache group
+
+    def layer_slots(self, layer: int) -> torch.Tensor:
+        """[N] slots of this step's rows in the pages of ``layer``'s group."""
+        return self.group_slots[self._group(layer)] if self.group_slots else self.slots
+
+    def layer_table(self, layer: int) -> PageTable:
+        """The page table of ``layer``'s group (a window group's holds -1 for pages out of
+        the window: only the keys a query sees are live)."""
+        return self.tables[self._group(layer)] if self.tables else self.page_table
+
+    def _group(self, layer: int) -> int:
+        return self.cache.group_index(layer)
 
     @property
     def n_rows(self) -> int:
@@ -110,8 +124,16 @@ class Step:
             positions = torch.tensor(kv_lens) - 1
         else:
             positions = torch.cat([torch.arange(kv - n, kv) for kv, n in zip(kv_lens, q_lens)])
-        return cls(cache, list(cache_ids), list(q_lens), kv_lens, offsets, torch.cat(slots),
-                   positions, cache.page_table(list(cache_ids)))
+        ids = list(cache_ids)
+        step = cls(cache, ids, list(q_lens), kv_lens, offsets, torch.cat(slots), positions,
+                   cache.page_table(ids))
+        if len(cache.groups) > 1:  # the other groups' slots and tables
+            step.group_slots = [step.slots] + [
+                torch.cat([cache.slots(cid, kv - n, kv, g) for cid, n, kv in zip(ids, q_lens, kv_lens)])
+                for g in range(1, len(cache.groups))]
+            step.tables = [step.page_table] + [cache.page_table(ids, g)
+                                               for g in range(1, len(cache.groups))]
+        return step
 
     def rollback(self) -> None:
         """Undo ``reserve`` after a failed step so the cache holds only complete tokens."""

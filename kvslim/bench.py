@@ -183,6 +183,7 @@ class TypeRun:
                 "codec": codec_state(i) or None,
                 "backend": i["backend"], "bytes_per_token": i["bytes_per_token"],
                 "bytes_at_ctx": i["bytes"],
+                "window_bytes_per_sequence": i.get("window_bytes_per_sequence", 0),
                 "bits_per_element": 8 * i["bytes_per_token"] / elements_per_token,
                 **self.scores.summary(), "n_scored": self.scores.n,
                 "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
@@ -353,7 +354,9 @@ def bench(llm, text: str, types, *, ctx: int = DEFAULT_CTX, chunks: int | None =
 def _report(llm, model, runs: list[TypeRun], facts: dict) -> dict:
     """The JSON-ready result: the issue's shape, then how it was measured (``facts``)."""
     c = llm.config
-    elements = c.n_layers * c.n_kv_heads * (c.head_dim + c.v_head_dim)
+    # bytes_per_token counts the global layers (a window layer's cost is per sequence)
+    n_global = sum(1 for i in range(c.n_layers) if not c.layer_window(i))
+    elements = n_global * c.n_kv_heads * (c.head_dim + c.v_head_dim)
     info = llm.kv_cache_info()
     types = {r.name: r.report(elements) for r in runs}
     return {
@@ -538,7 +541,8 @@ def _plot_memory(ax, result: dict, colors: dict) -> None:
     seen: list[int] = []
     for name, r in result["types"].items():
         # whole pages per sequence, as the cache allocates them (planner.kv_bytes)
-        ys = [r["bytes_per_token"] * page * -(-c // page) / scale for c in ctxs]
+        ys = [(r["bytes_per_token"] * page * -(-c // page) + r.get("window_bytes_per_sequence", 0))
+              / scale for c in ctxs]  # windowed layers: their window's pages at any context
         style = ("-", "--", ":", "-.")[seen.count(r["bytes_per_token"]) % 4]  # equal sizes stay visible
         seen.append(r["bytes_per_token"])
         ax.plot(ctxs, ys, label=name, color=colors[name], linestyle=style)

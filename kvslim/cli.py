@@ -247,6 +247,7 @@ def cmd_show(args) -> int:
         print(f"    {name:<20}{value}")
     print()
     rows = []
+    windowed = any(c.swa_layers)
     for t in formats.TYPES:
         k, v, _ = planner.effective_types(c, t, t)
         plan = plan_attention(device, c.head_dim, t, t, flash, v_head_dim=c.v_head_dim, warn=False)
@@ -254,9 +255,16 @@ def cmd_show(args) -> int:
         path_note = plan.backend + ("" if not plan.fell_back else
                                     f", falls back to {plan.effective_k}/{plan.effective_v}")
         cd = decide(coding, plan.effective_k, plan.effective_v, c.cache_head_dim)
-        rows.append((t, f"{per_tok:,}", _size(per_tok * ctx), _size(per_tok * c.context_length),
+        at = [per_tok * n + planner.window_bytes(c, n, k, v) for n in (ctx, c.context_length)]
+        fixed = [f"{planner.window_bytes(c, c.context_length, k, v):,}"] if windowed else []
+        rows.append((t, f"{per_tok:,}", *fixed, _size(at[0]), _size(at[1]),
                      path_note, _coding(cd.describe())))
-    _table(["KV cache type", "bytes/token", f"at num_ctx {ctx}", f"at {c.context_length}",
+    if windowed:  # the windowed layers hold their window whatever the context
+        print(f"  {sum(c.swa_layers)} of {c.n_layers} layers attend over a sliding window of "
+              f"{c.sliding_window}: bytes/token counts the global layers, 'window bytes/seq' "
+              f"what the windowed ones hold per sequence\n")
+    _table(["KV cache type", "bytes/token", *(["window bytes/seq"] if windowed else []),
+            f"at num_ctx {ctx}", f"at {c.context_length}",
             f"attention on {device.type} (flash {flash})", "rotation / centering / rounding"], rows)
     return 0
 

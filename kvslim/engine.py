@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from kvslim.attention import Attention, AttentionPlan, plan_attention
-from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache, window_pages
 from kvslim.calibration import build_codec
 from kvslim.chat import PromptTooLong, fit_prompt, max_length
 from kvslim.codec import CodecSettings, decide
@@ -177,6 +177,8 @@ class Engine:
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, page_size: int = DEFAULT_PAGE_SIZE,
                  n_pages: int | None = None, prefix_cache=None, codec: CodecSettings | None = None):
         """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel.
+        Layers on a sliding window get their own pages: num_parallel x what one sequence
+        of num_ctx holds at once (``kvslim.cache.window_pages``).
 
         ``codec``: rotation / centering / rounding of the K/V rows (``kvslim.codec``;
         default all auto), fixed for this engine's pool.
@@ -200,7 +202,10 @@ class Engine:
             log.warning("%s", self.codec.note)
         self.cache: KVCache = model.new_cache(
             n_pages, page_size, self.plan.effective_k, self.plan.effective_v,
-            codec=build_codec(model, tokenizer, self.codec, num_ctx))
+            codec=build_codec(model, tokenizer, self.codec, num_ctx),
+            window_pages=num_parallel * max(
+                [window_pages(w, page_size, num_ctx, max_batch_tokens)
+                 for w in model.layer_windows() if w] + [1]))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -230,7 +235,7 @@ class Engine:
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
         eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
         seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog, constraint)
-        if self._pages_for(seq) > self.cache.n_pages:
+        if any(n > total for n, total in zip(self._pages_for(seq), self.cache.pages_per_group())):
             raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "
                              f"({self.cache.capacity} tokens)")
         with self._lock:
@@ -283,29 +288,31 @@ class Engine:
                 outputs.append(StepOutput(seq, [], "", True, "cancel"))
         return outputs
 
-    def _pages_for(self, seq: Sequence) -> int:
-        return -(-seq.max_len // self.cache.page_size)
+    def _pages_for(self, seq: Sequence, cache_id: int | None = None) -> list[int]:
+        """Pages per cache group that ``seq`` may still take (``KVCache.claim``)."""
+        return self.cache.claim(cache_id, seq.max_len, self.max_batch_tokens)
 
-    def _room(self) -> int:
-        """Free pages not promised to running sequences (each may grow to _pages_for)."""
-        ps = self.cache.page_size
-        held = sum(-(-self.cache.length(s.cache_id) // ps) for s in self.running)
-        return self.cache.free_pages - (sum(self._pages_for(s) for s in self.running) - held)
+    def _room(self) -> list[int]:
+        """Free pages per cache group not promised to running sequences."""
+        room = self.cache.free_per_group()
+        for s in self.running:
+            room = [r - c for r, c in zip(room, self._pages_for(s, s.cache_id))]
+        return room
 
-    def _make_room(self, need: int) -> bool:
-        """Whether ``need`` pages can be promised, evicting cached prefixes if that helps."""
-        short = need - self._room()
-        if short > 0 and self.prefix_cache is not None:
+    def _make_room(self, need: list[int]) -> bool:
+        """Whether ``need`` pages per group can be promised, evicting cached prefixes if
+        that helps."""
+        short = [n - r for n, r in zip(need, self._room())]
+        if max(short) > 0 and self.prefix_cache is not None:
             self.prefix_cache.evict(self.cache, short)
-        return need <= self._room()
+        return all(n <= r for n, r in zip(need, self._room()))
 
     def _admit(self) -> None:
         with self._lock:
             while self.waiting and len(self.running) < self.num_parallel:
                 seq = self.waiting[0]
                 cache_id, reused = self._attach(seq)
-                need = self._pages_for(seq) - reused // self.cache.page_size
-                if not self._make_room(need):
+                if not self._make_room(self._pages_for(seq, cache_id)):
                     self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
@@ -418,7 +425,7 @@ class Engine:
         ids = self._fit_prompt(list(token_ids), truncate=False)
         chunk = chunk or self.max_batch_tokens
         with self._step_lock:
-            need = -(-len(ids) // self.cache.page_size)
+            need = self.cache.claim(None, len(ids), chunk)
             if not self._make_room(need):
                 raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
                                  f"{len(self.running)} sequences run")
@@ -442,12 +449,29 @@ class Engine:
             "fallback": p.fell_back, "reason": p.reason,
             "backend": p.backend, "fused": p.fused, "flash_attn": p.flash_attn,
             "device": str(c.device), "bytes": c.nbytes,
-            "bytes_per_token": c.nbytes // c.capacity,
+            **self._window_info(),
             "capacity_tokens": c.capacity, "num_ctx": self.num_ctx,
             "num_parallel": self.num_parallel, "page_size": c.page_size,
             "pages_total": c.n_pages, "pages_in_use": c.pages_in_use,
             **self.codec.describe(),
         }
+
+
+    def _window_info(self) -> dict:
+        """Bytes per token of context (the global layers) and what the layers on a
+        sliding window hold per sequence whatever its length (0 without them)."""
+        c = self.cache
+        windows = c.window_groups()
+        per_token = c.groups[0].nbytes // c.capacity if len(windows) < len(c.groups) else 0
+        fixed = sum(g.nbytes // g.n_pages * c.claim(None, self.num_ctx, self.max_batch_tokens)[i]
+                    for i, g in enumerate(c.groups) if g.window)
+        out = {"bytes_per_token": per_token}
+        if windows:
+            out |= {"window": max(g.window for g in windows),
+                    "window_bytes_per_sequence": fixed,
+                    "window_pages_total": sum(g.n_pages for g in windows),
+                    "window_pages_in_use": sum(g.n_pages - len(g.free) for g in windows)}
+        return out
 
 
 class _NoText:

@@ -5,6 +5,10 @@ the tensors' stored sizes, and the K/V bytes are exact ggml block sizes (q8_0 is
 bytes per 32 values, not Ollama's 1 byte per value). The cache allocates whole pages
 of `page_size` tokens per sequence, so every figure is rounded to pages the way
 `kvslim.cache.KVCache` allocates them; `kv_bytes` equals the `nbytes` of such a cache.
+
+Layers on a sliding window (gemma) hold only their window (plus a prefill chunk of
+`chunk` tokens) per sequence: a fixed cost per sequence (`window_bytes`), beside the
+global layers' bytes per token of context (`kv_bytes_per_token`).
 """
 from __future__ import annotations
 
@@ -82,10 +86,36 @@ def _row_bytes(dim: int, type: str) -> int:
     return n // formats.QK
 
 
+def _layer_bytes_per_token(config: ModelConfig, type_k: str, type_v: str) -> int:
+    return config.n_kv_heads * (_row_bytes(config.head_dim, type_k)
+                                + _row_bytes(config.v_head_dim, type_v))
+
+
 def kv_bytes_per_token(config: ModelConfig, type_k: str, type_v: str) -> int:
-    """n_layers x n_kv_heads x (head_dim x bpe(k) + v_head_dim x bpe(v)), exact."""
-    per_head = _row_bytes(config.head_dim, type_k) + _row_bytes(config.v_head_dim, type_v)
-    return config.n_layers * config.n_kv_heads * per_head
+    """global layers x n_kv_heads x (head_dim x bpe(k) + v_head_dim x bpe(v)), exact: what
+    one more token of context costs (every layer when none is on a sliding window)."""
+    n_global = sum(1 for i in range(config.n_layers) if not config.layer_window(i))
+    return n_global * _layer_bytes_per_token(config, type_k, type_v)
+
+
+def default_chunk() -> int:
+    """Prompt rows one sequence feeds per step (``kvslim.engine.DEFAULT_BATCH_TOKENS``)."""
+    from kvslim.engine import DEFAULT_BATCH_TOKENS
+
+    return DEFAULT_BATCH_TOKENS
+
+
+def window_bytes(config: ModelConfig, ctx: int, type_k: str, type_v: str,
+                 page_size: int | None = None, chunk: int | None = None) -> int:
+    """Bytes the layers on a sliding window hold for one sequence of up to ``ctx`` tokens,
+    whole pages (``kvslim.cache.window_pages``): at most window + chunk tokens each,
+    whatever ``ctx``; 0 for a model without windows."""
+    from kvslim.cache import window_pages
+
+    page_size, chunk = page_size or default_page_size(), chunk or default_chunk()
+    per = _layer_bytes_per_token(config, type_k, type_v) * page_size
+    return sum(per * window_pages(w, page_size, ctx, chunk)
+               for w in (config.layer_window(i) for i in range(config.n_layers)) if w)
 
 
 def pages_for(ctx: int, page_size: int) -> int:
@@ -103,15 +133,17 @@ def kv_bytes(config: ModelConfig, ctx: int, parallel: int = 1, type_k: str = "f1
              page_size: int | None = None) -> int:
     """Bytes of a cache for `parallel` sequences of `ctx` tokens, whole pages each.
 
-    Equals KVCache(n_layers, n_kv_heads, head_dim, n_pages=parallel * ceil(ctx / page_size),
-    page_size=..., cache_type_k=type_k, cache_type_v=type_v).nbytes. Types are taken as
-    given: apply `effective_types` first to account for the f16 fallback.
+    Equals the `nbytes` of the pool an engine builds for them (`parallel` x
+    ceil(ctx / page_size) pages of the global layers, `parallel` x `window_bytes` for the
+    windowed ones). Types are taken as given: apply `effective_types` first to account
+    for the f16 fallback.
     """
     page_size = page_size or default_page_size()
     if ctx < 0 or parallel <= 0 or page_size <= 0:
         raise ValueError(f"need ctx >= 0, parallel > 0, page_size > 0; got {ctx}, {parallel}, {page_size}")
     tokens = parallel * pages_for(ctx, page_size) * page_size
-    return tokens * kv_bytes_per_token(config, type_k, type_v)
+    return (tokens * kv_bytes_per_token(config, type_k, type_v)
+            + parallel * window_bytes(config, ctx, type_k, type_v, page_size))
 
 
 def max_ctx(config: ModelConfig, budget: int, parallel: int, type_k: str, type_v: str,
@@ -119,13 +151,44 @@ def max_ctx(config: ModelConfig, budget: int, parallel: int, type_k: str, type_v
     """(largest whole-page context per sequence whose cache fits in `budget` bytes, capped?).
 
     Capped at the model's context_length; the bool says the cap, not memory, decided.
+    Windowed layers cost their pages up to the window's, then nothing more per token.
     """
     page_size = page_size or default_page_size()
     page_bytes = page_size * kv_bytes_per_token(config, type_k, type_v)
-    ctx = max(budget, 0) // (parallel * page_bytes) * page_size
-    if ctx > config.context_length:
-        return config.context_length, True
+    top = config.context_length
+    fits = lambda n: kv_bytes(config, n * page_size, parallel, type_k, type_v, page_size) <= budget  # noqa: E731
+    # the windowed layers' pages stop growing at the window's: past it, each page of
+    # context costs page_bytes per sequence
+    full = window_full_pages(config, page_size)
+    if fits(full) and page_bytes:
+        n = full + (max(budget, 0) - kv_bytes(config, full * page_size, parallel, type_k, type_v,
+                                               page_size)) // (parallel * page_bytes)
+    elif fits(full):
+        n = pages_for(top, page_size)  # every layer on a window: memory never decides
+    else:
+        n = _largest(fits, full)
+    ctx = n * page_size
+    if ctx > top:
+        return top, True
     return ctx, False
+
+
+def window_full_pages(config: ModelConfig, page_size: int) -> int:
+    """Pages of context past which a sequence's windowed layers hold no more (0 without)."""
+    from kvslim.cache import window_pages as pages
+
+    chunk = default_chunk()
+    return max([pages(config.layer_window(i), page_size, 1 << 40, chunk)
+                for i in range(config.n_layers) if config.layer_window(i)] + [0])
+
+
+def _largest(fits, hi: int) -> int:
+    """The largest n in [0, hi) with fits(n) (fits is monotone, fits(0) assumed)."""
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 # ---------------------------------------------------------------------------
@@ -202,6 +265,7 @@ def _plan_type(config: ModelConfig, held: int, k: str, v: str, budget: int, para
         "effective_v": ev,
         "fallback": reason,
         "kv_bytes_per_token": kv_bytes_per_token(config, ek, ev),
+        "window_bytes_per_sequence": window_bytes(config, ctx, ek, ev, page_size),
         "max_ctx": fit_ctx,
         "max_ctx_capped": capped,  # True: the model's context length, not memory, is the limit
         "bytes_at_ctx": at_ctx,  # K/V cache only
@@ -271,6 +335,11 @@ def _print_plan(p: dict) -> None:
                   f"{r['kv_bytes_per_token']:,}", fit, _gib(r["bytes_at_ctx"]), total)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(t)
+    fixed = [f"{name} {_gib(r['window_bytes_per_sequence'])}" for name, r in p["types"].items()
+             if r["window_bytes_per_sequence"]]
+    if fixed:
+        console.print("KV bytes/token counts the global layers; the layers on a sliding window "
+                      "hold a fixed amount per sequence, whatever its length: " + ", ".join(fixed))
     for name, r in p["types"].items():
         if r["fallback"]:
             console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")

@@ -8,6 +8,10 @@ chains the keys of the pages before it, as in nano-vllm's block manager, so a ke
 a whole prefix. Entries are dropped least recently used first, when admission needs
 pages (``evict``) or beyond ``max_entries``.
 
+Layers on a sliding window hold only the tail of an entry (``KVCache``): a prefix of
+an entry is reused only where those layers still hold the keys its next token sees
+(``KVCache.can_trim``), which for a chat's next turn is the whole previous turn.
+
 It sits beside the pool's allocator (above ``cache``, below ``engine``) and plugs into
 ``kvslim.engine.Engine(prefix_cache=...)``, which ``LLM`` and the server both build; the
 engine calls every method under its step lock, so nothing here locks.
@@ -51,11 +55,14 @@ class PrefixCache:
             keys.append(key)
         return keys
 
-    def _find(self, tokens: list[int], keys: list[int]) -> tuple[_Entry | None, int]:
-        """The entry sharing the most leading pages with ``tokens``, and how many."""
+    def _find(self, tokens: list[int], keys: list[int],
+              cache: KVCache | None = None) -> tuple[_Entry | None, int]:
+        """The entry sharing the most leading pages with ``tokens``, and how many (with a
+        ``cache``: only as many as the entry can be trimmed to)."""
         for n in range(len(keys), 0, -1):
             for e in self._by_key.get(keys[n - 1], ()):
-                if e.tokens[:n * self.page_size] == tokens[:n * self.page_size]:
+                if e.tokens[:n * self.page_size] == tokens[:n * self.page_size] and (
+                        cache is None or cache.can_trim(e.cache_seq, n * self.page_size)):
                     return e, n
         return None, 0
 
@@ -64,7 +71,7 @@ class PrefixCache:
     def attach(self, cache: KVCache, tokens: list[int]) -> tuple[int, int]:
         """(new cache sequence, tokens reused): a fork of the longest cached prefix of
         ``tokens`` in whole pages, or an empty sequence."""
-        entry, n = self._find(tokens, self.page_keys(tokens))
+        entry, n = self._find(tokens, self.page_keys(tokens), cache)
         if entry is None:
             return cache.new_sequence(), 0
         self._lru.move_to_end(entry.cache_seq)
@@ -75,17 +82,18 @@ class PrefixCache:
     def retain(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
         """Keep the whole pages of ``tokens`` (what ``cache_seq`` holds) before it is freed."""
         keys = self.page_keys(tokens)
-        if not keys:
-            return
+        if not keys or not cache.can_trim(cache_seq, len(keys) * self.page_size):
+            return  # nothing whole, or its window layers no longer hold what reuse needs
         tokens = tokens[:len(keys) * self.page_size]
-        covering, n = self._find(tokens, keys)
-        if n == len(keys):  # an entry already holds all of it
+        covering, n = self._find(tokens, keys, cache)
+        if n == len(keys):  # an entry already serves all of it
             self._lru.move_to_end(covering.cache_seq)
             return
-        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens, keys)]:
-            self._drop(cache, e)  # the new entry answers every lookup it would
         entry = _Entry(cache.fork(cache_seq), tokens, keys)
         cache.trim(entry.cache_seq, len(tokens))
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens, keys)
+                  and cache.can_trim(entry.cache_seq, len(e.tokens))]:
+            self._drop(cache, e)  # the new entry answers every lookup it would
         self._lru[entry.cache_seq] = entry
         for key in keys:
             self._by_key.setdefault(key, []).append(entry)
@@ -97,14 +105,19 @@ class PrefixCache:
         n = len(e.keys)
         return n < len(keys) and keys[n - 1] == e.keys[-1] and e.tokens == tokens[:len(e.tokens)]
 
-    def evict(self, cache: KVCache, pages: int) -> int:
-        """Drop least recently used entries until ``pages`` pages are free again (or none
-        is left); return the pages freed. Pages still shared by a running sequence stay."""
-        before = cache.free_pages
-        while self._lru and cache.free_pages - before < pages:
+    def evict(self, cache: KVCache, pages: int | list[int]) -> int:
+        """Drop least recently used entries until ``pages`` more pages are free (a list:
+        per cache group, ``KVCache.groups``), or none is left; return the pages freed in
+        the first group. Pages still shared by a running sequence stay."""
+        want = [pages] if isinstance(pages, int) else list(pages)
+        before = cache.free_per_group()
+
+        def short() -> bool:
+            return any(w > f - b for w, f, b in zip(want, cache.free_per_group(), before))
+        while self._lru and short():
             self._drop(cache, next(iter(self._lru.values())))
             self.evictions += 1
-        return cache.free_pages - before
+        return cache.free_pages - before[0]
 
     def clear(self, cache: KVCache) -> None:
         while self._lru:

@@ -189,6 +189,30 @@ def test_backend_entry_point_reuses_step_metadata(tk):
     assert work and all(meta.scratch[k] is v for k, v in work.items())
 
 
+@interpreted
+def test_a_window_layer_writes_and_reads_its_own_pages(tk):
+    """Layer 1 is on a window, in its own pool: the backend writes and reads it through
+    its group's slots and page table (sequences within the window, as ``Attention``
+    sends them here)."""
+    cache = KVCache(2, 2, 64, 16, page_size=4, cache_type_k="q8_0", cache_type_v="q4_0",
+                    device=DEV, windows=[0, 8], window_pages=8)
+    z = cache.new_sequence()
+    cache.reserve(z, 12)
+    cache.reserve(z, 1)  # its first window page goes back: the two pools now differ
+    meta = Step.reserve(cache, [cache.new_sequence(), cache.new_sequence()], [5, 3])
+    assert not torch.equal(meta.layer_slots(1), meta.slots)
+    tk.Backend().prepare(meta)
+    n = meta.n_rows
+    for layer in range(2):
+        tk.write(cache, layer, meta, torch.randn(n, 2, 64, device=DEV),
+                 torch.randn(n, 2, 64, device=DEV))
+    q = torch.randn(n, 4, 64, device=DEV)
+    for layer, window in ((0, 0), (1, 8)):
+        ref = reference.attention(q, cache, layer, meta, 0.125, window=window)
+        assert (tk.attention(q, cache, layer, meta, 0.125).float() - ref).abs().max() < 2e-5
+    cache.check()
+
+
 # ---------------------------------------------------------------- quantize on write
 
 def rows_with_edge_cases(kind: str, n: int, heads: int, d: int) -> torch.Tensor:

@@ -77,6 +77,16 @@ def arrays(t: Tiny, seed: int = 0) -> dict[str, np.ndarray]:
 def write(path: Path, t: Tiny = Tiny(), seed: int = 0, chat_template: str | None = None) -> dict:
     """Write the model to ``path``; return its arrays."""
     w = gguf.GGUFWriter(str(path), t.arch)
+    common_keys(w, t)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    a = arrays(t, seed)
+    finish(w, a)
+    return a
+
+
+def common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
+    """The hyperparameters and the vocabulary every tiny model writes."""
     arch = t.arch
     for key, value in {"block_count": t.n_layers, "context_length": t.ctx,
                        "embedding_length": t.d_model, "feed_forward_length": t.ffn_dim,
@@ -95,16 +105,16 @@ def write(path: Path, t: Tiny = Tiny(), seed: int = 0, chat_template: str | None
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    if chat_template:
-        w.add_chat_template(chat_template)
-    a = arrays(t, seed)
+
+
+def finish(w: gguf.GGUFWriter, a: dict[str, np.ndarray]) -> None:
+    """Add the tensors and write the file."""
     for name, arr in a.items():
         w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return a
 
 
 def load(path: Path):

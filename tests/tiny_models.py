@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 import tiny_llama
-from tiny_llama import Tiny
+from tiny_llama import Tiny, finish as _finish, common_keys as _common_keys
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,19 @@ def gemma3_arrays(t: TinyGemma3, seed: int) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in a.items()}
 
 
-def write_gemma3(path: Path, t: TinyGemma3 = TinyGemma3(), seed: int = 0) -> dict:
-    """A tiny gemma3 GGUF at ``path``; returns its arrays."""
+def _gemma_writer(path: Path, t: TinyGemma3) -> gguf.GGUFWriter:
+    """A writer holding the keys every tiny gemma writes: head sizes and the window."""
     w = gguf.GGUFWriter(str(path), t.arch)
     _common_keys(w, t)
     w.add_uint32(f"{t.arch}.attention.key_length", t.head_dim)
     w.add_uint32(f"{t.arch}.attention.value_length", t.head_dim)
     w.add_uint32(f"{t.arch}.attention.sliding_window", t.window)
+    return w
+
+
+def write_gemma3(path: Path, t: TinyGemma3 = TinyGemma3(), seed: int = 0) -> dict:
+    """A tiny gemma3 GGUF at ``path``; returns its arrays."""
+    w = _gemma_writer(path, t)
     a = gemma3_arrays(t, seed)
     _finish(w, a)
     return a
@@ -70,11 +76,7 @@ class TinyGemma2(TinyGemma3):
 
 def write_gemma2(path: Path, t: TinyGemma2 = TinyGemma2(), seed: int = 0) -> dict:
     """A tiny gemma2 GGUF (no q/k norms, soft-capped) at ``path``; returns its arrays."""
-    w = gguf.GGUFWriter(str(path), t.arch)
-    _common_keys(w, t)
-    w.add_uint32(f"{t.arch}.attention.key_length", t.head_dim)
-    w.add_uint32(f"{t.arch}.attention.value_length", t.head_dim)
-    w.add_uint32(f"{t.arch}.attention.sliding_window", t.window)
+    w = _gemma_writer(path, t)
     w.add_float32(f"{t.arch}.attn_logit_softcapping", t.attn_softcap)
     w.add_float32(f"{t.arch}.final_logit_softcapping", t.final_softcap)
     a = {k: v for k, v in gemma3_arrays(t, seed).items() if "_q_norm" not in k and "_k_norm" not in k}
@@ -162,36 +164,6 @@ def write_phi3(path: Path, t: Tiny, rope_dim: int, seed: int = 0, longrope: bool
         a["rope_factors_long.weight"] = np.ones(rope_dim // 2, np.float32)
     _finish(w, a)
     return a
-
-
-def _common_keys(w: gguf.GGUFWriter, t: Tiny) -> None:
-    arch = t.arch
-    for key, value in {"block_count": t.n_layers, "context_length": t.ctx,
-                       "embedding_length": t.d_model, "feed_forward_length": t.ffn_dim,
-                       "attention.head_count": t.n_heads,
-                       "attention.head_count_kv": t.n_kv_heads}.items():
-        w.add_uint32(f"{arch}.{key}", value)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", t.eps)
-    w.add_float32(f"{arch}.rope.freq_base", t.rope_base)
-    w.add_name("tiny")
-    tokens, scores, types = tiny_llama.vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-
-
-def _finish(w: gguf.GGUFWriter, a: dict[str, np.ndarray]) -> None:
-    for name, arr in a.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def transformers_logits(path: Path, ids: list[int], **config) -> np.ndarray:

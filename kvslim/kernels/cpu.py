@@ -698,7 +698,7 @@ class Job(NamedTuple):
 class _Scratch:
     """``Backend.prepare``'s per-step state: which sequences run where, the work list."""
 
-    def __init__(self, step: "Step", window: int = 0):
+    def __init__(self, step: "Step", window: int = 0, table=None):
         cache, q_lens = step.cache, step.q_lens
         # On a sliding-window layer a decode row reads only its last `window` keys (the
         # work list starts there); several rows past the window see different key
@@ -712,15 +712,20 @@ class _Scratch:
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
                                            threads.threads(), starts)
         self._step, self._job = step, None
-        self._windows: dict[int, _Scratch] = {}
+        self._table = step.page_table if table is None else table
+        self._layers: dict[tuple[int, int], _Scratch] = {}
 
-    def for_window(self, window: int) -> "_Scratch":
-        """The scratch of a layer on a ``window`` (0: this one), made once per step."""
-        if not window:
+    def for_layer(self, layer: int, window: int) -> "_Scratch":
+        """The scratch of ``layer`` attending over a ``window`` (0: every key), made once
+        per step for each cache group and window: a window group's page table names only
+        the pages inside the window, which are all a windowed layer's work reads."""
+        group = self._step.cache.group_index(layer)
+        if not (window or group):
             return self
-        if window not in self._windows:
-            self._windows[window] = _Scratch(self._step, window)
-        return self._windows[window]
+        key = (group, window)
+        if key not in self._layers:
+            self._layers[key] = _Scratch(self._step, window, self._step.layer_table(layer))
+        return self._layers[key]
 
     def job(self, group: int, dv: int) -> Job:
         """The kernels' record, with partial buffers for ``group`` query heads per kv head
@@ -728,7 +733,7 @@ class _Scratch:
         if self._job is None:
             st = self._step
             rows = max([st.q_lens[b] * group for b in self.fused] + [1])
-            self._job = Job(st.page_table.pages.to(torch.int64).numpy(), self.kv_lens,
+            self._job = Job(self._table.pages.to(torch.int64).numpy(), self.kv_lens,
                             np.asarray(st.q_lens, np.int64), np.asarray(st.q_offsets, np.int64),
                             self.work, self.groups,
                             np.empty((len(self.work), rows, dv), np.float32),
@@ -785,20 +790,20 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
-    st: _Scratch = step.scratch.for_window(window)
+    st: _Scratch = step.scratch.for_layer(layer, window)
     q = q.detach().to(torch.float32).contiguous()
     bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")
     out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
     if len(st.work):
-        kplanes, vplanes = ggml.plane_views(cache)
+        kplanes, vplanes = ggml.plane_views(cache, layer)
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
         _run(q.numpy(), scale, kplanes, vplanes, geom,
              st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy())
     for b in st.tiled + st.banded:
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
-        pages, kv_len = step.page_table.pages[b], step.kv_lens[b]
+        pages, kv_len = step.layer_table(layer).pages[b], step.kv_lens[b]
         out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window) \
             if b in st.banded else tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
@@ -814,7 +819,7 @@ class Backend:
 
     def write(self, cache: "KVCache", layer: int, step: "Step", k: torch.Tensor,
               v: torch.Tensor) -> None:
-        cpu_write.write(cache, layer, step.slots, k, v)
+        cpu_write.write(cache, layer, step.layer_slots(layer), k, v)
 
     def attend(self, q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
                scale: float, window: int = 0) -> torch.Tensor:

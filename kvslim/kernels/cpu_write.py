@@ -307,10 +307,11 @@ def write(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
     coordinates) into ``slots`` of a CPU cache, as its codec says. Raises with the cache
     unchanged on a non-finite value or a slot outside the pool."""
     cache.check_rows(slots, k, v)
-    kplanes, vplanes = ggml.plane_views(cache)
+    layer = range(cache.n_layers)[layer]
+    kplanes, vplanes = ggml.plane_views(cache, layer)
     geom = ggml.geom(cache, layer)
     rc = write_arrays(_rows(k), _rows(v), slots.detach().to(torch.int64).contiguous().numpy(),
-                      kplanes, vplanes, geom, sides(cache, geom.layer))
+                      kplanes, vplanes, geom, sides(cache, layer))
     ggml.raise_for(rc, cache)
 
 

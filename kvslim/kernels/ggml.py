@@ -303,19 +303,22 @@ def _side(fmt: formats.Format, planes: dict[str, torch.Tensor]) -> Planes:
                   got.get("qh", _DUMMY[np.uint32]), got.get("qs", _DUMMY[np.int8]), x32, x16)
 
 
-def plane_views(cache: "KVCache") -> tuple[Planes, Planes]:
-    """Numpy views of a CPU cache's K and V planes, made once per cache (all layers)."""
-    key = tuple(t.data_ptr() for t in (*cache.k_planes.values(), *cache.v_planes.values()))
-    got = _VIEWS.get(cache)
+def plane_views(cache: "KVCache", layer: int = 0) -> tuple[Planes, Planes]:
+    """Numpy views of the K and V planes of a CPU cache's group holding ``layer`` (all
+    the group's layers: ``geom`` places one in them), made once per group."""
+    group, _ = cache.group_of(layer)
+    key = tuple(t.data_ptr() for t in (*group.k_planes.values(), *group.v_planes.values()))
+    per = _VIEWS.setdefault(cache, {})
+    got = per.get(id(group))
     if got is None or got[0] != key:
-        got = _VIEWS[cache] = (key, _side(cache.fmt_k, cache.k_planes),
-                               _side(cache.fmt_v, cache.v_planes))
+        got = per[id(group)] = (key, _side(cache.fmt_k, group.k_planes),
+                                _side(cache.fmt_v, group.v_planes))
     return got[1], got[2]
 
 
 def geom(cache: "KVCache", layer: int, tile: int = 0) -> Geom:
-    layer = range(cache.n_layers)[layer]  # IndexError out of range, as tensor indexing
-    return Geom(layer, cache.n_pages, cache.n_kv_heads, cache.page_size,
+    group, local = cache.group_of(layer)  # IndexError out of range, as tensor indexing
+    return Geom(local, group.n_pages, cache.n_kv_heads, cache.page_size,
                 cache.head_dim // formats.QK, cache.v_head_dim // formats.QK, formats.QK, tile)
 
 

@@ -153,7 +153,9 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
                       device=q.device)
     for b in range(len(step.cache_ids)):
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
-        pages, kv_len = step.page_table.pages[b], step.kv_lens[b]
+        pages, kv_len = step.layer_table(layer).pages[b], step.kv_lens[b]
+        # a window layer's pages before its window are released (-1): the banded path reads
+        # only each block's window, and a sequence within its window has released none
         if (window and kv_len > window) or softcap:
             out[lo:hi] = attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window,
                                        softcap)

@@ -318,9 +318,10 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
                     type_v: str, step, scale: float, *, block_m: int | None = None,
                     block_n: int | None = None, min_chunk: int = 256,
                     splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 2) -> torch.Tensor:
+                    num_stages: int = 2, pages: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D] packed as ``step`` says (prepared by ``Backend.prepare``); planes {name: [P, Hkv, S, nb, per]}
-    -> [N, Hq, Dv] in q's dtype (fp32 for other float dtypes).
+    -> [N, Hq, Dv] in q's dtype (fp32 for other float dtypes). ``pages``: the planes'
+    page table [B, max_pages] (default ``step.page_table.pages``, the first group's).
 
     Block sizes, the shortest key chunk per split and the number of splits have
     defaults (not yet tuned on hardware); tests set them to reach every path on tiny
@@ -350,7 +351,7 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
         lse = q.new_empty(n_rows, hq, n_splits, dtype=torch.float32)
     else:
         part = lse = out  # never touched
-    pages = step.page_table.pages
+    pages = step.page_table.pages if pages is None else pages
     lut, _ = _lut(q.device)
     kw = 16 if formats.get_format(fk).code >= _SPLIT else 32
     vw = 16 if formats.get_format(fv).code >= _SPLIT else 32
@@ -372,29 +373,32 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
 
 
 def attention(q: torch.Tensor, cache, layer: int, step, scale: float) -> torch.Tensor:
-    """The backend's read: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype."""
+    """The backend's read: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype. Every key of
+    the layer's group is read: ``Attention`` sends a window layer here only while its
+    sequences are within the window (all their pages live)."""
     k_planes, v_planes = cache.layer_planes(layer)
     return paged_attention(q, k_planes, v_planes, cache.cache_type_k, cache.cache_type_v,
-                           step, scale)
+                           step, scale, pages=step.layer_table(layer).pages)
 
 
 def write(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
     """The backend's write: k, v coded by the cache's codec, then quantized on the device
     (both sides checked before either is written); lsq rounding is the torch
     reference's (``cache.write``), there being no Triton version of its search."""
-    cache.check_rows(step.slots, k, v)
+    slots = step.layer_slots(layer)
+    cache.check_rows(slots, k, v)
     codec = cache.codec
     if codec is not None:
         k, v = codec.transform_kv(layer, k, v)
         if any(r == "lsq" and rounding.supports_lsq(t) for r, t in (
                 (codec.rounding_k, cache.cache_type_k), (codec.rounding_v, cache.cache_type_v))):
-            cache.write(layer, step.slots, k, v)
+            cache.write(layer, slots, k, v)
             return
     if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
         raise ValueError("K/V rows hold non-finite values (NaN or inf); "
                          "the K/V cache refuses them")
     kp, vp = cache.layer_planes(layer)
-    slots = step.slots.to(cache.device)
+    slots = slots.to(cache.device)
     quantize_into(kp, slots, k, cache.cache_type_k, check_finite=False)
     quantize_into(vp, slots, v, cache.cache_type_v, check_finite=False)
 

@@ -30,16 +30,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import gguf
 import torch
 import torch.nn.functional as F
 
 from kvslim.attention import Step
-from kvslim.cache import KVCache
-from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
-from kvslim.models.common import Rope, rope_inv_freq
-from kvslim.models.llama import apply_rope
-from kvslim.weights import Embedding, Linear, QLinear, held_bytes, linear, resolve_mode
+from kvslim.gguf_loader import GGUFError, ModelConfig
+from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
+from kvslim.weights import Linear, QLinear
 
 __all__ = ["Gemma3"]
 
@@ -61,7 +58,7 @@ class Layer:
     window: int  # keys per query on a sliding window, 0 for a global layer
 
 
-class Gemma3:
+class Gemma3(Decoder):
     """Weights and forward of one Gemma 3 (or Gemma 2) model on one device and dtype."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
@@ -69,16 +66,8 @@ class Gemma3:
         if config.rope_scaling_type not in _ROPE_SCALINGS:
             raise GGUFError(f"rope scaling '{config.rope_scaling_type}' is not supported "
                             f"for {config.arch} (supported: linear)")
-        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self._setup(config, weights, device, dtype)
         c = config
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.cache_head_dim = c.cache_head_dim
-        self.scale = c.query_scale
-        self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
-        embed = weights.pop("token_embd.weight")
-        self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
-        self.output = self._linear([weights.pop("output.weight", self.embed.table)])
-        self.output_norm = self._w(weights.pop("output_norm.weight"))
         # Hugging Face multiplies by sqrt(d) rounded to the compute dtype
         self.embed_scale = torch.tensor(math.sqrt(c.d_model), dtype=dtype).item()
         self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
@@ -87,23 +76,6 @@ class Gemma3:
         self.rope_local = Rope(rope_inv_freq(c.rope_base_local, c.rope_dim), self.device, dtype)
 
     # ---------------------------------------------------------------- loading
-
-    @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, config: ModelConfig, device="cpu",
-                  dtype: torch.dtype = torch.float32, progress: bool = True,
-                  weights: str = "quantized") -> "Gemma3":
-        """``weights``: "quantized" keeps the GGUF blocks (``kvslim.weights``), "dequantize"
-        expands them to ``dtype`` at load."""
-        weights = load_weights(reader, config, dtype=dtype, device=device, progress=progress,
-                               neox_qk=True,
-                               quantized=resolve_mode(weights, device, dtype) == "quantized")
-        return cls(config, weights, device, dtype)
-
-    def _w(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.device, dtype=self.dtype).contiguous()
-
-    def _linear(self, parts: list) -> Linear | QLinear:
-        return linear(parts, None, device=self.device, dtype=self.dtype, splits=self.splits)
 
     def _layer(self, w: dict, i: int) -> Layer:
         p = f"blk.{i}."
@@ -126,37 +98,6 @@ class Gemma3:
 
     def _rope(self, layer: int) -> Rope:
         return self.rope_local if self.layers[layer].window else self.rope_global
-
-    def unrope(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Undo RoPE: x [N, h, D] of ``layer`` (default: a global layer) at positions pos [N]."""
-        rope = self.rope_global if layer is None else self._rope(layer)
-        return rope.unrope(x, pos.to(self.device))
-
-    def rope_mean(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Mean over positions 0..n-1 of RoPE on fixed vectors x [L, h, D] (one row per
-        layer, each with its layer's base)."""
-        return torch.stack([self._rope(i).mean(x[i], n) for i in range(x.shape[0])])
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the weights as held in memory: GGUF blocks as stored, or the dequantized
-        tensors (a tied head counted once)."""
-        ts = self.embed.tensors + self.output.tensors + [self.output_norm]
-        for L in self.layers:
-            ts += [L.attn_norm, L.post_attn_norm, L.ffn_norm, L.post_ffn_norm]
-            ts += [L.q_norm, L.k_norm] if L.q_norm is not None else []
-            ts += [t for lin in (L.wqkv, L.wo, L.w13, L.w2) for t in lin.tensors]
-        return held_bytes(ts)
-
-    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
-                  codec=None) -> KVCache:
-        return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
-                       page_size=page_size, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, device=self.device, codec=codec)
 
     # ---------------------------------------------------------------- forward
 
@@ -196,11 +137,6 @@ class Gemma3:
         if layer.q_norm is not None:
             q = F.rms_norm(q, (dim,), layer.q_norm, eps)
             k = F.rms_norm(k, (dim,), layer.k_norm, eps)
-        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), qkv[:, hq + hkv:]
-        if self.cache_head_dim != dim:
-            pad = (0, self.cache_head_dim - dim)
-            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = step.attn(q, k, v, i, step, self.scale, window=layer.window,
-                      softcap=self.config.attn_softcap)  # [N, H, Dc]: write, attend
-        o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
-        return layer.wo(o)  # [N, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self._attend(q, k, qkv[:, hq + hkv:], i, step, layer.wo, window=layer.window,
+                            softcap=self.config.attn_softcap)

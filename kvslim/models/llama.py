@@ -15,18 +15,15 @@ one fused gate+up matmul. Logits are computed only for the rows asked for.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import gguf
 import torch
 import torch.nn.functional as F
 
 from kvslim.attention import Step
-from kvslim.cache import KVCache
-from kvslim.gguf_loader import GGUFError, ModelConfig, load_weights
-from kvslim.weights import Embedding, QLinear, held_bytes, linear, resolve_mode
-from kvslim.weights import Linear  # noqa: F401  (re-exported: the dense path's matmul)
+from kvslim.gguf_loader import GGUFError, ModelConfig
+from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
+from kvslim.weights import Linear, QLinear
 
 __all__ = ["Llama", "apply_rope"]
 
@@ -43,19 +40,7 @@ class Layer:
     w2: Linear | QLinear  # [d, F]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NEOX rotation of the first R dims of each head. x [N, h, D], cos/sin [N, 1, R].
-
-    cos = [cos θ, cos θ], sin = [-sin θ, sin θ] per row, so rotate_half is one roll.
-    """
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return torch.addcmul(x * cos, torch.roll(x, r // 2, dims=-1), sin)
-    rot, rest = x[..., :r], x[..., r:]  # partial rotary: the tail passes through
-    return torch.cat([torch.addcmul(rot * cos, torch.roll(rot, r // 2, dims=-1), sin), rest], -1)
-
-
-class Llama:
+class Llama(Decoder):
     """Weights and forward of one llama-family model on one device and dtype."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
@@ -66,42 +51,12 @@ class Llama:
         if config.rope_scaling_type not in _ROPE_SCALINGS and not llama3:
             raise GGUFError(f"rope scaling '{config.rope_scaling_type}' is not supported "
                             f"(supported: linear, llama3 with rope_freqs.weight)")
-        self.config, self.device, self.dtype = config, torch.device(device), dtype
-        c = config
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        # Block formats need a multiple of 32 along head_dim: such heads are zero-padded
-        # in the cache (zeros add nothing to q.k or to the output).
-        self.cache_head_dim = c.cache_head_dim
-        self.scale = 1.0 / math.sqrt(c.head_dim)
-        # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
-        self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
-        embed = weights.pop("token_embd.weight")
-        self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
-        self.output = self._linear([weights.pop("output.weight", self.embed.table)])
-        self.output_norm = self._w(weights.pop("output_norm.weight"))
-        self.layers = [self._layer(weights, i) for i in range(c.n_layers)]
-        freq_factors = weights.pop("rope_freqs.weight", None)
-        self._inv_freq = self._rope_inv_freq(freq_factors)
-        self._cos = self._sin = torch.empty(0, 1, c.rope_dim, device=self.device, dtype=dtype)
+        self._setup(config, weights, device, dtype)
+        self.layers = [self._layer(weights, i) for i in range(config.n_layers)]
+        self.rope = Rope(self._rope_inv_freq(weights.pop("rope_freqs.weight", None)),
+                         self.device, dtype)
 
     # ---------------------------------------------------------------- loading
-
-    @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, config: ModelConfig, device="cpu",
-                  dtype: torch.dtype = torch.float32, progress: bool = True,
-                  weights: str = "quantized") -> "Llama":
-        """``weights``: "quantized" keeps the GGUF blocks (kvslim.weights; CPU float32 only,
-        elsewhere it means "dequantize"), "dequantize" expands them to ``dtype`` at load."""
-        weights = load_weights(reader, config, dtype=dtype, device=device, progress=progress,
-                               neox_qk=True,
-                               quantized=resolve_mode(weights, device, dtype) == "quantized")
-        return cls(config, weights, device, dtype)
-
-    def _w(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.device, dtype=self.dtype).contiguous()
-
-    def _linear(self, parts: list, bias: list | None = None) -> Linear | QLinear:
-        return linear(parts, bias, device=self.device, dtype=self.dtype, splits=self.splits)
 
     def _layer(self, w: dict, i: int) -> Layer:
         p = f"blk.{i}."
@@ -118,56 +73,14 @@ class Llama:
 
     def _rope_inv_freq(self, freq_factors: torch.Tensor | None) -> torch.Tensor:
         c = self.config
-        inv = 1.0 / c.rope_base ** (torch.arange(0, c.rope_dim, 2, dtype=torch.float64) / c.rope_dim)
+        factor = c.rope_scaling_factor if c.rope_scaling_type == "linear" else None
+        inv = rope_inv_freq(c.rope_base, c.rope_dim)
         if freq_factors is not None:  # llama-3.1 style: per-frequency divisors
             inv = inv / freq_factors.to("cpu", torch.float64)
-        if c.rope_scaling_type == "linear" and c.rope_scaling_factor:
-            inv = inv / c.rope_scaling_factor  # positions / factor
-        return inv  # [R/2] float64 on CPU
+        return inv / factor if factor else inv  # [R/2] float64; linear: positions / factor
 
-    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n', 1, R] for positions < n' (n' >= n, grown by doubling)."""
-        if self._cos.shape[0] < n:
-            size = max(n, 2 * self._cos.shape[0], 256)
-            ang = torch.arange(size, dtype=torch.float64)[:, None] * self._inv_freq  # [n', R/2]
-            cos, sin = ang.cos(), ang.sin()
-            self._cos = torch.cat([cos, cos], -1)[:, None].to(self.device, self.dtype)
-            self._sin = torch.cat([-sin, sin], -1)[:, None].to(self.device, self.dtype)
-        return self._cos, self._sin
-
-    def unrope(self, x: torch.Tensor, pos: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Undo RoPE: x [N, h, D] at positions pos [N] -> the vectors before rotation
-        (every layer has the same RoPE here; ``layer`` matters to models where not)."""
-        cos, sin = self._rope_tables(int(pos.max()) + 1)
-        return apply_rope(x, cos[pos], -sin[pos])  # rotating by -theta
-
-    def rope_mean(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Mean over positions 0..n-1 of RoPE applied to fixed vectors x [..., h, D].
-
-        RoPE is linear in (cos, sin), so this is RoPE with the averaged tables.
-        """
-        cos, sin = self._rope_tables(n)
-        return apply_rope(x.to(self.dtype), cos[:n].mean(0), sin[:n].mean(0))
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the weights as held in memory: GGUF blocks as stored, or the dequantized
-        tensors (a tied head counted once)."""
-        ts = self.embed.tensors + self.output.tensors + [self.output_norm]
-        for L in self.layers:
-            ts += [L.attn_norm, L.ffn_norm] + [t for lin in (L.wqkv, L.wo, L.w13, L.w2)
-                                                for t in lin.tensors]
-        return held_bytes(ts)
-
-    def new_cache(self, n_pages: int, page_size: int, cache_type_k: str, cache_type_v: str,
-                  codec=None) -> KVCache:
-        return KVCache(self.n_layers, self.n_kv_heads, self.cache_head_dim, n_pages,
-                       page_size=page_size, cache_type_k=cache_type_k,
-                       cache_type_v=cache_type_v, device=self.device, codec=codec)
+    def _rope(self, layer: int) -> Rope:
+        return self.rope  # every layer has the same RoPE
 
     # ---------------------------------------------------------------- forward
 
@@ -181,9 +94,7 @@ class Llama:
         (``Attention.begin``); on an error the caller rolls the step back.
         """
         eps = self.config.rms_eps
-        cos, sin = self._rope_tables(max(step.kv_lens))
-        pos = step.positions.to(self.device)
-        cos, sin = cos[pos], sin[pos]  # [N, 1, R], shared by every layer
+        cos, sin = self.rope.at(step.positions.to(self.device))  # [N, 1, R], every layer's
         x = self.embed(tokens.to(self.device))  # [N, d]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
@@ -200,10 +111,4 @@ class Llama:
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
         qk = apply_rope(qkv[:, :hq + hkv], cos, sin)  # [N, H + Hkv, D]
-        q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:]
-        if self.cache_head_dim != dim:
-            pad = (0, self.cache_head_dim - dim)
-            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = step.attn(q, k, v, i, step, self.scale)  # [N, H, Dc]: write, attend
-        o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
-        return layer.wo(o)  # [N, d]
+        return self._attend(qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:], i, step, layer.wo)

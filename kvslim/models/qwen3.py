@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvslim.models.llama import Layer, Llama, apply_rope
+from kvslim.models.common import apply_rope
+from kvslim.models.llama import Layer, Llama
 
 __all__ = ["Qwen3"]
 
@@ -31,21 +32,11 @@ class Qwen3(Llama):
         base = super()._layer(w, i)
         return Qwen3Layer(**vars(base), q_norm=self._w(q_norm), k_norm=self._w(k_norm))
 
-    @property
-    def weight_bytes(self) -> int:
-        norms = sum(2 * L.q_norm.numel() * L.q_norm.element_size() for L in self.layers)
-        return super().weight_bytes + norms
-
     def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         eps = self.config.rms_eps
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
         q = F.rms_norm(qkv[:, :hq], (dim,), layer.q_norm, eps)  # [N, H, D]
         k = F.rms_norm(qkv[:, hq:hq + hkv], (dim,), layer.k_norm, eps)  # [N, Hkv, D]
-        q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), qkv[:, hq + hkv:]
-        if self.cache_head_dim != dim:
-            pad = (0, self.cache_head_dim - dim)
-            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        o = step.attn(q, k, v, i, step, self.scale)  # [N, H, Dc]: write, attend
-        o = o[..., :dim].to(h.dtype).reshape(n, hq * dim)
-        return layer.wo(o)  # [N, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self._attend(q, k, qkv[:, hq + hkv:], i, step, layer.wo)

@@ -22,9 +22,9 @@ import torch
 
 from kvslim import formats, store
 from kvslim.attention import plan_attention
-from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache
+from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache, window_pages
 from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_chat
-from kvslim.engine import Engine
+from kvslim.engine import DEFAULT_BATCH_TOKENS, Engine
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.models import load_model
 from kvslim.prefix import PrefixCache
@@ -121,14 +121,29 @@ class Runner:
         return CacheRequest(CacheConfig(k, v, codec), num_ctx or self.num_ctx)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
-        """Exact bytes of one page (all layers, K and V) with the types the plan stores."""
+        """Exact bytes of one page (every global layer, K and V) with the types the plan
+        stores."""
+        k, v = self._stored_types(cfg)
+        n_global = self.model.layer_windows().count(0)
+        per_token = KVCache.bytes_per_token(n_global, self.model.n_kv_heads,
+                                            self.model.cache_head_dim, k, v)
+        return round(per_token * self.page_size)
+
+    def window_bytes(self, cfg: CacheConfig) -> int:
+        """Exact bytes of the pages the layers on a sliding window get: num_parallel
+        sequences of num_ctx, each holding at most its window (the engine's sizing)."""
+        k, v = self._stored_types(cfg)
+        per_page = KVCache.bytes_per_token(1, self.model.n_kv_heads, self.model.cache_head_dim,
+                                           k, v) * self.page_size
+        pages = [window_pages(w, self.page_size, self.num_ctx, DEFAULT_BATCH_TOKENS)
+                 for w in self.model.layer_windows() if w]
+        return round(per_page * len(pages) * self.settings.num_parallel * max(pages + [0]))
+
+    def _stored_types(self, cfg: CacheConfig) -> tuple[str, str]:
         c = self.config  # the same plan the engine makes, so the same fallback
         plan = plan_attention(self.device, c.head_dim, cfg.type_k, cfg.type_v,
                               self.settings.flash_attn, v_head_dim=c.v_head_dim, warn=False)
-        per_token = KVCache.bytes_per_token(self.model.n_layers, self.model.n_kv_heads,
-                                            self.model.cache_head_dim, plan.effective_k,
-                                            plan.effective_v)
-        return round(per_token * self.page_size)
+        return plan.effective_k, plan.effective_v
 
     def n_pages(self, cfg: CacheConfig) -> int:
         """Pages of the pool for ``cfg``: the memory budget in whole pages, or the server's
@@ -136,12 +151,12 @@ class Runner:
         context = -(-self.num_ctx // self.page_size)
         if self.settings.kv_memory is None:
             return self.settings.num_parallel * context
-        pages = self.settings.kv_memory // self.page_bytes(cfg)
+        pages = max(0, self.settings.kv_memory - self.window_bytes(cfg)) // self.page_bytes(cfg)
         if pages < context:  # it could never serve one full-context request: say what would
             raise ValueError(f"KVSLIM_KV_MEMORY of {self.settings.kv_memory:,} bytes holds "
                              f"{pages * self.page_size:,} tokens of K {cfg.type_k} / V {cfg.type_v}, "
                              f"less than one context of num_ctx {self.num_ctx}: set it to at least "
-                             f"{context * self.page_bytes(cfg):,} bytes, or lower num_ctx "
+                             f"{context * self.page_bytes(cfg) + self.window_bytes(cfg):,} bytes, or lower num_ctx "
                              f"(KVSLIM_CONTEXT_LENGTH)")
         return pages
 
@@ -149,7 +164,7 @@ class Runner:
         """Pages of a pool for ``cfg``; PoolTooLarge when it cannot fit in free memory
         (the current pool counts as free: it is dropped first)."""
         n_pages = self.n_pages(cfg)
-        need = n_pages * self.page_bytes(cfg)
+        need = n_pages * self.page_bytes(cfg) + self.window_bytes(cfg)
         old = self.engine.cache.nbytes if self.engine is not None and self.engine.cache else 0
         free = _available_memory(self.device)
         if free is not None and need > free + old:

@@ -445,7 +445,9 @@ def ps_entry(reg, runner: Runner) -> dict:
             "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
             "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
             "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
-            "kv_rounding", "kv_codec_note")},
+            "kv_rounding", "kv_codec_note")}
+        | {k: snap[k] for k in ("window", "window_bytes_per_sequence", "window_pages_total",
+                                "window_pages_in_use") if k in snap},
         "attention": {"backend": snap["backend"], "fused": snap["fused"],
                       "flash_attn": snap["flash_attn"]},
         "requests": {"running": snap["running"], "waiting": runner.scheduler.waiting(),
