@@ -32,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -50,6 +50,7 @@ SPACE_MARK = "\u2581"  # SentencePiece's visible space, "▁"
 # merging costs a Python heap operation per character, which no prompt should pay in
 # one unbounded piece. Real words are far shorter, so their ids are llama.cpp's.
 MAX_WORD_CHARS = 512
+_WORD_START = regex.compile("(?<=[^\u2581])\u2581")  # a "▁" after a non-space
 
 # ---------------------------------------------------------------------------
 # Pre-tokenizer regexes, by llama.cpp pre-type. Each entry is applied in order; a
@@ -385,7 +386,7 @@ class Tokenizer:
         self._specials = sorted(specials, key=lambda i: (-len(vocab.tokens[i].encode()), i))
         self._pieces = [self._piece(i) for i in range(self.vocab_size)]
         if self.is_spm:
-            self._scores = vocab.scores
+            self._init_spm(cache_size)
         else:
             self._init_bpe(cache_size)
         self._template = None
@@ -481,7 +482,20 @@ class Tokenizer:
 
     # -- SentencePiece -------------------------------------------------------
 
-    def _encode_spm_text(self, text: str, out: list[int]) -> None:
+    def _init_spm(self, cache_size: int) -> None:
+        self._scores = self.vocab.scores
+        # Pieces that would join a word to the "▁" starting the next one (a "▁" after a
+        # non-space): by length of their part before that "▁", the set of such parts.
+        # A word start that none of them spans is a boundary no merge can cross.
+        bridges: dict[int, dict[str, list[str]]] = {}  # j -> piece[:j] -> pieces
+        for piece in self.token_to_id:
+            for j in range(1, len(piece)):
+                if piece[j] == SPACE_MARK and piece[j - 1] != SPACE_MARK:
+                    bridges.setdefault(j, {}).setdefault(piece[:j], []).append(piece)
+        self._bridges = sorted(bridges.items())
+        self._encode_spm_word = functools.lru_cache(maxsize=cache_size)(self._spm_word)
+
+    def _spm_word(self, word: str) -> tuple[int, ...]:
         """Merge characters into pieces by score: highest first, leftmost on ties."""
         to_id, scores = self.token_to_id, self._scores
 
@@ -489,8 +503,35 @@ class Tokenizer:
             tid = to_id.get(x + y)
             return None if tid is None else -scores[tid]
 
-        for sym in _merge_pairs(list(text.replace(" ", SPACE_MARK)), priority):
+        out: list[int] = []
+        for sym in _merge_pairs(list(word), priority):
             self._emit_spm_symbol(sym, out)
+        return tuple(out)
+
+    def _spm_words(self, text: str) -> Iterator[str]:
+        """``text`` cut before each "▁" that follows a non-space, where no piece spans
+        the cut: merging the words one by one gives what merging the whole text does,
+        in linear time, and repeated words hit the cache."""
+        start = 0
+        for m in _WORD_START.finditer(text):
+            cut = m.start()
+            if any(text.startswith(p, cut - j) for j, by_head in self._bridges if j <= cut
+                   for p in by_head.get(text[cut - j:cut], ())):
+                continue  # a piece spans this word start: keep the words together
+            yield text[start:cut]
+            start = cut
+        yield text[start:]
+
+    def _encode_spm_text(self, text: str, out: list[int]) -> None:
+        encode_word = self._encode_spm_word
+        for word in self._spm_words(text.replace(" ", SPACE_MARK)):
+            if len(word) <= MAX_WORD_CHARS:
+                out.extend(encode_word(word))
+                continue
+            # a long run with no word start (10 MB of spaces): merged in slices, so the
+            # work stays linear, as for BPE's long words
+            for i in range(0, len(word), MAX_WORD_CHARS):
+                out.extend(encode_word(word[i:i + MAX_WORD_CHARS]))
 
     def _emit_spm_symbol(self, sym: str, out: list[int]) -> None:
         tid = self.token_to_id.get(sym)

@@ -200,7 +200,7 @@ def test_kvslim_serve_command_serves_on_kvslim_host(tiny_path):
     try:
         assert f"127.0.0.1:{port}" in proc.stdout.readline()
         wait_until(lambda: _answers(f"http://127.0.0.1:{port}/api/version"), what="the server")
-        names = [m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]]
+        names = [m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/api/tags", timeout=60).json()["models"]]
         assert "tiny:latest" in names
     finally:
         proc.terminate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from datetime import datetime
 from pathlib import Path
@@ -253,6 +254,38 @@ def test_spm_merges_by_score(spm: Tokenizer):
 def test_spm_equal_scores_merge_leftmost(spm: Tokenizer):
     # "▁lll": both "ll" pairs score -2; the left one wins, leaving "ll", "l".
     assert spm.encode("lll") == [SPM_ID["▁"], SPM_ID["ll"], SPM_ID["l"]]
+
+
+def test_spm_words_merge_as_the_whole_text(tmp_path: Path):
+    """Encoding word by word (cut before a "▁" that follows a non-space) gives what one
+    merge over the whole text gives, also where a piece spans a word start ("o▁h" here,
+    "llo▁" ends on one): the cut is skipped there. Fresh random texts of the toy alphabet."""
+    pieces = dict(SPM_PIECES, **{"o▁h": -0.5, "llo▁": -0.7, "▁▁": -0.2, "▁▁▁▁": -0.1})
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *pieces]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, *[T.BYTE] * 256, *[T.NORMAL] * len(pieces)]
+    tok = Tokenizer.from_gguf(_write_vocab(tmp_path / "bridges.gguf", model="llama", tokens=tokens,
+                                           types=types, scores=[0.0] * 259 + list(pieces.values())))
+    rng = random.Random()
+    for _ in range(300):
+        text = "".join(rng.choice("helo  x") for _ in range(rng.randrange(1, 60)))
+        marked = text.replace(" ", "▁")
+        whole = list(tok._spm_word(marked))  # one merge over all of it
+        words = []
+        tok._encode_spm_text(text, words)
+        assert words == whole, text
+        assert "".join(tok._spm_words(marked)) == marked
+
+
+def test_spm_long_texts_tokenize_in_linear_time(spm: Tokenizer):
+    """1 MB prompts (issue 15: a 10 MB prompt must not take minutes): words hit the word
+    cache, a run with no word start is merged in slices. One merge over the whole text
+    took ~140 s per MB of "hello " here before."""
+    for text in ("hello " * 170_000, " " * 1_000_000, "l" * 1_000_000):
+        t0 = time.perf_counter()
+        ids = spm.encode(text)
+        elapsed = time.perf_counter() - t0
+        assert spm.decode(ids) == text
+        assert elapsed < 10, f"1 MB of {text[:6]!r}: {elapsed:.1f} s"
 
 
 def test_spm_byte_fallback(spm: Tokenizer):
