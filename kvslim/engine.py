@@ -42,6 +42,7 @@ from kvslim.calibration import build_codec
 from kvslim.chat import PromptTooLong, fit_prompt, max_length
 from kvslim.codec import CodecSettings, decide
 from kvslim.sampling import Sampler, SamplingParams
+from kvslim.weights import step_rows
 
 log = logging.getLogger("kvslim")
 
@@ -355,8 +356,10 @@ class Engine:
             if n == s.pending():
                 rows.append(row - 1)  # the last row of a sequence that is caught up
         t0 = time.perf_counter()
-        logits = run_step(self.model, self.attn, self.cache, [s.cache_id for s, _ in batch],
-                          [n for _, n in batch], tokens, torch.tensor(rows, dtype=torch.long))
+        decode = sum(1 for s, n in batch if n == 1 == s.pending())  # _schedule puts them first
+        with step_rows(decode):  # each row's weights path fixed, whatever shares the step
+            logits = run_step(self.model, self.attn, self.cache, [s.cache_id for s, _ in batch],
+                              [n for _, n in batch], tokens, torch.tensor(rows, dtype=torch.long))
         outputs = []
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:

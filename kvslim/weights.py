@@ -16,6 +16,8 @@ A model file builds every matrix through ``linear`` and its token table through
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.threads import threads
 
 __all__ = ["WEIGHT_MODES", "QTensor", "QLinear", "Linear", "Embedding", "linear", "embedding",
-           "held_bytes", "resolve_mode"]
+           "held_bytes", "resolve_mode", "step_rows"]
 
 log = logging.getLogger("kvslim")
 
@@ -43,6 +45,32 @@ SPLIT_MAX_ROWS = 16
 # server's usual num_parallel.
 GEMV_MAX_ROWS = 16
 TILE_FLOATS = 1 << 22  # a prefill tile of weight rows: 16 MiB of float32
+# Prefill rows go to torch's GEMM at least this many at a time (zero rows pad a shorter
+# input). BLAS libraries switch to other kernels for a few rows (MKL on AMD EPYC: below
+# 8), and a row's sums then differ in the last bits; from here on a row's result does not
+# depend on how many rows share the call (tests/test_qmatmul.py checks it on the machine
+# that runs).
+GEMM_MIN_ROWS = 16
+
+# Set by the engine for the step it runs: the first this many rows of the activations
+# are decode rows (one new token of a sequence that is generating), the rest prefill
+# rows. Inside a step QLinear gives each kind one fixed path whatever else is in the
+# batch, so a sequence's logits do not depend on who it shares a step with.
+_DECODE_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("decode_rows",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def step_rows(decode: int):
+    """Within this block the first ``decode`` input rows of every ``QLinear`` are decode
+    rows: they take the fused GEMV in groups of at most ``GEMV_MAX_ROWS`` (it sums each
+    row alone), the other rows dequantized tiles and one GEMM of at least
+    ``GEMM_MIN_ROWS`` rows. Outside it, the path is chosen by the row count alone."""
+    token = _DECODE_ROWS.set(decode)
+    try:
+        yield
+    finally:
+        _DECODE_ROWS.reset(token)
 
 
 def resolve_mode(mode: str, device: str | torch.device, dtype: torch.dtype) -> str:
@@ -117,22 +145,35 @@ class QLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()  # [M, in]
-        m = x.shape[0]
-        if m <= GEMV_MAX_ROWS:
-            y = torch.empty(m, self.n_out)
-            qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy())
+        m, decode = x.shape[0], _DECODE_ROWS.get()
+        if decode is None:  # not in an engine step: the faster path for M rows
+            y = self._gemv(x) if m <= GEMV_MAX_ROWS else self._tiled(x)
         else:
-            y = self._tiled(x)
+            decode = min(decode, m)
+            y = torch.empty(m, self.n_out)  # [M, out]
+            for r in range(0, decode, GEMV_MAX_ROWS):
+                r1 = min(r + GEMV_MAX_ROWS, decode)
+                y[r:r1] = self._gemv(x[r:r1])
+            if m > decode:
+                y[decode:] = self._tiled(x[decode:], pad=True)
         return y if self.b is None else y + self.b
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.n_out)  # [M, out], M <= GEMV_MAX_ROWS
+        qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy())
+        return y
+
+    def _tiled(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
+        m = x.shape[0]
+        if pad and m < GEMM_MIN_ROWS:  # x [M, in] -> [GEMM_MIN_ROWS, in]
+            x = torch.cat([x, x.new_zeros(GEMM_MIN_ROWS - m, x.shape[1])])
         y = torch.empty(x.shape[0], self.n_out)  # [M, out]
         buf = torch.empty(self.tile_rows, self.n_in)  # [rows, in]: one tile, reused
         for c0, work in self.tiles:
             n = int(work[-1, 2] - work[0, 1])
             qm.dequantize_rows(self.data, self.parts, work, buf.numpy())
             y[:, c0:c0 + n] = F.linear(x, buf[:n])  # the GEMM F.linear runs on float weights
-        return y
+        return y[:m]
 
     @property
     def tensors(self) -> list:

@@ -125,3 +125,57 @@ def test_engine_batches_real_sequences(llm):
         e.step()
     assert [s.output_ids for s in seqs] == alone
     assert e.cache.pages_in_use == 0
+
+
+TOPICS = ["the sea", "bread", "the moon", "trains", "cats", "rain", "music", "chess", "bees",
+          "snow", "coffee", "maps", "glass", "tigers", "clocks", "paper"]
+
+
+def _logged_run(engine, prompts: list[list[int]], per_step: int, max_tokens: int):
+    """Run ``prompts`` through ``engine``, ``per_step`` arriving before each step (0: one
+    at a time, each alone): [(output ids, [logits row of every sampled step])] per prompt."""
+    from kvslim.sampling import SamplingParams
+
+    logits: dict[int, list[torch.Tensor]] = {}
+    sample = engine._sample
+
+    def spy(seqs, rows):
+        for i, s in enumerate(seqs):
+            logits.setdefault(s.id, []).append(rows[i].clone())
+        return sample(seqs, rows)
+
+    engine._sample = spy
+    try:
+        seqs, todo = [], list(prompts)
+        while todo or engine.has_work():
+            for _ in range(per_step if per_step else (0 if engine.has_work() else 1)):
+                if todo:
+                    seqs.append(engine.add_request(todo.pop(0), SamplingParams(max_tokens=max_tokens,
+                                                                               **GREEDY)))
+            engine.step()
+    finally:
+        del engine._sample
+    return [(s.output_ids, logits[s.id]) for s in seqs]
+
+
+@pytest.mark.parametrize("types", ["f16", "q8_0", "q4_0", "q8_0/q4_0"])
+def test_16_staggered_greedy_streams_equal_their_solo_runs(llm, types):
+    """Issue 15: 16 greedy streams arriving two per step (so decode rows share steps with
+    other prompts' prefill rows) get, token for token and bit for bit in their logits,
+    what each gets alone. Each row's weight path is fixed by its kind (weights.step_rows)
+    and a decode row's attention does not depend on the batch."""
+    from kvslim.engine import Engine
+
+    k, v = (types.split("/") * 2)[:2]
+    prompts = [llm.chat_prompt([{"role": "user", "content": f"Tell me one fact about {t}."}])
+               for t in TOPICS]
+
+    def engine():
+        return Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v, num_ctx=256,
+                      num_parallel=16)
+
+    batched = _logged_run(engine(), prompts, per_step=2, max_tokens=4)
+    solo = _logged_run(engine(), prompts, per_step=0, max_tokens=4)
+    for i, ((ids, rows), (solo_ids, solo_rows)) in enumerate(zip(batched, solo)):
+        assert ids == solo_ids and len(ids) == 4, (types, i)
+        assert all(torch.equal(a, b) for a, b in zip(rows, solo_rows)), (types, i)

@@ -77,6 +77,32 @@ def test_a_decode_batch_gives_each_row_its_solo_result(qt):
     for r in range(GEMV_MAX_ROWS):
         assert torch.equal(lin(x[r:r + 1]), batched[r:r + 1]), f"row {r} differs when batched"
 
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+def test_in_a_step_each_row_gets_its_result_whatever_shares_the_step(qt):
+    """Inside ``step_rows(d)`` the first d rows (decode) give what each gives alone, in
+    any number (groups of GEMV_MAX_ROWS), and a prefill row gives the same bits whether it
+    shares its GEMM with 0, 4 or 40 other rows (torch's GEMM from GEMM_MIN_ROWS rows on:
+    this checks that the BLAS of the machine that runs keeps a row's sums the same)."""
+    from kvslim.weights import GEMV_MAX_ROWS, step_rows
+
+    rng = np.random.default_rng()
+    cols = _cols(qt)
+    q, _ = qtensor(qt, 131, cols, rng)
+    lin = QLinear([q])
+    decode = GEMV_MAX_ROWS + 3
+    x = torch.from_numpy(rng.standard_normal((decode + 41, cols)).astype(np.float32))
+    with step_rows(decode):
+        mixed = lin(x)  # 19 decode rows, then 41 prefill rows
+        for r in (0, 5, decode - 1):
+            assert torch.equal(mixed[r:r + 1], lin(x[r:r + 1])), f"decode row {r}"
+    with step_rows(0):  # prefill rows only, alone or with a few others
+        prefill = x[decode:]
+        for rows in (slice(0, 1), slice(3, 8), slice(0, 41)):
+            assert torch.equal(mixed[decode:][rows], lin(prefill[rows])), f"prefill rows {rows}"
+
+
 @pytest.mark.parametrize("m", [1, 9])
 def test_parts_and_qk_permutation(m):
     """q (permuted, Q4_K), k (permuted, Q6_K) and v (Q8_0) as one matmul equal the
