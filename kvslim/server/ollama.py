@@ -315,7 +315,7 @@ async def ps(request: Request):
 def ps_entry(reg, runner: Runner) -> dict:
     """Ollama's running-model entry, plus the K/V pool, attention path and request counts."""
     snap = runner.scheduler.snapshot
-    size = runner.weight_bytes + snap["bytes"]
+    size = runner.weight_bytes + sum(p["bytes"] for p in snap["pools"])
     on_cpu = runner.device.type == "cpu"
     counters = dict(runner.scheduler.counters)
     return {
@@ -324,17 +324,23 @@ def ps_entry(reg, runner: Runner) -> dict:
         "size_vram": 0 if on_cpu else size, "context_length": snap["num_ctx"],
         "expires_at": timestamp(runner.expires_at()),
         "device": snap["device"], "num_parallel": snap["num_parallel"],
-        "kv_cache": {k: snap[k] for k in (
-            "type_k", "type_v", "requested_k", "requested_v", "fallback", "reason", "bytes",
-            "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
-            "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
-            "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
-            "kv_rounding", "kv_codec_note")},
+        "kv_cache": _kv_cache(snap),  # the pool that took the latest request
+        "kv_pools": [_kv_cache(p) | {"running": p["running"], "waiting": p["waiting"]}
+                     for p in snap["pools"]],  # every pool (type pair) of the model
         "attention": {"backend": snap["backend"], "fused": snap["fused"],
                       "flash_attn": snap["flash_attn"]},
         "requests": {"running": snap["running"], "waiting": runner.scheduler.waiting(),
                      **counters},
     }
+
+
+def _kv_cache(pool: dict) -> dict:
+    return {k: pool[k] for k in (
+        "type_k", "type_v", "requested_k", "requested_v", "fallback", "reason", "bytes",
+        "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
+        "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
+        "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
+        "kv_rounding", "kv_codec_note")}
 
 
 @router.get("/api/version")
