@@ -473,9 +473,10 @@ class Engine:
     # ---------------------------------------------------------------- embeddings
 
     def embed(self, inputs: list[list[int]], pooling: str = "mean", truncate: bool = True,
-              num_ctx: int | None = None) -> tuple[torch.Tensor, int]:
+              num_ctx: int | None = None, normalize: bool = True) -> tuple[torch.Tensor, int]:
         """(vectors [B, d] float32, tokens evaluated): each input's final normed hidden
-        states pooled (``POOLINGS``: mean, cls = first token, last) and L2-normalised.
+        states pooled (``POOLINGS``: mean, cls = first token, last) and L2-normalised
+        (unless ``normalize`` is false: Ollama's legacy /api/embeddings).
 
         Inputs longer than ``num_ctx`` (default the engine's) keep their first num_ctx
         tokens, or raise PromptTooLong without ``truncate``. They run between steps as
@@ -494,7 +495,8 @@ class Engine:
                 for h in hidden.split([len(x) for x in group]):
                     pooled.append(h.mean(0) if pooling == "mean" else h[0] if pooling == "cls" else h[-1])
         vectors = torch.stack(pooled) if pooled else torch.empty(0, self.model.config.d_model)
-        return torch.nn.functional.normalize(vectors, dim=-1), sum(map(len, ids))
+        vectors = torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
+        return vectors, sum(map(len, ids))
 
     def _embed_ids(self, ids: list[int], truncate: bool, limit: int) -> list[int]:
         if not ids:

@@ -59,8 +59,7 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 UNSUPPORTED = {
     "/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"],
     "/api/delete": ["DELETE"], "/api/blobs/{digest}": ["HEAD", "POST"],
-    "/api/embed": ["POST"], "/api/embeddings": ["POST"],
-    "/v1/embeddings": ["POST"], "/v1/responses": ["POST"],
+    "/v1/responses": ["POST"],
 }
 
 

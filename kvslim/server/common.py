@@ -12,7 +12,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kvslim.engine import StepOutput
+from kvslim.engine import StepOutput, truncate_dimensions
 from kvslim.sampling import SamplingParams
 from kvslim.server.models import Registry, Runner
 from kvslim.server.scheduler import Job
@@ -196,6 +196,38 @@ async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: Cache
             raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of "
                                 f"{limit:,} (KVSLIM_MAX_PROMPT_TOKENS)")
         return Job.start(runner.scheduler, ids, params, cache, truncate)
+    finally:
+        runner.release()
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def embed_inputs(runner: Runner, inputs: list, options: Options | None, *,
+                       truncate: bool = True, dimensions: int | None = None,
+                       normalize: bool = True) -> tuple[list, int]:
+    """(vectors as lists, tokens evaluated) of texts or token-id lists, in the runner's
+    default pool between its steps; the runner's claim (``get_runner``) ends here.
+    ``options.num_ctx`` bounds each input (clamped to the model's)."""
+    try:
+        try:
+            num_ctx = runner.cache_request(num_ctx=options.num_ctx if options else None).num_ctx
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        limit = security.current().max_prompt_tokens
+
+        def work():
+            ids = [runner.text_ids(x) if isinstance(x, str) else list(x) for x in inputs]
+            if limit is not None and any(len(x) > limit for x in ids):
+                raise APIError(413, f"an input has more than {limit:,} tokens "
+                                    f"(KVSLIM_MAX_PROMPT_TOKENS)")
+            vectors, n = runner.embed(ids, truncate, num_ctx, normalize)
+            return truncate_dimensions(vectors, dimensions).tolist(), n
+
+        try:
+            return await run_in_threadpool(work)
+        except ValueError as e:  # too long without truncate, bad ids, bad dimensions
+            raise APIError(400, str(e)) from None
     finally:
         runner.release()
 

@@ -250,7 +250,8 @@ class Runner:
                       num_parallel=self.settings.num_parallel, page_size=self.page_size,
                       n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
 
-    def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int) -> tuple[torch.Tensor, int]:
+    def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int,
+              normalize: bool = True) -> tuple[torch.Tensor, int]:
         """``Engine.embed`` in the server's default pool (else the latest), between its
         steps; ServerBusy when that pool has no room for the inputs now."""
         with self.lock:  # no pool is dropped meanwhile
@@ -258,7 +259,7 @@ class Runner:
             if engine is None:
                 raise ServerBusy(f"model '{self.name}' has no K/V pool right now; try again")
             try:
-                return engine.embed(inputs, self.pooling, truncate, num_ctx)
+                return engine.embed(inputs, self.pooling, truncate, num_ctx, normalize)
             except CacheFull as e:
                 raise ServerBusy(str(e)) from None
 

@@ -1,4 +1,4 @@
-"""Ollama's REST API (docs/api.md): generate, chat, tags, show, pull, ps, version.
+"""Ollama's REST API (docs/api.md): generate, chat, embed, embeddings, tags, show, pull, ps, version.
 
 Responses carry Ollama's fields and final statistics (durations in nanoseconds), plus
 ``prompt_cache_count``: prompt tokens whose K/V came from the prefix cache instead of
@@ -21,12 +21,13 @@ from starlette.concurrency import run_in_threadpool
 import kvslim
 from kvslim import store
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.server.common import (APIError, ClientGone, collect, get_runner, keep_alive_seconds, ns,
-                                  outputs_or_error, plan_request, registry, read_json, start_job,
-                                  timestamp, with_keepalives)
+from kvslim.server.common import (APIError, ClientGone, collect, embed_inputs, get_runner,
+                                  keep_alive_seconds, ns, outputs_or_error, plan_request, registry,
+                                  read_json, start_job, timestamp, with_keepalives)
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
-from kvslim.server.schemas import ChatRequest, GenerateRequest, ModelRequest
+from kvslim.server.schemas import (ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest,
+                                   ModelRequest)
 
 router = APIRouter()
 
@@ -215,6 +216,44 @@ async def chat(request: Request):
     return await _answer(request, job, req.stream, lambda text: head(text, done=False),
                          lambda: head("") | final_stats(job, load),
                          lambda text: head(text) | final_stats(job, load))
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+@router.post("/api/embed")
+async def embed(request: Request):
+    """Vectors of ``input`` (a string or a list): pooled final hidden states, L2-normalised;
+    ``dimensions`` keeps the first values (renormalised); ``truncate`` false makes an input
+    longer than num_ctx a 400 instead of cutting its end."""
+    t0 = time.perf_counter()
+    req = await read_json(request, EmbedRequest)
+    if not req.model:
+        raise APIError(400, "model is required")
+    registry(request).resolve(req.model)
+    inputs = [req.input] if isinstance(req.input, str) and req.input else \
+        [] if isinstance(req.input, str) else req.input
+    runner, load = await get_runner(request, req.model, req.keep_alive)
+    vectors, n = await embed_inputs(runner, inputs, req.options, truncate=req.truncate,
+                                    dimensions=req.dimensions)
+    return {"model": req.model, "embeddings": vectors,
+            "total_duration": ns(time.perf_counter() - t0), "load_duration": ns(load),
+            "prompt_eval_count": n}
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request):
+    """Ollama's older route: one ``prompt``, its vector as the model gives it (not normalised)."""
+    req = await read_json(request, EmbeddingsRequest)
+    if not req.model:
+        raise APIError(400, "model is required")
+    registry(request).resolve(req.model)
+    runner, _ = await get_runner(request, req.model, req.keep_alive)
+    if not req.prompt:  # Ollama answers an empty prompt with an empty vector
+        runner.release()
+        return {"embedding": []}
+    vectors, _ = await embed_inputs(runner, [req.prompt], req.options, normalize=False)
+    return {"embedding": vectors[0]}
 
 
 # ---------------------------------------------------------------- models

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions (SSE streaming), /v1/models.
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions (SSE streaming),
+/v1/embeddings, /v1/models.
 
 Sampling defaults follow Ollama's OpenAI layer (temperature 1, top_p 1 when absent).
 Ollama options, cache types included, can ride along as an extension ``options``
@@ -7,8 +8,10 @@ the prompt tokens served from the prefix cache as ``prompt_tokens_details.cached
 """
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+import struct
 import time
 from typing import AsyncIterator
 
@@ -16,11 +19,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kvslim.server.common import (APIError, ClientGone, collect, get_runner, outputs_or_error,
-                                  plan_request, registry, read_json, start_job, status_of,
-                                  with_keepalives)
+from kvslim.server.common import (APIError, ClientGone, collect, embed_inputs, get_runner,
+                                  outputs_or_error, plan_request, registry, read_json, start_job,
+                                  status_of, with_keepalives)
 from kvslim.server.scheduler import Job
-from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest
+from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIEmbeddingRequest
 
 router = APIRouter(prefix="/v1")
 
@@ -176,6 +179,30 @@ async def completions(request: Request):
                          "usage": usage(job)}
 
     return await _respond(request, job, req.stream, chunk, None, whole, include_usage)
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request):
+    """Vectors of ``input`` (a string, strings, token ids or lists of them), L2-normalised
+    as Ollama's /api/embed; ``encoding_format`` base64: little-endian float32 bytes."""
+    req = await read_json(request, OpenAIEmbeddingRequest)
+    registry(request).resolve(req.model)
+    inputs = req.input
+    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    if not inputs or any(len(x) == 0 for x in inputs):
+        raise APIError(400, "input must not be empty")
+    runner, _ = await get_runner(request, req.model)
+    vectors, n = await embed_inputs(runner, inputs, req.options, dimensions=req.dimensions)
+    data = [{"object": "embedding", "index": i,
+             "embedding": _b64(v) if req.encoding_format == "base64" else v}
+            for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _b64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _model_object(name: str, path) -> dict:

@@ -3,7 +3,7 @@ number belongs is a 400, not a guess). Unknown fields are ignored, as both APIs 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -190,3 +190,37 @@ class CompletionRequest(_OpenAIBody):
     logprobs: int | None = None
     best_of: int | None = None
 
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbedRequest(_Body):
+    """Ollama's /api/embed."""
+
+    model: str = ""
+    input: str | list[str] = Field(default="", union_mode="left_to_right")
+    truncate: bool = True
+    dimensions: Int | None = Field(None, ge=1)
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
+class EmbeddingsRequest(_Body):
+    """Ollama's legacy /api/embeddings (one prompt, the vector not normalised)."""
+
+    model: str = ""
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
+class OpenAIEmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings; ``user`` is accepted and ignored."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]] = Field(union_mode="left_to_right")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    options: Options | None = None  # kvslim extension, as in the other /v1 routes
