@@ -430,11 +430,17 @@ BAD_OPENAI = [
                               "max_tokens": -1}, 400, "max_tokens must be at least 1"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400,
      "more than the model can ever generate"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2},
-     400, "n must be 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 5},
+     400, "n must be at most KVSLIM_NUM_PARALLEL (4)"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0},
+     400, "n must be at least 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "options": {"kv_cache_type": "q2"}}, 400,
      "valid types"),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "one string"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, 400, "prompt must not be empty"),
 ]
 
 

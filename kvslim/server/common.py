@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -182,20 +183,20 @@ def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[Samp
 
 
 async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: CacheRequest,
-                    truncate: bool) -> Job:
-    """Tokenize (in a worker thread), check the request fits, and queue it; the runner's
-    claim (``get_runner``) ends here either way."""
+                    truncate: bool, n: int = 1) -> Job:
+    """Tokenize (in a worker thread), check the request fits, and queue it (``n`` answers
+    to the prompt); the runner's claim (``get_runner``) ends here either way."""
     try:
         try:
             ids = await run_in_threadpool(ids_fn)
-            runner.check_request(ids, params, cache, truncate)
+            runner.check_request(ids, params, cache, truncate, n)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         limit = security.current().max_prompt_tokens
         if limit is not None and len(ids) > limit:
             raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of "
                                 f"{limit:,} (KVSLIM_MAX_PROMPT_TOKENS)")
-        return Job.start(runner.scheduler, ids, params, cache, truncate)
+        return Job.start(runner.scheduler, ids, params, cache, truncate, n)
     finally:
         runner.release()
 
@@ -232,6 +233,33 @@ async def embed_inputs(runner: Runner, inputs: list, options: Options | None, *,
         runner.release()
 
 
+# ---------------------------------------------------------------- logprobs
+
+
+def token_text(tokenizer, tid: int) -> tuple[str, list[int]]:
+    """A token's text (invalid UTF-8 of a partial character replaced) and its bytes."""
+    raw = tokenizer.token_to_piece(tid)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps: list) -> list[dict]:
+    """Entries of token, logprob, bytes and top_logprobs (OpenAI's ``logprobs.content``
+    and Ollama's ``logprobs``) for tokens ``ids`` and their ``Sequence.logprobs``."""
+    def entry(tid: int, lp: float) -> dict:
+        text, raw = token_text(tokenizer, tid)
+        return {"token": text, "logprob": lp, "bytes": raw}
+    return [entry(t, lp) | {"top_logprobs": [entry(i, p) for i, p in top]}
+            for t, (lp, top) in zip(ids, lps)]
+
+
+def with_logprobs(params: SamplingParams, top: int | None) -> SamplingParams:
+    """``params`` asking for each token's logprob and ``top`` alternatives (None: off)."""
+    try:
+        return dataclasses.replace(params, logprobs=top)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
 # ---------------------------------------------------------------- answers
 
 
@@ -241,7 +269,7 @@ async def collect(job: Job, request: Request) -> str:
         return "".join([out.text async for out in job.outputs()])
 
     answer = asyncio.ensure_future(drain())
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -252,7 +280,8 @@ async def collect(job: Job, request: Request) -> str:
     return answer.result()
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 

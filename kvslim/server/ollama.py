@@ -21,9 +21,10 @@ from starlette.concurrency import run_in_threadpool
 import kvslim
 from kvslim import store
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.server.common import (APIError, ClientGone, collect, embed_inputs, get_runner,
-                                  keep_alive_seconds, ns, outputs_or_error, plan_request, registry,
-                                  read_json, start_job, timestamp, with_keepalives)
+from kvslim.server.common import (APIError, ClientGone, chat_logprobs, collect, embed_inputs,
+                                  get_runner, keep_alive_seconds, ns, outputs_or_error, plan_request,
+                                  registry, read_json, start_job, timestamp, with_keepalives,
+                                  with_logprobs)
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import (ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest,
@@ -116,8 +117,9 @@ def final_stats(job: Job, load: float) -> dict:
     }
 
 
-async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
-    """One JSON object per line: a piece per text output, then the final statistics.
+async def _ndjson(job: Job, piece, final, logprobs) -> AsyncIterator[bytes]:
+    """One JSON object per line: a piece per text output (with its tokens' ``logprobs``
+    when asked), then the final statistics.
 
     While nothing comes (a long prefill), an empty piece now and then keeps proxies from
     closing the stream: Ollama's clients parse every line as JSON (a blank line breaks
@@ -129,8 +131,8 @@ async def _ndjson(job: Job, piece, final) -> AsyncIterator[bytes]:
         if isinstance(out, Exception):
             yield _line({"error": str(out)})
             return
-        if out.text:
-            yield _line(piece(out.text))
+        if out.text or out.logprobs:
+            yield _line(piece(out.text) | logprobs(out.token_ids, out.logprobs))
         if out.finished:
             yield _line(final())
 
@@ -139,14 +141,24 @@ def _line(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-async def _answer(request: Request, job: Job, stream: bool, piece, final, whole) -> object:
+async def _answer(request: Request, job: Job, stream: bool, piece, final, whole,
+                  tokenizer) -> object:
+    def logprobs(ids: list[int], lps: list | None) -> dict:
+        return {"logprobs": chat_logprobs(tokenizer, ids, lps or [])} \
+            if job.ticket.params.logprobs is not None else {}
+
     if stream:
-        return StreamingResponse(_ndjson(job, piece, final), media_type=NDJSON)
+        return StreamingResponse(_ndjson(job, piece, final, logprobs), media_type=NDJSON)
     try:
         text = await collect(job, request)
     except ClientGone:
         return PlainTextResponse("request canceled", status_code=499)
-    return JSONResponse(whole(text))
+    return JSONResponse(whole(text) | logprobs(job.seq.output_ids, job.seq.logprobs))
+
+
+def _logprobs(req) -> int | None:
+    """Ollama's ``logprobs`` / ``top_logprobs`` as SamplingParams.logprobs."""
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 @router.post("/api/generate")
@@ -163,6 +175,7 @@ async def generate(request: Request):
         raise APIError(400, "raw mode does not support template, system, or context")
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
+    params = with_logprobs(params, _logprobs(req))
     job = await start_job(runner, lambda: _generate_ids(runner, req), params, cache, req.truncate)
 
     def head(**fields) -> dict:
@@ -175,7 +188,7 @@ async def generate(request: Request):
         return body
 
     return await _answer(request, job, req.stream, lambda text: head(response=text, done=False),
-                         final, final)
+                         final, final, runner.tokenizer)
 
 
 def _generate_ids(runner: Runner, req: GenerateRequest) -> list[int]:
@@ -204,6 +217,7 @@ async def chat(request: Request):
                  tools=req.tools, think=req.think)
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
+    params = with_logprobs(params, _logprobs(req))
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
     fit = cache if req.truncate else None  # truncate false: a long chat is a 400
     job = await start_job(runner, lambda: runner.chat_ids(messages, fit, params.max_tokens), params,
@@ -215,7 +229,7 @@ async def chat(request: Request):
 
     return await _answer(request, job, req.stream, lambda text: head(text, done=False),
                          lambda: head("") | final_stats(job, load),
-                         lambda text: head(text) | final_stats(job, load))
+                         lambda text: head(text) | final_stats(job, load), runner.tokenizer)
 
 
 # ---------------------------------------------------------------- embeddings

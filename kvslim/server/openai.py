@@ -8,6 +8,7 @@ the prompt tokens served from the prefix cache as ``prompt_tokens_details.cached
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -19,9 +20,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kvslim.server.common import (APIError, ClientGone, collect, embed_inputs, get_runner,
-                                  outputs_or_error, plan_request, registry, read_json, start_job,
-                                  status_of, with_keepalives)
+from kvslim.engine import StepOutput
+from kvslim.server.common import (APIError, ClientGone, chat_logprobs, disconnected, embed_inputs,
+                                  get_runner, outputs_or_error, plan_request, registry, read_json,
+                                  start_job, status_of, token_text, with_keepalives, with_logprobs)
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIEmbeddingRequest
 
@@ -39,42 +41,81 @@ def error_body(status: int, message: str, code: str | None = None) -> dict:
 def _check(req, *, extra: dict | None = None, max_tokens: int | None = None) -> None:
     if max_tokens is not None and max_tokens < 1:  # Ollama's -1/-2 are not OpenAI's
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}")
-    if req.n not in (None, 1):
-        raise APIError(400, "n must be 1: kvslim returns one choice per request")
+    if req.n is not None and req.n < 1:
+        raise APIError(400, f"n must be at least 1, got {req.n}")
     for what, value in (extra or {}).items():
         if value:
             raise APIError(400, f"{what} is not supported by kvslim")
 
 
-def usage(job: Job) -> dict:
-    seq = job.seq
-    return {"prompt_tokens": seq.n_prompt, "completion_tokens": seq.n_generated,
-            "total_tokens": seq.n_prompt + seq.n_generated,
-            "prompt_tokens_details": {"cached_tokens": seq.stats.prompt_cache_count}}
+def usage(jobs: list[Job]) -> dict:
+    """Prompt tokens once per prompt (its n answers fork one prefill), completion tokens
+    of every answer."""
+    prompt = sum(j.seq.n_prompt for j in jobs)
+    completion = sum(s.n_generated for j in jobs for s in j.seqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(j.seq.stats.prompt_cache_count
+                                                           for j in jobs)}}
 
 
-def _finish_reason(job: Job) -> str:
-    return "length" if job.seq.finish_reason == "length" else "stop"
+def _finish_reason(seq) -> str:
+    return "length" if seq.finish_reason == "length" else "stop"
 
 
-async def _sse(job: Job, chunk, first: dict | None, include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: ``data: {chunk}`` per text output, the finish, usage, ``[DONE]``;
-    a ``: keep-alive`` comment (which SSE clients skip) while nothing comes."""
+def _choices(jobs: list[Job]) -> list[tuple[int, object]]:
+    """(index, sequence) of every answer: prompt i's j-th answer is choice i * n + j."""
+    return [(i * j.ticket.n + k, s) for i, j in enumerate(jobs) for k, s in enumerate(j.seqs)]
+
+
+async def _merged(jobs: list[Job]) -> AsyncIterator[tuple[Job, StepOutput | Exception]]:
+    """The outputs of several jobs as they come; ends after the first error. Leaving
+    early cancels every job that is still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(job: Job) -> None:
+        async for out in outputs_or_error(job):
+            await queue.put((job, out))
+        await queue.put((job, None))
+
+    tasks = [asyncio.ensure_future(pump(j)) for j in jobs]
+    try:
+        left = len(jobs)
+        while left:
+            job, out = await queue.get()
+            if out is None:
+                left -= 1
+                continue
+            yield job, out
+            if isinstance(out, Exception):
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse(jobs: list[Job], chunk, first: dict | None, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: ``data: {chunk}`` per text output of each choice, its finish,
+    usage, ``[DONE]``; a ``: keep-alive`` comment (which SSE clients skip) while nothing comes."""
     if first is not None:
-        yield _event(chunk(first, None))
-    async for out in with_keepalives(outputs_or_error(job)):
-        if out is None:
+        for index in range(sum(j.ticket.n for j in jobs)):
+            yield _event(chunk(index, first, None))
+    async for item in with_keepalives(_merged(jobs)):
+        if item is None:
             yield b": keep-alive\n\n"
             continue
+        job, out = item
         if isinstance(out, Exception):
             yield _event(error_body(status_of(out), str(out)))
             break
-        if out.text:
-            yield _event(chunk(out.text, None))
+        index = jobs.index(job) * job.ticket.n + job.seqs.index(out.seq)
+        if out.text or out.logprobs:
+            yield _event(chunk(index, out.text, None, out))
         if out.finished:
-            yield _event(chunk(None, _finish_reason(job)))
-            if include_usage:
-                yield _event(chunk(None, None, final_usage=True))
+            yield _event(chunk(index, None, _finish_reason(out.seq)))
+    else:
+        if include_usage:
+            yield _event(chunk(None, None, None, final_usage=True))
     yield b"data: [DONE]\n\n"
 
 
@@ -82,16 +123,36 @@ def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _respond(request: Request, job: Job, stream: bool, chunk, first, whole, include_usage):
+async def _finish_all(jobs: list[Job], request: Request) -> None:
+    """Wait until every job ends; ClientGone (and the jobs cancelled) if the client leaves."""
+    async def drain() -> None:
+        async for _, out in _merged(jobs):
+            if isinstance(out, Exception):
+                raise out
+
+    answer = asyncio.ensure_future(drain())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer not in done:
+        answer.cancel()  # leaves the jobs' outputs, which cancels them
+        raise ClientGone()
+    answer.result()
+
+
+async def _respond(request: Request, jobs: list[Job], stream: bool, chunk, first, whole,
+                   include_usage):
     if stream:
-        return StreamingResponse(_sse(job, chunk, first, include_usage),
+        return StreamingResponse(_sse(jobs, chunk, first, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
-        text = await collect(job, request)
+        await _finish_all(jobs, request)
     except ClientGone:
         return PlainTextResponse("request canceled", status_code=499)
-    return JSONResponse(whole(text))
+    return JSONResponse(whole())
 
 
 def _text(content) -> str:
@@ -104,6 +165,29 @@ def _text(content) -> str:
     return "".join(p.text or "" for p in content)
 
 
+# ---------------------------------------------------------------- logprobs
+
+
+def completion_logprobs(tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict:
+    """The legacy completions' logprobs object (``text_offset`` from ``offset``)."""
+    tokens = [token_text(tokenizer, t)[0] for t in ids]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
+            "top_logprobs": [_top_dict(tokenizer, top) for _, top in lps],
+            "text_offset": offsets}
+
+
+def _top_dict(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: logprob}; tokens of the same text (partial UTF-8) keep the likeliest."""
+    out: dict[str, float] = {}
+    for tid, lp in top:
+        out.setdefault(token_text(tokenizer, tid)[0], lp)
+    return out
+
+
+# ---------------------------------------------------------------- routes
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request):
     req = await read_json(request, ChatCompletionRequest)
@@ -111,74 +195,106 @@ async def chat_completions(request: Request):
     fmt = req.response_format and req.response_format.get("type") not in (None, "text")
     # 0 is "at least 1" (a 400, as OpenAI answers it), not "no limit"
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-    _check(req, extra={"tools": req.tools, "logprobs": req.logprobs, "response_format": fmt},
-           max_tokens=max_tokens)
-    messages = [{"role": m.role, "content": _text(m.content)} for m in req.messages]
+    _check(req, extra={"tools": req.tools, "response_format": fmt}, max_tokens=max_tokens)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs to be true")
+    # OpenAI's newer "developer" role is the system prompt of chat templates
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+                for m in req.messages]
     runner, _ = await get_runner(request, req.model)
     params, cache = plan_request(runner, req.ollama_options(max_tokens))
+    params = with_logprobs(params, (req.top_logprobs or 0) if req.logprobs else None)
     job = await start_job(runner, lambda: runner.chat_ids(messages, cache, params.max_tokens), params,
-                          cache, True)
+                          cache, True, n=req.n or 1)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    tok = runner.tokenizer
 
     def head(obj: str) -> dict:
         return {"id": cid, "object": obj, "created": created, "model": req.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def chunk(text, reason, final_usage=False) -> dict:
+    def chunk(index, text, reason, out=None, final_usage=False) -> dict:
         if final_usage:
-            return head("chat.completion.chunk") | {"choices": [], "usage": usage(job)}
+            return head("chat.completion.chunk") | {"choices": [], "usage": usage([job])}
         delta = {} if text is None else {"role": "assistant", "content": text}
+        lp = {"content": chat_logprobs(tok, out.token_ids, out.logprobs)} if out and out.logprobs else None
         body = head("chat.completion.chunk") | {
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
         return body | ({"usage": None} if include_usage else {})
 
-    def whole(text: str) -> dict:
+    def whole() -> dict:
+        def logprobs(s):
+            return {"content": chat_logprobs(tok, s.output_ids, s.logprobs), "refusal": None} \
+                if params.logprobs is not None else None
         return head("chat.completion") | {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": _finish_reason(job)}],
-            "usage": usage(job)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": s.text},
+                         "logprobs": logprobs(s), "finish_reason": _finish_reason(s)}
+                        for i, s in _choices([job])],
+            "usage": usage([job])}
 
-    return await _respond(request, job, req.stream, chunk, "", whole, include_usage)
+    return await _respond(request, [job], req.stream, chunk, "", whole, include_usage)
+
+
+def _prompts(prompt) -> list:
+    """The prompts of a completions request: one string or token-id list, or a list of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt or any(len(p) == 0 for p in prompt):
+        raise APIError(400, "prompt must not be empty")
+    return prompt
 
 
 @router.post("/completions")
 async def completions(request: Request):
     req = await read_json(request, CompletionRequest)
     registry(request).resolve(req.model)
-    _check(req, extra={"suffix": req.suffix, "echo": req.echo, "logprobs": req.logprobs,
+    _check(req, extra={"suffix": req.suffix, "echo": req.echo,
                        "best_of > 1": (req.best_of or 1) > 1}, max_tokens=req.max_tokens)
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "prompt must be one string: kvslim answers one prompt per request")
-        prompt = prompt[0]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty")
+    prompts = _prompts(req.prompt)
     runner, _ = await get_runner(request, req.model)
     params, cache = plan_request(runner, req.ollama_options(req.max_tokens))
-    ids_fn = (lambda: runner.text_ids(prompt)) if isinstance(prompt, str) else (lambda: list(prompt))
-    job = await start_job(runner, ids_fn, params, cache, True)
+    params = with_logprobs(params, req.logprobs)
+    jobs: list[Job] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            if i:
+                runner.claim(None)  # each start_job ends one claim
+            ids_fn = (lambda p=prompt: runner.text_ids(p)) if isinstance(prompt, str) \
+                else (lambda p=prompt: list(p))
+            jobs.append(await start_job(runner, ids_fn, params, cache, True, n=req.n or 1))
+    except BaseException:
+        for job in jobs:  # one prompt refused: the others go too
+            job.scheduler.cancel(job.ticket)
+        raise
     cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    tok, offsets = runner.tokenizer, {}
 
     def head() -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def chunk(text, reason, final_usage=False) -> dict:
+    def chunk(index, text, reason, out=None, final_usage=False) -> dict:
         if final_usage:
-            return head() | {"choices": [], "usage": usage(job)}
-        body = head() | {"choices": [{"index": 0, "text": text or "", "logprobs": None,
+            return head() | {"choices": [], "usage": usage(jobs)}
+        lp = None
+        if out is not None and out.logprobs:
+            lp = completion_logprobs(tok, out.token_ids, out.logprobs, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+        body = head() | {"choices": [{"index": index, "text": text or "", "logprobs": lp,
                                       "finish_reason": reason}]}
         return body | ({"usage": None} if include_usage else {})
 
-    def whole(text: str) -> dict:
-        return head() | {"choices": [{"index": 0, "text": text, "logprobs": None,
-                                      "finish_reason": _finish_reason(job)}],
-                         "usage": usage(job)}
+    def whole() -> dict:
+        def logprobs(s):
+            return completion_logprobs(tok, s.output_ids, s.logprobs) if params.logprobs is not None \
+                else None
+        return head() | {"choices": [{"index": i, "text": s.text, "logprobs": logprobs(s),
+                                      "finish_reason": _finish_reason(s)} for i, s in _choices(jobs)],
+                         "usage": usage(jobs)}
 
-    return await _respond(request, job, req.stream, chunk, None, whole, include_usage)
+    return await _respond(request, jobs, req.stream, chunk, None, whole, include_usage)
 
 
 @router.post("/embeddings")

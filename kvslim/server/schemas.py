@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from kvslim.sampling import MAX_PENALTY, SEED_RANGE
+from kvslim.sampling import MAX_PENALTY, MAX_TOP_LOGPROBS, SEED_RANGE
 
 log = logging.getLogger("kvslim.server")
 
@@ -101,6 +101,8 @@ class GenerateRequest(_Body):
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
     truncate: bool = True
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ChatRequest(_Body):
@@ -113,6 +115,8 @@ class ChatRequest(_Body):
     tools: list[Any] | None = None
     think: bool | str | None = None
     truncate: bool = True
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ModelRequest(_Body):
@@ -181,13 +185,14 @@ class ChatCompletionRequest(_OpenAIBody):
     response_format: dict | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_OpenAIBody):
-    prompt: str | list[str] | list[int] = Field(union_mode="left_to_right")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(union_mode="left_to_right")
     suffix: str | None = None
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
 
 
