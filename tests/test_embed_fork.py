@@ -173,3 +173,17 @@ def test_token_logprobs_without_alternatives_and_bounds():
     assert top == [] and abs(lp - float(torch.log_softmax(logits, 0)[0])) < 1e-6
     with pytest.raises(ValueError, match="logprobs must be an integer in"):
         SamplingParams(logprobs=21)
+
+
+def test_llm_embed_equals_the_engine_and_truncates_dimensions(tiny_path):
+    from kvslim.llm import LLM
+
+    llm = LLM(str(tiny_path), kv_cache_type="q8_0", num_ctx=128, progress=False)
+    texts = ["the cat", "a dog ran"]
+    v = llm.embed(texts)
+    assert v.shape == (2, llm.config.d_model) and llm.pooling == "mean"
+    ref, _ = llm.engine.embed([llm.tokenize(t) for t in texts])
+    assert torch.equal(v, ref)
+    assert torch.allclose(llm.embed("the cat")[0], v[0], atol=1e-5)
+    assert llm.embed(texts, dimensions=8).shape == (2, 8)
+    assert llm.engine.cache.pages_in_use == 0
