@@ -511,9 +511,13 @@ class Engine:
 
     def _hidden(self, group: list[list[int]]) -> torch.Tensor:
         """Final hidden states [T, d] float32 of the group's inputs, each as a fresh
-        sequence; the pages are freed whatever happens."""
+        sequence (the group halved while the pool has no room for it); the pages are
+        freed whatever happens."""
         need = sum(-(-len(x) // self.cache.page_size) for x in group)
         if not self._make_room(need):
+            if len(group) > 1:  # smaller forwards fit where the whole group does not
+                half = len(group) // 2
+                return torch.cat([self._hidden(group[:half]), self._hidden(group[half:])])
             raise CacheFull(f"no room in the K/V pool for {sum(map(len, group))} tokens to embed "
                             f"while {len(self.running)} sequences run")
         cids = [self.cache.new_sequence() for _ in group]

@@ -60,3 +60,11 @@ def test_synth_model_runs_in_kvslim(tmp_path):
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
     out = run("-m", "kvslim.cli", "run", path, "Hello", "-n", "4", "--temperature", "0")
     assert out.strip()
+
+
+@pytest.mark.slow
+def test_embed_fork_benchmark_runs(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    tiny_llama.write(path, tiny_llama.Tiny(ctx=512, tied=False))
+    out = run("benchmarks/embed_fork.py", "--model", path, "--inputs", "3", "--n", "2", "--prompt", "40")
+    assert "min cosine 1.0" in out and "n = 2 answers" in out

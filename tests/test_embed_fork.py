@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvslim.cache import CacheFull
 from kvslim.engine import Engine, PromptTooLong, truncate_dimensions
 from kvslim.sampling import SamplingParams, token_logprobs
 
@@ -81,6 +82,16 @@ def test_embedding_beside_a_running_request_keeps_its_pages(tiny_parts):
     drain(solo)
     assert s.output_ids == ref.output_ids
     e.cache.check()
+
+
+def test_embedding_batch_larger_than_the_free_pool_runs_in_smaller_forwards(tiny_parts):
+    e = engine(tiny_parts, n_pages=3)  # 3 pages of 16: the 4 texts need 5 at once
+    batch, _ = e.embed(TEXTS[:3] + [TEXTS[3][:16]])
+    ref, _ = engine(tiny_parts).embed(TEXTS[:3] + [TEXTS[3][:16]])
+    assert torch.allclose(batch, ref, atol=1e-5)
+    with pytest.raises(CacheFull, match="no room in the K/V pool for 60 tokens"):
+        e.embed([list(range(1, 61))])  # 4 pages alone
+    assert e.cache.pages_in_use == 0
 
 
 def test_embedding_truncation_and_bad_input(tiny_parts):
