@@ -145,3 +145,22 @@ def test_ollama_logprobs_generate_and_chat(client):
     c = client.chat(model="tiny", messages=MESSAGES, logprobs=True, options={"num_predict": 4, **GREEDY})
     assert len(c.logprobs) == c.eval_count and all(e.logprob <= 0 for e in c.logprobs)
     assert client.chat(model="tiny", messages=MESSAGES, options={"num_predict": 2}).logprobs is None
+
+
+def test_responses_api_text_streaming_and_not(oai):
+    chat = _chat(oai, messages=[{"role": "system", "content": "be brief"}] + MESSAGES, **GREEDY)
+    r = oai.responses.create(model="tiny", input=MESSAGES, instructions="be brief",
+                             max_output_tokens=8, temperature=0)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens <= 8
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    events = list(oai.responses.create(model="tiny", input=MESSAGES, instructions="be brief",
+                                       max_output_tokens=8, temperature=0, stream=True))
+    assert events[0].type == "response.created"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output_text == r.output_text
+    assert oai.responses.create(model="tiny", input="hi", max_output_tokens=2).output_text is not None
+    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+        oai.responses.create(model="tiny", input="hi",
+                             tools=[{"type": "function", "name": "f", "parameters": {}}])

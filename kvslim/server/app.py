@@ -59,7 +59,6 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 UNSUPPORTED = {
     "/api/push": ["POST"], "/api/create": ["POST"], "/api/copy": ["POST"],
     "/api/delete": ["DELETE"], "/api/blobs/{digest}": ["HEAD", "POST"],
-    "/v1/responses": ["POST"],
 }
 
 

@@ -1,5 +1,5 @@
 """OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions (SSE streaming),
-/v1/embeddings, /v1/models.
+/v1/responses (text), /v1/embeddings, /v1/models.
 
 Sampling defaults follow Ollama's OpenAI layer (temperature 1, top_p 1 when absent).
 Ollama options, cache types included, can ride along as an extension ``options``
@@ -25,7 +25,8 @@ from kvslim.server.common import (APIError, ClientGone, chat_logprobs, disconnec
                                   get_runner, outputs_or_error, plan_request, registry, read_json,
                                   start_job, status_of, token_text, with_keepalives, with_logprobs)
 from kvslim.server.scheduler import Job
-from kvslim.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIEmbeddingRequest
+from kvslim.server.schemas import (ChatCompletionRequest, CompletionRequest, OpenAIEmbeddingRequest,
+                                   ResponsesRequest)
 
 router = APIRouter(prefix="/v1")
 
@@ -234,6 +235,117 @@ async def chat_completions(request: Request):
             "usage": usage([job])}
 
     return await _respond(request, [job], req.stream, chunk, "", whole, include_usage)
+
+
+@router.post("/responses")
+async def responses(request: Request):
+    """The Responses API for text: ``input`` (a string or message items), ``instructions``
+    (the system prompt), ``max_output_tokens``, sampling fields; streamed as its events."""
+    req = await read_json(request, ResponsesRequest)
+    registry(request).resolve(req.model)
+    fmt = ((req.text or {}).get("format") or {}).get("type") not in (None, "text")
+    _check(req, extra={"tools": req.tools, "previous_response_id": req.previous_response_id,
+                       "text.format": fmt}, max_tokens=req.max_output_tokens)
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + \
+        _input_messages(req.input)
+    runner, _ = await get_runner(request, req.model)
+    params, cache = plan_request(runner, req.ollama_options(req.max_output_tokens))
+    job = await start_job(runner, lambda: runner.chat_ids(messages, cache, params.max_tokens), params,
+                          cache, True)
+    rid, mid, created = "resp_" + secrets.token_hex(12), "msg_" + secrets.token_hex(12), int(time.time())
+
+    def response(status: str, text: str | None) -> dict:
+        seq = job.seq
+        done = status != "in_progress"
+        item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                "content": [_output_text(text)]}
+        body = {"id": rid, "object": "response", "created_at": created, "status": status,
+                "model": req.model, "output": [item] if done else [], "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+                "temperature": req.temperature, "top_p": req.top_p, "parallel_tool_calls": False,
+                "tool_choice": "none", "tools": [], "store": False}
+        if done:
+            u = usage([job])
+            body["usage"] = {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                             "total_tokens": u["total_tokens"],
+                             "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+                             "output_tokens_details": {"reasoning_tokens": 0}}
+        return body
+
+    def status() -> str:
+        return "incomplete" if job.seq.finish_reason == "length" else "completed"
+
+    if req.stream:
+        return StreamingResponse(_response_events(job, response, status, mid),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        await _finish_all([job], request)
+    except ClientGone:
+        return PlainTextResponse("request canceled", status_code=499)
+    return JSONResponse(response(status(), job.seq.text))
+
+
+def _output_text(text: str | None) -> dict:
+    return {"type": "output_text", "text": text or "", "annotations": []}
+
+
+def _input_messages(items) -> list[dict]:
+    """Chat messages from a Responses ``input``: a string (one user turn) or message items
+    whose content is a string or input_text / output_text parts."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind, role, content = item.get("type", "message"), item.get("role"), item.get("content")
+        if kind != "message" or not isinstance(role, str):
+            raise APIError(400, f"input items of type {kind!r} are not supported: kvslim takes "
+                                f"messages with a role")
+        if isinstance(content, list):
+            bad = sorted({str(p.get("type")) for p in content if isinstance(p, dict)}
+                         - {"input_text", "output_text"})
+            if bad or not all(isinstance(p, dict) for p in content):
+                raise APIError(400, f"content parts of type {', '.join(bad) or '?'} are not supported")
+            content = "".join(str(p.get("text") or "") for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, "a message's content must be a string or a list of text parts")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if not out:
+        raise APIError(400, "input must not be empty")
+    return out
+
+
+async def _response_events(job: Job, response, status, mid: str) -> AsyncIterator[bytes]:
+    """The Responses API's server-sent events for one text message."""
+    seq_no = iter(range(1 << 62))
+
+    def event(kind: str, **fields) -> bytes:
+        body = {"type": kind, "sequence_number": next(seq_no), **fields}
+        return f"event: {kind}\ndata: ".encode() + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    yield event("response.created", response=response("in_progress", None))
+    yield event("response.output_item.added", output_index=0,
+                item={"type": "message", "id": mid, "status": "in_progress", "role": "assistant",
+                      "content": []})
+    yield event("response.content_part.added", part=_output_text(""), **where)
+    text = ""
+    async for item in with_keepalives(outputs_or_error(job)):
+        if item is None:
+            yield b": keep-alive\n\n"
+            continue
+        if isinstance(item, Exception):
+            yield event("error", code=None, message=str(item), param=None)
+            return
+        if item.text:
+            text += item.text
+            yield event("response.output_text.delta", delta=item.text, logprobs=[], **where)
+    yield event("response.output_text.done", text=text, logprobs=[], **where)
+    yield event("response.content_part.done", part=_output_text(text), **where)
+    done = response(status(), text)
+    yield event("response.output_item.done", output_index=0, item=done["output"][0])
+    yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                response=done)
 
 
 def _prompts(prompt) -> list:

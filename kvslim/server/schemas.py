@@ -229,3 +229,14 @@ class OpenAIEmbeddingRequest(_Body):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     options: Options | None = None  # kvslim extension, as in the other /v1 routes
+
+
+class ResponsesRequest(_OpenAIBody):
+    """OpenAI's /v1/responses, text in and out (no tools, no stored conversations)."""
+
+    input: str | list[dict] = Field(union_mode="left_to_right")
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[Any] | None = None
+    previous_response_id: str | None = None
+    text: dict | None = None
