@@ -255,7 +255,6 @@ async def responses(request: Request):
     rid, mid, created = "resp_" + secrets.token_hex(12), "msg_" + secrets.token_hex(12), int(time.time())
 
     def response(status: str, text: str | None) -> dict:
-        seq = job.seq
         done = status != "in_progress"
         item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
                 "content": [_output_text(text)]}
