@@ -50,7 +50,7 @@ class Ticket:
     engine: object = None  # the engine (pool) it runs in
     cancelled: bool = False
     created: float = field(default_factory=time.perf_counter)
-    load_duration: float = 0.0  # pool rebuilt for this request (seconds)
+    load_duration: float = 0.0  # a pool built for this request (seconds)
 
     def send(self, kind: str, value) -> None:
         """Deliver ("out", StepOutput) or ("error", exception) to the handler's loop."""

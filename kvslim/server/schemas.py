@@ -48,7 +48,7 @@ SAMPLING_OPTIONS = ("num_predict", "temperature", "top_k", "top_p", "min_p", "se
 
 
 class Options(_Body):
-    """Ollama's request ``options`` plus kvslim's cache types (a change rebuilds the pool)."""
+    """Ollama's request ``options`` plus kvslim's cache types (each type pair has its own pool)."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
