@@ -10,7 +10,7 @@ decoding.
 
 Throughput: `kvslim serve` runs in a subprocess (KVSLIM_NUM_PARALLEL = the most streams);
 N concurrent streaming /api/generate requests with distinct prose prompts ask for the
-cache type in their options (the server rebuilds its pool between types). Aggregate
+cache type in their options (the server builds a pool per type). Aggregate
 decode tok/s counts the tokens that arrive while all N streams are decoding (from the
 moment the last one got its first token until the first one ends) over that window:
 continuous batching at width N, HTTP included. The floor column is what one batched

@@ -27,6 +27,7 @@ grammar allows, advances the grammar with each one, and stops when the grammar e
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
@@ -37,16 +38,17 @@ from typing import NamedTuple
 import torch
 
 from kvslim.attention import Attention, AttentionPlan, plan_attention
-from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache, window_pages
+from kvslim.cache import DEFAULT_PAGE_SIZE, CacheFull, KVCache, window_pages
 from kvslim.calibration import build_codec
 from kvslim.chat import PromptTooLong, fit_prompt, max_length
 from kvslim.codec import CodecSettings, decide
-from kvslim.sampling import Sampler, SamplingParams
+from kvslim.sampling import Sampler, SamplingParams, token_logprobs
 from kvslim.weights import step_rows
 
 log = logging.getLogger("kvslim")
 
-__all__ = ["Engine", "Sequence", "StepOutput", "PromptTooLong", "DEFAULT_NUM_CTX"]
+__all__ = ["Engine", "Sequence", "StepOutput", "PromptTooLong", "DEFAULT_NUM_CTX", "POOLINGS",
+           "truncate_dimensions"]
 
 # Ollama's default context on machines under 24 GiB of VRAM (and on CPU) is 4k;
 # docs/context-length.mdx: 32k for 24-48 GiB, 256k above. Capped at the model's maximum.
@@ -54,6 +56,7 @@ DEFAULT_NUM_CTX = 4096
 DEFAULT_BATCH_TOKENS = 512
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+POOLINGS = ("mean", "cls", "last")  # how embed() pools a sequence's hidden states
 
 
 def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_lens: list[int],
@@ -77,6 +80,8 @@ class StepOutput(NamedTuple):
     text: str  # text released this step
     finished: bool
     reason: str | None  # "stop" (EOS or stop string), "length", "cancel", "error" (seq.error)
+    # per token of token_ids when params.logprobs is set: (logprob, [(id, logprob)] top-k)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(eq=False)
@@ -118,6 +123,11 @@ class Sequence:
         self._held = ""  # decoded text not released yet (may start a stop string)
         self.cancelled = False
         self.error: Exception | None = None  # why it finished with reason "error"
+        self.logprobs: list = []  # per generated token, when params.logprobs is set
+        # n > 1: the group's sequences; a sibling waits (fork_parent set) until the
+        # parent's prompt is in the cache, then starts as a copy-on-write fork of it
+        self.group: list[Sequence] = [self]
+        self.fork_parent: Sequence | None = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -219,13 +229,15 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     truncate: bool = False, num_ctx: int | None = None,
-                    constraint=None) -> Sequence:
+                    constraint=None, n: int = 1) -> Sequence:
         """Queue a prompt; thread-safe. PromptTooLong if it exceeds num_ctx (unless truncate).
 
         ``num_ctx``: this sequence's context limit (default the engine's, at most the
         model's); sequences with different limits share the pool. ``constraint``: this
         sequence's grammar state (``Grammar.constraint()``, built by the caller so that a
-        first use's tokenizer table is not built in a step), None for free text.
+        first use's tokenizer table is not built in a step), None for free text. ``n`` > 1:
+        ``seq.group`` holds n sequences answering the same prompt, admitted together; the
+        prompt is evaluated once and the others fork its pages (a seed, if given, is seed + i).
         """
         params = params or SamplingParams()
         num_ctx = num_ctx or self.num_ctx
@@ -236,8 +248,22 @@ class Engine:
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else _NoText()
         eog = self.tokenizer.eog_ids if self.tokenizer is not None else set()
         seq = Sequence(next(self._ids), prompt_ids, params, num_ctx, decoder, eog, constraint)
-        if any(n > total for n, total in zip(self._pages_for(seq), self.cache.pages_per_group())):
-            raise ValueError(f"a request of {seq.max_len} tokens cannot fit in the K/V pool "
+        if not 1 <= n <= self.num_parallel:
+            raise ValueError(f"n must be between 1 and the sequences that run at once "
+                             f"({self.num_parallel}), got {n}")
+        if n > 1 and constraint is not None:  # one grammar state cannot follow n answers
+            raise ValueError("n > 1 cannot be combined with format, response_format or tools")
+        for i in range(1, n):
+            seed = params.seed + i if params.seed is not None and params.seed >= 0 else None
+            sib = Sequence(next(self._ids), prompt_ids, dataclasses.replace(params, seed=seed),
+                           num_ctx, self.tokenizer.stream_decoder() if self.tokenizer else _NoText(), eog)
+            sib.fork_parent = seq
+            seq.group.append(sib)
+        for s in seq.group[1:]:
+            s.group = seq.group
+        need = [sum(x) for x in zip(*(self._pages_for(s) for s in seq.group))]
+        if any(k > total for k, total in zip(need, self.cache.pages_per_group())):
+            raise ValueError(f"a request of {n} x {seq.max_len} tokens cannot fit in the K/V pool "
                              f"({self.cache.capacity} tokens)")
         with self._lock:
             self.waiting.append(seq)
@@ -253,9 +279,10 @@ class Engine:
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence and free its pages at the next step; thread-safe."""
         with self._lock:
-            if not seq.cancelled and not seq.finished:
-                seq.cancelled = True
-                self._cancels.append(seq)
+            for s in seq.group if seq.fork_parent is None else [seq]:  # a parent takes its group
+                if not s.cancelled and not s.finished:
+                    s.cancelled = True
+                    self._cancels.append(s)
 
     def reap(self) -> list[StepOutput]:
         """Apply pending cancellations now (free their pages) without running a forward."""
@@ -290,8 +317,12 @@ class Engine:
         return outputs
 
     def _pages_for(self, seq: Sequence, cache_id: int | None = None) -> list[int]:
-        """Pages per cache group that ``seq`` may still take (``KVCache.claim``)."""
-        return self.cache.claim(cache_id, seq.max_len, self.max_batch_tokens)
+        """Pages per cache group that ``seq`` may still take (``KVCache.claim``); a fork's
+        shared last page is copied before it is written: one page more per group."""
+        need = self.cache.claim(cache_id, seq.max_len, self.max_batch_tokens)
+        if len(seq.group) > 1 and seq is not seq.group[0]:
+            need = [k + 1 for k in need]
+        return need
 
     def _room(self) -> list[int]:
         """Free pages per cache group not promised to running sequences."""
@@ -310,16 +341,21 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            while self.waiting and len(self.running) < self.num_parallel:
+            while self.waiting and len(self.running) + len(self.waiting[0].group) <= self.num_parallel:
                 seq = self.waiting[0]
                 cache_id, reused = self._attach(seq)
-                if not self._make_room(self._pages_for(seq, cache_id)):
+                need = [sum(x) for x in zip(*(self._pages_for(s, cache_id if s is seq else None)
+                                              for s in seq.group))]
+                if not self._make_room(need):
                     self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
                 seq.cache_id, seq.n_cached, seq.stats.prompt_cache_count = cache_id, reused, reused
-                seq.status = RUNNING
-                self.running.append(seq)
+                for s in seq.group:
+                    if s is not seq:  # an empty sequence until it forks the parent's prompt
+                        s.cache_id = self.cache.new_sequence()
+                    s.status = RUNNING
+                    self.running.append(s)
 
     def _attach(self, seq: Sequence) -> tuple[int, int]:
         """(cache sequence, tokens reused): a fork of a cached prefix (whole pages, at least
@@ -337,9 +373,10 @@ class Engine:
         while a long one is chunked, and the long one still gets at least
         budget / prefills rows a step (no starvation); alone it gets the whole budget.
         """
-        batch = [(s, 1) for s in self.running if s.pending() == 1]
+        ready = [s for s in self.running if s.fork_parent is None]  # siblings wait for the fork
+        batch = [(s, 1) for s in ready if s.pending() == 1]
         budget = self.max_batch_tokens - len(batch)
-        prefills = sorted((s for s in self.running if s.pending() > 1), key=Sequence.pending)
+        prefills = sorted((s for s in ready if s.pending() > 1), key=Sequence.pending)
         for i, s in enumerate(prefills):
             if budget < 1:
                 break
@@ -372,8 +409,25 @@ class Engine:
                 s.stats.prompt_eval_duration += elapsed
             else:
                 s.stats.eval_duration += elapsed
-        for s, tok in zip(sampled, ids):
-            outputs.append(self._after_sample(s, tok) if isinstance(tok, int) else self._fail(s, tok))
+        for i, (s, tok) in enumerate(zip(sampled, ids)):
+            outputs += self._fork_group(s, logits[i])
+            outputs.append(self._after_sample(s, tok, logits[i]) if isinstance(tok, int)
+                           else self._fail(s, tok))
+        return outputs
+
+    def _fork_group(self, parent: Sequence, logits: torch.Tensor) -> list[StepOutput]:
+        """The parent's prompt is in the cache (its first token sampled from ``logits`` [V]):
+        each waiting sibling becomes a copy-on-write fork of it and samples its own first
+        token from the same logits."""
+        outputs = []
+        for s in parent.group:
+            if s.fork_parent is not parent or s.finished:
+                continue
+            self.cache.free(s.cache_id)
+            s.cache_id, s.n_cached, s.fork_parent = self.cache.fork(parent.cache_id), parent.n_cached, None
+            s.stats.prompt_cache_count = parent.stats.prompt_cache_count
+            tok = self._sample_one(s, logits)
+            outputs.append(self._after_sample(s, tok, logits) if isinstance(tok, int) else self._fail(s, tok))
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
@@ -398,7 +452,11 @@ class Engine:
         self._finish(s, "error")
         return StepOutput(s, [], "", True, "error")
 
-    def _after_sample(self, s: Sequence, tok: int) -> StepOutput:
+    def _after_sample(self, s: Sequence, tok: int, logits: torch.Tensor | None = None) -> StepOutput:
+        lp = None
+        if s.params.logprobs is not None and logits is not None:
+            lp = [token_logprobs(logits, tok, s.params.logprobs)]
+            s.logprobs += lp
         text, reason = s.accept(tok)
         s.stats.eval_count += 1
         if reason is None and len(s.token_ids) > s.max_len:
@@ -407,7 +465,7 @@ class Engine:
         s.text += text
         if reason is not None:
             self._finish(s, reason)
-        return StepOutput(s, [tok], text, reason is not None, reason)
+        return StepOutput(s, [tok], text, reason is not None, reason, lp)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
@@ -440,6 +498,73 @@ class Engine:
             finally:
                 self.cache.free(cid)
         return torch.cat(out)
+
+    # ---------------------------------------------------------------- embeddings
+
+    def embed(self, inputs: list[list[int]], pooling: str = "mean", truncate: bool = True,
+              num_ctx: int | None = None, normalize: bool = True) -> tuple[torch.Tensor, int]:
+        """(vectors [B, d] float32, tokens evaluated): each input's final normed hidden
+        states pooled (``POOLINGS``: mean, cls = first token, last) and L2-normalised
+        (unless ``normalize`` is false: Ollama's legacy /api/embeddings).
+
+        Inputs longer than ``num_ctx`` (default the engine's) keep their first num_ctx
+        tokens, or raise PromptTooLong without ``truncate``. They run between steps as
+        sequences of their own, packed into shared forwards of up to max_batch_tokens
+        rows (a longer input alone, in chunks), and their pages are freed afterwards;
+        CacheFull when the pool has no room for them now.
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        limit = min(num_ctx or self.num_ctx, self.model.config.context_length)
+        ids = [self._embed_ids(list(x), truncate, limit) for x in inputs]
+        pooled = []
+        with self._step_lock:
+            for group in _pack(ids, self.max_batch_tokens):
+                hidden = self._hidden(group)  # [sum of lengths, d]
+                for h in hidden.split([len(x) for x in group]):
+                    pooled.append(h.mean(0) if pooling == "mean" else h[0] if pooling == "cls" else h[-1])
+        vectors = torch.stack(pooled) if pooled else torch.empty(0, self.model.config.d_model)
+        vectors = torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
+        return vectors, sum(map(len, ids))
+
+    def _embed_ids(self, ids: list[int], truncate: bool, limit: int) -> list[int]:
+        if not ids:
+            raise ValueError("an input to embed has no tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if len(ids) > limit and not truncate:
+            raise PromptTooLong(f"the input has {len(ids)} tokens, more than the context "
+                                f"length of {limit} (truncate is false)")
+        return ids[:limit]  # Ollama's truncate keeps the beginning
+
+    def _hidden(self, group: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [T, d] float32 of the group's inputs, each as a fresh
+        sequence (the group halved while the pool has no room for it); the pages are
+        freed whatever happens."""
+        need = [sum(k) for k in zip(*(self.cache.claim(None, len(x), self.max_batch_tokens)
+                                      for x in group))]
+        if not self._make_room(need):
+            if len(group) > 1:  # smaller forwards fit where the whole group does not
+                half = len(group) // 2
+                return torch.cat([self._hidden(group[:half]), self._hidden(group[half:])])
+            raise CacheFull(f"no room in the K/V pool for {sum(map(len, group))} tokens to embed "
+                            f"while {len(self.running)} sequences run")
+        cids = [self.cache.new_sequence() for _ in group]
+        try:
+            if len(group) == 1:  # one input, possibly longer than a step: in chunks
+                x, c = group[0], self.max_batch_tokens
+                return torch.cat([self._forward_hidden(cids, [x[i:i + c]]) for i in range(0, len(x), c)])
+            return self._forward_hidden(cids, group)
+        finally:
+            for cid in cids:
+                self.cache.free(cid)
+
+    def _forward_hidden(self, cids: list[int], parts: list[list[int]]) -> torch.Tensor:
+        step = self.attn.begin(self.cache, cids, [len(p) for p in parts])
+        with step_rows(0):  # every row a prompt row: a text's vector is the same in any batch
+            return self.model.forward(torch.tensor([t for p in parts for t in p]), step, None,
+                                      hidden=True).cpu()
 
     # ---------------------------------------------------------------- reporting
 
@@ -475,6 +600,29 @@ class Engine:
                     "window_pages_total": sum(g.n_pages for g in windows),
                     "window_pages_in_use": sum(g.n_pages - len(g.free) for g in windows)}
         return out
+
+
+def truncate_dimensions(vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+    """vectors [B, d] -> their first ``dimensions`` values [B, dimensions], renormalised
+    (Ollama's ``dimensions``; meaningful for Matryoshka-trained models)."""
+    if dimensions is None:
+        return vectors
+    if not 1 <= dimensions <= vectors.shape[-1]:
+        raise ValueError(f"dimensions must be between 1 and {vectors.shape[-1]}, got {dimensions}")
+    return torch.nn.functional.normalize(vectors[:, :dimensions], dim=-1)
+
+
+def _pack(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Consecutive inputs grouped so that each group holds at most ``budget`` tokens (an
+    input longer than that is a group of its own)."""
+    groups, size = [], budget
+    for x in inputs:
+        if size + len(x) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(x)
+        size += len(x)
+    return groups
 
 
 class _NoText:

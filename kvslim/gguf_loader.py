@@ -111,6 +111,17 @@ def get_key(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
     return f.contents()
 
 
+# llama.cpp's LLAMA_POOLING_TYPE values ({arch}.pooling_type) that embeddings honour
+_POOLING = {1: "mean", 2: "cls", 3: "last"}
+
+
+def pooling_type(reader: gguf.GGUFReader) -> str:
+    """How the file says its embeddings are pooled: mean, cls or last; mean when it
+    declares none (generative models) or a kind without one vector per input."""
+    arch = get_key(reader, "general.architecture", "")
+    return _POOLING.get(get_key(reader, f"{arch}.pooling_type", 1), "mean")
+
+
 # ---------------------------------------------------------------------------
 # Model config
 

@@ -25,8 +25,8 @@ import torch
 from kvslim import models, store
 from kvslim.cache import DEFAULT_PAGE_SIZE
 from kvslim.chat import render_chat
-from kvslim.engine import Engine, Sequence, StepOutput
-from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.engine import Engine, Sequence, StepOutput, truncate_dimensions
+from kvslim.gguf_loader import ModelConfig, open_gguf, pooling_type
 from kvslim.grammar import format_grammar
 from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
@@ -143,6 +143,7 @@ class LLM:
         self.default_options = {("max_tokens" if k == "num_predict" else k): v
                                 for k, v in card.parameters.items() if k != "num_ctx"}
         num_ctx = num_ctx or card.parameters.get("num_ctx")
+        self.pooling = pooling_type(reader)  # how embed() pools (the GGUF's, else mean)
         self.weights_mode = resolve_mode(weights, self.device, compute_dtype(self.device))
         self.model = models.load_model(reader, self.config, self.device,
                                        compute_dtype(self.device), progress=progress,
@@ -292,6 +293,18 @@ class LLM:
         """float32 logits [T, vocab] for every position, computed in chunks through the cache."""
         with self._lock:
             return self.engine.score(list(token_ids))
+
+    def embed(self, texts: str | Seq[str], *, truncate: bool = True,
+              dimensions: int | None = None) -> torch.Tensor:
+        """Embeddings [B, d'] float32 of a text or a list of texts, as Ollama's /api/embed:
+        the final hidden states pooled (``self.pooling``) and L2-normalised; with
+        ``dimensions``, the first d' values renormalised. Inputs share forwards; no
+        K/V pages are kept afterwards."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        ids = [self.tokenize(t) for t in batch]
+        with self._lock:
+            vectors, _ = self.engine.embed(ids, self.pooling, truncate)
+        return truncate_dimensions(vectors, dimensions)
 
     def kv_cache_info(self) -> dict:
         """Effective K/V types, any fallback and its reason, backend, bytes and capacity."""

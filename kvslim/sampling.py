@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "Sampler", "sample", "apply_mask", "NoAllowedToken"]
+__all__ = ["SamplingParams", "Sampler", "sample", "apply_mask", "NoAllowedToken", "token_logprobs",
+           "MAX_TOP_LOGPROBS"]
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's and Ollama's bound on top_logprobs
 
 
 @dataclass
@@ -38,6 +41,7 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k likeliest
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -101,6 +105,8 @@ def _checks(p: SamplingParams) -> list[tuple[str, bool, str]]:
         ("seed", p.seed is None or (whole(p.seed) and SEED_RANGE[0] <= p.seed < SEED_RANGE[1]),
          "must be an integer below 2**64 (negative: a random seed)"),
         ("max_tokens", p.max_tokens is None or whole(p.max_tokens), "must be an integer"),
+        ("logprobs", p.logprobs is None or (whole(p.logprobs) and 0 <= p.logprobs <= MAX_TOP_LOGPROBS),
+         f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
     ]
 
 
@@ -190,3 +196,13 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
     probs = probs[:keep]
     choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
     return int(ids[choice])
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of ``token`` and its ``top`` likeliest (id, logprob),
+    from logits [V] as the model gave them (before penalties and temperature, as
+    OpenAI and Ollama report them)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    best = logp.topk(top) if top else None
+    alts = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return float(logp[token]), alts

@@ -67,3 +67,10 @@ def test_grammar_benchmark_runs(tiny):
     out = run("benchmarks/grammar.py", "--model", tiny, "--repeats", "1", "--engines", "llguidance")
     assert "| llguidance |" in out and "| True |" in out  # every mask allowed the next token
     assert "| uniqueItems | refused |" in out and "| pattern | enforced |" in out
+
+
+def test_embed_fork_benchmark_runs(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    tiny_llama.write(path, tiny_llama.Tiny(ctx=512, tied=False))
+    out = run("benchmarks/embed_fork.py", "--model", path, "--inputs", "3", "--n", "2", "--prompt", "40")
+    assert "min cosine 1.0" in out and "n = 2 answers" in out

@@ -430,11 +430,17 @@ BAD_OPENAI = [
                               "max_tokens": -1}, 400, "max_tokens must be at least 1"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**9}, 400,
      "more than the model can ever generate"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2},
-     400, "n must be 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 5},
+     400, "n must be at most KVSLIM_NUM_PARALLEL (4)"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0},
+     400, "n must be at least 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "options": {"kv_cache_type": "q2"}}, 400,
      "valid types"),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "one string"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, 400, "prompt must not be empty"),
 ]
 
 
@@ -544,25 +550,61 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server):
 # ---------------------------------------------------------------- scheduling and failures
 
 
-def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
+def _ask_generate(url: str, options: dict) -> httpx.Response:
+    return httpx.post(url + "/api/generate", timeout=60, json={
+        "model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 3} | options})
+
+
+def test_other_cache_types_run_side_by_side_in_a_pool_of_their_own(tiny_path):
+    """Memory allows (no KVSLIM_KV_MEMORY): a q8_0 request gets its own pool and answers
+    while a long f16 request (slowed to 50 ms a step) still runs in the f16 pool."""
     with running_server(ServerSettings.from_env({}, num_parallel=2), {"tiny": tiny_path}) as served:
         httpx.post(served.url + "/api/generate", json={"model": "tiny"})
         runner = served.runner("tiny")
+        f16_engine, real_step = runner.engine, runner.engine.step
+
+        def slow_step():
+            time.sleep(0.05)
+            return real_step()
+
+        f16_engine.step = slow_step
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                f16 = pool.submit(_ask_generate, served.url, {"num_predict": 150} | GREEDY)
+                wait_until(lambda: f16_engine.running, what="the f16 request running")
+                q8 = _ask_generate(served.url, {"kv_cache_type": "q8_0"})
+                assert q8.status_code == 200 and q8.json()["load_duration"] > 0  # its pool's build
+                assert f16_engine.running and not f16.done()  # side by side
+                pools = ps_model(served.url, "tiny")["kv_pools"]
+                assert sorted((p["type_k"], p["running"]) for p in pools) == [("f16", 1), ("q8_0", 0)]
+            finally:
+                f16_engine.step = real_step
+            assert f16.result().status_code == 200
+        assert runner.scheduler.counters["rebuilds"] == 1
+        m = ps_model(served.url, "tiny")
+        assert m["size"] == runner.weight_bytes + sum(p["bytes"] for p in m["kv_pools"])
+
+
+def test_other_cache_types_wait_when_the_budget_holds_one_pool(tiny_path):
+    """KVSLIM_KV_MEMORY is one budget for all the model's pools: the f16 pool fills it, so
+    a q8_0 request waits for the running f16 one, then the idle f16 pool is dropped for
+    its pool; a request that sets nothing after it gets the server's f16 back."""
+    t = tiny_llama.Tiny()
+    budget = 8 * _page_bytes(t.n_layers, t.n_kv_heads, t.head_dim, "f16", "f16", 64)
+    settings = ServerSettings.from_env({"KVSLIM_KV_MEMORY": str(budget)}, num_parallel=2)
+    with running_server(settings, {"tiny": tiny_path}) as served:
+        httpx.post(served.url + "/api/generate", json={"model": "tiny"})
+        runner = served.runner("tiny")
         gate = StepGate(runner)
-
-        def ask(options: dict) -> httpx.Response:
-            return httpx.post(served.url + "/api/generate", timeout=60, json={
-                "model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 3} | options})
-
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             try:
-                f16 = pool.submit(ask, {})
+                f16 = pool.submit(_ask_generate, served.url, {})
                 wait_until(lambda: runner.engine.waiting, what="the f16 request in the engine")
-                q8 = pool.submit(ask, {"kv_cache_type": "q8_0"})
+                q8 = pool.submit(_ask_generate, served.url, {"kv_cache_type": "q8_0"})
                 wait_until(lambda: runner.scheduler.waiting() == 2, what="the q8_0 request queued")
-                default = pool.submit(ask, {})  # sets nothing: the server's f16, after the q8_0 one
+                default = pool.submit(_ask_generate, served.url, {})  # behind the q8_0 one
                 wait_until(lambda: runner.scheduler.waiting() == 3, what="the third request queued")
-                assert runner.cache_config.type_k == "f16"
+                assert runner.cache_config.type_k == "f16" and len(runner.pools) == 1
             finally:
                 gate.open()
             results = [f.result() for f in (f16, q8, default)]
@@ -570,6 +612,7 @@ def test_other_cache_settings_wait_for_the_running_ones_then_rebuild(tiny_path):
         assert results[1].json()["load_duration"] > 0  # the rebuild is its load time
         assert results[2].json()["load_duration"] > 0  # and the rebuild back
         assert runner.cache_config.type_k == "f16" and runner.scheduler.counters["rebuilds"] == 2
+        assert len(runner.pools) == 1 and runner.engine.cache.nbytes <= budget
 
 
 def test_a_pool_too_large_for_memory_is_refused_not_allocated(server, monkeypatch):

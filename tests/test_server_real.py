@@ -123,3 +123,36 @@ def test_shared_system_prompt_is_served_from_the_prefix_cache(served):
     assert first["prompt_eval_count"] > 128
     assert again["prompt_cache_count"] >= 128 and again["message"] == first["message"]
     assert other["prompt_cache_count"] >= 64
+
+
+# ---------------------------------------------------------------- embeddings and OpenAI details
+
+PAIRS = ["The cat sat on the mat.", "A kitten was sitting on the rug.",
+         "Stock markets fell sharply today.", "Investors sold shares as prices dropped.",
+         "How do I bake bread?", "What is a good recipe for a loaf of bread?"]
+
+
+def test_embeddings_rank_each_sentence_nearest_its_paraphrase(served, client, oai):
+    import numpy as np
+
+    v = np.array(client.embed(model="smollm2", input=PAIRS).embeddings)
+    cos = v @ v.T
+    np.fill_diagonal(cos, -1)
+    assert list(cos.argmax(1)) == [1, 0, 3, 2, 5, 4]
+    o = np.array([d.embedding for d in oai.embeddings.create(model="smollm2", input=PAIRS[:2]).data])
+    assert (o * v[:2]).sum(1).min() > 0.9999  # another batch: the same vectors to rounding
+    wait_until(lambda: settled(served.url, "smollm2"), what="no sequence pages")
+
+
+def test_n_answers_and_logprobs_with_smollm2(served, oai):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    one = oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0,
+                                      logprobs=True, top_logprobs=2,
+                                      extra_body={"options": {"repeat_penalty": 1.0}})
+    four = oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, n=4,
+                                       temperature=0, extra_body={"options": {"repeat_penalty": 1.0}})
+    assert [c.message.content for c in four.choices] == [one.choices[0].message.content] * 4
+    content = one.choices[0].logprobs.content
+    assert len(content) == one.usage.completion_tokens
+    assert all(e.top_logprobs[0].token == e.token and e.logprob <= 0 for e in content)
+    wait_until(lambda: settled(served.url, "smollm2"), what="no sequence pages")

@@ -103,12 +103,13 @@ class Gemma3(Decoder):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step,
-                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+                logit_rows: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Run one step, appending its K/V to ``step.cache`` through ``step.attn`` (as
-        ``Llama.forward``): tokens [N], logit_rows [R] or None -> logits [R, V] float32."""
-        return self._forward(tokens.to(self.device), step, logit_rows)
+        ``Llama.forward``): tokens [N], logit_rows [R] or None -> logits [R, V] float32
+        (``hidden``: the final normed hidden states [R, d])."""
+        return self._forward(tokens.to(self.device), step, logit_rows, hidden)
 
-    def _forward(self, tokens, step, logit_rows):
+    def _forward(self, tokens, step, logit_rows, hidden=False):
         eps = self.config.rms_eps
         pos = step.positions.to(self.device)  # [N]
         ropes = {"local": self.rope_local.at(pos), "global": self.rope_global.at(pos)}
@@ -125,6 +126,8 @@ class Gemma3(Decoder):
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]  # [R, d]
         x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+        if hidden:
+            return x.float()  # [R, d]
         logits = self.output(x).float()  # [R, V]
         cap = self.config.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits

@@ -86,11 +86,12 @@ class Llama(Decoder):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step,
-                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+                logit_rows: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Run one step, appending its K/V to ``step.cache`` through ``step.attn``.
 
         tokens [N] (packed like ``step.q_lens``), logit_rows [R] row indices or None for
-        all -> logits [R, V] float32. The step's slots are reserved already
+        all -> logits [R, V] float32, or with ``hidden`` the final normed hidden states
+        [R, d] float32 (what embeddings pool). The step's slots are reserved already
         (``Attention.begin``); on an error the caller rolls the step back.
         """
         eps = self.config.rms_eps
@@ -105,6 +106,8 @@ class Llama(Decoder):
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]  # [R, d]
         x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+        if hidden:
+            return x.float()  # [R, d]
         return self.output(x).float()  # [R, V]
 
     def _attention(self, h, i, layer, step, cos, sin):

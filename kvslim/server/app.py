@@ -58,8 +58,6 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 # real routes, so a route that gets implemented takes over from its entry here.
 UNSUPPORTED = {
     "/api/push": ["POST"], "/api/blobs/{digest}": ["HEAD", "POST"],
-    "/api/embed": ["POST"], "/api/embeddings": ["POST"],
-    "/v1/embeddings": ["POST"], "/v1/responses": ["POST"],
 }
 
 

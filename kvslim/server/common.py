@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kvslim.engine import StepOutput
+from kvslim.engine import StepOutput, truncate_dimensions
 from kvslim.sampling import SamplingParams
 from kvslim.server.models import Registry, Runner
 from kvslim.server.scheduler import Job
@@ -182,14 +183,15 @@ def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[Samp
 
 
 async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: CacheRequest,
-                    truncate: bool, grammar=None) -> Job:
-    """Tokenize (in a worker thread), check the request fits, and queue it; the runner's
-    claim (``get_runner``) ends here either way. ``grammar`` (``kvslim.grammar``): the
-    sequence's parser starts in the worker thread too, not in the scheduler's steps."""
+                    truncate: bool, grammar=None, n: int = 1) -> Job:
+    """Tokenize (in a worker thread), check the request fits, and queue it (``n`` answers
+    to the prompt); the runner's claim (``get_runner``) ends here either way. ``grammar``
+    (``kvslim.grammar``): the sequence's parser starts in the worker thread too, not in
+    the scheduler's steps."""
     try:
         try:
             ids = await run_in_threadpool(ids_fn)
-            runner.check_request(ids, params, cache, truncate)
+            runner.check_request(ids, params, cache, truncate, n)
             constraint = None if grammar is None else \
                 await run_in_threadpool(grammar.constraint, runner.tokenizer)
         except ValueError as e:
@@ -198,9 +200,68 @@ async def start_job(runner: Runner, ids_fn, params: SamplingParams, cache: Cache
         if limit is not None and len(ids) > limit:
             raise APIError(413, f"the prompt has {len(ids):,} tokens, more than the limit of "
                                 f"{limit:,} (KVSLIM_MAX_PROMPT_TOKENS)")
-        return Job.start(runner.scheduler, ids, params, cache, truncate, constraint)
+        return Job.start(runner.scheduler, ids, params, cache, truncate, constraint, n)
     finally:
         runner.release()
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def embed_inputs(runner: Runner, inputs: list, options: Options | None, *,
+                       truncate: bool = True, dimensions: int | None = None,
+                       normalize: bool = True) -> tuple[list, int]:
+    """(vectors as lists, tokens evaluated) of texts or token-id lists, in the runner's
+    default pool between its steps; the runner's claim (``get_runner``) ends here.
+    ``options.num_ctx`` bounds each input (clamped to the model's)."""
+    try:
+        try:
+            num_ctx = runner.cache_request(num_ctx=options.num_ctx if options else None).num_ctx
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        limit = security.current().max_prompt_tokens
+
+        def work():
+            ids = [runner.text_ids(x) if isinstance(x, str) else list(x) for x in inputs]
+            if limit is not None and any(len(x) > limit for x in ids):
+                raise APIError(413, f"an input has more than {limit:,} tokens "
+                                    f"(KVSLIM_MAX_PROMPT_TOKENS)")
+            vectors, n = runner.embed(ids, truncate, num_ctx, normalize)
+            return truncate_dimensions(vectors, dimensions).tolist(), n
+
+        try:
+            return await run_in_threadpool(work)
+        except ValueError as e:  # too long without truncate, bad ids, bad dimensions
+            raise APIError(400, str(e)) from None
+    finally:
+        runner.release()
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def token_text(tokenizer, tid: int) -> tuple[str, list[int]]:
+    """A token's text (invalid UTF-8 of a partial character replaced) and its bytes."""
+    raw = tokenizer.token_to_piece(tid)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps: list) -> list[dict]:
+    """Entries of token, logprob, bytes and top_logprobs (OpenAI's ``logprobs.content``
+    and Ollama's ``logprobs``) for tokens ``ids`` and their ``Sequence.logprobs``."""
+    def entry(tid: int, lp: float) -> dict:
+        text, raw = token_text(tokenizer, tid)
+        return {"token": text, "logprob": lp, "bytes": raw}
+    return [entry(t, lp) | {"top_logprobs": [entry(i, p) for i, p in top]}
+            for t, (lp, top) in zip(ids, lps)]
+
+
+def with_logprobs(params: SamplingParams, top: int | None) -> SamplingParams:
+    """``params`` asking for each token's logprob and ``top`` alternatives (None: off)."""
+    try:
+        return dataclasses.replace(params, logprobs=top)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
 
 
 # ---------------------------------------------------------------- answers
@@ -212,7 +273,7 @@ async def collect(job: Job, request: Request) -> str:
         return "".join([out.text async for out in job.outputs()])
 
     answer = asyncio.ensure_future(drain())
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -223,7 +284,8 @@ async def collect(job: Job, request: Request) -> str:
     return answer.result()
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 

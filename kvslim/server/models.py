@@ -1,12 +1,14 @@
 """Loaded models: weights, tokenizer and the K/V pool each one serves from, by name.
 
-A ``Runner`` is one loaded model with its current engine (paged pool) and the scheduler
-thread that steps it. The pool is sized from ``KVSLIM_KV_MEMORY`` in exact page bytes,
-or the server's num_ctx x num_parallel. A request's num_ctx limits its own sequence in
-that pool (requests with different num_ctx run side by side). A request asking for other
-cache types, or leaving them out while the pool holds another request's types, waits
-for the running sequences to finish; the pool is then rebuilt (``CacheRequest``): the
-weights stay, the old pool and its cached prefixes are dropped.
+A ``Runner`` is one loaded model with its engines (one paged pool per cache type pair and
+coding, ``CacheConfig``) and the scheduler thread that steps them. A pool is sized from
+``KVSLIM_KV_MEMORY`` in exact page bytes, or the server's num_ctx x num_parallel. A
+request's num_ctx limits its own sequence in its pool (requests with different num_ctx
+run side by side). A request asking for other cache types gets a pool of its own beside
+the others when the memory allows (``KVSLIM_KV_MEMORY``, one budget for all the model's
+pools, and the device's free memory; at most ``MAX_POOLS``), idle pools being dropped
+(least recently used first) to make room; otherwise it waits for the busy pools to
+finish. The weights stay; a dropped pool takes its cached prefixes with it.
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ import torch
 
 from kvslim import formats, store
 from kvslim.attention import plan_attention
-from kvslim.cache import DEFAULT_PAGE_SIZE, KVCache, window_pages
+from kvslim.cache import DEFAULT_PAGE_SIZE, CacheFull, KVCache, window_pages
 from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_chat
 from kvslim.engine import DEFAULT_BATCH_TOKENS, Engine
-from kvslim.gguf_loader import ModelConfig, open_gguf
+from kvslim.gguf_loader import ModelConfig, open_gguf, pooling_type
 from kvslim.models import load_model
 from kvslim.prefix import PrefixCache
 from kvslim.server.scheduler import Scheduler
@@ -41,6 +43,7 @@ __all__ = ["Runner", "Registry", "model_details"]
 HANDOFF_S = 10.0  # a claim (get() to the job's submit) keeps an idle model loaded this long at most
 FOREVER_S = 292 * 365.25 * 86400  # what Ollama's "forever" expiry (now + max int64 ns) shows
 REAP_POLL_S = 0.25  # how often a busy model with a finite keep_alive is checked
+MAX_POOLS = 4  # K/V pools (type pairs) of one model side by side, within the memory budget
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -84,13 +87,16 @@ class Runner:
                                 progress=False, weights=settings.weights)
         self.weight_bytes = self.model.weight_bytes  # as held in memory (blocks, or dequantized)
         self.page_size = DEFAULT_PAGE_SIZE
-        self.engine: Engine | None = None
+        self.pooling = pooling_type(reader)  # how embeddings are pooled
+        self.lock = threading.RLock()  # guards pools: built, dropped, used for embeddings
+        self.pools: dict[CacheConfig, Engine] = {}  # one per type pair and coding
+        self._used: dict[CacheConfig, float] = {}  # when each pool last took a request
         # the server's defaults: what a request that sets nothing gets
         self.num_ctx = resolve_num_ctx(card.parameters.get("num_ctx") or settings.num_ctx,
                                        self.config.context_length, self.device, settings.env)
         self.defaults = CacheConfig(settings.cache_type_k, settings.cache_type_v, settings.codec)
-        self.cache_config = self.defaults  # what the pool is built with now
-        self.engine = self.build(self.cache_config)
+        self.cache_config = self.defaults  # the pool that took the latest request
+        self.add_pool(self.defaults)
         self.load_duration = time.perf_counter() - t0
         self.loaded_at = time.time()
         self.keep_alive = settings.keep_alive  # seconds it stays loaded once idle (inf: forever)
@@ -161,69 +167,121 @@ class Runner:
         return pages
 
     def check_memory(self, cfg: CacheConfig) -> int:
-        """Pages of a pool for ``cfg``; PoolTooLarge when it cannot fit in free memory
-        (the current pool counts as free: it is dropped first)."""
+        """Pages of a pool for ``cfg``; PoolTooLarge when it cannot fit even with every
+        other pool of this model dropped."""
         n_pages = self.n_pages(cfg)
         need = n_pages * self.page_bytes(cfg) + self.window_bytes(cfg)
-        old = self.engine.cache.nbytes if self.engine is not None and self.engine.cache else 0
-        free = _available_memory(self.device)
-        if free is not None and need > free + old:
+        room = self._room(list(self.pools))
+        if room is not None and need > room:
             raise PoolTooLarge(f"a K/V pool of {need:,} bytes ({n_pages} pages, num_ctx "
                                f"{self.num_ctx}, K {cfg.type_k} / V {cfg.type_v}) does not fit in "
-                               f"the {free + old:,} bytes free on {self.device}; lower num_ctx, "
+                               f"the {room:,} bytes free on {self.device}; lower num_ctx, "
                                f"KVSLIM_NUM_PARALLEL or KVSLIM_KV_MEMORY, or use a smaller type")
         return n_pages
 
-    def check_request(self, ids: list[int], params, cache: CacheRequest, truncate: bool) -> None:
+    def _room(self, dropped: list[CacheConfig]) -> int | None:
+        """Bytes a new pool may take once the pools ``dropped`` are freed: what is left of
+        KVSLIM_KV_MEMORY (one budget for all of the model's pools) and of the device's free
+        memory; None when neither is known."""
+        held = sum(e.cache.nbytes for e in self.pools.values())
+        freed = sum(self.pools[c].cache.nbytes for c in dropped)
+        limits = [] if (free := _available_memory(self.device)) is None else [free + freed]
+        if self.settings.kv_memory is not None:
+            limits.append(self.settings.kv_memory - held + freed)
+        return min(limits) if limits else None
+
+    def check_request(self, ids: list[int], params, cache: CacheRequest, truncate: bool,
+                      n: int = 1) -> None:
         """ValueError when a request can never run in the pool it needs: a prompt longer
         than its num_ctx (without truncation) or more tokens than the whole pool holds
-        (one that fits waits for its pages)."""
+        (one that fits waits for its pages); ``n`` answers need n times the pages."""
         num_ctx, cfg = cache.num_ctx, cache.pool
         n_prompt = len(fit_prompt(ids, num_ctx=num_ctx, vocab_size=self.config.vocab_size,
                                   model_max=self.config.context_length, truncate=truncate,
                                   max_tokens=params.max_tokens, bos_id=self.tokenizer.bos_id))
         max_len = max_length(n_prompt, num_ctx, params.max_tokens)
         n_pages = self.n_pages(cfg)
-        if -(-max_len // self.page_size) > n_pages:
-            raise ValueError(f"a request of up to {max_len} tokens (num_ctx {num_ctx}) can never "
+        if n > self.settings.num_parallel:
+            raise ValueError(f"n must be at most KVSLIM_NUM_PARALLEL ({self.settings.num_parallel}), "
+                             f"got {n}")
+        if n * -(-max_len // self.page_size) > n_pages:
+            raise ValueError(f"a request of {n} x up to {max_len} tokens (num_ctx {num_ctx}) can never "
                              f"fit in the K/V pool ({n_pages * self.page_size} tokens: the server's "
                              f"num_ctx x KVSLIM_NUM_PARALLEL, or KVSLIM_KV_MEMORY); lower "
                              f"num_predict or num_ctx")
-        if cfg != self.cache_config:
+        if cfg not in self.pools:
             self.check_memory(cfg)
 
-    def build(self, cfg: CacheConfig) -> Engine:
-        """A new engine (and pool) for ``cfg``; the current one is dropped first.
+    # ---------------------------------------------------------------- the pools
 
-        PoolTooLarge, before anything is freed, when the pool cannot fit in free memory.
-        """
-        n_pages = self.check_memory(cfg)
-        if self.engine is not None:
-            self.engine.cache = None  # the old pool goes before the new one is allocated
-        prefix = PrefixCache(self.page_size) if self.settings.prefix_cache else None
-        engine = Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
-                        flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
-                        num_parallel=self.settings.num_parallel, page_size=self.page_size,
-                        n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
-        self.cache_config = cfg
+    @property
+    def engine(self) -> Engine | None:
+        """The pool that took the latest request (the server's types until one asks for others)."""
+        return self.pools.get(self.cache_config)
+
+    def engines(self) -> list[Engine]:
+        return list(self.pools.values())  # one C-level copy: no lock, never waits on an embed
+
+    def engine_for(self, cfg: CacheConfig) -> Engine | None:
+        """The pool for ``cfg`` if there is one, marked as used now."""
+        engine = self.pools.get(cfg)
+        if engine is not None:
+            self.cache_config, self._used[cfg] = cfg, time.monotonic()
         return engine
 
-    def switch(self, cfg: CacheConfig) -> float:
-        """Rebuild the pool for ``cfg`` (the engine must be idle); seconds it took.
-
-        On failure the previous configuration is rebuilt and the error raised.
-        """
-        t0, previous = time.perf_counter(), self.cache_config
-        try:
-            self.engine = self.build(cfg)
-        except PoolTooLarge:
-            raise  # nothing was freed
-        except Exception:
-            self.engine = self.build(previous)
-            raise
-        log.info("%s: K/V pool rebuilt: K %s / V %s, %s", self.name, cfg.type_k, cfg.type_v,
-                 cfg.codec)
+    def add_pool(self, cfg: CacheConfig, busy: set[CacheConfig] = frozenset()) -> float | None:
+        """Build a pool for ``cfg`` beside the others when the budget has room, dropping
+        idle pools (least recently used first, never one in ``busy`` or with work) when
+        that makes room; seconds it took, or None when busy pools hold the room (wait for
+        them). PoolTooLarge when it could never fit; nothing is dropped then."""
+        t0 = time.perf_counter()
+        with self.lock:
+            n_pages = self.check_memory(cfg)
+            need = n_pages * self.page_bytes(cfg)
+            idle = sorted((c for c, e in list(self.pools.items()) if c not in busy and not e.has_work()),
+                          key=lambda c: self._used.get(c, 0.0))  # least recently used first
+            dropped: list[CacheConfig] = []
+            while len(self.pools) - len(dropped) >= MAX_POOLS or \
+                    (room := self._room(dropped)) is not None and need > room:
+                if len(dropped) == len(idle):
+                    return None
+                dropped.append(idle[len(dropped)])
+            for c in dropped:
+                self.pools.pop(c).cache = None
+                log.info("%s: idle K/V pool K %s / V %s dropped for K %s / V %s", self.name,
+                         c.type_k, c.type_v, cfg.type_k, cfg.type_v)
+            try:
+                self.pools[cfg] = self._new_engine(cfg, n_pages)
+            except BaseException:
+                if not self.pools:  # never leave the model without a pool
+                    self.pools[self.defaults] = self._new_engine(self.defaults, self.n_pages(self.defaults))
+                    self.cache_config = self.defaults
+                raise
+            self.cache_config, self._used[cfg] = cfg, time.monotonic()
+        log.info("%s: K/V pool built: K %s / V %s, %s (%d pools)", self.name, cfg.type_k,
+                 cfg.type_v, cfg.codec, len(self.pools))
         return time.perf_counter() - t0
+
+    def _new_engine(self, cfg: CacheConfig, n_pages: int) -> Engine:
+        prefix = PrefixCache(self.page_size) if self.settings.prefix_cache else None
+        return Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
+                      flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
+                      num_parallel=self.settings.num_parallel, page_size=self.page_size,
+                      n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
+
+    def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int,
+              normalize: bool = True) -> tuple[torch.Tensor, int]:
+        """``Engine.embed`` in the server's default pool (else the latest), between its
+        steps; ServerBusy when that pool has no room for the inputs now."""
+        with self.lock:  # no pool is dropped meanwhile
+            engine = self.pools.get(self.defaults) or self.engine
+            if engine is None:
+                raise ServerBusy(f"model '{self.name}' has no K/V pool right now; try again")
+            try:
+                return engine.embed(inputs, self.pooling, truncate, num_ctx, normalize)
+            except CacheFull as e:
+                raise ServerBusy(str(e)) from None
+
 
     # ---------------------------------------------------------------- keep_alive
 
@@ -272,11 +330,18 @@ class Runner:
     # ---------------------------------------------------------------- reporting
 
     def status(self) -> dict:
-        """The pool's state: bytes, types, backend and which pages are held by what.
+        """The latest used pool's state (bytes, types, backend, which pages are held by what),
+        with ``pools``: the same for every pool of the model.
 
         Called by the scheduler thread between steps (nothing moves meanwhile).
         """
-        e = self.engine
+        pools = [self._pool_status(e) for e in self.engines()]
+        engine = self.engine
+        latest = self._pool_status(engine) if engine is not None else pools[-1]
+        return latest | {"pools": pools}
+
+    @staticmethod
+    def _pool_status(e: Engine) -> dict:
         info = e.cache_info()
         seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_id)}
         prefix = e.prefix_cache
@@ -292,7 +357,8 @@ class Runner:
 
     def close(self) -> None:
         self.scheduler.stop()
-        self.engine = None
+        with self.lock:
+            self.pools.clear()
 
 
 class Registry:

@@ -1,5 +1,5 @@
-"""Ollama's REST API (docs/api.md): generate, chat, tags, show, pull, delete, copy, create,
-ps, version.
+"""Ollama's REST API (docs/api.md): generate, chat, embed, embeddings, tags, show, pull,
+delete, copy, create, ps, version.
 
 Responses carry Ollama's fields and final statistics (durations in nanoseconds), plus
 ``prompt_cache_count``: prompt tokens whose K/V came from the prefix cache instead of
@@ -23,12 +23,14 @@ from starlette.concurrency import run_in_threadpool
 import kvslim
 from kvslim import modelfile, store
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.server.common import (APIError, ClientGone, collect, get_runner, keep_alive_seconds, ns,
-                                  outputs_or_error, plan_request, registry, read_json, start_job,
-                                  timestamp, with_keepalives)
+from kvslim.server.common import (APIError, ClientGone, chat_logprobs, collect, embed_inputs,
+                                  get_runner, keep_alive_seconds, ns, outputs_or_error, plan_request,
+                                  registry, read_json, start_job, timestamp, with_keepalives,
+                                  with_logprobs)
 from kvslim.server.models import Runner, model_details
 from kvslim.server.scheduler import Job
-from kvslim.server.schemas import ChatRequest, CopyRequest, CreateRequest, GenerateRequest, ModelRequest
+from kvslim.server.schemas import (ChatRequest, CopyRequest, CreateRequest, EmbeddingsRequest,
+                                   EmbedRequest, GenerateRequest, ModelRequest)
 from kvslim.server.structured import history_message, ollama_format, ollama_tool_calls, plan_tools
 
 router = APIRouter()
@@ -113,8 +115,9 @@ def final_stats(job: Job, load: float) -> dict:
     }
 
 
-async def _ndjson(job: Job, piece, final, tools=None) -> AsyncIterator[bytes]:
-    """One JSON object per line: a piece per text output, then the final statistics.
+async def _ndjson(job: Job, piece, final, logprobs, tools=None) -> AsyncIterator[bytes]:
+    """One JSON object per line: a piece per text output (with its tokens' ``logprobs``
+    when asked), then the final statistics.
 
     While nothing comes (a long prefill), an empty piece now and then keeps proxies from
     closing the stream: Ollama's clients parse every line as JSON (a blank line breaks
@@ -129,8 +132,8 @@ async def _ndjson(job: Job, piece, final, tools=None) -> AsyncIterator[bytes]:
             yield _line({"error": str(out)})
             return
         text = tools.push(out.text) if tools is not None and out.text else out.text
-        if text:
-            yield _line(piece(text))
+        if text or out.logprobs:
+            yield _line(piece(text) | logprobs(out.token_ids, out.logprobs))
         if out.finished:
             if tools is not None:
                 text, calls = tools.finish()
@@ -144,14 +147,23 @@ def _line(obj: dict) -> bytes:
 
 
 async def _answer(request: Request, job: Job, stream: bool, piece, final, whole,
-                  tools=None) -> object:
+                  tokenizer, tools=None) -> object:
+    def logprobs(ids: list[int], lps: list | None) -> dict:
+        return {"logprobs": chat_logprobs(tokenizer, ids, lps or [])} \
+            if job.ticket.params.logprobs is not None else {}
+
     if stream:
-        return StreamingResponse(_ndjson(job, piece, final, tools), media_type=NDJSON)
+        return StreamingResponse(_ndjson(job, piece, final, logprobs, tools), media_type=NDJSON)
     try:
         text = await collect(job, request)
     except ClientGone:
         return PlainTextResponse("request canceled", status_code=499)
-    return JSONResponse(whole(text))
+    return JSONResponse(whole(text) | logprobs(job.seq.output_ids, job.seq.logprobs))
+
+
+def _logprobs(req) -> int | None:
+    """Ollama's ``logprobs`` / ``top_logprobs`` as SamplingParams.logprobs."""
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 @router.post("/api/generate")
@@ -169,6 +181,7 @@ async def generate(request: Request):
     grammar = ollama_format(req.format)
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
+    params = with_logprobs(params, _logprobs(req))
     job = await start_job(runner, lambda: _generate_ids(runner, req), params, cache, req.truncate,
                           grammar)
 
@@ -182,7 +195,7 @@ async def generate(request: Request):
         return body
 
     return await _answer(request, job, req.stream, lambda text: head(response=text, done=False),
-                         final, final)
+                         final, final, runner.tokenizer)
 
 
 def _generate_ids(runner: Runner, req: GenerateRequest) -> list[int]:
@@ -211,6 +224,7 @@ async def chat(request: Request):
     grammar, tools = ollama_format(req.format), plan_tools(req.tools)
     runner, load = await get_runner(request, req.model, req.keep_alive)
     params, cache = plan_request(runner, req.options)
+    params = with_logprobs(params, _logprobs(req))
     messages = [history_message(m.role, m.content, m.tool_calls, tool_name=m.tool_name)
                 for m in req.messages]
     fit = cache if req.truncate else None  # truncate false: a long chat is a 400
@@ -229,7 +243,46 @@ async def chat(request: Request):
 
     return await _answer(request, job, req.stream,
                          lambda text, calls=None: head(text, calls, done=False),
-                         lambda: head("") | final_stats(job, load), whole, tools.stream())
+                         lambda: head("") | final_stats(job, load), whole, runner.tokenizer,
+                         tools.stream())
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+@router.post("/api/embed")
+async def embed(request: Request):
+    """Vectors of ``input`` (a string or a list): pooled final hidden states, L2-normalised;
+    ``dimensions`` keeps the first values (renormalised); ``truncate`` false makes an input
+    longer than num_ctx a 400 instead of cutting its end."""
+    t0 = time.perf_counter()
+    req = await read_json(request, EmbedRequest)
+    if not req.model:
+        raise APIError(400, "model is required")
+    registry(request).resolve(req.model)
+    inputs = [req.input] if isinstance(req.input, str) and req.input else \
+        [] if isinstance(req.input, str) else req.input
+    runner, load = await get_runner(request, req.model, req.keep_alive)
+    vectors, n = await embed_inputs(runner, inputs, req.options, truncate=req.truncate,
+                                    dimensions=req.dimensions)
+    return {"model": req.model, "embeddings": vectors,
+            "total_duration": ns(time.perf_counter() - t0), "load_duration": ns(load),
+            "prompt_eval_count": n}
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request):
+    """Ollama's older route: one ``prompt``, its vector as the model gives it (not normalised)."""
+    req = await read_json(request, EmbeddingsRequest)
+    if not req.model:
+        raise APIError(400, "model is required")
+    registry(request).resolve(req.model)
+    runner, _ = await get_runner(request, req.model, req.keep_alive)
+    if not req.prompt:  # Ollama answers an empty prompt with an empty vector
+        runner.release()
+        return {"embedding": []}
+    vectors, _ = await embed_inputs(runner, [req.prompt], req.options, normalize=False)
+    return {"embedding": vectors[0]}
 
 
 # ---------------------------------------------------------------- models
@@ -431,7 +484,7 @@ async def ps(request: Request):
 def ps_entry(reg, runner: Runner) -> dict:
     """Ollama's running-model entry, plus the K/V pool, attention path and request counts."""
     snap = runner.scheduler.snapshot
-    size = runner.weight_bytes + snap["bytes"]
+    size = runner.weight_bytes + sum(p["bytes"] for p in snap["pools"])
     on_cpu = runner.device.type == "cpu"
     counters = dict(runner.scheduler.counters)
     return {
@@ -440,19 +493,25 @@ def ps_entry(reg, runner: Runner) -> dict:
         "size_vram": 0 if on_cpu else size, "context_length": snap["num_ctx"],
         "expires_at": timestamp(runner.expires_at()),
         "device": snap["device"], "num_parallel": snap["num_parallel"],
-        "kv_cache": {k: snap[k] for k in (
-            "type_k", "type_v", "requested_k", "requested_v", "fallback", "reason", "bytes",
-            "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
-            "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
-            "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
-            "kv_rounding", "kv_codec_note")}
-        | {k: snap[k] for k in ("window", "window_bytes_per_sequence", "window_pages_total",
-                                "window_pages_in_use") if k in snap},
+        "kv_cache": _kv_cache(snap),  # the pool that took the latest request
+        "kv_pools": [_kv_cache(p) | {"running": p["running"], "waiting": p["waiting"]}
+                     for p in snap["pools"]],  # every pool (type pair) of the model
         "attention": {"backend": snap["backend"], "fused": snap["fused"],
                       "flash_attn": snap["flash_attn"]},
         "requests": {"running": snap["running"], "waiting": runner.scheduler.waiting(),
                      **counters},
     }
+
+
+def _kv_cache(pool: dict) -> dict:
+    return {k: pool[k] for k in (
+        "type_k", "type_v", "requested_k", "requested_v", "fallback", "reason", "bytes",
+        "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
+        "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
+        "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
+        "kv_rounding", "kv_codec_note")} \
+        | {k: pool[k] for k in ("window", "window_bytes_per_sequence", "window_pages_total",
+                                "window_pages_in_use") if k in pool}
 
 
 @router.get("/api/version")

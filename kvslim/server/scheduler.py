@@ -5,10 +5,12 @@ outputs from an asyncio queue through a ``Job``. The thread moves tickets into t
 engine between steps, runs ``engine.step()`` while there is work (one batched forward
 over every running sequence) and hands each output to its ticket's event loop.
 
-Tickets wait in one FIFO. The head joins the engine when the pool has the cache types
-it needs (its num_ctx is its own sequence's limit, any value shares the pool); when it
-needs other types, the tickets behind it wait too, the running sequences finish, and the
-pool is rebuilt for it: one client's cache never changes under another.
+Tickets wait in one FIFO. A ticket joins the engine of the pool with the cache types it
+needs (its num_ctx is its own sequence's limit, any value shares the pool). The first one
+whose types have no pool yet gets one built beside the others when the memory allows
+(idle pools may be dropped for it); while busy pools hold the memory, it and the tickets
+behind it wait for them to finish: one client's cache never changes under another. Each
+pass steps every engine with work once.
 """
 from __future__ import annotations
 
@@ -43,10 +45,12 @@ class Ticket:
     truncate: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    n: int = 1  # answers to the same prompt (seq.group)
     seq: Sequence | None = None
+    engine: object = None  # the engine (pool) it runs in
     cancelled: bool = False
     created: float = field(default_factory=time.perf_counter)
-    load_duration: float = 0.0  # pool rebuilt for this request (seconds)
+    load_duration: float = 0.0  # a pool built for this request (seconds)
     constraint: object = None  # the sequence's grammar state (kvslim.grammar), if any
 
     def send(self, kind: str, value) -> None:
@@ -64,7 +68,7 @@ class Scheduler:
         self.pool, self.max_queue, self.num_parallel = pool, max_queue, num_parallel
         self._cond = threading.Condition()
         self._queue: collections.deque[Ticket] = collections.deque()  # not in the engine yet
-        self._tickets: dict[int, Ticket] = {}  # sequence id -> ticket, in the engine
+        self._tickets: dict[Sequence, Ticket] = {}  # each sequence of a group -> its ticket
         self._stop = False
         self.counters = collections.Counter()
         self.snapshot = pool.status()
@@ -75,15 +79,15 @@ class Scheduler:
     # ---------------------------------------------------------------- handler side
 
     def waiting(self) -> int:
-        """Requests not decoding yet: queued here or waiting in the engine for pages."""
-        return len(self._queue) + len(self.pool.engine.waiting)
+        """Requests not decoding yet: queued here or waiting in an engine for pages."""
+        return len(self._queue) + sum(len(e.waiting) for e in self.pool.engines())
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket; QueueFull when KVSLIM_MAX_QUEUE requests already wait for a slot."""
         with self._cond:
             if self._stop:
                 raise ServerBusy(f"model '{self.pool.name}' is being unloaded")
-            free_slots = max(0, self.num_parallel - len(self.pool.engine.running))
+            free_slots = max(0, self.num_parallel - sum(len(e.running) for e in self.pool.engines()))
             if self.waiting() >= self.max_queue + free_slots:
                 raise QueueFull("server busy, please try again. maximum pending requests "
                                 f"exceeded (KVSLIM_MAX_QUEUE={self.max_queue})")
@@ -97,13 +101,16 @@ class Scheduler:
             ticket.cancelled = True
             if ticket in self._queue:
                 self._queue.remove(ticket)
-            elif ticket.seq is not None and self.pool.engine is not None:
-                self.pool.engine.cancel(ticket.seq)
+            elif ticket.seq is not None:
+                ticket.engine.cancel(ticket.seq)
             self._cond.notify()
 
     def idle(self) -> bool:
         with self._cond:
-            return not (self._queue or self._tickets or self.pool.engine.has_work())
+            return not (self._queue or self._tickets or self._has_work())
+
+    def _has_work(self) -> bool:
+        return any(e.has_work() for e in self.pool.engines())
 
     def stop(self) -> None:
         with self._cond:
@@ -118,67 +125,71 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._queue or self.pool.engine.has_work()):
+                while not (self._stop or self._queue or self._has_work()):
                     self._cond.wait()
                 if self._stop:
                     return
                 admit = self._take_fitting()
-                switch = self._queue[0] if (self._queue and not admit
-                                            and not self.pool.engine.has_work()) else None
-            for t in admit:
-                self._add(t)
-            if switch is not None:
-                self._switch(switch)
-            if self.pool.engine.has_work():
-                self._step()
+                blocked = self._queue[0] if self._queue else None
+            for t, engine in admit:
+                self._add(t, engine)
+            if blocked is not None:
+                self._add_pool(blocked)
+            for engine in self.pool.engines():
+                if engine.has_work():
+                    self._step(engine)
             self.snapshot = self.pool.status()
             self.last_active = time.time()
 
-    def _take_fitting(self) -> list[Ticket]:
-        """Tickets at the head of the queue that the current pool can serve (FIFO)."""
-        out, cfg = [], self.pool.cache_config
-        while self._queue and self._queue[0].cache.pool == cfg:
-            out.append(self._queue.popleft())
+    def _take_fitting(self) -> list[tuple[Ticket, object]]:
+        """(ticket, engine) for the tickets at the head of the queue whose pools exist (FIFO)."""
+        out = []
+        while self._queue and (engine := self.pool.engine_for(self._queue[0].cache.pool)) is not None:
+            out.append((self._queue.popleft(), engine))
         return out
 
-    def _add(self, t: Ticket) -> None:
-        engine = self.pool.engine
+    def _add(self, t: Ticket, engine) -> None:
         try:
             seq = engine.add_request(t.prompt_ids, t.params, truncate=t.truncate,
-                                     num_ctx=t.cache.num_ctx, constraint=t.constraint)
+                                     num_ctx=t.cache.num_ctx, constraint=t.constraint, n=t.n)
         except ValueError as e:  # too long for the context or the pool
             t.send("error", e)
             return
         with self._cond:
-            t.seq, cancelled = seq, t.cancelled
-            self._tickets[seq.id] = t
+            t.seq, t.engine, cancelled = seq, engine, t.cancelled
+            for s in seq.group:
+                self._tickets[s] = t
         if cancelled:  # cancelled while it moved from the queue to the engine
             engine.cancel(seq)
 
-    def _switch(self, head: Ticket) -> None:
-        """Rebuild the pool for the head ticket (the engine is idle)."""
+    def _add_pool(self, head: Ticket) -> None:
+        """A pool for the head ticket's types, when the memory allows now; else it waits."""
+        with self._cond:
+            busy = {t.cache.pool for t in self._tickets.values()}
         try:
-            head.load_duration = self.pool.switch(head.cache.pool)
-            self.counters["rebuilds"] += 1
+            seconds = self.pool.add_pool(head.cache.pool, busy)
         except Exception as e:  # noqa: BLE001 - every waiter of this config hears why
-            log.warning("%s: cannot rebuild the K/V pool: %s", self.pool.name, e)
+            log.warning("%s: cannot build the K/V pool: %s", self.pool.name, e)
             with self._cond:
                 failed = [t for t in self._queue if t.cache.pool == head.cache.pool]
                 for t in failed:
                     self._queue.remove(t)
             for t in failed:
                 t.send("error", e)
+            return
+        if seconds is not None:
+            head.load_duration = seconds
+            self.counters["rebuilds"] += 1
 
-    def _step(self) -> None:
-        engine = self.pool.engine
+    def _step(self, engine) -> None:
         try:
             outputs = engine.step()
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
             log.exception("%s: engine step failed", self.pool.name)
-            self._fail_all(e)
+            self._fail_all(engine, e)
             return
         for out in outputs:
-            t = self._tickets.get(out.seq.id)
+            t = self._tickets.get(out.seq)
             if t is None:
                 continue
             if out.reason == "error":  # this sequence alone failed (its pages are free)
@@ -187,7 +198,7 @@ class Scheduler:
                 t.send("out", out)
             if out.finished:
                 with self._cond:
-                    del self._tickets[out.seq.id]
+                    del self._tickets[out.seq]
                 self._count(out.seq)
 
     def _count(self, seq: Sequence) -> None:
@@ -198,10 +209,10 @@ class Scheduler:
         c["prompt_cache_hits"] += seq.stats.prompt_cache_count > 0
         c["generated_tokens"] += seq.n_generated
 
-    def _fail_all(self, error: Exception) -> None:
-        engine = self.pool.engine
+    def _fail_all(self, engine, error: Exception) -> None:
         with self._cond:
-            tickets, self._tickets = list(self._tickets.values()), {}
+            tickets = list({t: None for t in self._tickets.values() if t.engine is engine})
+            self._tickets = {s: t for s, t in self._tickets.items() if t.engine is not engine}
         for t in tickets:
             engine.cancel(t.seq)
         engine.reap()
@@ -221,9 +232,9 @@ class Job:
 
     @classmethod
     def start(cls, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams,
-              cache: CacheRequest, truncate: bool, constraint=None) -> "Job":
+              cache: CacheRequest, truncate: bool, constraint=None, n: int = 1) -> "Job":
         ticket = Ticket(prompt_ids, params, cache, truncate, asyncio.get_running_loop(),
-                        constraint=constraint)
+                        constraint=constraint, n=n)
         scheduler.submit(ticket)
         return cls(scheduler, ticket)
 
@@ -231,15 +242,22 @@ class Job:
     def seq(self) -> Sequence | None:
         return self.ticket.seq
 
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The n answers' sequences (the first evaluates the prompt, the others fork it)."""
+        return self.ticket.seq.group if self.ticket.seq is not None else []
+
     async def outputs(self) -> AsyncIterator[StepOutput]:
-        finished = False
+        """Every output of the job's sequences (``out.seq`` tells which), until all end."""
+        finished, left = False, self.ticket.n
         try:
             while True:
                 kind, value = await self.ticket.events.get()
                 if kind == "error":
                     raise value
                 yield value
-                if value.finished:
+                left -= value.finished
+                if not left:
                     finished = True
                     return
         finally:

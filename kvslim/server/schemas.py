@@ -3,11 +3,11 @@ number belongs is a 400, not a guess). Unknown fields are ignored, as both APIs 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from kvslim.sampling import MAX_PENALTY, SEED_RANGE
+from kvslim.sampling import MAX_PENALTY, MAX_TOP_LOGPROBS, SEED_RANGE
 
 log = logging.getLogger("kvslim.server")
 
@@ -48,7 +48,7 @@ SAMPLING_OPTIONS = ("num_predict", "temperature", "top_k", "top_p", "min_p", "se
 
 
 class Options(_Body):
-    """Ollama's request ``options`` plus kvslim's cache types (a change rebuilds the pool)."""
+    """Ollama's request ``options`` plus kvslim's cache types (each type pair has its own pool)."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
@@ -102,6 +102,8 @@ class GenerateRequest(_Body):
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
     truncate: bool = True
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ChatRequest(_Body):
@@ -114,6 +116,8 @@ class ChatRequest(_Body):
     tools: list[Any] | None = None
     think: bool | str | None = None
     truncate: bool = True
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ModelRequest(_Body):
@@ -215,12 +219,58 @@ class ChatCompletionRequest(_OpenAIBody):
     tools: list[Any] | None = None
     tool_choice: str | dict | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_OpenAIBody):
-    prompt: str | list[str] | list[int] = Field(union_mode="left_to_right")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(union_mode="left_to_right")
     suffix: str | None = None
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
 
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbedRequest(_Body):
+    """Ollama's /api/embed."""
+
+    model: str = ""
+    input: str | list[str] = Field(default="", union_mode="left_to_right")
+    truncate: bool = True
+    dimensions: Int | None = Field(None, ge=1)
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
+class EmbeddingsRequest(_Body):
+    """Ollama's legacy /api/embeddings (one prompt, the vector not normalised)."""
+
+    model: str = ""
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
+class OpenAIEmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings; ``user`` is accepted and ignored."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]] = Field(union_mode="left_to_right")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    options: Options | None = None  # kvslim extension, as in the other /v1 routes
+
+
+class ResponsesRequest(_OpenAIBody):
+    """OpenAI's /v1/responses, text in and out (no tools, no stored conversations)."""
+
+    input: str | list[dict] = Field(union_mode="left_to_right")
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[Any] | None = None
+    previous_response_id: str | None = None
+    text: dict | None = None

@@ -51,13 +51,15 @@ class CacheRequest:
 
 
 class Pool(Protocol):
-    """What a scheduler steps: one model's current engine and how its pool was built,
-    rebuilt on demand (``switch``, when the engine is idle; seconds it took)."""
+    """What a scheduler steps: one model's engines, one per ``CacheConfig``, and how to
+    add one (``add_pool``: seconds it took, or None while busy pools hold the memory)."""
 
     name: str
-    engine: "Engine | None"
-    cache_config: CacheConfig
 
-    def switch(self, cfg: CacheConfig) -> float: ...
+    def engines(self) -> list["Engine"]: ...
+
+    def engine_for(self, cfg: CacheConfig) -> "Engine | None": ...
+
+    def add_pool(self, cfg: CacheConfig, busy: set[CacheConfig] = ...) -> float | None: ...
 
     def status(self) -> dict: ...
