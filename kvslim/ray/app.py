@@ -80,9 +80,13 @@ def run(settings: ServerSettings, models: dict[str, Path] | None = None, *, repl
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
+        most = autoscale[1] if autoscale else replicas
+        # one CPU each where there are enough; replicas on fewer cores share them (the
+        # worker's OMP_NUM_THREADS follows num_cpus, so they do not oversubscribe them)
+        cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / most)
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build_app(settings, models, replicas=replicas, autoscale=autoscale),
-                  name="kvslim", route_prefix="/")
+        serve.run(build_app(settings, models, replicas=replicas, autoscale=autoscale,
+                            replica_cpus=cpus), name="kvslim", route_prefix="/")
         size = f"{autoscale[0]}-{autoscale[1]} replicas" if autoscale else f"{replicas} replica(s)"
         print(f"kvslim serving on {settings.address} with Ray Serve, {size} (K "
               f"{settings.cache_type_k} / V {settings.cache_type_v}, {settings.num_parallel} "

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -75,6 +76,8 @@ async def call_asgi(app, method: str, path: str, query: str, headers: list[tuple
 
 def _replica_id() -> str:
     """Serve's id of this replica (its unique part), or the pid outside Serve."""
+    if "ray.serve" not in sys.modules:  # not in a Serve replica: never import Ray for it
+        return f"pid{os.getpid()}"
     try:
         from ray import serve
         return serve.get_replica_context().replica_id.unique_id
@@ -86,12 +89,13 @@ class Replica:
     """A kvslim server with its own K/V pools, driven by the ingress (a Serve deployment
     class: ``kvslim.ray.app`` wraps it)."""
 
-    def __init__(self, settings: ServerSettings, models: dict[str, Path] | None = None):
+    def __init__(self, settings: ServerSettings, models: dict[str, Path] | None = None,
+                 replica_id: str | None = None):
         guard = dataclasses.replace(Guard.from_env(settings.env, settings.num_ctx),
                                     allowed_hosts=("*",), origins=(), api_key=None)
         self.app = create_app(settings, models, guard)
         self.registry = self.app.state.registry
-        self.id, self.pid, self.node = _replica_id(), os.getpid(), socket.gethostname()
+        self.id, self.pid, self.node = replica_id or _replica_id(), os.getpid(), socket.gethostname()
         self.started, self._reports = time.time(), 0
 
     async def forward(self, method: str, path: str, query: str, headers: list, body: bytes,
