@@ -118,6 +118,13 @@ def test_rank_without_key_or_affinity_is_least_loaded_first():
     assert rank(["a", "b", "c"], info, book, HashRing(["a", "b", "c"])) == ["c", "b", "a"]
     keyed = RouteInfo("m", key=7, n_prompt=10, max_tokens=10)
     assert rank(["a", "b", "c"], keyed, book, None) == ["c", "b", "a"]  # affinity off
+    book.routed("c", info)  # what was sent since the reports counts: a burst spreads
+    assert rank(["a", "b", "c"], info, book, None) == ["b", "c", "a"]
+    fresh = LoadBook()  # nothing reported yet (the model loads on first use): round the replicas
+    for want in ("a", "b", "a"):
+        got = rank(["a", "b"], info, fresh, None)[0]
+        assert got == want
+        fresh.routed(got, info)
 
 
 def test_load_book_counts_what_was_routed_until_the_next_report():
@@ -236,7 +243,7 @@ class FakeHandle:
         self.routes.append((rid, route))
         return _Stream(self.replicas[rid].forward(*args, route=route))
 
-    def reports(self):
+    async def reports(self):
         return [r.record_routing_stats() for r in self.replicas.values()]
 
 

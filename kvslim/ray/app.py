@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -34,8 +35,16 @@ class Ingress:
         self.handle, self.settings = replicas, settings
         self.router = Router(settings, models, affinity_pages)
 
-    def _cluster(self) -> list[dict]:
+    async def _cluster(self) -> list[dict]:
         router = routers().get(REPLICA)
+        if router is None:  # Serve builds the router at the handle's first call: make one
+            async for _ in self.handle.options(stream=True).forward.remote(
+                    "GET", "/api/version", "", [], b""):
+                pass
+            router = routers().get(REPLICA)
+        deadline = time.monotonic() + 4 * STATS_PERIOD_S
+        while router is not None and not router.reports() and time.monotonic() < deadline:
+            await asyncio.sleep(STATS_PERIOD_S / 5)  # the first reports are on their way
         return router.reports() if router is not None else []
 
     def __serve_build_asgi_app__(self):
@@ -81,8 +90,7 @@ def run(settings: ServerSettings, models: dict[str, Path] | None = None, *, repl
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         most = autoscale[1] if autoscale else replicas
-        # one CPU each where there are enough; replicas on fewer cores share them (the
-        # worker's OMP_NUM_THREADS follows num_cpus, so they do not oversubscribe them)
+        # one CPU each where there are enough; replicas on fewer cores share them
         cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / most)
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings, models, replicas=replicas, autoscale=autoscale,

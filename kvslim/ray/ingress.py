@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -148,7 +148,7 @@ async def _relay(path: str, first: list[bytes], rest: AsyncIterator, cancel: Cal
 
 
 def ingress_app(handle, router: Router, settings: ServerSettings, guard: Guard | None = None,
-                cluster: Callable[[], list[dict]] | None = None) -> FastAPI:
+                cluster: Callable[[], Awaitable[list[dict]]] | None = None) -> FastAPI:
     """The ingress app. ``handle``: the replicas' deployment handle; ``cluster``: the
     replicas' last reports (``Replica.record_routing_stats``), for ``/api/ps``."""
     guard = guard or Guard.from_env(settings.env, settings.num_ctx)
@@ -157,7 +157,7 @@ def ingress_app(handle, router: Router, settings: ServerSettings, guard: Guard |
 
     @app.get("/api/ps")
     async def ps():
-        reports = sorted(cluster() if cluster else [], key=lambda r: r.get("replica", ""))
+        reports = sorted(await cluster() if cluster else [], key=lambda r: r.get("replica", ""))
         models = [e | {"replica": r["replica"], "node": r.get("node")}
                   for r in reports for e in r.get("ps", [])]
         replicas = [{k: r.get(k) for k in ("replica", "node", "pid", "started", "reported")} |

@@ -103,6 +103,8 @@ class Replica:
         """The app's answer to one request (``route`` is for the router, unused here)."""
         async for item in call_asgi(self.app, method, path, query,
                                     [(bytes(k), bytes(v)) for k, v in headers], body):
+            if isinstance(item, dict):  # say which replica answered (logs, tests, clients)
+                item["headers"].append((b"x-kvslim-replica", self.id.encode()))
             yield item
 
     def record_routing_stats(self) -> dict:

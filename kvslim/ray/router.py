@@ -10,9 +10,10 @@ replica is passed over like a full one.
 """
 from __future__ import annotations
 
+import collections
 from typing import List, Optional
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from kvslim.ray.routing import HashRing, LoadBook, RouteInfo, rank, register_router
 
@@ -21,6 +22,8 @@ __all__ = ["KvslimRouter", "STATS_PERIOD_S"]
 # Serve pickles this module by value into every process that routes: module state kept
 # here would be a copy, so routers register in kvslim.ray.routing (imported by reference).
 STATS_PERIOD_S = 0.5  # how often a replica reports its pools
+BOOKED_MAX = 10_000  # request ids remembered as counted (a request is ranked for a moment)
+
 
 def _route(pending: PendingRequest | None) -> RouteInfo:
     given = (pending.kwargs.get("route") if pending is not None else None) or {}
@@ -33,7 +36,7 @@ class KvslimRouter(RequestRouter):
     def initialize_state(self, affinity: bool = True):
         self.affinity = affinity
         self.ring, self.book = HashRing(), LoadBook()
-        self.counts: dict[str, int] = {}  # requests routed per replica (by this router)
+        self._booked: collections.OrderedDict[str, None] = collections.OrderedDict()
         register_router(self._deployment_id.name, self)
 
     def update_replicas(self, replicas: List[RunningReplica]):
@@ -56,14 +59,23 @@ class KvslimRouter(RequestRouter):
                               ) -> List[List[RunningReplica]]:
         self._refresh(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = rank(list(by_id), _route(pending_request), self.book,
-                     self.ring if self.affinity else None)
+        info = _route(pending_request)
+        order = rank(list(by_id), info, self.book, self.ring if self.affinity else None)
+        self._book(pending_request, order[0] if order else None, info)
         return [[by_id[i]] for i in order]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
-        rid = replica_id.unique_id
-        self.book.routed(rid, _route(pending_request))
-        self.counts[rid] = self.counts.get(rid, 0) + 1
+    def _book(self, pending: PendingRequest | None, replica: str | None, info: RouteInfo) -> None:
+        """Count the request against its first choice until that replica reports again.
+        (Serve tells a router where a request went only when it enforces max_ongoing_requests
+        strictly; the first choice is where it goes unless that replica's Serve queue is
+        full. A request ranked again after a backoff is counted once.)"""
+        rid = getattr(getattr(pending, "metadata", None), "internal_request_id", None)
+        if replica is None or rid is None or rid in self._booked:
+            return
+        self._booked[rid] = None
+        while len(self._booked) > BOOKED_MAX:
+            self._booked.popitem(last=False)
+        self.book.routed(replica, info)
 
     def reports(self) -> list[dict]:
         """The last report of every replica known now (those that have reported)."""

@@ -136,6 +136,7 @@ class LoadBook:
     def __init__(self):
         self._reports: dict[Hashable, tuple[object, dict[str, ReplicaLoad]]] = {}
         self._sent: dict[tuple[Hashable, str], int] = {}  # (replica, model) -> pages since report
+        self._count: dict[Hashable, int] = {}  # replica -> requests since its report
 
     def update(self, replica: Hashable, version: object, models: Mapping[str, Mapping]) -> None:
         """A replica's report (``version`` changes with each one) of its loaded models' pools."""
@@ -145,6 +146,7 @@ class LoadBook:
         self._reports[replica] = (version, {m: ReplicaLoad.from_stats(s) for m, s in models.items()})
         for k in [k for k in self._sent if k[0] == replica]:
             del self._sent[k]
+        self._count.pop(replica, None)
 
     def forget(self, keep: Iterable[Hashable]) -> None:
         keep = set(keep)
@@ -152,6 +154,8 @@ class LoadBook:
             del self._reports[r]
         for k in [k for k in self._sent if k[0] not in keep]:
             del self._sent[k]
+        for r in [r for r in self._count if r not in keep]:
+            del self._count[r]
 
     def load(self, replica: Hashable, model: str | None) -> ReplicaLoad | None:
         """The pool ``model`` has on ``replica`` now; None when unknown (not loaded there, or
@@ -164,7 +168,15 @@ class LoadBook:
         return load if sent == 0 else ReplicaLoad(load.pages_available - sent, load.page_size,
                                                   load.num_ctx, load.running, load.waiting)
 
+    def busy(self, replica: Hashable, model: str | None) -> tuple[int, int]:
+        """Sort key, least loaded first: requests there (reported, and routed since), then
+        the most pages available."""
+        load, sent = self.load(replica, model), self._count.get(replica, 0)
+        return (sent, 0) if load is None else (load.running + load.waiting + sent,
+                                               -load.pages_available)
+
     def routed(self, replica: Hashable, info: RouteInfo) -> None:
+        self._count[replica] = self._count.get(replica, 0) + 1
         load = self.load(replica, info.model)
         if load is not None:
             k = (replica, info.model)
@@ -180,10 +192,7 @@ def rank(replicas: Sequence[Hashable], info: RouteInfo, book: LoadBook,
         order = [r for r in ring.order(info.key) if r in loads]
         order += [r for r in replicas if r not in order]  # not on the ring yet
     else:
-        def busy(r):
-            ld = loads[r]
-            return (0, 0) if ld is None else (ld.running + ld.waiting, -ld.pages_available)
-        order = sorted(replicas, key=busy)
+        order = sorted(replicas, key=lambda r: book.busy(r, info.model))
     fits = [r for r in order if loads[r] is None or loads[r].can_admit(info)]
     return fits + [r for r in order if r not in fits]
 
