@@ -33,7 +33,7 @@ from kvslim.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"KVSLIM_KEEP_ALIVE": "-1"}
-GREEDY = {"temperature": 0, "num_predict": 12}
+GREEDY = {"temperature": 0, "num_predict": 8}
 TOPICS = ["the sea", "volcanoes", "old maps", "bread", "bees", "comets", "glass", "rivers"]
 
 
@@ -151,7 +151,7 @@ def test_same_prefix_lands_on_one_replica_and_hits_its_cache(cluster, tokenizer)
 
 
 def _stream(url: str, topic: str, lines: list, started: threading.Event) -> None:
-    body = {"model": "smollm2", "options": {"temperature": 0, "num_predict": 160},
+    body = {"model": "smollm2", "options": {"temperature": 0, "num_predict": 96},
             "messages": [{"role": "system", "content": _system(topic)},
                          {"role": "user", "content": "Tell me a long story."}]}
     try:
@@ -186,7 +186,7 @@ def test_a_killed_replica_fails_only_its_own_stream_and_comes_back(cluster, toke
     dead, alive = out[victim], out[other]
     assert dead[0] == ("replica", victim) and alive[0] == ("replica", other)
     assert "error" in dead[-1] and not dead[-1].get("done"), dead[-3:]
-    assert alive[-1].get("done") is True and alive[-1]["eval_count"] == 160, alive[-3:]
+    assert alive[-1].get("done") is True and alive[-1]["eval_count"] == 96, alive[-3:]
     # Serve replaces the dead replica: two replicas again, one of them new
     ps = _wait_ps(cluster, lambda ps: len(ps["replicas"]) == 2 and victim not in
                   {r["replica"] for r in ps["replicas"]})

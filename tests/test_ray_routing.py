@@ -113,7 +113,7 @@ def test_rank_without_key_or_affinity_is_least_loaded_first():
     book = LoadBook()
     for rid, running, avail in (("a", 3, 50), ("b", 1, 20), ("c", 1, 40)):
         book.update(rid, 1, {"m": {"pages_available": avail, "page_size": PAGE, "num_ctx": 256,
-                                   "running": running, "waiting": 0}})
+                                   "running": running, "waiting": 0}}, ongoing=running)
     info = RouteInfo("m", key=None, n_prompt=10, max_tokens=10)
     assert rank(["a", "b", "c"], info, book, HashRing(["a", "b", "c"])) == ["c", "b", "a"]
     keyed = RouteInfo("m", key=7, n_prompt=10, max_tokens=10)
@@ -125,6 +125,10 @@ def test_rank_without_key_or_affinity_is_least_loaded_first():
         got = rank(["a", "b"], info, fresh, None)[0]
         assert got == want
         fresh.routed(got, info)
+    # a report before the model is loaded still counts the requests the replica holds
+    fresh.update("a", 2, {}, ongoing=2)
+    fresh.update("b", 2, {}, ongoing=0)
+    assert rank(["a", "b"], info, fresh, None)[0] == "b"
 
 
 def test_load_book_counts_what_was_routed_until_the_next_report():
@@ -237,7 +241,7 @@ class FakeHandle:
         for rid, rep in self.replicas.items():
             if hasattr(rep, "record_routing_stats"):
                 stats = rep.record_routing_stats()
-                self.book.update(rid, stats["version"], stats["models"])
+                self.book.update(rid, stats["version"], stats["models"], stats["ongoing"])
         rid = rank(list(self.replicas), info, self.book, self.ring)[0]
         self.book.routed(rid, info)
         self.routes.append((rid, route))

@@ -33,7 +33,7 @@ class Ingress:
     def __init__(self, replicas, settings: ServerSettings, models: dict[str, Path] | None,
                  affinity_pages: int):
         self.handle, self.settings = replicas, settings
-        self.router = Router(settings, models, affinity_pages)
+        self.router = Router(settings, models, affinity_pages)  # 0 pages: no affinity
 
     async def _cluster(self) -> list[dict]:
         router = routers().get(REPLICA)
@@ -58,15 +58,16 @@ def build_app(settings: ServerSettings, models: dict[str, Path] | None = None, *
     (min, max), scaled on requests in flight per replica against num_parallel), each with
     its own K/V pools, behind one ingress serving the Ollama and OpenAI APIs.
 
-    ``affinity`` False routes by load alone (least loaded first), for comparison;
-    ``affinity_pages``: the leading whole pages of prompt tokens that key a prefix."""
+    ``affinity_pages``: the leading whole pages of prompt tokens that key a prefix;
+    ``affinity`` False routes by load alone (least loaded first), for comparison. Both are
+    the ingress's: changing them redeploys the ingress alone."""
     options = dict(
         name=REPLICA, ray_actor_options={"num_cpus": replica_cpus},
         # Serve holds a request back only past this; below it each replica's own queue
         # (KVSLIM_MAX_QUEUE, then 503) decides, as in one server
         max_ongoing_requests=settings.num_parallel + settings.max_queue,
         request_router_config=RequestRouterConfig(
-            request_router_class=KvslimRouter, request_router_kwargs={"affinity": affinity},
+            request_router_class=KvslimRouter,
             request_routing_stats_period_s=STATS_PERIOD_S, request_routing_stats_timeout_s=5.0),
         health_check_period_s=2.0, health_check_timeout_s=30.0)
     if autoscale is not None:
@@ -78,7 +79,8 @@ def build_app(settings: ServerSettings, models: dict[str, Path] | None = None, *
     replica = serve.deployment(**options)(Replica)
     ingress = serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)(serve.ingress()(Ingress))
-    return ingress.bind(replica.bind(settings, models), settings, models, affinity_pages)
+    return ingress.bind(replica.bind(settings, models), settings, models,
+                        affinity_pages if affinity else 0)
 
 
 def run(settings: ServerSettings, models: dict[str, Path] | None = None, *, replicas: int = 1,

@@ -89,7 +89,7 @@ class Router:
     def __init__(self, settings: ServerSettings, models: dict[str, Path] | None,
                  affinity_pages: int = 1, page_size: int = DEFAULT_PAGE_SIZE):
         self.registry = Registry(settings, models)  # names to files only: it loads nothing here
-        self.pages, self.page_size = affinity_pages, page_size
+        self.pages, self.page_size = affinity_pages, page_size  # pages 0: no key, load alone
         self._tokenizers: dict[Path, Tokenizer] = {}
 
     def tokenizer(self, model: str) -> tuple[str, Tokenizer]:

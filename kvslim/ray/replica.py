@@ -97,15 +97,20 @@ class Replica:
         self.registry = self.app.state.registry
         self.id, self.pid, self.node = replica_id or _replica_id(), os.getpid(), socket.gethostname()
         self.started, self._reports = time.time(), 0
+        self.ongoing = 0  # requests in hand (forward calls not finished)
 
     async def forward(self, method: str, path: str, query: str, headers: list, body: bytes,
                       route: dict | None = None) -> AsyncIterator[dict | bytes]:
         """The app's answer to one request (``route`` is for the router, unused here)."""
-        async for item in call_asgi(self.app, method, path, query,
-                                    [(bytes(k), bytes(v)) for k, v in headers], body):
-            if isinstance(item, dict):  # say which replica answered (logs, tests, clients)
-                item["headers"].append((b"x-kvslim-replica", self.id.encode()))
-            yield item
+        self.ongoing += 1
+        try:
+            async for item in call_asgi(self.app, method, path, query,
+                                        [(bytes(k), bytes(v)) for k, v in headers], body):
+                if isinstance(item, dict):  # say which replica answered (logs, tests, clients)
+                    item["headers"].append((b"x-kvslim-replica", self.id.encode()))
+                yield item
+        finally:
+            self.ongoing -= 1
 
     def record_routing_stats(self) -> dict:
         """Each loaded model's pool (what the router needs) and its ``/api/ps`` entry."""
@@ -119,6 +124,7 @@ class Replica:
                 "waiting": runner.scheduler.waiting()}
             ps.append(ps_entry(self.registry, runner))
         return {"replica": self.id, "version": f"{self.id}/{self._reports}", "pid": self.pid,
+                "ongoing": self.ongoing,
                 "node": self.node, "started": self.started, "reported": time.time(),
                 "models": models, "ps": ps}
 

@@ -33,8 +33,7 @@ def _route(pending: PendingRequest | None) -> RouteInfo:
 class KvslimRouter(RequestRouter):
     """Prefix affinity on a consistent-hash ring, skipping replicas that cannot admit."""
 
-    def initialize_state(self, affinity: bool = True):
-        self.affinity = affinity
+    def initialize_state(self):
         self.ring, self.book = HashRing(), LoadBook()
         self._booked: collections.OrderedDict[str, None] = collections.OrderedDict()
         register_router(self._deployment_id.name, self)
@@ -52,7 +51,8 @@ class KvslimRouter(RequestRouter):
         for r in replicas:
             stats = r.routing_stats
             if stats:
-                self.book.update(r.replica_id.unique_id, stats.get("version"), stats.get("models", {}))
+                self.book.update(r.replica_id.unique_id, stats.get("version"),
+                                 stats.get("models", {}), stats.get("ongoing", 0))
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None
@@ -60,7 +60,7 @@ class KvslimRouter(RequestRouter):
         self._refresh(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         info = _route(pending_request)
-        order = rank(list(by_id), info, self.book, self.ring if self.affinity else None)
+        order = rank(list(by_id), info, self.book, self.ring)
         self._book(pending_request, order[0] if order else None, info)
         return [[by_id[i]] for i in order]
 

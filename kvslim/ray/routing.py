@@ -36,7 +36,7 @@ def _h64(data: bytes) -> int:
 
 def prefix_key(ids: Sequence[int], page_size: int, pages: int = 1) -> int | None:
     """A stable 64-bit hash of the first ``pages`` whole pages of ``ids`` (fewer when the
-    prompt has fewer); None for a prompt shorter than one page."""
+    prompt has fewer); None for a prompt shorter than one page, or for pages 0 (no affinity)."""
     n = min(pages, len(ids) // page_size) * page_size
     if n == 0:
         return None
@@ -134,16 +134,19 @@ class LoadBook:
     (reports come every fraction of a second; a burst must not all see the same free pages)."""
 
     def __init__(self):
-        self._reports: dict[Hashable, tuple[object, dict[str, ReplicaLoad]]] = {}
+        self._reports: dict[Hashable, tuple[object, dict[str, ReplicaLoad], int]] = {}
         self._sent: dict[tuple[Hashable, str], int] = {}  # (replica, model) -> pages since report
         self._count: dict[Hashable, int] = {}  # replica -> requests since its report
 
-    def update(self, replica: Hashable, version: object, models: Mapping[str, Mapping]) -> None:
-        """A replica's report (``version`` changes with each one) of its loaded models' pools."""
+    def update(self, replica: Hashable, version: object, models: Mapping[str, Mapping],
+               ongoing: int = 0) -> None:
+        """A replica's report (``version`` changes with each one): its loaded models' pools
+        and the requests it has in hand (``ongoing``, loading a model included)."""
         old = self._reports.get(replica)
         if old is not None and old[0] == version:
             return
-        self._reports[replica] = (version, {m: ReplicaLoad.from_stats(s) for m, s in models.items()})
+        self._reports[replica] = (version, {m: ReplicaLoad.from_stats(s) for m, s in models.items()},
+                                  ongoing)
         for k in [k for k in self._sent if k[0] == replica]:
             del self._sent[k]
         self._count.pop(replica, None)
@@ -171,9 +174,9 @@ class LoadBook:
     def busy(self, replica: Hashable, model: str | None) -> tuple[int, int]:
         """Sort key, least loaded first: requests there (reported, and routed since), then
         the most pages available."""
-        load, sent = self.load(replica, model), self._count.get(replica, 0)
-        return (sent, 0) if load is None else (load.running + load.waiting + sent,
-                                               -load.pages_available)
+        report, load = self._reports.get(replica), self.load(replica, model)
+        ongoing = (report[2] if report else 0) + self._count.get(replica, 0)
+        return ongoing, (0 if load is None else -load.pages_available)
 
     def routed(self, replica: Hashable, info: RouteInfo) -> None:
         self._count[replica] = self._count.get(replica, 0) + 1
