@@ -80,7 +80,7 @@ def _book(**loads) -> LoadBook:
     book = LoadBook()
     for rid, (avail, waiting) in loads.items():
         book.update(rid, 1, {"m": {"pages_available": avail, "page_size": PAGE, "num_ctx": 1024,
-                                   "running": 0, "waiting": waiting}})
+                                   "waiting": waiting}})
     return book
 
 
@@ -113,7 +113,7 @@ def test_rank_without_key_or_affinity_is_least_loaded_first():
     book = LoadBook()
     for rid, running, avail in (("a", 3, 50), ("b", 1, 20), ("c", 1, 40)):
         book.update(rid, 1, {"m": {"pages_available": avail, "page_size": PAGE, "num_ctx": 256,
-                                   "running": running, "waiting": 0}}, ongoing=running)
+                                   "waiting": 0}}, ongoing=running)
     info = RouteInfo("m", key=None, n_prompt=10, max_tokens=10)
     assert rank(["a", "b", "c"], info, book, HashRing(["a", "b", "c"])) == ["c", "b", "a"]
     keyed = RouteInfo("m", key=7, n_prompt=10, max_tokens=10)
@@ -333,3 +333,47 @@ def test_a_replica_failure_ends_its_stream_with_an_error(settings, tiny):
     assert r.status_code == 503 and "failed" in r.json()["error"]
     r = asyncio.run(ask(_Failing(False), "/v1/models", None))
     assert r.status_code == 503 and "failed" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- kvslim serve --ray
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--ray"], {"replicas": 1, "autoscale": None, "address": None}),
+    (["--ray", "--replicas", "3", "--num-parallel", "8"], {"replicas": 3, "autoscale": None, "address": None}),
+    (["--ray", "--autoscale", "1:4", "--ray-address", "auto"], {"replicas": 1, "autoscale": (1, 4), "address": "auto"}),
+])
+def test_serve_ray_flags(monkeypatch, tiny, argv, want):
+    import kvslim.ray
+    from kvslim import cli
+
+    seen = {}
+    monkeypatch.setattr(kvslim.ray, "run", lambda settings, models, **kw: seen.update(
+        settings=settings, models=models, **kw))
+    assert cli.main(["serve", *argv, str(tiny)]) == 0
+    assert {k: seen[k] for k in want} == want
+    assert seen["models"] == {"tiny": Path(tiny).resolve()}  # absolute: replicas run elsewhere
+    if "--num-parallel" in argv:
+        assert seen["settings"].num_parallel == 8  # the flags reach every replica's settings
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--replicas", "2"], "--replicas needs --ray"),
+    (["--ray-address", "auto"], "--ray-address needs --ray"),
+    (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+])
+def test_serve_ray_misuse_is_one_error_line(capsys, argv, match):
+    from kvslim import cli
+
+    assert cli.main(["serve", *argv]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("Error: ") and match in err[0]
+
+
+@pytest.mark.parametrize("bad", ["3:1", "0:2", "2", "a:b"])
+def test_autoscale_needs_min_max(capsys, bad):
+    from kvslim import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--ray", "--autoscale", bad])
+    assert "MIN:MAX" in capsys.readouterr().err

@@ -10,6 +10,7 @@ before the first byte it is a 503. ``/api/ps`` lists the models of every replica
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kvslim.cache import DEFAULT_PAGE_SIZE
@@ -130,11 +131,9 @@ def _failure(e: BaseException) -> str:
     return f"the replica serving this request failed: {type(e).__name__}: {e}".split("\n")[0]
 
 
-async def _relay(path: str, first: list[bytes], rest: AsyncIterator, cancel: Callable) -> AsyncIterator[bytes]:
+async def _relay(path: str, rest: AsyncIterator, cancel: Callable) -> AsyncIterator[bytes]:
     finished = False
     try:
-        for chunk in first:
-            yield chunk
         async for chunk in rest:
             yield chunk
         finished = True
@@ -184,10 +183,13 @@ def ingress_app(handle, router: Router, settings: ServerSettings, guard: Guard |
                if k.lower() != b"content-length"]
         kind = dict((k.lower(), v) for k, v in out).get("content-type", "")
         if kind.startswith(STREAM_TYPES):
-            resp = StreamingResponse(_relay(path, [], it, gen.cancel), status_code=head["status"])
+            resp = StreamingResponse(_relay(path, it, gen.cancel), status_code=head["status"])
         else:
             try:
                 data = b"".join([chunk async for chunk in it])
+            except asyncio.CancelledError:  # the client left: so does the replica's job
+                gen.cancel()
+                raise
             except Exception as e:  # noqa: BLE001 - a whole answer that did not arrive
                 log.warning("%s: %s", path, _failure(e))
                 return error_response(path, 503, _failure(e))

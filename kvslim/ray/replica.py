@@ -120,8 +120,7 @@ class Replica:
             snap = runner.scheduler.snapshot
             models[runner.name] = {
                 "pages_available": snap["pages_available"], "page_size": snap["page_size"],
-                "num_ctx": runner.num_ctx, "running": snap["running"],
-                "waiting": runner.scheduler.waiting()}
+                "num_ctx": runner.num_ctx, "waiting": runner.scheduler.waiting()}
             ps.append(ps_entry(self.registry, runner))
         return {"replica": self.id, "version": f"{self.id}/{self._reports}", "pid": self.pid,
                 "ongoing": self.ongoing,

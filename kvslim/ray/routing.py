@@ -111,13 +111,11 @@ class ReplicaLoad:
     pages_available: int  # free, plus pages only the prefix cache holds (evictable)
     page_size: int
     num_ctx: int  # the replica's default per-request context
-    running: int = 0
-    waiting: int = 0
+    waiting: int = 0  # requests there waiting for pages or a decode slot
 
     @classmethod
     def from_stats(cls, s: Mapping) -> "ReplicaLoad":
-        return cls(s["pages_available"], s["page_size"], s["num_ctx"], s.get("running", 0),
-                   s.get("waiting", 0))
+        return cls(s["pages_available"], s["page_size"], s["num_ctx"], s.get("waiting", 0))
 
     def pages_needed(self, info: RouteInfo) -> int:
         """Pages the engine reserves to admit it: prompt + num_predict, at most num_ctx."""
@@ -169,7 +167,7 @@ class LoadBook:
             return None
         sent = self._sent.get((replica, model), 0)
         return load if sent == 0 else ReplicaLoad(load.pages_available - sent, load.page_size,
-                                                  load.num_ctx, load.running, load.waiting)
+                                                  load.num_ctx, load.waiting)
 
     def busy(self, replica: Hashable, model: str | None) -> tuple[int, int]:
         """Sort key, least loaded first: requests there (reported, and routed since), then
