@@ -14,9 +14,10 @@ Per configuration: wall time, requests/s and generated tok/s; the prefix-hit rat
 (prompt tokens served from a replica's prefix cache over all prompt tokens, and the
 share of requests with a hit); the replicas used. Routing overhead: what the ingress
 adds to a request before a replica sees it: its route (tokenizing the prompt and hashing
-its first page), measured here on the workload's requests, and the whole hop (HTTP,
-Serve proxy, ingress, router, handle call) as the latency of GET /api/version through the
-cluster minus the same request to a plain `kvslim serve` app in this process.
+its first page), measured here on the workload's requests, and the whole hop (Serve
+proxy, ingress, router, handle call, replica) as the latency of GET /api/version through
+the cluster minus the same request to one `kvslim serve` (uvicorn on loopback, in this
+process).
 
 On one machine the replicas share its cores, so 2 replicas cannot decode faster than 1:
 the hit rate and the overhead are the figures. On a multi-node cluster (one replica per
@@ -98,15 +99,35 @@ async def _warm(url: str, n: int, model: str) -> None:
             "options": {"num_predict": 1}}) for i in range(n)))
 
 
-async def _hop(url: str, n: int, transport=None) -> float:
+async def _hop(url: str, n: int) -> float:
     """Median seconds of GET /api/version."""
     times = []
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         for _ in range(n):
             t0 = time.perf_counter()
             (await client.get("/api/version")).raise_for_status()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _direct_hop(settings: ServerSettings, n: int) -> float:
+    """_hop against one `kvslim serve` app (uvicorn over loopback, in a thread)."""
+    import threading
+
+    import uvicorn
+
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        return asyncio.run(_hop(f"http://127.0.0.1:{port}", n))
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _deploy(serve, settings, replicas: int, affinity: bool, url: str, model: str) -> None:
@@ -178,9 +199,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    app = create_app(settings)  # the same request to one server, in process (no network)
-    hop["direct"] = asyncio.run(_hop("http://localhost", args.hops, httpx.ASGITransport(app=app)))
-    app.state.registry.close()
+    hop["direct"] = _direct_hop(settings, args.hops)
     route_ms = []
     for t in TOPICS[:args.systems]:
         for q in QUESTIONS[:4]:
@@ -199,7 +218,7 @@ def main() -> None:
     print(f"\nrouting at the ingress (tokenize + first-page hash), median of {len(route_ms)}: "
           f"{statistics.median(route_ms):.2f} ms")
     print(f"GET /api/version, median of {args.hops}: through Ray {hop['ray'] * 1e3:.1f} ms, "
-          f"one server in process {hop['direct'] * 1e3:.2f} ms: the hop adds "
+          f"one kvslim serve {hop['direct'] * 1e3:.2f} ms: Ray adds "
           f"{(hop['ray'] - hop['direct']) * 1e3:.1f} ms")
 
 

@@ -100,8 +100,10 @@ def test_rank_follows_the_ring_and_skips_replicas_that_cannot_admit():
     key = next(k for k in range(10_000) if ring.order(k) == ["a", "b", "c"])
     info = RouteInfo("m", key, n_prompt=100, max_tokens=100)  # 4 pages
     assert rank(["a", "b", "c"], info, _book(a=(10, 0), b=(10, 0), c=(10, 0)), ring) == ["a", "b", "c"]
-    # a's pool is short of pages, b has requests waiting: c takes it, then the others
-    assert rank(["a", "b", "c"], info, _book(a=(3, 0), b=(10, 1), c=(10, 0)), ring) == ["c", "a", "b"]
+    # a's pool is short of pages, b's waiting requests will take its pages: c takes it
+    assert rank(["a", "b", "c"], info, _book(a=(3, 0), b=(10, 2), c=(10, 0)), ring) == ["c", "a", "b"]
+    # one request waiting where pages are plenty (a queue entry between steps): a keeps it
+    assert rank(["a", "b", "c"], info, _book(a=(8, 1), b=(10, 0), c=(10, 0)), ring)[0] == "a"
     # none can admit: it waits at its own replica (then 503 there, as one server)
     assert rank(["a", "b", "c"], info, _book(a=(1, 0), b=(1, 0), c=(1, 0)), ring)[0] == "a"
     # no report yet (or the model is not loaded there): as far as anyone knows it can

@@ -7,9 +7,10 @@ that replica cannot admit it now:
   prompt tokens (the pages the prefix cache shares). A consistent-hash ring maps keys to
   replicas, so a prefix keeps its replica while the others come and go, and adding one
   replica to N moves about 1/(N+1) of the keys.
-- **Load.** A replica whose pool has fewer free pages (free, plus those only the prefix
-  cache holds) than the request may need, or that already has requests waiting, is
-  skipped: the next replica on the ring takes it. When none can admit it, it goes to its
+- **Load.** A replica whose pool has fewer pages available (free and not promised to
+  running sequences, plus those only the prefix cache holds) than the request may need,
+  counting as much again for each request already waiting there, is skipped: the next
+  replica on the ring takes it. When none can admit it, it goes to its
   ring replica anyway and waits in that replica's queue (then 503, as one server does).
 - A prompt shorter than one page has no key (nothing to share): least loaded first.
 
@@ -124,7 +125,10 @@ class ReplicaLoad:
         return -(-max(tokens, 1) // self.page_size)
 
     def can_admit(self, info: RouteInfo) -> bool:
-        return self.waiting == 0 and self.pages_available >= self.pages_needed(info)
+        """Pages for it and for each request waiting there (taken to need as much: a queue
+        entry between two steps is no reason to leave a prefix's replica, a queue that
+        will use the pages is)."""
+        return self.pages_available >= self.pages_needed(info) * (1 + self.waiting)
 
 
 class LoadBook:
