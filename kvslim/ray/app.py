@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from kvslim.ray.replica import Replica
 from kvslim.ray.router import STATS_PERIOD_S, KvslimRouter
 from kvslim.ray.routing import routers
 from kvslim.settings import ServerSettings
-
-log = logging.getLogger("kvslim.ray")
 
 __all__ = ["build_app", "run", "REPLICA", "INGRESS"]
 
