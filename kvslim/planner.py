@@ -215,8 +215,12 @@ def plan(
     types: str | Iterable = DEFAULT_TYPES,
     page_size: int | None = None,
     weights: str = "quantized",
+    replicas: int = 1,
 ) -> dict:
     """Memory plan as a JSON-ready dict (the shape of issue 5; extra keys are additive).
+
+    `replicas` (``kvslim serve --ray``): the budget is divided between that many replicas,
+    each holding its own weights and pool; `parallel` and the figures are per replica.
 
     `ctx` (tokens per sequence, default the model's context length) sets bytes_at_ctx;
     `memory` covers the weights plus the cache (activations are not counted). `weights`:
@@ -228,6 +232,9 @@ def plan(
     page_size = page_size or default_page_size()
     if parallel <= 0:
         raise ValueError(f"parallel must be positive, got {parallel}")
+    if replicas <= 0:
+        raise ValueError(f"replicas must be positive, got {replicas}")
+    total, memory = memory, memory // replicas
     ctx = config.context_length if ctx is None else ctx
     if not 0 < ctx <= config.context_length:
         raise ValueError(f"ctx must be between 1 and the model's context length {config.context_length}, got {ctx}")
@@ -247,6 +254,8 @@ def plan(
         "weights_fit": budget > 0,
         "types": {},
     }
+    if replicas > 1:  # memory above is each replica's share of memory_total
+        out |= {"replicas": replicas, "memory_total": total}
     for k, v in parse_types(types):
         out["types"][pair_name(k, v)] = _plan_type(config, held, k, v, budget, parallel, ctx,
                                                    page_size)
@@ -292,6 +301,9 @@ def cli_register(subparsers) -> None:
     p.add_argument("--weights", choices=("quantized", "dequantize"), default="quantized",
                    help="count the weights as a CPU model holds them: GGUF blocks as stored "
                         "(default) or dequantized to float32")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="divide --memory between N replicas (kvslim serve --ray), each with its "
+                        "own weights and K/V pool; the figures are per replica (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -303,7 +315,7 @@ def cmd_plan(args) -> int:
 
     path = store.resolve(args.model)  # never pulls: a plan comes before any download
     result = plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types,
-                  weights=args.weights)
+                  weights=args.weights, replicas=args.replicas)
     result["model"] = str(args.model)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -319,9 +331,10 @@ def _print_plan(p: dict) -> None:
 
     n, ctx = p["parallel"], p["ctx"]
     seqs = f" x {n} sequences" if n > 1 else ""
+    share = f" (each of {p['replicas']} replicas of {_gib(p['memory_total'])})" if "replicas" in p else ""
     t = Table(box=box.SIMPLE_HEAD, show_edge=False,
-              title=f"{p['model']}: {_gib(p['memory'])} for weights ({_gib(p['weights_bytes'])}, {p['weights']}) "
-                    f"and K/V cache{seqs}",
+              title=f"{p['model']}: {_gib(p['memory'])}{share} for weights ({_gib(p['weights_bytes'])}, "
+                    f"{p['weights']}) and K/V cache{seqs}",
               caption=f"exact block sizes, whole pages of {p['page_size']} tokens; "
                       f"model context length {p['context_length']:,}")
     for h in ("K/V", "stored as", "weights", "KV bytes/token", f"max context{seqs}",

@@ -49,6 +49,7 @@ RANKS = {
     "kvslim.bench": 8,
     "kvslim.cli": 9,
     "kvslim.server": 9,  # every server.* module
+    "kvslim.ray": 9,  # replicas of the server on Ray Serve, and their routing
 }
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:

@@ -62,6 +62,20 @@ def test_max_ctx_fits_the_budget(tiny, capsys):
     assert not t["max_ctx_capped"]
 
 
+def test_replicas_divide_the_budget(tiny, capsys):
+    """--replicas N plans each replica with its share: weights and pool each (serve --ray)."""
+    c = load_config(tiny)
+    share = c.weights_bytes + 150 * 144 * 2  # one replica: 2 sequences of 128 q4_0 tokens
+    argv = [str(tiny), "--parallel", "2", "--types", "q4_0"]
+    one = plan_json(capsys, [*argv, "--memory", str(share)])
+    three = plan_json(capsys, [*argv, "--memory", str(3 * share), "--replicas", "3"])
+    assert three["memory"] == one["memory"] == share and three["memory_total"] == 3 * share
+    assert three["replicas"] == 3 and "replicas" not in one
+    assert three["types"] == one["types"]
+    assert cli.main(["plan", str(tiny), "--memory", str(3 * share), "--replicas", "3"]) == 0
+    assert "each of 3 replicas" in capsys.readouterr().out
+
+
 def test_table(tiny, capsys):
     assert cli.main(["plan", str(tiny), "--memory", "8GB", "--parallel", "4", "--ctx", "256"]) == 0
     out = capsys.readouterr().out
@@ -81,6 +95,7 @@ def test_table_when_weights_do_not_fit(tiny, capsys):
     (["--memory=-1GiB"], "must be positive"),
     (["--memory", "0"], "must be positive"),
     (["--memory", "1GiB", "--parallel", "0"], "parallel must be positive"),
+    (["--memory", "1GiB", "--replicas", "0"], "replicas must be positive"),
     (["--memory", "1GiB", "--ctx", "100000"], "ctx must be between 1"),
     (["--memory", "1GiB", "--types", "q3_0"], "q3_0"),
 ])

@@ -12,6 +12,7 @@ model's requests), ``schemas`` (request bodies), ``ollama`` / ``openai`` (routes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 __all__ = ["cli_register", "serve"]
@@ -37,6 +38,16 @@ def cli_register(subparsers) -> None:
     p.add_argument("--max-queue", type=_positive,
                    help="waiting requests per model before 503 (env KVSLIM_MAX_QUEUE; default 512)")
     add_model_args(p)
+    g = p.add_argument_group("Ray Serve (pip install 'kvslim[ray]'; README: Server on Ray)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve with replicas on Ray Serve, each with its own K/V pool, routed by "
+                        "prompt prefix and free pages")
+    g.add_argument("--replicas", type=_positive, metavar="N", help="replicas (with --ray; default 1)")
+    g.add_argument("--autoscale", type=_min_max, metavar="MIN:MAX",
+                   help="scale between MIN and MAX replicas on requests in flight (with --ray)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster ('auto': the one on this machine; default: start "
+                        "a local one)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -45,6 +56,27 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit()) or not 1 <= int(lo) <= int(hi):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return int(lo), int(hi)
+
+
+def _ray_options(args) -> dict | None:
+    """``kvslim.ray.run``'s options from the flags; None without --ray (ValueError: misuse)."""
+    given = [f for f, v in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
+                            ("--ray-address", args.ray_address)) if v is not None]
+    if not args.ray:
+        if given:
+            raise ValueError(f"{given[0]} needs --ray")
+        return None
+    if args.replicas is not None and args.autoscale is not None:
+        raise ValueError("give --replicas or --autoscale, not both")
+    return {"replicas": args.replicas or 1, "autoscale": args.autoscale,
+            "address": args.ray_address}
 
 
 def cmd_serve(args) -> int:
@@ -56,12 +88,19 @@ def cmd_serve(args) -> int:
         num_parallel=args.num_parallel, kv_memory=args.kv_memory, max_queue=args.max_queue,
         device=args.device, kv_rotation=args.kv_rotation, kv_centering=args.kv_centering,
         kv_rounding=args.kv_rounding, weights=args.weights)
+    ray = _ray_options(args)
     models = {}
     for item in args.models:
         path = Path(item).expanduser()
         if not path.is_file():
             raise FileNotFoundError(2, "no such model file", str(path))
-        models[path.stem] = path
+        models[path.stem] = path.resolve()  # replicas run in other processes (and cwds)
+    if ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("kvslim serve --ray needs Ray Serve: pip install 'kvslim[ray]'")
+        from kvslim.ray import run
+        run(settings, models, **ray)
+        return 0
     serve(settings, models)
     return 0
 

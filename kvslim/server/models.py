@@ -345,9 +345,15 @@ class Runner:
         info = e.cache_info()
         seq_pages = {p for s in e.running for p in e.cache.pages(s.cache_id)}
         prefix = e.prefix_cache
+        prefix_pages = prefix.pages(e.cache) if prefix else set()
+        ps = e.cache.page_size  # pages running sequences may still grow into are promised
+        promised = sum(-(-s.max_len // ps) - -(-e.cache.length(s.cache_id) // ps) for s in e.running)
         info.update(
             pages_sequences=len(seq_pages),
-            pages_prefix_cache=len(prefix.pages(e.cache)) if prefix else 0,
+            pages_prefix_cache=len(prefix_pages),
+            # what a new request can be given now: free pages not promised to running
+            # sequences, plus pages only the prefix cache holds (evicted on admission)
+            pages_available=e.cache.free_pages - promised + len(prefix_pages - seq_pages),
             prefix_cache_entries=len(prefix) if prefix else 0,
             prefix_cache_tokens=prefix.tokens() if prefix else 0,
             prefix_cache_evictions=prefix.evictions if prefix else 0,
