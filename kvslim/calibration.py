@@ -23,7 +23,8 @@ from kvslim.codec import CodecChoice, KVCodec
 from kvslim.rotation import Rotation
 from kvslim.version import __version__
 
-__all__ = ["CALIBRATION_TEXT", "build_codec", "calibrate", "key_shift", "model_means"]
+__all__ = ["CALIBRATION_TEXT", "FP8_SCALE_DIVISORS", "build_codec", "calibrate", "calibration_ids",
+           "fp8_scales", "key_shift", "model_means"]
 
 log = logging.getLogger("kvslim")
 
@@ -37,10 +38,7 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """
     got = _MEANS.get(model)
     if got is None:
-        if tokenizer is not None:
-            ids = tokenizer.encode(CALIBRATION_TEXT, add_special=True, parse_special=False)
-        else:
-            ids = [(i * 7919) % model.config.vocab_size for i in range(256)]
+        ids = calibration_ids(model, tokenizer)
         path = _means_path(model, ids)
         got = _load_means(path, model) if path is not None else None
         if got is None:
@@ -51,6 +49,13 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     return got
 
 
+def calibration_ids(model, tokenizer=None) -> list[int]:
+    """CALIBRATION_TEXT's tokens (a fixed spread of ids without a tokenizer)."""
+    if tokenizer is not None:
+        return tokenizer.encode(CALIBRATION_TEXT, add_special=True, parse_special=False)
+    return [(i * 7919) % model.config.vocab_size for i in range(256)]
+
+
 # ---------------------------------------------------------------- the means on disk
 # The calibration forward is a sizeable part of a model load (benchmarks/README.md) and
 # its result only depends on the weights, so it is kept beside the model store, keyed by
@@ -59,17 +64,18 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
 _MEANS_FORMAT = 1
 
 
-def _means_path(model, ids: list[int]):
-    """Where ``model``'s means live (None: this model cannot be keyed, e.g. no layers)."""
+def _means_path(model, ids: list[int], extra=(), suffix: str = ""):
+    """Where ``model``'s means live (None: this model cannot be keyed, e.g. no layers);
+    ``extra`` keys other measurements of the same model (``suffix`` names their kind)."""
     layers = getattr(model, "layers", None)
     if not layers or not hasattr(layers[0], "wqkv"):
         return None
     h = hashlib.sha256(repr((_MEANS_FORMAT, __version__, model.config, str(model.dtype),
-                             model.device.type)).encode())
+                             model.device.type, *extra)).encode())
     h.update(np.asarray(ids, np.int64).tobytes())
     for layer in (layers[0], layers[-1]):  # a sample of the weights themselves
         h.update(layer.wqkv.sample(8))
-    return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}.pt"
+    return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}{suffix}.pt"
 
 
 def _load_means(path, model):
@@ -79,6 +85,8 @@ def _load_means(path, model):
         return None
     c = model.config
     want = (c.n_layers, c.n_kv_heads)
+    if not (isinstance(mk, torch.Tensor) and isinstance(mv, torch.Tensor)):
+        return None
     if mk.dtype != torch.float32 or mv.dtype != torch.float32 or mk.shape[:2] != want or mv.shape[:2] != want:
         return None
     return mk, mv
@@ -115,7 +123,62 @@ def build_codec(model, tokenizer, choice: CodecChoice, n_positions: int) -> KVCo
     rot = lambda size: Rotation.make(dim, size) if size else None  # noqa: E731
     codec = KVCodec(model.n_heads, rot(choice.rotation_k), rot(choice.rotation_v), mu_k, mu_v,
                     choice.rounding_k, choice.rounding_v)
+    if choice.scaled_k or choice.scaled_v:
+        sk, sv = fp8_scales(model, tokenizer, codec.to(model.device), n_positions)
+        codec = KVCodec(model.n_heads, codec.rotation_k, codec.rotation_v, mu_k, mu_v,
+                        choice.rounding_k, choice.rounding_v,
+                        sk if choice.scaled_k else None, sv if choice.scaled_v else None)
     return codec.to(model.device)
+
+
+# ---------------------------------------------------------------- fp8 scales
+# vLLM's calculate_kv_scales: scale = amax / constant, so the largest value seen maps to
+# 200 (K) or 100 (V), leaving e4m3 (max 448) 2.2x / 4.5x of headroom for rows larger than
+# the calibration's; beyond it values saturate. The same for e5m2, whose range needs none.
+FP8_SCALE_DIVISORS = (200.0, 100.0)
+
+
+def fp8_scales(model, tokenizer, codec: KVCodec, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_k, s_v) [L, Hkv] float32 on CPU: the largest |value| of the rows ``codec`` (no
+    scales) stores over CALIBRATION_TEXT, per layer and kv head, divided by
+    FP8_SCALE_DIVISORS. Kept beside the store as the means are (keyed by the coding)."""
+    ids = calibration_ids(model, tokenizer)
+    extra = (codec.rotation_k and codec.rotation_k.size, codec.rotation_v and codec.rotation_v.size,
+             codec.centered_k, codec.centered_v, n_positions)
+    known = _SCALES.setdefault(model, {})
+    got = known.get(extra)
+    if got is not None:
+        return got
+    path = _means_path(model, ids, extra, "-fp8")
+    got = _load_means(path, model) if path is not None else None
+    if got is None:
+        ak, av = _coded_amax(model, ids, codec)
+        got = tuple(torch.where(a > 0, a / c, torch.ones_like(a))
+                    for a, c in zip((ak, av), FP8_SCALE_DIVISORS))
+        if path is not None:
+            _save_means(path, got)
+    known[extra] = got
+    return got
+
+
+_SCALES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {coding: scales}
+
+
+@torch.inference_mode()
+def _coded_amax(model, ids: list[int], codec: KVCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest |stored value| per layer and kv head of a float32 cache coded by ``codec``."""
+    page = 64
+    cache = model.new_cache(-(-len(ids) // page), page, "f32", "f32", codec=codec)
+    plan = plan_attention(model.device, cache.head_dim, "f32", "f32", warn=False)
+    cid = cache.new_sequence()
+    model.forward(torch.tensor(ids), Attention(plan).begin(cache, [cid], [len(ids)]),
+                  torch.tensor([len(ids) - 1]))
+    ak, av = [], []
+    for layer in range(cache.n_layers):
+        k, v = cache.read(layer, cid)  # [Hkv, T, D] as stored (coded)
+        ak.append(k.abs().amax(dim=(1, 2)))
+        av.append(v.abs().amax(dim=(1, 2)))
+    return torch.stack(ak).float().cpu(), torch.stack(av).float().cpu()
 
 
 # Original prose written for kvslim (no outside text): the model reads it once to estimate
