@@ -330,6 +330,7 @@ def ps_entry(reg, runner: Runner) -> dict:
             "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
             "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
             "kv_rounding", "kv_codec_note")},
+        **{k: snap[k] for k in ("kv_auto", "kv_max_kld", "kv_measured_kld") if k in snap},
         "attention": {"backend": snap["backend"], "fused": snap["fused"],
                       "flash_attn": snap["flash_attn"]},
         "requests": {"running": snap["running"], "waiting": runner.scheduler.waiting(),
