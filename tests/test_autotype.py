@@ -4,8 +4,6 @@ the server (settings, request options, /api/ps, a memory budget), `kvslim plan` 
 CLI; on SmolLM2 (slow) the real table at the default budget."""
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 import torch
@@ -108,7 +106,6 @@ def test_quality_table_is_measured_once_and_kept_beside_the_store(tiny_path, cle
 
     model, tok = tiny_llama.load(tiny_path)
     pairs = (("q8_0", "q8_0"), ("fp8_e5m2", "fp8_e5m2"), ("q4_0", "q4_0"))
-    t0 = time.perf_counter()
     first = calibration.quality_table(model, tok, CodecSettings(), pairs=pairs, progress=False)
     assert set(first) == {"q8_0/q8_0", "fp8_e5m2/fp8_e5m2", "q4_0/q4_0"}
     assert all(v >= 0 for v in first.values()) and first["q4_0/q4_0"] > first["q8_0/q8_0"]
@@ -130,7 +127,6 @@ def test_quality_table_is_measured_once_and_kept_beside_the_store(tiny_path, cle
         assert measured == [1, 1]
     finally:
         calibration._measure_table = real
-    assert time.perf_counter() - t0 < 120
 
 
 def test_server_auto_default_option_and_memory_budget(tiny_path, clean_env, fake_table):
@@ -194,16 +190,17 @@ def test_cli_refuses_a_bad_budget_in_one_line(tiny_path, clean_env, capsys):
 
 @pytest.mark.slow
 def test_smollm2_at_the_default_budget_is_q8_0_q4_0_class(smollm2_gguf, clean_env):
-    """The real table: at 0.005 auto lands between q8_0/q8_0 and q4_0/q4_0 in bytes, with a
-    measured KLD inside the budget; measuring all candidates stays under a minute here."""
+    """The real table: at 0.005 auto lands between q8_0/q8_0 and q4_0/q4_0 in bytes (q8_0/q4_0
+    or q5_0/q5_0 class), with a measured KLD inside the budget; 4-bit pairs are outside it.
+    (How long measuring takes: benchmarks/auto_table.py.)"""
     from kvslim import LLM
     from kvslim.cache import KVCache
 
-    t0 = time.perf_counter()
     llm = LLM(str(smollm2_gguf), kv_cache_type="auto", num_ctx=512, progress=False, pull=False)
-    took = time.perf_counter() - t0
     i = llm.kv_cache_info()
     per = lambda k, v: KVCache.bytes_per_token(30, 3, 64, k, v)  # noqa: E731
     assert per("q4_0", "q4_0") < i["bytes_per_token"] < per("q8_0", "q8_0"), i
     assert 0 < i["kv_measured_kld"] <= DEFAULT_MAX_KLD
-    assert took < 90, f"measuring took {took:.0f} s"
+    table = calibration._TABLES[llm.model]
+    (kld,) = table.values()
+    assert kld["q4_0/q4_0"] > DEFAULT_MAX_KLD and kld["q8_0/q8_0"] < DEFAULT_MAX_KLD / 10
