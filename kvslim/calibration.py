@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import sys
 import weakref
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kvslim import store
 from kvslim.attention import Attention, plan_attention
@@ -23,7 +26,8 @@ from kvslim.codec import CodecChoice, KVCodec
 from kvslim.rotation import Rotation
 from kvslim.version import __version__
 
-__all__ = ["CALIBRATION_TEXT", "build_codec", "calibrate", "key_shift", "model_means"]
+__all__ = ["AUTO_CANDIDATES", "CALIBRATION_TEXT", "auto_cache_types", "quality_table", "FP8_SCALE_DIVISORS", "build_codec", "calibrate", "calibration_ids",
+           "fp8_scales", "key_shift", "model_means"]
 
 log = logging.getLogger("kvslim")
 
@@ -37,10 +41,7 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """
     got = _MEANS.get(model)
     if got is None:
-        if tokenizer is not None:
-            ids = tokenizer.encode(CALIBRATION_TEXT, add_special=True, parse_special=False)
-        else:
-            ids = [(i * 7919) % model.config.vocab_size for i in range(256)]
+        ids = calibration_ids(model, tokenizer)
         path = _means_path(model, ids)
         got = _load_means(path, model) if path is not None else None
         if got is None:
@@ -51,6 +52,13 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     return got
 
 
+def calibration_ids(model, tokenizer=None) -> list[int]:
+    """CALIBRATION_TEXT's tokens (a fixed spread of ids without a tokenizer)."""
+    if tokenizer is not None:
+        return tokenizer.encode(CALIBRATION_TEXT, add_special=True, parse_special=False)
+    return [(i * 7919) % model.config.vocab_size for i in range(256)]
+
+
 # ---------------------------------------------------------------- the means on disk
 # The calibration forward is a sizeable part of a model load (benchmarks/README.md) and
 # its result only depends on the weights, so it is kept beside the model store, keyed by
@@ -59,17 +67,18 @@ def model_means(model, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
 _MEANS_FORMAT = 1
 
 
-def _means_path(model, ids: list[int]):
-    """Where ``model``'s means live (None: this model cannot be keyed, e.g. no layers)."""
+def _means_path(model, ids: list[int], extra=(), suffix: str = ""):
+    """Where ``model``'s means live (None: this model cannot be keyed, e.g. no layers);
+    ``extra`` keys other measurements of the same model (``suffix`` names their kind)."""
     layers = getattr(model, "layers", None)
     if not layers or not hasattr(layers[0], "wqkv"):
         return None
     h = hashlib.sha256(repr((_MEANS_FORMAT, __version__, model.config, str(model.dtype),
-                             model.device.type)).encode())
+                             model.device.type, *extra)).encode())
     h.update(np.asarray(ids, np.int64).tobytes())
     for layer in (layers[0], layers[-1]):  # a sample of the weights themselves
         h.update(layer.wqkv.sample(8))
-    return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}.pt"
+    return store.store_dir() / ".calibration" / f"{h.hexdigest()[:32]}{suffix}.pt"
 
 
 def _load_means(path, model):
@@ -79,6 +88,8 @@ def _load_means(path, model):
         return None
     c = model.config
     want = (c.n_layers, c.n_kv_heads)
+    if not (isinstance(mk, torch.Tensor) and isinstance(mv, torch.Tensor)):
+        return None
     if mk.dtype != torch.float32 or mv.dtype != torch.float32 or mk.shape[:2] != want or mv.shape[:2] != want:
         return None
     return mk, mv
@@ -115,7 +126,62 @@ def build_codec(model, tokenizer, choice: CodecChoice, n_positions: int) -> KVCo
     rot = lambda size: Rotation.make(dim, size) if size else None  # noqa: E731
     codec = KVCodec(model.n_heads, rot(choice.rotation_k), rot(choice.rotation_v), mu_k, mu_v,
                     choice.rounding_k, choice.rounding_v)
+    if choice.scaled_k or choice.scaled_v:
+        sk, sv = fp8_scales(model, tokenizer, codec.to(model.device), n_positions)
+        codec = KVCodec(model.n_heads, codec.rotation_k, codec.rotation_v, mu_k, mu_v,
+                        choice.rounding_k, choice.rounding_v,
+                        sk if choice.scaled_k else None, sv if choice.scaled_v else None)
     return codec.to(model.device)
+
+
+# ---------------------------------------------------------------- fp8 scales
+# vLLM's calculate_kv_scales: scale = amax / constant, so the largest value seen maps to
+# 200 (K) or 100 (V), leaving e4m3 (max 448) 2.2x / 4.5x of headroom for rows larger than
+# the calibration's; beyond it values saturate. The same for e5m2, whose range needs none.
+FP8_SCALE_DIVISORS = (200.0, 100.0)
+
+
+def fp8_scales(model, tokenizer, codec: KVCodec, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_k, s_v) [L, Hkv] float32 on CPU: the largest |value| of the rows ``codec`` (no
+    scales) stores over CALIBRATION_TEXT, per layer and kv head, divided by
+    FP8_SCALE_DIVISORS. Kept beside the store as the means are (keyed by the coding)."""
+    ids = calibration_ids(model, tokenizer)
+    extra = (codec.rotation_k and codec.rotation_k.size, codec.rotation_v and codec.rotation_v.size,
+             codec.centered_k, codec.centered_v, n_positions)
+    known = _SCALES.setdefault(model, {})
+    got = known.get(extra)
+    if got is not None:
+        return got
+    path = _means_path(model, ids, extra, "-fp8")
+    got = _load_means(path, model) if path is not None else None
+    if got is None:
+        ak, av = _coded_amax(model, ids, codec)
+        got = tuple(torch.where(a > 0, a / c, torch.ones_like(a))
+                    for a, c in zip((ak, av), FP8_SCALE_DIVISORS))
+        if path is not None:
+            _save_means(path, got)
+    known[extra] = got
+    return got
+
+
+_SCALES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {coding: scales}
+
+
+@torch.inference_mode()
+def _coded_amax(model, ids: list[int], codec: KVCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest |stored value| per layer and kv head of a float32 cache coded by ``codec``."""
+    page = 64
+    cache = model.new_cache(-(-len(ids) // page), page, "f32", "f32", codec=codec)
+    plan = plan_attention(model.device, cache.head_dim, "f32", "f32", warn=False)
+    cid = cache.new_sequence()
+    model.forward(torch.tensor(ids), Attention(plan).begin(cache, [cid], [len(ids)]),
+                  torch.tensor([len(ids) - 1]))
+    ak, av = [], []
+    for layer in range(cache.n_layers):
+        k, v = cache.read(layer, cid)  # [Hkv, T, D] as stored (coded)
+        ak.append(k.abs().amax(dim=(1, 2)))
+        av.append(v.abs().amax(dim=(1, 2)))
+    return torch.stack(ak).float().cpu(), torch.stack(av).float().cpu()
 
 
 # Original prose written for kvslim (no outside text): the model reads it once to estimate
@@ -188,3 +254,113 @@ def key_shift(model, pre_mean: torch.Tensor, n_positions: int) -> torch.Tensor:
     dim = model.head_dim
     mu = model.rope_mean(pre_mean[..., :dim].to(model.device), n_positions).float().cpu()
     return F.pad(mu, (0, pre_mean.shape[-1] - dim))
+
+
+# ---------------------------------------------------------------- the quality table
+# ``--kv-cache-type auto`` picks from the measured KLD vs an f16 cache of these pairs (K at
+# least as precise as V: K is the more sensitive side), on CALIBRATION_TEXT, once per model,
+# machine and coding; kept beside the store like the means.
+
+AUTO_CANDIDATES: tuple[tuple[str, str], ...] = (
+    ("q8_0", "q8_0"), ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"), ("q8_0", "q5_0"),
+    ("q8_0", "q4_0"), ("q8_0", "iq4_nl"), ("fp8_e4m3", "q4_0"), ("q5_1", "q5_1"),
+    ("q5_0", "q5_0"), ("q5_0", "q4_0"), ("q4_1", "q4_1"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
+)
+_TABLE_FORMAT = 1
+
+
+def quality_table(model, tokenizer, settings, flash_attn: str = "auto",
+                  pairs=AUTO_CANDIDATES, progress: bool = True) -> dict[str, float]:
+    """{"k/v": mean KLD vs an f16 cache} over CALIBRATION_TEXT, for each pair the device
+    runs without a fallback (those that fall back are left out), coded by ``settings``
+    (codec.CodecSettings). Measured once and kept beside the store (keyed by the model,
+    the device, the coding, flash attention and the pairs); recomputed when missing,
+    unreadable or from another kvslim."""
+    ids = calibration_ids(model, tokenizer)
+    key = (settings, flash_attn, tuple(pairs), _TABLE_FORMAT)
+    path = _means_path(model, ids, key, "-kld")
+    path = path.with_suffix(".json") if path is not None else None
+    known = _TABLES.setdefault(model, {})
+    got = known.get(key)
+    if got is None and path is not None:
+        got = _load_table(path, pairs)
+    if got is None:
+        got = _measure_table(model, tokenizer, ids, settings, flash_attn, pairs, progress)
+        if path is not None:
+            _save_table(path, got)
+    known[key] = got
+    return dict(got)
+
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: table}
+
+
+def _load_table(path, pairs) -> dict[str, float] | None:
+    try:
+        data = json.loads(path.read_text())
+        table = {str(k): float(v) for k, v in data["kld"].items()}
+    except Exception:  # absent, cut short, or not ours: recompute
+        return None
+    names = {f"{k}/{v}" for k, v in pairs}
+    if data.get("format") != _TABLE_FORMAT or not set(table) <= names:
+        return None
+    return table
+
+
+def _save_table(path, table: dict[str, float]) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"format": _TABLE_FORMAT, "kld": table}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("K/V quality table not saved to %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@torch.inference_mode()
+def _measure_table(model, tokenizer, ids, settings, flash_attn, pairs, progress) -> dict[str, float]:
+    from kvslim.codec import decide
+
+    ref = F.log_softmax(_all_logits(model, ids, "f16", "f16", flash_attn, None), dim=-1)
+    p_ref = ref.exp()
+    table: dict[str, float] = {}
+    show = progress and sys.stderr.isatty()
+    for k, v in tqdm(pairs, desc="measuring K/V cache types", unit="pair", disable=not show):
+        plan = plan_attention(model.device, model.config.head_dim, k, v, flash_attn,
+                              v_head_dim=model.config.v_head_dim, warn=False)
+        if plan.fell_back:
+            continue
+        choice = decide(settings, k, v, model.cache_head_dim)
+        codec = build_codec(model, tokenizer, choice, len(ids))
+        logp = F.log_softmax(_all_logits(model, ids, k, v, flash_attn, codec), dim=-1)
+        kld = (p_ref * (ref - logp)).sum(-1)[1:]  # the first position sees only itself
+        table[f"{k}/{v}"] = max(0.0, float(kld.double().mean()))  # >= 0 but for rounding
+    return table
+
+
+def _all_logits(model, ids: list[int], k: str, v: str, flash_attn: str, codec) -> torch.Tensor:
+    """float32 logits [T, V] of every position of ``ids`` through a fresh k/v cache."""
+    page = 64
+    cache = model.new_cache(-(-len(ids) // page), page, k, v, codec=codec)
+    plan = plan_attention(model.device, model.config.head_dim, k, v, flash_attn,
+                          v_head_dim=model.config.v_head_dim, warn=False)
+    cid = cache.new_sequence()
+    step = Attention(plan).begin(cache, [cid], [len(ids)])
+    return model.forward(torch.tensor(ids), step, torch.arange(len(ids))).float()
+
+
+def auto_cache_types(model, tokenizer, settings, max_kld: float, flash_attn: str = "auto",
+                     max_bytes_per_token: int | None = None, progress: bool = True):
+    """``--kv-cache-type auto``: the autotype.AutoChoice for this model from its quality
+    table (measured on first use). NothingFits when a memory budget rules out every
+    pair within max_kld."""
+    from kvslim.cache import KVCache
+    from kvslim.autotype import choose_auto
+
+    table = quality_table(model, tokenizer, settings, flash_attn, progress=progress)
+
+    def per_token(k: str, v: str) -> int:
+        return KVCache.bytes_per_token(model.n_layers, model.n_kv_heads, model.cache_head_dim, k, v)
+    return choose_auto(table, max_kld, per_token, max_bytes_per_token)

@@ -41,7 +41,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """Cache type, flash attention, device and context flags (as llama.cpp / Ollama name them)."""
     g = p.add_argument_group("model and K/V cache")
     g.add_argument("--kv-cache-type", metavar="T",
-                   help="K and V cache type: f16, q8_0, q4_0, ... (env KVSLIM_KV_CACHE_TYPE; default f16)")
+                   help="K and V cache type: f16, q8_0, q4_0, fp8_e4m3, ..., or auto: the smallest "
+                        "within --kv-max-kld (env KVSLIM_KV_CACHE_TYPE; default f16)")
+    g.add_argument("--kv-max-kld", metavar="X",
+                   help="for --kv-cache-type auto: the largest KLD vs an f16 cache allowed, "
+                        "measured once per model (env KVSLIM_KV_MAX_KLD; default 0.005)")
     g.add_argument("--cache-type-k", "-ctk", metavar="T", help="K cache type (overrides --kv-cache-type)")
     g.add_argument("--cache-type-v", "-ctv", metavar="T", help="V cache type (overrides --kv-cache-type)")
     g.add_argument("--flash-attn", "-fa", metavar="MODE",
@@ -84,7 +88,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, device=args.device,
                 num_ctx=args.num_ctx, kv_rotation=args.kv_rotation,
                 kv_centering=args.kv_centering, kv_rounding=args.kv_rounding,
-                weights=args.weights)
+                weights=args.weights, kv_max_kld=args.kv_max_kld)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -221,7 +225,8 @@ def cmd_show(args) -> int:
     from kvslim.attention import plan_attention
     from kvslim.codec import decide
     from kvslim.gguf_loader import ModelConfig, open_gguf
-    from kvslim.settings import pick_device, resolve_codec, resolve_flash_attn, resolve_num_ctx
+    from kvslim.settings import (AUTO, pick_device, resolve_cache_types, resolve_codec,
+                                 resolve_flash_attn, resolve_max_kld, resolve_num_ctx)
 
     if _show_card(args):
         return 0
@@ -266,17 +271,42 @@ def cmd_show(args) -> int:
     _table(["KV cache type", "bytes/token", *(["window bytes/seq"] if windowed else []),
             f"at num_ctx {ctx}", f"at {c.context_length}",
             f"attention on {device.type} (flash {flash})", "rotation / centering / rounding"], rows)
+    if resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)[0] == AUTO:
+        _show_auto(path, c, device, flash, coding, resolve_max_kld(args.kv_max_kld))
     return 0
+
+
+def _show_auto(path, c, device, flash, coding, max_kld: float) -> None:
+    """The measured quality table (measured now on first use) and auto's choice."""
+    from kvslim import calibration, models, planner
+    from kvslim.autotype import choose_auto
+    from kvslim.gguf_loader import open_gguf
+    from kvslim.settings import compute_dtype
+    from kvslim.tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    model = models.load_model(reader, c, device, compute_dtype(device), progress=False)
+    table = calibration.quality_table(model, Tokenizer.from_gguf(reader), coding, flash)
+    per_token = lambda k, v: planner.kv_bytes_per_token(c, k, v)  # noqa: E731
+    pick = choose_auto(table, max_kld, per_token)
+    rows = [(name, f"{per_token(*name.split('/')):,}", f"{kld:.5f}",
+             "<- auto" if name == f"{pick.type_k}/{pick.type_v}" else "")
+            for name, kld in sorted({"f16/f16": 0.0, **table}.items(),
+                                    key=lambda kv: per_token(*kv[0].split("/")))]
+    print()
+    _table(["K/V", "bytes/token", "KLD vs f16 (calibration text)", f"auto, KLD <= {max_kld:g}"], rows)
 
 
 def cmd_run(args) -> int:
     from kvslim import store
     from kvslim.llm import LLM
     from kvslim.sampling import SamplingParams
-    from kvslim.settings import pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn
+    from kvslim.settings import (pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn,
+                                 resolve_max_kld)
 
     # bad flags fail before a first-use pull downloads anything
     resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
+    resolve_max_kld(args.kv_max_kld)
     resolve_flash_attn(args.flash_attn)
     resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     pick_device(args.device)
@@ -417,6 +447,9 @@ def _print_cache_info(llm) -> None:
                       f"rounding {i['kv_rounding']}"
                       + (f" ({i['kv_codec_note']})" if i.get("kv_codec_note") else "")),
     ]
+    if i.get("kv_auto"):
+        lines.append(("kv cache auto", f"KLD {i['kv_measured_kld']:.5f} vs f16 (budget "
+                                       f"{i['kv_max_kld']:g}; {i['kv_auto_candidates']} pairs measured)"))
     for name, value in lines:
         print(f"{name + ':':<22}{value}", file=sys.stderr)
 

@@ -15,6 +15,10 @@ gives the same attention with or without them (to float32 rounding):
   sequences (prefix caching) hold the same code everywhere.
 * rounding: "lsq" picks least-squares block scales (``rounding``) instead of ggml's
   max-based ones; the blocks stay ggml blocks.
+* fp8 scales (vLLM's k_scale / v_scale, per layer and kv head): an fp8 side stores
+  x / s_k (x / s_v) of the coded row x; q is multiplied by s_k (its kv head's) and the
+  output by s_v before the rest is undone, so kernels read plain fp8 values. Measured by
+  ``calibration.fp8_scales``; always on for an fp8 side.
 
 A ``KVCodec`` is part of a cache's configuration (``KVCache.codec``): set when the pool
 is built, never changed, so a cache written with one codec is never read with another.
@@ -55,13 +59,19 @@ class KVCodec:
 
     mu_k [L, Hkv, D] and mu_v [L, Hkv, Dv] are in the model's (unrotated) coordinates;
     None turns centering off for that side. n_heads: query heads (GQA groups share mu_v).
+    scale_k, scale_v [L, Hkv]: an fp8 side's scales (None: not scaled).
     """
 
     def __init__(self, n_heads: int, rotation_k: Rotation | None = None,
                  rotation_v: Rotation | None = None, mu_k: torch.Tensor | None = None,
                  mu_v: torch.Tensor | None = None, rounding_k: str = "ggml",
-                 rounding_v: str = "ggml"):
+                 rounding_v: str = "ggml", scale_k: torch.Tensor | None = None,
+                 scale_v: torch.Tensor | None = None):
         self.n_heads, self.rotation_k, self.rotation_v = n_heads, rotation_k, rotation_v
+        self.scale_k, self.scale_v = scale_k, scale_v
+        # stored = coded * inv; q * qmul; output * omul (per query head), all float32
+        self._inv_k, self._qmul = self._scales(scale_k, n_heads)  # [L, Hkv], [L, Hq]
+        self._inv_v, self._omul = self._scales(scale_v, n_heads)
         self.mu_k, self.mu_v = mu_k, mu_v
         self.rounding_k, self.rounding_v = rounding_k, rounding_v
         self.centered_k, self.centered_v = mu_k is not None, mu_v is not None
@@ -74,6 +84,14 @@ class KVCodec:
             self._shift_o = self._shift_v.repeat_interleave(group, dim=1).contiguous()
 
     @staticmethod
+    def _scales(scale: torch.Tensor | None, n_heads: int):
+        if scale is None:
+            return None, None
+        scale = scale.to(torch.float32)
+        inv = (1.0 / scale).contiguous()
+        return inv, scale.repeat_interleave(n_heads // scale.shape[1], dim=1).contiguous()
+
+    @staticmethod
     def _rotated(mu: torch.Tensor | None, rot: Rotation | None) -> torch.Tensor | None:
         if mu is None:
             return None
@@ -83,10 +101,11 @@ class KVCodec:
     @property
     def identity(self) -> bool:
         """True when the transforms change nothing (only the rounding may differ)."""
-        return not (self.rotation_k or self.rotation_v or self.centered_k or self.centered_v)
+        return not (self.rotation_k or self.rotation_v or self.centered_k or self.centered_v
+                    or self.scale_k is not None or self.scale_v is not None)
 
     def to(self, device) -> "KVCodec":
-        for name in ("_shift_k", "_shift_v", "_shift_o"):
+        for name in ("_shift_k", "_shift_v", "_shift_o", "_inv_k", "_qmul", "_inv_v", "_omul"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -96,15 +115,26 @@ class KVCodec:
         """R_k q for q [N, Hq, D]: queries in the cache's coordinates, in q's dtype (the
         butterfly runs in float32 whatever the dtype: a bf16 one would add an error the
         size of q8_0's)."""
-        if self.rotation_k is None:
+        if self.rotation_k is None and self._qmul is None:
             return q
-        return rotate_rows(q.float(), self.rotation_k).to(q.dtype)
+        y = rotate_rows(q.float(), self.rotation_k)
+        if self._qmul is not None:
+            y = y * self._qmul[layer][:, None]
+        return y.to(q.dtype)
 
     def transform_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """(R_k k - mu_k, R_v v - mu_v) float32 for k [N, Hkv, D], v [N, Hkv, Dv]: the rows
         as the cache stores them (the plain-torch write; ``kernels.cpu_write`` fuses it)."""
         sk, sv = self.stored_shift(layer)
-        return rotate_rows(k.float(), self.rotation_k, sk), rotate_rows(v.float(), self.rotation_v, sv)
+        k, v = rotate_rows(k.float(), self.rotation_k, sk), rotate_rows(v.float(), self.rotation_v, sv)
+        ik, iv = self.stored_scale(layer)
+        return (k if ik is None else k * ik[:, None]), (v if iv is None else v * iv[:, None])
+
+    def stored_scale(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(1/s_k, 1/s_v) of one layer, [Hkv] float32 each (the coded rows are multiplied
+        by them before they are stored), None for a side that is not scaled."""
+        return (self._inv_k[layer] if self._inv_k is not None else None,
+                self._inv_v[layer] if self._inv_v is not None else None)
 
     def stored_shift(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mu_k, mu_v) of one layer in the stored (rotated) coordinates, [Hkv, D] float32
@@ -117,6 +147,8 @@ class KVCodec:
 
         o [N, Hq, Dv] is the attention's own fresh output, so it is decoded in place."""
         so = self._shift_o[layer] if self._shift_o is not None else None
+        if self._omul is not None:
+            o = o * self._omul[layer][:, None].to(o.dtype)
         if o.dtype is not torch.float32:  # GPU compute dtypes: the butterfly in float32
             return rotate_rows(o.float(), self.rotation_v, so, inverse=True).to(o.dtype)
         return rotate_rows(o, self.rotation_v, so, inverse=True, in_place=True)
@@ -137,20 +169,27 @@ class CodecChoice:
     rounding_k: str  # "lsq" | "ggml"
     rounding_v: str
     note: str | None = None  # a setting asked for that could not be honoured
+    scaled_k: bool = False  # fp8 sides: a scale per (layer, kv head)
+    scaled_v: bool = False
 
     @property
     def active(self) -> bool:
         return bool(self.rotation_k or self.rotation_v or self.centering_k or self.centering_v
-                    or "lsq" in (self.rounding_k, self.rounding_v))
+                    or "lsq" in (self.rounding_k, self.rounding_v) or self.scaled_k
+                    or self.scaled_v)
 
     def describe(self) -> dict:
         """{"kv_rotation", "kv_centering", "kv_rounding", "kv_codec_note"} for reports:
         e.g. "hadamard-64" or "K hadamard-64 / V off", "K" (the centered sides), "lsq"."""
         rot = lambda n: f"hadamard-{n}" if n else "off"  # noqa: E731
         sides = [n for n, on in (("K", self.centering_k), ("V", self.centering_v)) if on]
-        return {"kv_rotation": _pair(rot(self.rotation_k), rot(self.rotation_v)),
-                "kv_centering": "+".join(sides) or "off",
-                "kv_rounding": _pair(self.rounding_k, self.rounding_v), "kv_codec_note": self.note}
+        out = {"kv_rotation": _pair(rot(self.rotation_k), rot(self.rotation_v)),
+               "kv_centering": "+".join(sides) or "off",
+               "kv_rounding": _pair(self.rounding_k, self.rounding_v), "kv_codec_note": self.note}
+        scaled = [n for n, on in (("K", self.scaled_k), ("V", self.scaled_v)) if on]
+        if scaled:  # only fp8 caches report it, so other reports stay as they were
+            out["kv_fp8_scales"] = "+".join(scaled) + " per layer and kv head"
+        return out
 
 
 def decide(settings: CodecSettings, type_k: str, type_v: str, head_dim: int) -> CodecChoice:
@@ -176,4 +215,5 @@ def decide(settings: CodecSettings, type_k: str, type_v: str, head_dim: int) -> 
         settings.centering == "on" or (settings.centering == "auto" and qk),
         settings.centering == "on",
         "lsq" if lsq and rounding.supports_lsq(type_k) else "ggml",
-        "lsq" if lsq and rounding.supports_lsq(type_v) else "ggml", note)
+        "lsq" if lsq and rounding.supports_lsq(type_v) else "ggml", note,
+        formats.is_fp8(type_k), formats.is_fp8(type_v))

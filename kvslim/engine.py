@@ -186,14 +186,17 @@ class Engine:
     def __init__(self, model, tokenizer, *, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  flash_attn: str = "auto", num_ctx: int = DEFAULT_NUM_CTX, num_parallel: int = 1,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS, page_size: int = DEFAULT_PAGE_SIZE,
-                 n_pages: int | None = None, prefix_cache=None, codec: CodecSettings | None = None):
+                 n_pages: int | None = None, prefix_cache=None, codec: CodecSettings | None = None,
+                 auto=None):
         """``n_pages`` sizes the pool directly (a memory budget); default num_ctx x num_parallel.
         Layers on a sliding window get their own pages: num_parallel x what one sequence
         of num_ctx holds at once (``kvslim.cache.window_pages``).
 
         ``codec``: rotation / centering / rounding of the K/V rows (``kvslim.codec``;
-        default all auto), fixed for this engine's pool.
+        default all auto), fixed for this engine's pool. ``auto``: the autotype.AutoChoice
+        the types came from (``--kv-cache-type auto``), reported by ``cache_info``.
         """
+        self.auto = auto
         if num_ctx > model.config.context_length:
             raise ValueError(f"num_ctx {num_ctx} is above the model's maximum context "
                              f"{model.config.context_length}")
@@ -582,6 +585,7 @@ class Engine:
             "num_parallel": self.num_parallel, "page_size": c.page_size,
             "pages_total": c.n_pages, "pages_in_use": c.pages_in_use,
             **self.codec.describe(),
+            **(self.auto.describe() if self.auto is not None else {}),
         }
 
 

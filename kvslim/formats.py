@@ -29,7 +29,7 @@ QK = 32  # values per block, for every format
 
 __all__ = [
     "QK", "TYPES", "FORMATS", "Format", "get_format", "bytes_per_element", "block_bytes",
-    "is_quantized", "quantize", "dequantize", "encode", "decode", "to_bytes", "from_bytes",
+    "is_quantized", "is_fp8", "quantize", "dequantize", "encode", "decode", "to_bytes", "from_bytes",
     "as_blocks", "pack_nibbles", "pack_high_bits",
 ]
 
@@ -50,6 +50,8 @@ class Format:
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
+        if cls.__name__.startswith("_"):  # a family's shared base, not a format
+            return
         taken = {f.code: f.name for f in Format.registry.values()}
         if cls.code in taken:
             raise ValueError(f"format {cls.name} reuses code {cls.code} of {taken[cls.code]}")
@@ -316,6 +318,50 @@ class IQ4_NL(Format):
         return p["d"].float() * q
 
 
+# ---------------------------------------------------------------- fp8 types
+
+class _FP8(Format):
+    """One byte per value, no block scale: vLLM's fp8 K/V cache.
+
+    The byte is the value in the float8 format itself (torch's ``float8_e4m3fn`` /
+    ``float8_e5m2`` bits), rounded to nearest even; values beyond the largest finite one
+    saturate to it (torch's e4m3fn conversion saturates by itself, its e5m2 one would
+    give inf). Like vLLM, the scale lives outside the block: a float32 per (layer, kv
+    head), measured by the calibration pass, divides the coded rows before they are
+    stored (``codec.KVCodec``). ``encode`` here stores the values as given (scale 1).
+    The 32-value "block" only keeps rows whole blocks, as the other types.
+    """
+
+    planes = (("qs", torch.uint8, QK),)
+    dtype: ClassVar[torch.dtype]
+    max: ClassVar[float]  # largest finite value
+
+    def encode_blocks(self, blocks):
+        q = blocks.clamp(-self.max, self.max).to(self.dtype)
+        return {"qs": q.view(torch.uint8)}
+
+    def decode_blocks(self, p):
+        return p["qs"].contiguous().view(self.dtype).float()
+
+
+class FP8_E4M3(_FP8):
+    """4 exponent bits (bias 7), 3 mantissa bits: finite up to 448, no inf."""
+
+    name = "fp8_e4m3"
+    code = 9
+    dtype = torch.float8_e4m3fn
+    max = 448.0
+
+
+class FP8_E5M2(_FP8):
+    """5 exponent bits (bias 15), 2 mantissa bits: the top byte of a float16."""
+
+    name = "fp8_e5m2"
+    code = 10
+    dtype = torch.float8_e5m2
+    max = 57344.0
+
+
 FORMATS: dict[str, Format] = Format.registry
 TYPES: tuple[str, ...] = tuple(FORMATS)
 
@@ -341,8 +387,13 @@ def block_bytes(type: str) -> int:
 
 
 def is_quantized(type: str) -> bool:
-    """True for block types with a scale (q8_0 ...), False for f32/f16/bf16."""
+    """True for block types with a scale (q8_0 ...) and fp8, False for f32/f16/bf16."""
     return get_format(type).quantized
+
+
+def is_fp8(type: str) -> bool:
+    """True for the fp8 types, whose scale is per (layer, kv head) in the codec."""
+    return isinstance(get_format(type), _FP8)
 
 
 _FLOAT_IN = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

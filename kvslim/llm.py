@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence as Seq
 
 import torch
 
-from kvslim import models, store
+from kvslim import calibration, models, store
 from kvslim.cache import DEFAULT_PAGE_SIZE
 from kvslim.chat import render_chat
 from kvslim.engine import Engine, Sequence, StepOutput, truncate_dimensions
@@ -30,9 +30,9 @@ from kvslim.gguf_loader import ModelConfig, open_gguf, pooling_type
 from kvslim.grammar import format_grammar
 from kvslim.prefix import PrefixCache
 from kvslim.sampling import SamplingParams
-from kvslim.settings import (compute_dtype, pick_device, resolve_cache_types, resolve_codec,
-                             resolve_flash_attn, resolve_num_ctx, resolve_prefix_cache,
-                             resolve_weights)
+from kvslim.settings import (AUTO, compute_dtype, pick_device, resolve_cache_types, resolve_codec,
+                             resolve_flash_attn, resolve_max_kld, resolve_num_ctx,
+                             resolve_prefix_cache, resolve_weights)
 from kvslim.tokenizer import Tokenizer
 from kvslim.weights import resolve_mode
 
@@ -106,7 +106,10 @@ class LLM:
     """A loaded model with its tokenizer and a quantized paged K/V cache.
 
     model: a built-in name (``smollm2``; pulled on first use when ``pull``) or a .gguf path.
-    kv_cache_type / cache_type_k / cache_type_v: f16, q8_0, q4_0, ... (see ``formats.TYPES``).
+    kv_cache_type / cache_type_k / cache_type_v: f16, q8_0, q4_0, ... (see ``formats.TYPES``),
+    or kv_cache_type="auto": the pair of fewest bytes whose measured KLD vs f16 is at most
+    kv_max_kld (default autotype.DEFAULT_MAX_KLD, env KVSLIM_KV_MAX_KLD), measured once per
+    model and machine (``calibration.quality_table``).
     flash_attn: auto | on | off. num_parallel: sequences that can run at once.
     kv_rotation / kv_centering: auto | on | off; kv_rounding: auto | lsq | ggml (how a
     block-quantized cache codes its rows, ``kvslim.codec``; auto: all on for quantized
@@ -126,9 +129,11 @@ class LLM:
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
                  kv_rounding: str | None = None, prefix_cache: bool | None = None,
-                 weights: str | None = None):
+                 weights: str | None = None, kv_max_kld: float | None = None):
         t0 = time.perf_counter()
         weights = resolve_weights(weights)
+        self._progress = progress
+        max_kld = resolve_max_kld(kv_max_kld)
         types = resolve_cache_types(kv_cache_type, cache_type_k, cache_type_v)
         flash = resolve_flash_attn(flash_attn)
         codec = resolve_codec(kv_rotation, kv_centering, kv_rounding)
@@ -151,22 +156,29 @@ class LLM:
         self.name = str(model)
         self._lock = threading.Lock()  # one engine step (and its dispatch) at a time
         self._inbox: dict[int, collections.deque] = {}
-        self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens, codec)
+        self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens, codec,
+                                       max_kld)
         self.load_duration = time.perf_counter() - t0
 
-    def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec) -> Engine:
+    def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec,
+                    max_kld) -> Engine:
         ctx = resolve_num_ctx(num_ctx, self.config.context_length, self.device)
         extra = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
         prefix = PrefixCache(DEFAULT_PAGE_SIZE) if self.prefix_cache else None
+        auto = None
+        if types == (AUTO, AUTO):
+            auto = calibration.auto_cache_types(self.model, self.tokenizer, codec, max_kld, flash,
+                                                progress=self._progress)
+            types = (auto.type_k, auto.type_v)
         return Engine(self.model, self.tokenizer, cache_type_k=types[0], cache_type_v=types[1],
                       flash_attn=flash, num_ctx=ctx, num_parallel=num_parallel, codec=codec,
-                      page_size=DEFAULT_PAGE_SIZE, prefix_cache=prefix, **extra)
+                      page_size=DEFAULT_PAGE_SIZE, prefix_cache=prefix, auto=auto, **extra)
 
     def reconfigure(self, *, kv_cache_type: str | None = None, cache_type_k: str | None = None,
                     cache_type_v: str | None = None, flash_attn: str | bool | None = None,
                     num_ctx: int | None = None, num_parallel: int | None = None,
                     kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
-                    kv_rounding: str | None = None) -> None:
+                    kv_rounding: str | None = None, kv_max_kld: float | None = None) -> None:
         """Rebuild the K/V cache with new settings (weights stay); only while idle.
 
         Unspecified settings keep their current values. The old pool is freed first, so
@@ -176,17 +188,22 @@ class LLM:
             old = self.engine
             if old.has_work():
                 raise RuntimeError("cannot change the K/V cache while requests are running")
-            types = resolve_cache_types(None, cache_type_k or kv_cache_type or old.plan.requested_k,
-                                        cache_type_v or kv_cache_type or old.plan.requested_v)
+            was = (AUTO, AUTO) if old.auto is not None else (old.plan.requested_k,
+                                                             old.plan.requested_v)
+            types = resolve_cache_types(None, cache_type_k or kv_cache_type or was[0],
+                                        cache_type_v or kv_cache_type or was[1])
+            max_kld = resolve_max_kld(kv_max_kld if kv_max_kld is not None else
+                                      old.auto.max_kld if old.auto is not None else None)
             flash = resolve_flash_attn(flash_attn if flash_attn is not None else old.plan.flash_attn)
             ctx = resolve_num_ctx(num_ctx or old.num_ctx, self.config.context_length, self.device)
             codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=old.codec_settings)
-            previous = ((old.plan.requested_k, old.plan.requested_v), old.plan.flash_attn,
-                        old.num_ctx, old.num_parallel, old.max_batch_tokens, old.codec_settings)
+            previous = (was, old.plan.flash_attn, old.num_ctx, old.num_parallel,
+                        old.max_batch_tokens, old.codec_settings,
+                        old.auto.max_kld if old.auto is not None else max_kld)
             old.cache = self.engine = None  # drop the old pool before allocating the new one
             try:
                 self.engine = self._new_engine(types, flash, ctx, num_parallel or previous[3],
-                                               previous[4], codec)
+                                               previous[4], codec, max_kld)
             except BaseException:
                 self.engine = self._new_engine(*previous)
                 raise

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 TypePair = tuple[str, str]
 
 DEFAULT_TYPES: tuple[TypePair, ...] = (
-    ("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
+    ("f16", "f16"), ("q8_0", "q8_0"), ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"),
+    ("q8_0", "q4_0"), ("q5_0", "q5_0"), ("q4_0", "q4_0"), ("iq4_nl", "iq4_nl"),
 )
 
 # ---------------------------------------------------------------------------
@@ -216,6 +217,8 @@ def plan(
     page_size: int | None = None,
     weights: str = "quantized",
     replicas: int = 1,
+    quality: dict[str, float] | None = None,
+    max_kld: float | None = None,
 ) -> dict:
     """Memory plan as a JSON-ready dict (the shape of issue 5; extra keys are additive).
 
@@ -225,7 +228,10 @@ def plan(
     `ctx` (tokens per sequence, default the model's context length) sets bytes_at_ctx;
     `memory` covers the weights plus the cache (activations are not counted). `weights`:
     the weight mode of a CPU model ("quantized": the GGUF blocks as stored;
-    "dequantize": float32), whose bytes as held count.
+    "dequantize": float32), whose bytes as held count. With ``max_kld`` and a measured
+    ``quality`` table ({"k/v": KLD vs f16}, ``calibration.quality_table``), "auto" says
+    which pair ``--kv-cache-type auto`` takes: the best quality within max_kld whose
+    cache at ``ctx`` x ``parallel`` fits, or that none does.
     """
     config, label = load_plan_config(model)
     memory = parse_memory(memory)
@@ -259,7 +265,27 @@ def plan(
     for k, v in parse_types(types):
         out["types"][pair_name(k, v)] = _plan_type(config, held, k, v, budget, parallel, ctx,
                                                    page_size)
+    if max_kld is not None:
+        out["auto"] = _plan_auto(config, quality or {}, max_kld, held, budget, parallel, ctx,
+                                 page_size)
     return out
+
+
+def _plan_auto(config: ModelConfig, quality: dict[str, float], max_kld: float, held: int,
+               budget: int, parallel: int, ctx: int, page_size: int) -> dict:
+    from kvslim.autotype import NothingFits, choose_auto
+
+    tokens = parallel * pages_for(ctx, page_size) * page_size
+    out = {"max_kld": max_kld, "measured": quality}
+    try:
+        c = choose_auto(quality, max_kld, lambda k, v: kv_bytes_per_token(config, k, v),
+                        max(budget, 0) // tokens)
+    except NothingFits as e:
+        return {**out, "fits": False, "answer": str(e)}
+    at_ctx = kv_bytes(config, ctx, parallel, c.type_k, c.type_v, page_size)
+    return {**out, "fits": True, "k": c.type_k, "v": c.type_v, "kld": c.kld,
+            "kv_bytes_per_token": c.bytes_per_token, "bytes_at_ctx": at_ctx,
+            "total_bytes_at_ctx": held + at_ctx}
 
 
 def _plan_type(config: ModelConfig, held: int, k: str, v: str, budget: int, parallel: int, ctx: int,
@@ -304,8 +330,28 @@ def cli_register(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="divide --memory between N replicas (kvslim serve --ray), each with its "
                         "own weights and K/V pool; the figures are per replica (default 1)")
+    p.add_argument("--kv-max-kld", metavar="X",
+                   help="also say which pair --kv-cache-type auto takes within this KLD vs f16 "
+                        "and the budget (loads the model to measure it once, then reads it back)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+
+def _measured_quality(path) -> dict[str, float]:
+    """The model's quality table (calibration.quality_table): measured on first use with
+    the default coding and flash attention, then read back from beside the store."""
+    from kvslim import calibration, models
+    from kvslim.gguf_loader import ModelConfig, open_gguf
+    from kvslim.settings import (compute_dtype, pick_device, resolve_codec,
+                                 resolve_flash_attn)
+    from kvslim.tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    device = pick_device("auto")
+    model = models.load_model(reader, ModelConfig.from_gguf(reader), device,
+                              compute_dtype(device), progress=False)
+    return calibration.quality_table(model, Tokenizer.from_gguf(reader), resolve_codec(),
+                                     resolve_flash_attn())
 
 
 def cmd_plan(args) -> int:
@@ -313,9 +359,15 @@ def cmd_plan(args) -> int:
 
     from kvslim import store
 
+    from kvslim.autotype import parse_max_kld
+
     path = store.resolve(args.model)  # never pulls: a plan comes before any download
+    max_kld = parse_max_kld(args.kv_max_kld) if args.kv_max_kld is not None else None
+    plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types,
+         weights=args.weights)  # bad arguments fail before the model is loaded
+    quality = _measured_quality(path) if max_kld is not None else None
     result = plan(path, args.memory, parallel=args.parallel, ctx=args.ctx, types=args.types,
-                  weights=args.weights, replicas=args.replicas)
+                  weights=args.weights, replicas=args.replicas, quality=quality, max_kld=max_kld)
     result["model"] = str(args.model)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -358,6 +410,15 @@ def _print_plan(p: dict) -> None:
             console.print(f"{name}: stored as {r['effective_k']}/{r['effective_v']}: {r['fallback']}")
     if not p["weights_fit"]:
         console.print(f"the weights alone ({_gib(p['weights_bytes'])}) exceed {_gib(p['memory'])}")
+    a = p.get("auto")
+    if a is not None:
+        head = f"auto (KLD vs f16 at most {a['max_kld']:g}, {ctx:,}{seqs}): "
+        if a["fits"]:
+            console.print(head + f"K {a['k']} / V {a['v']}, measured KLD {a['kld']:.5f}, "
+                                 f"{a['kv_bytes_per_token']:,} B/token, KV {_gib(a['bytes_at_ctx'])}, "
+                                 f"total {_gib(a['total_bytes_at_ctx'])}")
+        else:
+            console.print(head + a["answer"])
 
 
 def _gib(n: int) -> str:

@@ -49,6 +49,7 @@ from kvslim.engine import DEFAULT_NUM_CTX
 from kvslim.units import parse_memory
 
 __all__ = ["env_value", "OLLAMA_NAMES", "parse_mode", "pick_device", "compute_dtype", "resolve_cache_types",
+           "AUTO", "resolve_max_kld",
            "resolve_flash_attn", "resolve_num_ctx", "resolve_codec", "resolve_prefix_cache",
            "ServerSettings", "parse_keep_alive", "DEFAULT_KEEP_ALIVE",
            "parse_host", "is_loopback", "DEVICES", "MODES", "ROUNDING_MODES"]
@@ -122,10 +123,27 @@ def resolve_cache_types(kv_cache_type: str | None = None, cache_type_k: str | No
                         cache_type_v: str | None = None,
                         env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """(K type, V type): a per-tensor type beats the shared one, which beats
-    KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown."""
+    KVSLIM_KV_CACHE_TYPE, which beats f16. ValueError listing valid types if unknown.
+    ("auto", "auto"): the pair is chosen by measured quality (``kvslim.calibration``)."""
     shared = kv_cache_type or env_value(env, "KVSLIM_KV_CACHE_TYPE") or "f16"
     k, v = cache_type_k or shared, cache_type_v or shared
+    if AUTO in (str(k).strip().lower(), str(v).strip().lower()):
+        if str(k).strip().lower() != str(v).strip().lower():
+            raise ValueError(f"cache type auto chooses K and V together; got K {k} / V {v}")
+        return AUTO, AUTO
     return formats.get_format(k).name, formats.get_format(v).name
+
+
+AUTO = "auto"  # the cache type that picks the smallest pair within a KLD budget
+
+
+def resolve_max_kld(kv_max_kld=None, env: Mapping[str, str] = os.environ) -> float:
+    """The KLD budget of ``auto``: an argument, else KVSLIM_KV_MAX_KLD, else
+    autotype.DEFAULT_MAX_KLD."""
+    from kvslim.autotype import DEFAULT_MAX_KLD, parse_max_kld
+
+    value = _given(kv_max_kld, env, "KVSLIM_KV_MAX_KLD")
+    return DEFAULT_MAX_KLD if value is None else parse_max_kld(value)
 
 
 def resolve_weights(weights: str | None = None, env: Mapping[str, str] = os.environ) -> str:
@@ -295,6 +313,7 @@ class ServerSettings:
     prefix_cache: bool = True
     device: str = "auto"
     codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
+    kv_max_kld: float = 0.005  # the KLD budget of cache type auto (autotype.DEFAULT_MAX_KLD)
     weights: str = "quantized"  # kvslim.weights mode
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -322,6 +341,7 @@ class ServerSettings:
             if keep_alive else DEFAULT_KEEP_ALIVE,
             prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
             codec=codec, weights=resolve_weights(given.pop("weights", None), env=env), env=env,
+            kv_max_kld=resolve_max_kld(given.pop("kv_max_kld", None), env=env),
         )
         return replace(settings, **given)
 

@@ -25,11 +25,13 @@ L, HKV, HQ, D = 2, 2, 6, 64
 
 def codec_for(kt, vt, *, mu_scale=3.0, rounding_k="lsq", rounding_v="lsq", seed=0,
               signs=True, center_v=True) -> KVCodec:
+    """Rotation, centering, and for an fp8 side random per-(layer, head) scales."""
     g = torch.Generator().manual_seed(seed)
     mu_k = torch.randn(L, HKV, D, generator=g) * mu_scale  # large offsets: centering matters
     mu_v = torch.randn(L, HKV, D, generator=g) * mu_scale if center_v else None
+    scale = lambda t: torch.rand(L, HKV, generator=g) * 0.1 + 0.01 if formats.is_fp8(t) else None  # noqa: E731
     return KVCodec(HQ, Rotation.make(D, random_signs=signs, seed=seed), Rotation.make(D), mu_k,
-                   mu_v, rounding_k, rounding_v)
+                   mu_v, rounding_k, rounding_v, scale(kt), scale(vt))
 
 
 def rows(n, gen, offset=0.0):
@@ -60,6 +62,23 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_scales_leave_float32_attention_unchanged(backend):
+    """fp8's per-(layer, head) scales on an f32 cache (q times s_k, the output times s_v,
+    rows divided by them): the same attention as no coding, to float32 rounding."""
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    steps = [37, 1, 1, 5, 1]
+    scaled = KVCodec(HQ, scale_k=torch.rand(L, HKV, generator=g) * 3 + 0.01,
+                     scale_v=torch.rand(L, HKV, generator=g) * 3 + 0.01)
+    plain, _, _, _ = run_steps("f32", "f32", None, backend, steps, seed)
+    coded, _, cache, seq = run_steps("f32", "f32", scaled, backend, steps, seed)
+    assert rel(coded, plain) < 1e-5, f"seed {seed}"
+    k, _ = cache.read(1, seq)
+    _, k_in, _ = rows(37, torch.Generator().manual_seed(seed), offset=4.0)
+    torch.testing.assert_close(k[:, :37] * scaled.scale_k[1][:, None, None], k_in.transpose(0, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_coding_leaves_float32_attention_unchanged(backend):
     """Rotation (with random signs), key and value centering on an f32 cache: the same
     attention as no coding at all, to float32 rounding."""
@@ -72,15 +91,19 @@ def test_coding_leaves_float32_attention_unchanged(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kt,vt", [("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q5_1"),
-                                   ("q5_0", "iq4_nl"), ("q8_0", "f16")])
+                                   ("q5_0", "iq4_nl"), ("q8_0", "f16"), ("fp8_e4m3", "fp8_e5m2"),
+                                   ("q8_0", "fp8_e4m3")])
 def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
     """Each backend's decoded output equals float64 attention over the stored blocks,
     dequantized and un-coded (R^T, + mu): the reference path of the same cache."""
     seed = random.randrange(1 << 30)
     codec = codec_for(kt, vt, seed=seed)
     out, inputs, cache, seq = run_steps(kt, vt, codec, backend, [40, 1, 1, 3], seed)
-    k, v = cache.read(1, seq)  # [HKV, T, D] stored (rotated, centered) values
+    k, v = cache.read(1, seq)  # [HKV, T, D] stored (rotated, centered, fp8: scaled) values
     shift_k, shift_v = codec.stored_shift(1)
+    inv_k, inv_v = codec.stored_scale(1)
+    k = k if inv_k is None else k / inv_k[:, None, None]
+    v = v if inv_v is None else v / inv_v[:, None, None]
     k = codec.rotation_k.inverse(k + shift_k[:, None])
     v = codec.rotation_v.inverse(v + shift_v[:, None])
     q = torch.cat([x[0] for x in inputs])
@@ -94,7 +117,8 @@ def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
 
 
 @pytest.mark.parametrize("kt,vt,rk,rv", [("q4_0", "q8_0", "lsq", "lsq"), ("q4_1", "f16", "lsq", "ggml"),
-                                         ("iq4_nl", "q5_0", "ggml", "ggml"), ("q8_0", "bf16", "ggml", "lsq")])
+                                         ("iq4_nl", "q5_0", "ggml", "ggml"), ("q8_0", "bf16", "ggml", "lsq"),
+                                         ("fp8_e4m3", "fp8_e5m2", "lsq", "lsq")])
 def test_fused_cpu_write_equals_torch_path(kt, vt, rk, rv):
     """The CPU writer's one numba call (rotate, centre, round, store) writes the same bytes
     as the torch path: transform_kv + cache.write (symmetric lsq types and ggml rounding
@@ -206,7 +230,8 @@ def test_default_for_each_type(t):
     got = decide(CodecSettings(), t, t, 64)
     assert got == CodecChoice(64 if quantized else None, 64 if quantized else None, quantized,
                               False, "lsq" if t in rounding.LSQ_TYPES else "ggml",
-                              "lsq" if t in rounding.LSQ_TYPES else "ggml")
+                              "lsq" if t in rounding.LSQ_TYPES else "ggml", None,
+                              formats.is_fp8(t), formats.is_fp8(t))
     assert got.active == quantized
     assert decide(CodecSettings(), t, t, 96).rotation_k is None  # no Hadamard block
 

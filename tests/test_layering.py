@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {
     "kvslim.version": 0,
     "kvslim.units": 0,  # memory sizes as users write them
+    "kvslim.autotype": 0,  # --kv-cache-type auto: the choice from a quality table
     "kvslim.formats": 0,
     "kvslim.rotation": 1,  # the coding transforms and the torch rounding reference,
     "kvslim.rounding": 1,  # which the kernels run fused

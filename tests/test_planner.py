@@ -219,7 +219,8 @@ def test_plan_8b(gguf_8b):
 def test_plan_8b_defaults_and_ctx_cap(gguf_8b):
     p = plan(gguf_8b, "5GiB")
     assert p["ctx"] == 8192 and p["parallel"] == 1
-    assert list(p["types"]) == ["f16/f16", "q8_0/q8_0", "q8_0/q4_0", "q5_0/q5_0", "q4_0/q4_0", "iq4_nl/iq4_nl"]
+    assert list(p["types"]) == ["f16/f16", "q8_0/q8_0", "fp8_e4m3/fp8_e4m3",
+                                "fp8_e5m2/fp8_e5m2", "q8_0/q4_0", "q5_0/q5_0", "q4_0/q4_0", "iq4_nl/iq4_nl"]
     budget = 5 * GiB - WEIGHTS_8B  # 850,771,968
     f16, q8 = p["types"]["f16/f16"], p["types"]["q8_0/q8_0"]
     assert budget // (64 * 131_072) == 101

@@ -32,6 +32,13 @@ from kvslim.cache import KVCache
 from kvslim.kernels import reference
 
 TYPES = formats.TYPES
+# every pair of the ggml types, and the fp8 types with each other and beside a few others
+# (the kernel reads each side alone, so this covers their code paths at a tenth the cost)
+GGML = [t for t in TYPES if not formats.is_fp8(t)]
+PAIRS = list(itertools.product(GGML, GGML)) + [
+    ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"), ("fp8_e4m3", "fp8_e5m2"),
+    ("fp8_e5m2", "fp8_e4m3"), ("q8_0", "fp8_e4m3"), ("fp8_e4m3", "q4_0"), ("q4_1", "fp8_e5m2"),
+    ("fp8_e5m2", "f16")]
 INTERPRETING = isinstance(triton.language.zeros, InterpretedFunction)
 ON_GPU = not INTERPRETING and torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"  # where kernel tests put their tensors
@@ -128,14 +135,14 @@ def _bytes(t):
 # ---------------------------------------------------------------- attention
 
 @interpreted
-@pytest.mark.parametrize("kt,vt", list(itertools.product(TYPES, TYPES)))
+@pytest.mark.parametrize("kt,vt", PAIRS)
 def test_decode_split_k_every_pair(tk, kt, vt):
     # 3 sequences, lengths off page boundaries, GQA 6/2, the keys split 3 ways + merge
     check(tk, kt, vt, prefix=[0, 12, 36], q_lens=[1, 1, 1], block_n=16, splits=3)
 
 
 @interpreted
-@pytest.mark.parametrize("kt,vt", list(itertools.product(TYPES, TYPES)))
+@pytest.mark.parametrize("kt,vt", PAIRS)
 def test_prefill_every_pair(tk, kt, vt):
     # several query blocks per sequence (16 slots / group 3 = 5 rows), fp16 compute
     check(tk, kt, vt, prefix=[5, 0, 17], q_lens=[3, 1, 9], dtype=torch.float16, tol=1e-2,
@@ -418,3 +425,26 @@ def test_quantize_kernel_keeps_torch_rounding_on_gpu(compiled, monkeypatch, type
     # negative subnormal, ceil gives -0 either way.
     assert set(re.findall(r"\b[\w.]*\.ftz[\w.]*", ptx)) <= {"cvt.rmi.ftz.f32.f32",
                                                            "cvt.rpi.ftz.f32.f32"}
+
+
+@compiled_only
+@pytest.mark.parametrize("type", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_native_conversions_compile_for_hopper(compiled, monkeypatch, type):
+    """On sm_89+ the fp8 kernels convert with the GPU's own instructions (cvt ... e4m3 /
+    e5m2; the interpreter runs the float16 route instead): both the write, saturating and
+    rounding to nearest even, and the attention read compile to them for sm_90."""
+    monkeypatch.setattr(compiled, "native_fp8", lambda device: True)
+    quant = _Capture(compiled._quant_kernel)
+    monkeypatch.setattr(compiled, "_quant_kernel", quant)
+    planes = KVCache(1, 2, 64, 2, page_size=4, cache_type_k=type).layer_planes(0)[0]
+    compiled.quantize_into(planes, torch.arange(3), torch.randn(3, 2, 64), type)
+    (args, kw), = quant.calls
+    assert kw["FP8N"] is True
+    ptx = compile_call(quant.kernel, args, kw, _target("sm_90")).asm["ptx"]
+    name = "e4m3" if type == "fp8_e4m3" else "e5m2"
+    assert re.search(rf"cvt\.rn\.satfinite\.{name}x2\.f32", ptx)
+    calls = record_attention(compiled, monkeypatch, type, type, torch.float16, True)
+    kernel, args, kw = calls[0]
+    assert kw["FP8N"] is True
+    ptx = compile_call(kernel, args, kw, _target("sm_90")).asm["ptx"]
+    assert re.search(rf"cvt\.rn\.f16x2\.{name}x2", ptx)

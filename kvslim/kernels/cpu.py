@@ -8,8 +8,8 @@ softmax, and handles all g = Hq/Hkv query heads (times the chunk's
 rows) of its kv head together, so each stored byte is read once per step.
 
 The two products of a tile, scores = q K^T and out += p V, are small vector
-microkernels written in LLVM IR (llvmlite intrinsics). They read f32, f16, bf16, q8_0
-and q4_0 blocks in place and dequantize them in registers; q4_1, q5_0, q5_1 and iq4_nl
+microkernels written in LLVM IR (llvmlite intrinsics). They read f32, f16, bf16, q8_0,
+q4_0, fp8_e4m3 and fp8_e5m2 blocks in place and dequantize them in registers; q4_1, q5_0, q5_1 and iq4_nl
 are first dequantized into a float tile of ~16 KiB that stays in L1. No float copy of
 a sequence is ever made. Longer chunks (prefill) go to ``kernels.tiled``, whose flash
 GEMMs win there.
@@ -39,8 +39,8 @@ from numba.extending import intrinsic
 from kvslim import formats
 from kvslim.kernels import cpu_write, ggml, threads, tiled
 from kvslim.kernels.ggml import fetch_add, load_acquire
-from kvslim.kernels.ggml import (BF16, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-                                 bits_to_float, count_bad, half_to_float)
+from kvslim.kernels.ggml import (BF16, E4M3, E5M2, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1,
+                                 Q8_0, bits_to_float, count_bad, half_to_float)
 
 if TYPE_CHECKING:
     from kvslim.attention import Step
@@ -226,9 +226,11 @@ class _Rows:
                 return [bld.fpext(bld.bitcast(r, _V16H), _V16F) for r in raw]
             return [bld.bitcast(bld.shl(bld.zext(r, _V16I), ir.Constant(_V16I, [16] * 16)),
                                 _V16F) for r in raw]
+        vi8 = ir.VectorType(ir.IntType(8), 16)
+        if self.fmt in (E4M3, E5M2):
+            return self._fp8(blk, vi8)
         s = bld.load(bld.gep(self.sc, [bld.add(bld.mul(t, self.nb), b)]))
         scale = _splat(bld, s, 16)
-        vi8 = ir.VectorType(ir.IntType(8), 16)
         if self.fmt == Q8_0:
             codes = [bld.sitofp(_vec_load(bld, self.xi8, bld.add(bld.mul(blk, _const(32)),
                                                                   _const(k)), vi8), _V16F)
@@ -239,6 +241,27 @@ class _Rows:
                    bld.lshr(byte, ir.Constant(_V16I, [4] * 16)))
             codes = [bld.sitofp(bld.sub(n, ir.Constant(_V16I, [8] * 16)), _V16F) for n in nib]
         return [bld.fmul(c, scale, flags=["fast"]) for c in codes]
+
+
+    def _fp8(self, blk, vi8):
+        """fp8 bytes -> float via float16, as ggml.fp8_to_half: e5m2 is an f16's top byte,
+        e4m3's exponent and mantissa move into f16's fields and the value is scaled by 2^8."""
+        bld = self.b
+        c16 = lambda k: ir.Constant(_V16S, [k] * 16)  # noqa: E731
+        out = []
+        for k in (0, 16):
+            raw = bld.zext(_vec_load(bld, self.xi8, bld.add(bld.mul(blk, _const(32)), _const(k)),
+                                     vi8), _V16S)
+            if self.fmt == E5M2:
+                h = bld.shl(raw, c16(8))
+            else:
+                h = bld.or_(bld.shl(bld.and_(raw, c16(0x80)), c16(8)),
+                            bld.shl(bld.and_(raw, c16(0x7F)), c16(7)))
+            x = bld.fpext(bld.bitcast(h, _V16H), _V16F)
+            if self.fmt == E4M3:
+                x = bld.fmul(x, ir.Constant(_V16F, [256.0] * 16), flags=["fast"])
+            out.append(x)
+        return out
 
 
 def _switch_rows(builder, nrows, emit):
@@ -373,6 +396,8 @@ def _prefetch(typingctx, arr, first, count):
 # and read as F32 from there.
 _qk_f32, _qk_f16, _qk_bf16, _qk_q8, _qk_q4 = (_make_qk(f) for f in (F32, F16, BF16, Q8_0, Q4_0))
 _pv_f32, _pv_f16, _pv_bf16, _pv_q8, _pv_q4 = (_make_pv(f) for f in (F32, F16, BF16, Q8_0, Q4_0))
+_qk_e4m3, _qk_e5m2, _pv_e4m3, _pv_e5m2 = (_make_qk(E4M3), _make_qk(E5M2), _make_pv(E4M3),
+                                          _make_pv(E5M2))
 
 
 # ---------------------------------------------------------------- exp
@@ -434,6 +459,8 @@ def _prefetch_rows(code, d, m, qh, qs, x32, x16, row0, T, nb):
         _prefetch(x32, row0 * nb * _U32, n * _U32)
     elif code == F16 or code == BF16:
         _prefetch(x16, row0 * nb * _U32, n * _U32)
+    elif code == E4M3 or code == E5M2:
+        _prefetch(qs, row0 * nb * _U32, n * _U32)
     else:
         _prefetch(d, row0 * nb, n)
         if code == Q4_1 or code == Q5_1:
@@ -496,6 +523,10 @@ def _scores(fmt, qv, D, R, T, p, TL, x32, x16, xi8, sc, row0, nb):
                 _qk_q8(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
             elif fmt == Q4_0:
                 _qk_q4(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            elif fmt == E4M3:
+                _qk_e4m3(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
+            elif fmt == E5M2:
+                _qk_e5m2(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
             else:
                 _qk_f32(qv, r * D, n, t, ntok, p, r * TL, TL, x32, x16, xi8, sc, row0, nb)
             r += n
@@ -516,6 +547,10 @@ def _accumulate(fmt, p, TL, T, acc, Dv, R, x32, x16, xi8, sc, row0, nb):
             _pv_q8(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
         elif fmt == Q4_0:
             _pv_q4(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        elif fmt == E4M3:
+            _pv_e4m3(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
+        elif fmt == E5M2:
+            _pv_e5m2(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
         else:
             _pv_f32(p, r * TL, TL, T, acc, r * Dv, n, x32, x16, xi8, sc, row0, nb)
         r += n
@@ -524,7 +559,7 @@ def _accumulate(fmt, p, TL, T, acc, Dv, R, x32, x16, xi8, sc, row0, nb):
 @njit(inline="always")
 def _prepare(code, d, m, qh, qs, x32, row0, T, nb, qk, tile, sc, lo):
     """Make a tile readable by the microkernels: (format, float32 source, first row)."""
-    if code == F32 or code == F16 or code == BF16:
+    if code == F32 or code == F16 or code == BF16 or code == E4M3 or code == E5M2:
         return code, x32, row0
     if code == Q8_0 or code == Q4_0:
         _load_scales(d, row0, T, nb, sc)

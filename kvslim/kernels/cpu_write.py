@@ -48,6 +48,8 @@ class Side(NamedTuple):
     shift: np.ndarray  # [Hkv, D] float32 subtracted after the rotation (zeros: none)
     lsq: bool  # least-squares block scales instead of ggml's
     divisors: np.ndarray  # the symmetric types' candidate divisors (rounding.symmetric_divisors)
+    inv_scale: np.ndarray  # [Hkv] float32 multiplier after the shift (fp8 scales; ones: none)
+    scaled: bool
 
 
 # ---------------------------------------------------------------- least squares, one block
@@ -210,7 +212,8 @@ def _put_row(planes, xrow, row, nb, side, shrinks, q, best, codes):
 
 @njit(cache=True)
 def _coded_rows(x, slots, planes, geom, nb, side, shrinks):
-    """Rows x [n, H, D] rotated (side.size > 0), minus side.shift [H, D], into their slots."""
+    """Rows x [n, H, D] rotated (side.size > 0), minus side.shift [H, D], times
+    side.inv_scale [H] (fp8), into their slots."""
     scale = np.float32(1.0 / np.sqrt(side.size)) if side.size > 0 else _F1
     buf = np.empty(x.shape[2], np.float32)
     codes = np.empty(32, np.int32)
@@ -219,6 +222,9 @@ def _coded_rows(x, slots, planes, geom, nb, side, shrinks):
         page, off = slots[i] // geom.page_size, slots[i] % geom.page_size
         for h in range(geom.n_kv):
             forward_row(x[i, h], buf, side.signs, side.shift[h], side.size, scale)
+            if side.scaled:
+                for j in range(buf.shape[0]):
+                    buf[j] = buf[j] * side.inv_scale[h]
             row = ((geom.layer * geom.n_pages + page) * geom.n_kv + h) * geom.page_size + off
             _put_row(planes, buf, row, nb, side, shrinks, q, best, codes)
 
@@ -246,12 +252,16 @@ def _write(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
 _SIDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {layer: sides}
 
 
-def _side(fmt: formats.Format, heads: int, dim: int, rotation, shift, rounding: str) -> Side:
+def _side(fmt: formats.Format, heads: int, dim: int, rotation, shift, rounding: str,
+          inv_scale=None) -> Side:
     signs = rotation.signs_np if rotation is not None else np.ones(dim, np.float32)
     shift = (shift.cpu().to(torch.float32).contiguous().numpy() if shift is not None
              else np.zeros((heads, dim), np.float32))
+    inv = (inv_scale.cpu().to(torch.float32).contiguous().numpy() if inv_scale is not None
+           else np.ones(heads, np.float32))
     return Side(signs, rotation.size if rotation is not None else 0, shift,
-                rounding == "lsq" and fmt.name in LSQ_TYPES, _DIVISORS.get(fmt.name, _NO_DIVISORS))
+                rounding == "lsq" and fmt.name in LSQ_TYPES, _DIVISORS.get(fmt.name, _NO_DIVISORS),
+                inv, inv_scale is not None)
 
 
 def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
@@ -263,11 +273,12 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
     if got is None:
         c = cache.codec
         shift_k, shift_v = c.stored_shift(layer) if c is not None else (None, None)
+        inv_k, inv_v = c.stored_scale(layer) if c is not None else (None, None)
         got = per[layer] = (
             _side(cache.fmt_k, cache.n_kv_heads, cache.head_dim, c and c.rotation_k, shift_k,
-                  c.rounding_k if c is not None else "ggml"),
+                  c.rounding_k if c is not None else "ggml", inv_k),
             _side(cache.fmt_v, cache.n_kv_heads, cache.v_head_dim, c and c.rotation_v, shift_v,
-                  c.rounding_v if c is not None else "ggml"))
+                  c.rounding_v if c is not None else "ggml", inv_v))
     return got
 
 

@@ -25,14 +25,16 @@ from kvslim import formats
 if TYPE_CHECKING:
     from kvslim.cache import KVCache
 
-__all__ = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "CODES",
+__all__ = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "E4M3", "E5M2",
+           "CODES", "fp8_from_float", "fp8_to_float", "fp8_to_half",
            "Planes", "Geom", "plane_views", "geom", "precheck", "raise_for", "encode_block",
            "fetch_add", "load_acquire"]
 
 # Format codes as the kernels branch on them (``formats.Format.code``).
 CODES = {name: fmt.code for name, fmt in formats.FORMATS.items()}
-F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = (
-    CODES[n] for n in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, E4M3, E5M2 = (
+    CODES[n] for n in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl",
+                       "fp8_e4m3", "fp8_e5m2"))
 
 IQ4NL = np.array(formats.IQ4NL_VALUES, dtype=np.float32)
 _IQ4NL_MID2 = np.array([formats.IQ4NL_VALUES[j - 1] + formats.IQ4NL_VALUES[j]
@@ -120,6 +122,7 @@ _F0, _F05, _F85, _F165 = np.float32(0.0), np.float32(0.5), np.float32(8.5), np.f
 _F127, _FM8, _FM16, _F15, _F31, _FM127 = (np.float32(127.0), np.float32(-8.0), np.float32(-16.0),
                                           np.float32(15.0), np.float32(31.0), np.float32(-127.0))
 _TINY = np.float32(1e-15)
+_E4M3_F, _E5M2_F = np.float32(448.0), np.float32(57344.0)
 
 
 @njit(inline="always")
@@ -226,6 +229,10 @@ def encode_block(p, x, blk, codes):
     elif code == IQ4_NL:
         d[blk] = float_to_half(iq4nl_block(x, codes))
         put_nibbles(qs, blk * 16, codes)
+    elif code == E4M3 or code == E5M2:  # saturating, as formats._FP8
+        top = _E4M3_F if code == E4M3 else _E5M2_F
+        for j in range(32):
+            qs[blk * 32 + j] = np.int8(fp8_from_float(min(max(x[j], -top), top), code))
     else:
         if code == Q4_0 or code == Q5_0:
             top = _F15 if code == Q4_0 else _F31
@@ -244,6 +251,68 @@ def encode_block(p, x, blk, codes):
         if code == Q5_0 or code == Q5_1:
             qh[blk] = high_bits(codes)
         put_nibbles(qs, blk * 16, codes)
+
+
+# ---------------------------------------------------------------- fp8
+# float32 -> fp8 bits exactly as torch's float8_e4m3fn / float8_e5m2 conversions: round to
+# nearest even; e4m3fn saturates to +-448 (inf too: it has none), e5m2 overflows to inf;
+# NaN -> 0x7F with the sign bit. Normal results round on the float32 bits (add half an
+# fp8 ulp minus one, plus the kept lowest bit: ties go to even); below the smallest
+# normal, adding a power of two whose float32 ulp is the fp8 subnormal step makes the
+# FPU round to that step, and the low bits of the sum are the code.
+
+_E4M3_MAX = np.uint32(0x43E00000)  # 448.0
+_E5M2_INF = np.uint32(0x47700000)  # 61440.0: from here (a tie to even) up, e5m2 gives inf
+
+
+@njit(inline="always")
+def fp8_from_float(x, code):
+    """float32 -> uint8 fp8 bits (code E4M3 or E5M2), as torch's ``.to(float8_*)``."""
+    u = float_to_bits(np.float32(x))
+    sign = np.uint32((u >> np.uint32(24)) & np.uint32(0x80))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):
+        return np.uint8(np.uint32(0x7F) | sign)
+    if code == E4M3:
+        mbits, small, magic, bias = np.uint32(20), np.uint32(121 << 23), np.uint32(141 << 23), 7
+        if a > _E4M3_MAX:
+            a = _E4M3_MAX
+    else:
+        mbits, small, magic, bias = np.uint32(21), np.uint32(113 << 23), np.uint32(134 << 23), 15
+        if a >= _E5M2_INF:
+            return np.uint8(np.uint32(0x7C) | sign)
+    if a < small:
+        s = float_to_bits(bits_to_float(a) + bits_to_float(magic))
+        r = s - magic
+    else:
+        odd = (a >> mbits) & np.uint32(1)
+        r = (a - np.uint32((127 - bias) << 23) + (np.uint32(1) << (mbits - np.uint32(1)))
+             - np.uint32(1) + odd) >> mbits
+    return np.uint8(r | sign)
+
+
+@njit(inline="always")
+def fp8_to_half(b, code):
+    """uint8 fp8 bits -> (uint16 f16 bits, multiplier): value = f16 * multiplier, exact.
+
+    e5m2 is a float16's top byte; e4m3 moves into the f16 exponent field (bias 15, so
+    scaled by 2^8), its subnormals landing on f16 subnormals. The e4m3 NaN code (0x7F)
+    decodes as 480 here: the cache never stores it (its writers saturate)."""
+    b = np.uint16(np.uint8(b))  # int8 plane bytes too
+    if code == E5M2:
+        return np.uint16(b << np.uint16(8)), np.float32(1.0)
+    return np.uint16(((b & np.uint16(0x80)) << np.uint16(8)) | ((b & np.uint16(0x7F)) << np.uint16(7))), \
+        np.float32(256.0)
+
+
+@njit(inline="always")
+def fp8_to_float(b, code):
+    """uint8 fp8 bits -> float32, as torch's ``.view(float8_*).float()`` (NaN codes too)."""
+    b = np.uint8(b)
+    if code == E4M3 and (b & np.uint8(0x7F)) == np.uint8(0x7F):
+        return np.float32(np.nan) if b < np.uint8(128) else -np.float32(np.nan)
+    h, mul = fp8_to_half(b, code)
+    return half_to_float(h) * mul
 
 
 @njit(cache=True)

@@ -37,15 +37,17 @@ except ImportError as e:  # CPU-only installs: stay importable so available() ca
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["Backend", "KERNEL_TYPES", "attention", "available", "paged_attention",
+__all__ = ["Backend", "KERNEL_TYPES", "attention", "available", "native_fp8", "paged_attention",
            "quantize_into"]
 
 # The kernels branch on ``formats.Format.code`` (a constexpr FMT): codes 0-3 (f32, f16,
-# bf16, q8_0) hold 32 values per block row, the nibble formats (q4_0 = 4 and up) are
-# read as two 16-column parts. The literal codes in the kernels below are these.
+# bf16, q8_0) and 9-10 (fp8_e4m3, fp8_e5m2) hold 32 values per block row, the nibble
+# formats (q4_0 = 4 .. iq4_nl = 8) are read as two 16-column parts. The literal codes in
+# the kernels below are these.
 KERNEL_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                                 "iq4_nl")
-_SPLIT = formats.get_format("q4_0").code
+                                 "iq4_nl", "fp8_e4m3", "fp8_e5m2")
+_NIBBLE_CODES = range(formats.get_format("q4_0").code, formats.get_format("iq4_nl").code + 1)
+_ADA = (8, 9)  # the first NVIDIA GPUs with fp8 conversion instructions
 assert all(formats.get_format(t).code == i for i, t in enumerate(KERNEL_TYPES)), \
     "the Triton kernels' literal format codes no longer match formats.Format.code"
 
@@ -79,16 +81,39 @@ def available(device, type_k: str, type_v: str) -> str | None:
 # ================================================================ dequantize in registers
 
 @triton.jit
+def _fp8_to_float(b, FMT: tl.constexpr, FP8N: tl.constexpr):
+    """uint8 fp8 bits -> float32: the GPU's own conversion (FP8N), else through float16 as
+    kernels.ggml.fp8_to_half (e5m2 is an f16's top byte; e4m3 scaled by 2^8)."""
+    if FP8N:
+        if FMT == 9:
+            return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            return b.to(tl.float8e5, bitcast=True).to(tl.float32)
+    else:
+        h = b.to(tl.uint16)
+        if FMT == 9:
+            h = ((h & 0x80) << 8) | ((h & 0x7F) << 7)
+            return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+        else:
+            return (h << 8).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _load_rows(d_ptr, m_ptr, qh_ptr, qs_ptr, lut_ptr, row, rmask,
                FMT: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
-               BLOCK_N: tl.constexpr, DT: tl.constexpr):
+               BLOCK_N: tl.constexpr, DT: tl.constexpr, FP8N: tl.constexpr):
     """Dequantize plane rows ``row`` [BLOCK_N] (int64) -> (part0, part1), each
     [BLOCK_N, NBP*W] in DT. W = 32 (one part, head order) or 16 for nibble formats
     (part0: values 0..15 of every block, part1: values 16..31). Masked rows are 0."""
     blk = tl.arange(0, NBP)[None, :, None]
     mask = rmask[:, None, None] & (blk < NB)  # [N, NBP, 1]; NBP pads NB to a power of 2
     rb = row[:, None, None] * NB + blk  # block index in the plane, [N, NBP, 1]
-    if FMT < 4:  # f32 / f16 / bf16 / q8_0: 32 stored values per block
+    if FMT >= 9:  # fp8: 32 stored bytes per block, no block scale
+        i = tl.arange(0, 32)[None, None, :]
+        x = _fp8_to_float(tl.load(qs_ptr + rb * 32 + i, mask=mask, other=0), FMT, FP8N)
+        a0 = tl.reshape(x, (BLOCK_N, NBP * 32)).to(DT)
+        a1 = a0
+    elif FMT < 4:  # f32 / f16 / bf16 / q8_0: 32 stored values per block
         i = tl.arange(0, 32)[None, None, :]
         x = tl.load(qs_ptr + rb * 32 + i, mask=mask, other=0).to(tl.float32)
         if FMT == 3:
@@ -140,7 +165,7 @@ def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
                  KFMT: tl.constexpr, NBK: tl.constexpr, NBKP: tl.constexpr, KW: tl.constexpr,
                  VFMT: tl.constexpr, NBV: tl.constexpr, NBVP: tl.constexpr, VW: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, PREC: tl.constexpr, FP8N: tl.constexpr):
     # grid: (work items, kv heads, key splits). work row: (batch row, first packed q row,
     # rows, position of the first row, kv_len).
     wk = work_ptr + tl.program_id(0) * 5
@@ -184,7 +209,7 @@ def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
         page = tl.load(pages_ptr + b * s_pages + n // PAGE, mask=nmask, other=0)
         row = (page.to(tl.int64) * H_KV + kvh) * PAGE + n % PAGE  # [BLOCK_N] plane rows
 
-        k0, k1 = _load_rows(kd, km, kqh, kqs, lut_ptr, row, nmask, KFMT, NBK, NBKP, BLOCK_N, DT)
+        k0, k1 = _load_rows(kd, km, kqh, kqs, lut_ptr, row, nmask, KFMT, NBK, NBKP, BLOCK_N, DT, FP8N)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if KW == 16:
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -198,7 +223,7 @@ def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v0, v1 = _load_rows(vd, vm, vqh, vqs, lut_ptr, row, nmask, VFMT, NBV, NBVP, BLOCK_N, DT)
+        v0, v1 = _load_rows(vd, vm, vqh, vqs, lut_ptr, row, nmask, VFMT, NBV, NBVP, BLOCK_N, DT, FP8N)
         pd = p.to(DT)
         acc0 = acc0 * alpha[:, None] + tl.dot(pd, v0, input_precision=PREC)
         if VW == 16:
@@ -270,6 +295,14 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # the interpreter on CPU: a couple of splits still exercise the merge
+
+
+def native_fp8(device: torch.device) -> bool:
+    """True on NVIDIA GPUs with fp8 conversion instructions (sm_89 and later). ROCm's
+    fp8 types differ from these (fnuz), and the interpreter has none: both take the
+    float16 route, which gives the same values."""
+    return (device.type == "cuda" and not torch.version.hip
+            and torch.cuda.get_device_capability(device) >= _ADA)
 
 
 def _plane_args(planes: dict[str, torch.Tensor], type: str) -> tuple[torch.Tensor, ...]:
@@ -353,8 +386,8 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
         part = lse = out  # never touched
     pages = step.page_table.pages if pages is None else pages
     lut, _ = _lut(q.device)
-    kw = 16 if formats.get_format(fk).code >= _SPLIT else 32
-    vw = 16 if formats.get_format(fv).code >= _SPLIT else 32
+    kw = 16 if formats.get_format(fk).code in _NIBBLE_CODES else 32
+    vw = 16 if formats.get_format(fv).code in _NIBBLE_CODES else 32
     _attn_kernel[(work.shape[0], h_kv, n_splits)](
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1), part, lse,
         *_plane_args(k_planes, fk), *_plane_args(v_planes, fv), lut,
@@ -363,8 +396,8 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
         KFMT=formats.get_format(fk).code, NBK=nbk, NBKP=_pow2(nbk), KW=kw,
         VFMT=formats.get_format(fv).code, NBV=nbv, NBVP=_pow2(nbv), VW=vw,
         BLOCK_M=bm, BLOCK_N=bn, PARTIAL=partial, DT=_TL_DTYPES[q.dtype],
-        PREC="ieee" if q.dtype == torch.float32 else None, num_warps=num_warps,
-        num_stages=num_stages)
+        PREC="ieee" if q.dtype == torch.float32 else None, FP8N=native_fp8(q.device),
+        num_warps=num_warps, num_stages=num_stages)
     if partial:
         dv = nbv * formats.QK
         _merge_kernel[(n_rows, hq)](part, lse, out, out.stride(0), out.stride(1), n_splits, hq,
@@ -470,6 +503,34 @@ def _iq4_index(al, mid_ptr):
 
 
 @triton.jit
+def _fp8_from_float(x, FMT: tl.constexpr, FP8N: tl.constexpr):
+    """float32 (finite) -> uint8 fp8 bits, clamped to the largest finite value and rounded
+    to nearest even: the GPU's conversion (FP8N), else kernels.ggml.fp8_from_float's
+    integer rounding (normal range) and float addition (subnormal range)."""
+    top = 448.0 if FMT == 9 else 57344.0
+    x = tl.minimum(tl.maximum(x, -top), top)
+    if FP8N:
+        if FMT == 9:
+            return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            return x.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        sign = (u >> 24) & 0x80
+        a = u & 0x7FFFFFFF
+        if FMT == 9:
+            small, magic, shift, rebias = 121 << 23, 141 << 23, 20, 120 << 23
+        else:
+            small, magic, shift, rebias = 113 << 23, 134 << 23, 21, 112 << 23
+        magic_f = tl.full(x.shape, magic, tl.uint32).to(tl.float32, bitcast=True)
+        sub = (a.to(tl.float32, bitcast=True) + magic_f).to(tl.uint32, bitcast=True) - magic
+        odd = (a >> shift) & 1
+        nrm = (a - rebias + ((1 << (shift - 1)) - 1) + odd) >> shift
+        r = tl.where(a < small, sub, nrm)
+        return (r | sign).to(tl.uint8)
+
+
+@triton.jit
 def _load_x(ptrs, mask, X_BF16: tl.constexpr):
     """Rows as float32. bf16 rows arrive as int16 and widen on the bits (exact for
     subnormals too, which triton's interpreter gets wrong in its own conversion)."""
@@ -483,14 +544,19 @@ def _load_x(ptrs, mask, X_BF16: tl.constexpr):
 @triton.jit
 def _quant_kernel(x_ptr, slots_ptr, d_ptr, m_ptr, qh_ptr, qs_ptr, lut_ptr, mid_ptr, n_blocks,
                   H: tl.constexpr, NB: tl.constexpr, PAGE: tl.constexpr, FMT: tl.constexpr,
-                  BLOCK_R: tl.constexpr, X_BF16: tl.constexpr):
+                  BLOCK_R: tl.constexpr, X_BF16: tl.constexpr, FP8N: tl.constexpr):
     # t: source blocks [R] of x [n, H, NB*32]; dst: the same block in the plane layout
     t = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     tmask = t < n_blocks
     h = (t // NB) % H
     slot = tl.load(slots_ptr + t // (H * NB), mask=tmask, other=0)
     dst = ((slot // PAGE * H + h) * PAGE + slot % PAGE) * NB + t % NB
-    if FMT < 4:
+    if FMT >= 9:  # fp8, saturating as formats._FP8
+        j = tl.arange(0, 32)
+        x = _load_x(x_ptr + t[:, None] * 32 + j[None, :], tmask[:, None], X_BF16)
+        q = _fp8_from_float(x, FMT, FP8N)
+        tl.store(qs_ptr + dst[:, None] * 32 + j[None, :], q, mask=tmask[:, None])
+    elif FMT < 4:
         j = tl.arange(0, 32)
         x = _load_x(x_ptr + t[:, None] * 32 + j[None, :], tmask[:, None], X_BF16)
         out = qs_ptr + dst[:, None] * 32 + j[None, :]
@@ -594,4 +660,4 @@ def quantize_into(planes: dict[str, torch.Tensor], slots: torch.Tensor, rows: to
         slots.to(device=rows.device, dtype=torch.int64).contiguous(),
         d, m, qh, qs, lut, mid, n_blocks,
         H=h, NB=nb, PAGE=page, FMT=fmt.code, BLOCK_R=block_r, X_BF16=x_bf16,
-        num_warps=4, enable_fp_fusion=False)
+        FP8N=native_fp8(rows.device), num_warps=4, enable_fp_fusion=False)

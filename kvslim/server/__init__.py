@@ -87,7 +87,7 @@ def cmd_serve(args) -> int:
         cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, num_ctx=args.num_ctx,
         num_parallel=args.num_parallel, kv_memory=args.kv_memory, max_queue=args.max_queue,
         device=args.device, kv_rotation=args.kv_rotation, kv_centering=args.kv_centering,
-        kv_rounding=args.kv_rounding, weights=args.weights)
+        kv_rounding=args.kv_rounding, weights=args.weights, kv_max_kld=args.kv_max_kld)
     ray = _ray_options(args)
     models = {}
     for item in args.models:

@@ -176,7 +176,8 @@ def _plan(runner: Runner, options: Options, defaults: dict | None) -> tuple[Samp
                                      options.cache_type_v, options.num_ctx,
                                      kv_rotation=options.kv_rotation,
                                      kv_centering=options.kv_centering,
-                                     kv_rounding=options.kv_rounding)
+                                     kv_rounding=options.kv_rounding,
+                                     kv_max_kld=options.kv_max_kld)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return params, cache

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from kvslim import formats, store
+from kvslim import calibration, store
+from kvslim.autotype import parse_max_kld
 from kvslim.attention import plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, CacheFull, KVCache, window_pages
 from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_chat
@@ -32,8 +33,8 @@ from kvslim.models import load_model
 from kvslim.prefix import PrefixCache
 from kvslim.server.scheduler import Scheduler
 from kvslim.server.types import CacheConfig, CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
-from kvslim.settings import (ServerSettings, compute_dtype, pick_device, resolve_codec,
-                             resolve_num_ctx)
+from kvslim.settings import (AUTO, ServerSettings, compute_dtype, pick_device, resolve_cache_types,
+                             resolve_codec, resolve_num_ctx)
 from kvslim.tokenizer import Tokenizer
 
 log = logging.getLogger("kvslim.server")
@@ -94,7 +95,8 @@ class Runner:
         # the server's defaults: what a request that sets nothing gets
         self.num_ctx = resolve_num_ctx(card.parameters.get("num_ctx") or settings.num_ctx,
                                        self.config.context_length, self.device, settings.env)
-        self.defaults = CacheConfig(settings.cache_type_k, settings.cache_type_v, settings.codec)
+        self.defaults = self._pool_config(settings.cache_type_k, settings.cache_type_v,
+                                          settings.codec, settings.kv_max_kld)
         self.cache_config = self.defaults  # the pool that took the latest request
         self.add_pool(self.defaults)
         self.load_duration = time.perf_counter() - t0
@@ -108,14 +110,17 @@ class Runner:
     def cache_request(self, kv_cache_type: str | None = None, cache_type_k: str | None = None,
                       cache_type_v: str | None = None, num_ctx: int | None = None, *,
                       kv_rotation: str | None = None, kv_centering: str | None = None,
-                      kv_rounding: str | None = None) -> CacheRequest:
+                      kv_rounding: str | None = None,
+                      kv_max_kld: float | None = None) -> CacheRequest:
         """A request's pool and context: what it gives, the server's defaults for what it
         leaves out (never what an earlier request set). ValueError says what is wrong;
         a num_ctx above the model's maximum is clamped to it, with a warning, as Ollama does."""
         d = self.defaults
-        shared = formats.get_format(kv_cache_type).name if kv_cache_type else None
-        k = formats.get_format(cache_type_k).name if cache_type_k else shared or d.type_k
-        v = formats.get_format(cache_type_v).name if cache_type_v else shared or d.type_v
+        if kv_cache_type or cache_type_k or cache_type_v:
+            k, v = resolve_cache_types(kv_cache_type, cache_type_k or (None if kv_cache_type else d.type_k),
+                                       cache_type_v or (None if kv_cache_type else d.type_v), env={})
+        else:  # the server's, auto included (a kv_max_kld of its own re-chooses)
+            k, v = (AUTO, AUTO) if d.auto is not None else (d.type_k, d.type_v)
         top = self.config.context_length
         if num_ctx is not None and num_ctx < 1:
             raise ValueError(f"num_ctx must be at least 1, got {num_ctx}")
@@ -124,7 +129,24 @@ class Runner:
                         "using the model's maximum %d", self.name, num_ctx, top)
             num_ctx = top
         codec = resolve_codec(kv_rotation, kv_centering, kv_rounding, base=d.codec)
-        return CacheRequest(CacheConfig(k, v, codec), num_ctx or self.num_ctx)
+        if (k, v) == (AUTO, AUTO) and kv_max_kld is None and codec == d.codec and d.auto is not None:
+            return CacheRequest(d, num_ctx or self.num_ctx)
+        max_kld = self.settings.kv_max_kld if kv_max_kld is None else parse_max_kld(kv_max_kld)
+        return CacheRequest(self._pool_config(k, v, codec, max_kld), num_ctx or self.num_ctx)
+
+    def _pool_config(self, k: str, v: str, codec, max_kld: float) -> CacheConfig:
+        """The pool for types k/v; for auto the pair chosen from the model's quality table
+        (measured on first use): with KVSLIM_KV_MEMORY the best quality whose
+        num_parallel x num_ctx pool fits it (NothingFits, a ValueError, when none does)."""
+        if (k, v) != (AUTO, AUTO):
+            return CacheConfig(k, v, codec)
+        limit = None
+        if self.settings.kv_memory is not None:
+            tokens = self.settings.num_parallel * -(-self.num_ctx // self.page_size) * self.page_size
+            limit = self.settings.kv_memory // tokens
+        choice = calibration.auto_cache_types(self.model, self.tokenizer, codec, max_kld,
+                                              self.settings.flash_attn, limit, progress=False)
+        return CacheConfig(choice.type_k, choice.type_v, codec, choice)
 
     def page_bytes(self, cfg: CacheConfig) -> int:
         """Exact bytes of one page (every global layer, K and V) with the types the plan
@@ -267,7 +289,7 @@ class Runner:
         return Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
                       flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
                       num_parallel=self.settings.num_parallel, page_size=self.page_size,
-                      n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
+                      n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec, auto=cfg.auto)
 
     def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int,
               normalize: bool = True) -> tuple[torch.Tensor, int]:

@@ -496,6 +496,7 @@ def ps_entry(reg, runner: Runner) -> dict:
         "kv_cache": _kv_cache(snap),  # the pool that took the latest request
         "kv_pools": [_kv_cache(p) | {"running": p["running"], "waiting": p["waiting"]}
                      for p in snap["pools"]],  # every pool (type pair) of the model
+        **{k: snap[k] for k in ("kv_auto", "kv_max_kld", "kv_measured_kld") if k in snap},
         "attention": {"backend": snap["backend"], "fused": snap["fused"],
                       "flash_attn": snap["flash_attn"]},
         "requests": {"running": snap["running"], "waiting": runner.scheduler.waiting(),

@@ -70,6 +70,7 @@ class Options(_Body):
     kv_rotation: str | None = None  # auto | on | off
     kv_centering: str | None = None  # auto | on | off
     kv_rounding: str | None = None  # auto | lsq | ggml
+    kv_max_kld: float | None = Field(None, ge=0)  # the KLD budget of kv_cache_type auto
 
     def sampling(self) -> dict:
         """The sampling options that were given."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from kvslim.autotype import AutoChoice
 from kvslim.codec import CodecSettings
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class CacheConfig:
     type_k: str
     type_v: str
     codec: CodecSettings = CodecSettings()
+    auto: AutoChoice | None = None  # when the types came from cache type auto
 
 
 @dataclass(frozen=True)
