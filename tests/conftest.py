@@ -72,3 +72,17 @@ def clean_env(monkeypatch, tmp_path):
     for name in ("OLLAMA_KV_CACHE_TYPE", "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MODELS"):
         monkeypatch.delenv(name, raising=False)  # read when the KVSLIM_* name is unset
     monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+    # `kvslim run` is the client of a server running at KVSLIM_HOST / OLLAMA_HOST: point
+    # them at a closed port, so a server someone runs on this machine is never used
+    for name in ("OLLAMA_HOST", "KVSLIM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVSLIM_HOST", f"127.0.0.1:{closed_port()}")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
