@@ -295,6 +295,7 @@ def compile_kernels(types: list[str], always_say: bool = False, err=None) -> tup
     from kvslim import warmup
 
     err = err or sys.stderr
+    warmup.check_types(types)
     compiling = warmup.needs_compile()
     if not compiling and not always_say:
         return warmup.warmup(types), False

@@ -20,12 +20,12 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvslim import formats
-from kvslim.kernels import cpu
+from kvslim.kernels import cpu, cpu_write, ggml
 from kvslim.kernels.ggml import count_bad
 from kvslim.rotation import Rotation, rotate_rows
 from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
 
-__all__ = ["warmup", "needs_compile", "DEFAULT_TYPES", "MESSAGE"]
+__all__ = ["warmup", "needs_compile", "check_types", "DEFAULT_TYPES", "MESSAGE"]
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0")
 MESSAGE = "compiling CPU kernels (once per machine, ~20 s)"
@@ -33,16 +33,31 @@ MESSAGE = "compiling CPU kernels (once per machine, ~20 s)"
 
 def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
     """Compile (or load from numba's cache) every CPU kernel; the seconds it took."""
-    bad = [t for t in types if t not in formats.TYPES]
-    if bad:
-        raise ValueError(f"unknown cache type {', '.join(bad)}; valid: {', '.join(formats.TYPES)}")
+    check_types(types)
     t0 = time.perf_counter()
     for t in types or DEFAULT_TYPES:
         cpu.warmup(t, t)
+    _long_write()
     _matmuls()
     _rotation()
     _checks()
     return time.perf_counter() - t0
+
+
+def check_types(types) -> None:
+    bad = [t for t in types if t not in formats.TYPES]
+    if bad:
+        raise ValueError(f"unknown cache type {', '.join(bad)}; valid: {', '.join(formats.TYPES)}")
+
+
+def _long_write() -> None:
+    """A prompt's write, split over the writer's threads (each part checked first)."""
+    n = 2 * cpu_write.PARALLEL_MIN_ROWS
+    qk = formats.QK
+    planes = ggml.tiny_planes("q8_0", n)
+    rows = np.zeros((n, 1, qk), np.float32)
+    cpu_write.write_arrays(rows, rows, np.arange(n, dtype=np.int64), planes, planes,
+                           ggml.Geom(0, 1, 1, n, 1, 1, qk, 0), cpu_write.plain_sides(1, qk, qk))
 
 
 def _matmuls() -> None:
@@ -81,8 +96,8 @@ def needs_compile() -> bool:
 
     from numba.core.registry import CPUDispatcher
 
-    from kvslim.kernels import cpu_write, ggml, qmatmul  # noqa: F401 - their kernels are checked
-    from kvslim import rotation  # noqa: F401
+    from kvslim import rotation  # noqa: F401 - its kernel is checked
+    from kvslim.kernels import qmatmul  # noqa: F401
 
     names = ("kvslim.kernels.cpu", "kvslim.kernels.cpu_write", "kvslim.kernels.qmatmul",
              "kvslim.kernels.ggml", "kvslim.rotation")
