@@ -227,3 +227,62 @@ def test_set_num_ctx_rebuilds_the_local_cache(llm):
     r.handle("/set parameter num_predict 2")
     r.handle("the cat")
     assert llm.kv_cache_info()["num_ctx"] == 256 and len(r.messages) == 2
+
+
+# ---------------------------------------------------------------- on a terminal
+
+
+@pytest.mark.slow  # a fresh interpreter on a pseudo-terminal
+def test_terminal_chat_history_ctrl_c_and_ctrl_d(tiny_gguf, tmp_path):
+    """`kvslim run` on a real (pseudo-)terminal: prompt_toolkit's line editing, history
+    kept in ~/.kvslim/history (Up recalls the last message), Ctrl-C at the prompt keeps
+    the chat, Ctrl-D ends it with status 0."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from conftest import closed_port
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "KVSLIM_HOST": f"127.0.0.1:{closed_port()}",
+           "KVSLIM_MODELS": str(tmp_path / "store"), "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvslim.cli", "run", str(tiny_gguf(ctx=512, tied=False)),
+                             "--temperature", "0", "-n", "3"], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def expect(text: str, timeout: float = 300) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text.encode() not in seen:
+            assert time.monotonic() < deadline, f"no {text!r} in {seen[-400:]!r}"
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert text.encode() in seen, seen[-400:]
+        seen = seen[seen.index(text.encode()) + len(text):]
+
+    try:
+        expect(">>> ")
+        os.write(master, b"/set parameter seed 1\r")
+        expect("Set parameter 'seed' to '1'")
+        os.write(master, b"\x03")  # Ctrl-C at the prompt
+        expect("Use Ctrl + d or /bye to exit.")
+        os.write(master, b"the cat\r")
+        expect(">>> ")
+        os.write(master, b"\x1b[A")  # Up: the last message comes back for editing
+        expect("the cat")
+        os.write(master, b"\x15\x04")  # Ctrl-U clears the line, Ctrl-D exits
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    history = (tmp_path / ".kvslim" / "history").read_text()
+    assert "+the cat" in history and "+/set parameter seed 1" in history
