@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 __all__ = ["Stats", "Local", "Remote", "Repl", "WordWrap", "PARAMETERS", "print_stats",
            "print_cache_info", "line_reader", "read_message", "parse_parameter"]
@@ -121,13 +121,19 @@ def _size(n: float) -> str:
 
 
 class Reply:
-    """Text pieces of one answer; ``stats`` once it has ended. ``close()`` cancels it."""
+    """Text pieces of one answer; ``stats`` (what the pieces' generator returns) once it
+    has ended. ``close()`` cancels it."""
 
-    def __init__(self, pieces: Iterator[str]):
+    def __init__(self, pieces: Generator[str, None, Stats]):
         self._pieces, self.stats, self.text = pieces, None, ""
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
+        while True:
+            try:
+                piece = next(self._pieces)
+            except StopIteration as end:
+                self.stats = end.value
+                return
             self.text += piece
             yield piece
 
@@ -164,7 +170,7 @@ class Local:
         stream = self.llm.chat(messages, stream=True, truncate=self.truncate, **sampling)
         return Reply(self._pieces(stream))
 
-    def _pieces(self, stream) -> Iterator[str]:
+    def _pieces(self, stream) -> Generator[str, None, Stats]:
         t0 = time.perf_counter()
         try:
             yield from stream
@@ -173,16 +179,12 @@ class Local:
         c = stream.completion
         load, compile_s = self._pending
         self._pending = (0.0, 0.0)
-        self.last = Stats(c.prompt_eval_count, c.prompt_eval_duration, c.eval_count,
-                          c.eval_duration, load + compile_s + time.perf_counter() - t0, load,
-                          compile_s)
+        return Stats(c.prompt_eval_count, c.prompt_eval_duration, c.eval_count, c.eval_duration,
+                     load + compile_s + time.perf_counter() - t0, load, compile_s)
 
     def _fit_ctx(self, num_ctx: int | None) -> None:
         if num_ctx and num_ctx != self.llm.kv_cache_info()["num_ctx"]:
             self.llm.reconfigure(num_ctx=num_ctx)
-
-    def stats(self, reply: Reply) -> Stats:
-        return self.last
 
     def cache_info(self) -> dict:
         return self.llm.kv_cache_info()
@@ -236,22 +238,23 @@ class Remote:
             body["think"] = self.think
         return Reply(self._pieces(self.client.stream("/api/chat", body)))
 
-    def _pieces(self, objects: Iterator[dict]) -> Iterator[str]:
+    def _pieces(self, objects: Generator[dict, None, None]) -> Generator[str, None, Stats]:
+        """Message pieces; the final object's statistics (nanoseconds) as the return value."""
         try:
             for obj in objects:
                 text = (obj.get("message") or {}).get("content", "")
                 if text:
                     yield text
                 if obj.get("done"):
-                    self.last = Stats(
+                    return Stats(
                         obj.get("prompt_eval_count", 0), obj.get("prompt_eval_duration", 0) / 1e9,
                         obj.get("eval_count", 0), obj.get("eval_duration", 0) / 1e9,
                         obj.get("total_duration", 0) / 1e9, obj.get("load_duration", 0) / 1e9)
         finally:
             objects.close()
+        from kvslim.client import ServerError
 
-    def stats(self, reply: Reply) -> Stats:
-        return self.last
+        raise ServerError("the server's answer ended without its final statistics")
 
     def cache_info(self) -> dict:
         for m in self.client.ps():
@@ -385,7 +388,7 @@ def answer(backend, messages: list[dict], options: dict, *, verbose: bool = Fals
     out.write("\n\n" if out.isatty() else "\n")
     out.flush()
     if verbose:
-        print_stats(backend.stats(reply), err)
+        print_stats(reply.stats, err)
         print_cache_info(backend.cache_info(), err)
     return reply.text
 

@@ -36,11 +36,9 @@ class Recorder:
                     yield p
             finally:
                 self.closed += 1
+            return Stats(3, 0.5, 2, 0.25, 9.0, 0.5, 8.0)
 
         return repl.Reply(gen())
-
-    def stats(self, reply):
-        return Stats(3, 0.5, 2, 0.25, 9.0, 0.5, 8.0)
 
     def cache_info(self):
         return {"type_k": "q8_0", "type_v": "q4_0", "requested_k": "q8_0", "requested_v": "q4_0",
