@@ -284,3 +284,20 @@ def test_terminal_chat_history_ctrl_c_and_ctrl_d(tiny_gguf, tmp_path):
         os.close(master)
     history = (tmp_path / ".kvslim" / "history").read_text()
     assert "+the cat" in history and "+/set parameter seed 1" in history
+
+
+def test_local_reports_the_compile_once_and_outside_the_load(llm):
+    backend = repl.Local(llm, loader=None, warmup=(7.5, True))
+    first = backend.chat([{"role": "user", "content": "the cat"}], {"num_predict": 3})
+    list(first)
+    s = first.stats
+    assert s.compile_duration == 7.5 and s.load_duration == llm.load_duration
+    assert s.total_duration >= 7.5 + s.prompt_eval_duration + s.eval_duration
+    assert 0 < s.eval_duration < 7.5 and s.eval_count == 3  # the rates' durations hold no compile
+    second = backend.chat([{"role": "user", "content": "the cat"}], {"num_predict": 3})
+    list(second)
+    assert second.stats.compile_duration == second.stats.load_duration == 0
+    cached = repl.Local(llm, loader=None, warmup=(0.25, False))  # loading cached code: load time
+    reply = cached.chat([{"role": "user", "content": "the cat"}], {"num_predict": 1})
+    list(reply)
+    assert reply.stats.compile_duration == 0 and reply.stats.load_duration == llm.load_duration + 0.25

@@ -153,3 +153,19 @@ def test_another_server_at_the_address_is_not_used(capsys, monkeypatch, tiny_pat
         assert cli.main(["run", str(tiny_path), "the cat", *RUN]) == 0  # in-process
         assert capsys.readouterr().out.strip()
         httpd.shutdown()
+
+
+def test_the_server_compiles_at_load_and_says_so(monkeypatch, caplog, tiny_path):
+    from kvslim import warmup
+    from kvslim.server.models import Runner
+
+    calls = []
+    monkeypatch.setattr(warmup, "needs_compile", lambda: True)
+    real = warmup.warmup
+    monkeypatch.setattr(warmup, "warmup", lambda types: calls.append(list(types)) or real(types))
+    runner = Runner("tiny", tiny_path, ServerSettings.from_env({}, kv_cache_type="q8_0", num_parallel=1))
+    try:
+        assert calls == [["q8_0"]]
+        assert "tiny: compiling CPU kernels (once per machine, ~20 s)" in caplog.text
+    finally:
+        runner.close()
