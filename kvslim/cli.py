@@ -183,6 +183,9 @@ def cmd_run(args) -> int:
     SamplingParams.from_options(**options)
     if "max_tokens" in options:  # the chat speaks Ollama's option names
         options["num_predict"] = options.pop("max_tokens")
+    if args.think is not None and args.think.lower() not in THINK_VALUES:
+        args.prompt.insert(0, args.think)  # `--think PROMPT`: the flag alone, then the prompt
+        args.think = "true"
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None and sys.stdin is None:  # `kvslim run model <&-`
         raise ValueError("no prompt: give one as an argument (standard input is closed)")
@@ -254,16 +257,15 @@ def _local_backend(args):
     return repl.Local(llm, lambda name: LLM(name, **kwargs), truncate=args.truncate, warmup=warm)
 
 
+THINK_VALUES = ("true", "false", "high", "medium", "low")
+
+
 def _think(args) -> str | bool | None:
     """--think's request value: None (not given), False, True or a level."""
     if args.think is None:
         return None
     value = args.think.lower()
-    if value in ("true", "false"):
-        return value == "true"
-    if value not in ("high", "medium", "low"):
-        raise ValueError(f"--think must be true, false, high, medium or low, got {args.think!r}")
-    return value
+    return value == "true" if value in ("true", "false") else value
 
 
 def cmd_ps(args) -> int:

@@ -141,7 +141,8 @@ class Client:
 
     def stop(self, model: str) -> None:
         """Unload ``model`` (keep_alive 0, as ``ollama stop``); an error if it is not loaded."""
-        names = {m["name"] for m in self.ps()} | {m["model"] for m in self.ps()}
+        loaded = self.ps()
+        names = {m["name"] for m in loaded} | {m["model"] for m in loaded}
         if model not in names and f"{model}:latest" not in names:
             raise ServerError(f"couldn't find model \"{model}\" to stop")
         self.request("POST", "/api/generate", {"model": model, "keep_alive": 0})

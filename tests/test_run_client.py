@@ -66,6 +66,8 @@ def test_errors_from_the_server_are_one_line(capsys, at_server):
     line = one_error(capsys, ["run", "nope", "hi"])
     assert "nope" in line and "cannot be pulled" in line
     assert one_error(capsys, ["run", "tiny", "hi", "--think"]) == 'Error: "tiny" does not support thinking'
+    assert one_error(capsys, ["run", "tiny", "--think", "hi"]) == 'Error: "tiny" does not support thinking'
+    assert cli.main(["run", "tiny", "the cat", "--think=false", *RUN]) == 0
     line = one_error(capsys, ["run", "tiny", "the cat " * 400, "-n", "2"])  # context 256, no --truncate
     assert "context" in line, line
     assert "--keepalive" in one_error(capsys, ["run", "tiny", "hi", "--keepalive", "soon"])
