@@ -218,6 +218,10 @@ def _server_backend(args, interactive: bool):
     client = Client.find()
     if client is None:
         return None
+    if args.verify:  # the server reads the same store
+        from kvslim import store
+
+        store.verify(args.model)
     for flag in SERVER_FLAGS:
         value = getattr(args, flag)
         if value is not None and (flag, value) != ("device", "auto"):
