@@ -32,7 +32,8 @@ PLUGINS = ("kvslim.server", "kvslim.bench", "kvslim.planner")
 
 EPILOG = ("environment: KVSLIM_KV_CACHE_TYPE (K and V type), KVSLIM_FLASH_ATTENTION (1/0/auto), "
           "KVSLIM_CONTEXT_LENGTH (default num_ctx), KVSLIM_KV_ROTATION / KVSLIM_KV_CENTERING "
-          "(auto/on/off), KVSLIM_KV_ROUNDING (auto/lsq/ggml), KVSLIM_MODELS (model store)")
+          "(auto/on/off), KVSLIM_KV_ROUNDING (auto/lsq/ggml), KVSLIM_MODELS (model store), "
+          "KVSLIM_HOST / OLLAMA_HOST (where `kvslim serve` listens: run, ps and stop use it)")
 
 
 # ---------------------------------------------------------------- shared arguments
