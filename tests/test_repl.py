@@ -270,6 +270,7 @@ def test_terminal_chat_history_ctrl_c_and_ctrl_d(tiny_gguf, tmp_path):
         expect(">>> ")
         os.write(master, b"/set parameter seed 1\r")
         expect("Set parameter 'seed' to '1'")
+        expect(">>> ")  # in raw mode again: Ctrl-C is a key, not the tty's SIGINT
         os.write(master, b"\x03")  # Ctrl-C at the prompt
         expect("Use Ctrl + d or /bye to exit.")
         os.write(master, b"the cat\r")
