@@ -277,8 +277,16 @@ def test_terminal_chat_history_ctrl_c_and_ctrl_d(tiny_gguf, tmp_path):
         expect(">>> ")
         os.write(master, b"\x1b[A")  # Up: the last message comes back for editing
         expect("the cat")
-        os.write(master, b"\x15\x04")  # Ctrl-U clears the line, Ctrl-D exits
-        assert proc.wait(60) == 0
+        os.write(master, b"\x15")  # Ctrl-U clears it
+        os.write(master, b"/clear\r")
+        expect("Cleared session context")
+        expect(">>> ")
+        os.write(master, b"\x04")  # Ctrl-D exits
+        try:
+            assert proc.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            time.sleep(1)
+            pytest.fail(f"still running after Ctrl-D; the terminal shows {os.read(master, 65536)[-600:]!r}")
     finally:
         if proc.poll() is None:
             proc.kill()
