@@ -1,7 +1,9 @@
 """The ``kvslim`` command: Ollama's verbs with llama.cpp's cache flags.
 
-    kvslim run MODEL [PROMPT]     answer once, or chat interactively (/bye exits)
+    kvslim run MODEL [PROMPT]     answer once, or chat interactively (kvslim.repl; /bye exits);
+                                  the client of a running `kvslim serve` when there is one
     kvslim pull MODEL | list | show MODEL | rm MODEL | cp SRC DST | create NAME -f Modelfile
+    kvslim ps | stop MODEL | warmup
 
 Other modules add verbs: a module named in ``PLUGINS`` that defines
 ``cli_register(subparsers)`` adds its parser there (``add_parser``, its arguments, and
@@ -31,7 +33,8 @@ PLUGINS = ("kvslim.server", "kvslim.bench", "kvslim.planner")
 
 EPILOG = ("environment: KVSLIM_KV_CACHE_TYPE (K and V type), KVSLIM_FLASH_ATTENTION (1/0/auto), "
           "KVSLIM_CONTEXT_LENGTH (default num_ctx), KVSLIM_KV_ROTATION / KVSLIM_KV_CENTERING "
-          "(auto/on/off), KVSLIM_KV_ROUNDING (auto/lsq/ggml), KVSLIM_MODELS (model store)")
+          "(auto/on/off), KVSLIM_KV_ROUNDING (auto/lsq/ggml), KVSLIM_MODELS (model store), "
+          "KVSLIM_HOST / OLLAMA_HOST (where `kvslim serve` listens: run, ps and stop use it)")
 
 
 # ---------------------------------------------------------------- shared arguments
@@ -298,11 +301,10 @@ def _show_auto(path, c, device, flash, coding, max_kld: float) -> None:
 
 
 def cmd_run(args) -> int:
-    from kvslim import store
-    from kvslim.llm import LLM
+    from kvslim import repl
     from kvslim.sampling import SamplingParams
-    from kvslim.settings import (pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn,
-                                 resolve_max_kld)
+    from kvslim.settings import (parse_keep_alive, pick_device, resolve_cache_types, resolve_codec,
+                                 resolve_flash_attn, resolve_max_kld)
 
     # bad flags fail before a first-use pull downloads anything
     resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
@@ -310,23 +312,93 @@ def cmd_run(args) -> int:
     resolve_flash_attn(args.flash_attn)
     resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
     pick_device(args.device)
+    if args.keepalive is not None:
+        parse_keep_alive(args.keepalive, "--keepalive")
     options = sampling_options(args)
     SamplingParams.from_options(**options)
     if args.format is not None:
         options["format"] = _answer_format(args.format)
+    if "max_tokens" in options:  # the chat speaks Ollama's option names
+        options["num_predict"] = options.pop("max_tokens")
+    if args.think is not None and args.think.lower() not in THINK_VALUES:
+        args.prompt.insert(0, args.think)  # `--think PROMPT`: the flag alone, then the prompt
+        args.think = "true"
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None and sys.stdin is None:  # `kvslim run model <&-`
         raise ValueError("no prompt: give one as an argument (standard input is closed)")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    store.resolve(args.model, pull_missing=True)  # first use of a built-in model pulls it
+    backend = _server_backend(args, interactive=prompt is None) or _local_backend(args)
+    wrap = not args.nowordwrap
+    if prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": prompt}]
+        repl.answer(backend, messages, options, verbose=args.verbose, wrap=wrap)
+        return 0
+    chat = repl.Repl(backend, options, args.system, verbose=args.verbose, wrap=wrap)
+    return chat.run(repl.line_reader())
+
+
+SERVER_FLAGS = ("device", "weights", "flash_attn")  # the server's own settings, not a request's
+
+
+def _server_backend(args, interactive: bool):
+    """A ``repl.Remote`` when a kvslim server runs at KVSLIM_HOST / OLLAMA_HOST and the
+    model is a name (the server cannot load a path it does not serve); else None."""
+    from pathlib import Path
+
+    from kvslim import repl
+    from kvslim.client import Client
+
+    if args.model.endswith(".gguf") or Path(args.model).is_file():
+        return None
+    client = Client.find()
+    if client is None:
+        return None
+    if args.verify:  # the server reads the same store
+        from kvslim import store
+
+        store.verify(args.model)
+    for flag in SERVER_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and (flag, value) != ("device", "auto"):
+            print(f"warning: --{flag.replace('_', '-')} is a setting of the server at "
+                  f"{client.address}, which runs the model: ignored", file=sys.stderr)
+    names = ("kv_cache_type", "cache_type_k", "cache_type_v", "kv_rotation", "kv_centering",
+             "kv_rounding", "num_ctx")
+    request = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    backend = repl.Remote(client, args.model, request, keep_alive=args.keepalive,
+                          think=_think(args), truncate=args.truncate or interactive)
+    backend.ensure()
+    if interactive:
+        backend.preload()
+    return backend
+
+
+def _local_backend(args):
+    """The model in this process, its CPU kernels compiled (and said so) before loading."""
+    from kvslim import repl, store
+    from kvslim.llm import LLM
+    from kvslim.settings import pick_device, resolve_cache_types
+
+    if _think(args):
+        raise ValueError(f'"{args.model}" does not support thinking')
+    if args.keepalive is not None:
+        print("warning: --keepalive applies to a running server (kvslim serve); this model "
+              "unloads when kvslim run exits", file=sys.stderr)
+    from kvslim.pull import resolve_or_pull
+
+    with _PullProgress() as progress:  # as Ollama's run: a model the store lacks is pulled
+        resolve_or_pull(args.model, progress.line)
     if args.verify:
         store.verify(args.model)
-    llm = LLM(args.model, **llm_kwargs(args))
-    if prompt is not None:
-        _answer(llm, [{"role": "user", "content": prompt}], options, args, llm.load_duration)
-        return 0
-    return _interactive(llm, options, args)
+    warm = (0.0, False)
+    if pick_device(args.device).type == "cpu":
+        types = resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
+        warm = repl.compile_kernels(sorted(set(types)))
+    kwargs = llm_kwargs(args)
+    llm = LLM(args.model, **kwargs)
+    return repl.Local(llm, lambda name: LLM(name, **kwargs), truncate=args.truncate, warmup=warm)
 
 
 def _answer_format(text: str):
@@ -346,112 +418,76 @@ def _answer_format(text: str):
     return fmt
 
 
-def _answer(llm, messages, options, args, load_duration: float = 0.0) -> str:
-    """Stream the answer to ``messages``; a chat too long for the context loses its oldest
-    messages first (``kvslim.chat``, as the server's)."""
-    from kvslim.chat import fit_chat, prompt_limit
-
-    if args.system:
-        messages = [{"role": "system", "content": args.system}] + messages
-    limit = prompt_limit(llm.kv_cache_info()["num_ctx"], options.get("max_tokens"))
-    messages = fit_chat(llm.chat_prompt, messages, limit)[0]
-    t0 = time.perf_counter()
-    stream = llm.chat(messages, stream=True, truncate=args.truncate, **options)
-    for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n\n" if sys.stdout.isatty() else "\n")
-    if args.verbose:
-        _print_stats(stream.completion, load_duration, time.perf_counter() - t0)
-        _print_cache_info(llm)
-    return stream.completion.text
+THINK_VALUES = ("true", "false", "high", "medium", "low")
 
 
-def _interactive(llm, options, args) -> int:
-    history: list[dict] = []
-    print("kvslim chat: /bye exits, /clear forgets the conversation, /? helps", file=sys.stderr)
-    while True:
-        try:
-            line = _read_prompt()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if line is None:
-            continue
-        if line.strip() in ("/bye", "/exit"):
-            return 0
-        if line.strip() == "/clear":
-            history.clear()
-            print("Cleared session context", file=sys.stderr)
-            continue
-        if line.strip() in ("/?", "/help"):
-            print('/bye  exit\n/clear  forget the conversation\n"""  start or end a multi-line message',
-                  file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            answer = _answer(llm, history, options, args)
-        except KeyboardInterrupt:  # stop this answer, keep the session
-            history.pop()
-            print("\n^C", file=sys.stderr)
-            continue
-        except ValueError as e:  # e.g. one message longer than the context
-            history.pop()
-            print(f"Error: {_one_line(e)}", file=sys.stderr)
-            continue
-        history.append({"role": "assistant", "content": answer})
-
-
-def _read_prompt() -> str | None:
-    line = input(">>> ")
-    if not line.strip():
+def _think(args) -> str | bool | None:
+    """--think's request value: None (not given), False, True or a level."""
+    if args.think is None:
         return None
-    if not line.lstrip().startswith('"""'):
-        return line
-    lines = [line.lstrip()[3:]]  # multi-line until a closing """
-    while not lines[-1].rstrip().endswith('"""') or len(lines) == 1 and lines[0].strip() == "":
-        lines.append(input("... "))
-    lines[-1] = lines[-1].rstrip()[:-3]
-    return "\n".join(lines).strip("\n") or None
+    value = args.think.lower()
+    return value == "true" if value in ("true", "false") else value
+
+
+def cmd_ps(args) -> int:
+    """Ollama's ps: the models a running server holds, with their K/V pools."""
+    client = _require_server()
+    rows = []
+    for m in client.ps():
+        kv = m["kv_cache"]
+        processor = "100% CPU" if m["size_vram"] == 0 else "100% GPU"
+        rows.append((m["name"], (m.get("digest") or "")[:12], _size(m["size"]), processor,
+                     str(m["context_length"]), f"{kv['type_k']}/{kv['type_v']}",
+                     f"{_size(kv['bytes'])} ({kv['pages_in_use']}/{kv['pages_total']} pages)",
+                     _until(m["expires_at"])))
+    _table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "K/V", "K/V POOL", "UNTIL"], rows)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    """Ollama's stop: unload a model from the running server (keep_alive 0)."""
+    _require_server().stop(args.model)
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Compile the CPU kernels now, so no first run waits for them."""
+    from kvslim import repl, warmup
+
+    types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else \
+        list(warmup.DEFAULT_TYPES)
+    seconds, _ = repl.compile_kernels(types, always_say=True)
+    print(f"CPU kernels ready ({', '.join(types)}; {seconds:.1f} s)")
+    return 0
+
+
+def _require_server():
+    from kvslim.client import Client
+
+    client = Client.from_env()
+    if not client.is_kvslim():
+        raise ConnectionError(f"could not connect to a kvslim server at {client.address}: is "
+                              f"`kvslim serve` running? (KVSLIM_HOST / OLLAMA_HOST set where it listens)")
+    return client
+
+
+def _until(expires_at: str) -> str:
+    """Ollama's UNTIL column: "4 minutes from now", "Forever"."""
+    from datetime import datetime
+
+    left = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp() - time.time()
+    if left > 100 * 365 * 86400:
+        return "Forever"
+    if left <= 0:
+        return "Stopping..."
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= length:
+            n = int(left // length)
+            return f"{n} {unit}{'s' if n > 1 else ''} from now"
+    return "now"
 
 
 # ---------------------------------------------------------------- output
-
-
-def _print_stats(c, load: float, wall: float) -> None:
-    rows = [
-        ("total duration", _dur(load + wall)),
-        ("load duration", _dur(load)),
-        ("prompt eval count", f"{c.prompt_eval_count} token(s)"),
-        ("prompt eval duration", _dur(c.prompt_eval_duration)),
-        ("prompt eval rate", _rate(c.prompt_eval_count, c.prompt_eval_duration)),
-        ("eval count", f"{c.eval_count} token(s)"),
-        ("eval duration", _dur(c.eval_duration)),
-        ("eval rate", _rate(c.eval_count, c.eval_duration)),
-    ]
-    for name, value in rows:
-        print(f"{name + ':':<22}{value}", file=sys.stderr)
-
-
-def _print_cache_info(llm) -> None:
-    i = llm.kv_cache_info()
-    fused = "fused" if i["fused"] else "dequantize + SDPA"
-    lines = [
-        ("kv cache types", f"K {i['type_k']} / V {i['type_v']} "
-                           f"(asked for {i['requested_k']} / {i['requested_v']})"),
-        ("kv cache fallback", f"yes: {i['reason']}" if i["fallback"] else "none"),
-        ("kv cache bytes", f"{i['bytes']:,} ({_size(i['bytes'])}; {i['bytes_per_token']:,} B/token "
-                           f"x {i['capacity_tokens']:,} tokens)"),
-        ("attention", f"{i['backend']} ({fused}) on {i['device']}, flash {i['flash_attn']}"),
-        ("kv coding", f"rotation {i['kv_rotation']}, centering {i['kv_centering']}, "
-                      f"rounding {i['kv_rounding']}"
-                      + (f" ({i['kv_codec_note']})" if i.get("kv_codec_note") else "")),
-    ]
-    if i.get("kv_auto"):
-        lines.append(("kv cache auto", f"KLD {i['kv_measured_kld']:.5f} vs f16 (budget "
-                                       f"{i['kv_max_kld']:g}; {i['kv_auto_candidates']} pairs measured)"))
-    for name, value in lines:
-        print(f"{name + ':':<22}{value}", file=sys.stderr)
 
 
 def _table(header: list[str], rows: list[tuple]) -> None:
@@ -465,19 +501,6 @@ def _table(header: list[str], rows: list[tuple]) -> None:
     for r in rows:
         t.add_row(*r)
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(t)
-
-
-def _dur(s: float) -> str:
-    """Durations the way Go prints them (ollama --verbose): 1.234s, 12.3ms, 45µs."""
-    if s >= 1:
-        return f"{s:.6f}".rstrip("0").rstrip(".") + "s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.4f}".rstrip("0").rstrip(".") + "ms"
-    return f"{s * 1e6:.1f}µs"
-
-
-def _rate(n: int, s: float) -> str:
-    return f"{n / s:.2f} tokens/s" if s > 0 else "n/a"
 
 
 def _size(n: float) -> str:
@@ -523,9 +546,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the stored model's sha256 before loading it")
     p.add_argument("--format", metavar="json|SCHEMA",
                    help='answer in JSON: "json" for any object, or a JSON schema ({...}) to follow')
+    p.add_argument("--keepalive", metavar="DURATION",
+                   help="how long a running server keeps the model loaded after this run "
+                        "(5m, 1h, 0 unloads, -1 forever)")
+    p.add_argument("--nowordwrap", action="store_true",
+                   help="do not wrap words to the next line on a terminal")
+    p.add_argument("--think", nargs="?", const="true", metavar="LEVEL",
+                   help="thinking (true|false|high|medium|low), for models that think")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ps", help="list the models a running server has loaded (K/V pools, expiry)")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("stop", help="unload a model from a running server")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("warmup", help="compile the CPU kernels now (once per machine), "
+                                      "so no first run waits for them")
+    p.add_argument("--types", metavar="T,T",
+                   help="K/V cache types to exercise, comma-separated (default f16,q8_0,q4_0; "
+                        "one compiled kernel serves every type)")
+    p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("pull", help="download a model into the store: NAME[:TAG] from the Ollama "
                                     "registry (KVSLIM_REGISTRY), hf.co/USER/REPO[:QUANT], smollm2")
@@ -579,11 +623,12 @@ def _register_plugins(sub) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: one line, no traceback."""
     from kvslim.cache import CacheFull
+    from kvslim.client import ServerError
     from kvslim.store import PullError
 
     # GGUFError, UnknownModelError, PromptTooLong and bad types/values are ValueErrors;
     # ModelNotPulledError is a FileNotFoundError (an OSError).
-    return ValueError, OSError, PullError, CacheFull
+    return ValueError, OSError, PullError, CacheFull, ServerError
 
 
 class _StderrHandler(logging.StreamHandler):

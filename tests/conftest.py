@@ -77,3 +77,17 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KVSLIM_REGISTRY", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # `kvslim run` is the client of a server running at KVSLIM_HOST / OLLAMA_HOST: point
+    # them at a closed port, so a server someone runs on this machine is never used
+    for name in ("OLLAMA_HOST", "KVSLIM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KVSLIM_HOST", f"127.0.0.1:{closed_port()}")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

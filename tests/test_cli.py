@@ -160,6 +160,12 @@ def test_kv_coding_flags_env_and_verbose(capsys, monkeypatch, tiny):
     fails(capsys, ["run", str(tiny), "hi", "--kv-rounding", "on"], "kv_rounding must be one of auto, lsq, ggml")
 
 
+def test_think_is_refused_by_name(capsys, tiny):
+    fails(capsys, ["run", str(tiny), "--think", "hi"], f'"{tiny}" does not support thinking')
+    fails(capsys, ["run", str(tiny), "hi", "--think=high"], "does not support thinking")
+    assert cli.main(["run", str(tiny), "hi", "--think=false", *RUN]) == 0
+
+
 def test_interactive_chat(capsys, monkeypatch, tiny):
     lines = iter(["hello there", "", '"""two', 'lines"""', "/clear", "again", "/bye"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

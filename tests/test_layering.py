@@ -48,7 +48,10 @@ RANKS = {
     "kvslim": 7,  # the package facade: `from kvslim import LLM`
     "kvslim.planner": 8,
     "kvslim.bench": 8,
+    "kvslim.warmup": 6,  # compiles the CPU kernels (weights, attention) before a first token
     "kvslim.cli": 9,
+    "kvslim.repl": 9,  # kvslim run's answers and interactive chat
+    "kvslim.client": 9,  # a running server's Ollama API, for run, ps and stop
     "kvslim.server": 9,  # every server.* module
     "kvslim.ray": 9,  # replicas of the server on Ray Serve, and their routing
 }

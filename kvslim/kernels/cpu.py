@@ -861,16 +861,16 @@ class Backend:
         return attention(q, cache, layer, step, scale, window)
 
 
-def warmup() -> None:
+def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
     """Compile (or load from numba's disk cache) the writer and the attention kernel now,
-    on a one-page pool of q8_0 K and q4_0 V.
+    on a one-page pool of ``type_k`` K and ``type_v`` V (one kernel serves every type).
 
     The first compile takes seconds (benchmarks/README.md); an engine can call this
     while it loads a model, even from another thread, instead of paying it on the first
     token.
     """
     qk, page = formats.QK, 4
-    kplanes, vplanes = ggml.tiny_planes("q8_0", page), ggml.tiny_planes("q4_0", page)
+    kplanes, vplanes = ggml.tiny_planes(type_k, page), ggml.tiny_planes(type_v, page)
     geom = ggml.Geom(0, 1, 1, page, 1, 1, qk, _tile_tokens(qk, qk))
     rows, slots = np.zeros((2, 1, qk), np.float32), np.arange(2, dtype=np.int64)
     cpu_write.write_arrays(rows, rows, slots, kplanes, vplanes, geom, cpu_write.plain_sides(1, qk, qk))

@@ -62,6 +62,14 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
+def _warm_kernels(name: str, types: tuple[str, str]) -> None:
+    from kvslim import warmup
+
+    if warmup.needs_compile():
+        log.warning("%s: %s", name, warmup.MESSAGE)
+    warmup.warmup(sorted(set(types)))
+
+
 def model_details(config: ModelConfig) -> dict:
     """Ollama's ``details`` object."""
     n = config.n_params
@@ -87,6 +95,8 @@ class Runner:
         self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
                                 progress=False, weights=settings.weights)
         self.weight_bytes = self.model.weight_bytes  # as held in memory (blocks, or dequantized)
+        if self.device.type == "cpu":  # compile now, not in the middle of a first answer
+            _warm_kernels(name, (settings.cache_type_k, settings.cache_type_v))
         self.page_size = DEFAULT_PAGE_SIZE
         self.pooling = pooling_type(reader)  # how embeddings are pooled
         self.lock = threading.RLock()  # guards pools: built, dropped, used for embeddings

@@ -1,0 +1,117 @@
+"""Compile the CPU kernels a model's first tokens run, before the first token.
+
+numba compiles each kernel on its first call and keeps it in its disk cache, so on a new
+machine (or after an upgrade) the first answer would stall for the compile: the K/V
+writer and attention at the first prompt, the quantized-weight matmuls and the Hadamard
+rotation at the first token. ``warmup`` calls each of them once on tiny inputs of the
+array types a model passes (read-only weight bytes, as mapped from the GGUF; float32
+rows; a read-only or a stored shift), so the compile happens at load, where ``kvslim
+run`` says so, and a later process only loads the cached code.
+
+One compiled kernel serves every cache type (each branches on the type's code), so
+``types`` only chooses which K/V block formats the attention warmup writes and reads.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from kvslim import formats
+from kvslim.kernels import cpu, cpu_write, ggml
+from kvslim.kernels.ggml import count_bad
+from kvslim.rotation import Rotation, rotate_rows
+from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
+
+__all__ = ["warmup", "needs_compile", "check_types", "DEFAULT_TYPES", "MESSAGE"]
+
+DEFAULT_TYPES = ("f16", "q8_0", "q4_0")
+MESSAGE = "compiling CPU kernels (once per machine, ~20 s)"
+
+
+def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
+    """Compile (or load from numba's cache) every CPU kernel; the seconds it took."""
+    check_types(types)
+    t0 = time.perf_counter()
+    for t in types or DEFAULT_TYPES:
+        cpu.warmup(t, t)
+    _long_write()
+    _matmuls()
+    _rotation()
+    _checks()
+    return time.perf_counter() - t0
+
+
+def check_types(types) -> None:
+    bad = [t for t in types if t not in formats.TYPES]
+    if bad:
+        raise ValueError(f"unknown cache type {', '.join(bad)}; valid: {', '.join(formats.TYPES)}")
+
+
+def _long_write() -> None:
+    """A prompt's write, split over the writer's threads (each part checked first)."""
+    n = 2 * cpu_write.PARALLEL_MIN_ROWS
+    qk = formats.QK
+    planes = ggml.tiny_planes("q8_0", n)
+    rows = np.zeros((n, 1, qk), np.float32)
+    cpu_write.write_arrays(rows, rows, np.arange(n, dtype=np.int64), planes, planes,
+                           ggml.Geom(0, 1, 1, n, 1, 1, qk, 0), cpu_write.plain_sides(1, qk, qk))
+
+
+def _matmuls() -> None:
+    """The weight kernels: decode GEMV, prefill tiles, embedding rows (one type code
+    serves all GGUF types, as for attention)."""
+    qtype = GGMLQuantizationType.Q8_0
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = 32, block
+    data = np.zeros(rows * cols // block * size, np.uint8)
+    data.flags.writeable = False  # as the read-only mapped file
+    w = QTensor(data, 0, int(qtype), (rows, cols))
+    linear = QLinear([w])
+    linear(torch.zeros(1, cols))  # GEMV
+    linear(torch.zeros(GEMV_MAX_ROWS + 1, cols))  # dequantized tiles + GEMM
+    Embedding(w)(torch.zeros(2, dtype=torch.int64))
+
+
+def _rotation() -> None:
+    """The Hadamard butterfly: query rows (no shift), stored rows and outputs (a shift)."""
+    rot = Rotation.make(64)
+    x = torch.zeros(2, 1, 64)
+    rotate_rows(x, rot)
+    rotate_rows(torch.zeros(2, 1, 128)[..., :64], rot)  # q sliced out of a fused qkv output
+    rotate_rows(x, rot, torch.zeros(1, 64), inverse=True, in_place=True)
+
+
+def _checks() -> None:
+    """The finite-query check attention runs on every call."""
+    count_bad(np.zeros((1, 1, formats.QK), np.float32))
+
+
+def needs_compile() -> bool:
+    """Whether ``warmup`` will compile (no code of this machine in numba's disk cache for
+    some kernel) rather than load cached code; True when the cache cannot be read."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+
+    from kvslim import rotation  # noqa: F401 - its kernel is checked
+    from kvslim.kernels import qmatmul  # noqa: F401
+
+    names = ("kvslim.kernels.cpu", "kvslim.kernels.cpu_write", "kvslim.kernels.qmatmul",
+             "kvslim.kernels.ggml", "kvslim.rotation")
+    kernels = {id(f): f for n in names for f in vars(sys.modules[n]).values()
+               if isinstance(f, CPUDispatcher) and type(f._cache).__name__ != "NullCache"}
+    return not all(_cached(f) for f in kernels.values())
+
+
+def _cached(kernel) -> bool:
+    """Some compiled code of ``kernel`` for this CPU is in its disk cache (numba's index
+    keys are (signature, the codegen's CPU tuple, ...))."""
+    try:
+        index = kernel._cache._cache_file._load_index()
+        magic = kernel.targetctx.codegen().magic_tuple()
+        return any(key[1] == magic for key in index)
+    except Exception:  # noqa: BLE001 - numba internals moved: say "compiling" to be safe
+        return False
