@@ -25,7 +25,7 @@ __all__ = ["PrefixCache"]
 @dataclass(eq=False)
 class _Entry:
     cache_seq: int
-    tokens: list[int]  # whole pages
+    tokens: list[int]  # whole pages (retained) or any length (inserted)
     keys: list[int]  # chained key per page
 
 
@@ -38,6 +38,7 @@ class PrefixCache:
         self.page_size, self.max_entries = page_size, max_entries
         self._lru: collections.OrderedDict[int, _Entry] = collections.OrderedDict()  # oldest first
         self._by_key: dict[int, list[_Entry]] = {}
+        self._tails: list[_Entry] = []  # entries ending inside a page (inserted ones)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -63,14 +64,70 @@ class PrefixCache:
 
     def attach(self, cache: KVCache, tokens: list[int]) -> tuple[int, int]:
         """(new cache sequence, tokens reused): a fork of the longest cached prefix of
-        ``tokens`` in whole pages, or an empty sequence."""
+        ``tokens`` in whole pages (or into an inserted entry's last, partial page), or an
+        empty sequence."""
         entry, n = self._find(tokens, self.page_keys(tokens))
+        tail, m = self._find_tail(tokens, n * self.page_size)
+        if tail is not None:
+            self._lru.move_to_end(tail.cache_seq)
+            return self._fork_tail(cache, tail, m)
         if entry is None:
             return cache.new_sequence(), 0
         self._lru.move_to_end(entry.cache_seq)
         seq = cache.fork(entry.cache_seq)
         cache.trim(seq, n * self.page_size)  # whole pages: nothing is copied on write
         return seq, n * self.page_size
+
+    def _find_tail(self, tokens: list[int], longer_than: int) -> tuple[_Entry | None, int]:
+        """The entry with a partial last page sharing the most leading tokens with
+        ``tokens``, if that is more than ``longer_than`` and not a whole number of pages."""
+        best, best_n = None, longer_than
+        for e in self._tails:
+            n = _common(e.tokens, tokens)
+            if n > best_n and n % self.page_size:
+                best, best_n = e, n
+        return best, best_n
+
+    def _fork_tail(self, cache: KVCache, e: _Entry, n: int) -> tuple[int, int]:
+        """A sequence of ``e``'s first ``n`` tokens: its whole pages shared, the rows of the
+        partial page copied into a page of its own now, so every page the sequence holds
+        is either shared and full or its own (the engine counts room that way). Without a
+        free page for the copy: the whole pages alone."""
+        whole = n - n % self.page_size
+        seq = cache.fork(e.cache_seq)
+        cache.trim(seq, whole)
+        if cache.free_pages < 1:
+            return seq, whole
+        src = cache.pages(e.cache_seq)[whole // self.page_size]
+        cache.reserve(seq, n - whole)
+        dst, rows = cache.pages(seq)[-1], n - whole
+        for planes in (cache.k_planes, cache.v_planes):
+            for t in planes.values():  # [L, n_pages, Hkv, page_size, nb, per]
+                t[:, dst, :, :rows] = t[:, src, :, :rows]
+        return seq, n
+
+    def insert(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
+        """Keep ``cache_seq`` (which holds ``tokens``, any number of them: a restored cache
+        file) as an entry; the index owns it from now on."""
+        if cache.length(cache_seq) != len(tokens) or not tokens:
+            raise ValueError(f"sequence {cache_seq} holds {cache.length(cache_seq)} tokens, "
+                             f"{len(tokens)} given")
+        if any(_common(e.tokens, tokens) == len(tokens) for e in self._lru.values()):
+            cache.free(cache_seq)  # an entry already holds all of it
+            return
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)]:
+            self._drop(cache, e)
+        self._add(cache, _Entry(cache_seq, list(tokens), self.page_keys(tokens)))
+
+    def _add(self, cache: KVCache, entry: _Entry) -> None:
+        self._lru[entry.cache_seq] = entry
+        for key in entry.keys:
+            self._by_key.setdefault(key, []).append(entry)
+        if len(entry.tokens) % self.page_size:
+            self._tails.append(entry)
+        while len(self._lru) > self.max_entries:
+            self._drop(cache, next(iter(self._lru.values())))
+            self.evictions += 1
 
     def retain(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
         """Keep the whole pages of ``tokens`` (what ``cache_seq`` holds) before it is freed."""
@@ -82,20 +139,15 @@ class PrefixCache:
         if n == len(keys):  # an entry already holds all of it
             self._lru.move_to_end(covering.cache_seq)
             return
-        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens, keys)]:
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)]:
             self._drop(cache, e)  # the new entry answers every lookup it would
         entry = _Entry(cache.fork(cache_seq), tokens, keys)
         cache.trim(entry.cache_seq, len(tokens))
-        self._lru[entry.cache_seq] = entry
-        for key in keys:
-            self._by_key.setdefault(key, []).append(entry)
-        while len(self._lru) > self.max_entries:
-            self._drop(cache, next(iter(self._lru.values())))
-            self.evictions += 1
+        self._add(cache, entry)
 
-    def _is_prefix(self, e: _Entry, tokens: list[int], keys: list[int]) -> bool:
-        n = len(e.keys)
-        return n < len(keys) and keys[n - 1] == e.keys[-1] and e.tokens == tokens[:len(e.tokens)]
+    @staticmethod
+    def _is_prefix(e: _Entry, tokens: list[int]) -> bool:
+        return len(e.tokens) < len(tokens) and e.tokens == tokens[:len(e.tokens)]
 
     def evict(self, cache: KVCache, pages: int) -> int:
         """Drop least recently used entries until ``pages`` pages are free again (or none
@@ -112,6 +164,8 @@ class PrefixCache:
 
     def _drop(self, cache: KVCache, e: _Entry) -> None:
         del self._lru[e.cache_seq]
+        if e in self._tails:
+            self._tails.remove(e)
         for key in e.keys:
             holders = self._by_key[key]
             holders.remove(e)
@@ -127,3 +181,12 @@ class PrefixCache:
 
     def tokens(self) -> int:
         return sum(len(e.tokens) for e in self._lru.values())
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -24,6 +24,7 @@ RANKS = {
     "kvslim.kernels": 2,  # every kernels.* module
     "kvslim.codec": 2,  # what a cache's rows are coded with (no model needed)
     "kvslim.cache": 3,
+    "kvslim.kvfile": 3,  # one sequence's blocks saved to disk and restored into a pool
     "kvslim.attention": 4,
     "kvslim.weights": 4,  # weights as held (blocks in the mapped file), read by the models
     "kvslim.architectures": 5,  # the table of architectures (module, class, rope style)
