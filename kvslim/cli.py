@@ -1,6 +1,7 @@
 """The ``kvslim`` command: Ollama's verbs with llama.cpp's cache flags.
 
     kvslim run MODEL [PROMPT]     answer once, or chat interactively (/bye exits)
+    kvslim cache-prompt MODEL -f FILE -o FILE.kvc    save a prompt's K/V cache for `run --prompt-cache`
     kvslim pull MODEL | list | show MODEL
 
 Other modules add verbs: a module named in ``PLUGINS`` that defines
@@ -187,10 +188,73 @@ def cmd_run(args) -> int:
     if args.verify:
         store.verify(args.model)
     llm = LLM(args.model, **llm_kwargs(args))
+    if args.prompt_cache and _use_prompt_cache(llm, args):
+        if prompt is None:
+            raise ValueError("the prompt cache holds a plain prompt (cache-prompt --raw): give "
+                             "the text that continues it")
+        _continue_raw(llm, prompt, options, args)
+        return 0
     if prompt is not None:
         _answer(llm, [{"role": "user", "content": prompt}], options, args, llm.load_duration)
         return 0
     return _interactive(llm, options, args)
+
+
+def _use_prompt_cache(llm, args) -> bool:
+    """Load ``--prompt-cache`` into the prefix cache; True when it holds a raw prompt (the
+    run's prompt continues its text), False for a system message (it becomes the chat's)."""
+    saved = llm.load_cache(args.prompt_cache)
+    args.cached_tokens = saved.tokens
+    system = saved.extra.get("system")
+    if system is None:
+        if args.system:
+            raise ValueError("--system: the prompt cache holds a plain prompt, which a chat "
+                             "with a system message would not start with")
+        return True
+    if args.system is not None and args.system != system:
+        raise ValueError("--system differs from the system message the prompt cache holds")
+    args.system = system
+    chat = llm.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": "?"}])
+    if chat[:len(saved.tokens)] != saved.tokens:
+        log = logging.getLogger("kvslim")
+        log.warning("this model's chat template does not start a chat with the cached system "
+                    "message's tokens: the prompt cache will not be reused")
+    return False
+
+
+def _continue_raw(llm, prompt: str, options, args) -> None:
+    """Stream the continuation of the cached prompt's tokens followed by ``prompt``."""
+    ids = args.cached_tokens + llm.tokenize(prompt, add_special=False)
+    t0 = time.perf_counter()
+    stream = llm.generate(ids, stream=True, truncate=args.truncate, **options)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        _print_stats(stream.completion, llm.load_duration, time.perf_counter() - t0)
+        _print_cache_info(llm)
+
+
+def cmd_cache_prompt(args) -> int:
+    """Evaluate a prompt file and save its K/V cache (``LLM.save_cache``)."""
+    from kvslim.llm import LLM
+    from kvslim.settings import pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn
+
+    resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
+    resolve_flash_attn(args.flash_attn)
+    resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    pick_device(args.device)
+    with open(args.prompt_file, encoding="utf-8") as f:
+        text = f.read()
+    out = args.output or args.prompt_file + ".kvc"
+    llm = LLM(args.model, **llm_kwargs(args))
+    info = llm.save_cache(out, text) if args.raw else llm.save_cache(out, system=text)
+    i = llm.kv_cache_info()
+    print(f"saved {info['tokens']:,} tokens to {out}: {_size(info['bytes'])} "
+          f"({info['cache_bytes']:,} bytes of K {i['type_k']} / V {i['type_v']} cache, num_ctx "
+          f"{i['num_ctx']})", file=sys.stderr)
+    return 0
 
 
 def _answer(llm, messages, options, args, load_duration: float = 0.0) -> str:
@@ -276,6 +340,8 @@ def _print_stats(c, load: float, wall: float) -> None:
         ("eval duration", _dur(c.eval_duration)),
         ("eval rate", _rate(c.eval_count, c.eval_duration)),
     ]
+    if c.prompt_cache_count:  # prompt tokens reused from the prefix cache or a prompt cache
+        rows.insert(3, ("prompt cache count", f"{c.prompt_cache_count} token(s)"))
     for name, value in rows:
         print(f"{name + ':':<22}{value}", file=sys.stderr)
 
@@ -365,9 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the end of a prompt longer than the context instead of failing")
     p.add_argument("--verify", action="store_true",
                    help="check the stored model's sha256 before loading it")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="start from a K/V cache saved by `kvslim cache-prompt` (same model, "
+                        "cache types, coding and num_ctx)")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cache-prompt", help="evaluate a prompt file once and save its K/V cache",
+                       epilog=EPILOG)
+    p.add_argument("model", help="built-in name (smollm2) or path to a .gguf")
+    p.add_argument("--prompt-file", "-f", required=True, metavar="FILE",
+                   help="the text: by default the system message of later chats "
+                        "(`kvslim run MODEL --prompt-cache OUT ...`)")
+    p.add_argument("--output", "-o", metavar="OUT", help="cache file (default FILE.kvc)")
+    p.add_argument("--raw", action="store_true",
+                   help="cache the text as a plain prompt that later runs continue")
+    add_model_args(p)
+    p.set_defaults(func=cmd_cache_prompt)
 
     p = sub.add_parser("pull", help="download a built-in model into the store")
     p.add_argument("model")

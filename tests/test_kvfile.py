@@ -199,3 +199,35 @@ def test_smollm2_cache_saved_in_one_process_restores_exactly_in_another(smollm2_
     llm = LLM(smollm2_gguf, num_ctx=512, progress=False, cache_type_k="q8_0", cache_type_v="q4_0",
               prompt_cache=tmp_path / "s.kvc")
     assert torch.equal(_continue(llm, ids[:-9], ids[-9:]), logits)
+
+
+def test_cli_cache_prompt_then_run_reuses_it(capsys, clean_env, tiny_gguf, tmp_path):
+    from kvslim import cli
+
+    model = str(tiny_gguf(ctx=256, tied=False))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the cab " * 12)
+    flags = ["--kv-cache-type", "q8_0", "--num-ctx", "256"]
+    assert cli.main(["cache-prompt", model, "-f", str(doc), *flags]) == 0
+    err = capsys.readouterr().err
+    assert f"to {doc}.kvc" in err and "K q8_0 / V q8_0" in err
+    run = ["run", model, "a b", "--prompt-cache", f"{doc}.kvc", "--temperature", "0", "-n", "4",
+           "--verbose", *flags]
+    assert cli.main(run) == 0
+    cached = capsys.readouterr()
+    n = int(err.split("saved ")[1].split(" tokens")[0])
+    assert f"prompt cache count:   {n} token(s)" in cached.err
+    assert cli.main(["run", model, "a b", "--system", "the cab " * 12, "--temperature", "0",
+                     "-n", "4", *flags]) == 0
+    assert capsys.readouterr().out == cached.out  # the same answer as with the system message
+    assert cli.main(["cache-prompt", model, "-f", str(doc), "-o", str(tmp_path / "raw.kvc"),
+                     "--raw", *flags]) == 0
+    assert cli.main(["run", model, "a b", "--prompt-cache", str(tmp_path / "raw.kvc"),
+                     "--temperature", "0", "-n", "4", *flags]) == 0
+    capsys.readouterr()
+    for argv, match in ((run[:-2] + ["--num-ctx", "200"], "num_ctx 256"),
+                        (run[:-3] + ["q4_0", "--num-ctx", "256"], "K q8_0 / V q8_0"),
+                        (["cache-prompt", model, "-f", str(tmp_path / "absent.txt")], "absent.txt")):
+        assert cli.main(argv) == 1
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
