@@ -35,7 +35,7 @@ from kvslim.cache import KVCache
 from kvslim.version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KVFileError", "SavedCache", "model_identity",
-           "coding_of", "save", "read", "read_header", "check", "restore"]
+           "coding_of", "save", "read", "read_header", "read_tokens", "check", "restore"]
 
 FORMAT = "kvslim-kv-cache"
 FORMAT_VERSION = 1
@@ -187,6 +187,18 @@ def read_header(path: str | os.PathLike) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         raise KVFileError(f"{path}: K/V cache file with a damaged header ({_short(e)})") from None
     return meta
+
+
+def read_tokens(path: str | os.PathLike) -> list[int]:
+    """A cache file's token ids alone (not checked against the checksum: for an index;
+    ``read`` checks everything before a restore)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("tokens").tolist()
+    except Exception as e:
+        raise KVFileError(f"{path}: K/V cache file cannot be read ({_short(e)})") from None
 
 
 def read(path: str | os.PathLike) -> SavedCache:

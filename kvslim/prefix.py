@@ -8,6 +8,11 @@ chains the keys of the pages before it, as in nano-vllm's block manager, so a ke
 a whole prefix. Entries are dropped least recently used first, when admission needs
 pages (``evict``) or beyond ``max_entries``.
 
+An entry may also be inserted whole (``insert``: a cache file restored by
+``LLM.load_cache``), partial last page included; a prompt reusing part of that page gets
+its rows copied into a page of its own. ``DiskPrefixCache`` also keeps the entries as
+cache files (``kvslim.kvfile``) in a folder, so a restarted server finds them again.
+
 It sits beside the pool's allocator (above ``cache``, below ``engine``) and plugs into
 ``kvslim.engine.Engine(prefix_cache=...)``, which ``LLM`` and the server both build; the
 engine calls every method under its step lock, so nothing here locks.
@@ -15,11 +20,19 @@ engine calls every method under its step lock, so nothing here locks.
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from kvslim import kvfile
 from kvslim.cache import KVCache
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "DiskPrefixCache"]
+
+log = logging.getLogger("kvslim")
 
 
 @dataclass(eq=False)
@@ -190,3 +203,156 @@ def _common(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+# ---------------------------------------------------------------- on disk
+
+
+@dataclass(eq=False)
+class _File:
+    path: Path
+    tokens: list[int]  # whole pages
+    keys: list[int]
+
+
+class DiskPrefixCache(PrefixCache):
+    """A ``PrefixCache`` whose entries are also cache files (``kvslim.kvfile``) in
+    ``folder``, so a restarted server finds them again (``KVSLIM_PREFIX_CACHE_DIR``).
+
+    Every new entry is written when it is retained (a finished request's whole pages;
+    an entry it extends is replaced on disk as in memory), and a prompt whose longest
+    cached prefix is only on disk has that file restored into the pool first. The folder
+    holds at most ``budget`` bytes: the least recently used files (written or restored
+    longest ago, by mtime) go first. Files of other models, cache types or coding are
+    left alone (the folder may serve several); a file refused on load is skipped.
+    """
+
+    def __init__(self, page_size: int, folder: str | os.PathLike, budget: int, model_id: str,
+                 cache: KVCache, max_entries: int = 64, extra: dict | None = None):
+        super().__init__(page_size, max_entries)
+        self.folder, self.budget, self.model_id = Path(folder), budget, model_id
+        self.extra = extra or {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._types = (cache.cache_type_k, cache.cache_type_v)
+        self._files: dict[Path, _File] = {}
+        self._disk_by_key: dict[int, list[_File]] = {}
+        self.restored = self.written = 0
+        for path in sorted(self.folder.glob(f"*{kvfile.SUFFIX}")):
+            self._index(path)
+
+    def _index(self, path: Path) -> None:
+        """Add ``path`` to the lookup if it is this model's, with this pool's types."""
+        try:
+            meta = kvfile.read_header(path)
+            if meta["model"] != self.model_id or (meta["type_k"], meta["type_v"]) != self._types:
+                return
+            tokens = kvfile.read_tokens(path)
+        except (OSError, ValueError) as e:
+            log.debug("prefix cache: %s skipped: %s", path, e)
+            return
+        keys = self.page_keys(tokens)
+        if not keys or len(tokens) != len(keys) * self.page_size:
+            return
+        f = _File(path, tokens, keys)
+        self._files[path] = f
+        for key in keys:
+            self._disk_by_key.setdefault(key, []).append(f)
+
+    def _unindex(self, f: _File, delete: bool = False) -> None:
+        self._files.pop(f.path, None)
+        for key in f.keys:
+            holders = self._disk_by_key.get(key, [])
+            if f in holders:
+                holders.remove(f)
+        if delete:
+            with contextlib.suppress(OSError):
+                f.path.unlink()
+
+    def _find_file(self, tokens: list[int], keys: list[int]) -> tuple[_File | None, int]:
+        for n in range(len(keys), 0, -1):
+            for f in self._disk_by_key.get(keys[n - 1], ()):
+                if f.tokens[:n * self.page_size] == tokens[:n * self.page_size]:
+                    return f, n
+        return None, 0
+
+    def attach(self, cache: KVCache, tokens: list[int]) -> tuple[int, int]:
+        keys = self.page_keys(tokens)
+        f, n = self._find_file(tokens, keys)
+        if f is not None and n > self._find(tokens, keys)[1]:
+            self._restore(cache, f)
+        return super().attach(cache, tokens)
+
+    def _restore(self, cache: KVCache, f: _File) -> None:
+        """Put file ``f`` into the pool as an entry (evicting older entries for room: they
+        are on disk too); skipped, with a log line, when it cannot be."""
+        try:
+            saved = kvfile.read(f.path)
+            kvfile.check(saved, cache, self.model_id)
+        except (OSError, ValueError) as e:
+            log.warning("prefix cache: %s not restored: %s", f.path, e)
+            self._unindex(f)
+            return
+        need = -(-len(saved.tokens) // self.page_size)
+        if cache.free_pages < need:
+            self.evict(cache, need - cache.free_pages)
+        if cache.free_pages < need:
+            return
+        super().insert(cache, kvfile.restore(cache, saved), saved.tokens)
+        self.restored += 1
+        with contextlib.suppress(OSError):
+            os.utime(f.path)
+
+    def retain(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
+        super().retain(cache, cache_seq, tokens)
+        keys = self.page_keys(tokens)
+        if not keys:
+            return
+        tokens = tokens[:len(keys) * self.page_size]
+        f, n = self._find_file(tokens, keys)
+        if n == len(keys):  # a file already holds all of it
+            with contextlib.suppress(OSError):
+                os.utime(f.path)
+            return
+        entry, n = self._find(tokens, keys)
+        if entry is None or n != len(keys) or len(entry.tokens) % self.page_size:
+            return
+        self._write(cache, entry)
+
+    def _write(self, cache: KVCache, entry: _Entry) -> None:
+        name = hashlib.sha256(repr((self.model_id, self._types, entry.tokens)).encode()).hexdigest()
+        path = self.folder / f"{name[:40]}{kvfile.SUFFIX}"
+        try:
+            kvfile.save(path, cache, entry.cache_seq, entry.tokens, self.model_id, self.extra)
+        except OSError as e:
+            log.warning("prefix cache: %s not written: %s", path, e)
+            return
+        self.written += 1
+        for old in [g for g in self._files.values() if _strict_prefix(g.tokens, entry.tokens)]:
+            self._unindex(old, delete=True)  # the new file answers every lookup it would
+        self._index(path)
+        self._trim_folder()
+
+    def _trim_folder(self) -> None:
+        """Delete the least recently used files until the folder fits the budget."""
+        files = []
+        for p in self.folder.glob(f"*{kvfile.SUFFIX}"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.budget:
+                break
+            f = self._files.get(p)
+            if f is not None:
+                self._unindex(f)
+            with contextlib.suppress(OSError):
+                p.unlink()
+            total -= size
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob(f"*{kvfile.SUFFIX}"))
+
+
+def _strict_prefix(a: list[int], b: list[int]) -> bool:
+    return len(a) < len(b) and b[:len(a)] == a

@@ -27,7 +27,8 @@ from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_c
 from kvslim.engine import Engine
 from kvslim.gguf_loader import ModelConfig, open_gguf
 from kvslim.models import load_model
-from kvslim.prefix import PrefixCache
+from kvslim.kvfile import model_identity
+from kvslim.prefix import DiskPrefixCache, PrefixCache
 from kvslim.server.scheduler import Scheduler
 from kvslim.server.types import CacheConfig, CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
 from kvslim.settings import (ServerSettings, compute_dtype, pick_device, resolve_codec,
@@ -76,6 +77,7 @@ class Runner:
         self.device = pick_device(settings.device)
         reader = open_gguf(self.path)
         self.config = ModelConfig.from_gguf(reader)
+        self.model_id = model_identity(self.path, reader.data_offset)  # for prefix cache files
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.model = load_model(reader, self.config, self.device, compute_dtype(self.device),
                                 progress=False, weights=settings.weights)
@@ -187,6 +189,10 @@ class Runner:
                         flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
                         num_parallel=self.settings.num_parallel, page_size=self.page_size,
                         n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec)
+        if prefix is not None and self.settings.prefix_cache_dir:  # kept across restarts
+            engine.prefix_cache = DiskPrefixCache(
+                self.page_size, self.settings.prefix_cache_dir, self.settings.prefix_cache_disk,
+                self.model_id, engine.cache, extra={"num_ctx": self.num_ctx, "model_name": self.name})
         self.cache_config = cfg
         return engine
 
@@ -268,6 +274,8 @@ class Runner:
             prefix_cache_entries=len(prefix) if prefix else 0,
             prefix_cache_tokens=prefix.tokens() if prefix else 0,
             prefix_cache_evictions=prefix.evictions if prefix else 0,
+            prefix_cache_files_written=getattr(prefix, "written", 0),
+            prefix_cache_files_restored=getattr(prefix, "restored", 0),
             running=len(e.running), waiting=len(e.waiting),
         )
         return info
