@@ -110,6 +110,21 @@ class KVCache:
         planes = list(self.k_planes.values()) + list(self.v_planes.values())
         return sum(t.numel() * t.element_size() for t in planes)
 
+    def grow(self, n_pages: int) -> None:
+        """Enlarge the pool to ``n_pages`` pages (new planes, the old pages copied in), every
+        sequence kept: for a cache without a size fixed in advance (``kvslim.hf``)."""
+        if n_pages <= self.n_pages:
+            raise ValueError(f"cannot grow a pool of {self.n_pages} pages to {n_pages}")
+        old, (k_old, v_old) = self.n_pages, (self.k_planes, self.v_planes)
+        self.n_pages = n_pages
+        self.k_planes = self._alloc(self.fmt_k, self.head_dim)
+        self.v_planes = self._alloc(self.fmt_v, self.v_head_dim)
+        for new, prev in ((self.k_planes, k_old), (self.v_planes, v_old)):
+            for name, t in new.items():
+                t[:, :old] = prev[name]
+        self._refs += [0] * (n_pages - old)
+        self._free = list(range(n_pages - 1, old - 1, -1)) + self._free  # old free pages first
+
     # -------------------------------------------------------------- bookkeeping
 
     @property
