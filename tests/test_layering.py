@@ -42,6 +42,7 @@ RANKS = {
     "kvslim": 7,  # the package facade: `from kvslim import LLM`
     "kvslim.planner": 8,
     "kvslim.bench": 8,
+    "kvslim.hf": 8,  # kvslim's cache as a transformers.Cache (beside the front ends)
     "kvslim.cli": 9,
     "kvslim.server": 9,  # every server.* module
 }
