@@ -3,7 +3,6 @@ new pool (a restarted server, KVSLIM_PREFIX_CACHE_DIR), within a disk budget."""
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from kvslim import kvfile
 from kvslim.engine import Engine
