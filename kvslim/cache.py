@@ -74,6 +74,19 @@ class Group:
         self.free = list(range(n_pages - 1, -1, -1))  # a stack: page 0 is handed out first
         self.pages: dict[int, list[int]] = {}  # cid -> page per page index, -1 out of the window
 
+    def grow(self, n_pages: int, cache: "KVCache") -> None:
+        """New planes of ``n_pages`` pages with the old ones copied in; page ids are kept."""
+        old = self.n_pages
+        k_old, v_old = self.k_planes, self.v_planes
+        self.k_planes = cache._alloc(cache.fmt_k, len(self.layers), n_pages, cache.head_dim)
+        self.v_planes = cache._alloc(cache.fmt_v, len(self.layers), n_pages, cache.v_head_dim)
+        for new, prev in ((self.k_planes, k_old), (self.v_planes, v_old)):
+            for name, t in new.items():
+                t[:, :old] = prev[name]
+        self.n_pages = n_pages
+        self.refs += [0] * (n_pages - old)
+        self.free = list(range(n_pages - 1, old - 1, -1)) + self.free  # old free pages first
+
     def live(self, cid: int) -> list[int]:
         return [p for p in self.pages[cid] if p >= 0]
 
@@ -242,6 +255,16 @@ class KVCache:
 
     def window_groups(self) -> list[Group]:
         return [g for g in self.groups if g.window]
+
+    def grow(self, n_pages: int) -> None:
+        """Enlarge the pool to ``n_pages`` pages (new planes, the old pages copied in), every
+        sequence kept: for a cache without a size fixed in advance (``kvslim.hf``). Only a
+        pool of global layers grows (a window group's size follows the window, not this)."""
+        if self.window_groups():
+            raise ValueError("a K/V pool with sliding-window layers cannot grow")
+        if n_pages <= self.n_pages:
+            raise ValueError(f"cannot grow a pool of {self.n_pages} pages to {n_pages}")
+        self.groups[0].grow(n_pages, self)
 
     # -------------------------------------------------------------- bookkeeping
 

@@ -4,6 +4,7 @@
                                   the client of a running `kvslim serve` when there is one
     kvslim pull MODEL | list | show MODEL | rm MODEL | cp SRC DST | create NAME -f Modelfile
     kvslim ps | stop MODEL | warmup
+    kvslim cache-prompt MODEL -f FILE -o FILE.kvc    save a prompt's K/V cache for `run --prompt-cache`
 
 Other modules add verbs: a module named in ``PLUGINS`` that defines
 ``cli_register(subparsers)`` adds its parser there (``add_parser``, its arguments, and
@@ -328,7 +329,12 @@ def cmd_run(args) -> int:
         raise ValueError("no prompt: give one as an argument (standard input is closed)")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    backend = _server_backend(args, interactive=prompt is None) or _local_backend(args)
+    # a prompt cache file is loaded into this process's pool: never a server's client then
+    backend = (None if args.prompt_cache else _server_backend(args, interactive=prompt is None)) \
+        or _local_backend(args)
+    if getattr(backend, "continues", None) is not None and prompt is None:
+        raise ValueError("the prompt cache holds a plain prompt (cache-prompt --raw): give "
+                         "the text that continues it")
     wrap = not args.nowordwrap
     if prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -398,7 +404,54 @@ def _local_backend(args):
         warm = repl.compile_kernels(sorted(set(types)))
     kwargs = llm_kwargs(args)
     llm = LLM(args.model, **kwargs)
-    return repl.Local(llm, lambda name: LLM(name, **kwargs), truncate=args.truncate, warmup=warm)
+    continues = None
+    if args.prompt_cache and _use_prompt_cache(llm, args):
+        continues = args.cached_tokens  # a plain prompt: the run's prompt continues its text
+    return repl.Local(llm, lambda name: LLM(name, **kwargs), truncate=args.truncate, warmup=warm,
+                      continues=continues)
+
+
+def _use_prompt_cache(llm, args) -> bool:
+    """Load ``--prompt-cache`` into the prefix cache; True when it holds a raw prompt (the
+    run's prompt continues its text), False for a system message (it becomes the chat's)."""
+    saved = llm.load_cache(args.prompt_cache)
+    args.cached_tokens = saved.tokens
+    system = saved.extra.get("system")
+    if system is None:
+        if args.system:
+            raise ValueError("--system: the prompt cache holds a plain prompt, which a chat "
+                             "with a system message would not start with")
+        return True
+    if args.system is not None and args.system != system:
+        raise ValueError("--system differs from the system message the prompt cache holds")
+    args.system = system
+    chat = llm.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": "?"}])
+    if chat[:len(saved.tokens)] != saved.tokens:
+        log = logging.getLogger("kvslim")
+        log.warning("this model's chat template does not start a chat with the cached system "
+                    "message's tokens: the prompt cache will not be reused")
+    return False
+
+
+def cmd_cache_prompt(args) -> int:
+    """Evaluate a prompt file and save its K/V cache (``LLM.save_cache``)."""
+    from kvslim.llm import LLM
+    from kvslim.settings import pick_device, resolve_cache_types, resolve_codec, resolve_flash_attn
+
+    resolve_cache_types(args.kv_cache_type, args.cache_type_k, args.cache_type_v)
+    resolve_flash_attn(args.flash_attn)
+    resolve_codec(args.kv_rotation, args.kv_centering, args.kv_rounding)
+    pick_device(args.device)
+    with open(args.prompt_file, encoding="utf-8") as f:
+        text = f.read()
+    out = args.output or args.prompt_file + ".kvc"
+    llm = LLM(args.model, **llm_kwargs(args))
+    info = llm.save_cache(out, text) if args.raw else llm.save_cache(out, system=text)
+    i = llm.kv_cache_info()
+    print(f"saved {info['tokens']:,} tokens to {out}: {_size(info['bytes'])} "
+          f"({info['cache_bytes']:,} bytes of K {i['type_k']} / V {i['type_v']} cache, num_ctx "
+          f"{i['num_ctx']})", file=sys.stderr)
+    return 0
 
 
 def _answer_format(text: str):
@@ -553,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not wrap words to the next line on a terminal")
     p.add_argument("--think", nargs="?", const="true", metavar="LEVEL",
                    help="thinking (true|false|high|medium|low), for models that think")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="start from a K/V cache saved by `kvslim cache-prompt` (same model, "
+                        "cache types, coding and num_ctx)")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_run)
@@ -570,6 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/V cache types to exercise, comma-separated (default f16,q8_0,q4_0; "
                         "one compiled kernel serves every type)")
     p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("cache-prompt", help="evaluate a prompt file once and save its K/V cache",
+                       epilog=EPILOG)
+    p.add_argument("model", help="built-in name (smollm2) or path to a .gguf")
+    p.add_argument("--prompt-file", "-f", required=True, metavar="FILE",
+                   help="the text: by default the system message of later chats "
+                        "(`kvslim run MODEL --prompt-cache OUT ...`)")
+    p.add_argument("--output", "-o", metavar="OUT", help="cache file (default FILE.kvc)")
+    p.add_argument("--raw", action="store_true",
+                   help="cache the text as a plain prompt that later runs continue")
+    add_model_args(p)
+    p.set_defaults(func=cmd_cache_prompt)
 
     p = sub.add_parser("pull", help="download a model into the store: NAME[:TAG] from the Ollama "
                                     "registry (KVSLIM_REGISTRY), hf.co/USER/REPO[:QUANT], smollm2")

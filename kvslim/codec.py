@@ -111,6 +111,22 @@ class KVCodec:
                 setattr(self, name, t.to(device))
         return self
 
+    def set_means(self, layer: int, mu_k: torch.Tensor | None = None,
+                  mu_v: torch.Tensor | None = None) -> None:
+        """Set one layer's centering means [Hkv, D] (model coordinates) of a centered side,
+        before anything is stored in that layer: for a cache that measures them on its
+        first rows instead of a calibration pass (``kvslim.hf``)."""
+        for mu, shift, rot in ((mu_k, self._shift_k, self.rotation_k),
+                               (mu_v, self._shift_v, self.rotation_v)):
+            if mu is not None:
+                if shift is None:
+                    raise ValueError("this codec does not center that side")
+                mu = mu.to(device=shift.device, dtype=torch.float32)
+                shift[layer] = rot.forward(mu) if rot is not None else mu
+        if mu_v is not None:
+            group = self.n_heads // self._shift_v.shape[1]
+            self._shift_o[layer] = self._shift_v[layer].repeat_interleave(group, dim=0)
+
     def transform_q(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """R_k q for q [N, Hq, D]: queries in the cache's coordinates, in q's dtype (the
         butterfly runs in float32 whatever the dtype: a bf16 one would add an error the

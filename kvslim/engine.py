@@ -569,6 +569,59 @@ class Engine:
             return self.model.forward(torch.tensor([t for p in parts for t in p]), step, None,
                                       hidden=True).cpu()
 
+    # ---------------------------------------------------------------- kept prefixes
+
+    def keep_prefix(self, token_ids: list[int], save=None) -> int:
+        """Evaluate ``token_ids`` into a cache sequence (reusing cached prefixes), show it to
+        ``save(cache, cid)`` (a cache file's writer), then keep it in the prefix cache (all
+        of it, partial last page included) or free it. Returns the tokens evaluated."""
+        self._check_unwindowed("kept")
+        ids = self._fit_prompt(list(token_ids), truncate=False)
+        with self._step_lock:
+            cid, reused = (self.prefix_cache.attach(self.cache, ids) if self.prefix_cache
+                           else (self.cache.new_sequence(), 0))
+            try:  # claim counts the pages cid already holds (a reused partial page is its own)
+                if not self._make_room(self.cache.claim(cid, len(ids), self.max_batch_tokens)):
+                    raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
+                                     f"{len(self.running)} sequences run")
+                for i in range(reused, len(ids), self.max_batch_tokens):
+                    chunk = ids[i:i + self.max_batch_tokens]
+                    run_step(self.model, self.attn, self.cache, [cid], [len(chunk)], chunk,
+                             torch.tensor([len(chunk) - 1]))
+                if save is not None:
+                    save(self.cache, cid)
+                if self.prefix_cache is not None:
+                    owned, cid = cid, None
+                    self.prefix_cache.insert(self.cache, owned, ids)
+            finally:
+                if cid is not None:
+                    self.cache.free(cid)
+        return len(ids) - reused
+
+    def add_prefix(self, tokens: list[int], restore) -> None:
+        """Keep restored K/V in the prefix cache: ``restore(cache) -> cid`` writes the blocks
+        of ``tokens`` into a new sequence (room is made for them first)."""
+        if self.prefix_cache is None:
+            raise ValueError("a restored K/V cache is kept in the prefix cache, which is off "
+                             "(prefix_cache=False or KVSLIM_PREFIX_CACHE=0)")
+        self._check_unwindowed("restored")
+        if len(tokens) >= self.num_ctx:
+            raise ValueError(f"the saved cache holds {len(tokens)} tokens, no fewer than "
+                             f"num_ctx={self.num_ctx}: no room would be left to continue it")
+        with self._step_lock:
+            if not self._make_room(self.cache.claim(None, len(tokens), self.max_batch_tokens)):
+                raise ValueError(f"no room in the K/V pool for {len(tokens)} restored tokens "
+                                 f"while {len(self.running)} sequences run")
+            self.prefix_cache.insert(self.cache, restore(self.cache), list(tokens))
+
+    def _check_unwindowed(self, what: str) -> None:
+        """ValueError for a model with sliding-window layers: a whole entry with a partial
+        last page (kept or restored) is only supported on a cache of global layers alone."""
+        if self.cache.window_groups():
+            raise ValueError(f"a {what} K/V cache prefix is not supported for models with "
+                             "sliding-window layers (their pages are released as a sequence "
+                             "outgrows the window)")
+
     # ---------------------------------------------------------------- reporting
 
     def cache_info(self) -> dict:

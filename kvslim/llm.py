@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence as Seq
 
 import torch
 
-from kvslim import calibration, models, store
+from kvslim import calibration, kvfile, models, store
 from kvslim.cache import DEFAULT_PAGE_SIZE
 from kvslim.chat import render_chat
 from kvslim.engine import Engine, Sequence, StepOutput, truncate_dimensions
@@ -120,6 +120,8 @@ class LLM:
     weights: quantized (default: the GGUF blocks stay as stored, read by fused CPU kernels)
     | dequantize (expanded to float at load; always so on GPU/MPS for now), ``kvslim.weights``;
     env KVSLIM_WEIGHTS.
+    prompt_cache: a cache file written by ``save_cache`` (or ``kvslim cache-prompt``), loaded
+    into the prefix cache (``load_cache``).
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2", *, kv_cache_type: str | None = None,
@@ -129,7 +131,8 @@ class LLM:
                  progress: bool = True, max_batch_tokens: int | None = None,
                  kv_rotation: str | bool | None = None, kv_centering: str | bool | None = None,
                  kv_rounding: str | None = None, prefix_cache: bool | None = None,
-                 weights: str | None = None, kv_max_kld: float | None = None):
+                 weights: str | None = None, kv_max_kld: float | None = None,
+                 prompt_cache: str | os.PathLike | None = None):
         t0 = time.perf_counter()
         weights = resolve_weights(weights)
         self._progress = progress
@@ -142,6 +145,7 @@ class LLM:
         self.path = store.resolve(model, pull_missing=pull)
         reader = open_gguf(self.path)
         self.config: ModelConfig = ModelConfig.from_gguf(reader)
+        self._data_offset, self._model_id = reader.data_offset, None
         self.tokenizer = Tokenizer.from_gguf(reader)
         card = store.card(self.path)  # a Modelfile's or the registry's TEMPLATE, SYSTEM, PARAMETERs
         self.tokenizer.set_chat_defaults(card.chat_template, card.system)
@@ -158,6 +162,8 @@ class LLM:
         self._inbox: dict[int, collections.deque] = {}
         self.engine = self._new_engine(types, flash, num_ctx, num_parallel, max_batch_tokens, codec,
                                        max_kld)
+        if prompt_cache is not None:
+            self.load_cache(prompt_cache)
         self.load_duration = time.perf_counter() - t0
 
     def _new_engine(self, types, flash, num_ctx, num_parallel, max_batch_tokens, codec,
@@ -303,6 +309,69 @@ class LLM:
             box = self._inbox.get(out.seq.id)
             if box is not None:
                 box.append(out)
+
+    # ---------------------------------------------------------------- cache files
+
+    @property
+    def model_id(self) -> str:
+        """The model file's identity, as cache files record it (``kvfile.model_identity``)."""
+        if self._model_id is None:
+            self._model_id = kvfile.model_identity(self.path, self._data_offset)
+        return self._model_id
+
+    def save_cache(self, path: str | os.PathLike, prompt: str | Seq[int] | None = None, *,
+                   system: str | None = None) -> dict:
+        """Evaluate a prompt and save its K/V blocks, as stored, to ``path`` (``kvslim.kvfile``).
+
+        prompt: text (tokenized with the start token, as ``generate``'s) or token ids; or
+        ``system``: a system message, rendered with the chat template as the start of a
+        chat (what ``chat`` and ``kvslim run --system`` begin with). The prompt also stays
+        in this LLM's prefix cache. Returns {"path", "tokens", "evaluated", "bytes",
+        "cache_bytes"}: file bytes and the cache bytes among them.
+        """
+        ids = self._cache_prompt_ids(prompt, system)
+        extra = {"num_ctx": self.engine.num_ctx, "system": system, "model_name": self.name,
+                 "device": self.device.type, "weights": self.weights_mode}
+        out = {}
+
+        def write(cache, cid):
+            out["bytes"] = kvfile.save(path, cache, cid, ids, self.model_id, extra)
+
+        with self._lock:
+            evaluated = self.engine.keep_prefix(ids, write)
+        per_token = self.engine.cache.nbytes // self.engine.cache.capacity
+        return {"path": str(path), "tokens": len(ids), "evaluated": evaluated,
+                "bytes": out["bytes"], "cache_bytes": per_token * len(ids)}
+
+    def _cache_prompt_ids(self, prompt, system) -> list[int]:
+        if (prompt is None) == (system is None):
+            raise ValueError("give a prompt or a system message to cache (one of them)")
+        if system is not None:
+            return self.system_prompt(system)
+        return self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def system_prompt(self, system: str) -> list[int]:
+        """Token ids that start every chat whose first message is ``system`` (rendered alone,
+        with no turn to answer yet)."""
+        text = self.tokenizer.apply_chat_template([{"role": "system", "content": system}],
+                                                  add_generation_prompt=False)
+        ids = self.tokenize(text)
+        if len(ids) > 1 and ids[0] == ids[1] == self.tokenizer.bos_id:
+            ids = ids[1:]  # the template wrote BOS itself (as chat.render_chat)
+        return ids
+
+    def load_cache(self, path: str | os.PathLike) -> kvfile.SavedCache:
+        """Restore a cache file into the prefix cache: a later prompt starting with its
+        tokens reuses their K/V. ``kvfile.KVFileError`` (nothing restored) for a file that
+        is damaged or written for another model, other cache types or another coding."""
+        saved = kvfile.read(path)
+        num_ctx = saved.extra.get("num_ctx")
+        hint = (f"; the file was saved with num_ctx {num_ctx}, this model runs num_ctx "
+                f"{self.engine.num_ctx}" if num_ctx != self.engine.num_ctx else "")
+        kvfile.check(saved, self.engine.cache, self.model_id, self.config.vocab_size, hint)
+        with self._lock:
+            self.engine.add_prefix(saved.tokens, lambda cache: kvfile.restore(cache, saved))
+        return saved
 
     # ---------------------------------------------------------------- scores and info
 

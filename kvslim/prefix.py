@@ -12,6 +12,13 @@ Layers on a sliding window hold only the tail of an entry (``KVCache``): a prefi
 an entry is reused only where those layers still hold the keys its next token sees
 (``KVCache.can_trim``), which for a chat's next turn is the whole previous turn.
 
+An entry may also be inserted whole (``insert``: a cache file restored by
+``LLM.load_cache``), partial last page included; a prompt reusing part of that page gets
+its rows copied into a page of its own. ``DiskPrefixCache`` also keeps the entries as
+cache files (``kvslim.kvfile``) in a folder, so a restarted server finds them again.
+Both are for caches of global layers alone: with sliding-window layers ``insert`` and
+``DiskPrefixCache`` refuse (ValueError) and no partial last page is reused.
+
 It sits beside the pool's allocator (above ``cache``, below ``engine``) and plugs into
 ``kvslim.engine.Engine(prefix_cache=...)``, which ``LLM`` and the server both build; the
 engine calls every method under its step lock, so nothing here locks.
@@ -19,17 +26,25 @@ engine calls every method under its step lock, so nothing here locks.
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from kvslim import kvfile
 from kvslim.cache import KVCache
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "DiskPrefixCache"]
+
+log = logging.getLogger("kvslim")
 
 
 @dataclass(eq=False)
 class _Entry:
     cache_seq: int
-    tokens: list[int]  # whole pages
+    tokens: list[int]  # whole pages (retained) or any length (inserted)
     keys: list[int]  # chained key per page
 
 
@@ -42,6 +57,7 @@ class PrefixCache:
         self.page_size, self.max_entries = page_size, max_entries
         self._lru: collections.OrderedDict[int, _Entry] = collections.OrderedDict()  # oldest first
         self._by_key: dict[int, list[_Entry]] = {}
+        self._tails: list[_Entry] = []  # entries ending inside a page (inserted ones)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -70,14 +86,74 @@ class PrefixCache:
 
     def attach(self, cache: KVCache, tokens: list[int]) -> tuple[int, int]:
         """(new cache sequence, tokens reused): a fork of the longest cached prefix of
-        ``tokens`` in whole pages, or an empty sequence."""
+        ``tokens`` in whole pages (or into an inserted entry's last, partial page), or an
+        empty sequence."""
         entry, n = self._find(tokens, self.page_keys(tokens), cache)
+        tail, m = self._find_tail(tokens, n * self.page_size)
+        if tail is not None and not cache.window_groups():
+            self._lru.move_to_end(tail.cache_seq)
+            return self._fork_tail(cache, tail, m)
         if entry is None:
             return cache.new_sequence(), 0
         self._lru.move_to_end(entry.cache_seq)
         seq = cache.fork(entry.cache_seq)
         cache.trim(seq, n * self.page_size)  # whole pages: nothing is copied on write
         return seq, n * self.page_size
+
+    def _find_tail(self, tokens: list[int], longer_than: int) -> tuple[_Entry | None, int]:
+        """The entry with a partial last page sharing the most leading tokens with
+        ``tokens``, if that is more than ``longer_than`` and not a whole number of pages."""
+        best, best_n = None, longer_than
+        for e in self._tails:
+            n = _common(e.tokens, tokens)
+            if n > best_n and n % self.page_size:
+                best, best_n = e, n
+        return best, best_n
+
+    def _fork_tail(self, cache: KVCache, e: _Entry, n: int) -> tuple[int, int]:
+        """A sequence of ``e``'s first ``n`` tokens: its whole pages shared, the rows of the
+        partial page copied into a page of its own now, so every page the sequence holds
+        is either shared and full or its own (the engine counts room that way). Without a
+        free page for the copy: the whole pages alone."""
+        whole = n - n % self.page_size
+        seq = cache.fork(e.cache_seq)
+        cache.trim(seq, whole)
+        if cache.free_pages < 1:
+            return seq, whole
+        src = cache.pages(e.cache_seq)[whole // self.page_size]
+        cache.reserve(seq, n - whole)
+        dst, rows = cache.pages(seq)[-1], n - whole
+        for planes in (cache.k_planes, cache.v_planes):
+            for t in planes.values():  # [L, n_pages, Hkv, page_size, nb, per]
+                t[:, dst, :, :rows] = t[:, src, :, :rows]
+        return seq, n
+
+    def insert(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
+        """Keep ``cache_seq`` (which holds ``tokens``, any number of them: a restored cache
+        file) as an entry; the index owns it from now on. Not for a cache with sliding-window
+        layers (ValueError): their pages of an entry's start may be gone."""
+        if cache.window_groups():
+            raise ValueError("a whole K/V cache entry (a cache file, a kept prompt) is not "
+                             "supported for models with sliding-window layers")
+        if cache.length(cache_seq) != len(tokens) or not tokens:
+            raise ValueError(f"sequence {cache_seq} holds {cache.length(cache_seq)} tokens, "
+                             f"{len(tokens)} given")
+        if any(_common(e.tokens, tokens) == len(tokens) for e in self._lru.values()):
+            cache.free(cache_seq)  # an entry already holds all of it
+            return
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)]:
+            self._drop(cache, e)
+        self._add(cache, _Entry(cache_seq, list(tokens), self.page_keys(tokens)))
+
+    def _add(self, cache: KVCache, entry: _Entry) -> None:
+        self._lru[entry.cache_seq] = entry
+        for key in entry.keys:
+            self._by_key.setdefault(key, []).append(entry)
+        if len(entry.tokens) % self.page_size:
+            self._tails.append(entry)
+        while len(self._lru) > self.max_entries:
+            self._drop(cache, next(iter(self._lru.values())))
+            self.evictions += 1
 
     def retain(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
         """Keep the whole pages of ``tokens`` (what ``cache_seq`` holds) before it is freed."""
@@ -91,19 +167,14 @@ class PrefixCache:
             return
         entry = _Entry(cache.fork(cache_seq), tokens, keys)
         cache.trim(entry.cache_seq, len(tokens))
-        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens, keys)
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)
                   and cache.can_trim(entry.cache_seq, len(e.tokens))]:
             self._drop(cache, e)  # the new entry answers every lookup it would
-        self._lru[entry.cache_seq] = entry
-        for key in keys:
-            self._by_key.setdefault(key, []).append(entry)
-        while len(self._lru) > self.max_entries:
-            self._drop(cache, next(iter(self._lru.values())))
-            self.evictions += 1
+        self._add(cache, entry)
 
-    def _is_prefix(self, e: _Entry, tokens: list[int], keys: list[int]) -> bool:
-        n = len(e.keys)
-        return n < len(keys) and keys[n - 1] == e.keys[-1] and e.tokens == tokens[:len(e.tokens)]
+    @staticmethod
+    def _is_prefix(e: _Entry, tokens: list[int]) -> bool:
+        return len(e.tokens) < len(tokens) and e.tokens == tokens[:len(e.tokens)]
 
     def evict(self, cache: KVCache, pages: int | list[int]) -> int:
         """Drop least recently used entries until ``pages`` more pages are free (a list:
@@ -125,6 +196,8 @@ class PrefixCache:
 
     def _drop(self, cache: KVCache, e: _Entry) -> None:
         del self._lru[e.cache_seq]
+        if e in self._tails:
+            self._tails.remove(e)
         for key in e.keys:
             holders = self._by_key[key]
             holders.remove(e)
@@ -140,3 +213,168 @@ class PrefixCache:
 
     def tokens(self) -> int:
         return sum(len(e.tokens) for e in self._lru.values())
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# ---------------------------------------------------------------- on disk
+
+
+@dataclass(eq=False)
+class _File:
+    path: Path
+    tokens: list[int]  # whole pages
+    keys: list[int]
+
+
+class DiskPrefixCache(PrefixCache):
+    """A ``PrefixCache`` whose entries are also cache files (``kvslim.kvfile``) in
+    ``folder``, so a restarted server finds them again (``KVSLIM_PREFIX_CACHE_DIR``).
+
+    Every new entry is written when it is retained (a finished request's whole pages;
+    an entry it extends is replaced on disk as in memory), and a prompt whose longest
+    cached prefix is only on disk has that file restored into the pool first. The folder
+    holds at most ``budget`` bytes: the least recently used files (written or restored
+    longest ago, by mtime) go first. Files of other models, cache types or coding are
+    left alone (the folder may serve several); a file refused on load is skipped.
+    """
+
+    def __init__(self, page_size: int, folder: str | os.PathLike, budget: int, model_id: str,
+                 cache: KVCache, max_entries: int = 64, extra: dict | None = None):
+        if cache.window_groups():
+            raise ValueError("prefix cache files (KVSLIM_PREFIX_CACHE_DIR) are not supported "
+                             "for models with sliding-window layers")
+        super().__init__(page_size, max_entries)
+        self.folder, self.budget, self.model_id = Path(folder), budget, model_id
+        self.extra = extra or {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._types = (cache.cache_type_k, cache.cache_type_v)
+        self._files: dict[Path, _File] = {}
+        self._disk_by_key: dict[int, list[_File]] = {}
+        self.restored = self.written = 0
+        for path in sorted(self.folder.glob(f"*{kvfile.SUFFIX}")):
+            self._index(path)
+
+    def _index(self, path: Path) -> None:
+        """Add ``path`` to the lookup if it is this model's, with this pool's types."""
+        try:
+            meta = kvfile.read_header(path)
+            if meta["model"] != self.model_id or (meta["type_k"], meta["type_v"]) != self._types:
+                return
+            tokens = kvfile.read_tokens(path)
+        except (OSError, ValueError) as e:
+            log.debug("prefix cache: %s skipped: %s", path, e)
+            return
+        keys = self.page_keys(tokens)
+        if not keys or len(tokens) != len(keys) * self.page_size:
+            return
+        f = _File(path, tokens, keys)
+        self._files[path] = f
+        for key in keys:
+            self._disk_by_key.setdefault(key, []).append(f)
+
+    def _unindex(self, f: _File, delete: bool = False) -> None:
+        self._files.pop(f.path, None)
+        for key in f.keys:
+            holders = self._disk_by_key.get(key, [])
+            if f in holders:
+                holders.remove(f)
+        if delete:
+            with contextlib.suppress(OSError):
+                f.path.unlink()
+
+    def _find_file(self, tokens: list[int], keys: list[int]) -> tuple[_File | None, int]:
+        for n in range(len(keys), 0, -1):
+            for f in self._disk_by_key.get(keys[n - 1], ()):
+                if f.tokens[:n * self.page_size] == tokens[:n * self.page_size]:
+                    return f, n
+        return None, 0
+
+    def attach(self, cache: KVCache, tokens: list[int]) -> tuple[int, int]:
+        keys = self.page_keys(tokens)
+        f, n = self._find_file(tokens, keys)
+        if f is not None and n > self._find(tokens, keys, cache)[1]:
+            self._restore(cache, f)
+        return super().attach(cache, tokens)
+
+    def _restore(self, cache: KVCache, f: _File) -> None:
+        """Put file ``f`` into the pool as an entry (evicting older entries for room: they
+        are on disk too); skipped, with a log line, when it cannot be."""
+        try:
+            saved = kvfile.read(f.path)
+            kvfile.check(saved, cache, self.model_id)
+        except (OSError, ValueError) as e:
+            log.warning("prefix cache: %s not restored: %s", f.path, e)
+            self._unindex(f)
+            return
+        need = -(-len(saved.tokens) // self.page_size)
+        if cache.free_pages < need:
+            self.evict(cache, need - cache.free_pages)
+        if cache.free_pages < need:
+            return
+        super().insert(cache, kvfile.restore(cache, saved), saved.tokens)
+        self.restored += 1
+        with contextlib.suppress(OSError):
+            os.utime(f.path)
+
+    def retain(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
+        super().retain(cache, cache_seq, tokens)
+        keys = self.page_keys(tokens)
+        if not keys:
+            return
+        tokens = tokens[:len(keys) * self.page_size]
+        f, n = self._find_file(tokens, keys)
+        if n == len(keys):  # a file already holds all of it
+            with contextlib.suppress(OSError):
+                os.utime(f.path)
+            return
+        entry, n = self._find(tokens, keys, cache)
+        if entry is None or n != len(keys) or len(entry.tokens) % self.page_size:
+            return
+        self._write(cache, entry)
+
+    def _write(self, cache: KVCache, entry: _Entry) -> None:
+        name = hashlib.sha256(repr((self.model_id, self._types, entry.tokens)).encode()).hexdigest()
+        path = self.folder / f"{name[:40]}{kvfile.SUFFIX}"
+        try:
+            kvfile.save(path, cache, entry.cache_seq, entry.tokens, self.model_id, self.extra)
+        except OSError as e:
+            log.warning("prefix cache: %s not written: %s", path, e)
+            return
+        self.written += 1
+        for old in [g for g in self._files.values() if _strict_prefix(g.tokens, entry.tokens)]:
+            self._unindex(old, delete=True)  # the new file answers every lookup it would
+        self._index(path)
+        self._trim_folder()
+
+    def _trim_folder(self) -> None:
+        """Delete the least recently used files until the folder fits the budget."""
+        files = []
+        for p in self.folder.glob(f"*{kvfile.SUFFIX}"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.budget:
+                break
+            f = self._files.get(p)
+            if f is not None:
+                self._unindex(f)
+            with contextlib.suppress(OSError):
+                p.unlink()
+            total -= size
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob(f"*{kvfile.SUFFIX}"))
+
+
+def _strict_prefix(a: list[int], b: list[int]) -> bool:
+    return len(a) < len(b) and b[:len(a)] == a

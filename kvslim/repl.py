@@ -59,6 +59,7 @@ class Stats:
     total_duration: float
     load_duration: float = 0.0
     compile_duration: float = 0.0
+    prompt_cache_count: int = 0  # prompt tokens reused (prefix cache, --prompt-cache)
 
 
 def print_stats(s: Stats, err=None) -> None:
@@ -69,6 +70,8 @@ def print_stats(s: Stats, err=None) -> None:
                                        f"the rates)"))
     rows += [
         ("prompt eval count", f"{s.prompt_eval_count} token(s)"),
+        *([("prompt cache count", f"{s.prompt_cache_count} token(s)")]
+          if s.prompt_cache_count else []),
         ("prompt eval duration", _dur(s.prompt_eval_duration)),
         ("prompt eval rate", _rate(s.prompt_eval_count, s.prompt_eval_duration)),
         ("eval count", f"{s.eval_count} token(s)"),
@@ -150,11 +153,16 @@ def _sampling(options: dict) -> dict:
 
 
 class Local:
-    """An ``LLM`` in this process. ``load(name)`` builds another with the same settings."""
+    """An ``LLM`` in this process. ``load(name)`` builds another with the same settings.
+
+    continues: token ids of a plain prompt (a ``--prompt-cache`` saved with ``--raw``)
+    that every answer continues: the last message's text is appended to them as is, with
+    no chat template."""
 
     def __init__(self, llm, loader: Callable[[str], object], truncate: bool = False,
-                 warmup: tuple[float, bool] = (0.0, False)):
+                 warmup: tuple[float, bool] = (0.0, False), continues: list[int] | None = None):
         self.llm, self._loader, self.truncate = llm, loader, truncate
+        self.continues = continues
         seconds, compiled = warmup  # a compile is its own figure; loading cached code, load's
         self._pending = (llm.load_duration + (0.0 if compiled else seconds),
                          seconds if compiled else 0.0)  # reported with the first answer
@@ -168,6 +176,10 @@ class Local:
 
         self._fit_ctx(options.get("num_ctx"))
         sampling = _sampling(options)
+        if self.continues is not None:
+            ids = self.continues + self.llm.tokenize(messages[-1]["content"], add_special=False)
+            return Reply(self._pieces(self.llm.generate(ids, stream=True, truncate=self.truncate,
+                                                        **sampling)))
         limit = prompt_limit(self.llm.kv_cache_info()["num_ctx"], sampling.get("num_predict"))
         messages = fit_chat(self.llm.chat_prompt, messages, limit)[0]
         stream = self.llm.chat(messages, stream=True, truncate=self.truncate, **sampling)
@@ -183,7 +195,8 @@ class Local:
         load, compile_s = self._pending
         self._pending = (0.0, 0.0)
         return Stats(c.prompt_eval_count, c.prompt_eval_duration, c.eval_count, c.eval_duration,
-                     load + compile_s + time.perf_counter() - t0, load, compile_s)
+                     load + compile_s + time.perf_counter() - t0, load, compile_s,
+                     c.prompt_cache_count)
 
     def _fit_ctx(self, num_ctx: int | None) -> None:
         if num_ctx and num_ctx != self.llm.kv_cache_info()["num_ctx"]:
@@ -205,6 +218,7 @@ class Local:
     def load(self, name: str) -> None:
         self.llm = self._loader(name)
         self._pending = (self.llm.load_duration, 0.0)
+        self.continues = None  # the prompt cache was the other model's
 
 
 class Remote:
@@ -256,7 +270,8 @@ class Remote:
                     return Stats(
                         obj.get("prompt_eval_count", 0), obj.get("prompt_eval_duration", 0) / 1e9,
                         obj.get("eval_count", 0), obj.get("eval_duration", 0) / 1e9,
-                        obj.get("total_duration", 0) / 1e9, obj.get("load_duration", 0) / 1e9)
+                        obj.get("total_duration", 0) / 1e9, obj.get("load_duration", 0) / 1e9,
+                        prompt_cache_count=obj.get("prompt_cache_count", 0))
         finally:
             objects.close()
         from kvslim.client import ServerError

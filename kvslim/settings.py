@@ -21,6 +21,8 @@ and for ``kvslim serve`` only (``ServerSettings``):
     KVSLIM_MAX_QUEUE          requests waiting per model before 503 (default 512, as Ollama)
     KVSLIM_MAX_LOADED_MODELS  models kept loaded at once (default 1)
     KVSLIM_MAX_BODY           largest request body, e.g. 16MiB (default)
+    KVSLIM_PREFIX_CACHE_DIR   folder keeping the prefix cache across restarts (default: none)
+    KVSLIM_PREFIX_CACHE_DISK  its disk budget, least recently used files go first (default 4GiB)
 
 and ``KVSLIM_KEEP_ALIVE`` (how long an idle model stays loaded: 5m, 1h30m, seconds, -1
 forever; default 5m as Ollama). Each setting Ollama has is also read from its ``OLLAMA_*``
@@ -315,6 +317,8 @@ class ServerSettings:
     codec: CodecSettings = field(default_factory=CodecSettings)  # K/V rotation, centering, rounding
     kv_max_kld: float = 0.005  # the KLD budget of cache type auto (autotype.DEFAULT_MAX_KLD)
     weights: str = "quantized"  # kvslim.weights mode
+    prefix_cache_dir: str | None = None  # prefix cache files kept across restarts
+    prefix_cache_disk: int = 4 * 2**30  # bytes that folder may hold
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -342,6 +346,9 @@ class ServerSettings:
             prefix_cache=resolve_prefix_cache(given.pop("prefix_cache", None), env=env),
             codec=codec, weights=resolve_weights(given.pop("weights", None), env=env), env=env,
             kv_max_kld=resolve_max_kld(given.pop("kv_max_kld", None), env=env),
+            prefix_cache_dir=env.get("KVSLIM_PREFIX_CACHE_DIR") or None,
+            prefix_cache_disk=parse_memory(env["KVSLIM_PREFIX_CACHE_DISK"])
+            if env.get("KVSLIM_PREFIX_CACHE_DISK") else cls.prefix_cache_disk,
         )
         return replace(settings, **given)
 

@@ -25,6 +25,7 @@ RANKS = {
     "kvslim.kernels": 2,  # every kernels.* module
     "kvslim.codec": 2,  # what a cache's rows are coded with (no model needed)
     "kvslim.cache": 3,
+    "kvslim.kvfile": 3,  # one sequence's blocks saved to disk and restored into a pool
     "kvslim.attention": 4,
     "kvslim.weights": 4,  # weights as held (blocks in the mapped file), read by the models
     "kvslim.architectures": 5,  # the table of architectures (module, class, rope style)
@@ -49,6 +50,7 @@ RANKS = {
     "kvslim.planner": 8,
     "kvslim.bench": 8,
     "kvslim.warmup": 6,  # compiles the CPU kernels (weights, attention) before a first token
+    "kvslim.hf": 8,  # kvslim's cache as a transformers.Cache (beside the front ends)
     "kvslim.cli": 9,
     "kvslim.repl": 9,  # kvslim run's answers and interactive chat
     "kvslim.client": 9,  # a running server's Ollama API, for run, ps and stop

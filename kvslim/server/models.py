@@ -30,7 +30,8 @@ from kvslim.chat import fit_chat, fit_prompt, max_length, prompt_limit, render_c
 from kvslim.engine import DEFAULT_BATCH_TOKENS, Engine
 from kvslim.gguf_loader import ModelConfig, open_gguf, pooling_type
 from kvslim.models import load_model
-from kvslim.prefix import PrefixCache
+from kvslim.kvfile import model_identity
+from kvslim.prefix import DiskPrefixCache, PrefixCache
 from kvslim.server.scheduler import Scheduler
 from kvslim.server.types import CacheConfig, CacheRequest, ModelNotFound, PoolTooLarge, ServerBusy
 from kvslim.settings import (AUTO, ServerSettings, compute_dtype, pick_device, resolve_cache_types,
@@ -88,6 +89,7 @@ class Runner:
         self.device = pick_device(settings.device)
         reader = open_gguf(self.path)
         self.config = ModelConfig.from_gguf(reader)
+        self.model_id = model_identity(self.path, reader.data_offset)  # for prefix cache files
         self.tokenizer = Tokenizer.from_gguf(reader)
         card = store.card(self.path)  # a Modelfile's or the registry's TEMPLATE, SYSTEM, PARAMETERs
         self.tokenizer.set_chat_defaults(card.chat_template, card.system)
@@ -296,10 +298,20 @@ class Runner:
 
     def _new_engine(self, cfg: CacheConfig, n_pages: int) -> Engine:
         prefix = PrefixCache(self.page_size) if self.settings.prefix_cache else None
-        return Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
-                      flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
-                      num_parallel=self.settings.num_parallel, page_size=self.page_size,
-                      n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec, auto=cfg.auto)
+        engine = Engine(self.model, self.tokenizer, cache_type_k=cfg.type_k, cache_type_v=cfg.type_v,
+                        flash_attn=self.settings.flash_attn, num_ctx=self.num_ctx,
+                        num_parallel=self.settings.num_parallel, page_size=self.page_size,
+                        n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec, auto=cfg.auto)
+        if prefix is not None and self.settings.prefix_cache_dir:  # kept across restarts
+            if engine.cache.window_groups():
+                log.warning("%s: KVSLIM_PREFIX_CACHE_DIR ignored: prefix cache files are not "
+                            "supported for models with sliding-window layers", self.name)
+            else:
+                engine.prefix_cache = DiskPrefixCache(
+                    self.page_size, self.settings.prefix_cache_dir, self.settings.prefix_cache_disk,
+                    self.model_id, engine.cache,
+                    extra={"num_ctx": self.num_ctx, "model_name": self.name})
+        return engine
 
     def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int,
               normalize: bool = True) -> tuple[torch.Tensor, int]:
@@ -389,6 +401,8 @@ class Runner:
             prefix_cache_entries=len(prefix) if prefix else 0,
             prefix_cache_tokens=prefix.tokens() if prefix else 0,
             prefix_cache_evictions=prefix.evictions if prefix else 0,
+            prefix_cache_files_written=getattr(prefix, "written", 0),
+            prefix_cache_files_restored=getattr(prefix, "restored", 0),
             running=len(e.running), waiting=len(e.waiting),
         )
         return info

@@ -510,7 +510,8 @@ def _kv_cache(pool: dict) -> dict:
         "bytes_per_token", "capacity_tokens", "page_size", "pages_total", "pages_in_use",
         "pages_sequences", "pages_prefix_cache", "prefix_cache_entries",
         "prefix_cache_tokens", "prefix_cache_evictions", "kv_rotation", "kv_centering",
-        "kv_rounding", "kv_codec_note")} \
+        "kv_rounding", "kv_codec_note", "prefix_cache_files_written",
+        "prefix_cache_files_restored")} \
         | {k: pool[k] for k in ("window", "window_bytes_per_sequence", "window_pages_total",
                                 "window_pages_in_use") if k in pool}
 
