@@ -91,3 +91,20 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def client(server):
+    """The official ollama client of the module's ``server`` fixture (a running kvslim
+    server: ``test_server.running_server``)."""
+    import ollama
+
+    return ollama.Client(host=server.url, timeout=120)
+
+
+@pytest.fixture
+def oai(server):
+    """The official openai client of the module's ``server`` fixture."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
