@@ -163,10 +163,13 @@ def _f16x16(typingctx, y, o, d, p):
 
 
 # ---------------------------------------------------------------- fused block dots
-# dot(d, p, nb, x): the dot of nb blocks stored from byte p of d with x[0:nb * block
-# values], one loop in vector IR. Each block's codes are widened, scaled and multiplied
-# into four <16 x float> accumulators in registers: no row buffer is written and read
-# back, and no horizontal sum is taken before the row's end.
+# dot(d, p, nb, x, xs): the dot of nb blocks stored from byte p of d with x[0:nb * block
+# values], one loop in vector IR (xs: sums of x over each 16 values). A block is groups
+# of 16-value pieces sharing a scale s and an offset lo: the codes, widened to float, are
+# multiplied with x into a group sum, then s * (group sum) goes into one of four
+# <16 x float> accumulators in registers, and lo * (x's sum over the group) into a scalar
+# one. So each value costs a conversion and one multiply-add; no row buffer is written
+# and read back, and no horizontal sum is taken before the row's end.
 
 _NACC = 4  # independent accumulators: FMA latency x throughput on AVX2 cores
 
@@ -191,12 +194,6 @@ def _u32_at(builder, base, off):
     return builder.load(at, align=1)
 
 
-def _scaled(builder, code, s, lo=None):
-    """code * s (+ lo): <16 x float>."""
-    v = builder.fmul(builder.sitofp(code, _V16F), _vsplat(builder, s, _V16F), flags=["fast"])
-    return v if lo is None else builder.fadd(v, _vsplat(builder, lo, _V16F), flags=["fast"])
-
-
 def _hsum(builder, v):
     """The sum of a <16 x float>'s lanes."""
     n = 16
@@ -210,52 +207,70 @@ def _hsum(builder, v):
 
 
 def _make_dot(block_bytes, block_values, emit):
-    """An intrinsic dot(d, p, nb, x) -> float32 for blocks whose 16-value pieces
-    ``emit(builder, base, blk)`` returns as <16 x float> values, in order."""
+    """An intrinsic dot(d, p, nb, x, xs) -> float32 for blocks that
+    ``emit(builder, base, blk)`` returns as groups (s, lo or None, [<16 x i32> codes]),
+    in value order: value = code * s + lo."""
 
     @intrinsic
-    def dot(typingctx, d, p, nb, x):
+    def dot(typingctx, d, p, nb, x, xs):
         def codegen(context, builder, sig, args):
+            fast = ["fast"]
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
             xbase = _ptr(context, builder, sig.args[3], args[3], _c(0))
-            zero = ir.Constant(_V16F, [0.0] * 16)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(_NACC)]
+            sbase = _ptr(context, builder, sig.args[4], args[4], _c(0))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
+                    for _ in range(_NACC)]
+            acc_lo = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
             with cgutils.for_range(builder, args[2]) as loop:
                 blk = builder.add(args[1], builder.mul(loop.index, _c(block_bytes)))
                 xo = builder.mul(loop.index, _c(block_values))
-                vals = emit(builder, base, blk)
+                so = builder.mul(loop.index, _c(block_values // 16))
                 acc = [builder.load(a) for a in accs]
-                for i, v in enumerate(vals):
-                    at = builder.bitcast(builder.gep(xbase, [builder.add(xo, _c(16 * i))]),
-                                         _V16F.as_pointer())
-                    prod = builder.fmul(v, builder.load(at, align=4), flags=["fast"])
-                    acc[i % _NACC] = builder.fadd(acc[i % _NACC], prod, flags=["fast"])
+                lo_sum = builder.load(acc_lo)
+                i = 0  # 16-value piece of the block
+                for g, (s, lo, codes) in enumerate(emit(builder, base, blk)):
+                    t, xsum = None, None
+                    for code in codes:
+                        at = builder.bitcast(builder.gep(xbase, [builder.add(xo, _c(16 * i))]),
+                                             _V16F.as_pointer())
+                        prod = builder.fmul(builder.sitofp(code, _V16F), builder.load(at, align=4),
+                                            flags=fast)
+                        t = prod if t is None else builder.fadd(t, prod, flags=fast)
+                        if lo is not None:
+                            x16 = builder.load(builder.gep(sbase, [builder.add(so, _c(i))]))
+                            xsum = x16 if xsum is None else builder.fadd(xsum, x16, flags=fast)
+                        i += 1
+                    scaled = builder.fmul(t, _vsplat(builder, s, _V16F), flags=fast)
+                    acc[g % _NACC] = builder.fadd(acc[g % _NACC], scaled, flags=fast)
+                    if lo is not None:
+                        lo_sum = builder.fadd(lo_sum, builder.fmul(lo, xsum, flags=fast), flags=fast)
                 for a, v in zip(accs, acc):
                     builder.store(v, a)
+                builder.store(lo_sum, acc_lo)
             total = builder.load(accs[0])
             for a in accs[1:]:
-                total = builder.fadd(total, builder.load(a), flags=["fast"])
-            return _hsum(builder, total)
-        return types.float32(d, types.int64, types.int64, x), codegen
+                total = builder.fadd(total, builder.load(a), flags=fast)
+            return builder.fadd(_hsum(builder, total), builder.load(acc_lo), flags=fast)
+        return types.float32(d, types.int64, types.int64, x, xs), codegen
     return dot
 
 
 def _emit_q8_0(b, base, blk):
     s = _half_at(b, base, blk)
-    return [_scaled(b, _codes(b, base, b.add(blk, _c(2 + 16 * h)), None, None, signed=True), s)
-            for h in range(2)]
+    return [(s, None, [_codes(b, base, b.add(blk, _c(2 + 16 * h)), None, None, signed=True)
+                       for h in range(2)])]
 
 
 def _emit_q4_0(b, base, blk):
     s = _half_at(b, base, blk)
     q = b.add(blk, _c(2))
-    return [_scaled(b, _codes(b, base, q, None, None, shift=sh, bias=8), s) for sh in (0, 4)]
+    return [(s, None, [_codes(b, base, q, None, None, shift=sh, bias=8) for sh in (0, 4)])]
 
 
 def _emit_q4_1(b, base, blk):
     s, m = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
     q = b.add(blk, _c(4))
-    return [_scaled(b, _codes(b, base, q, None, None, shift=sh), s, m) for sh in (0, 4)]
+    return [(s, m, [_codes(b, base, q, None, None, shift=sh) for sh in (0, 4)])]
 
 
 def _emit_q5(b, base, blk, with_min):
@@ -264,8 +279,8 @@ def _emit_q5(b, base, blk, with_min):
     at = 4 if with_min else 2
     m = _half_at(b, base, b.add(blk, _c(2))) if with_min else None
     qh, q = _u32_at(b, base, b.add(blk, _c(at))), b.add(blk, _c(at + 4))
-    return [_scaled(b, _codes(b, base, q, qh, ir.Constant(_I32, 16 * i), shift=4 * i,
-                              high="bits", bias=0 if with_min else 16), s, m) for i in range(2)]
+    return [(s, m, [_codes(b, base, q, qh, ir.Constant(_I32, 16 * i), shift=4 * i, high="bits",
+                           bias=0 if with_min else 16) for i in range(2)])]
 
 
 def _scale_min_ir(b, base, sc, j):
@@ -283,27 +298,28 @@ def _emit_k4(b, base, blk, five):
     """q4_K and q5_K: 8 sub-blocks of 32 values, 6-bit scales and mins."""
     dd, dmin = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
     sc = b.add(blk, _c(4))
-    vals = []
+    groups = []
     for g in range(4):
         q = b.add(blk, _c((48 if five else 16) + 32 * g))
         for j, shift in ((2 * g, 0), (2 * g + 1, 4)):
             s, m = _scale_min_ir(b, base, sc, j)
             d1 = b.fmul(dd, b.sitofp(s, ir.FloatType()), flags=["fast"])
             lo = b.fneg(b.fmul(dmin, b.sitofp(m, ir.FloatType()), flags=["fast"]))
+            codes = []
             for h in range(2):
                 qq = b.add(q, _c(16 * h))
                 if five:
-                    code = _codes(b, base, qq, b.add(blk, _c(16 + 16 * h)), ir.Constant(_I32, j),
-                                  shift=shift, high="bytes", mask=1)
+                    codes.append(_codes(b, base, qq, b.add(blk, _c(16 + 16 * h)),
+                                        ir.Constant(_I32, j), shift=shift, high="bytes", mask=1))
                 else:
-                    code = _codes(b, base, qq, None, None, shift=shift)
-                vals.append(_scaled(b, code, d1, lo))
-    return vals
+                    codes.append(_codes(b, base, qq, None, None, shift=shift))
+            groups.append((d1, lo, codes))
+    return groups
 
 
 def _emit_q6_k(b, base, blk):
     dd = _half_at(b, base, b.add(blk, _c(208)))
-    vals = [None] * 16
+    groups = [None] * 16
     for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
         ql, qh, sc = 64 * n, 128 + 32 * n, 192 + 8 * n
         for h in range(2):
@@ -314,8 +330,8 @@ def _emit_q6_k(b, base, blk):
                 s = b.fmul(dd, b.sitofp(s8, ir.FloatType()), flags=["fast"])
                 code = _codes(b, base, src, c, ir.Constant(_I32, sh), shift=shift, high="bytes",
                               mask=3, bias=32)
-                vals[8 * n + 2 * k + h] = _scaled(b, code, s)
-    return vals
+                groups[8 * n + 2 * k + h] = (s, None, [code])
+    return groups
 
 
 _D_Q8_0 = _make_dot(34, 32, _emit_q8_0)
@@ -551,27 +567,28 @@ def _has_dot(code):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _dot(code, d, p, k, x):
-    """The dot of the k values stored from byte p with x (a type _has_dot)."""
+def _dot(code, d, p, k, x, xs):
+    """The dot of the k values stored from byte p with x (xs: x's sums over 16 values;
+    a type _has_dot)."""
     if code == Q4_K:
-        return _D_Q4_K(d, p, k // 256, x)
+        return _D_Q4_K(d, p, k // 256, x, xs)
     if code == Q6_K:
-        return _D_Q6_K(d, p, k // 256, x)
+        return _D_Q6_K(d, p, k // 256, x, xs)
     if code == Q4_0:
-        return _D_Q4_0(d, p, k // 32, x)
+        return _D_Q4_0(d, p, k // 32, x, xs)
     if code == Q4_1:
-        return _D_Q4_1(d, p, k // 32, x)
+        return _D_Q4_1(d, p, k // 32, x, xs)
     if code == Q8_0:
-        return _D_Q8_0(d, p, k // 32, x)
+        return _D_Q8_0(d, p, k // 32, x, xs)
     if code == Q5_0:
-        return _D_Q5_0(d, p, k // 32, x)
+        return _D_Q5_0(d, p, k // 32, x, xs)
     if code == Q5_K:
-        return _D_Q5_K(d, p, k // 256, x)
-    return _D_Q5_1(d, p, k // 32, x)
+        return _D_Q5_K(d, p, k // 256, x, xs)
+    return _D_Q5_1(d, p, k // 32, x, xs)
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(counters, d, parts, work, x, out, fused):
+def _gemv_items(counters, d, parts, work, x, xs, out, fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
@@ -591,7 +608,7 @@ def _gemv_items(counters, d, parts, work, x, out, fused):
             for j in range(work[w, 1], work[w, 2]):
                 p = off + _src_row(j, hd) * rb
                 for m in range(m_rows):
-                    out[m, col0 + j] = _dot(code, d, p, k, x[m])
+                    out[m, col0 + j] = _dot(code, d, p, k, x[m], xs[m])
             fetch_add(counters, 1)
             continue
         for j in range(work[w, 1], work[w, 2]):
@@ -669,7 +686,19 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
     fused=False: every type through the row buffer (the earlier kernel, kept as the
     baseline that tests and benchmarks/weights.py compare the fused dots against)."""
     counters = np.zeros(2, dtype=np.int64)
-    _run(_gemv_items, (counters, data, parts, work, x, out, fused), len(work))
+    xs = _sums16(x) if fused else x[:, :0]
+    _run(_gemv_items, (counters, data, parts, work, x, xs, out, fused), len(work))
+
+
+@njit(fastmath=_FAST, cache=True)
+def _sums16(x):
+    """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order)."""
+    m_rows, k = x.shape
+    xs = np.zeros((m_rows, k // 16), dtype=np.float32)
+    for m in range(m_rows):
+        for i in range(k // 16 * 16):
+            xs[m, i // 16] += x[m, i]
+    return xs
 
 
 def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
