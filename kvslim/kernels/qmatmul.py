@@ -4,9 +4,10 @@ A weight is a byte range of the mapped GGUF file: ``rows`` rows of ``row_bytes``
 each row a run of ggml blocks (32 or 256 values) or plain f32/f16/bf16 values. Nothing
 here holds a float copy of a matrix.
 
-- ``gemv``: few input rows (decode). Each output row's blocks are dequantized into a
-  row buffer that stays in L1/L2 and dotted with every input row there, so each block
-  is read from memory once per call. Output rows are
+- ``gemv``: few input rows (decode). For the hot types a fused block dot per output row
+  and input row decodes the blocks in registers (see "fused block dots"); other types
+  dequantize each row into a buffer that stays in L1/L2 and dot it with every input row.
+  Either way each block is read from memory once per call. Output rows are
   split into work items that the caller and helper threads claim from an atomic
   counter (late threads find the items gone instead of stalling the step).
 - ``dequantize_rows``: rows into a float32 tile (same threads), for prefill, where
