@@ -63,6 +63,23 @@ def test_qlinear_matches_reference(qt, m):
 
 
 
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_fused_dots_and_row_buffer_agree_with_reference(qt):
+    """The fused block dots (default) and the row-buffer GEMV (fused=False, the baseline
+    benchmarks/weights.py times) both match float64, on a q/k-permuted part."""
+    rng = np.random.default_rng(int(qt) + 31)
+    rows, cols, hd = 128, _cols(qt) * 2, 64
+    q, b = qtensor(qt, rows, cols, rng, hd=hd)
+    lin = QLinear([q])
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ unpermute_qk(torch.from_numpy(dequantize_ref(b, qt, (rows, cols))),
+                                               rows // hd).numpy().T
+    for fused in (True, False):
+        y = np.empty((3, rows), np.float32)
+        qm.gemv(lin.data, lin.parts, lin.work, x, y, fused=fused)
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"{fused=}")
+
+
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_a_decode_batch_gives_each_row_its_solo_result(qt):
     """Up to GEMV_MAX_ROWS input rows (a decode batch), each output row is summed alone:
