@@ -3,7 +3,8 @@
     python benchmarks/load.py [MODEL ...]      # default: smollm2 and gemma3:270m
 
 Each model loads in a fresh process (nothing cached in Python), after one read of the
-file so the page cache holds it; prints seconds per stage.
+file so the page cache holds it; prints seconds per stage (`LLM` with a 512-token
+context, or the model's maximum when smaller).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ reader = gguf_loader.open_gguf(path)
 t2 = time.perf_counter()
 Tokenizer.from_gguf(reader)
 t3 = time.perf_counter()
-LLM(str(path), num_ctx=512, num_parallel=1, progress=False)
+ctx = min(512, gguf_loader.ModelConfig.from_gguf(reader).context_length)
+LLM(str(path), num_ctx=ctx, num_parallel=1, progress=False)
 t4 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "header": t2 - t1, "tokenizer": t3 - t2, "LLM": t4 - t3}))
 """
@@ -39,7 +41,9 @@ def main() -> None:
         with open(store.resolve(name), "rb") as f:  # into the page cache
             while f.read(1 << 24):
                 pass
-        out = subprocess.run([sys.executable, "-c", _CHILD, name], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _CHILD, name], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
         t = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {name} | {t['import']:.2f} | {t['header']:.2f} | {t['tokenizer']:.2f} | {t['LLM']:.2f} |")
 

@@ -67,3 +67,10 @@ def test_grammar_benchmark_runs(tiny):
     out = run("benchmarks/grammar.py", "--model", tiny, "--repeats", "1", "--engines", "llguidance")
     assert "| llguidance |" in out and "| True |" in out  # every mask allowed the next token
     assert "| uniqueItems | refused |" in out and "| pattern | enforced |" in out
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs(tiny):
+    out = run("benchmarks/load.py", tiny)
+    row = next(line for line in out.splitlines() if line.startswith(f"| {tiny} |"))
+    assert all(float(x) >= 0 for x in row.strip("|").split("|")[1:])  # four timings
