@@ -1,19 +1,17 @@
 """kernels.qmatmul and kvslim.weights against gguf's dequantization + a float64 matmul."""
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from kvslim.gguf_loader import unpermute_qk
+from kvslim.gguf_loader import open_gguf, unpermute_qk
 from kvslim.kernels import qmatmul as qm
 from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.qmatmul_ref import dequantize_ref, matmul_ref, random_blocks
 from kvslim.weights import Embedding, QLinear, QTensor, held_bytes, linear
 
 T = gguf.GGMLQuantizationType
-GEMMA = Path("/work/models/gemma/gemma-3-270m-q4_k_m.gguf")
 
 def as_file(*blocks: np.ndarray, pad: int = 7) -> tuple[np.ndarray, list[int]]:
     """One read-only byte array holding the tensors at odd offsets, like a mapped GGUF."""
@@ -167,10 +165,9 @@ def test_unsupported_parts_are_dequantized_dense():
     torch.testing.assert_close(lin(x).double(), ref, rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(not GEMMA.exists(), reason="the Gemma 3 270M GGUF is not on this machine")
-def test_real_k_quant_tensors():
+def test_real_k_quant_tensors(gemma3_gguf):
     """Real Q4_K, Q6_K, Q5_0, Q8_0 data (Gemma 3 270M): a slice of rows of each type."""
-    reader = gguf.GGUFReader(GEMMA)
+    reader = open_gguf(gemma3_gguf)
     data = reader.data.view(np.ndarray)
     seen = {}
     for t in reader.tensors:
