@@ -50,6 +50,24 @@ def best_of(fn, repeat: int) -> float:
     return min(_timed(fn) for _ in range(repeat))
 
 
+def best_of_pair(fa, fb, repeat: int) -> tuple[float, float]:
+    """Best times of fa and fb, timed in turn (a load change hits both alike)."""
+    fa(), fb()
+    ts = [(_timed(fa), _timed(fb)) for _ in range(repeat)]
+    return min(a for a, _ in ts), min(b for _, b in ts)
+
+
+def unfused(lin):
+    """The GEMV through the row buffer for every type (the kernel before the fused dots)."""
+    from kvslim.kernels import qmatmul as qm
+
+    def run(x):
+        y = torch.empty(x.shape[0], lin.n_out)
+        qm.gemv(lin.data, lin.parts, lin.work, x.numpy(), y.numpy(), fused=False)
+        return y
+    return run
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -76,27 +94,32 @@ def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
 
     rng = np.random.default_rng(0)
     print(f"\n## GEMV, one input row: weight GB/s (floor: streaming read {bw / 1e9:.1f} GB/s)")
-    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'M=512 vs f32':>14}")
+    print("(buffer: x time of the unfused row-buffer GEMV, timed in turn with the fused one)")
+    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'M=512 vs f32':>14}"
+          f"{'buffer':>8}")
     for rows, cols in shapes:
         x1, xp = torch.randn(1, cols), torch.randn(512, cols)
         w = torch.randn(rows, cols)
         f32_1 = best_of(lambda: F.linear(x1, w), repeat)
         f32_p = best_of(lambda: F.linear(xp, w), max(2, repeat // 4))
-        rows_out = [("f32", rows * cols * 4, f32_1, 1.0)]
+        rows_out = [("f32", rows * cols * 4, f32_1, 1.0, None)]
         try:
             mm = int4pack(rows, cols)
             t1, tp = best_of(lambda: mm(x1), repeat), best_of(lambda: mm(xp), max(2, repeat // 4))
-            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, tp / f32_p))
+            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, tp / f32_p, None))
         except (RuntimeError, AttributeError) as e:  # not in every torch build
             print(f"# torch int4pack unavailable: {e}")
         for qt in types:
             lin = QLinear([random_qtensor(qt, rows, cols, rng)])
-            t1, tp = best_of(lambda: lin(x1), repeat), best_of(lambda: lin(xp), max(2, repeat // 4))
-            rows_out.append((qt.name, lin.qtensors[0].nbytes, t1, tp / f32_p))
-        for name, nbytes, t1, rel in rows_out:
+            old = unfused(lin)
+            t1, t_old = best_of_pair(lambda: lin(x1), lambda: old(x1), repeat)
+            tp = best_of(lambda: lin(xp), max(2, repeat // 4))
+            rows_out.append((qt.name, lin.qtensors[0].nbytes, t1, tp / f32_p, t_old / t1))
+        for name, nbytes, t1, rel, speedup in rows_out:
             gbs = nbytes / t1 / 1e9
             print(f"{name:<8}{f'{rows}x{cols}':>12}{nbytes / 1e6:>8.1f}{t1 * 1e3:>8.2f}{gbs:>7.1f}"
-                  f"{gbs * 1e9 / bw:>10.0%}{rel:>14.2f}", flush=True)
+                  f"{gbs * 1e9 / bw:>10.0%}{rel:>14.2f}"
+                  f"{'' if speedup is None else f'{speedup:>8.2f}'}", flush=True)
 
 
 # ---------------------------------------------------------------- models

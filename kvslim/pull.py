@@ -43,7 +43,12 @@ def resolve_or_pull(name: str, on_progress: Progress | None = None) -> Path:
         if name.endswith(".gguf") or Path(name).expanduser().exists():
             raise
         store.check_name(name)  # a path-like typo is an unknown model, not a registry name
-    return pull(name, on_progress)
+    try:
+        return pull(name, on_progress)
+    except PullError as e:  # e.g. no such model in the registry, or no network
+        raise store.UnknownModelError(
+            f"unknown model '{name}': not in the store, and pulling it failed ({e}); built-in "
+            f"models: {', '.join(store.builtin_names())}") from None
 
 
 # ---------------------------------------------------------------- Hugging Face

@@ -238,11 +238,20 @@ class Remote:
 
     def ensure(self, err=None) -> None:
         """Pull the model through the server when it does not have it (as ``ollama run``)."""
+        from kvslim.client import ServerError
+
         if self.client.has(self.model):
             return
-        for status in self.client.pull(self.model):
-            if status.get("status"):
-                print(status["status"], file=err or sys.stderr)
+        err = err or sys.stderr
+        try:
+            for status in self.client.pull(self.model):
+                if status.get("status") and err.isatty():  # progress on a terminal only
+                    print(status["status"], file=err)
+        except ServerError as e:
+            if e.status is not None and e.status >= 500:
+                raise
+            raise ServerError(f"model '{self.model}' is not on the server and cannot be pulled: "
+                              f"{e}", e.status) from None
 
     def preload(self) -> None:
         """Load the model now (the empty request), so the first answer does not wait for it."""

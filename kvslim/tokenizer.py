@@ -38,6 +38,8 @@ import gguf
 import numpy as np
 import regex
 
+from kvslim.gguf_loader import array_values
+
 logger = logging.getLogger(__name__)
 
 # gguf TokenType values (gguf.TokenType), kept as plain ints for speed.
@@ -253,13 +255,9 @@ def _field(reader: Any, key: str) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return None
-    main, sub = f.types[0], f.types[-1]
+    main = f.types[0]
     if main == gguf.GGUFValueType.ARRAY:
-        if sub == gguf.GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-        if not len(f.data):
-            return np.zeros(0)
-        return np.concatenate([f.parts[i] for i in f.data])
+        return array_values(f)
     value = f.parts[f.data[0]]
     if main == gguf.GGUFValueType.STRING:
         return bytes(value).decode("utf-8", errors="replace")
@@ -310,8 +308,8 @@ class GGUFVocab:
             model=model,
             pre=pre,
             tokens=tokens,
-            types=[int(t) for t in types[:n]] if types is not None else [NORMAL] * n,
-            scores=[float(s) for s in scores[:n]] if scores is not None else [0.0] * n,
+            types=[int(t) for t in types[:n].tolist()] if types is not None else [NORMAL] * n,
+            scores=[float(s) for s in scores[:n].tolist()] if scores is not None else [0.0] * n,
             merges=_field(reader, "tokenizer.ggml.merges") or [],
             # llama.cpp's defaults, overridden below by the GGUF's own flags
             add_bos=is_spm or _PRE_GROUPS[_PRE_NAMES.get(pre, "gpt2")].add_bos,
@@ -384,7 +382,8 @@ class Tokenizer:
         # Longest (in bytes) first, as llama.cpp partitions; ties by id for a stable order.
         specials = [i for i, t in enumerate(self._types) if t in (CONTROL, USER_DEFINED, UNKNOWN)]
         self._specials = sorted(specials, key=lambda i: (-len(vocab.tokens[i].encode()), i))
-        self._pieces = [self._piece(i) for i in range(self.vocab_size)]
+        # filled as tokens are first decoded: building all 262k of Gemma's took most of a second
+        self._pieces: list[bytes | None] = [None] * self.vocab_size
         if self.is_spm:
             self._init_spm(cache_size)
         else:
@@ -640,7 +639,10 @@ class Tokenizer:
         tid = self._check_id(tid)
         if not special and self._types[tid] in (CONTROL, UNKNOWN):
             return b""
-        return self._pieces[tid]
+        piece = self._pieces[tid]
+        if piece is None:
+            piece = self._pieces[tid] = self._piece(tid)
+        return piece
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         """Text of `ids`.

@@ -32,10 +32,13 @@ MESSAGE = "compiling CPU kernels (once per machine, ~20 s)"
 
 
 def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
-    """Compile (or load from numba's cache) every CPU kernel; the seconds it took."""
+    """Compile (or load from numba's cache) every CPU kernel; the seconds it took.
+    ``auto`` (a pair chosen later by measured quality) warms the default types: one
+    compiled kernel serves every type."""
+    types = [t for t in types if t != "auto"] or list(DEFAULT_TYPES)
     check_types(types)
     t0 = time.perf_counter()
-    for t in types or DEFAULT_TYPES:
+    for t in types:
         cpu.warmup(t, t)
     _long_write()
     _matmuls()

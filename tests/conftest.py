@@ -14,6 +14,25 @@ def smollm2_gguf():
     return store.resolve("smollm2", pull_missing=True)
 
 
+GEMMA3_ELSEWHERE = "/work/models/gemma/gemma-3-270m-q4_k_m.gguf"  # this project's machines
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """Path of the real Gemma 3 270M GGUF: the store's copy (`kvslim pull gemma3:270m`),
+    else the project machines' copy; never pulled here (four wheels, 253 MB), so tests
+    that need it are skipped where neither exists."""
+    from pathlib import Path
+
+    from kvslim import store
+
+    for path in (store.model_path(store.lookup("gemma3:270m")), Path(GEMMA3_ELSEWHERE)):
+        if path.is_file():
+            return path
+    pytest.skip("Gemma 3 270M GGUF not found: `python -m kvslim.cli pull gemma3:270m` puts it "
+                f"in the store (or place it at {GEMMA3_ELSEWHERE})")
+
+
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
 
 
@@ -91,3 +110,20 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def client(server):
+    """The official ollama client of the module's ``server`` fixture (a running kvslim
+    server: ``test_server.running_server``)."""
+    import ollama
+
+    return ollama.Client(host=server.url, timeout=120)
+
+
+@pytest.fixture
+def oai(server):
+    """The official openai client of the module's ``server`` fixture."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

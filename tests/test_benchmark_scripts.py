@@ -74,3 +74,10 @@ def test_embed_fork_benchmark_runs(tmp_path):
     tiny_llama.write(path, tiny_llama.Tiny(ctx=512, tied=False))
     out = run("benchmarks/embed_fork.py", "--model", path, "--inputs", "3", "--n", "2", "--prompt", "40")
     assert "min cosine 1.0" in out and "n = 2 answers" in out
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs(tiny):
+    out = run("benchmarks/load.py", tiny)
+    row = next(line for line in out.splitlines() if line.startswith(f"| {tiny} |"))
+    assert all(float(x) >= 0 for x in row.strip("|").split("|")[1:])  # four timings

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from kvslim.cache import CacheFull
-from kvslim.engine import Engine, PromptTooLong, truncate_dimensions
+from kvslim.engine import PromptTooLong, truncate_dimensions
 from kvslim.sampling import SamplingParams, token_logprobs
+
+from test_engine import drain, engine  # the engine tests' tiny q8_0 engine and stepping
 
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 TEXTS = [[1, 270, 266, 262, 100], [1, 35, 45, 7, 262, 271, 68, 99, 120, 3, 259], [1], [1, 88, 200] * 9]
@@ -16,21 +18,6 @@ TEXTS = [[1, 270, 266, 262, 100], [1, 35, 45, 7, 262, 271, 68, 99, 120, 3, 259],
 @pytest.fixture(scope="module")
 def tiny_path(tiny_gguf):
     return tiny_gguf(ctx=128, tied=False)
-
-
-def engine(tiny_parts, **kw) -> Engine:
-    model, tok = tiny_parts
-    kw = {"cache_type_k": "q8_0", "cache_type_v": "q8_0", "num_ctx": 128, "page_size": 16} | kw
-    return Engine(model, tok, **kw)
-
-
-def drain(e: Engine, limit: int = 1000) -> list:
-    outs = []
-    for _ in range(limit):
-        if not e.has_work():
-            return outs
-        outs += e.step()
-    raise AssertionError("engine did not finish")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,7 +16,6 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-GEMMA = Path("/work/models/gemma/gemma-3-270m-q4_k_m.gguf")
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma3_tokenizer.json"
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.",
@@ -24,10 +23,8 @@ PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.",
 
 
 @pytest.fixture(scope="module")
-def gemma_path():
-    if not GEMMA.exists():
-        pytest.skip(f"{GEMMA} is missing")
-    return GEMMA
+def gemma_path(gemma3_gguf):
+    return gemma3_gguf
 
 
 @pytest.fixture(scope="module")

@@ -412,3 +412,30 @@ def test_reader_equals_gguf_reader(tiny_path):
 @pytest.mark.slow
 def test_reader_equals_gguf_reader_on_smollm2(smollm2_gguf):
     _same_as_gguf_reader(smollm2_gguf)
+
+
+
+def test_array_values_in_bulk_equal_gguf_contents(tmp_path):
+    """array_values (the bulk read of an array field) gives what gguf's own reader gives,
+    and gguf's contents() works on open_gguf's lazily made parts."""
+    from kvslim.gguf_loader import array_values
+
+    path = tmp_path / "arrays.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("t.strings", ["a", "", "héllo ▁x", "<0x0A>"] * 50)
+    w.add_array("t.ints", list(range(-5, 300)))
+    w.add_array("t.floats", [0.5 * i for i in range(77)])
+    w.add_array("t.bools", [True, False, True])
+    w.add_tensor("x", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _same_as_gguf_reader(path)
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    for key in ("t.strings", "t.ints", "t.floats", "t.bools"):
+        expected = theirs.fields[key].contents()
+        assert ours.fields[key].contents() == expected, key
+        got = array_values(ours.fields[key])
+        assert (got if isinstance(got, list) else got.tolist()) == expected, key
+    assert array_values(ours.fields["general.architecture"]) is None

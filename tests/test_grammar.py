@@ -17,6 +17,9 @@ from kvslim.grammar import (GrammarError, format_grammar, json_grammar, mask_ref
                             tool_call_grammar)
 from kvslim.sampling import NoAllowedToken, SamplingParams, apply_mask, sample
 
+import test_engine as engine_tests
+from test_engine import drain
+
 GREEDY = dict(temperature=0, repeat_penalty=1.0)
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 8},
@@ -32,17 +35,8 @@ def continuation(tok, text: str) -> list[int]:
 
 
 def engine(tiny_parts, **kw) -> Engine:
-    model, tok = tiny_parts
-    return Engine(model, tok, **({"num_ctx": 256, "page_size": 16} | kw))
-
-
-def drain(e: Engine, limit: int = 2000) -> list:
-    outs = []
-    for _ in range(limit):
-        if not e.has_work():
-            return outs
-        outs += e.step()
-    raise AssertionError("engine did not finish")
+    return engine_tests.engine(tiny_parts, **({"cache_type_k": "f16", "cache_type_v": "f16",
+                                                "num_ctx": 256} | kw))
 
 
 # ---------------------------------------------------------------- masks

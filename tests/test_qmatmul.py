@@ -1,19 +1,17 @@
 """kernels.qmatmul and kvslim.weights against gguf's dequantization + a float64 matmul."""
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from kvslim.gguf_loader import unpermute_qk
+from kvslim.gguf_loader import open_gguf, unpermute_qk
 from kvslim.kernels import qmatmul as qm
 from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.qmatmul_ref import dequantize_ref, matmul_ref, random_blocks
 from kvslim.weights import Embedding, QLinear, QTensor, held_bytes, linear
 
 T = gguf.GGMLQuantizationType
-GEMMA = Path("/work/models/gemma/gemma-3-270m-q4_k_m.gguf")
 
 def as_file(*blocks: np.ndarray, pad: int = 7) -> tuple[np.ndarray, list[int]]:
     """One read-only byte array holding the tensors at odd offsets, like a mapped GGUF."""
@@ -61,6 +59,23 @@ def test_qlinear_matches_reference(qt, m):
     # float32 accumulation over `cols` products of unit-scale terms
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_fused_dots_and_row_buffer_agree_with_reference(qt):
+    """The fused block dots (default) and the row-buffer GEMV (fused=False, the baseline
+    benchmarks/weights.py times) both match float64, on a q/k-permuted part."""
+    rng = np.random.default_rng(int(qt) + 31)
+    rows, cols, hd = 128, _cols(qt) * 2, 64
+    q, b = qtensor(qt, rows, cols, rng, hd=hd)
+    lin = QLinear([q])
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ unpermute_qk(torch.from_numpy(dequantize_ref(b, qt, (rows, cols))),
+                                               rows // hd).numpy().T
+    for fused in (True, False):
+        y = np.empty((3, rows), np.float32)
+        qm.gemv(lin.data, lin.parts, lin.work, x, y, fused=fused)
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"{fused=}")
 
 
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
@@ -150,10 +165,9 @@ def test_unsupported_parts_are_dequantized_dense():
     torch.testing.assert_close(lin(x).double(), ref, rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(not GEMMA.exists(), reason="the Gemma 3 270M GGUF is not on this machine")
-def test_real_k_quant_tensors():
+def test_real_k_quant_tensors(gemma3_gguf):
     """Real Q4_K, Q6_K, Q5_0, Q8_0 data (Gemma 3 270M): a slice of rows of each type."""
-    reader = gguf.GGUFReader(GEMMA)
+    reader = open_gguf(gemma3_gguf)
     data = reader.data.view(np.ndarray)
     seen = {}
     for t in reader.tensors:

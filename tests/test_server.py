@@ -134,16 +134,6 @@ def server(tiny_path):
         yield served
 
 
-@pytest.fixture
-def client(server):
-    return ollama.Client(host=server.url)
-
-
-@pytest.fixture
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 # ---------------------------------------------------------------- settings
 
 

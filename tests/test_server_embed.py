@@ -24,16 +24,6 @@ def server(tiny_path):
         yield served
 
 
-@pytest.fixture
-def client(server):
-    return ollama.Client(host=server.url, timeout=120)
-
-
-@pytest.fixture
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def _no_pages_held(server) -> bool:
     pools = [e for e in server.runner("tiny").engines()]
     return all(e.cache.pages_in_use - len(e.prefix_cache.pages(e.cache)) == 0 for e in pools)

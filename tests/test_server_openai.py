@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import ollama
 import openai
 import pytest
 
@@ -22,16 +21,6 @@ MESSAGES = [{"role": "user", "content": "tell me a story"}]
 def server(tiny_path):
     with running_server(ServerSettings.from_env({}, num_parallel=4), {"tiny": tiny_path}) as served:
         yield served
-
-
-@pytest.fixture
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def client(server):
-    return ollama.Client(host=server.url, timeout=120)
 
 
 def _chat(oai, **kw):

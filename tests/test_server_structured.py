@@ -39,16 +39,6 @@ def server(tiny_path):
         yield served
 
 
-@pytest.fixture
-def client(server):
-    return ollama.Client(host=server.url, timeout=120)
-
-
-@pytest.fixture
-def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 # ---------------------------------------------------------------- parsing (no server)
 
 

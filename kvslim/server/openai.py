@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kvslim.engine import StepOutput
-from kvslim.server.common import (APIError, ClientGone, chat_logprobs, disconnected, embed_inputs,
-                                  get_runner, outputs_or_error, plan_request, registry, read_json,
-                                  start_job, status_of, token_text, with_keepalives, with_logprobs)
+from kvslim.server.common import (APIError, ClientGone, chat_logprobs, embed_inputs, get_runner,
+                                  outputs_or_error, plan_request, registry, read_json, start_job,
+                                  status_of, token_text, unless_gone, with_keepalives,
+                                  with_logprobs)
 from kvslim.server.scheduler import Job
 from kvslim.server.schemas import (ChatCompletionRequest, CompletionRequest, OpenAIEmbeddingRequest,
                                    ResponsesRequest)
@@ -144,16 +145,7 @@ async def _finish_all(jobs: list[Job], request: Request) -> None:
             if isinstance(out, Exception):
                 raise out
 
-    answer = asyncio.ensure_future(drain())
-    gone = asyncio.ensure_future(disconnected(request))
-    try:
-        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if answer not in done:
-        answer.cancel()  # leaves the jobs' outputs, which cancels them
-        raise ClientGone()
-    answer.result()
+    await unless_gone(drain(), request)
 
 
 async def _respond(request: Request, jobs: list[Job], stream: bool, chunk, first, whole,
