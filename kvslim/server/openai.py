@@ -77,6 +77,13 @@ def _choices(jobs: list[Job]) -> list[tuple[int, object]]:
 async def _merged(jobs: list[Job]) -> AsyncIterator[tuple[Job, StepOutput | Exception]]:
     """The outputs of several jobs as they come; ends after the first error. Leaving
     early cancels every job that is still running."""
+    if len(jobs) == 1:  # one prompt (its n answers included): read it directly, so that
+        # leaving closes job.outputs() at once, as the Ollama routes do
+        async for out in outputs_or_error(jobs[0]):
+            yield jobs[0], out
+            if isinstance(out, Exception):
+                return
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(job: Job) -> None:
