@@ -33,13 +33,16 @@ def tensors_in(obj, seen: set[int], depth: int = 0) -> int:
     if depth > 6 or obj is None:
         return 0
     if isinstance(obj, torch.Tensor):
+        inner = [getattr(obj, n) for n in ("_data", "_scale", "_shift") if hasattr(obj, n)]
+        if inner:  # a quanto tensor subclass (no storage of its own): its parts hold the bytes
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return sum(tensors_in(t, seen, depth + 1) for t in inner)
         key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
         if key in seen:
             return 0
         seen.add(key)
-        inner = [getattr(obj, n) for n in ("_data", "_scale", "_shift") if hasattr(obj, n)]
-        if inner:  # a quanto tensor subclass: its parts hold the bytes
-            return sum(tensors_in(t, seen, depth + 1) for t in inner)
         return obj.untyped_storage().nbytes()
     if isinstance(obj, (list, tuple)):
         return sum(tensors_in(x, seen, depth + 1) for x in obj)
