@@ -264,7 +264,7 @@ class Engine:
             seq.group.append(sib)
         for s in seq.group[1:]:
             s.group = seq.group
-        need = [sum(x) for x in zip(*(self._pages_for(s) for s in seq.group))]
+        need = self._group_pages(seq)
         if any(k > total for k, total in zip(need, self.cache.pages_per_group())):
             raise ValueError(f"a request of {n} x {seq.max_len} tokens cannot fit in the K/V pool "
                              f"({self.cache.capacity} tokens)")
@@ -327,6 +327,11 @@ class Engine:
             need = [k + 1 for k in need]
         return need
 
+    def _group_pages(self, seq: Sequence, cache_id: int | None = None) -> list[int]:
+        """Pages per cache group that ``seq`` and the other answers of its group (n > 1)
+        may take, ``seq`` holding ``cache_id``."""
+        return _per_group(self._pages_for(s, cache_id if s is seq else None) for s in seq.group)
+
     def _room(self) -> list[int]:
         """Free pages per cache group not promised to running sequences."""
         room = self.cache.free_per_group()
@@ -347,9 +352,7 @@ class Engine:
             while self.waiting and len(self.running) + len(self.waiting[0].group) <= self.num_parallel:
                 seq = self.waiting[0]
                 cache_id, reused = self._attach(seq)
-                need = [sum(x) for x in zip(*(self._pages_for(s, cache_id if s is seq else None)
-                                              for s in seq.group))]
-                if not self._make_room(need):
+                if not self._make_room(self._group_pages(seq, cache_id)):
                     self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
@@ -545,8 +548,7 @@ class Engine:
         """Final hidden states [T, d] float32 of the group's inputs, each as a fresh
         sequence (the group halved while the pool has no room for it); the pages are
         freed whatever happens."""
-        need = [sum(k) for k in zip(*(self.cache.claim(None, len(x), self.max_batch_tokens)
-                                      for x in group))]
+        need = _per_group(self.cache.claim(None, len(x), self.max_batch_tokens) for x in group)
         if not self._make_room(need):
             if len(group) > 1:  # smaller forwards fit where the whole group does not
                 half = len(group) // 2
@@ -667,6 +669,11 @@ def truncate_dimensions(vectors: torch.Tensor, dimensions: int | None) -> torch.
     if not 1 <= dimensions <= vectors.shape[-1]:
         raise ValueError(f"dimensions must be between 1 and {vectors.shape[-1]}, got {dimensions}")
     return torch.nn.functional.normalize(vectors[:, :dimensions], dim=-1)
+
+
+def _per_group(needs) -> list[int]:
+    """The sum, group by group, of per-group page counts."""
+    return [sum(k) for k in zip(*needs)]
 
 
 def _pack(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
