@@ -347,7 +347,7 @@ def verify(model, tokenizer, k: str, v: str, n_pages: int, fit: int) -> tuple[in
     assert len(engine.waiting) == fit + 1 - admitted
     cache = engine.cache
     for seq in engine.running:
-        cache.reserve(seq.cache_seq, CONVERSATION - cache.length(seq.cache_seq))
+        cache.reserve(seq.cache_id, CONVERSATION - cache.length(seq.cache_id))
     try:
         cache.reserve(cache.new_sequence(), CONVERSATION)
         extra_fits = True

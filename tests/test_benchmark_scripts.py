@@ -81,3 +81,23 @@ def test_load_benchmark_runs(tiny):
     out = run("benchmarks/load.py", tiny)
     row = next(line for line in out.splitlines() if line.startswith(f"| {tiny} |"))
     assert all(float(x) >= 0 for x in row.strip("|").split("|")[1:])  # four timings
+
+
+@pytest.mark.slow
+def test_serve_benchmark_every_table(tmp_path, monkeypatch):
+    """Throughput, prefill latency, constrained decoding and the capacity table, on a tiny
+    model in a private store (the server resolves store names)."""
+    import dataclasses
+
+    from kvslim import store
+
+    monkeypatch.setenv("KVSLIM_MODELS", str(tmp_path / "store"))
+    path = tmp_path / "tiny.gguf"  # a context of 4,096: the capacity table's conversations
+    tiny_llama.write(path, dataclasses.replace(tiny_llama.Tiny(), ctx=4096))
+    store.copy_model(path, "tiny")
+    out = run("benchmarks/serve.py", "--model", "tiny", "--types", "q8_0,q4_0", "--streams", "1,2",
+              "--decode", "2", "--prefill", "64", "--constrained", "1", "--rounds", "1",
+              "--budget", "4MiB", "--num-ctx", "256")
+    for title in ("Aggregate decode tok/s", "Concurrent 4,096-token conversations"):
+        assert title in out
+    assert out.count("q4_0/q4_0") >= 2  # a row in the throughput and in the capacity table
