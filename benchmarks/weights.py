@@ -13,17 +13,20 @@ Q4_0/Q4_1/Q4_K groups exactly after a repacking copy) as candidates; and 512 inp
 (prefill) as time relative to float32 ``F.linear`` on the same shape.
 
 Models: each (model, weights mode) loads in a fresh process, so resident memory (RSS)
-after load is its own: load time, RSS, then prefill and decode tok/s per prompt length
-and cache type (``generate.interleaved``: the types' engines share the weights and step
-in turn). llama.cpp on the same file, in the same way, when ``import llama_cpp`` works.
-Synthetic models (``synth_model.py``) are written on first use under /work/models/synth.
-Numbers drift with machine load: compare rows of one run; the load average is printed.
+after load is its own: load time, RSS after load, peak RSS over the whole run (every
+weight page touched, the K/V pools and the prefill's activations), then prefill and
+decode tok/s per prompt length and cache type (``generate.interleaved``: the types'
+engines share the weights and step in turn). llama.cpp on the same file, in the same
+way, when ``import llama_cpp`` works. Synthetic models (``synth_model.py``) are written
+on first use under /work/models/synth. Numbers drift with machine load: compare rows of
+one run; the load average is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -130,6 +133,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """The process's largest resident set so far (Linux: ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_kvslim(model: str, weights: str, lengths, types, n_decode: int) -> dict:
     """One (model, weights mode) in this process: load, RSS, speed per length and type."""
     from kvslim import LLM
@@ -147,6 +155,7 @@ def run_kvslim(model: str, weights: str, lengths, types, n_decode: int) -> dict:
             out["rows"].append({"n": n, "type": k, "prefill": pre, "decode": 1 / med, "best": 1 / best})
         del engines
     out["rss_end"] = rss_bytes()
+    out["rss_peak"] = peak_rss_bytes()
     return out
 
 
@@ -173,6 +182,7 @@ def run_llamacpp(model: str, lengths, types, n_decode: int) -> dict:
             out["rows"].append({"n": n, "type": k, "prefill": n / pre, "decode": 1 / float(np.median(steps)),
                                 "best": 1 / min(steps)})
             del llm
+    out["rss_peak"] = peak_rss_bytes()
     return out
 
 
@@ -205,7 +215,7 @@ def bench_models(args, bw: float) -> None:
         print("# llama_cpp not importable: no llama.cpp rows")
     for model in models:
         print(f"\n## {Path(model).name}")
-        print(f"{'weights':<12}{'load s':>8}{'RSS MB':>8}{'held MB':>9}{'prompt':>8}{'cache':>7}"
+        print(f"{'weights':<12}{'load s':>8}{'RSS MB':>8}{'peak MB':>9}{'held MB':>9}{'prompt':>8}{'cache':>7}"
               f"{'prefill tok/s':>15}{'decode tok/s':>14}{'best step':>11}{'floor tok/s':>13}")
         for eng in engines:
             if eng == "dequantize" and args.big and "8b" in model:
@@ -221,7 +231,7 @@ def bench_models(args, bw: float) -> None:
             held = r.get("weight_bytes")
             for row in r["rows"]:
                 floor = bw / held if held else float("nan")  # weights only: a lower bound per step
-                print(f"{eng:<12}{r['load_s']:>8.2f}{r['rss'] / 1e6:>8.0f}"
+                print(f"{eng:<12}{r['load_s']:>8.2f}{r['rss'] / 1e6:>8.0f}{r['rss_peak'] / 1e6:>9.0f}"
                       f"{(held or 0) / 1e6:>9.0f}{row['n']:>8}{row['type']:>7}{row['prefill']:>15.1f}"
                       f"{row['decode']:>14.1f}{row['best']:>11.1f}{floor:>13.1f}", flush=True)
 
