@@ -250,3 +250,39 @@ def _continue(llm: LLM, prefix: list[int], rest: list[int]) -> torch.Tensor:
     assert e.cache.free_per_group() == before
     e.cache.check()
     return out
+
+
+@pytest.mark.slow
+def test_gemma3_cache_saved_in_one_process_restores_exactly_in_another(gemma3_gguf, tmp_path):
+    """The real Gemma 3 270M (15 of 18 layers on a window of 512), q8_0 K / q4_0 V with the
+    default coding, a prompt of about 700 tokens fed in chunks of 128: a child process
+    saves it (its window layers hold their last pages only) and the logits of a
+    continuation; this process restores the file and gets the same logits bit for bit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    kw = dict(num_ctx=1024, progress=False, cache_type_k="q8_0", cache_type_v="q4_0",
+              max_batch_tokens=128)
+    script = textwrap.dedent(f"""
+        import torch
+        from kvslim.engine import run_step
+        from kvslim.llm import LLM
+        llm = LLM({str(gemma3_gguf)!r}, **{kw!r})
+        ids = llm.tokenize("The history of the town, as the old speaker told it to us: " * 50)[:700]
+        llm.save_cache({str(tmp_path / 'g.kvc')!r}, ids[:-9])
+        e = llm.engine
+        cid, reused = e.prefix_cache.attach(e.cache, ids)
+        assert reused == len(ids) - 9
+        out = run_step(e.model, e.attn, e.cache, [cid], [9], ids[-9:])
+        torch.save((ids, out), {str(tmp_path / 'logits.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+    ids, logits = torch.load(tmp_path / "logits.pt")
+    saved = kvfile.read(tmp_path / "g.kvc")
+    windowed = [g for g in saved.groups if g.window]
+    assert len(ids) == 700 and windowed[0].window == 512 and windowed[0].first == 128
+    full = KVCache.bytes_per_token(18, 1, 256, "q8_0", "q4_0") * 691
+    assert saved.nbytes < full
+    llm = LLM(gemma3_gguf, prompt_cache=tmp_path / "g.kvc", **kw)
+    assert torch.equal(_continue(llm, ids[:-9], ids[-9:]), logits)
