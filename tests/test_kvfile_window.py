@@ -112,6 +112,57 @@ def test_restore_without_window_pages_changes_nothing(gemma, tmp_path):
         small.grow(64)
 
 
+def _pool(window_pages: int = 8) -> KVCache:
+    # layers 0 and 2 on a window of 5, layer 1 global
+    return KVCache(3, 1, 32, 16, page_size=PAGE, windows=[5, 0, 5], window_pages=window_pages,
+                   cache_type_k="q8_0", cache_type_v="q8_0")
+
+
+def test_new_held_builds_a_sequence_holding_a_window_tail_or_nothing():
+    cache = _pool(window_pages=3)
+    cid = cache.new_held(14, [0, 8])  # a query at 14 sees 10..13: pages 2 and 3 suffice
+    assert cache.pages(cid, 1)[:2] == [-1, -1] and min(cache.pages(cid, 1)[2:]) >= 0
+    assert len(cache.pages(cid, 0)) == 4 and cache.held_from(cid, 1) == 8
+    cache.check()
+    before = cache.free_per_group()
+    for first, why in (([0, 6], "position 6"), ([0, 12], "position 12"), ([4, 8], "window of 0"),
+                       ([0], "groups")):
+        with pytest.raises(ValueError, match=why):
+            cache.new_held(14, first)
+    with pytest.raises(CacheFull, match="window of 5"):
+        cache.new_held(14, [0, 4])  # three window pages, one free
+    assert cache.free_per_group() == before and cache.sequences == [cid]
+    cache.reserve(cid, 3)  # it grows as any sequence: its window moves on
+    cache.check()
+
+
+def test_unshare_last_copies_a_shared_partial_page_in_every_group():
+    cache = _pool()
+    a = cache.new_sequence()
+    cache.reserve(a, 6)  # pages of 4: the second one partial
+    rows = torch.randn(6, 1, 32)
+    for layer in range(3):
+        cache.write(layer, cache.slots(a, 0, 6, cache.group_index(layer)), rows, rows)
+    b = cache.fork(a)
+    full = cache.free_per_group()
+    cache.unshare_last(b)
+    assert cache.free_per_group() == [f - 1 for f in full]
+    for g in range(2):
+        assert cache.pages(b, g)[:-1] == cache.pages(a, g)[:-1]
+        assert cache.pages(b, g)[-1] != cache.pages(a, g)[-1]
+    for layer in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(cache.read(layer, a), cache.read(layer, b)))
+    cache.check()
+    tight = _pool(window_pages=2)  # no free window page: nothing changes
+    t = tight.new_sequence()
+    tight.reserve(t, 6)
+    u = tight.fork(t)
+    before = (tight.free_per_group(), tight.pages(u, 0), tight.pages(u, 1))
+    with pytest.raises(CacheFull):
+        tight.unshare_last(u)
+    assert (tight.free_per_group(), tight.pages(u, 0), tight.pages(u, 1)) == before
+
+
 def _with_meta(path, out, **meta):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
