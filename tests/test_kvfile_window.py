@@ -337,3 +337,32 @@ def test_gemma3_cache_saved_in_one_process_restores_exactly_in_another(gemma3_gg
     assert saved.nbytes < full
     llm = LLM(gemma3_gguf, prompt_cache=tmp_path / "g.kvc", **kw)
     assert torch.equal(_continue(llm, ids[:-9], ids[-9:]), logits)
+
+
+def test_the_server_keeps_a_windowed_models_prefix_cache_across_a_restart(tmp_path):
+    """KVSLIM_PREFIX_CACHE_DIR with a sliding-window model (it used to be ignored): the
+    restarted server restores the file and reuses it for the same prompt. A window of 64,
+    one server page: a finished request's whole pages are kept whatever its length (as
+    Gemma 3's 512 over pages of 64)."""
+    import httpx
+
+    from kvslim.settings import ServerSettings
+    from test_server import running_server
+
+    gemma_path = tmp_path / "w64.gguf"
+    tiny_models.write_gemma3(gemma_path, dataclasses.replace(T, window=64))
+
+    settings = ServerSettings.from_env({"KVSLIM_PREFIX_CACHE_DIR": str(tmp_path / "pc")},
+                                       num_parallel=1)
+    body = {"model": "tiny", "prompt": "the cab " * 30, "raw": True, "stream": False,
+            "options": {"num_predict": 3, "temperature": 0}}
+    got = []
+    for _ in range(2):
+        with running_server(settings, {"tiny": gemma_path}) as served:
+            got.append(httpx.post(served.url + "/api/generate", json=body, timeout=120).json())
+            ps = httpx.get(served.url + "/api/ps").json()["models"][0]["kv_cache"]
+    assert got[0].get("prompt_cache_count", 0) == 0 and got[1]["prompt_cache_count"] >= 64
+    assert got[1]["response"] == got[0]["response"]
+    assert ps["prefix_cache_files_restored"] == 1 and ps["window"] == 64
+    (file,) = (tmp_path / "pc").glob("*.kvc")
+    assert kvfile.read(file).meta["format_version"] == "2"
