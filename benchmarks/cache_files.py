@@ -1,8 +1,14 @@
 """Cache files (``LLM.save_cache``) per cache type: bytes on disk against the cache bytes
 of the same tokens, and the time to save (a prefill included) and to load.
 
+'full bytes' is what the tokens would take with every layer holding every position: a
+model with sliding-window layers (Gemma 3) saves only the pages its window layers still
+hold, so its files are smaller than that.
+
     python benchmarks/cache_files.py                 # SmolLM2, 1,000 tokens of the Jargon File
     python benchmarks/cache_files.py --tokens 200 --types f16,q4_0
+    python benchmarks/cache_files.py --model /work/models/gemma/gemma-3-270m-q4_k_m.gguf \
+        --tokens 2000 --types q8_0,q4_0
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ def main() -> None:
     ap.add_argument("--types", default="f16,q8_0,q8_0/q4_0,q4_0")
     args = ap.parse_args()
 
+    from kvslim.cache import KVCache
     from kvslim.llm import LLM
 
     opener = gzip.open if args.text.endswith(".gz") else open
@@ -40,12 +47,16 @@ def main() -> None:
             LLM.load_cache(llm, path)  # read, checked, restored (as a new process would)
             t2 = time.perf_counter()
             base = base or info["bytes"]
-            rows.append((spec, info["tokens"], info["cache_bytes"], info["bytes"],
+            c = llm.engine.cache
+            full = KVCache.bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, c.cache_type_k,
+                                           c.cache_type_v, c.v_head_dim) * info["tokens"]
+            rows.append((spec, info["tokens"], round(full), info["cache_bytes"], info["bytes"],
                          info["bytes"] / base, t1 - t0, t2 - t1))
-    print(f"{'K/V':<12}{'tokens':>8}{'cache bytes':>14}{'file bytes':>14}{'vs first':>10}"
-          f"{'save s':>9}{'load s':>9}")
-    for spec, n, cache, file, ratio, save, load in rows:
-        print(f"{spec:<12}{n:>8}{cache:>14,}{file:>14,}{ratio:>10.3f}{save:>9.2f}{load:>9.3f}")
+    print(f"{'K/V':<12}{'tokens':>8}{'full bytes':>14}{'cache bytes':>14}{'file bytes':>14}"
+          f"{'vs first':>10}{'save s':>9}{'load s':>9}")
+    for spec, n, full, cache, file, ratio, save, load in rows:
+        print(f"{spec:<12}{n:>8}{full:>14,}{cache:>14,}{file:>14,}{ratio:>10.3f}{save:>9.2f}"
+              f"{load:>9.3f}")
 
 
 if __name__ == "__main__":

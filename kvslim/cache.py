@@ -348,6 +348,51 @@ class KVCache:
                 g.refs[page] += 1
         return child
 
+    def held_from(self, cid: int, group: int = 0) -> int:
+        """First position of ``cid`` that a group still holds (0 for a global group; its
+        length when it holds none)."""
+        return self.groups[group].first_live(self._check_cid(cid), self.page_size, self._lens[cid])
+
+    def new_held(self, n: int, first: list[int]) -> int:
+        """A new sequence of ``n`` tokens whose rows the caller writes next (a restored cache
+        file): group i holds the pages from position ``first[i]`` (a multiple of page_size,
+        0 for a global group) on, those before it -1 as ``reserve`` leaves a window's.
+        ValueError when a window group would miss keys the next query sees; all or
+        nothing: CacheFull leaves the pool unchanged."""
+        ps = self.page_size
+        if n <= 0 or len(first) != len(self.groups):
+            raise ValueError(f"cannot hold {n} tokens from {first} in {len(self.groups)} groups")
+        spans = []
+        for g, f in zip(self.groups, first):
+            if f % ps or not 0 <= f <= (max(0, n - g.window + 1) if g.window else 0):
+                raise ValueError(f"a group on a window of {g.window} cannot hold {n} tokens from "
+                                 f"position {f} (pages of {ps})")
+            spans.append((f // ps, -(-n // ps)))
+        for g, (lo, hi) in zip(self.groups, spans):
+            if hi - lo > len(g.free):
+                what = f" (layers on a window of {g.window})" if g.window else ""
+                raise CacheFull(f"K/V cache full: {n} tokens need {hi - lo} free pages of {ps} "
+                                f"tokens{what}, {len(g.free)} free of {g.n_pages}")
+        cid = self.new_sequence()
+        for g, (lo, hi) in zip(self.groups, spans):
+            g.pages[cid] = [-1] * lo + [g.take() for _ in range(lo, hi)]
+        self._lens[cid] = n
+        return cid
+
+    def unshare_last(self, cid: int) -> None:
+        """Copy ``cid``'s last page into a page of its own in every group where that page is
+        partial and shared (the copy on write ``reserve`` would make, made now: the engine
+        counts a sequence's room as if every page it holds were full or its own). All or
+        nothing: CacheFull leaves the pool unchanged."""
+        n, ps = self.length(cid), self.page_size
+        if n % ps == 0:
+            return
+        shared = [g for g in self.groups if g.refs[g.pages[cid][-1]] > 1]
+        if any(not g.free for g in shared):
+            raise CacheFull("K/V cache full: no free page to copy a shared last page into")
+        for g in shared:
+            g.pages[cid][-1] = g.copy_page(g.pages[cid][-1])
+
     def can_trim(self, cid: int, length: int) -> bool:
         """Whether ``trim(cid, length)`` can keep what the next step needs: every window
         group must still hold the keys that a query at ``length`` sees."""

@@ -32,6 +32,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -339,20 +340,23 @@ class Engine:
             room = [r - c for r, c in zip(room, self._pages_for(s, s.cache_id))]
         return room
 
-    def _make_room(self, need: list[int]) -> bool:
-        """Whether ``need`` pages per group can be promised, evicting cached prefixes if
-        that helps."""
-        short = [n - r for n, r in zip(need, self._room())]
+    def _make_room(self, need: list[int] | Callable[[], list[int]]) -> bool:
+        """Whether ``need`` pages per group (a list, or a function giving it) can be
+        promised, evicting cached prefixes if that helps. A function's need is asked again
+        after the eviction: a fork of an entry that was dropped holds its window pages
+        alone then, so it claims fewer (``KVCache.claim``)."""
+        need_now = need if callable(need) else lambda: need
+        short = [n - r for n, r in zip(need_now(), self._room())]
         if max(short) > 0 and self.prefix_cache is not None:
             self.prefix_cache.evict(self.cache, short)
-        return all(n <= r for n, r in zip(need, self._room()))
+        return all(n <= r for n, r in zip(need_now(), self._room()))
 
     def _admit(self) -> None:
         with self._lock:
             while self.waiting and len(self.running) + len(self.waiting[0].group) <= self.num_parallel:
                 seq = self.waiting[0]
                 cache_id, reused = self._attach(seq)
-                if not self._make_room(self._group_pages(seq, cache_id)):
+                if not self._make_room(lambda: self._group_pages(seq, cache_id)):
                     self.cache.free(cache_id)
                     break  # FIFO: later requests wait behind it
                 self.waiting.popleft()
@@ -577,13 +581,12 @@ class Engine:
         """Evaluate ``token_ids`` into a cache sequence (reusing cached prefixes), show it to
         ``save(cache, cid)`` (a cache file's writer), then keep it in the prefix cache (all
         of it, partial last page included) or free it. Returns the tokens evaluated."""
-        self._check_unwindowed("kept")
         ids = self._fit_prompt(list(token_ids), truncate=False)
         with self._step_lock:
             cid, reused = (self.prefix_cache.attach(self.cache, ids) if self.prefix_cache
                            else (self.cache.new_sequence(), 0))
             try:  # claim counts the pages cid already holds (a reused partial page is its own)
-                if not self._make_room(self.cache.claim(cid, len(ids), self.max_batch_tokens)):
+                if not self._make_room(lambda: self.cache.claim(cid, len(ids), self.max_batch_tokens)):
                     raise ValueError(f"no room in the K/V pool for {len(ids)} tokens while "
                                      f"{len(self.running)} sequences run")
                 for i in range(reused, len(ids), self.max_batch_tokens):
@@ -600,29 +603,22 @@ class Engine:
                     self.cache.free(cid)
         return len(ids) - reused
 
-    def add_prefix(self, tokens: list[int], restore) -> None:
+    def add_prefix(self, tokens: list[int], restore, pages: list[int] | None = None) -> None:
         """Keep restored K/V in the prefix cache: ``restore(cache) -> cid`` writes the blocks
-        of ``tokens`` into a new sequence (room is made for them first)."""
+        of ``tokens`` into a new sequence of ``pages`` per cache group (default: what a
+        sequence of them may hold; room is made for them first)."""
         if self.prefix_cache is None:
             raise ValueError("a restored K/V cache is kept in the prefix cache, which is off "
                              "(prefix_cache=False or KVSLIM_PREFIX_CACHE=0)")
-        self._check_unwindowed("restored")
         if len(tokens) >= self.num_ctx:
             raise ValueError(f"the saved cache holds {len(tokens)} tokens, no fewer than "
                              f"num_ctx={self.num_ctx}: no room would be left to continue it")
         with self._step_lock:
-            if not self._make_room(self.cache.claim(None, len(tokens), self.max_batch_tokens)):
+            need = pages or self.cache.claim(None, len(tokens), self.max_batch_tokens)
+            if not self._make_room(need):
                 raise ValueError(f"no room in the K/V pool for {len(tokens)} restored tokens "
                                  f"while {len(self.running)} sequences run")
             self.prefix_cache.insert(self.cache, restore(self.cache), list(tokens))
-
-    def _check_unwindowed(self, what: str) -> None:
-        """ValueError for a model with sliding-window layers: a whole entry with a partial
-        last page (kept or restored) is only supported on a cache of global layers alone."""
-        if self.cache.window_groups():
-            raise ValueError(f"a {what} K/V cache prefix is not supported for models with "
-                             "sliding-window layers (their pages are released as a sequence "
-                             "outgrows the window)")
 
     # ---------------------------------------------------------------- reporting
 

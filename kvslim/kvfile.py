@@ -15,12 +15,19 @@ tensor's bytes, and free-form ``extra`` fields of the caller (JSON). The planes 
 cache bytes themselves, so a file's size is the sequence's cache bytes plus a small
 header: a q4_0 file is about 0.28 of an f16 one.
 
+A model with sliding-window layers (``KVCache.window_groups``) writes format version 2:
+per cache group ``i`` (its window, its layers and the first position it still holds,
+in the ``groups`` metadata) the planes ``g<i>.k.<plane>`` / ``g<i>.v.<plane>``
+[group layers, n_kv_heads, n - first, nb, per_block]: a window group's file holds the
+pages the pool still held (about the window), not the whole prompt, and restores into
+a sequence holding the same span. A cache of global layers alone writes version 1 as
+before, so those files stay readable by earlier kvslim.
+
 ``read`` refuses what is not a complete, unaltered kvslim cache file; ``check`` refuses a
-file written for another model, other types or another coding; ``restore`` writes the
-blocks into new pages of a pool, all or nothing (only pools of global layers: a model
-with sliding-window layers, whose pages before the window are released, is refused).
-Each refusal is a ``KVFileError`` (a ValueError) whose message says what differs, so a
-restored cache is bit-identical to the saved one or nothing is restored.
+file written for another model, other types, another coding or other windows;
+``restore`` writes the blocks into new pages of a pool, all or nothing. Each refusal is
+a ``KVFileError`` (a ValueError) whose message says what differs, so a restored cache is
+bit-identical to the saved one or nothing is restored.
 """
 from __future__ import annotations
 
@@ -36,11 +43,13 @@ from kvslim import formats
 from kvslim.cache import KVCache
 from kvslim.version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "KVFileError", "SavedCache", "model_identity",
-           "coding_of", "save", "read", "read_header", "read_tokens", "check", "restore"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "KVFileError", "SavedCache", "SavedGroup",
+           "model_identity", "coding_of", "held_bytes", "save", "read", "read_header",
+           "read_tokens", "check", "restore", "can_serve"]
 
 FORMAT = "kvslim-kv-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this kvslim writes; it reads 1 and 2
+VERSIONS = ("1", "2")
 SUFFIX = ".kvc"
 
 
@@ -95,13 +104,23 @@ def coding_of(codec) -> tuple[dict, dict[str, torch.Tensor]]:
     return desc, tensors
 
 
-def _check_unwindowed(cache: KVCache) -> None:
-    if cache.window_groups():
-        raise KVFileError("K/V cache files are not supported for models with sliding-window "
-                          "layers (their pages before the window are released)")
-
-
 # ---------------------------------------------------------------- the file
+
+
+@dataclass
+class SavedGroup:
+    """One cache group's part of a file: the layers on one window (0: every position) and
+    their stored rows from position ``first`` to the end."""
+
+    window: int
+    layers: list[int]
+    first: int
+    k: dict[str, torch.Tensor]  # plane -> [group layers, Hkv, n - first, nb, per]
+    v: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
 
 
 @dataclass
@@ -109,10 +128,9 @@ class SavedCache:
     """A cache file's content, checked against its own checksum."""
 
     path: Path
-    meta: dict  # format, version, model, type_k, type_v, layout, coding, extra
+    meta: dict  # format, version, model, type_k, type_v, layout, coding, extra (, groups)
     tokens: list[int]
-    k: dict[str, torch.Tensor]  # plane -> [L, Hkv, n, nb, per]
-    v: dict[str, torch.Tensor]
+    groups: list[SavedGroup]
     coding: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -122,7 +140,28 @@ class SavedCache:
     @property
     def nbytes(self) -> int:
         """Cache bytes held (the planes)."""
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+        return sum(g.nbytes for g in self.groups)
+
+    def can_serve(self, length: int, page_size: int) -> bool:
+        """``can_serve`` of this file's groups."""
+        return can_serve(self.meta["groups"], len(self.tokens), length, page_size)
+
+    def pages(self, page_size: int) -> list[int]:
+        """Pages per cache group that ``restore`` takes in a pool of ``page_size``."""
+        n = len(self.tokens)
+        return [-(-n // page_size) - -(-g.first // page_size) for g in self.groups]
+
+
+def can_serve(groups: list[dict], n: int, length: int, page_size: int) -> bool:
+    """Whether the first ``length`` of a file's ``n`` tokens (``groups`` from its header),
+    restored into pages of ``page_size``, can be continued: every window group still holds
+    the keys a query at ``length`` sees (``KVCache.can_trim``'s rule). A window group
+    that released the start of a long prompt cannot serve a shorter prefix of it."""
+    if length == n:
+        return n > 0
+    return 0 < length < n and all(-(-g["first"] // page_size) * page_size
+                                  <= max(0, length - g["window"] + 1)
+                                  for g in groups if g["window"])
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -139,29 +178,52 @@ def _layout(cache: KVCache) -> dict:
             "head_dim": cache.head_dim, "v_head_dim": cache.v_head_dim}
 
 
+def _group_name(version: str, i: int) -> str:
+    return "" if version == "1" else f"g{i}."
+
+
+def held_bytes(cache: KVCache, cid: int) -> int:
+    """Cache bytes sequence ``cid`` holds in its rows (a window group's from the first
+    position it still holds): the planes a cache file of it stores."""
+    n = cache.length(cid)
+    per_row = cache.n_kv_heads * (cache.head_dim * formats.bytes_per_element(cache.cache_type_k)
+                                  + cache.v_head_dim * formats.bytes_per_element(cache.cache_type_v))
+    return round(sum(len(g.layers) * (n - cache.held_from(cid, i)) * per_row
+                     for i, g in enumerate(cache.groups)))
+
+
 def save(path: str | os.PathLike, cache: KVCache, cid: int, tokens: list[int], model_id: str,
          extra: dict | None = None) -> int:
     """Write sequence ``cid`` of ``cache`` (holding ``tokens``) to ``path``; the bytes written.
 
-    Written to a temporary file renamed over ``path``, so a reader never sees half a file."""
+    Every group's rows the pool still holds are written (a window group's from its first
+    held page). Written to a temporary file renamed over ``path``, so a reader never sees
+    half a file."""
     from safetensors.torch import save_file
 
-    _check_unwindowed(cache)
     n = cache.length(cid)
     if len(tokens) != n or n == 0:
         raise ValueError(f"sequence {cid} holds {n} tokens, {len(tokens)} token ids given")
+    version = "2" if cache.window_groups() else "1"
     tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
-    per_layer = [cache.gather(layer, cid) for layer in range(cache.n_layers)]
-    for side, fmt, i in (("k", cache.fmt_k, 0), ("v", cache.fmt_v, 1)):
-        for name, _, _ in fmt.planes:  # [L, Hkv, n, nb, per]
-            tensors[f"{side}.{name}"] = torch.stack([g[i][name] for g in per_layer]).cpu().contiguous()
+    groups = []
+    for i, g in enumerate(cache.groups):
+        first = cache.held_from(cid, i)
+        per_layer = [cache.gather(layer, cid, first) for layer in g.layers]
+        for side, fmt, j in (("k", cache.fmt_k, 0), ("v", cache.fmt_v, 1)):
+            for name, _, _ in fmt.planes:  # [group layers, Hkv, n - first, nb, per]
+                tensors[f"{_group_name(version, i)}{side}.{name}"] = torch.stack(
+                    [got[j][name] for got in per_layer]).cpu().contiguous()
+        groups.append({"window": g.window, "layers": g.layers, "first": first})
     desc, coding = coding_of(cache.codec)
     tensors.update(coding)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kvslim": __version__,
+    meta = {"format": FORMAT, "format_version": version, "kvslim": __version__,
             "model": model_id, "type_k": cache.cache_type_k, "type_v": cache.cache_type_v,
             "n_tokens": str(n), "layout": json.dumps(_layout(cache)),
             "coding": json.dumps(desc, sort_keys=True), "extra": json.dumps(extra or {}),
             "sha256": _checksum(tensors)}
+    if version != "1":
+        meta["groups"] = json.dumps(groups)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -174,7 +236,8 @@ def save(path: str | os.PathLike, cache: KVCache, cid: int, tokens: list[int], m
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """A cache file's metadata alone (cheap: the JSON header), checked to be ours."""
+    """A cache file's metadata alone (cheap: the JSON header), checked to be ours; its
+    ``groups`` are [{"window", "layers", "first"}] (one global group for version 1)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -188,19 +251,34 @@ def read_header(path: str | os.PathLike) -> dict:
     if meta.get("format") != FORMAT:
         raise KVFileError(f"{path}: not a kvslim K/V cache file (a safetensors file without "
                           f"format {FORMAT!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in VERSIONS:
         raise KVFileError(f"{path}: K/V cache file format version {meta.get('format_version')} "
                           f"(written by kvslim {meta.get('kvslim', '?')}); this kvslim reads "
-                          f"version {FORMAT_VERSION}")
+                          f"versions {' and '.join(VERSIONS)}")
     try:
         for key in ("layout", "coding", "extra"):
             meta[key] = json.loads(meta[key])
         meta["n_tokens"] = int(meta["n_tokens"])
         for key in ("model", "type_k", "type_v", "sha256"):
             meta[key] = str(meta[key])
+        meta["groups"] = _groups_of(meta)
     except (KeyError, ValueError, TypeError) as e:
         raise KVFileError(f"{path}: K/V cache file with a damaged header ({_short(e)})") from None
     return meta
+
+
+def _groups_of(meta: dict) -> list[dict]:
+    if meta["format_version"] == "1":
+        return [{"window": 0, "layers": list(range(meta["layout"]["n_layers"])), "first": 0}]
+    groups = json.loads(meta["groups"])
+    out = [{"window": int(g["window"]), "layers": [int(x) for x in g["layers"]],
+            "first": int(g["first"])} for g in groups]
+    n, n_layers = meta["n_tokens"], meta["layout"]["n_layers"]
+    if sorted(x for g in out for x in g["layers"]) != list(range(n_layers)) or any(
+            not 0 <= g["first"] <= max(0, n - g["window"] + 1) if g["window"] else g["first"]
+            for g in out):
+        raise ValueError(f"groups {out} do not fit {n_layers} layers and {n} tokens")
+    return out
 
 
 def read_tokens(path: str | os.PathLike) -> list[int]:
@@ -230,9 +308,12 @@ def read(path: str | os.PathLike) -> SavedCache:
         raise KVFileError(f"{path}: K/V cache file is damaged (its data does not match the "
                           "checksum it was written with)")
     try:
-        saved = SavedCache(path, meta, tensors.pop("tokens").tolist(),
-                           _planes(tensors, "k", meta["type_k"]),
-                           _planes(tensors, "v", meta["type_v"]),
+        version = meta["format_version"]
+        groups = [SavedGroup(g["window"], g["layers"], g["first"],
+                             _planes(tensors, f"{_group_name(version, i)}k", meta["type_k"]),
+                             _planes(tensors, f"{_group_name(version, i)}v", meta["type_v"]))
+                  for i, g in enumerate(meta["groups"])]
+        saved = SavedCache(path, meta, tensors.pop("tokens").tolist(), groups,
                            {n: t for n, t in tensors.items() if n.startswith("codec.")})
     except (KeyError, ValueError) as e:
         raise KVFileError(f"{path}: K/V cache file is inconsistent ({_short(e)})") from None
@@ -253,12 +334,13 @@ def _planes(tensors: dict, side: str, type_: str) -> dict[str, torch.Tensor]:
 
 def _check_shapes(saved: SavedCache) -> None:
     lay, n = saved.meta["layout"], saved.meta["n_tokens"]
-    for side, planes, dim in (("k", saved.k, lay["head_dim"]), ("v", saved.v, lay["v_head_dim"])):
-        want = (lay["n_layers"], lay["n_kv_heads"], n, dim // formats.QK)
-        for name, t in planes.items():
-            if tuple(t.shape[:4]) != want:
-                raise KVFileError(f"{saved.path}: plane {side}.{name} has shape {list(t.shape)}, "
-                                  f"the header says {list(want)} + block")
+    for g in saved.groups:
+        for side, planes, dim in (("k", g.k, lay["head_dim"]), ("v", g.v, lay["v_head_dim"])):
+            want = (len(g.layers), lay["n_kv_heads"], n - g.first, dim // formats.QK)
+            for name, t in planes.items():
+                if tuple(t.shape[:4]) != want:
+                    raise KVFileError(f"{saved.path}: plane {side}.{name} has shape "
+                                      f"{list(t.shape)}, the header says {list(want)} + block")
     if len(saved.tokens) != n:
         raise KVFileError(f"{saved.path}: {len(saved.tokens)} token ids for {n} tokens")
 
@@ -275,7 +357,6 @@ def check(saved: SavedCache, cache: KVCache, model_id: str, vocab_size: int | No
     """KVFileError unless ``saved`` was written for this model, these types, this layout
     and this coding (everything that decides how the stored blocks are read)."""
     meta, where = saved.meta, saved.path
-    _check_unwindowed(cache)
     if meta["model"] != model_id:
         raise KVFileError(f"{where}: K/V cache file was written for another model (or another "
                           "version of its GGUF file)")
@@ -287,6 +368,10 @@ def check(saved: SavedCache, cache: KVCache, model_id: str, vocab_size: int | No
     if meta["layout"] != _layout(cache):
         raise KVFileError(f"{where}: K/V cache file layout {meta['layout']} differs from this "
                           f"cache's {_layout(cache)}")
+    ours = [(g.window, g.layers) for g in cache.groups]
+    if [(g.window, g.layers) for g in saved.groups] != ours:
+        raise KVFileError(f"{where}: K/V cache file's layers keep {_windows_text(saved.groups)}, "
+                          f"this cache's {_windows_text(cache.groups)}")
     if vocab_size is not None and saved.tokens and not 0 <= min(saved.tokens) <= max(saved.tokens) < vocab_size:
         raise KVFileError(f"{where}: K/V cache file has token ids outside [0, {vocab_size})")
     _check_coding(saved, cache, hint)
@@ -324,23 +409,30 @@ def _centered(tensors: dict) -> str:
     return "+".join(sides) or "nothing"
 
 
-def restore(cache: KVCache, saved: SavedCache, length: int | None = None) -> int:
-    """A new sequence of ``cache`` holding the first ``length`` (default all) saved tokens'
-    blocks; ``check`` first. All or nothing: ``CacheFull`` leaves the pool unchanged."""
-    _check_unwindowed(cache)
-    n = saved.meta["n_tokens"] if length is None else length
-    if not 0 < n <= saved.meta["n_tokens"]:
-        raise ValueError(f"cannot restore {n} of {saved.meta['n_tokens']} saved tokens")
-    cid = cache.new_sequence()
+def _windows_text(groups) -> str:
+    return "; ".join(f"layers {g.layers} every position" if not g.window else
+                     f"layers {g.layers} a window of {g.window}" for g in groups)
+
+
+def restore(cache: KVCache, saved: SavedCache) -> int:
+    """A new sequence of ``cache`` holding the saved blocks (each group the span the file
+    holds, a window group's start rounded up to this pool's pages); ``check`` first. All
+    or nothing: ``CacheFull`` leaves the pool unchanged."""
+    n, ps = saved.meta["n_tokens"], cache.page_size
+    firsts = [-(-g.first // ps) * ps for g in saved.groups]
     try:
-        slots = cache.reserve(cid, n).to(cache.device)
-    except BaseException:
-        cache.free(cid)
-        raise
-    page, off = slots // cache.page_size, slots % cache.page_size
-    for planes, got in ((cache.k_planes, saved.k), (cache.v_planes, saved.v)):
-        for name, t in planes.items():
-            # saved [L, Hkv, n, nb, per]; t[:, page, :, off] is [n, L, Hkv, nb, per] (the
-            # two index tensors are apart, so their dimension comes first)
-            t[:, page, :, off] = got[name][:, :, :n].to(cache.device).permute(2, 0, 1, 3, 4)
+        cid = cache.new_held(n, firsts)
+    except ValueError as e:  # CacheFull is no ValueError: it passes through
+        raise KVFileError(f"{saved.path}: K/V cache file cannot be restored into pages of "
+                          f"{ps} tokens ({e})") from None
+    for i, (g, got, first) in enumerate(zip(cache.groups, saved.groups, firsts)):
+        slots = cache.slots(cid, first, n, i).to(cache.device)
+        page, off = slots // ps, slots % ps
+        for planes, rows in ((g.k_planes, got.k), (g.v_planes, got.v)):
+            for name, t in planes.items():
+                # saved [GL, Hkv, n - got.first, nb, per]; t[:, page, :, off] is
+                # [n - first, GL, Hkv, nb, per] (the two index tensors are apart, so their
+                # dimension comes first)
+                x = rows[name][:, :, first - got.first:]
+                t[:, page, :, off] = x.to(cache.device).permute(2, 0, 1, 3, 4)
     return cid

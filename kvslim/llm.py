@@ -336,12 +336,11 @@ class LLM:
 
         def write(cache, cid):
             out["bytes"] = kvfile.save(path, cache, cid, ids, self.model_id, extra)
+            out["cache_bytes"] = kvfile.held_bytes(cache, cid)
 
         with self._lock:
             evaluated = self.engine.keep_prefix(ids, write)
-        per_token = self.engine.cache.nbytes // self.engine.cache.capacity
-        return {"path": str(path), "tokens": len(ids), "evaluated": evaluated,
-                "bytes": out["bytes"], "cache_bytes": per_token * len(ids)}
+        return {"path": str(path), "tokens": len(ids), "evaluated": evaluated, **out}
 
     def _cache_prompt_ids(self, prompt, system) -> list[int]:
         if (prompt is None) == (system is None):
@@ -370,7 +369,8 @@ class LLM:
                 f"{self.engine.num_ctx}" if num_ctx != self.engine.num_ctx else "")
         kvfile.check(saved, self.engine.cache, self.model_id, self.config.vocab_size, hint)
         with self._lock:
-            self.engine.add_prefix(saved.tokens, lambda cache: kvfile.restore(cache, saved))
+            self.engine.add_prefix(saved.tokens, lambda cache: kvfile.restore(cache, saved),
+                                   saved.pages(self.engine.cache.page_size))
         return saved
 
     # ---------------------------------------------------------------- scores and info

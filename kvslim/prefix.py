@@ -14,10 +14,12 @@ an entry is reused only where those layers still hold the keys its next token se
 
 An entry may also be inserted whole (``insert``: a cache file restored by
 ``LLM.load_cache``), partial last page included; a prompt reusing part of that page gets
-its rows copied into a page of its own. ``DiskPrefixCache`` also keeps the entries as
+the page copied into one of its own. ``DiskPrefixCache`` also keeps the entries as
 cache files (``kvslim.kvfile``) in a folder, so a restarted server finds them again.
-Both are for caches of global layers alone: with sliding-window layers ``insert`` and
-``DiskPrefixCache`` refuse (ValueError) and no partial last page is reused.
+With sliding-window layers the same rule holds for inserted entries and files: a file
+of N tokens holds its window layers' last pages only, so a prompt sharing only its
+first M < N tokens reuses it only where those layers still hold what position M sees
+(``kvfile.can_serve``); otherwise the prompt is evaluated.
 
 It sits beside the pool's allocator (above ``cache``, below ``engine``) and plugs into
 ``kvslim.engine.Engine(prefix_cache=...)``, which ``LLM`` and the server both build; the
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvslim import kvfile
-from kvslim.cache import KVCache
+from kvslim.cache import CacheFull, KVCache
 
 __all__ = ["PrefixCache", "DiskPrefixCache"]
 
@@ -89,8 +91,8 @@ class PrefixCache:
         ``tokens`` in whole pages (or into an inserted entry's last, partial page), or an
         empty sequence."""
         entry, n = self._find(tokens, self.page_keys(tokens), cache)
-        tail, m = self._find_tail(tokens, n * self.page_size)
-        if tail is not None and not cache.window_groups():
+        tail, m = self._find_tail(tokens, n * self.page_size, cache)
+        if tail is not None:
             self._lru.move_to_end(tail.cache_seq)
             return self._fork_tail(cache, tail, m)
         if entry is None:
@@ -100,49 +102,49 @@ class PrefixCache:
         cache.trim(seq, n * self.page_size)  # whole pages: nothing is copied on write
         return seq, n * self.page_size
 
-    def _find_tail(self, tokens: list[int], longer_than: int) -> tuple[_Entry | None, int]:
+    def _find_tail(self, tokens: list[int], longer_than: int,
+                   cache: KVCache) -> tuple[_Entry | None, int]:
         """The entry with a partial last page sharing the most leading tokens with
-        ``tokens``, if that is more than ``longer_than`` and not a whole number of pages."""
+        ``tokens`` (as far as its window layers still hold what that length needs), if
+        that is more than ``longer_than`` and not a whole number of pages."""
         best, best_n = None, longer_than
         for e in self._tails:
             n = _common(e.tokens, tokens)
-            if n > best_n and n % self.page_size:
+            if n > best_n and n % self.page_size and cache.can_trim(e.cache_seq, n):
                 best, best_n = e, n
         return best, best_n
 
     def _fork_tail(self, cache: KVCache, e: _Entry, n: int) -> tuple[int, int]:
-        """A sequence of ``e``'s first ``n`` tokens: its whole pages shared, the rows of the
-        partial page copied into a page of its own now, so every page the sequence holds
-        is either shared and full or its own (the engine counts room that way). Without a
-        free page for the copy: the whole pages alone."""
-        whole = n - n % self.page_size
+        """A sequence of ``e``'s first ``n`` tokens: its whole pages shared, the partial
+        last page copied into a page of its own now, so every page the sequence holds is
+        either shared and full or its own (the engine counts room that way). Without a
+        free page for the copy: the whole pages alone (nothing, if the window layers
+        cannot be cut there)."""
         seq = cache.fork(e.cache_seq)
-        cache.trim(seq, whole)
-        if cache.free_pages < 1:
+        cache.trim(seq, n)
+        try:
+            cache.unshare_last(seq)
+            return seq, n
+        except CacheFull:
+            whole = n - n % self.page_size
+            if not cache.can_trim(seq, whole):
+                whole = 0
+            cache.trim(seq, whole)
             return seq, whole
-        src = cache.pages(e.cache_seq)[whole // self.page_size]
-        cache.reserve(seq, n - whole)
-        dst, rows = cache.pages(seq)[-1], n - whole
-        for planes in (cache.k_planes, cache.v_planes):
-            for t in planes.values():  # [L, n_pages, Hkv, page_size, nb, per]
-                t[:, dst, :, :rows] = t[:, src, :, :rows]
-        return seq, n
 
     def insert(self, cache: KVCache, cache_seq: int, tokens: list[int]) -> None:
         """Keep ``cache_seq`` (which holds ``tokens``, any number of them: a restored cache
-        file) as an entry; the index owns it from now on. Not for a cache with sliding-window
-        layers (ValueError): their pages of an entry's start may be gone."""
-        if cache.window_groups():
-            raise ValueError("a whole K/V cache entry (a cache file, a kept prompt) is not "
-                             "supported for models with sliding-window layers")
+        file) as an entry; the index owns it from now on."""
         if cache.length(cache_seq) != len(tokens) or not tokens:
             raise ValueError(f"sequence {cache_seq} holds {cache.length(cache_seq)} tokens, "
                              f"{len(tokens)} given")
-        if any(_common(e.tokens, tokens) == len(tokens) for e in self._lru.values()):
-            cache.free(cache_seq)  # an entry already holds all of it
+        if any(_common(e.tokens, tokens) == len(tokens) and cache.can_trim(e.cache_seq, len(tokens))
+               for e in self._lru.values()):
+            cache.free(cache_seq)  # an entry already serves all of it
             return
-        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)]:
-            self._drop(cache, e)
+        for e in [e for e in self._lru.values() if self._is_prefix(e, tokens)
+                  and cache.can_trim(cache_seq, len(e.tokens))]:
+            self._drop(cache, e)  # the new entry answers every lookup it would
         self._add(cache, _Entry(cache_seq, list(tokens), self.page_keys(tokens)))
 
     def _add(self, cache: KVCache, entry: _Entry) -> None:
@@ -232,6 +234,10 @@ class _File:
     path: Path
     tokens: list[int]  # whole pages
     keys: list[int]
+    groups: list[dict]  # the header's: window, layers, first position held
+
+    def serves(self, length: int, page_size: int) -> bool:
+        return kvfile.can_serve(self.groups, len(self.tokens), length, page_size)
 
 
 class DiskPrefixCache(PrefixCache):
@@ -243,14 +249,14 @@ class DiskPrefixCache(PrefixCache):
     cached prefix is only on disk has that file restored into the pool first. The folder
     holds at most ``budget`` bytes: the least recently used files (written or restored
     longest ago, by mtime) go first. Files of other models, cache types or coding are
-    left alone (the folder may serve several); a file refused on load is skipped.
+    left alone (the folder may serve several); a file refused on load is skipped. With
+    sliding-window layers a file serves only the prefixes its window layers still hold
+    (``kvfile.can_serve``): a shorter one is evaluated, and a shorter file is kept beside
+    a longer one that cannot serve it.
     """
 
     def __init__(self, page_size: int, folder: str | os.PathLike, budget: int, model_id: str,
                  cache: KVCache, max_entries: int = 64, extra: dict | None = None):
-        if cache.window_groups():
-            raise ValueError("prefix cache files (KVSLIM_PREFIX_CACHE_DIR) are not supported "
-                             "for models with sliding-window layers")
         super().__init__(page_size, max_entries)
         self.folder, self.budget, self.model_id = Path(folder), budget, model_id
         self.extra = extra or {}
@@ -275,7 +281,7 @@ class DiskPrefixCache(PrefixCache):
         keys = self.page_keys(tokens)
         if not keys or len(tokens) != len(keys) * self.page_size:
             return
-        f = _File(path, tokens, keys)
+        f = _File(path, tokens, keys, meta["groups"])
         self._files[path] = f
         for key in keys:
             self._disk_by_key.setdefault(key, []).append(f)
@@ -293,7 +299,8 @@ class DiskPrefixCache(PrefixCache):
     def _find_file(self, tokens: list[int], keys: list[int]) -> tuple[_File | None, int]:
         for n in range(len(keys), 0, -1):
             for f in self._disk_by_key.get(keys[n - 1], ()):
-                if f.tokens[:n * self.page_size] == tokens[:n * self.page_size]:
+                if f.tokens[:n * self.page_size] == tokens[:n * self.page_size] and \
+                        f.serves(n * self.page_size, self.page_size):
                     return f, n
         return None, 0
 
@@ -314,10 +321,11 @@ class DiskPrefixCache(PrefixCache):
             log.warning("prefix cache: %s not restored: %s", f.path, e)
             self._unindex(f)
             return
-        need = -(-len(saved.tokens) // self.page_size)
-        if cache.free_pages < need:
-            self.evict(cache, need - cache.free_pages)
-        if cache.free_pages < need:
+        need = saved.pages(cache.page_size)
+        short = [k - free for k, free in zip(need, cache.free_per_group())]
+        if max(short) > 0:
+            self.evict(cache, short)
+        if any(k > free for k, free in zip(need, cache.free_per_group())):
             return
         super().insert(cache, kvfile.restore(cache, saved), saved.tokens)
         self.restored += 1
@@ -349,9 +357,11 @@ class DiskPrefixCache(PrefixCache):
             log.warning("prefix cache: %s not written: %s", path, e)
             return
         self.written += 1
-        for old in [g for g in self._files.values() if _strict_prefix(g.tokens, entry.tokens)]:
-            self._unindex(old, delete=True)  # the new file answers every lookup it would
         self._index(path)
+        new = self._files.get(path)
+        for old in [g for g in self._files.values() if new is not None and
+                    _strict_prefix(g.tokens, entry.tokens) and new.serves(len(g.tokens), self.page_size)]:
+            self._unindex(old, delete=True)  # the new file answers every lookup it would
         self._trim_folder()
 
     def _trim_folder(self) -> None:

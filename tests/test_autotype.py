@@ -204,3 +204,49 @@ def test_smollm2_at_the_default_budget_is_q8_0_q4_0_class(smollm2_gguf, clean_en
     table = calibration._TABLES[llm.model]
     (kld,) = table.values()
     assert kld["q4_0/q4_0"] > DEFAULT_MAX_KLD and kld["q8_0/q8_0"] < DEFAULT_MAX_KLD / 10
+
+
+def test_each_request_budget_runs_in_the_pool_of_its_own_pair(tiny_path, clean_env, fake_table,
+                                                              monkeypatch):
+    """Per-request ``kv_max_kld`` under KVSLIM_KV_CACHE_TYPE=auto: each request's sequence
+    runs in an engine of the pair its own budget picks (requests with other budgets, in
+    flight at the same time, in pools of their own pairs); a budget that picks the
+    default's pair shares the default pool (the budget is not part of a pool's identity)."""
+    import concurrent.futures
+
+    from kvslim.engine import Engine
+    from test_server import running_server
+
+    ran = []  # (K, V, the engine's auto budget) per request admitted
+    add = Engine.add_request
+
+    def recording(self, prompt_ids, *a, **kw):
+        ran.append((self.cache.cache_type_k, self.cache.cache_type_v,
+                    self.auto.max_kld if self.auto else None))
+        return add(self, prompt_ids, *a, **kw)
+    monkeypatch.setattr(Engine, "add_request", recording)
+
+    settings = ServerSettings.from_env({"KVSLIM_KV_CACHE_TYPE": "auto"}, num_parallel=2)
+    with running_server(settings, {"tiny": tiny_path}) as server:
+        def ask(options: dict) -> tuple:
+            r = httpx.post(f"{server.url}/api/generate", timeout=120, json={
+                "model": "tiny", "prompt": "the cab", "stream": False,
+                "options": {"num_predict": 2, **options}})
+            assert r.status_code == 200, r.text
+            return ran[-1]
+
+        assert ask({}) == ("q8_0", "q4_0", DEFAULT_MAX_KLD)
+        runner = server.runner("tiny")
+        assert ask({"kv_max_kld": 0.0045})[:2] == ("q8_0", "q4_0")  # the default's pair:
+        assert len(runner.pools) == 1  # its pool, not a second one of the same types
+        assert ask({"kv_max_kld": 0.003})[:2] == ("fp8_e4m3", "fp8_e4m3")
+        assert ask({"kv_max_kld": 0.1})[:2] == ("q4_0", "q4_0")
+        assert ask({"kv_cache_type": "auto", "kv_max_kld": 0.1})[:2] == ("q4_0", "q4_0")
+        assert ask({"kv_cache_type": "q5_0"})[:2] == ("q5_0", "q5_0")
+        pairs = [(c.type_k, c.type_v) for c in runner.pools]
+        assert len(pairs) == len(set(pairs))  # one pool per pair
+        # two budgets at once: each request in its own pair's pool
+        ran.clear()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(ask, [{"kv_max_kld": 0.003}, {"kv_max_kld": 0.1}]))
+        assert sorted(r[:2] for r in ran) == [("fp8_e4m3", "fp8_e4m3"), ("q4_0", "q4_0")]

@@ -231,34 +231,6 @@ def test_engine_sizes_the_window_pool_and_reuses_prefixes(gemma):
     assert engine.cache.pages_per_group() == [2 * 16, 2 * window_pages(5, PAGE, 64, 8)]
 
 
-def test_cache_files_and_whole_entries_are_refused_with_window_layers(gemma, tmp_path):
-    """Cache files, inserted entries (partial last page) and the disk prefix cache are for
-    pools of global layers alone: a windowed pool is refused by name, nothing changed."""
-    from kvslim import kvfile
-    from kvslim.prefix import DiskPrefixCache
-
-    cache = _pool([5, 0, 5], window_pages=4)
-    cid = cache.new_sequence()
-    cache.reserve(cid, 6)
-    before = cache.free_per_group()
-    with pytest.raises(kvfile.KVFileError, match="sliding-window"):
-        kvfile.save(tmp_path / "w.kvc", cache, cid, list(range(6)), "model")
-    assert not (tmp_path / "w.kvc").exists()
-    with pytest.raises(ValueError, match="sliding-window"):
-        PrefixCache(PAGE).insert(cache, cid, list(range(6)))
-    with pytest.raises(ValueError, match="sliding-window"):
-        DiskPrefixCache(PAGE, tmp_path, 2**20, "model", cache)
-    with pytest.raises(ValueError, match="sliding-window"):
-        cache.grow(32)
-    assert cache.free_per_group() == before and cache.length(cid) == 6
-    engine = _engine(gemma, prefix=True)
-    for call in (lambda: engine.keep_prefix(IDS40[:10]),
-                 lambda: engine.add_prefix(IDS40[:10], lambda c: c.new_sequence())):
-        with pytest.raises(ValueError, match="sliding-window"):
-            call()
-    assert engine.cache.free_per_group() == engine.cache.pages_per_group()
-
-
 def test_plan_and_engine_count_the_same_bytes(gemma):
     """``kvslim plan``'s arithmetic equals the pool an engine allocates; windowed layers
     cost a fixed amount per sequence, so the maximum context grows by the global layers'

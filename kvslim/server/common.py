@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -299,10 +301,12 @@ async def disconnected(request: Request) -> None:
 
 async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
     """A job's outputs, ending with the exception instead of raising it (a stream has
-    already sent its status line, so an error becomes its last message)."""
+    already sent its status line, so an error becomes its last message). Closing this
+    closes ``job.outputs()``, which cancels the job."""
     try:
-        async for out in job.outputs():
-            yield out
+        async with contextlib.aclosing(job.outputs()) as outputs:
+            async for out in outputs:
+                yield out
     except Exception as e:  # noqa: BLE001 - reported to the client in the stream
         log.warning("request failed while streaming: %s", e)
         yield e
@@ -310,7 +314,8 @@ async def outputs_or_error(job: Job) -> AsyncIterator[StepOutput | Exception]:
 
 async def with_keepalives(items: AsyncIterator, every: float | None = None) -> AsyncIterator:
     """``items``, with None whenever ``every`` seconds (STREAM_KEEPALIVE_S) pass without
-    one. Leaving early cancels the pending read, which cancels the job."""
+    one. Leaving early cancels the pending read, or closes ``items`` between reads,
+    which cancels the job."""
     it = items.__aiter__()
     pending = asyncio.ensure_future(it.__anext__())
     try:
@@ -326,7 +331,38 @@ async def with_keepalives(items: AsyncIterator, every: float | None = None) -> A
             yield item
             pending = asyncio.ensure_future(it.__anext__())
     finally:
-        pending.cancel()
+        if not pending.done():
+            pending.cancel()  # the read's cancellation ends ``it`` where it waits
+        elif hasattr(it, "aclose"):
+            await it.aclose()  # ``it`` waits at a yield: closing it runs its finally blocks
+
+
+class JobStream(StreamingResponse):
+    """A streaming response whose body (an async generator reading engine jobs) is closed
+    as soon as the client leaves, or the response ends any other way: closing it cancels
+    its jobs, so no sequence decodes for a gone client and its pages return at the next
+    step, instead of whenever the garbage collector finalizes the generator.
+
+    Starlette notices a disconnect itself only for ASGI spec < 2.4 (otherwise on the next
+    write, which a long prefill may delay by STREAM_KEEPALIVE_S): this listens too."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        body = asyncio.ensure_future(super().__call__(scope, receive, send))
+        gone = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            body.cancel()  # nothing when it ended
+            await asyncio.wait({body})
+            await self.body_iterator.aclose()
+        if not body.cancelled():
+            body.result()  # its error, if any, as StreamingResponse raises it
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def status_of(e: Exception) -> int:

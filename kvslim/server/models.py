@@ -303,14 +303,10 @@ class Runner:
                         num_parallel=self.settings.num_parallel, page_size=self.page_size,
                         n_pages=n_pages, prefix_cache=prefix, codec=cfg.codec, auto=cfg.auto)
         if prefix is not None and self.settings.prefix_cache_dir:  # kept across restarts
-            if engine.cache.window_groups():
-                log.warning("%s: KVSLIM_PREFIX_CACHE_DIR ignored: prefix cache files are not "
-                            "supported for models with sliding-window layers", self.name)
-            else:
-                engine.prefix_cache = DiskPrefixCache(
-                    self.page_size, self.settings.prefix_cache_dir, self.settings.prefix_cache_disk,
-                    self.model_id, engine.cache,
-                    extra={"num_ctx": self.num_ctx, "model_name": self.name})
+            engine.prefix_cache = DiskPrefixCache(
+                self.page_size, self.settings.prefix_cache_dir, self.settings.prefix_cache_disk,
+                self.model_id, engine.cache,
+                extra={"num_ctx": self.num_ctx, "model_name": self.name})
         return engine
 
     def embed(self, inputs: list[list[int]], truncate: bool, num_ctx: int,

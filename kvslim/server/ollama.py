@@ -8,6 +8,7 @@ being evaluated (``prompt_eval_count`` counts the whole prompt, as Ollama's does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import threading
@@ -23,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 import kvslim
 from kvslim import modelfile, store
 from kvslim.gguf_loader import ModelConfig, open_gguf
-from kvslim.server.common import (APIError, ClientGone, chat_logprobs, collect, embed_inputs,
-                                  get_runner, keep_alive_seconds, ns, outputs_or_error, plan_request,
+from kvslim.server.common import (APIError, ClientGone, JobStream, chat_logprobs, collect,
+                                  embed_inputs, get_runner, keep_alive_seconds, ns, outputs_or_error, plan_request,
                                   registry, read_json, start_job, timestamp, with_keepalives,
                                   with_logprobs)
 from kvslim.server.models import Runner, model_details
@@ -124,22 +125,23 @@ async def _ndjson(job: Job, piece, final, logprobs, tools=None) -> AsyncIterator
     the official Python client) and already meet empty pieces from Ollama itself.
     ``tools`` (a ``ToolCallStream``): text that may be a tool call is held back, and
     the calls come in one piece (``piece(text, calls)``) before the statistics."""
-    async for out in with_keepalives(outputs_or_error(job)):
-        if out is None:
-            yield _line(piece(""))
-            continue
-        if isinstance(out, Exception):
-            yield _line({"error": str(out)})
-            return
-        text = tools.push(out.text) if tools is not None and out.text else out.text
-        if text or out.logprobs:
-            yield _line(piece(text) | logprobs(out.token_ids, out.logprobs))
-        if out.finished:
-            if tools is not None:
-                text, calls = tools.finish()
-                if text or calls:
-                    yield _line(piece(text, calls))
-            yield _line(final())
+    async with contextlib.aclosing(with_keepalives(outputs_or_error(job))) as items:
+        async for out in items:
+            if out is None:
+                yield _line(piece(""))
+                continue
+            if isinstance(out, Exception):
+                yield _line({"error": str(out)})
+                return
+            text = tools.push(out.text) if tools is not None and out.text else out.text
+            if text or out.logprobs:
+                yield _line(piece(text) | logprobs(out.token_ids, out.logprobs))
+            if out.finished:
+                if tools is not None:
+                    text, calls = tools.finish()
+                    if text or calls:
+                        yield _line(piece(text, calls))
+                yield _line(final())
 
 
 def _line(obj: dict) -> bytes:
@@ -153,7 +155,7 @@ async def _answer(request: Request, job: Job, stream: bool, piece, final, whole,
             if job.ticket.params.logprobs is not None else {}
 
     if stream:
-        return StreamingResponse(_ndjson(job, piece, final, logprobs, tools), media_type=NDJSON)
+        return JobStream(_ndjson(job, piece, final, logprobs, tools), media_type=NDJSON)
     try:
         text = await collect(job, request)
     except ClientGone:

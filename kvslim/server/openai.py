@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import struct
@@ -17,12 +18,12 @@ import time
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from kvslim.engine import StepOutput
-from kvslim.server.common import (APIError, ClientGone, chat_logprobs, embed_inputs, get_runner,
-                                  outputs_or_error, plan_request, registry, read_json, start_job,
+from kvslim.server.common import (APIError, ClientGone, JobStream, chat_logprobs, embed_inputs,
+                                  get_runner, outputs_or_error, plan_request, registry, read_json, start_job,
                                   status_of, token_text, unless_gone, with_keepalives,
                                   with_logprobs)
 from kvslim.server.scheduler import Job
@@ -79,16 +80,18 @@ async def _merged(jobs: list[Job]) -> AsyncIterator[tuple[Job, StepOutput | Exce
     early cancels every job that is still running."""
     if len(jobs) == 1:  # one prompt (its n answers included): read it directly, so that
         # leaving closes job.outputs() at once, as the Ollama routes do
-        async for out in outputs_or_error(jobs[0]):
-            yield jobs[0], out
-            if isinstance(out, Exception):
-                return
+        async with contextlib.aclosing(outputs_or_error(jobs[0])) as outputs:
+            async for out in outputs:
+                yield jobs[0], out
+                if isinstance(out, Exception):
+                    return
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(job: Job) -> None:
-        async for out in outputs_or_error(job):
-            await queue.put((job, out))
+    async def pump(job: Job) -> None:  # cancelled: its outputs closed, the job cancelled
+        async with contextlib.aclosing(outputs_or_error(job)) as outputs:
+            async for out in outputs:
+                await queue.put((job, out))
         await queue.put((job, None))
 
     tasks = [asyncio.ensure_future(pump(j)) for j in jobs]
@@ -105,6 +108,7 @@ async def _merged(jobs: list[Job]) -> AsyncIterator[tuple[Job, StepOutput | Exce
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.wait(tasks)  # every job cancelled before this generator is closed
 
 
 async def _sse(jobs: list[Job], chunk, first: dict | None, include_usage: bool,
@@ -116,28 +120,29 @@ async def _sse(jobs: list[Job], chunk, first: dict | None, include_usage: bool,
     if first is not None:
         for index in range(sum(j.ticket.n for j in jobs)):
             yield _event(chunk(index, first, None))
-    async for item in with_keepalives(_merged(jobs)):
-        if item is None:
-            yield b": keep-alive\n\n"
-            continue
-        job, out = item
-        if isinstance(out, Exception):
-            yield _event(error_body(status_of(out), str(out)))
-            break
-        index = jobs.index(job) * job.ticket.n + job.seqs.index(out.seq)
-        text = tools.push(out.text) if tools is not None and out.text else out.text
-        if text or out.logprobs:
-            yield _event(chunk(index, text, None, out))
-        if out.finished:
-            calls = None
-            if tools is not None:
-                text, calls = tools.finish()
-                if text or calls:
-                    yield _event(chunk(index, text, None, calls=calls))
-            yield _event(chunk(index, None, _finish_reason(out.seq, calls)))
-    else:
-        if include_usage:
-            yield _event(chunk(None, None, None, final_usage=True))
+    async with contextlib.aclosing(with_keepalives(_merged(jobs))) as items:
+        async for item in items:
+            if item is None:
+                yield b": keep-alive\n\n"
+                continue
+            job, out = item
+            if isinstance(out, Exception):
+                yield _event(error_body(status_of(out), str(out)))
+                break
+            index = jobs.index(job) * job.ticket.n + job.seqs.index(out.seq)
+            text = tools.push(out.text) if tools is not None and out.text else out.text
+            if text or out.logprobs:
+                yield _event(chunk(index, text, None, out))
+            if out.finished:
+                calls = None
+                if tools is not None:
+                    text, calls = tools.finish()
+                    if text or calls:
+                        yield _event(chunk(index, text, None, calls=calls))
+                yield _event(chunk(index, None, _finish_reason(out.seq, calls)))
+        else:
+            if include_usage:
+                yield _event(chunk(None, None, None, final_usage=True))
     yield b"data: [DONE]\n\n"
 
 
@@ -158,7 +163,7 @@ async def _finish_all(jobs: list[Job], request: Request) -> None:
 async def _respond(request: Request, jobs: list[Job], stream: bool, chunk, first, whole,
                    include_usage, tools=None):
     if stream:
-        return StreamingResponse(_sse(jobs, chunk, first, include_usage, tools),
+        return JobStream(_sse(jobs, chunk, first, include_usage, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
@@ -300,7 +305,7 @@ async def responses(request: Request):
         return "incomplete" if job.seq.finish_reason == "length" else "completed"
 
     if req.stream:
-        return StreamingResponse(_response_events(job, response, status, mid),
+        return JobStream(_response_events(job, response, status, mid),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         await _finish_all([job], request)
@@ -353,16 +358,17 @@ async def _response_events(job: Job, response, status, mid: str) -> AsyncIterato
                       "content": []})
     yield event("response.content_part.added", part=_output_text(""), **where)
     text = ""
-    async for item in with_keepalives(outputs_or_error(job)):
-        if item is None:
-            yield b": keep-alive\n\n"
-            continue
-        if isinstance(item, Exception):
-            yield event("error", code=None, message=str(item), param=None)
-            return
-        if item.text:
-            text += item.text
-            yield event("response.output_text.delta", delta=item.text, logprobs=[], **where)
+    async with contextlib.aclosing(with_keepalives(outputs_or_error(job))) as items:
+        async for item in items:
+            if item is None:
+                yield b": keep-alive\n\n"
+                continue
+            if isinstance(item, Exception):
+                yield event("error", code=None, message=str(item), param=None)
+                return
+            if item.text:
+                text += item.text
+                yield event("response.output_text.delta", delta=item.text, logprobs=[], **where)
     yield event("response.output_text.done", text=text, logprobs=[], **where)
     yield event("response.content_part.done", part=_output_text(text), **where)
     done = response(status(), text)

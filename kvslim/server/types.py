@@ -5,7 +5,7 @@ runner, so ``models`` builds a ``Scheduler`` without a cycle between the two.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from kvslim.autotype import AutoChoice
@@ -40,7 +40,9 @@ class CacheConfig:
     type_k: str
     type_v: str
     codec: CodecSettings = CodecSettings()
-    auto: AutoChoice | None = None  # when the types came from cache type auto
+    # when the types came from cache type auto; not part of the pool's identity: requests
+    # whose budgets pick the same pair share one pool (reported with its builder's choice)
+    auto: AutoChoice | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
