@@ -231,7 +231,8 @@ def test_default_for_each_type(t):
     assert got == CodecChoice(64 if quantized else None, 64 if quantized else None, quantized,
                               False, "lsq" if t in rounding.LSQ_TYPES else "ggml",
                               "lsq" if t in rounding.LSQ_TYPES else "ggml", None,
-                              formats.is_fp8(t), formats.is_fp8(t))
+                              formats.is_fp8(t), formats.is_fp8(t),
+                              quantized and not formats.is_fp8(t))
     assert got.active == quantized
     assert decide(CodecSettings(), t, t, 96).rotation_k is None  # no Hadamard block
 
