@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import weakref
@@ -27,7 +28,7 @@ from kvslim.rotation import Rotation
 from kvslim.version import __version__
 
 __all__ = ["AUTO_CANDIDATES", "CALIBRATION_TEXT", "auto_cache_types", "quality_table", "FP8_SCALE_DIVISORS", "build_codec", "calibrate", "calibration_ids",
-           "fp8_scales", "key_shift", "model_means"]
+           "fp8_scales", "key_scales", "key_shift", "model_means"]
 
 log = logging.getLogger("kvslim")
 
@@ -124,14 +125,100 @@ def build_codec(model, tokenizer, choice: CodecChoice, n_positions: int) -> KVCo
         mu_v = mean_v if choice.centering_v else None
     dim = model.cache_head_dim
     rot = lambda size: Rotation.make(dim, size) if size else None  # noqa: E731
+    smooth = key_scales(model, tokenizer) if choice.key_scaling else None
     codec = KVCodec(model.n_heads, rot(choice.rotation_k), rot(choice.rotation_v), mu_k, mu_v,
-                    choice.rounding_k, choice.rounding_v)
+                    choice.rounding_k, choice.rounding_v, smooth_k=smooth)
     if choice.scaled_k or choice.scaled_v:
         sk, sv = fp8_scales(model, tokenizer, codec.to(model.device), n_positions)
         codec = KVCodec(model.n_heads, codec.rotation_k, codec.rotation_v, mu_k, mu_v,
                         choice.rounding_k, choice.rounding_v,
-                        sk if choice.scaled_k else None, sv if choice.scaled_v else None)
+                        sk if choice.scaled_k else None, sv if choice.scaled_v else None, smooth)
     return codec.to(model.device)
+
+
+# ---------------------------------------------------------------- key scaling
+# codec's key scaling: s_j = (E[q_j^2] / E[(k_j - mu_j)^2]) ** (1/4) per layer, kv head and
+# channel, from the calibration forward. RoPE turns channel j with its partner j + R/2, so
+# over positions both see the pair's mean energy: the factors are taken from it, which is
+# the same before and after RoPE, and hold at any context length.
+
+_KEY_SCALES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+KEY_SCALE_RANGE = 16.0  # s within [1/16, 16] of its geometric mean: no channel is starved
+
+
+def key_scales(model, tokenizer=None) -> torch.Tensor:
+    """s_k [L, Hkv, Dc] float32 on CPU (geometric mean 1 per head; padded channels 1),
+    once per loaded model, kept beside the store as the means are."""
+    got = _KEY_SCALES.get(model)
+    if got is None:
+        ids = calibration_ids(model, tokenizer)
+        path = _means_path(model, ids, ("key-scales",), "-kscale")
+        got = _load_means(path, model) if path is not None else None
+        if got is None:
+            got = channel_energies(model, ids)
+            if path is not None:
+                _save_means(path, got)
+        got = scales_from_energies(*got)
+        _KEY_SCALES[model] = got
+    return got
+
+
+def scales_from_energies(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
+    """s = (eq / ek) ** (1/4), normalised to geometric mean 1 per head and kept within
+    KEY_SCALE_RANGE of it. eq, ek [L, Hkv, D] -> [L, Hkv, D]; channels without energy
+    (padding) get 1."""
+    tiny = 1e-6 * torch.minimum(eq.mean(-1, keepdim=True), ek.mean(-1, keepdim=True)).clamp_min(1e-30)
+    live = (eq > 0) & (ek > 0)
+    log_s = torch.where(live, 0.25 * ((eq + tiny).log() - (ek + tiny).log()), 0.0)
+    centre = (log_s * live).sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1)
+    bound = math.log(KEY_SCALE_RANGE)
+    return torch.where(live, (log_s - centre).clamp(-bound, bound).exp(), 1.0).float()
+
+
+class _QueryEnergy(Attention):
+    """Attention that also sums each layer's squared queries per kv head and channel."""
+
+    def __init__(self, plan, n_kv: int, skip: int):
+        super().__init__(plan)
+        self.n_kv, self.skip, self.sums = n_kv, skip, {}
+
+    def __call__(self, q, k, v, layer, step, scale, window=0, softcap=0.0):
+        n, hq, d = q.shape
+        e = q[self.skip:].float().pow(2).reshape(-1, self.n_kv, hq // self.n_kv, d).sum((0, 2))
+        self.sums[layer] = self.sums.get(layer, 0) + e  # [Hkv, D]
+        return super().__call__(q, k, v, layer, step, scale, window, softcap)
+
+
+def _pair_mean(e: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Each RoPE pair's channels (j, j + R/2) given their mean; the rest unchanged."""
+    r = e[..., :rope_dim]
+    r = (r + torch.roll(r, rope_dim // 2, dims=-1)) / 2
+    return torch.cat([r, e[..., rope_dim:]], -1)
+
+
+@torch.inference_mode()
+def channel_energies(model, ids: list[int], skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[q^2] summed over a kv head's query heads, E[(k - mean k)^2]) per layer, kv head and
+    channel over ``ids`` (before RoPE, RoPE pairs averaged), [L, Hkv, Dc] float32 on CPU."""
+    page = 64
+    cache = model.new_cache(-(-len(ids) // page), page, "f32", "f32")
+    plan = plan_attention(model.device, cache.head_dim, "f32", "f32", warn=False)
+    attn = _QueryEnergy(plan, model.n_kv_heads, skip)
+    cid = cache.new_sequence()
+    model.forward(torch.tensor(ids), attn.begin(cache, [cid], [len(ids)]),
+                  torch.tensor([len(ids) - 1]))
+    pos = torch.arange(skip, len(ids), device=model.device)
+    dim, rope = model.head_dim, getattr(model.config, "rope_dim", 0) or model.head_dim
+    n = len(ids) - skip
+    eq, ek = [], []
+    for layer in range(cache.n_layers):
+        k, _ = cache.read(layer, cid)  # [Hkv, T, Dc] float32
+        pre = model.unrope(k[:, skip:, :dim].transpose(0, 1).to(model.dtype), pos, layer).float()
+        e = (pre - pre.mean(0)).pow(2).mean(0)  # [Hkv, D]
+        ek.append(F.pad(_pair_mean(e, rope), (0, cache.head_dim - dim)))
+        q = attn.sums[layer][..., :dim].float() / n
+        eq.append(F.pad(_pair_mean(q, rope), (0, cache.head_dim - dim)))
+    return torch.stack(eq).cpu(), torch.stack(ek).cpu()
 
 
 # ---------------------------------------------------------------- fp8 scales

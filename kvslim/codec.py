@@ -13,6 +13,15 @@ gives the same attention with or without them (to float32 rounding):
   otherwise take up each block's range. mu is a property of the model, estimated once
   from a short text (``calibration.CALIBRATION_TEXT``), so pages shared between
   sequences (prefix caching) hold the same code everywhere.
+* key scaling: keys are multiplied by a fixed per-(layer, kv head, channel) factor s_k
+  before the rotation and queries divided by it (q . k = (q / s) . (s k)). Exact like
+  the rest; it moves error from the channels queries weigh most to those they weigh
+  least. With a rotation the stored error spreads evenly over a head's channels, so a
+  score's error goes with sum_j q_j^2 / s_j^2 times sum_j k_j^2 s_j^2, least at
+  s_j^2 = rms(q_j) / rms(k_j) (Cauchy-Schwarz; SmoothQuant's migration at alpha 1/2).
+  Gemma 3's learned q/k norms give a few channels large queries and small keys, which
+  this rebalances. Measured with the means (``calibration.key_scales``); on with K
+  centering for a block-quantized K.
 * rounding: "lsq" picks least-squares block scales (``rounding``) instead of ggml's
   max-based ones; the blocks stay ggml blocks.
 * fp8 scales (vLLM's k_scale / v_scale, per layer and kv head): an fp8 side stores
@@ -60,14 +69,20 @@ class KVCodec:
     mu_k [L, Hkv, D] and mu_v [L, Hkv, Dv] are in the model's (unrotated) coordinates;
     None turns centering off for that side. n_heads: query heads (GQA groups share mu_v).
     scale_k, scale_v [L, Hkv]: an fp8 side's scales (None: not scaled).
+    smooth_k [L, Hkv, D]: key scaling factors s_k, model coordinates (None: off).
     """
 
     def __init__(self, n_heads: int, rotation_k: Rotation | None = None,
                  rotation_v: Rotation | None = None, mu_k: torch.Tensor | None = None,
                  mu_v: torch.Tensor | None = None, rounding_k: str = "ggml",
                  rounding_v: str = "ggml", scale_k: torch.Tensor | None = None,
-                 scale_v: torch.Tensor | None = None):
+                 scale_v: torch.Tensor | None = None, smooth_k: torch.Tensor | None = None):
         self.n_heads, self.rotation_k, self.rotation_v = n_heads, rotation_k, rotation_v
+        self.smooth_k = None if smooth_k is None else smooth_k.to(torch.float32).contiguous()
+        self._qdiv = None  # [L, Hq, D]: 1 / s_k per query head
+        if self.smooth_k is not None:
+            group = n_heads // self.smooth_k.shape[1]
+            self._qdiv = (1.0 / self.smooth_k).repeat_interleave(group, dim=1).contiguous()
         self.scale_k, self.scale_v = scale_k, scale_v
         # stored = coded * inv; q * qmul; output * omul (per query head), all float32
         self._inv_k, self._qmul = self._scales(scale_k, n_heads)  # [L, Hkv], [L, Hq]
@@ -76,7 +91,7 @@ class KVCodec:
         self.rounding_k, self.rounding_v = rounding_k, rounding_v
         self.centered_k, self.centered_v = mu_k is not None, mu_v is not None
         # shifts in the rotated (stored) coordinates, float32 contiguous for the kernel
-        self._shift_k = self._rotated(mu_k, rotation_k)  # [L, Hkv, D]
+        self._shift_k = self._rotated(self._smoothed(mu_k), rotation_k)  # [L, Hkv, D]
         self._shift_v = self._rotated(mu_v, rotation_v)  # [L, Hkv, Dv]
         self._shift_o = None  # [L, Hq, Dv]: mu_v per query head
         if self._shift_v is not None:
@@ -91,6 +106,13 @@ class KVCodec:
         inv = (1.0 / scale).contiguous()
         return inv, scale.repeat_interleave(n_heads // scale.shape[1], dim=1).contiguous()
 
+    def _smoothed(self, mu_k: torch.Tensor | None, layer: int | None = None):
+        """s_k mu_k (all layers, or one layer's [Hkv, D]): the mean key as stored."""
+        if mu_k is None or self.smooth_k is None:
+            return mu_k
+        s = self.smooth_k if layer is None else self.smooth_k[layer]
+        return mu_k.to(torch.float32) * s.to(mu_k.device)
+
     @staticmethod
     def _rotated(mu: torch.Tensor | None, rot: Rotation | None) -> torch.Tensor | None:
         if mu is None:
@@ -102,10 +124,12 @@ class KVCodec:
     def identity(self) -> bool:
         """True when the transforms change nothing (only the rounding may differ)."""
         return not (self.rotation_k or self.rotation_v or self.centered_k or self.centered_v
-                    or self.scale_k is not None or self.scale_v is not None)
+                    or self.scale_k is not None or self.scale_v is not None
+                    or self.smooth_k is not None)
 
     def to(self, device) -> "KVCodec":
-        for name in ("_shift_k", "_shift_v", "_shift_o", "_inv_k", "_qmul", "_inv_v", "_omul"):
+        for name in ("_shift_k", "_shift_v", "_shift_o", "_inv_k", "_qmul", "_inv_v", "_omul",
+                     "smooth_k", "_qdiv"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -116,6 +140,7 @@ class KVCodec:
         """Set one layer's centering means [Hkv, D] (model coordinates) of a centered side,
         before anything is stored in that layer: for a cache that measures them on its
         first rows instead of a calibration pass (``kvslim.hf``)."""
+        mu_k = self._smoothed(mu_k, layer)
         for mu, shift, rot in ((mu_k, self._shift_k, self.rotation_k),
                                (mu_v, self._shift_v, self.rotation_v)):
             if mu is not None:
@@ -128,21 +153,25 @@ class KVCodec:
             self._shift_o[layer] = self._shift_v[layer].repeat_interleave(group, dim=0)
 
     def transform_q(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """R_k q for q [N, Hq, D]: queries in the cache's coordinates, in q's dtype (the
-        butterfly runs in float32 whatever the dtype: a bf16 one would add an error the
-        size of q8_0's)."""
-        if self.rotation_k is None and self._qmul is None:
+        """R_k (q / s_k) for q [N, Hq, D]: queries in the cache's coordinates, in q's dtype
+        (the butterfly runs in float32 whatever the dtype: a bf16 one would add an error
+        the size of q8_0's)."""
+        if self.rotation_k is None and self._qmul is None and self._qdiv is None:
             return q
-        y = rotate_rows(q.float(), self.rotation_k)
+        y = q.float()
+        if self._qdiv is not None:
+            y = y * self._qdiv[layer]
+        y = rotate_rows(y, self.rotation_k)
         if self._qmul is not None:
             y = y * self._qmul[layer][:, None]
         return y.to(q.dtype)
 
     def transform_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """(R_k k - mu_k, R_v v - mu_v) float32 for k [N, Hkv, D], v [N, Hkv, Dv]: the rows
-        as the cache stores them (the plain-torch write; ``kernels.cpu_write`` fuses it)."""
+        """(R_k (s_k k) - mu_k, R_v v - mu_v) float32 for k [N, Hkv, D], v [N, Hkv, Dv]: the
+        rows as the cache stores them (the plain-torch write; ``kernels.cpu_write`` fuses it)."""
         sk, sv = self.stored_shift(layer)
-        k, v = rotate_rows(k.float(), self.rotation_k, sk), rotate_rows(v.float(), self.rotation_v, sv)
+        k = k.float() if self.smooth_k is None else k.float() * self.smooth_k[layer]
+        k, v = rotate_rows(k, self.rotation_k, sk), rotate_rows(v.float(), self.rotation_v, sv)
         ik, iv = self.stored_scale(layer)
         return (k if ik is None else k * ik[:, None]), (v if iv is None else v * iv[:, None])
 
@@ -151,6 +180,11 @@ class KVCodec:
         by them before they are stored), None for a side that is not scaled."""
         return (self._inv_k[layer] if self._inv_k is not None else None,
                 self._inv_v[layer] if self._inv_v is not None else None)
+
+    def key_scale(self, layer: int) -> torch.Tensor | None:
+        """s_k of one layer, [Hkv, D] float32 (keys are multiplied by it before the
+        rotation), None when keys are not scaled."""
+        return self.smooth_k[layer] if self.smooth_k is not None else None
 
     def stored_shift(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mu_k, mu_v) of one layer in the stored (rotated) coordinates, [Hkv, D] float32
@@ -187,12 +221,13 @@ class CodecChoice:
     note: str | None = None  # a setting asked for that could not be honoured
     scaled_k: bool = False  # fp8 sides: a scale per (layer, kv head)
     scaled_v: bool = False
+    key_scaling: bool = False  # keys times calibrated per-channel factors, q divided
 
     @property
     def active(self) -> bool:
         return bool(self.rotation_k or self.rotation_v or self.centering_k or self.centering_v
                     or "lsq" in (self.rounding_k, self.rounding_v) or self.scaled_k
-                    or self.scaled_v)
+                    or self.scaled_v or self.key_scaling)
 
     def describe(self) -> dict:
         """{"kv_rotation", "kv_centering", "kv_rounding", "kv_codec_note"} for reports:
@@ -205,6 +240,8 @@ class CodecChoice:
         scaled = [n for n, on in (("K", self.scaled_k), ("V", self.scaled_v)) if on]
         if scaled:  # only fp8 caches report it, so other reports stay as they were
             out["kv_fp8_scales"] = "+".join(scaled) + " per layer and kv head"
+        if self.key_scaling:  # only where on, so other reports stay as they were
+            out["kv_key_scaling"] = "per channel"
         return out
 
 
@@ -213,7 +250,8 @@ def decide(settings: CodecSettings, type_k: str, type_v: str, head_dim: int) -> 
 
     auto: rotation and centering where a side is block-quantized (rotation only when a
     Hadamard block of 64 or more divides head_dim), lsq rounding on the types that have
-    it. "on" for rotation on a head_dim without a Hadamard block gives no rotation and a
+    it. Key scaling goes with K centering on a block-quantized K (not fp8, which has
+    its own scale and a floating-point code). "on" for rotation on a head_dim without a Hadamard block gives no rotation and a
     note (the caller warns), like flash attention asked for where it cannot run.
     """
     qk, qv = formats.is_quantized(type_k), formats.is_quantized(type_v)
@@ -226,10 +264,11 @@ def decide(settings: CodecSettings, type_k: str, type_v: str, head_dim: int) -> 
                     "(it needs a multiple of 64), so the cache is not rotated")
         rot_k = rot_v = False
     lsq = settings.rounding in ("auto", "lsq")
+    centering_k = settings.centering == "on" or (settings.centering == "auto" and qk)
     return CodecChoice(
         size if rot_k else None, size if rot_v else None,
-        settings.centering == "on" or (settings.centering == "auto" and qk),
-        settings.centering == "on",
+        centering_k, settings.centering == "on",
         "lsq" if lsq and rounding.supports_lsq(type_k) else "ggml",
         "lsq" if lsq and rounding.supports_lsq(type_v) else "ggml", note,
-        formats.is_fp8(type_k), formats.is_fp8(type_v))
+        formats.is_fp8(type_k), formats.is_fp8(type_v),
+        centering_k and qk and not formats.is_fp8(type_k))

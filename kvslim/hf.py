@@ -30,6 +30,7 @@ error). It sits beside the front ends: it imports the attention layer and below.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import torch
 from transformers import AttentionInterface, Cache
@@ -122,6 +123,7 @@ class QuantizedKVCache(Cache):
     def _new_pool(self, batch: int, n_tokens: int, device: torch.device) -> None:
         self.plan = plan_attention(device, self.head_dim, *self.types, self.flash_attn)
         choice = decide(self.settings, self.plan.effective_k, self.plan.effective_v, self.head_dim)
+        choice = replace(choice, key_scaling=False)  # it needs a calibration forward (none here)
         self.choice = choice
         codec = None
         if choice.active:

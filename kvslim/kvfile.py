@@ -8,6 +8,7 @@ executable) holding, for one sequence of ``n`` tokens:
     codec.shift_k / _v    float32 [n_layers, n_kv_heads, dim]        centering means, if centered
     codec.signs_k / _v    float32 [dim]                              rotation signs, if any
     codec.scale_k / _v    float32 [n_layers, n_kv_heads]             fp8 scales, if an fp8 side
+    codec.keyscale_k      float32 [n_layers, n_kv_heads, dim]        key scaling factors, if on
 
 and string metadata: the format and its version, the model's identity (``model_identity``),
 the K/V types, head layout, the coding (rotation, centering, rounding), a sha256 of every
@@ -101,6 +102,9 @@ def coding_of(codec) -> tuple[dict, dict[str, torch.Tensor]]:
         scale = getattr(codec, f"scale_{side}", None)
         if scale is not None:
             tensors[f"codec.scale_{side}"] = scale.detach().to("cpu", torch.float32).contiguous()
+    smooth = getattr(codec, "smooth_k", None)  # [L, Hkv, D]: the key scaling, model coordinates
+    if smooth is not None:
+        tensors["codec.keyscale_k"] = smooth.detach().to("cpu", torch.float32).contiguous()
     return desc, tensors
 
 
@@ -385,12 +389,12 @@ def _check_coding(saved: SavedCache, cache: KVCache, hint: str) -> None:
                           f"this cache with {_coding_text(desc)}")
     if set(saved.coding) != set(tensors):
         raise KVFileError(f"{where}: K/V cache file was centered on {_centered(saved.coding)}"
-                          f"{_scaled(saved.coding)}, this cache on {_centered(tensors)}"
-                          f"{_scaled(tensors)}")
+                          f"{_scaled(saved.coding)}{_key_scaled(saved.coding)}, this cache on "
+                          f"{_centered(tensors)}{_scaled(tensors)}{_key_scaled(tensors)}")
     for name, t in tensors.items():
         if not torch.equal(saved.coding[name], t):
             raise KVFileError(f"{where}: K/V cache file's {name.split('.')[1]} differs from this "
-                              f"cache's (centering means and fp8 scales depend on the model "
+                              f"cache's (centering means, key and fp8 scales depend on the model "
                               f"and on num_ctx"
                               f"{hint})")
 
@@ -398,6 +402,10 @@ def _check_coding(saved: SavedCache, cache: KVCache, hint: str) -> None:
 def _scaled(tensors: dict) -> str:
     sides = [n[-1].upper() for n in sorted(tensors) if n.startswith("codec.scale_")]
     return f" with fp8 scales on {'+'.join(sides)}" if sides else ""
+
+
+def _key_scaled(tensors: dict) -> str:
+    return " with key scaling" if "codec.keyscale_k" in tensors else ""
 
 
 def _coding_text(desc: dict) -> str:

@@ -24,14 +24,16 @@ L, HKV, HQ, D = 2, 2, 6, 64
 
 
 def codec_for(kt, vt, *, mu_scale=3.0, rounding_k="lsq", rounding_v="lsq", seed=0,
-              signs=True, center_v=True) -> KVCodec:
-    """Rotation, centering, and for an fp8 side random per-(layer, head) scales."""
+              signs=True, center_v=True, key_scaling=False) -> KVCodec:
+    """Rotation, centering, for an fp8 side random per-(layer, head) scales, and with
+    ``key_scaling`` random per-channel key factors spanning 100x."""
     g = torch.Generator().manual_seed(seed)
     mu_k = torch.randn(L, HKV, D, generator=g) * mu_scale  # large offsets: centering matters
     mu_v = torch.randn(L, HKV, D, generator=g) * mu_scale if center_v else None
     scale = lambda t: torch.rand(L, HKV, generator=g) * 0.1 + 0.01 if formats.is_fp8(t) else None  # noqa: E731
+    smooth = (torch.rand(L, HKV, D, generator=g) * 4.6 - 2.3).exp() if key_scaling else None
     return KVCodec(HQ, Rotation.make(D, random_signs=signs, seed=seed), Rotation.make(D), mu_k,
-                   mu_v, rounding_k, rounding_v, scale(kt), scale(vt))
+                   mu_v, rounding_k, rounding_v, scale(kt), scale(vt), smooth)
 
 
 def rows(n, gen, offset=0.0):
@@ -90,6 +92,43 @@ def test_coding_leaves_float32_attention_unchanged(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_key_scaling_leaves_float32_attention_unchanged(backend):
+    """Per-channel key factors (keys times s, queries over s) with rotation and centering
+    on an f32 cache: the same attention as no coding, to float32 rounding."""
+    seed = random.randrange(1 << 30)
+    steps = [37, 1, 1, 5, 1]
+    plain, _, _, _ = run_steps("f32", "f32", None, backend, steps, seed)
+    codec = codec_for("f32", "f32", seed=seed, key_scaling=True)
+    coded, _, cache, seq = run_steps("f32", "f32", codec, backend, steps, seed)
+    assert rel(coded, plain) < 1e-5, f"seed {seed}"
+    k, _ = cache.read(1, seq)  # stored: R (s k) - R (s mu)
+    _, k_in, _ = rows(37, torch.Generator().manual_seed(seed), offset=4.0)
+    back = codec.rotation_k.inverse(k[:, :37] + codec.stored_shift(1)[0][:, None])
+    torch.testing.assert_close(back / codec.smooth_k[1][:, None], k_in.transpose(0, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kt,vt", [("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q5_1")])
+def test_key_scaled_quantized_path_matches_its_reference(backend, kt, vt):
+    """With key scaling, each backend's output equals float64 attention over the stored
+    blocks un-coded (R^T, + mu, / s): the scaling is undone exactly through q."""
+    seed = random.randrange(1 << 30)
+    codec = codec_for(kt, vt, seed=seed, key_scaling=True)
+    out, inputs, cache, seq = run_steps(kt, vt, codec, backend, [40, 1, 1, 3], seed)
+    k, v = cache.read(1, seq)
+    shift_k, shift_v = codec.stored_shift(1)
+    k = codec.rotation_k.inverse(k + shift_k[:, None]) / codec.smooth_k[1][:, None]
+    v = codec.rotation_v.inverse(v + shift_v[:, None])
+    t = 0
+    for q_step in [x[0] for x in inputs]:
+        n = q_step.shape[0]
+        ref = float64_attention(q_step.double(), k[:, :t + n].double(), v[:, :t + n].double(), D ** -0.5)
+        assert rel(out[t:t + n], ref) < 1e-4, f"seed {seed}: rows {t}..{t + n}"
+        t += n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kt,vt", [("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q5_1"),
                                    ("q5_0", "iq4_nl"), ("q8_0", "f16"), ("fp8_e4m3", "fp8_e5m2"),
                                    ("q8_0", "fp8_e4m3")])
@@ -119,14 +158,15 @@ def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
 @pytest.mark.parametrize("kt,vt,rk,rv", [("q4_0", "q8_0", "lsq", "lsq"), ("q4_1", "f16", "lsq", "ggml"),
                                          ("iq4_nl", "q5_0", "ggml", "ggml"), ("q8_0", "bf16", "ggml", "lsq"),
                                          ("fp8_e4m3", "fp8_e5m2", "lsq", "lsq")])
-def test_fused_cpu_write_equals_torch_path(kt, vt, rk, rv):
+@pytest.mark.parametrize("key_scaling", [False, True])
+def test_fused_cpu_write_equals_torch_path(kt, vt, rk, rv, key_scaling):
     """The CPU writer's one numba call (rotate, centre, round, store) writes the same bytes
     as the torch path: transform_kv + cache.write (symmetric lsq types and ggml rounding
     are exact)."""
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(70, HQ + 2 * HKV, D, generator=gen)
     k, v = qkv[:, HQ:HQ + HKV], qkv[:, HQ + HKV:]  # strided views, as the model's
-    codec = codec_for(kt, vt, rounding_k=rk, rounding_v=rv)
+    codec = codec_for(kt, vt, rounding_k=rk, rounding_v=rv, key_scaling=key_scaling)
     a, b = (KVCache(L, HKV, D, 4, page_size=32, cache_type_k=kt, cache_type_v=vt, codec=codec)
             for _ in range(2))
     sa, sb = a.new_sequence(), b.new_sequence()
@@ -231,7 +271,8 @@ def test_default_for_each_type(t):
     assert got == CodecChoice(64 if quantized else None, 64 if quantized else None, quantized,
                               False, "lsq" if t in rounding.LSQ_TYPES else "ggml",
                               "lsq" if t in rounding.LSQ_TYPES else "ggml", None,
-                              formats.is_fp8(t), formats.is_fp8(t))
+                              formats.is_fp8(t), formats.is_fp8(t),
+                              quantized and not formats.is_fp8(t))
     assert got.active == quantized
     assert decide(CodecSettings(), t, t, 96).rotation_k is None  # no Hadamard block
 
@@ -358,3 +399,24 @@ def test_calibration_is_kept_beside_the_store(tiny64, monkeypatch, tmp_path):
     monkeypatch.setenv("KVSLIM_MODELS", str(files[0]))  # a file where the store should be
     C._MEANS.pop(model)
     assert same(C.model_means(model, tok), first) and len(calls) == 3
+
+
+def test_key_scales_minimise_the_score_error_proxy():
+    """calibration.scales_from_energies: s = (E q^2 / E k^2) ** (1/4) (geometric mean 1,
+    channels without energy 1) gives a smaller sum(eq / s^2) * sum(ek s^2) (a rotated
+    cache's score error) than no scaling or random perturbations of it."""
+    from kvslim.calibration import scales_from_energies
+
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    eq = torch.randn(L, HKV, D, generator=g).exp()  # within KEY_SCALE_RANGE: no clamping
+    ek = torch.randn(L, HKV, D, generator=g).exp()
+    eq[0, 0, -4:] = 0.0  # padding: no energy
+    s = scales_from_energies(eq, ek)
+    live = s[0, 0, :-4]
+    assert torch.equal(s[0, 0, -4:], torch.ones(4))
+    assert abs(float(live.log().mean())) < 1e-5 and abs(float(s[1].log().mean())) < 1e-5
+    proxy = lambda x: ((eq / x ** 2).sum(-1) * (ek * x ** 2).sum(-1))  # noqa: E731
+    assert bool((proxy(s) <= proxy(torch.ones_like(s)) * (1 + 1e-6)).all())
+    for _ in range(5):
+        other = s * (torch.randn(s.shape, generator=g) * 0.2).exp()
+        assert bool((proxy(s) <= proxy(other) * (1 + 1e-6)).all())

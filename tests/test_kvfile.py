@@ -159,6 +159,19 @@ def test_fp8_scales_are_part_of_the_coding(saved):
     _refused(other, file, "scale_k", "fp8 scales")
 
 
+def test_key_scaling_is_part_of_the_coding(saved):
+    """A block-quantized K's file records the key scaling factors; a cache whose factors
+    differ refuses it."""
+    path, file, _, _, llm = saved[("q4_0", "q4_0")]
+    got = kvfile.read(file)
+    codec = llm.engine.cache.codec
+    assert codec.smooth_k is not None
+    assert torch.equal(got.coding["codec.keyscale_k"], codec.smooth_k.cpu().float())
+    other = _llm(path, "q4_0", "q4_0")
+    other.engine.cache.codec.smooth_k = codec.smooth_k * 2  # only read by the check here
+    _refused(other, file, "keyscale_k", "key and fp8 scales")
+
+
 def test_restore_without_room_fails_whole_and_prefix_cache_off_is_refused(saved):
     path, file, _, _, _ = saved[("f16", "f16")]
     llm = LLM(path, num_ctx=128, progress=False, kv_cache_type="f16")  # 2 pages of 64

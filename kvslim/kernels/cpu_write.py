@@ -43,7 +43,7 @@ _SHRINKS = np.array(affine_shrinks(), np.float32)  # [9, 2]
 class Side(NamedTuple):
     """How one side's (K or V) rows of one layer are coded before they are quantized."""
 
-    signs: np.ndarray  # [D] float32 signs of the rotation (ones: none)
+    signs: np.ndarray  # [Hkv, D] float32: the rotation's signs times the key scaling (ones: none)
     size: int  # Hadamard block size, 0: no rotation
     shift: np.ndarray  # [Hkv, D] float32 subtracted after the rotation (zeros: none)
     lsq: bool  # least-squares block scales instead of ggml's
@@ -212,8 +212,8 @@ def _put_row(planes, xrow, row, nb, side, shrinks, q, best, codes):
 
 @njit(cache=True)
 def _coded_rows(x, slots, planes, geom, nb, side, shrinks):
-    """Rows x [n, H, D] rotated (side.size > 0), minus side.shift [H, D], times
-    side.inv_scale [H] (fp8), into their slots."""
+    """Rows x [n, H, D] times side.signs [H, D], rotated (side.size > 0), minus side.shift
+    [H, D], times side.inv_scale [H] (fp8), into their slots."""
     scale = np.float32(1.0 / np.sqrt(side.size)) if side.size > 0 else _F1
     buf = np.empty(x.shape[2], np.float32)
     codes = np.empty(32, np.int32)
@@ -221,7 +221,7 @@ def _coded_rows(x, slots, planes, geom, nb, side, shrinks):
     for i in range(x.shape[0]):
         page, off = slots[i] // geom.page_size, slots[i] % geom.page_size
         for h in range(geom.n_kv):
-            forward_row(x[i, h], buf, side.signs, side.shift[h], side.size, scale)
+            forward_row(x[i, h], buf, side.signs[h], side.shift[h], side.size, scale)
             if side.scaled:
                 for j in range(buf.shape[0]):
                     buf[j] = buf[j] * side.inv_scale[h]
@@ -253,8 +253,11 @@ _SIDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {lay
 
 
 def _side(fmt: formats.Format, heads: int, dim: int, rotation, shift, rounding: str,
-          inv_scale=None) -> Side:
-    signs = rotation.signs_np if rotation is not None else np.ones(dim, np.float32)
+          inv_scale=None, mul=None) -> Side:
+    signs = np.tile(rotation.signs_np if rotation is not None else np.ones(dim, np.float32),
+                    (heads, 1))
+    if mul is not None:  # the codec's key scaling, folded into the per-channel signs
+        signs = signs * mul.cpu().to(torch.float32).numpy()
     shift = (shift.cpu().to(torch.float32).contiguous().numpy() if shift is not None
              else np.zeros((heads, dim), np.float32))
     inv = (inv_scale.cpu().to(torch.float32).contiguous().numpy() if inv_scale is not None
@@ -276,7 +279,8 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
         inv_k, inv_v = c.stored_scale(layer) if c is not None else (None, None)
         got = per[layer] = (
             _side(cache.fmt_k, cache.n_kv_heads, cache.head_dim, c and c.rotation_k, shift_k,
-                  c.rounding_k if c is not None else "ggml", inv_k),
+                  c.rounding_k if c is not None else "ggml", inv_k,
+                  c.key_scale(layer) if c is not None else None),
             _side(cache.fmt_v, cache.n_kv_heads, cache.v_head_dim, c and c.rotation_v, shift_v,
                   c.rounding_v if c is not None else "ggml", inv_v))
     return got
