@@ -272,7 +272,5 @@ class Attention:
         return o if codec is None else codec.restore(layer, o)
 
     def _attend(self, q, cache, layer, step, scale, window, softcap):
-        if not (window or softcap):
-            return self.backend.attend(q, cache, layer, step, scale)
         # every backend honours a window and soft-capping itself
         return self.backend.attend(q, cache, layer, step, scale, window=window, softcap=softcap)
