@@ -11,7 +11,9 @@ only decode steps (the first token comes from the prefill). The floor column is 
 one decode step must read (the weights as held + the K/V cache at that length) over the
 streaming-read bandwidth measured in the same run. Numbers drift with machine load:
 compare rows of one run, and note the load average printed at the top. Decode tok/s is
-1 / the median decode step time.
+1 / the median decode step time. The attention columns are the median time a decode step
+spends in one layer's attention, for the layers on a sliding window and for the global
+ones: a windowed layer reads its window only, so its time should not grow with the prompt.
 """
 from __future__ import annotations
 
@@ -61,18 +63,51 @@ def prompt_ids(llm: LLM, n: int) -> list[int]:
 
 
 def measure(llms: dict[str, LLM], types: list[tuple[str, str]], ids: list[int], n_decode: int) -> dict:
-    """{(weights mode, k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s)}
-    for one prompt; every engine of every model steps in turn."""
+    """{(weights mode, k, v): (engine, prefill tok/s, median decode tok/s, best decode tok/s,
+    {layer kind: attention s per decode step})} for one prompt; every engine of every model
+    steps in turn."""
     engines = {(mode, k, v): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
                                     num_ctx=len(ids) + n_decode + 8)
                for mode, llm in llms.items() for k, v in types}
-    return {key: (engines[key], pre, 1 / med, 1 / best)
-            for key, (pre, med, best) in interleaved(engines, ids, n_decode).items()}
+    return {key: (engines[key], pre, 1 / med, 1 / best, attn)
+            for key, (pre, med, best, attn) in interleaved(engines, ids, n_decode).items()}
+
+
+def kv_read_bytes(e: Engine, n: int) -> int:
+    """K/V bytes one decode step at context n reads: every position of the global layers,
+    the last ``window`` of the windowed ones."""
+    c = e.cache
+    return sum(g.nbytes // (g.n_pages * c.page_size) * (min(n, g.window) if g.window else n)
+               for g in c.groups)
+
+
+def per_layer_us(e: Engine, attn: dict[str, float]) -> tuple[str, str]:
+    """(windowed, global) attention microseconds per layer and decode step, '-' for none."""
+    windows = e.model.layer_windows()
+    n = {"window": sum(1 for w in windows if w), "global": sum(1 for w in windows if not w)}
+    return tuple(f"{attn[k] / n[k] * 1e6:.0f}" if n[k] else "-" for k in ("window", "global"))
+
+
+def time_attention(e: Engine) -> dict[str, float]:
+    """Seconds ``e``'s attention spends in windowed and in global layers, summed as it runs
+    (the backend's ``attend`` wrapped in place)."""
+    spent = {"window": 0.0, "global": 0.0}
+    backend = e.attn.backend
+    inner = backend.attend
+
+    def attend(q, cache, layer, step, scale, window=0, softcap=0.0):
+        t0 = time.perf_counter()
+        out = inner(q, cache, layer, step, scale, window=window, softcap=softcap)
+        spent["window" if window else "global"] += time.perf_counter() - t0
+        return out
+    backend.attend = attend
+    return spent
 
 
 def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
-    """{key: (prefill tok/s, median decode step s, best decode step s)}: ``ids`` then
-    ``n_decode`` greedy tokens on every engine (which share the model's weights).
+    """{key: (prefill tok/s, median decode step s, best decode step s, {layer kind: median
+    s per decode step in that kind's attention})}: ``ids`` then ``n_decode`` greedy tokens
+    on every engine (which share the model's weights).
 
     The engines' steps are interleaved round robin, so load from other processes falls on
     every row alike. Decode uses the median step time (a few steps stall behind other
@@ -85,15 +120,19 @@ def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
         e.add_request(ids[:64], SamplingParams(max_tokens=4))  # warm up (numba compiles once)
         while e.has_work():
             e.step()
-        runs[key] = (e, e.add_request(ids, params), [0.0], [])
+        runs[key] = (e, e.add_request(ids, params), [0.0], [], time_attention(e), [])
     while any(e.has_work() for e, *_ in runs.values()):
-        for e, seq, prefill, decode in runs.values():
+        for e, seq, prefill, decode, spent, attn in runs.values():
             if e.has_work():
                 decoding = seq.n_cached >= seq.n_prompt
+                before = dict(spent)
                 t = _timed(e.step)
                 decode.append(t) if decoding else prefill.__setitem__(0, prefill[0] + t)
-    return {key: (len(ids) / pre[0], statistics.median(dec), min(dec))
-            for key, (_, _, pre, dec) in runs.items()}
+                if decoding:
+                    attn.append({k: spent[k] - before[k] for k in spent})
+    return {key: (len(ids) / pre[0], statistics.median(dec), min(dec),
+                  {k: statistics.median(a[k] for a in attn) for k in spent})
+            for key, (_, _, pre, dec, spent, attn) in runs.items()}
 
 
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
@@ -105,9 +144,9 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def labelled(fn, name):
-        def run(*args):
+        def run(*args, **kw):
             with record_function(name):
-                return fn(*args)
+                return fn(*args, **kw)
         return run
 
     b = e.attn.backend
@@ -151,15 +190,19 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; read bandwidth {bw / 1e9:.1f} GB/s; "
           + "; ".join(f"{mode} weights {b / 1e6:.0f} MB" for mode, b in held.items()))
     print(f"{'weights':<12}{'K/V':<11}{'backend':<9}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
-          f"{'best step':>11}{'floor tok/s':>13}{'median/floor':>14}")
+          f"{'best step':>11}{'floor tok/s':>13}{'median/floor':>14}"
+          f"{'attn us/window layer':>22}{'attn us/global layer':>22}")
     for n in lengths:
         ids = prompt_ids(llm, n)
-        for (mode, k, v), (e, prefill, decode, best) in measure(llms, types, ids, args.decode).items():
+        for (mode, k, v), (e, prefill, decode, best, attn) in measure(
+                llms, types, ids, args.decode).items():
             info = e.cache_info()
-            floor = bw / (held[mode] + n * info["bytes_per_token"])
+            floor = bw / (held[mode] + kv_read_bytes(e, n))
             name = f"{info['type_k']}/{info['type_v']}"
+            win, glob = per_layer_us(e, attn)
             print(f"{mode:<12}{name:<11}{info['backend']:<9}{n:>7}{prefill:>15.1f}{decode:>14.1f}"
-                  f"{best:>11.1f}{floor:>13.1f}{decode / floor:>14.0%}", flush=True)
+                  f"{best:>11.1f}{floor:>13.1f}{decode / floor:>14.0%}{win:>22}{glob:>22}",
+                  flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile:
         k, v = types[-1]

@@ -45,7 +45,9 @@ class Backend(Protocol):
     ``prepare`` runs once per step, before any layer, and may leave per-step scratch in
     ``step.scratch``; ``write`` stores a layer's k [N, Hkv, D], v [N, Hkv, Dv] (model
     coordinates; the cache's codec applied) into ``step.slots``, all or nothing;
-    ``attend`` returns q [N, Hq, D] (cache coordinates) -> [N, Hq, Dv].
+    ``attend`` returns q [N, Hq, D] (cache coordinates) -> [N, Hq, Dv], each query row
+    seeing its last ``window`` keys (0: all before it) with scores soft-capped by
+    ``softcap`` (0: none).
     """
 
     name: str
@@ -56,7 +58,7 @@ class Backend(Protocol):
               v: torch.Tensor) -> None: ...
 
     def attend(self, q: torch.Tensor, cache: KVCache, layer: int, step: "Step",
-               scale: float) -> torch.Tensor: ...
+               scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor: ...
 
 
 @dataclass
@@ -270,18 +272,5 @@ class Attention:
         return o if codec is None else codec.restore(layer, o)
 
     def _attend(self, q, cache, layer, step, scale, window, softcap):
-        if not (window or softcap):
-            return self.backend.attend(q, cache, layer, step, scale)
-        if self.backend.name in ("reference", "tiled"):
-            return self.backend.attend(q, cache, layer, step, scale, window=window,
-                                       softcap=softcap)
-        if self.backend.name == "cpu" and not softcap:  # it honours a window itself
-            return self.backend.attend(q, cache, layer, step, scale, window=window)
-        # The Triton kernels attend to every key without soft-capping, nor does the CPU
-        # kernel soft-cap: a window that a sequence has outgrown, or a soft-cap, goes to
-        # the tiled path, which honours both on any device.
-        if softcap or max(step.kv_lens) > window:
-            from kvslim.kernels import tiled
-
-            return tiled.attention(q, cache, layer, step, scale, window=window, softcap=softcap)
-        return self.backend.attend(q, cache, layer, step, scale)  # the window holds every key
+        # every backend honours a window and soft-capping itself
+        return self.backend.attend(q, cache, layer, step, scale, window=window, softcap=softcap)

@@ -8,9 +8,10 @@ import random
 
 import pytest
 import torch
-from test_attention_kernels import build, tolerance
+from test_attention_kernels import PAIRS, build, tolerance
 
-from kvslim.attention import Attention, plan_attention
+from kvslim.attention import Attention, Step, plan_attention
+from kvslim.cache import KVCache
 from kvslim.kernels import cpu, reference, tiled
 
 
@@ -61,29 +62,93 @@ def test_window_and_softcap_match_float64(fn, kt, vt, window, softcap):
     check(fn, cache, meta, q, window, softcap, seed)
 
 
-def test_attention_routes_a_window_past_the_fused_kernel():
-    """The plan's fused backend ignores windows: once a sequence outgrows its window the
-    step goes to a path that honours it, and the results equal the reference's."""
+def test_attention_sends_windows_and_softcap_to_the_fused_kernel(monkeypatch):
+    """Decode rows and short chunks of window and soft-capped layers run in the fused CPU
+    kernel whatever their length (the tiled path is not called), as the reference does."""
+    def no_tiled(*a, **k):
+        raise AssertionError("the tiled path ran")
+    for name in ("attention", "attend_banded", "attend_sequence"):
+        monkeypatch.setattr(tiled, name, no_tiled)
     seed = random.randrange(1 << 30)
     plan = plan_attention("cpu", 64, "q8_0", "q8_0", warn=False)
     assert plan.backend == "cpu"
-    cache, meta, q = build("q8_0", "q8_0", hq=4, hkv=2, d=64, prefix=[50, 2], q_lens=[1, 1],
-                           seed=seed)
+    cache, meta, q = build("q8_0", "q8_0", hq=4, hkv=2, d=64, prefix=[50, 2, 30],
+                           q_lens=[1, 1, 9], seed=seed, q_scale=3.0)
     attn = Attention(plan)
-    for window in (4, 64):  # outgrown by the first sequence / longer than both
-        got = attn._attend(q, cache, 1, meta, 0.125, window, 0.0)
-        want = reference.attention(q, cache, 1, meta, 0.125, window=window)
-        assert (got - want).norm() / want.norm() < 1e-4, f"seed {seed}, window {window}"
-    full = reference.attention(q, cache, 1, meta, 0.125)
-    assert (attn._attend(q, cache, 1, meta, 0.125, 4, 0.0) - full).norm() > 1e-2  # it masked
+    n, gen = meta.n_rows, torch.Generator().manual_seed(seed)
+    for window, softcap in ((4, 0.0), (64, 0.0), (0, 2.0), (12, 2.0)):
+        k, v = (torch.randn(n, 2, 64, generator=gen) for _ in range(2))
+        got = attn(q, k, v, 1, meta, 0.125, window, softcap)  # writes this step's rows, attends
+        want = reference.attention(q, cache, 1, meta, 0.125, window=window, softcap=softcap)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-4, f"seed {seed}, window {window}, softcap {softcap}: {err:.2e}"
+        if window != 64:  # it masked, or capped
+            assert (got - reference.attention(q, cache, 1, meta, 0.125)).norm() > 1e-2
 
 
-@pytest.mark.parametrize("kt,vt,window", [("q8_0", "q4_0", 20), ("f16", "f16", 7), ("q4_1", "q5_0", 64)])
-def test_cpu_kernel_honours_a_window(kt, vt, window):
-    """Decode rows past the window read only their window in the fused kernel; a chunk of
-    rows past it goes to the banded path; sequences inside the window stay plain."""
+def check_vs_reference(cache, meta, q, layer, window, softcap, seed, tol):
+    """cpu.attention against reference.attention, per sequence (relative norm)."""
+    scale = cache.head_dim ** -0.5
+    out = cpu.attention(q, cache, layer, meta, scale, window=window, softcap=softcap)
+    ref = reference.attention(q, cache, layer, meta, scale, window=window, softcap=softcap)
+    assert torch.isfinite(out).all(), f"seed {seed}: non-finite output"
+    for b in range(len(meta.cache_ids)):
+        lo, hi = meta.q_offsets[b], meta.q_offsets[b + 1]
+        err = ((out[lo:hi] - ref[lo:hi]).norm() / ref[lo:hi].norm()).item()
+        assert err < tol, (f"seed {seed}: {cache.cache_type_k}/{cache.cache_type_v} window "
+                           f"{window} softcap {softcap} seq {b} (kv {meta.kv_lens[b]}, "
+                           f"q {meta.q_lens[b]}): rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("kt,vt", PAIRS, ids=[f"{k}-{v}" for k, v in PAIRS])
+def test_cpu_kernel_windows_and_softcap_every_type(kt, vt):
+    """Every type as K and as V (fp8 included): decode rows far past the window and within
+    it, fused chunks crossing the window's edge (rows before it see every key, rows after
+    it lose the first ones), a long chunk on the tiled route; windows smaller and larger
+    than the sequences, with and without soft-capping (scores scaled up so the cap bites)."""
     seed = random.randrange(1 << 30)
-    cache, meta, q = build(kt, vt, hq=4, hkv=2, d=64, prefix=[200, 3, 0, 90, 30],
-                           q_lens=[1, 1, cpu.NUMBA_MAX_Q + 5, 6, 1], seed=seed)
-    check(lambda *a, window, softcap: cpu.attention(*a, window=window), cache, meta, q,
-          window, 0.0, seed)
+    n = cpu.NUMBA_MAX_Q
+    cache, meta, q = build(kt, vt, hq=4, hkv=2, d=64, prefix=[200, 3, 0, 90, 15, 5],
+                           q_lens=[1, 1, n + 5, 6, 10, n], seed=seed, q_scale=3.0)
+    assert meta.scratch.tiled == [2]  # the others run in the fused kernel
+    for window, softcap in ((20, 0.0), (20, 4.0), (500, 4.0)):
+        check_vs_reference(cache, meta, q, 1, window, softcap, seed, tolerance(kt, vt))
+
+
+def test_cpu_kernel_decode_reads_only_the_window():
+    """A windowed decode step's work items cover the window's keys only, so its cost does
+    not grow with the context."""
+    _, meta, _ = build("q8_0", "q4_0", hq=4, hkv=2, d=64, prefix=[3000, 40], q_lens=[1, 1],
+                       page_size=64, seed=0)
+    st = meta.scratch.for_layer(1, 100)
+    for b, kv in enumerate(meta.kv_lens):
+        items = st.work[st.work[:, 0] == b]
+        assert items[:, 2].min() == max(0, kv - 100) and items[:, 3].max() == kv
+        assert (items[:, 3] - items[:, 2]).sum() == 2 * min(kv, 100)  # two kv heads
+
+
+@pytest.mark.parametrize("kt,vt,softcap", [("q8_0", "q4_0", 0.0), ("f16", "fp8_e4m3", 6.0),
+                                           ("q4_1", "q5_0", 6.0)])
+def test_cpu_kernel_on_a_window_pool(kt, vt, softcap):
+    """A layer in its own window pool, whose pages out of the window went back (-1 in its
+    table): decode steps and chunks over many pages read only live pages and match the
+    reference, and the pool's bookkeeping stays exact."""
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    window, page, hkv, d = 21, 8, 2, 64
+    cache = KVCache(2, hkv, d, 64, page_size=page, cache_type_k=kt, cache_type_v=vt,
+                    windows=[0, window], window_pages=24)
+    seqs = [cache.new_sequence() for _ in range(3)]
+    backend = cpu.Backend()
+    plan = [[5, 1, 30], [30, 17, 1], [1, 1, 12], [1, 32, 1], [9, 1, 1]] + [[1, 1, 1]] * 3
+    for q_lens in plan:
+        meta = Step.reserve(cache, seqs, q_lens)
+        backend.prepare(meta)
+        rows = meta.n_rows
+        for layer in (0, 1):
+            backend.write(cache, layer, meta, torch.randn(rows, hkv, d, generator=gen),
+                          torch.randn(rows, hkv, d, generator=gen))
+        q = torch.randn(rows, 4, d, generator=gen) * 3.0
+        check_vs_reference(cache, meta, q, 1, window, softcap, seed, tolerance(kt, vt))
+        cache.check()
+    assert any(p < 0 for s in seqs for p in cache.pages(s, 1))  # pages went back

@@ -9,6 +9,7 @@ import gguf
 import pytest
 
 import tiny_llama
+import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,21 @@ def test_generate_profile_and_weights_flags(tiny):
     out = run("benchmarks/generate.py", "--model", tiny, "--types", "q8_0", "--lengths", "40",
               "--decode", "2", "--profile")
     assert "weights gemv" in out
+
+
+@pytest.mark.slow
+def test_generate_times_window_and_global_layers(tmp_path):
+    """A tiny Gemma 3 (a window of 5, layer 5 global) past its window: the attention
+    columns give both layer kinds, the profile runs through the windowed layers."""
+    path = tmp_path / "gemma3.gguf"
+    tiny_models.write_gemma3(path, tiny_models.TinyGemma3())
+    out = run("benchmarks/generate.py", "--model", path, "--types", "q8_0", "--lengths", "30",
+              "--decode", "3", "--profile")
+    header, row = [line for line in out.splitlines() if not line.startswith("#")][:2]
+    assert "attn us/window layer" in header and "attn us/global layer" in header
+    win, glob = row.split()[-2:]
+    assert float(win) > 0 and float(glob) > 0, row
+    assert "attention" in out
 
 
 @pytest.mark.slow

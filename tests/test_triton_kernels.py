@@ -220,6 +220,63 @@ def test_a_window_layer_writes_and_reads_its_own_pages(tk):
     cache.check()
 
 
+# every type once as K and once as V (mixed pairs, fp8 included), as the CPU tests
+ONCE = [(t, TYPES[(i + 1) % len(TYPES)]) for i, t in enumerate(TYPES)]
+
+
+def check_window(tk, kt, vt, prefix, q_lens, window, softcap, tol=2e-5, **kw):
+    """paged_attention with a window and soft-capping against reference.attention; scores
+    scaled up so that the cap bites."""
+    cache, meta, q = filled_cache(kt, vt, prefix, q_lens)
+    q = q * 3.0
+    ref = reference.attention(q, cache, 0, meta, 0.125, window=window, softcap=softcap)
+    out = tk.paged_attention(q, *cache.layer_planes(0), kt, vt, meta, 0.125, window=window,
+                             softcap=softcap, **kw)
+    err = (out.float() - ref).abs().max().item()
+    assert err < tol, f"{kt}/{vt} window {window} softcap {softcap}: max error {err:.2e}"
+
+
+@interpreted
+@pytest.mark.parametrize("kt,vt", ONCE)
+def test_window_and_softcap_every_type(tk, kt, vt):
+    # decode past the window and within it, keys split 3 ways + merge; prefill chunks
+    # crossing the window's edge in several query blocks (5 rows each); a window longer
+    # than every sequence
+    check_window(tk, kt, vt, [0, 12, 36, 50], [1, 1, 1, 1], 10, 2.0, block_n=16, splits=3)
+    check_window(tk, kt, vt, [3, 0, 17], [9, 1, 9], 6, 2.0, block_m=16, block_n=16)
+    check_window(tk, kt, vt, [3, 30], [9, 1], 100, 0.0, block_m=16, block_n=16, splits=2)
+
+
+@interpreted
+@pytest.mark.parametrize("window,softcap", [(0, 3.0), (7, 0.0)])
+def test_window_or_softcap_alone(tk, window, softcap):
+    check_window(tk, "q8_0", "q4_0", [40, 7, 0], [1, 6, 12], window, softcap, block_n=16,
+                 splits=2)
+
+
+@interpreted
+def test_a_window_layer_past_its_window_reads_only_live_pages(tk):
+    """Sequences past the window, whose first pages went back to the pool (-1 in the
+    layer's table): decode steps and chunks read only their windows (split-K too)."""
+    window = 9
+    cache = KVCache(2, 2, 64, 32, page_size=4, cache_type_k="q4_0", cache_type_v="q8_0",
+                    device=DEV, windows=[0, window], window_pages=16)
+    seqs = [cache.new_sequence() for _ in range(2)]
+    for q_lens in ([20, 3], [1, 14], [1, 1], [5, 1], [1, 1]):
+        meta = Step.reserve(cache, seqs, q_lens)
+        tk.Backend().prepare(meta)
+        n = meta.n_rows
+        for layer in range(2):
+            tk.write(cache, layer, meta, torch.randn(n, 2, 64, device=DEV),
+                     torch.randn(n, 2, 64, device=DEV))
+        q = torch.randn(n, 4, 64, device=DEV) * 3.0
+        ref = reference.attention(q, cache, 1, meta, 0.125, window=window, softcap=2.0)
+        out = tk.attention(q, cache, 1, meta, 0.125, window=window, softcap=2.0)
+        assert (out.float() - ref).abs().max() < 2e-5, q_lens
+    assert any(p < 0 for s in seqs for p in cache.pages(s, 1))
+    cache.check()
+
+
 # ---------------------------------------------------------------- quantize on write
 
 def rows_with_edge_cases(kind: str, n: int, heads: int, d: int) -> torch.Tensor:
@@ -362,14 +419,14 @@ def compile_call(kernel, args, kw, target):
     return triton.compile(src, target=target, options={k: kw[k] for k in _OPTIONS if k in kw})
 
 
-def record_attention(mod, monkeypatch, kt, vt, dtype, decode):
+def record_attention(mod, monkeypatch, kt, vt, dtype, decode, **kw):
     attn, merge = _Capture(mod._attn_kernel), _Capture(mod._merge_kernel)
     monkeypatch.setattr(mod, "_attn_kernel", attn)
     monkeypatch.setattr(mod, "_merge_kernel", merge)
     cache, meta, q = filled_cache(kt, vt, [70, 20], [1, 1] if decode else [9, 30],
                                   hq=8, hkv=2, d=128)
     mod.paged_attention(q.to(dtype), *cache.layer_planes(0), kt, vt, meta, 0.1,
-                        splits=4 if decode else 1)
+                        splits=4 if decode else 1, **kw)
     return [(attn.kernel, *c) for c in attn.calls] + [(merge.kernel, *c) for c in merge.calls]
 
 
@@ -395,6 +452,15 @@ def test_attention_compiles_for_gpus(compiled, monkeypatch, target, mode):
     assert len(calls) == (2 if mode == "decode" else 1)
     for kernel, args, kw in calls:
         assert compile_call(kernel, args, kw, _target(target)).asm
+
+
+@compiled_only
+def test_window_and_softcap_compile_for_gpus(compiled, monkeypatch):
+    calls = record_attention(compiled, monkeypatch, "q8_0", "q4_0", torch.float16, True,
+                             window=16, softcap=50.0)
+    assert calls[0][2]["SOFTCAP"] is True
+    for kernel, args, kw in calls:
+        assert compile_call(kernel, args, kw, _target("sm_90")).asm
 
 
 @compiled_only

@@ -6,6 +6,9 @@ calling thread and helper threads claim the items from an atomic counter. Each i
 walks its tokens in tiles (a few dozen tokens, never crossing a page) with an online
 softmax, and handles all g = Hq/Hkv query heads (times the chunk's
 rows) of its kv head together, so each stored byte is read once per step.
+On a sliding-window layer each query row sees only its last ``window`` keys (a
+sequence's items start at its first row's window, so a decode step reads the window
+whatever the context) and scores can be soft-capped before the softmax (Gemma 2).
 
 The two products of a tile, scores = q K^T and out += p V, are small vector
 microkernels written in LLVM IR (llvmlite intrinsics). They read f32, f16, bf16, q8_0,
@@ -426,6 +429,27 @@ def _exp(x):
     return p * bits_to_float((k + np.int32(127)) << np.int32(23))
 
 
+_T0, _T1, _T2, _T3, _T4 = (np.float32(c) for c in (
+    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1,
+    -3.33332819422e-1))
+_TANH_SMALL = np.float32(0.625)
+_TWO = np.float32(2.0)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _tanh(x):
+    """tanh(x) for float32 (Cephes tanhf, a few ulp): an odd polynomial below 0.625, where
+    1 - exp(-2|x|) would cancel, and (1 - e) / (1 + e) with e = exp(-2|x|) above it; both
+    are computed, so the select vectorizes (libm's tanhf is a call per score)."""
+    a = abs(x)
+    z = x * x
+    small = ((((_T0 * z + _T1) * z + _T2) * z + _T3) * z + _T4) * z * x + x
+    e = _exp(-_TWO * a)
+    big = (_ONE - e) / (_ONE + e)
+    big = big if x >= 0 else -big
+    return small if a < _TANH_SMALL else big
+
+
 # ---------------------------------------------------------------- tile loader
 # Vectorization notes (checked in the assembly): numba wraps negative signed indexes,
 # which turns every vector load into 16 scalar ones, so hot loops index with uint64;
@@ -569,18 +593,24 @@ def _prepare(code, d, m, qh, qs, x32, row0, T, nb, qk, tile, sc, lo):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_step(p, acc, mx, den, vis, R, T, Dv, TL):
-    """Scores -> weights for one tile (rows see vis[r] - t0 of its tokens, clipped to
-    [0, T]); rescales acc once per tile when the running max grows."""
+def _softmax_step(p, acc, mx, den, first, vis, R, T, Dv, TL, cap):
+    """Scores -> weights for one tile: row r sees its tokens first[r] .. vis[r] - 1 (both
+    clipped to [0, T]; a window's start and the causal end), soft-capped first when cap is
+    positive; rescales acc once per tile when the running max grows."""
     for r in range(R):
         po = r * TL
-        n = vis[r]
+        a, n = first[r], vis[r]
+        if cap > 0:
+            for t in range(a, n):
+                p[po + t] = cap * _tanh(p[po + t] / cap)
         mt = mx[r]
-        for t in range(n):
+        for t in range(a, n):
             mt = max(mt, p[po + t])
         corr = _exp(mx[r] - mt)
         tot = np.float32(0.0)
-        for t in range(n):
+        for t in range(a):
+            p[po + t] = 0.0
+        for t in range(a, n):
             e = _exp(p[po + t] - mt)
             p[po + t] = e
             tot += e
@@ -606,8 +636,9 @@ def _tile_at(b, h, t, t1, geom, pages):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _attend_chunk(w, q, scale, kplanes, vplanes, geom, job):
-    """Online softmax of work item w = (b, h, t0, t1) into job.part_acc[w], job.part_ml[w]."""
+def _attend_chunk(w, q, scale, cap, kplanes, vplanes, geom, job):
+    """Online softmax of work item w = (b, h, t0, t1) into job.part_acc[w], job.part_ml[w];
+    scores soft-capped by cap (0: none), keys limited to job.window per query (0: none)."""
     kcode, kd, km, kqh, kqs, kx32, kx16 = kplanes
     vcode, vd, vm, vqh, vqs, vx32, vx16 = vplanes
     n_kv, TL, pages, q_off = geom.n_kv, geom.tile, job.pages, job.q_off
@@ -619,16 +650,18 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, job):
     R = nq * g  # query vectors of this kv head: row i, member gg -> i*g + gg
     qv = np.empty(R * D, np.float32)
     lim = np.empty(R, np.int64)  # tokens visible to each query vector (causal)
+    start = np.empty(R, np.int64)  # its first visible token: p - window + 1 on a window
     for i in range(nq):
         for gg in range(g):
             r = i * g + gg
             lim[r] = L - nq + i + 1
+            start[r] = max(0, lim[r] - job.window) if job.window > 0 else 0
             for j in range(D):
                 qv[r * D + j] = q[q_off[b] + i, h * g + gg, j] * scale
     acc = np.zeros(R * Dv, np.float32)
     mx = np.full(R, _NEG, np.float32)
     den = np.zeros(R, np.float32)
-    vis = np.empty(R, np.uint64)
+    vis, vfirst = np.empty(R, np.uint64), np.empty(R, np.uint64)
     kt, vt = np.empty(TL * D, np.float32), np.empty(TL * Dv, np.float32)
     sc, lo = np.empty(TL * max(nbk, nbv), np.float32), np.empty(TL * max(nbk, nbv), np.float32)
     p = np.empty(R * TL, np.float32)
@@ -646,11 +679,12 @@ def _attend_chunk(w, q, scale, kplanes, vplanes, geom, job):
         uT = np.uint64(T)
         for r in range(R):
             vis[r] = np.uint64(max(0, min(T, lim[r] - t)))
+            vfirst[r] = np.uint64(max(0, min(T, start[r] - t)))
         fmt, src, first = _prepare(kcode, kd, km, kqh, kqs, kx32, row0, uT, nbk, qk, kt, sc, lo)
         _scores(fmt, qv, D, uR, uT, p, uTL, src, kx16, kqs, sc, first, nbk)
         if more:
             _prefetch_rows(vcode, vd, vm, vqh, vqs, vx32, vx16, nrow0, np.uint64(nT), nbv)
-        _softmax_step(p, acc, mx, den, vis, uR, uT, Dv, uTL)
+        _softmax_step(p, acc, mx, den, vfirst, vis, uR, uT, Dv, uTL, cap)
         fmt, src, first = _prepare(vcode, vd, vm, vqh, vqs, vx32, row0, uT, nbv, qk, vt, sc, lo)
         _accumulate(fmt, p, uTL, uT, acc, Dv, uR, src, vx16, vqs, sc, first, nbv)
         t += T
@@ -694,14 +728,14 @@ def _merge_group(gi, out, n_kv, job):
 
 
 @njit(nogil=True, cache=True)
-def _attend_items(counters, q, scale, kplanes, vplanes, geom, job):
+def _attend_items(counters, q, scale, cap, kplanes, vplanes, geom, job):
     """Claim and run work items until none is left, on any number of threads at once:
     counters[0] hands out items, counters[1] counts the finished ones."""
     while True:
         w = fetch_add(counters, 0)
         if w >= job.work.shape[0]:
             return
-        _attend_chunk(w, q, scale, kplanes, vplanes, geom, job)
+        _attend_chunk(w, q, scale, cap, kplanes, vplanes, geom, job)
         fetch_add(counters, 1)
 
 
@@ -728,6 +762,7 @@ class Job(NamedTuple):
     groups: np.ndarray  # [G + 1] int64: items of one (b, h) are work[groups[i]:groups[i+1]]
     part_acc: np.ndarray  # [W, rows, Dv] float32 partial outputs
     part_ml: np.ndarray  # [W, rows, 2] float32 partial (max, denominator)
+    window: int  # keys per query on a sliding window (0: every key before it)
 
 
 class _Scratch:
@@ -735,17 +770,17 @@ class _Scratch:
 
     def __init__(self, step: "Step", window: int = 0, table=None):
         cache, q_lens = step.cache, step.q_lens
-        # On a sliding-window layer a decode row reads only its last `window` keys (the
-        # work list starts there); several rows past the window see different key
-        # ranges, which the tiled path's banded attention handles.
-        banded = [bool(window) and n > 1 and kv > window for n, kv in zip(q_lens, step.kv_lens)]
-        self.fused = [b for b, n in enumerate(q_lens) if 0 < n <= NUMBA_MAX_Q and not banded[b]]
-        self.tiled = [b for b, n in enumerate(q_lens) if n > NUMBA_MAX_Q and not banded[b]]
-        self.banded = [b for b in range(len(q_lens)) if banded[b]]
+        self.fused = [b for b, n in enumerate(q_lens) if 0 < n <= NUMBA_MAX_Q]
+        self.tiled = [b for b, n in enumerate(q_lens) if n > NUMBA_MAX_Q]
         self.kv_lens = np.asarray(step.kv_lens, np.int64)
-        starts = np.maximum(self.kv_lens - window, 0) if window else None
+        # On a sliding-window layer a sequence's work starts at its first row's window
+        # (the first key any row reads; a window group holds nothing before it) and the
+        # kernel limits every row to its own window.
+        first_row = self.kv_lens - np.asarray(q_lens, np.int64)
+        starts = np.maximum(first_row - window + 1, 0) if window else None
         self.work, self.groups = plan_work(self.kv_lens, self.fused, cache.n_kv_heads,
                                            threads.threads(), starts)
+        self.window = window
         self._step, self._job = step, None
         self._table = step.page_table if table is None else table
         self._layers: dict[tuple[int, int], _Scratch] = {}
@@ -772,7 +807,7 @@ class _Scratch:
                             np.asarray(st.q_lens, np.int64), np.asarray(st.q_offsets, np.int64),
                             self.work, self.groups,
                             np.empty((len(self.work), rows, dv), np.float32),
-                            np.empty((len(self.work), rows, 2), np.float32))
+                            np.empty((len(self.work), rows, 2), np.float32), self.window)
         return self._job
 
 
@@ -808,19 +843,22 @@ def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
     return max(4, TILE_FLOATS // max(head_dim, v_head_dim) // 4 * 4)
 
 
-def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray) -> None:
+def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray,
+         softcap: float = 0.0) -> None:
     """The fused items of a step on the caller's and the helper threads, merged into out."""
     counters = np.zeros(2, np.int64)
     threads.pool("attention").run(
-        _attend_items, (counters, q, np.float32(scale), kplanes, vplanes, geom, job),
+        _attend_items, (counters, q, np.float32(scale), np.float32(softcap), kplanes, vplanes,
+                        geom, job),
         len(job.work) - 1, _finish, (counters, out, geom.n_kv, job))
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-              scale: float, window: int = 0) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring);
     ``step`` prepared by ``Backend.prepare``. window: a sliding-window layer's keys per
-    query (0: every key before it)."""
+    query (0: every key before it); softcap: scores s -> softcap * tanh(s / softcap)
+    before the softmax (0: none)."""
     n, hq, dim = q.shape
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
@@ -835,12 +873,14 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         kplanes, vplanes = ggml.plane_views(cache, layer)
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
         _run(q.numpy(), scale, kplanes, vplanes, geom,
-             st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy())
-    for b in st.tiled + st.banded:
+             st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy(), softcap)
+    for b in st.tiled:  # long chunks: torch's flash GEMMs, banded past a window or capped
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
         pages, kv_len = step.layer_table(layer).pages[b], step.kv_lens[b]
-        out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window) \
-            if b in st.banded else tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
+        out[lo:hi] = tiled.attend_banded(q[lo:hi], cache, layer, pages, kv_len, scale, window,
+                                         softcap) \
+            if (window and kv_len > window) or softcap else \
+            tiled.attend_sequence(q[lo:hi], cache, layer, pages, kv_len, scale)
     return out
 
 
@@ -857,8 +897,8 @@ class Backend:
         cpu_write.write(cache, layer, step.layer_slots(layer), k, v)
 
     def attend(self, q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-               scale: float, window: int = 0) -> torch.Tensor:
-        return attention(q, cache, layer, step, scale, window)
+               scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+        return attention(q, cache, layer, step, scale, window, softcap)
 
 
 def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
@@ -878,7 +918,7 @@ def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
     work, groups = plan_work(kv_lens, [0], 1, 1)
     job = Job(np.zeros((1, 1), np.int64), kv_lens, kv_lens.copy(), np.array([0, 2], np.int64),
               work, groups, np.empty((len(work), 2, qk), np.float32),
-              np.empty((len(work), 2, 2), np.float32))
+              np.empty((len(work), 2, 2), np.float32), 0)
     _run(rows, 1.0, kplanes, vplanes, geom, job, np.empty((2, 1, qk), np.float32))
 
 

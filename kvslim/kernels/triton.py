@@ -6,6 +6,9 @@
   blocks in registers. Long contexts with few query blocks (decode) are split along the
   keys (flash-decoding); ``_merge_kernel`` then combines the partial results by their
   log-sum-exp.
+  A sliding window (a row at position p sees keys p - window + 1 .. p) limits the keys
+  a block reads to its rows' windows; soft-capping (Gemma 2) maps the scores through
+  cap * tanh(s / cap) before the softmax.
 * ``quantize_into`` -- the fused quantize-on-write for ``KVCache.write``; bit-identical
   to ``formats.encode`` (see its docstring for the one exception, signed zeros).
 
@@ -160,14 +163,16 @@ def _head_cols(PART: tl.constexpr, W: tl.constexpr, NB: tl.constexpr, NBP: tl.co
 @triton.jit
 def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
                  kd, km, kqh, kqs, vd, vm, vqh, vqs, lut_ptr,
-                 pages_ptr, s_pages, work_ptr, qk_scale, chunk, n_splits,
+                 pages_ptr, s_pages, work_ptr, qk_scale, chunk, n_splits, window, cap2,
                  H_KV: tl.constexpr, G: tl.constexpr, PAGE: tl.constexpr,
                  KFMT: tl.constexpr, NBK: tl.constexpr, NBKP: tl.constexpr, KW: tl.constexpr,
                  VFMT: tl.constexpr, NBV: tl.constexpr, NBVP: tl.constexpr, VW: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr, FP8N: tl.constexpr):
+                 DT: tl.constexpr, PREC: tl.constexpr, FP8N: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     # grid: (work items, kv heads, key splits). work row: (batch row, first packed q row,
-    # rows, position of the first row, kv_len).
+    # rows, position of the first row, kv_len). window: keys per row (0: every key before
+    # it); cap2: the soft-cap in the log2 domain (softcap * log2 e), used when SOFTCAP.
     wk = work_ptr + tl.program_id(0) * 5
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -201,7 +206,10 @@ def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
     acc1 = tl.zeros([BLOCK_M, NBVP * VW], tl.float32)
 
     end = tl.minimum(pos0 + nrows, kvlen)  # no row of this block sees a key past end
-    lo = split * chunk
+    # nor one before the first row's window (a window group holds none there): the
+    # splits divide the keys from there on
+    kstart = tl.where(window > 0, tl.maximum(pos0 - window + 1, 0), 0)
+    lo = kstart + split * chunk
     hi = tl.minimum(end, lo + chunk)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
@@ -214,7 +222,10 @@ def _attn_kernel(q_ptr, sq_n, sq_h, out_ptr, so_n, so_h, part_ptr, lse_ptr,
         if KW == 16:
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
         s = s * qk_scale  # log2 domain
+        if SOFTCAP:  # cap * tanh(s / cap) on the natural scores, in the log2 domain
+            s = cap2 * _tanh(s / cap2)
         ok = (n[None, :] <= pos[:, None]) & nmask[None, :]
+        ok = ok & ((n[None, :] > pos[:, None] - window) | (window == 0))
         s = tl.where(ok, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -266,6 +277,20 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_n, so_h, n_splits, HQ,
         acc += w * tl.load(part_ptr + (base + i) * DV + c, mask=c < DV, other=0)
     dst = out_ptr + row * so_n + h * so_h + c
     tl.store(dst, (acc / total).to(out_ptr.dtype.element_ty), mask=c < DV)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 (Cephes tanhf, as kernels.cpu._tanh): an odd polynomial below
+    0.625, where 1 - exp(-2|x|) would cancel, (1 - e) / (1 + e) with e = exp(-2|x|) above."""
+    a = tl.abs(x)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    e = tl.exp2(a * -2.8853900817779268)  # exp(-2a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(a < 0.625, small, big)
 
 
 # ---------------------------------------------------------------- launch helpers
@@ -351,10 +376,13 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
                     type_v: str, step, scale: float, *, block_m: int | None = None,
                     block_n: int | None = None, min_chunk: int = 256,
                     splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 2, pages: torch.Tensor | None = None) -> torch.Tensor:
+                    num_stages: int = 2, pages: torch.Tensor | None = None,
+                    window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [N, Hq, D] packed as ``step`` says (prepared by ``Backend.prepare``); planes {name: [P, Hkv, S, nb, per]}
     -> [N, Hq, Dv] in q's dtype (fp32 for other float dtypes). ``pages``: the planes'
     page table [B, max_pages] (default ``step.page_table.pages``, the first group's).
+    window: keys per query row on a sliding window (0: every key before it), the only
+    ones read; softcap: scores s -> softcap * tanh(s / softcap) before the softmax (0: none).
 
     Block sizes, the shortest key chunk per split and the number of splits have
     defaults (not yet tuned on hardware); tests set them to reach every path on tiny
@@ -376,8 +404,10 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
     bm = max(block_m or bm, _pow2(group))
     bn = block_n or bn
     work = _work(step, bm // group, q.device)
-    n_splits, chunk = _splits(work.shape[0] * h_kv, max(step.kv_lens), bn, min_chunk, q.device,
-                              splits)
+    span = max(step.kv_lens)  # the most keys one item reads
+    if window:
+        span = min(span, window + bm // group - 1)
+    n_splits, chunk = _splits(work.shape[0] * h_kv, span, bn, min_chunk, q.device, splits)
     partial = n_splits > 1
     if partial:
         part = q.new_empty(n_rows, hq, n_splits, nbv * formats.QK, dtype=torch.float32)
@@ -391,13 +421,14 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
     _attn_kernel[(work.shape[0], h_kv, n_splits)](
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1), part, lse,
         *_plane_args(k_planes, fk), *_plane_args(v_planes, fv), lut,
-        pages, pages.stride(0), work, scale * _LOG2E, chunk, n_splits,
+        pages, pages.stride(0), work, scale * _LOG2E, chunk, n_splits, window,
+        softcap * _LOG2E,
         H_KV=h_kv, G=group, PAGE=page,
         KFMT=formats.get_format(fk).code, NBK=nbk, NBKP=_pow2(nbk), KW=kw,
         VFMT=formats.get_format(fv).code, NBV=nbv, NBVP=_pow2(nbv), VW=vw,
         BLOCK_M=bm, BLOCK_N=bn, PARTIAL=partial, DT=_TL_DTYPES[q.dtype],
         PREC="ieee" if q.dtype == torch.float32 else None, FP8N=native_fp8(q.device),
-        num_warps=num_warps, num_stages=num_stages)
+        SOFTCAP=softcap > 0, num_warps=num_warps, num_stages=num_stages)
     if partial:
         dv = nbv * formats.QK
         _merge_kernel[(n_rows, hq)](part, lse, out, out.stride(0), out.stride(1), n_splits, hq,
@@ -405,13 +436,14 @@ def paged_attention(q: torch.Tensor, k_planes: dict, v_planes: dict, type_k: str
     return out
 
 
-def attention(q: torch.Tensor, cache, layer: int, step, scale: float) -> torch.Tensor:
-    """The backend's read: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype. Every key of
-    the layer's group is read: ``Attention`` sends a window layer here only while its
-    sequences are within the window (all their pages live)."""
+def attention(q: torch.Tensor, cache, layer: int, step, scale: float, window: int = 0,
+              softcap: float = 0.0) -> torch.Tensor:
+    """The backend's read: q [N, Hq, D] -> [N, Hq, Dv] in q's compute dtype; on a window
+    layer only its group's live pages (the rows' windows) are read."""
     k_planes, v_planes = cache.layer_planes(layer)
     return paged_attention(q, k_planes, v_planes, cache.cache_type_k, cache.cache_type_v,
-                           step, scale, pages=step.layer_table(layer).pages)
+                           step, scale, pages=step.layer_table(layer).pages, window=window,
+                           softcap=softcap)
 
 
 def write(cache, layer: int, step, k: torch.Tensor, v: torch.Tensor) -> None:
