@@ -167,7 +167,8 @@ def scales_from_energies(eq: torch.Tensor, ek: torch.Tensor) -> torch.Tensor:
     """s = (eq / ek) ** (1/4), normalised to geometric mean 1 per head and kept within
     KEY_SCALE_RANGE of it. eq, ek [L, Hkv, D] -> [L, Hkv, D]; channels without energy
     (padding) get 1."""
-    tiny = 1e-6 * torch.minimum(eq.mean(-1, keepdim=True), ek.mean(-1, keepdim=True)).clamp_min(1e-30)
+    tiny = 1e-6 * torch.minimum(eq.mean(-1, keepdim=True),
+                                ek.mean(-1, keepdim=True)).clamp_min(1e-30)
     live = (eq > 0) & (ek > 0)
     log_s = torch.where(live, 0.25 * ((eq + tiny).log() - (ek + tiny).log()), 0.0)
     centre = (log_s * live).sum(-1, keepdim=True) / live.sum(-1, keepdim=True).clamp_min(1)

@@ -251,8 +251,9 @@ def decide(settings: CodecSettings, type_k: str, type_v: str, head_dim: int) -> 
     auto: rotation and centering where a side is block-quantized (rotation only when a
     Hadamard block of 64 or more divides head_dim), lsq rounding on the types that have
     it. Key scaling goes with K centering on a block-quantized K (not fp8, which has
-    its own scale and a floating-point code). "on" for rotation on a head_dim without a Hadamard block gives no rotation and a
-    note (the caller warns), like flash attention asked for where it cannot run.
+    its own scale and a floating-point code). "on" for rotation on a head_dim without a
+    Hadamard block gives no rotation and a note (the caller warns), like flash attention
+    asked for where it cannot run.
     """
     qk, qv = formats.is_quantized(type_k), formats.is_quantized(type_v)
     size, note = hadamard_size(head_dim), None
