@@ -538,20 +538,21 @@ def _iemit_q6_k(b, base, blk, x):
     return chunks, None
 
 
-def _make_idot(block_bytes, block_values, emit):
+def _make_idot(block_bytes, block_values, emit, portable=False):
     """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks that
     ``emit(builder, base, blk, x)`` (x: ``_X``) returns as 32-value chunks (bias:
     "signed" codes, or what the unsigned codes are minus; <32 x i8> codes; <16 x i16>
     integer scales of each pair of values, or None; the float scale times x's, a float or
     a splat <8 x float>) and the block's offset term (a float, an <8 x float> to sum, or
-    None), in value order: value = (code - bias) * integer scale * float scale + offset."""
+    None), in value order: value = (code - bias) * integer scale * float scale + offset.
+    portable: the plain vector IR even where AVX2 is there (the tests compare the two)."""
     per = block_values // 32
     unroll = _NACC if per == 1 else 1  # 32-value blocks: one accumulator chain per block
 
     @intrinsic
     def idot(typingctx, d, p, nb, xq, xd, xs):
         def codegen(context, builder, sig, args):
-            fast, avx2 = ["fast"], _avx2(context)
+            fast, avx2 = ["fast"], _avx2(context) and not portable
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
             qbase, dbase, sbase = (_ptr(context, builder, sig.args[i], args[i], _c(0)) for i in (3, 4, 5))
             ones = ir.Constant(_V16S, [1] * 16)
@@ -605,14 +606,19 @@ def _make_idot(block_bytes, block_values, emit):
     return idot
 
 
-_I_Q8_0 = _make_idot(34, 32, _iemit_q8_0)
-_I_Q4_0 = _make_idot(18, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, False))
-_I_Q4_1 = _make_idot(20, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, True))
-_I_Q5_0 = _make_idot(22, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, False))
-_I_Q5_1 = _make_idot(24, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, True))
-_I_Q4_K = _make_idot(144, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, False))
-_I_Q5_K = _make_idot(176, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, True))
-_I_Q6_K = _make_idot(210, 256, _iemit_q6_k)
+# type code -> (block bytes, block values, emit) of the integer dots
+IDOT_BLOCKS = {
+    Q8_0: (34, 32, _iemit_q8_0),
+    Q4_0: (18, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, False)),
+    Q4_1: (20, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, True)),
+    Q5_0: (22, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, False)),
+    Q5_1: (24, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, True)),
+    Q4_K: (144, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, False)),
+    Q5_K: (176, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, True)),
+    Q6_K: (210, 256, _iemit_q6_k),
+}
+(_I_Q8_0, _I_Q4_0, _I_Q4_1, _I_Q5_0, _I_Q5_1, _I_Q4_K, _I_Q5_K,
+ _I_Q6_K) = (_make_idot(*IDOT_BLOCKS[t]) for t in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K))
 
 
 # ---------------------------------------------------------------- block decoders
@@ -980,8 +986,7 @@ def plan_work(parts: np.ndarray, rows_per_item: int) -> np.ndarray:
 
 
 FLOAT_DOTS = np.zeros(len(TYPES), dtype=np.int8)  # gemv's ``ints`` for the float dots only
-INT_DOTS = np.array([t in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) for t in range(len(TYPES))],
-                    dtype=np.int8)  # every type with an integer dot
+INT_DOTS = np.array([t in IDOT_BLOCKS for t in range(len(TYPES))], dtype=np.int8)  # wherever there is one
 
 
 def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
