@@ -6,8 +6,9 @@
     python benchmarks/weights.py --big                   # adds the synthetic 8B Q4_K_M
 
 Kernels: for each weight type, y = x @ W.T on a 2048 x 8192 and an 8192 x 2048 matrix,
-one input row (decode): GB/s of weight bytes read, beside the streaming-read bandwidth
-measured in the same run (the floor: a GEMV cannot beat it); float32 ``F.linear`` and
+one input row (decode): GB/s of weight bytes read by the float fused dot and by the
+integer dot (x quantized to int8 per 32 values), timed in turn, beside the streaming-read
+bandwidth measured in the same run (the floor: a GEMV cannot beat it); float32 ``F.linear`` and
 torch's own int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``, which can hold
 Q4_0/Q4_1/Q4_K groups exactly after a repacking copy) as candidates; and 512 input rows
 (prefill) as time relative to float32 ``F.linear`` on the same shape.
@@ -52,18 +53,29 @@ def best_of(fn, repeat: int) -> float:
 
 def best_of_pair(fa, fb, repeat: int) -> tuple[float, float]:
     """Best times of fa and fb, timed in turn (a load change hits both alike)."""
-    fa(), fb()
-    ts = [(_timed(fa), _timed(fb)) for _ in range(repeat)]
-    return min(a for a, _ in ts), min(b for _, b in ts)
+    return best_of_turns([fa, fb], repeat)
+
+
+def best_of_turns(fns, repeat: int) -> list[float]:
+    """Best time of each of fns, timed in turn."""
+    for f in fns:
+        f()
+    ts = [[_timed(f) for f in fns] for _ in range(repeat)]
+    return [min(t[i] for t in ts) for i in range(len(fns))]
 
 
 def unfused(lin):
     """The GEMV through the row buffer for every type (the kernel before the fused dots)."""
+    return gemv_with(lin, fused=False)
+
+
+def gemv_with(lin, **kw):
+    """The GEMV of ``lin`` with ``qmatmul.gemv``'s keywords (fused, ints)."""
     from kvslim.kernels import qmatmul as qm
 
     def run(x):
         y = torch.empty(x.shape[0], lin.n_out)
-        qm.gemv(lin.data, lin.parts, lin.work, x.numpy(), y.numpy(), fused=False)
+        qm.gemv(lin.data, lin.parts, lin.work, x.numpy(), y.numpy(), **kw)
         return y
     return run
 
@@ -90,36 +102,46 @@ def int4pack(rows: int, cols: int):
 
 
 def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
+    from kvslim.kernels import qmatmul as qm
+    from kvslim.kernels.qchoice import gemv_ints
     from kvslim.weights import QLinear
 
     rng = np.random.default_rng(0)
+    chosen = gemv_ints()
     print(f"\n## GEMV, one input row: weight GB/s (floor: streaming read {bw / 1e9:.1f} GB/s)")
-    print("(buffer: x time of the unfused row-buffer GEMV, timed in turn with the fused one)")
-    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'M=512 vs f32':>14}"
-          f"{'buffer':>8}")
+    print("(ms, GB/s: the float fused dot; int: the integer dot (x quantized to int8), timed in"
+          " turn with it;\n buffer: x time of the unfused row-buffer GEMV, also in turn;"
+          " runs: the dot kernels/qchoice picks here)")
+    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'int ms':>8}{'int GB/s':>9}"
+          f"{'of floor':>10}{'M=512 vs f32':>14}{'buffer':>8}{'runs':>6}")
     for rows, cols in shapes:
         x1, xp = torch.randn(1, cols), torch.randn(512, cols)
         w = torch.randn(rows, cols)
         f32_1 = best_of(lambda: F.linear(x1, w), repeat)
         f32_p = best_of(lambda: F.linear(xp, w), max(2, repeat // 4))
-        rows_out = [("f32", rows * cols * 4, f32_1, 1.0, None)]
+        rows_out = [("f32", rows * cols * 4, f32_1, None, 1.0, None, "")]
         try:
             mm = int4pack(rows, cols)
             t1, tp = best_of(lambda: mm(x1), repeat), best_of(lambda: mm(xp), max(2, repeat // 4))
-            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, tp / f32_p, None))
+            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, None, tp / f32_p, None, ""))
         except (RuntimeError, AttributeError) as e:  # not in every torch build
             print(f"# torch int4pack unavailable: {e}")
         for qt in types:
             lin = QLinear([random_qtensor(qt, rows, cols, rng)])
-            old = unfused(lin)
-            t1, t_old = best_of_pair(lambda: lin(x1), lambda: old(x1), repeat)
+            code = int(lin.parts[0, 2])
+            fns = [gemv_with(lin), unfused(lin)] + ([gemv_with(lin, ints=qm.INT_DOTS)] if qm.INT_DOTS[code] else [])
+            ts = best_of_turns([lambda f=f: f(x1) for f in fns], repeat)
             tp = best_of(lambda: lin(xp), max(2, repeat // 4))
-            rows_out.append((qt.name, lin.qtensors[0].nbytes, t1, tp / f32_p, t_old / t1))
-        for name, nbytes, t1, rel, speedup in rows_out:
+            runs = "" if not qm.INT_DOTS[code] else "int" if chosen[code] else "float"
+            rows_out.append((qt.name, lin.qtensors[0].nbytes, ts[0], ts[2] if len(ts) > 2 else None,
+                             tp / f32_p, ts[1] / ts[0], runs))
+        for name, nbytes, t1, t_int, rel, speedup, runs in rows_out:
             gbs = nbytes / t1 / 1e9
+            ints = (f"{t_int * 1e3:>8.2f}{nbytes / t_int / 1e9:>9.1f}{nbytes / t_int / bw:>10.0%}"
+                    if t_int else " " * 27)
             print(f"{name:<8}{f'{rows}x{cols}':>12}{nbytes / 1e6:>8.1f}{t1 * 1e3:>8.2f}{gbs:>7.1f}"
-                  f"{gbs * 1e9 / bw:>10.0%}{rel:>14.2f}"
-                  f"{'' if speedup is None else f'{speedup:>8.2f}'}", flush=True)
+                  f"{gbs * 1e9 / bw:>10.0%}{ints}{rel:>14.2f}"
+                  f"{'' if speedup is None else f'{speedup:>8.2f}'}{runs:>6}", flush=True)
 
 
 # ---------------------------------------------------------------- models
