@@ -47,8 +47,8 @@ def test_dequantize_rows_equals_gguf(qt):
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
-def int8_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """[M, N]: how far x's int8 rounding (per 32 values, quantize_rows) can move x @ w.T:
+def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[M, N]: how far x's rounding (per 32 values, quantize_rows) can move x @ w.T:
     |x - x'| <= d / 2 per value, so |(x - x') @ w.T| <= (d / 2) @ |w|.T."""
     _, d, _ = qm.quantize_rows(x)
     half = np.repeat(d.astype(np.float64) / 2, 32, axis=1)  # [M, K]
@@ -57,7 +57,7 @@ def int8_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def assert_gemv_close(y, b, qt, shape, x, ints, w=None):
     """y against float64: within float32 summation error of x @ W.T (float dots), or of
-    x' @ W.T and within the int8 bound of x @ W.T (integer dots: x' is x's int8 codes
+    x' @ W.T and within x's rounding of x @ W.T (integer dots: x' is x's integer codes
     times their scales)."""
     w = dequantize_ref(b, qt, shape) if w is None else w
     ref = x.astype(np.float64) @ w.T
@@ -66,9 +66,9 @@ def assert_gemv_close(y, b, qt, shape, x, ints, w=None):
         np.testing.assert_allclose(y, ref, rtol=0, atol=fp)
         return
     q, d, _ = qm.quantize_rows(x)
-    xq = (q.reshape(len(x), -1, 32) * d[:, :, None].astype(np.float64)).reshape(len(x), -1)
+    xq = (x_codes(q).reshape(len(x), -1, 32) * d[:, :, None].astype(np.float64)).reshape(len(x), -1)
     np.testing.assert_allclose(y, xq @ w.T, rtol=0, atol=fp)
-    assert (np.abs(y - ref) <= int8_bound(w, x) + fp).all()
+    assert (np.abs(y - ref) <= rounding_bound(w, x) + fp).all()
 
 
 @pytest.mark.parametrize("qt", qm.TYPES, ids=lambda t: t.name)
@@ -220,28 +220,38 @@ def test_real_k_quant_tensors(gemma3_gguf):
 # ---------------------------------------------------------------- integer dots
 
 
+def x_codes(q: np.ndarray) -> np.ndarray:
+    """int64 [M, K] codes of quantize_rows' two planes [M, 2K] (per 32: high, then low)."""
+    planes = q.reshape(len(q), -1, 2, 32).astype(np.int64)
+    return (128 * planes[:, :, 0] + planes[:, :, 1]).reshape(len(q), -1)
+
+
 def test_quantize_rows_codes_scales_and_sums():
-    """x's int8 codes per 32 values: within half a step of x, at most 127 in size, the
-    step max |x| / 127, the sums the codes' (times the step); a zero block stays zero."""
+    """x's codes per 32 values: within half a step of x, at most 127 x 128 in size, the
+    step max |x| / (127 x 128), the high plane within [-127, 127], the low one [0, 127],
+    the sums the codes' (times the step); a zero block stays zero."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((3, 32 * 5 + 7)) * rng.uniform(0.01, 100, (3, 1))).astype(np.float32)
     x[1, 32:64] = 0
     q, d, s = qm.quantize_rows(x)
     k = 32 * 5
+    assert q.dtype == np.int8 and q.shape == (3, 2 * k + 14)
+    planes = q[:, :2 * k].reshape(3, 5, 2, 32)
+    assert np.abs(planes[:, :, 0]).max() <= 127 and planes[:, :, 1].min() >= 0 and (q[:, 2 * k:] == 0).all()
+    c = x_codes(q[:, :2 * k]).reshape(3, 5, 32)
     blocks = x[:, :k].reshape(3, 5, 32)
-    np.testing.assert_allclose(d, np.abs(blocks).max(-1) / 127, rtol=1e-6)
-    assert np.abs(q).max() <= 127 and (q[:, k:] == 0).all()
-    back = q[:, :k].reshape(3, 5, 32) * d[:, :, None]
-    assert (np.abs(back - blocks) <= d[:, :, None] * (0.5 + 1e-5)).all()
-    np.testing.assert_allclose(s, d * q[:, :k].reshape(3, 5, 32).sum(-1), rtol=1e-6)
-    assert (q[1, 32:64] == 0).all() and d[1, 1] == 0 and s[1, 1] == 0
+    np.testing.assert_allclose(d, np.abs(blocks).max(-1) / (127 * 128), rtol=1e-6)
+    assert np.abs(c).max() == 127 * 128
+    assert (np.abs(c * d[:, :, None].astype(np.float64) - blocks) <= d[:, :, None] * 0.501).all()
+    np.testing.assert_allclose(s, d * c.sum(-1), rtol=1e-6)
+    assert (c[1, 1] == 0).all() and d[1, 1] == 0 and s[1, 1] == 0
 
 
 @pytest.mark.parametrize("qt", [qm.TYPES[c] for c in qm.IDOT_BLOCKS], ids=lambda t: t.name)
 def test_integer_dots_every_length(qt):
     """The integer dots over 1, 3, 7 and 33 blocks of 32 values (the unrolled loop and its
     remainder) or 1 and 3 blocks of 256, three input rows, fresh random blocks, odd row
-    counts: exact on x's int8 codes, and within their rounding of float64 x @ W.T."""
+    counts: exact on x's integer codes, and within their rounding of float64 x @ W.T."""
     n = gguf.GGML_QUANT_SIZES[qt][0]
     rng = np.random.default_rng(int(qt) + 500)
     for cols in ([32, 96, 224, 1056] if n == 32 else [256, 768]):

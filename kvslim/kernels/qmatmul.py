@@ -347,16 +347,19 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 
 # ---------------------------------------------------------------- integer block dots
 # idot(d, p, nb, xq, xd, xs): as dot, with x quantized per 32 values by ``quantize_rows``
-# (int8 codes xq; scale xd and scale x code sum xs of each 32 values), as llama.cpp's q8
-# activations. Each 32-value chunk of a block is its codes as <32 x i8>, multiplied with
-# x's codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those
-# times the weight's integer sub-scales (q6_K's) into i32 (vpmaddwd), then one float
-# conversion and one multiply-add by (weight scale x x's scale) per chunk into four
-# <8 x float> accumulators. q8_0's signed codes move their signs onto x's codes; q6_K's
-# bias of 32 is 32 * x's pair sums (one more vpmaddubsw); the other offsets (mins, q4_0's
-# and q5_0's bias) multiply xs, vectors of 8 for the K-quants (their 6-bit scales and
-# mins are decoded 8 at a time too). No i16 pair sum saturates: |code| <= 128 and
-# |x code| <= 127. Without AVX2 the same sums are plain vector IR.
+# (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
+# of each 32 values). Each 32-value chunk of a block is its codes as <32 x i8> (unsigned;
+# signed for q8_0, whose signs move onto x's codes), multiplied with each plane of x's
+# codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those times
+# the weight's integer sub-scales (q6_K's; x 128 for the high plane) into i32 (vpmaddwd),
+# then one float conversion and one multiply-add by (weight scale x x's scale) per chunk
+# into four <8 x float> accumulators. q6_K's bias of 32 is 32 x x's pair sums (one more
+# vpmaddubsw a plane); the other offsets (mins, q4_0's and q5_0's bias) multiply xs,
+# vectors of 8 for the K-quants (their 6-bit scales and mins are decoded 8 at a time).
+# Why two planes: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
+# SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
+# budget; 15 bits are 128x finer. No i16 pair sum saturates: |code| <= 128, plane
+# values within [-127, 127]. Without AVX2 the same sums are plain vector IR.
 
 _V32B = ir.VectorType(ir.IntType(8), 32)
 _V16S = ir.VectorType(ir.IntType(16), 16)
@@ -555,7 +558,7 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
             fast, avx2 = ["fast"], _avx2(context) and not portable
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
             qbase, dbase, sbase = (_ptr(context, builder, sig.args[i], args[i], _c(0)) for i in (3, 4, 5))
-            ones = ir.Constant(_V16S, [1] * 16)
+            ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
             zero8 = ir.Constant(_V8F, [0.0] * 8)
             accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
             los = [cgutils.alloca_once_value(builder, zero8) for _ in range(unroll)]
@@ -571,15 +574,18 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                     x0 = builder.mul(i, _c(per))
                     chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, x0))
                     for c, (bias, w, isc, s) in enumerate(chunks):
-                        xv = _bytes(builder, qbase, builder.mul(builder.add(x0, _c(c)), _c(32)))
+                        at = builder.mul(builder.add(x0, _c(c)), _c(64))
+                        xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
                         if bias == "signed":  # |w| * (x with w's sign)
                             neg = builder.icmp_signed("<", w, _b32(0))
-                            xv = builder.select(neg, builder.sub(_b32(0), xv), xv)
+                            xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
                             w = builder.select(neg, builder.sub(_b32(0), w), w)
-                        pairs = _maddubs(builder, avx2, w, xv)
+                        pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
                         if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
-                            pairs = builder.sub(pairs, _maddubs(builder, avx2, _b32(bias), xv))
-                        isum = _maddwd(builder, avx2, pairs, ones if isc is None else isc)
+                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v)) for p, v in zip(pairs, xs)]
+                        isc = ones if isc is None else isc
+                        isum = builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
+                                           _maddwd(builder, avx2, pairs[1], isc))
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
                         k = c_all % _NACC
                         acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
@@ -890,7 +896,7 @@ def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused)
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
     decoded, in registers; the row's bytes (a few KiB) stay in L1 for the next input row.
-    ints[code] set: that dot in integers on x's int8 codes (xq, xd, xs32: quantize_rows).
+    ints[code] set: that dot in integers on x's codes (xq, xd, xs32: quantize_rows).
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
     output value depends on its own input row only (batch invariance)."""
@@ -1006,33 +1012,6 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
 
 
 @njit(fastmath=_FAST, cache=True)
-def quantize_rows(x):
-    """x [M, K] float32 -> int8 codes q [M, K] = round(x / d), d [M, K/32] = max |x| / 127
-    over each 32 values, s [M, K/32] = d * (the sum of the codes), so an offset's term
-    sums the same quantized x as the codes' (values past the last whole 32 are left out:
-    no type with an integer dot has them)."""
-    m_rows, k = x.shape
-    nb = k // 32
-    q = np.zeros((m_rows, k), dtype=np.int8)
-    d = np.zeros((m_rows, nb), dtype=np.float32)
-    s = np.zeros((m_rows, nb), dtype=np.float32)
-    for m in range(m_rows):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for i in range(32 * b, 32 * b + 32):
-                amax = max(amax, abs(x[m, i]))
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            tot = 0
-            for i in range(32 * b, 32 * b + 32):
-                c = np.int32(np.rint(x[m, i] * inv))
-                q[m, i] = c
-                tot += c
-            d[m, b] = amax / np.float32(127.0)
-            s[m, b] = d[m, b] * np.float32(tot)
-    return q, d, s
-
-
-@njit(fastmath=_FAST, cache=True)
 def _sums16(x):
     """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order)."""
     m_rows, k = x.shape
@@ -1041,6 +1020,39 @@ def _sums16(x):
         for i in range(k // 16 * 16):
             xs[m, i // 16] += x[m, i]
     return xs
+
+
+@njit(fastmath=_FAST, cache=True)
+def quantize_rows(x):
+    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32]): each 32 values as
+    codes c = round(x / d) with d = max |x| / 16256, stored as two int8 planes of 32
+    (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high + low), and
+    s = d * (the sum of the codes), so an offset's term sums the same rounded x as the
+    codes' (values past the last whole 32 are left out: no type with an integer dot has
+    them)."""
+    m_rows, k = x.shape
+    nb = k // 32
+    q = np.zeros((m_rows, 2 * k), dtype=np.int8)
+    d = np.zeros((m_rows, nb), dtype=np.float32)
+    s = np.zeros((m_rows, nb), dtype=np.float32)
+    for m in range(m_rows):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for i in range(32 * b, 32 * b + 32):
+                amax = max(amax, abs(x[m, i]))
+            inv = np.float32(_X_MAX) / amax if amax > 0 else np.float32(0.0)
+            tot = 0
+            for i in range(32):
+                c = np.int32(np.rint(x[m, 32 * b + i] * inv))
+                q[m, 64 * b + i] = c >> 7  # floor division by 128
+                q[m, 64 * b + 32 + i] = c & 127
+                tot += c
+            d[m, b] = amax / np.float32(_X_MAX)
+            s[m, b] = d[m, b] * np.float32(tot)
+    return q, d, s
+
+
+_X_MAX = 127 * 128  # the largest code of x: its high plane stays within [-127, 127]
 
 
 def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
