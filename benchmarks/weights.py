@@ -7,7 +7,7 @@
 
 Kernels: for each weight type, y = x @ W.T on a 2048 x 8192 and an 8192 x 2048 matrix,
 one input row (decode): GB/s of weight bytes read by the float fused dot and by the
-integer dot (x quantized to int8 per 32 values), timed in turn, beside the streaming-read
+integer dot (x quantized to 15-bit integers per 32 values), timed in turn, beside the streaming-read
 bandwidth measured in the same run (the floor: a GEMV cannot beat it); float32 ``F.linear`` and
 torch's own int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``, which can hold
 Q4_0/Q4_1/Q4_K groups exactly after a repacking copy) as candidates; and 512 input rows
@@ -109,7 +109,7 @@ def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
     rng = np.random.default_rng(0)
     chosen = gemv_ints()
     print(f"\n## GEMV, one input row: weight GB/s (floor: streaming read {bw / 1e9:.1f} GB/s)")
-    print("(ms, GB/s: the float fused dot; int: the integer dot (x quantized to int8), timed in"
+    print("(ms, GB/s: the float fused dot; int: the integer dot (x quantized per 32 values), timed in"
           " turn with it;\n buffer: x time of the unfused row-buffer GEMV, also in turn;"
           " runs: the dot kernels/qchoice picks here)")
     print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'int ms':>8}{'int GB/s':>9}"

@@ -1,14 +1,14 @@
 """Which dot the decode GEMV runs per weight type: chosen by a measurement on this machine.
 
 ``kernels.qmatmul`` has two fused dots for the hot types: the float one (codes widened to
-float32, exact in x) and the integer one (x quantized to int8 per 32 values, integer
+float32, exact in x) and the integer one (x rounded to 15-bit integers per 32 values, integer
 SIMD multiply-adds). Which is faster depends on the CPU (its integer and float SIMD, its
 memory bandwidth against its cores), so it is measured, not assumed: both timed in turn
 on the same random matrix per type, the integer dot taken where it is at least
 ``MARGIN`` faster (the float dot has no rounding of x to give up). The choice is kept on
-disk, keyed by the CPU model, numba's target CPU and features, and kvslim's version,
-in ``$XDG_CACHE_HOME/kvslim/kernels`` (default ``~/.cache/kvslim/kernels``), so a
-machine measures once (about a second) and a new CPU or release measures again.
+disk, keyed by the CPU model, numba's target CPU and features, and the kernels' source,
+in ``$XDG_CACHE_HOME/kvslim/kernels`` (default ``~/.cache/kvslim/kernels``): a machine
+measures once (about a second), a new CPU, release or edit of the dots measures again.
 
 ``KVSLIM_QDOT`` forces it: ``int`` (the integer dot wherever there is one), ``float``,
 or ``auto`` (the default: the measured choice).
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from kvslim.kernels import qmatmul as qm
-from kvslim.version import __version__
 
 __all__ = ["ENV", "MODES", "gemv_ints", "measure", "cache_path"]
 
@@ -36,7 +35,6 @@ log = logging.getLogger("kvslim")
 ENV = "KVSLIM_QDOT"
 MODES = ("auto", "int", "float")
 MARGIN = 0.97  # the integer dot must take at most this fraction of the float dot's time
-_FORMAT = 1
 _MEASURED: dict[str, np.ndarray] = {}  # key -> ints, for this process
 
 
@@ -63,7 +61,8 @@ def gemv_ints(mode: str | None = None) -> np.ndarray:
 
 
 def machine_key() -> str:
-    """What the choice depends on: the CPU model, the code numba generates for it, kvslim."""
+    """What the choice depends on: the CPU model, the code numba generates for it, and the
+    kernels' own source (any release or edit that changes a dot measures again)."""
     from numba.core.registry import cpu_target
 
     codegen = cpu_target.target_context.codegen()
@@ -71,7 +70,8 @@ def machine_key() -> str:
         target = f"{codegen._get_host_cpu_name()} {codegen._tm_features}"
     except AttributeError:  # numba internals moved: the CPU model alone
         target = ""
-    return f"{_cpu_model()}|{target}|kvslim {__version__}|format {_FORMAT}"
+    source = hashlib.sha256(Path(qm.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return f"{_cpu_model()}|{target}|kernels {source}"
 
 
 def _cpu_model() -> str:
