@@ -2,6 +2,7 @@
 
     python benchmarks/weights.py                         # kernels, then SmolLM2 + synthetic 1B
     python benchmarks/weights.py --only kernels          # per-type GEMV GB/s, prefill ratio
+    python benchmarks/weights.py --only core             # the dots' compute ceiling, one thread
     python benchmarks/weights.py --only models --models smollm2 --lengths 512 --decode 8
     python benchmarks/weights.py --big                   # adds the synthetic 8B Q4_K_M
 
@@ -144,6 +145,48 @@ def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
                   f"{'' if speedup is None else f'{speedup:>8.2f}'}{runs:>6}", flush=True)
 
 
+def bench_core(types, repeat: int) -> None:
+    """The dots' compute ceiling: one thread dotting one input row with a 64 x 2048 matrix
+    (in L2) over and over, in thread CPU time (a busy machine's other processes do not
+    count), float fused and integer dot timed in turn."""
+    from numba import njit
+
+    from kvslim.kernels import qmatmul as qm
+    from kvslim.kernels.qtypes import CODES
+
+    @njit(fastmath=True)
+    def loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, reps, ints):
+        t = np.float32(0)
+        for _ in range(reps):
+            for j in range(rows):
+                t += (qm._idot(code, d, j * rb, k, xq, xd, xs32) if ints
+                      else qm._dot(code, d, j * rb, k, x, xs))
+        return t
+
+    rng = np.random.default_rng(0)
+    rows, cols, reps = 64, 2048, 200
+    print("\n## Dot compute ceiling: one thread, matrix in L2, GB/s of weight bytes in thread CPU time")
+    print(f"{'type':<8}{'float GB/s':>12}{'int GB/s':>10}{'int / float':>13}")
+    for qt in types:
+        code = CODES[qt]
+        if not qm.INT_DOTS[code]:
+            continue
+        q = random_qtensor(qt, rows, cols, rng)
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        (xq, xd, xs32), xs = qm.quantize_rows(x), qm._sums16(x)
+        args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0])
+        ts = {False: [], True: []}
+        for ints in (False, True):
+            loop(*args, 1, ints)
+        for _ in range(repeat):
+            for ints in (False, True):
+                t0 = time.thread_time()
+                loop(*args, reps, ints)
+                ts[ints].append(time.thread_time() - t0)
+        fl, it = (q.nbytes * reps / min(ts[i]) / 1e9 for i in (False, True))
+        print(f"{qt.name:<8}{fl:>12.1f}{it:>10.1f}{it / fl:>13.2f}", flush=True)
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -250,7 +293,7 @@ def bench_models(args, bw: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("kernels", "models"))
+    ap.add_argument("--only", choices=("kernels", "models", "core"))
     ap.add_argument("--types-kernel", default="q4_0,q4_1,q5_0,q8_0,q4_k,q6_k,f16",
                     help="weight types for the kernel table ('all': every type with a kernel)")
     ap.add_argument("--shapes", default="2048x8192,8192x2048", help="ROWSxCOLS list for the kernel table")
@@ -273,6 +316,9 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     print(f"# commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}, streaming read {bw / 1e9:.1f} GB/s")
+    if args.only == "core":
+        names = [t.name for t in KERNEL_TYPES] if args.types_kernel == "all" else args.types_kernel.upper().split(",")
+        return bench_core([T[n] for n in names], max(3, args.repeat // 2))
     if args.only != "models":
         names = [t.name for t in KERNEL_TYPES] if args.types_kernel == "all" else args.types_kernel.upper().split(",")
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
