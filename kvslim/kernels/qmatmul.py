@@ -536,7 +536,8 @@ def _iemit_q6_k(b, base, blk, x):
             code = b.lshr(ql, _b32(4)) if k >= 2 else b.and_(ql, _b32(15))
             code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(2 * k)), _b32(3)), _b32(4)))
             j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
-            isc = b.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)]))
+            pick = ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)])
+            isc = b.shuffle_vector(scales, scales, pick)  # pairs 0-7: scale j, 8-15: j + 1
             chunks.append((32, code, isc, _lane(b, scale, 4 * n + k)))
     return chunks, None
 
@@ -582,7 +583,8 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                             w = builder.select(neg, builder.sub(_b32(0), w), w)
                         pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
                         if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
-                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v)) for p, v in zip(pairs, xs)]
+                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
+                                     for p, v in zip(pairs, xs)]
                         isc = ones if isc is None else isc
                         isum = builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
                                            _maddwd(builder, avx2, pairs[1], isc))
