@@ -2,12 +2,14 @@
 
     python benchmarks/weights.py                         # kernels, then SmolLM2 + synthetic 1B
     python benchmarks/weights.py --only kernels          # per-type GEMV GB/s, prefill ratio
+    python benchmarks/weights.py --only core             # the dots' compute ceiling, one thread
     python benchmarks/weights.py --only models --models smollm2 --lengths 512 --decode 8
     python benchmarks/weights.py --big                   # adds the synthetic 8B Q4_K_M
 
 Kernels: for each weight type, y = x @ W.T on a 2048 x 8192 and an 8192 x 2048 matrix,
-one input row (decode): GB/s of weight bytes read, beside the streaming-read bandwidth
-measured in the same run (the floor: a GEMV cannot beat it); float32 ``F.linear`` and
+one input row (decode): GB/s of weight bytes read by the float fused dot and by the
+integer dot (x quantized to 15-bit integers per 32 values), timed in turn, beside the streaming-read
+bandwidth measured in the same run (the floor: a GEMV cannot beat it); float32 ``F.linear`` and
 torch's own int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``, which can hold
 Q4_0/Q4_1/Q4_K groups exactly after a repacking copy) as candidates; and 512 input rows
 (prefill) as time relative to float32 ``F.linear`` on the same shape.
@@ -55,18 +57,29 @@ def best_of(fn, repeat: int) -> float:
 
 def best_of_pair(fa, fb, repeat: int) -> tuple[float, float]:
     """Best times of fa and fb, timed in turn (a load change hits both alike)."""
-    fa(), fb()
-    ts = [(_timed(fa), _timed(fb)) for _ in range(repeat)]
-    return min(a for a, _ in ts), min(b for _, b in ts)
+    return best_of_turns([fa, fb], repeat)
+
+
+def best_of_turns(fns, repeat: int) -> list[float]:
+    """Best time of each of fns, timed in turn."""
+    for f in fns:
+        f()
+    ts = [[_timed(f) for f in fns] for _ in range(repeat)]
+    return [min(t[i] for t in ts) for i in range(len(fns))]
 
 
 def unfused(lin):
     """The GEMV through the row buffer for every type (the kernel before the fused dots)."""
+    return gemv_with(lin, fused=False)
+
+
+def gemv_with(lin, **kw):
+    """The GEMV of ``lin`` with ``qmatmul.gemv``'s keywords (fused, ints)."""
     from kvslim.kernels import qmatmul as qm
 
     def run(x):
         y = torch.empty(x.shape[0], lin.n_out)
-        qm.gemv(lin.data, lin.parts, lin.work, x.numpy(), y.numpy(), fused=False)
+        qm.gemv(lin.data, lin.parts, lin.work, x.numpy(), y.numpy(), **kw)
         return y
     return run
 
@@ -93,36 +106,88 @@ def int4pack(rows: int, cols: int):
 
 
 def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
+    from kvslim.kernels import qmatmul as qm
+    from kvslim.kernels.qchoice import gemv_ints
     from kvslim.weights import QLinear
 
     rng = np.random.default_rng(0)
+    chosen = gemv_ints()
     print(f"\n## GEMV, one input row: weight GB/s (floor: streaming read {bw / 1e9:.1f} GB/s)")
-    print("(buffer: x time of the unfused row-buffer GEMV, timed in turn with the fused one)")
-    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'M=512 vs f32':>14}"
-          f"{'buffer':>8}")
+    print("(ms, GB/s: the float fused dot; int: the integer dot (x quantized per 32 values), timed in"
+          " turn with it;\n buffer: x time of the unfused row-buffer GEMV, also in turn;"
+          " runs: the dot kernels/qchoice picks here)")
+    print(f"{'type':<8}{'shape':>12}{'MB':>8}{'ms':>8}{'GB/s':>7}{'of floor':>10}{'int ms':>8}{'int GB/s':>9}"
+          f"{'of floor':>10}{'M=512 vs f32':>14}{'buffer':>8}{'runs':>6}")
     for rows, cols in shapes:
         x1, xp = torch.randn(1, cols), torch.randn(512, cols)
         w = torch.randn(rows, cols)
         f32_1 = best_of(lambda: F.linear(x1, w), repeat)
         f32_p = best_of(lambda: F.linear(xp, w), max(2, repeat // 4))
-        rows_out = [("f32", rows * cols * 4, f32_1, 1.0, None)]
+        rows_out = [("f32", rows * cols * 4, f32_1, None, 1.0, None, "")]
         try:
             mm = int4pack(rows, cols)
             t1, tp = best_of(lambda: mm(x1), repeat), best_of(lambda: mm(xp), max(2, repeat // 4))
-            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, tp / f32_p, None))
+            rows_out.append(("int4pack", rows * cols // 2 + rows * cols // 32 * 8, t1, None, tp / f32_p, None, ""))
         except (RuntimeError, AttributeError) as e:  # not in every torch build
             print(f"# torch int4pack unavailable: {e}")
         for qt in types:
             lin = QLinear([random_qtensor(qt, rows, cols, rng)])
-            old = unfused(lin)
-            t1, t_old = best_of_pair(lambda: lin(x1), lambda: old(x1), repeat)
+            code = int(lin.parts[0, 2])
+            fns = [gemv_with(lin), unfused(lin)] + ([gemv_with(lin, ints=qm.INT_DOTS)] if qm.INT_DOTS[code] else [])
+            ts = best_of_turns([lambda f=f: f(x1) for f in fns], repeat)
             tp = best_of(lambda: lin(xp), max(2, repeat // 4))
-            rows_out.append((qt.name, lin.qtensors[0].nbytes, t1, tp / f32_p, t_old / t1))
-        for name, nbytes, t1, rel, speedup in rows_out:
+            runs = "" if not qm.INT_DOTS[code] else "int" if chosen[code] else "float"
+            rows_out.append((qt.name, lin.qtensors[0].nbytes, ts[0], ts[2] if len(ts) > 2 else None,
+                             tp / f32_p, ts[1] / ts[0], runs))
+        for name, nbytes, t1, t_int, rel, speedup, runs in rows_out:
             gbs = nbytes / t1 / 1e9
+            ints = (f"{t_int * 1e3:>8.2f}{nbytes / t_int / 1e9:>9.1f}{nbytes / t_int / bw:>10.0%}"
+                    if t_int else " " * 27)
             print(f"{name:<8}{f'{rows}x{cols}':>12}{nbytes / 1e6:>8.1f}{t1 * 1e3:>8.2f}{gbs:>7.1f}"
-                  f"{gbs * 1e9 / bw:>10.0%}{rel:>14.2f}"
-                  f"{'' if speedup is None else f'{speedup:>8.2f}'}", flush=True)
+                  f"{gbs * 1e9 / bw:>10.0%}{ints}{rel:>14.2f}"
+                  f"{'' if speedup is None else f'{speedup:>8.2f}'}{runs:>6}", flush=True)
+
+
+def bench_core(types, repeat: int) -> None:
+    """The dots' compute ceiling: one thread dotting one input row with a 64 x 2048 matrix
+    (in L2) over and over, in thread CPU time (a busy machine's other processes do not
+    count), float fused and integer dot timed in turn."""
+    from numba import njit
+
+    from kvslim.kernels import qmatmul as qm
+    from kvslim.kernels.qtypes import CODES
+
+    @njit(fastmath=True)
+    def loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, reps, ints):
+        t = np.float32(0)
+        for _ in range(reps):
+            for j in range(rows):
+                t += (qm._idot(code, d, j * rb, k, xq, xd, xs32) if ints
+                      else qm._dot(code, d, j * rb, k, x, xs))
+        return t
+
+    rng = np.random.default_rng(0)
+    rows, cols, reps = 64, 2048, 200
+    print("\n## Dot compute ceiling: one thread, matrix in L2, GB/s of weight bytes in thread CPU time")
+    print(f"{'type':<8}{'float GB/s':>12}{'int GB/s':>10}{'int / float':>13}")
+    for qt in types:
+        code = CODES[qt]
+        if not qm.INT_DOTS[code]:
+            continue
+        q = random_qtensor(qt, rows, cols, rng)
+        x = rng.standard_normal((1, cols)).astype(np.float32)
+        (xq, xd, xs32), xs = qm.quantize_rows(x), qm._sums16(x)
+        args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0])
+        ts = {False: [], True: []}
+        for ints in (False, True):
+            loop(*args, 1, ints)
+        for _ in range(repeat):
+            for ints in (False, True):
+                t0 = time.thread_time()
+                loop(*args, reps, ints)
+                ts[ints].append(time.thread_time() - t0)
+        fl, it = (q.nbytes * reps / min(ts[i]) / 1e9 for i in (False, True))
+        print(f"{qt.name:<8}{fl:>12.1f}{it:>10.1f}{it / fl:>13.2f}", flush=True)
 
 
 # ---------------------------------------------------------------- models
@@ -238,7 +303,7 @@ def bench_models(args, bw: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("kernels", "models"))
+    ap.add_argument("--only", choices=("kernels", "models", "core"))
     ap.add_argument("--types-kernel", default="q4_0,q4_1,q5_0,q8_0,q4_k,q6_k,f16",
                     help="weight types for the kernel table ('all': every type with a kernel)")
     ap.add_argument("--shapes", default="2048x8192,8192x2048", help="ROWSxCOLS list for the kernel table")
@@ -261,6 +326,9 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     print(f"# commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}, streaming read {bw / 1e9:.1f} GB/s")
+    if args.only == "core":
+        names = [t.name for t in KERNEL_TYPES] if args.types_kernel == "all" else args.types_kernel.upper().split(",")
+        return bench_core([T[n] for n in names], max(3, args.repeat // 2))
     if args.only != "models":
         names = [t.name for t in KERNEL_TYPES] if args.types_kernel == "all" else args.types_kernel.upper().split(",")
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -20,7 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvslim import formats
-from kvslim.kernels import cpu, cpu_write, ggml
+from kvslim.kernels import cpu, cpu_write, ggml, qmatmul
 from kvslim.kernels.ggml import count_bad
 from kvslim.rotation import Rotation, rotate_rows
 from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
@@ -74,6 +74,7 @@ def _matmuls() -> None:
     w = QTensor(data, 0, int(qtype), (rows, cols))
     linear = QLinear([w])
     linear(torch.zeros(1, cols))  # GEMV
+    qmatmul.quantize_rows(np.zeros((1, cols), np.float32))  # the integer dots' x, whatever runs here
     linear(torch.zeros(GEMV_MAX_ROWS + 1, cols))  # dequantized tiles + GEMM
     Embedding(w)(torch.zeros(2, dtype=torch.int64))
 

@@ -5,7 +5,8 @@ A model file builds every matrix through ``linear`` and its token table through
 
 - ``QTensor`` (``weights="quantized"``, the default on CPU): a view of one tensor's
   blocks in the read-only memory map of the GGUF file. ``QLinear`` multiplies by it
-  with ``kernels.qmatmul``: a fused dequantize-and-dot for a few input rows (decode),
+  with ``kernels.qmatmul``: a fused dequantize-and-dot for a few input rows (decode;
+  the integer or the float dot per type, as ``kernels.qchoice`` measured on this machine),
   tiles of rows dequantized into a small float32 buffer for torch's GEMM beyond that
   (prefill). Several tensors given together (q, k, v; gate, up) are one matmul over
   their blocks, never concatenated.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES
 
 from kvslim.kernels import qmatmul as qm
+from kvslim.kernels.qchoice import gemv_ints
 from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.threads import threads
 
@@ -133,6 +135,9 @@ class QLinear:
         self.parts = np.array([p.part(int(c)) for p, c in zip(parts, cols)], dtype=np.int64)
         self.n_out, self.n_in = int(cols[-1]), k
         self.work = qm.plan_work(self.parts, _rows_per_item(self.n_out))
+        # the decode GEMV's integer or float dot per type (KVSLIM_QDOT, else measured once
+        # per machine: the first QLinear of a process may take a second)
+        self.ints = gemv_ints()
         self.tile_rows = max(16, TILE_FLOATS // k // 16 * 16)
         self.tiles = [(int(c) + r, np.array(w, dtype=np.int64).reshape(-1, 3))
                       for i, (p, c) in enumerate(zip(parts, cols))
@@ -160,7 +165,7 @@ class QLinear:
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.n_out)  # [M, out], M <= GEMV_MAX_ROWS
-        qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy())
+        qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy(), ints=self.ints)
         return y
 
     def _tiled(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:

@@ -61,6 +61,8 @@ def test_weights_benchmark_kernels_and_models(tiny):
               "--repeat", "1")
     for t in ("Q4_K", "IQ4_XS", "F32", "f32"):
         assert f"\n{t} " in out
+    out = run("benchmarks/weights.py", "--only", "core", "--types-kernel", "q4_k,f16", "--repeat", "1")
+    assert "\nQ4_K " in out and "\nF16 " not in out  # F16 has no integer dot
     out = run("benchmarks/weights.py", "--only", "models", "--models", tiny, "--lengths", "40",
               "--types", "q8_0", "--decode", "2")
     assert "\nquantized " in out and "\ndequantize " in out and "failed" not in out

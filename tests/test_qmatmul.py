@@ -7,9 +7,10 @@ import torch
 
 from kvslim.gguf_loader import open_gguf, unpermute_qk
 from kvslim.kernels import qmatmul as qm
+from kvslim.kernels.qchoice import gemv_ints
 from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.qmatmul_ref import dequantize_ref, matmul_ref, random_blocks
-from kvslim.weights import Embedding, QLinear, QTensor, held_bytes, linear
+from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor, held_bytes, linear
 
 T = gguf.GGMLQuantizationType
 
@@ -46,18 +47,44 @@ def test_dequantize_rows_equals_gguf(qt):
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
+def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[M, N]: how far x's rounding (per 32 values, quantize_rows) can move x @ w.T:
+    |x - x'| <= d / 2 per value, so |(x - x') @ w.T| <= (d / 2) @ |w|.T."""
+    _, d, _ = qm.quantize_rows(x)
+    half = np.repeat(d.astype(np.float64) / 2, 32, axis=1)  # [M, K]
+    return half @ np.abs(w[:, :half.shape[1]]).T
+
+
+def assert_gemv_close(y, b, qt, shape, x, ints, w=None):
+    """y against float64: within float32 summation error of x @ W.T (float dots), or of
+    x' @ W.T and within x's rounding of x @ W.T (integer dots: x' is x's integer codes
+    times their scales)."""
+    w = dequantize_ref(b, qt, shape) if w is None else w
+    ref = x.astype(np.float64) @ w.T
+    fp = 2e-5 * np.abs(ref).max()
+    if not ints:
+        np.testing.assert_allclose(y, ref, rtol=0, atol=fp)
+        return
+    q, d, _ = qm.quantize_rows(x)
+    xq = (x_codes(q).reshape(len(x), -1, 32) * d[:, :, None].astype(np.float64)).reshape(len(x), -1)
+    np.testing.assert_allclose(y, xq @ w.T, rtol=0, atol=fp)
+    assert (np.abs(y - ref) <= rounding_bound(w, x) + fp).all()
+
+
 @pytest.mark.parametrize("qt", qm.TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 2, 7, 64])
-def test_qlinear_matches_reference(qt, m):
-    """GEMV (m <= GEMV_MAX_ROWS) and dequantized tiles + GEMM (beyond) against float64."""
+@pytest.mark.parametrize("dots", ["float", "int"])
+def test_qlinear_matches_reference(qt, m, dots):
+    """GEMV (m <= GEMV_MAX_ROWS; the float or integer dots) and dequantized tiles + GEMM
+    (beyond) against float64."""
     rng = np.random.default_rng(1000 * m + int(qt))
     rows, cols = 131, _cols(qt)  # rows: no multiple of the thread split
     q, b = qtensor(qt, rows, cols, rng)
     x = rng.standard_normal((m, cols)).astype(np.float32)
-    y = QLinear([q])(torch.from_numpy(x)).numpy()
-    ref = matmul_ref(b, qt, (rows, cols), x)
-    # float32 accumulation over `cols` products of unit-scale terms
-    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    lin = QLinear([q])
+    lin.ints = gemv_ints(dots)
+    y = lin(torch.from_numpy(x)).numpy()
+    assert_gemv_close(y, b, qt, (rows, cols), x, m <= GEMV_MAX_ROWS and lin.ints[CODES[qt]])
 
 
 
@@ -78,15 +105,16 @@ def test_fused_dots_and_row_buffer_agree_with_reference(qt):
         np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"{fused=}")
 
 
-@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_a_decode_batch_gives_each_row_its_solo_result(qt):
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("dots", ["float", "int"])
+def test_a_decode_batch_gives_each_row_its_solo_result(qt, dots):
     """Up to GEMV_MAX_ROWS input rows (a decode batch), each output row is summed alone:
-    bit-identical to computing that row by itself, so batching cannot flip a greedy token."""
-    from kvslim.weights import GEMV_MAX_ROWS
-
+    bit-identical to computing that row by itself, so batching cannot flip a greedy token
+    (the integer dots quantize each input row by itself)."""
     rng = np.random.default_rng(int(qt) + 77)
     q, _ = qtensor(qt, 131, _cols(qt), rng)
     lin = QLinear([q])
+    lin.ints = gemv_ints(dots)
     x = torch.from_numpy(rng.standard_normal((GEMV_MAX_ROWS, _cols(qt))).astype(np.float32))
     batched = lin(x)
     for r in range(GEMV_MAX_ROWS):
@@ -119,7 +147,8 @@ def test_in_a_step_each_row_gets_its_result_whatever_shares_the_step(qt):
 
 
 @pytest.mark.parametrize("m", [1, 9])
-def test_parts_and_qk_permutation(m):
+@pytest.mark.parametrize("dots", ["float", "int"])
+def test_parts_and_qk_permutation(m, dots):
     """q (permuted, Q4_K), k (permuted, Q6_K) and v (Q8_0) as one matmul equal the
     un-permuted float weights stacked, biases included; the tiled path too."""
     rng = np.random.default_rng(7)
@@ -137,8 +166,9 @@ def test_parts_and_qk_permutation(m):
     x = torch.randn(m, d)
     lin = linear(parts, bias)
     assert isinstance(lin, QLinear)
-    ref = x.double() @ w.T + torch.cat(bias).double()
-    torch.testing.assert_close(lin(x).double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    lin.ints = gemv_ints(dots)
+    y = (lin(x) - torch.cat(bias)).numpy()
+    assert_gemv_close(y, None, None, None, x.numpy(), dots == "int", w=w.numpy())
     torch.testing.assert_close(parts[0].dequantize().double(), w[:4 * hd], rtol=1e-6, atol=1e-7)
 
 
@@ -180,6 +210,120 @@ def test_real_k_quant_tensors(gemma3_gguf):
         q = QTensor(data, int(t.data_offset), qt, (rows, cols), name=t.name)
         b = np.asarray(t.data[:rows])
         x = rng.standard_normal((2, cols)).astype(np.float32)
-        ref = matmul_ref(b, qt, (rows, cols), x)
-        y = QLinear([q])(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=t.name)
+        for dots in ("float", "int"):
+            lin = QLinear([q])
+            lin.ints = gemv_ints(dots)
+            y = lin(torch.from_numpy(x)).numpy()
+            assert_gemv_close(y, b, qt, (rows, cols), x, dots == "int")
+
+
+# ---------------------------------------------------------------- integer dots
+
+
+def x_codes(q: np.ndarray) -> np.ndarray:
+    """int64 [M, K] codes of quantize_rows' two planes [M, 2K] (per 32: high, then low)."""
+    planes = q.reshape(len(q), -1, 2, 32).astype(np.int64)
+    return (128 * planes[:, :, 0] + planes[:, :, 1]).reshape(len(q), -1)
+
+
+def test_quantize_rows_codes_scales_and_sums():
+    """x's codes per 32 values: within half a step of x, at most 127 x 128 in size, the
+    step max |x| / (127 x 128), the high plane within [-127, 127], the low one [0, 127],
+    the sums the codes' (times the step); a zero block stays zero."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 32 * 5 + 7)) * rng.uniform(0.01, 100, (3, 1))).astype(np.float32)
+    x[1, 32:64] = 0
+    q, d, s = qm.quantize_rows(x)
+    k = 32 * 5
+    assert q.dtype == np.int8 and q.shape == (3, 2 * k + 14)
+    planes = q[:, :2 * k].reshape(3, 5, 2, 32)
+    assert np.abs(planes[:, :, 0]).max() <= 127 and planes[:, :, 1].min() >= 0 and (q[:, 2 * k:] == 0).all()
+    c = x_codes(q[:, :2 * k]).reshape(3, 5, 32)
+    blocks = x[:, :k].reshape(3, 5, 32)
+    np.testing.assert_allclose(d, np.abs(blocks).max(-1) / (127 * 128), rtol=1e-6)
+    assert np.abs(c).max() == 127 * 128
+    assert (np.abs(c * d[:, :, None].astype(np.float64) - blocks) <= d[:, :, None] * 0.501).all()
+    np.testing.assert_allclose(s, d * c.sum(-1), rtol=1e-6)
+    assert (c[1, 1] == 0).all() and d[1, 1] == 0 and s[1, 1] == 0
+
+
+@pytest.mark.parametrize("qt", [qm.TYPES[c] for c in qm.IDOT_BLOCKS], ids=lambda t: t.name)
+def test_integer_dots_every_length(qt):
+    """The integer dots over 1, 3, 7 and 33 blocks of 32 values (the unrolled loop and its
+    remainder) or 1 and 3 blocks of 256, three input rows, fresh random blocks, odd row
+    counts: exact on x's integer codes, and within their rounding of float64 x @ W.T."""
+    n = gguf.GGML_QUANT_SIZES[qt][0]
+    rng = np.random.default_rng(int(qt) + 500)
+    for cols in ([32, 96, 224, 1056] if n == 32 else [256, 768]):
+        rows = 37
+        q, b = qtensor(qt, rows, cols, rng)
+        lin = QLinear([q])
+        x = (rng.standard_normal((3, cols)) * rng.uniform(0.1, 10, (3, 1))).astype(np.float32)
+        y = np.empty((3, rows), np.float32)
+        qm.gemv(lin.data, lin.parts, lin.work, x, y, ints=qm.INT_DOTS)
+        assert_gemv_close(y, b, qt, (rows, cols), x, True)
+
+
+@pytest.mark.parametrize("qt", [qm.TYPES[c] for c in qm.IDOT_BLOCKS], ids=lambda t: t.name)
+def test_integer_dots_portable_ir_equals_the_avx2_one(qt):
+    """The plain vector IR (CPUs without AVX2) gives what vpmaddubsw / vpmaddwd give."""
+    from numba import njit
+
+    code = CODES[qt]
+    fast, portable = qm._make_idot(*qm.IDOT_BLOCKS[code]), qm._make_idot(*qm.IDOT_BLOCKS[code], portable=True)
+
+    @njit
+    def both(d, rb, nb, xq, xd, xs, out):
+        for j in range(out.shape[1]):
+            out[0, j] = fast(d, j * rb, nb, xq, xd, xs)
+            out[1, j] = portable(d, j * rb, nb, xq, xd, xs)
+
+    rng = np.random.default_rng(int(qt) + 900)
+    n = gguf.GGML_QUANT_SIZES[qt][0]
+    cols = 7 * n
+    q, _ = qtensor(qt, 19, cols, rng)
+    xq, xd, xs = qm.quantize_rows(rng.standard_normal((1, cols)).astype(np.float32))
+    out = np.empty((2, 19), np.float32)
+    both(q.data[q.offset:], q.row_bytes, cols // n, xq[0], xd[0], xs[0], out)
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6 * np.abs(out[0]).max())
+
+
+def test_gemv_choice_env_measure_and_disk(monkeypatch, tmp_path):
+    """KVSLIM_QDOT forces a dot; auto measures once, keeps the choice on disk keyed by the
+    machine, and a later process reads it instead of measuring; a bad value is an error."""
+    from kvslim.kernels import qchoice
+
+    monkeypatch.setenv("KVSLIM_QDOT", "int")
+    assert (gemv_ints() == qm.INT_DOTS).all()
+    monkeypatch.setenv("KVSLIM_QDOT", "float")
+    assert not gemv_ints().any()
+    monkeypatch.setenv("KVSLIM_QDOT", "fast")
+    with pytest.raises(ValueError, match="KVSLIM_QDOT"):
+        gemv_ints()
+    monkeypatch.delenv("KVSLIM_QDOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(qchoice, "_MEASURED", {})
+    monkeypatch.setattr(qchoice, "measure", lambda: {"Q4_K": "int", "Q6_K": "int", "Q8_0": "float"})
+    got = gemv_ints()
+    assert [qm.TYPES[c].name for c in np.flatnonzero(got)] == ["Q4_K", "Q6_K"]
+    path = qchoice.cache_path(qchoice.machine_key())
+    assert path.parent == tmp_path / "kvslim" / "kernels" and path.exists()
+    monkeypatch.setattr(qchoice, "_MEASURED", {})  # a new process: read, not measured
+
+    def no_measure():
+        raise AssertionError("measured again")
+    monkeypatch.setattr(qchoice, "measure", no_measure)
+    assert (gemv_ints() == got).all()
+    path.write_text("{not json")  # a damaged file is measured again
+    monkeypatch.setattr(qchoice, "_MEASURED", {})
+    monkeypatch.setattr(qchoice, "measure", lambda: {"Q4_0": "int"})
+    assert [qm.TYPES[c].name for c in np.flatnonzero(gemv_ints())] == ["Q4_0"]
+
+
+def test_measure_times_every_integer_dot():
+    """The measurement itself, on a small matrix: one verdict per type with an integer dot."""
+    from kvslim.kernels import qchoice
+
+    got = qchoice.measure(rows=64, cols=512, repeat=2)
+    assert set(got) == {qm.TYPES[c].name for c in qm.IDOT_BLOCKS}
+    assert set(got.values()) <= {"int", "float"}

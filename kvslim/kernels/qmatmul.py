@@ -196,8 +196,8 @@ def _u32_at(builder, base, off):
 
 
 def _hsum(builder, v):
-    """The sum of a <16 x float>'s lanes."""
-    n = 16
+    """The sum of a <n x float>'s lanes (n a power of two)."""
+    n = v.type.count
     while n > 1:
         n //= 2
         idx = ir.VectorType(_I32, n)
@@ -343,6 +343,290 @@ _D_Q5_1 = _make_dot(24, 32, lambda b, base, blk: _emit_q5(b, base, blk, True))
 _D_Q4_K = _make_dot(144, 256, lambda b, base, blk: _emit_k4(b, base, blk, False))
 _D_Q5_K = _make_dot(176, 256, lambda b, base, blk: _emit_k4(b, base, blk, True))
 _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
+
+
+# ---------------------------------------------------------------- integer block dots
+# idot(d, p, nb, xq, xd, xs): as dot, with x quantized per 32 values by ``quantize_rows``
+# (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
+# of each 32 values). Each 32-value chunk of a block is its codes as <32 x i8> (unsigned;
+# signed for q8_0, whose signs move onto x's codes), multiplied with each plane of x's
+# codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those times
+# the weight's integer sub-scales (q6_K's; x 128 for the high plane) into i32 (vpmaddwd),
+# then one float conversion and one multiply-add by (weight scale x x's scale) per chunk
+# into four <8 x float> accumulators. q6_K's bias of 32 is 32 x x's pair sums (one more
+# vpmaddubsw a plane); the other offsets (mins, q4_0's and q5_0's bias) multiply xs,
+# vectors of 8 for the K-quants (their 6-bit scales and mins are decoded 8 at a time).
+# Why two planes: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
+# SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
+# budget; 15 bits are 128x finer. No i16 pair sum saturates: |code| <= 128, plane
+# values within [-127, 127]. Without AVX2 the same sums are plain vector IR.
+
+_V32B = ir.VectorType(ir.IntType(8), 32)
+_V16S = ir.VectorType(ir.IntType(16), 16)
+_V8I = ir.VectorType(_I32, 8)
+_V8F = ir.VectorType(ir.FloatType(), 8)
+
+
+def _avx2(context) -> bool:
+    """Whether numba generates code for a CPU with AVX2 (vpmaddubsw, vpmaddwd)."""
+    try:
+        return "+avx2" in context.codegen()._tm_features.split(",")
+    except AttributeError:  # numba internals moved: the portable form below
+        return False
+
+
+def _pairs(builder, v):
+    """<n/2>: v[2i] + v[2i+1]."""
+    n = v.type.count
+    even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n // 2), list(range(1, n, 2))))
+    return builder.add(even, odd)
+
+
+def _maddubs(builder, avx2, u, s):
+    """<16 x i16>: u[2i] * s[2i] + u[2i+1] * s[2i+1] (u unsigned, s signed bytes)."""
+    if avx2:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16S, [_V32B, _V32B]),
+                                            "llvm.x86.avx2.pmadd.ub.sw")
+        return builder.call(fn, [u, s])
+    wide = ir.VectorType(ir.IntType(16), 32)
+    return _pairs(builder, builder.mul(builder.zext(u, wide), builder.sext(s, wide)))
+
+
+def _maddwd(builder, avx2, a, b):
+    """<8 x i32>: a[2i] * b[2i] + a[2i+1] * b[2i+1] (signed i16)."""
+    if avx2:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V16S, _V16S]),
+                                            "llvm.x86.avx2.pmadd.wd")
+        return builder.call(fn, [a, b])
+    wide = ir.VectorType(_I32, 16)
+    return _pairs(builder, builder.mul(builder.sext(a, wide), builder.sext(b, wide)))
+
+
+def _splat(builder, x, n):
+    vt = ir.VectorType(x.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _bytes(builder, base, off, n=32):
+    """<n x i8> at i64 offset off."""
+    at = builder.bitcast(builder.gep(base, [off]), ir.VectorType(ir.IntType(8), n).as_pointer())
+    return builder.load(at, align=1)
+
+
+def _b32(v):
+    return ir.Constant(_V32B, [v] * 32 if isinstance(v, int) else list(v))
+
+
+def _nibbles(builder, base, q):
+    """<32 x i8>: the low nibbles of the 16 bytes at q, then their high nibbles (q4_0, q5_0
+    ... order)."""
+    b = _bytes(builder, base, q, 16)
+    lo = builder.and_(b, ir.Constant(b.type, [15] * 16))
+    hi = builder.lshr(b, ir.Constant(b.type, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+
+
+def _bit4(builder, base, qh):
+    """<32 x i8>: 16 where bit j of the 4 bytes at qh is set, else 0 (q5_0 / q5_1's fifth bits)."""
+    b = _bytes(builder, base, qh, 4)
+    b = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(_I32, 32), [i // 8 for i in range(32)]))
+    set_ = builder.icmp_unsigned("!=", builder.and_(b, _b32([1 << (i % 8) for i in range(32)])), _b32(0))
+    return builder.select(set_, _b32(16), _b32(0))
+
+
+class _X:
+    """x's quantized row as the integer dots read it: its scales xd and code sums xs for
+    the 32-value chunks of the block whose first chunk is x0."""
+
+    def __init__(self, builder, dbase, sbase, x0):
+        self.b, self.dbase, self.sbase, self.x0 = builder, dbase, sbase, x0
+
+    def _at(self, base, c, n):
+        at = self.b.gep(base, [self.b.add(self.x0, _c(c))])
+        if n == 1:
+            return self.b.load(at)
+        return self.b.load(self.b.bitcast(at, ir.VectorType(ir.FloatType(), n).as_pointer()), align=4)
+
+    def d(self, c=0, n=1):
+        """x's scale of chunk c (n: the n chunks from c, as a vector)."""
+        return self._at(self.dbase, c, n)
+
+    def s(self, c=0, n=1):
+        return self._at(self.sbase, c, n)
+
+
+def _lane(builder, v, j):
+    """<8 x float>: lane j of v everywhere."""
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
+
+
+def _iemit_q8_0(b, base, blk, x):
+    s = b.fmul(_half_at(b, base, blk), x.d(), flags=["fast"])
+    return [("signed", _bytes(b, base, b.add(blk, _c(2))), None, s)], None
+
+
+def _iemit_q4(b, base, blk, x, with_min):
+    """q4_0 (codes - 8) and q4_1 (+ min)."""
+    s = _half_at(b, base, blk)
+    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -8.0))
+    code = _nibbles(b, base, b.add(blk, _c(4 if with_min else 2)))
+    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+
+
+def _iemit_q5(b, base, blk, x, with_min):
+    """q5_0 (codes - 16) and q5_1 (+ min): bit j of the 4 bytes qh is bit 4 of value j."""
+    s = _half_at(b, base, blk)
+    at = 4 if with_min else 2
+    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -16.0))
+    code = b.or_(_nibbles(b, base, b.add(blk, _c(at + 4))), _bit4(b, base, b.add(blk, _c(at))))
+    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+
+
+def _v8(values):
+    return ir.Constant(_V8I, list(values))
+
+
+def _scales_mins_k4(b, base, sc):
+    """_scale_min_k4 for all 8 sub-blocks at once: (scales, mins) <8 x i32> from the 12
+    bytes at i64 sc (read as 16: the block's codes follow them)."""
+    raw = _bytes(b, base, sc, 16)
+
+    def pick(idx):
+        return b.zext(b.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, 8), idx)), _V8I)
+    top = _v8([0] * 4 + [0x30] * 4)  # bits 4-5 of sub-blocks 4-7: the top 2 bits of bytes 0-7
+    s = b.or_(b.and_(pick([0, 1, 2, 3, 8, 9, 10, 11]), _v8([63] * 4 + [15] * 4)),
+              b.and_(b.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), _v8([2] * 8)), top))
+    m = b.or_(b.and_(b.lshr(pick([4, 5, 6, 7, 8, 9, 10, 11]), _v8([0] * 4 + [4] * 4)), _v8([63] * 4 + [15] * 4)),
+              b.and_(b.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), _v8([2] * 8)), top))
+    return s, m
+
+
+def _iemit_k4(b, base, blk, x, five):
+    """q4_K and q5_K: 8 chunks of 32 values, 6-bit scales and mins, all 8 decoded and
+    multiplied with x's 8 scales (and sums) as vectors."""
+    fast = ["fast"]
+    dd, dmin = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
+    sc, mn = _scales_mins_k4(b, base, b.add(blk, _c(4)))
+    scale = b.fmul(b.fmul(b.sitofp(sc, _V8F), _splat(b, dd, 8), flags=fast), x.d(0, 8), flags=fast)
+    lo = b.fmul(b.fmul(b.sitofp(mn, _V8F), _splat(b, b.fneg(dmin), 8), flags=fast), x.s(0, 8), flags=fast)
+    qh = _bytes(b, base, b.add(blk, _c(16))) if five else None
+    chunks = []
+    for g in range(4):
+        q = _bytes(b, base, b.add(blk, _c((48 if five else 16) + 32 * g)))
+        for j in (2 * g, 2 * g + 1):
+            code = b.lshr(q, _b32(4)) if j % 2 else b.and_(q, _b32(15))
+            if five:
+                code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(j)), _b32(1)), _b32(4)))
+            chunks.append((0, code, None, _lane(b, scale, j)))
+    return chunks, lo
+
+
+def _iemit_q6_k(b, base, blk, x):
+    """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values."""
+    dd = _splat(b, _half_at(b, base, b.add(blk, _c(208))), 8)
+    scale = b.fmul(dd, x.d(0, 8), flags=["fast"])
+    scales = b.sext(_bytes(b, base, b.add(blk, _c(192)), 16), _V16S)  # <16 x i16>
+    chunks = []
+    for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
+        qh = _bytes(b, base, b.add(blk, _c(128 + 32 * n)))
+        for k in range(4):  # values 32k..32k+31: ql at 32 (k % 2), nibble k // 2, qh bits 2k
+            ql = _bytes(b, base, b.add(blk, _c(64 * n + 32 * (k % 2))))
+            code = b.lshr(ql, _b32(4)) if k >= 2 else b.and_(ql, _b32(15))
+            code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(2 * k)), _b32(3)), _b32(4)))
+            j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
+            pick = ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)])
+            isc = b.shuffle_vector(scales, scales, pick)  # pairs 0-7: scale j, 8-15: j + 1
+            chunks.append((32, code, isc, _lane(b, scale, 4 * n + k)))
+    return chunks, None
+
+
+def _make_idot(block_bytes, block_values, emit, portable=False):
+    """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks that
+    ``emit(builder, base, blk, x)`` (x: ``_X``) returns as 32-value chunks (bias:
+    "signed" codes, or what the unsigned codes are minus; <32 x i8> codes; <16 x i16>
+    integer scales of each pair of values, or None; the float scale times x's, a float or
+    a splat <8 x float>) and the block's offset term (a float, an <8 x float> to sum, or
+    None), in value order: value = (code - bias) * integer scale * float scale + offset.
+    portable: the plain vector IR even where AVX2 is there (the tests compare the two)."""
+    per = block_values // 32
+    unroll = _NACC if per == 1 else 1  # 32-value blocks: one accumulator chain per block
+
+    @intrinsic
+    def idot(typingctx, d, p, nb, xq, xd, xs):
+        def codegen(context, builder, sig, args):
+            fast, avx2 = ["fast"], _avx2(context) and not portable
+            base = _ptr(context, builder, sig.args[0], args[0], _c(0))
+            qbase, dbase, sbase = (_ptr(context, builder, sig.args[i], args[i], _c(0)) for i in (3, 4, 5))
+            ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
+            zero8 = ir.Constant(_V8F, [0.0] * 8)
+            accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
+            los = [cgutils.alloca_once_value(builder, zero8) for _ in range(unroll)]
+
+            def blocks(i0, n):
+                """n blocks from block i0 into the accumulators."""
+                acc = [builder.load(a) for a in accs]
+                lo_acc = [builder.load(a) for a in los]
+                c_all = 0
+                for u in range(n):
+                    i = builder.add(i0, _c(u))
+                    blk = builder.add(args[1], builder.mul(i, _c(block_bytes)))
+                    x0 = builder.mul(i, _c(per))
+                    chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, x0))
+                    for c, (bias, w, isc, s) in enumerate(chunks):
+                        at = builder.mul(builder.add(x0, _c(c)), _c(64))
+                        xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
+                        if bias == "signed":  # |w| * (x with w's sign)
+                            neg = builder.icmp_signed("<", w, _b32(0))
+                            xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
+                            w = builder.select(neg, builder.sub(_b32(0), w), w)
+                        pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
+                        if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
+                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
+                                     for p, v in zip(pairs, xs)]
+                        isc = ones if isc is None else isc
+                        isum = builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
+                                           _maddwd(builder, avx2, pairs[1], isc))
+                        s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
+                        k = c_all % _NACC
+                        acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
+                                              flags=fast)
+                        c_all += 1
+                    if lo is not None:
+                        if not isinstance(lo.type, ir.VectorType):  # lane 0 of a vector
+                            lo = builder.insert_element(zero8, lo, ir.Constant(_I32, 0))
+                        lo_acc[u] = builder.fadd(lo_acc[u], lo, flags=fast)
+                for a, v in zip(accs + los, acc + lo_acc):
+                    builder.store(v, a)
+
+            n_main = builder.udiv(args[2], _c(unroll)) if unroll > 1 else args[2]
+            with cgutils.for_range(builder, n_main) as loop:
+                blocks(builder.mul(loop.index, _c(unroll)), unroll)
+            if unroll > 1:
+                with cgutils.for_range(builder, builder.urem(args[2], _c(unroll))) as loop:
+                    blocks(builder.add(builder.mul(n_main, _c(unroll)), loop.index), 1)
+            total = builder.load(accs[0])
+            for a in accs[1:] + los:
+                total = builder.fadd(total, builder.load(a), flags=fast)
+            return _hsum(builder, total)
+        return types.float32(d, types.int64, types.int64, xq, xd, xs), codegen
+    return idot
+
+
+# type code -> (block bytes, block values, emit) of the integer dots
+IDOT_BLOCKS = {
+    Q8_0: (34, 32, _iemit_q8_0),
+    Q4_0: (18, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, False)),
+    Q4_1: (20, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, True)),
+    Q5_0: (22, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, False)),
+    Q5_1: (24, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, True)),
+    Q4_K: (144, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, False)),
+    Q5_K: (176, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, True)),
+    Q6_K: (210, 256, _iemit_q6_k),
+}
+(_I_Q8_0, _I_Q4_0, _I_Q4_1, _I_Q5_0, _I_Q5_1, _I_Q4_K, _I_Q5_K,
+ _I_Q6_K) = (_make_idot(*IDOT_BLOCKS[t]) for t in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K))
 
 
 # ---------------------------------------------------------------- block decoders
@@ -588,12 +872,33 @@ def _dot(code, d, p, k, x, xs):
     return _D_Q5_1(d, p, k // 32, x, xs)
 
 
+@njit(inline="always", fastmath=_FAST)
+def _idot(code, d, p, k, xq, xd, xs):
+    """As _dot, on x quantized per 32 values (quantize_rows)."""
+    if code == Q4_K:
+        return _I_Q4_K(d, p, k // 256, xq, xd, xs)
+    if code == Q6_K:
+        return _I_Q6_K(d, p, k // 256, xq, xd, xs)
+    if code == Q4_0:
+        return _I_Q4_0(d, p, k // 32, xq, xd, xs)
+    if code == Q4_1:
+        return _I_Q4_1(d, p, k // 32, xq, xd, xs)
+    if code == Q8_0:
+        return _I_Q8_0(d, p, k // 32, xq, xd, xs)
+    if code == Q5_0:
+        return _I_Q5_0(d, p, k // 32, xq, xd, xs)
+    if code == Q5_K:
+        return _I_Q5_K(d, p, k // 256, xq, xd, xs)
+    return _I_Q5_1(d, p, k // 32, xq, xd, xs)
+
+
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(counters, d, parts, work, x, xs, out, fused):
+def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
     decoded, in registers; the row's bytes (a few KiB) stay in L1 for the next input row.
+    ints[code] set: that dot in integers on x's codes (xq, xd, xs32: quantize_rows).
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
     output value depends on its own input row only (batch invariance)."""
@@ -605,6 +910,13 @@ def _gemv_items(counters, d, parts, work, x, xs, out, fused):
             return
         part = parts[work[w, 0]]
         off, rb, code, col0, hd = part[0], part[1], part[2], part[4], part[5]
+        if fused and _has_dot(code) and ints[code]:
+            for j in range(work[w, 1], work[w, 2]):
+                p = off + _src_row(j, hd) * rb
+                for m in range(m_rows):
+                    out[m, col0 + j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m])
+            fetch_add(counters, 1)
+            continue
         if fused and _has_dot(code):
             for j in range(work[w, 1], work[w, 2]):
                 p = off + _src_row(j, hd) * rb
@@ -681,14 +993,24 @@ def plan_work(parts: np.ndarray, rows_per_item: int) -> np.ndarray:
     return np.array(items, dtype=np.int64).reshape(-1, 3)
 
 
+FLOAT_DOTS = np.zeros(len(TYPES), dtype=np.int8)  # gemv's ``ints`` for the float dots only
+INT_DOTS = np.array([t in IDOT_BLOCKS for t in range(len(TYPES))], dtype=np.int8)  # wherever there is one
+
+
 def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
-         out: np.ndarray, fused: bool = True) -> None:
+         out: np.ndarray, fused: bool = True, ints: np.ndarray = FLOAT_DOTS) -> None:
     """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous).
+    ints: int8 [type codes], 1 where the integer dot runs (x quantized per 32 values
+    first; ``kvslim.weights`` chooses by measurement), 0 for the float dot.
     fused=False: every type through the row buffer (the earlier kernel, kept as the
     baseline that tests and benchmarks/weights.py compare the fused dots against)."""
     counters = np.zeros(2, dtype=np.int64)
     xs = _sums16(x) if fused else x[:, :0]
-    _run(_gemv_items, (counters, data, parts, work, x, xs, out, fused), len(work))
+    if fused and ints[parts[:, 2]].any():
+        xq, xd, xs32 = quantize_rows(x)
+    else:
+        xq, xd, xs32 = np.zeros((x.shape[0], 0), np.int8), x[:, :0], x[:, :0]
+    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, xs32, ints, out, fused), len(work))
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -700,6 +1022,39 @@ def _sums16(x):
         for i in range(k // 16 * 16):
             xs[m, i // 16] += x[m, i]
     return xs
+
+
+@njit(fastmath=_FAST, cache=True)
+def quantize_rows(x):
+    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32]): each 32 values as
+    codes c = round(x / d) with d = max |x| / 16256, stored as two int8 planes of 32
+    (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high + low), and
+    s = d * (the sum of the codes), so an offset's term sums the same rounded x as the
+    codes' (values past the last whole 32 are left out: no type with an integer dot has
+    them)."""
+    m_rows, k = x.shape
+    nb = k // 32
+    q = np.zeros((m_rows, 2 * k), dtype=np.int8)
+    d = np.zeros((m_rows, nb), dtype=np.float32)
+    s = np.zeros((m_rows, nb), dtype=np.float32)
+    for m in range(m_rows):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for i in range(32 * b, 32 * b + 32):
+                amax = max(amax, abs(x[m, i]))
+            inv = np.float32(_X_MAX) / amax if amax > 0 else np.float32(0.0)
+            tot = 0
+            for i in range(32):
+                c = np.int32(np.rint(x[m, 32 * b + i] * inv))
+                q[m, 64 * b + i] = c >> 7  # floor division by 128
+                q[m, 64 * b + 32 + i] = c & 127
+                tot += c
+            d[m, b] = amax / np.float32(_X_MAX)
+            s[m, b] = d[m, b] * np.float32(tot)
+    return q, d, s
+
+
+_X_MAX = 127 * 128  # the largest code of x: its high plane stays within [-127, 127]
 
 
 def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
