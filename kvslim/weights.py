@@ -148,6 +148,8 @@ class QLinear:
         m, decode = x.shape[0], _DECODE_ROWS.get()
         if decode is None:  # not in an engine step: the faster path for M rows
             y = self._gemv(x) if m <= GEMV_MAX_ROWS else self._tiled(x)
+        elif decode >= m and m <= GEMV_MAX_ROWS:  # decode rows only: one GEMV, no copy
+            y = self._gemv(x)
         else:
             decode = min(decode, m)
             y = torch.empty(m, self.n_out)  # [M, out]
