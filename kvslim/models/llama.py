@@ -24,7 +24,7 @@ import torch
 from kvslim.attention import Step
 from kvslim.gguf_loader import GGUFError, ModelConfig
 from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
-from kvslim.weights import Linear, QLinear
+from kvslim.weights import Linear, QLinear, sampled_rows
 
 __all__ = ["Llama", "apply_rope"]
 
@@ -111,7 +111,8 @@ class Llama(Decoder):
         x, h = ops.add_norm(x, y, self.output_norm, eps)
         if hidden:
             return h.float()  # [R, d]
-        return self.output(h).float()  # [R, V]
+        with sampled_rows(h.shape[0]):
+            return self.output(h).float()  # [R, V]
 
     def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
