@@ -135,6 +135,7 @@ class NumbaOps(TorchOps):
 
     @staticmethod
     def rope(x, heads, cos, sin):
+        x = x.contiguous()  # in place when it is (a fused qkv output): one compiled layout
         _rope_rows(x.numpy(), heads, cos[:, 0].contiguous().numpy(),
                    sin[:, 0].contiguous().numpy())
         return x
