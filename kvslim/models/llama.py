@@ -108,7 +108,7 @@ class Llama(Decoder):
         if logit_rows is not None:  # the last residual add and the norm on those rows only
             rows = logit_rows.to(self.device)
             x, y = x[rows], y[rows]  # [R, d]
-        x, h = ops.add_norm(x, y, self.output_norm, eps)
+        _, h = ops.add_norm(x, y, self.output_norm, eps)  # [R, d]
         if hidden:
             return h.float()  # [R, d]
         with sampled_rows(h.shape[0]):
