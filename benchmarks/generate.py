@@ -138,8 +138,9 @@ def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     """torch.profiler table of decode steps after a prefill of ``ids``.
 
-    The fused attention, the quantize-on-write and the quantized-weight matmuls run in
-    numba, invisible to the profiler, so they are labelled here.
+    The fused attention, the quantize-on-write, the quantized-weight matmuls and the
+    row ops (norms, RoPE, SiLU) run in numba, invisible to the profiler, so they are
+    labelled here.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -155,6 +156,10 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
 
     for name in ("gemv", "dequantize_rows"):  # the quantized weights' numba kernels
         setattr(qmatmul, name, labelled(getattr(qmatmul, name), f"weights {name}"))
+    from kvslim.kernels import rowops
+
+    for name in ("_norm_rows", "_add_norm_rows", "_rope_rows", "_silu_mul_rows"):
+        setattr(rowops, name, labelled(getattr(rowops, name), f"rowops {name.strip('_')}"))
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:

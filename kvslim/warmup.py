@@ -22,6 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from kvslim import formats
 from kvslim.kernels import cpu, cpu_write, ggml, qmatmul
 from kvslim.kernels.ggml import count_bad
+from kvslim.kernels.rowops import NumbaOps
 from kvslim.rotation import Rotation, rotate_rows
 from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
 
@@ -42,6 +43,7 @@ def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
         cpu.warmup(t, t)
     _long_write()
     _matmuls()
+    _row_ops()
     _rotation()
     _checks()
     return time.perf_counter() - t0
@@ -79,6 +81,15 @@ def _matmuls() -> None:
     Embedding(w)(torch.zeros(2, dtype=torch.int64))
 
 
+def _row_ops() -> None:
+    """A layer's norms, RoPE and SiLU * up (kernels.rowops), on a model's array types."""
+    x, w = torch.zeros(1, 64), torch.ones(64)
+    NumbaOps.norm(x, w, 1e-5)
+    NumbaOps.add_norm(x, x, w, 1e-5)
+    NumbaOps.rope(torch.zeros(1, 3, 64), 2, torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))
+    NumbaOps.silu_mul(torch.zeros(1, 128))
+
+
 def _rotation() -> None:
     """The Hadamard butterfly: query rows (no shift), stored rows and outputs (a shift)."""
     rot = Rotation.make(64)
@@ -104,7 +115,7 @@ def needs_compile() -> bool:
     from kvslim.kernels import qmatmul  # noqa: F401
 
     names = ("kvslim.kernels.cpu", "kvslim.kernels.cpu_write", "kvslim.kernels.qmatmul",
-             "kvslim.kernels.ggml", "kvslim.rotation")
+             "kvslim.kernels.ggml", "kvslim.kernels.rowops", "kvslim.rotation")
     kernels = {id(f): f for n in names for f in vars(sys.modules[n]).values()
                if isinstance(f, CPUDispatcher) and type(f._cache).__name__ != "NullCache"}
     return not all(_cached(f) for f in kernels.values())

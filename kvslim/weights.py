@@ -33,7 +33,7 @@ from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.threads import threads
 
 __all__ = ["WEIGHT_MODES", "QTensor", "QLinear", "Linear", "Embedding", "linear", "embedding",
-           "held_bytes", "resolve_mode", "step_rows"]
+           "held_bytes", "resolve_mode", "sampled_rows", "step_rows"]
 
 log = logging.getLogger("kvslim")
 
@@ -73,6 +73,19 @@ def step_rows(decode: int):
         yield
     finally:
         _DECODE_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def sampled_rows(n: int):
+    """Around the output head in a forward: its ``n`` input rows are the rows that sample,
+    one per sequence (a decode row, or a prompt's last row), so in an engine step they
+    all take the fused GEMV, whatever the step holds; outside a step nothing changes.
+    (A prompt's last row through the tiled path dequantized the whole head for one row.)"""
+    if _DECODE_ROWS.get() is None:
+        yield
+        return
+    with step_rows(n):
+        yield
 
 
 def resolve_mode(mode: str, device: str | torch.device, dtype: torch.dtype) -> str:
@@ -139,10 +152,24 @@ class QLinear:
         # per machine: the first QLinear of a process may take a second)
         self.ints = gemv_ints()
         self.tile_rows = max(16, TILE_FLOATS // k // 16 * 16)
-        self.tiles = [(int(c) + r, np.array(w, dtype=np.int64).reshape(-1, 3))
-                      for i, (p, c) in enumerate(zip(parts, cols))
-                      for r in range(0, p.shape[0], self.tile_rows)
-                      for w in [self._tile_work(i, r, min(r + self.tile_rows, p.shape[0]))]]
+        self.tiles = self._plan_tiles([p.shape[0] for p in parts])
+
+    def _plan_tiles(self, rows: list[int]) -> list[tuple[int, int, list]]:
+        """(first output column, rows, pieces) per tile: consecutive output rows, at most
+        ``tile_rows``, across parts (q, k and v fill one tile: one GEMM); a piece is
+        (row in the tile, work items of one part), one ``dequantize_rows`` job."""
+        tiles, col = [], 0
+        bounds = np.cumsum([0] + rows)
+        while col < bounds[-1]:
+            end, pieces = min(col + self.tile_rows, int(bounds[-1])), []
+            for i, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:])):
+                r0, r1 = max(col, c0), min(end, c1)
+                if r0 < r1:
+                    work = np.array(self._tile_work(i, int(r0 - c0), int(r1 - c0)), dtype=np.int64)
+                    pieces.append((int(r0) - col, work.reshape(-1, 3)))
+            tiles.append((col, end - col, pieces))
+            col = end
+        return tiles
 
     def _tile_work(self, part: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
         step = max(8, -(-(r1 - r0) // (2 * threads())))
@@ -153,14 +180,16 @@ class QLinear:
         m, decode = x.shape[0], _DECODE_ROWS.get()
         if decode is None:  # not in an engine step: the faster path for M rows
             y = self._gemv(x) if m <= GEMV_MAX_ROWS else self._tiled(x)
+        elif decode >= m and m <= GEMV_MAX_ROWS:  # decode rows only: one GEMV, no copy
+            y = self._gemv(x)
+        elif decode == 0:  # prefill rows only
+            y = self._tiled(x, pad=True)
         else:
-            decode = min(decode, m)
             y = torch.empty(m, self.n_out)  # [M, out]
             for r in range(0, decode, GEMV_MAX_ROWS):
                 r1 = min(r + GEMV_MAX_ROWS, decode)
                 y[r:r1] = self._gemv(x[r:r1])
-            if m > decode:
-                y[decode:] = self._tiled(x[decode:], pad=True)
+            y[decode:] = self._tiled(x[decode:], pad=True)
         return y if self.b is None else y + self.b
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,13 +201,20 @@ class QLinear:
         m = x.shape[0]
         if pad and m < GEMM_MIN_ROWS:  # x [M, in] -> [GEMM_MIN_ROWS, in]
             x = torch.cat([x, x.new_zeros(GEMM_MIN_ROWS - m, x.shape[1])])
+        buf = torch.empty(self.tiles[0][1], self.n_in)  # [rows, in]: one tile, reused
+        if len(self.tiles) == 1:  # the GEMM's output is the result: no copy
+            return F.linear(x, self._fill(buf, self.tiles[0][2]))[:m]
         y = torch.empty(x.shape[0], self.n_out)  # [M, out]
-        buf = torch.empty(self.tile_rows, self.n_in)  # [rows, in]: one tile, reused
-        for c0, work in self.tiles:
-            n = int(work[-1, 2] - work[0, 1])
-            qm.dequantize_rows(self.data, self.parts, work, buf.numpy())
-            y[:, c0:c0 + n] = F.linear(x, buf[:n])  # the GEMM F.linear runs on float weights
+        for c0, n, pieces in self.tiles:
+            y[:, c0:c0 + n] = F.linear(x, self._fill(buf[:n], pieces))
         return y[:m]
+
+    def _fill(self, buf: torch.Tensor, pieces: list) -> torch.Tensor:
+        """buf [rows, in] holding one tile's weight rows, dequantized (float32)."""
+        out = buf.numpy()
+        for r0, work in pieces:
+            qm.dequantize_rows(self.data, self.parts, work, out[r0:])
+        return buf
 
     @property
     def tensors(self) -> list:

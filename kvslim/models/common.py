@@ -14,21 +14,10 @@ import torch.nn.functional as F
 from kvslim.attention import Step
 from kvslim.cache import KVCache
 from kvslim.gguf_loader import ModelConfig, load_weights
+from kvslim.kernels.rowops import apply_rope, ops
 from kvslim.weights import Embedding, Linear, QLinear, held_bytes, linear, resolve_mode
 
 __all__ = ["Decoder", "Rope", "apply_rope", "rope_inv_freq"]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NEOX rotation of the first R dims of each head. x [N, h, D], cos/sin [N, 1, R].
-
-    cos = [cos θ, cos θ], sin = [-sin θ, sin θ] per row, so rotate_half is one roll.
-    """
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return torch.addcmul(x * cos, torch.roll(x, r // 2, dims=-1), sin)
-    rot, rest = x[..., :r], x[..., r:]  # partial rotary: the tail passes through
-    return torch.cat([torch.addcmul(rot * cos, torch.roll(rot, r // 2, dims=-1), sin), rest], -1)
 
 
 def rope_inv_freq(base: float, dim: int, linear_factor: float | None = None) -> torch.Tensor:
@@ -95,6 +84,7 @@ class Decoder:
         self.scale = c.query_scale
         # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
         self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
+        self.ops = ops(self.device, dtype)  # norms, RoPE, SiLU: fused numba on CPU float32
         embed = weights.pop("token_embd.weight")
         self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
         self.output = self._linear([weights.pop("output.weight", self.embed.table)])

@@ -10,20 +10,21 @@ Shapes: N = rows of this step packed over sequences (``Step.q_offsets``),
 d = d_model, H = query heads, Hkv = kv heads, D = head_dim, F = ffn_dim, V = vocab.
 
 Per layer the forward runs few large ops: one fused qkv matmul, one rotation of q and
-k together (they are adjacent in the fused output), the cache write, attention, and
-one fused gate+up matmul. Logits are computed only for the rows asked for.
+k together (they are adjacent in the fused output), the cache write, attention, one
+fused gate+up matmul, and each residual add fused with the norm after it (``self.ops``:
+``kernels.rowops``, one numba call per op on CPU). Logits are computed only for the rows
+asked for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvslim.attention import Step
 from kvslim.gguf_loader import GGUFError, ModelConfig
 from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
-from kvslim.weights import Linear, QLinear
+from kvslim.weights import Linear, QLinear, sampled_rows
 
 __all__ = ["Llama", "apply_rope"]
 
@@ -94,24 +95,27 @@ class Llama(Decoder):
         [R, d] float32 (what embeddings pool). The step's slots are reserved already
         (``Attention.begin``); on an error the caller rolls the step back.
         """
-        eps = self.config.rms_eps
+        eps, ops, layers = self.config.rms_eps, self.ops, self.layers
         cos, sin = self.rope.at(step.positions.to(self.device))  # [N, 1, R], every layer's
-        x = self.embed(tokens.to(self.device))  # [N, d]
-        for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
-            x = x + self._attention(h, i, layer, step, cos, sin)
-            h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
-            gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
-            x = x + layer.w2(F.silu(gate).mul_(up))  # [N, d]
-        if logit_rows is not None:
-            x = x[logit_rows.to(self.device)]  # [R, d]
-        x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+        x = self.embed(tokens.to(self.device))  # [N, d]: the residual stream
+        h = ops.norm(x, layers[0].attn_norm, eps)
+        for i, layer in enumerate(layers):
+            x, h = ops.add_norm(x, self._attention(h, i, layer, step, cos, sin),
+                                layer.ffn_norm, eps)
+            y = layer.w2(ops.silu_mul(layer.w13(h)))  # [N, d]
+            if i + 1 < len(layers):
+                x, h = ops.add_norm(x, y, layers[i + 1].attn_norm, eps)
+        if logit_rows is not None:  # the last residual add and the norm on those rows only
+            rows = logit_rows.to(self.device)
+            x, y = x[rows], y[rows]  # [R, d]
+        _, h = ops.add_norm(x, y, self.output_norm, eps)  # [R, d]
         if hidden:
-            return x.float()  # [R, d]
-        return self.output(x).float()  # [R, V]
+            return h.float()  # [R, d]
+        with sampled_rows(h.shape[0]):
+            return self.output(h).float()  # [R, V]
 
     def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
-        qk = apply_rope(qkv[:, :hq + hkv], cos, sin)  # [N, H + Hkv, D]
-        return self._attend(qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv:], i, step, layer.wo)
+        qkv = self.ops.rope(qkv, hq + hkv, cos, sin)  # q and k rotated, v as it was
+        return self._attend(qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:], i, step, layer.wo)

@@ -1,0 +1,62 @@
+"""The fused row ops (kernels/rowops.py) against their plain-torch references."""
+import pytest
+import torch
+
+from kvslim.kernels.rowops import NumbaOps, TorchOps, ops
+
+# float32 sums over a few thousand values in another order, exp in another form
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def _rand(*shape, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))) * scale
+
+
+@pytest.mark.parametrize("n,d", [(1, 576), (3, 64), (17, 100), (5, 2048)])
+def test_norm_and_add_norm_match_torch(n, d):
+    x, y, w = _rand(n, d, scale=3.0), _rand(n, d + 1)[:, :d], _rand(d) + 1
+    torch.testing.assert_close(NumbaOps.norm(x, w, 1e-6), TorchOps.norm(x, w, 1e-6),
+                               atol=ATOL, rtol=RTOL)
+    ref_x, ref_h = TorchOps.add_norm(x, y, w, 1e-5)
+    x2 = x.clone()
+    got_x, got_h = NumbaOps.add_norm(x2, y, w, 1e-5)  # y non-contiguous on purpose
+    assert got_x is x2  # the residual stream is updated in place
+    torch.testing.assert_close(got_x, ref_x, atol=0, rtol=0)
+    torch.testing.assert_close(got_h, ref_h, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("n,heads,rot_heads,dim,rot", [(1, 15, 12, 64, 64), (6, 5, 3, 96, 32),
+                                                       (9, 4, 4, 256, 256)])
+def test_rope_in_place_matches_torch(n, heads, rot_heads, dim, rot):
+    x = _rand(n, heads, dim)
+    ang = _rand(n, 1, rot // 2, scale=5.0)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1)
+    ref = TorchOps.rope(x.clone(), rot_heads, cos, sin)
+    got = x.clone()
+    assert NumbaOps.rope(got, rot_heads, cos, sin) is got
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[:, rot_heads:], x[:, rot_heads:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n,f", [(1, 1536), (7, 33)])
+def test_silu_mul_matches_torch(n, f):
+    gu = _rand(n, 2 * f, scale=6.0)
+    gu[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp's overflow side, and zero
+    torch.testing.assert_close(NumbaOps.silu_mul(gu), TorchOps.silu_mul(gu), atol=ATOL, rtol=RTOL)
+
+
+def test_each_row_alone():
+    """A row's result is the same bits whatever else is in the call (batch invariance)."""
+    d, f = 576, 1536
+    x, y, w, gu = _rand(33, d), _rand(33, d), _rand(d), _rand(33, 2 * f)
+    _, h_all = NumbaOps.add_norm(x.clone(), y, w, 1e-5)
+    _, h_one = NumbaOps.add_norm(x[5:6].clone(), y[5:6], w, 1e-5)
+    assert torch.equal(h_all[5:6], h_one)
+    assert torch.equal(NumbaOps.silu_mul(gu)[7:8], NumbaOps.silu_mul(gu[7:8]))
+
+
+def test_ops_choice():
+    assert ops(torch.device("cpu"), torch.float32) is NumbaOps
+    assert ops(torch.device("cpu"), torch.bfloat16) is TorchOps
+    assert ops(torch.device("meta"), torch.float32) is TorchOps
