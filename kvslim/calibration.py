@@ -7,12 +7,10 @@ computed once per loaded model and kept beside the model store.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import weakref
 
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvslim import store
+from kvslim import atomic, store
 from kvslim.attention import Attention, plan_attention
 from kvslim.codec import CodecChoice, KVCodec
 from kvslim.rotation import Rotation
@@ -97,17 +95,7 @@ def _load_means(path, model):
 
 
 def _save_means(path, means) -> None:
-    """Write atomically (a temporary file renamed); a store that cannot be written only
-    costs the next load the calibration."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tuple(means), tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("K/V calibration not saved to %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    atomic.save(path, lambda tmp: torch.save(tuple(means), tmp), "K/V calibration")
 
 
 def build_codec(model, tokenizer, choice: CodecChoice, n_positions: int) -> KVCodec | None:
@@ -396,15 +384,8 @@ def _load_table(path, pairs) -> dict[str, float] | None:
 
 
 def _save_table(path, table: dict[str, float]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"format": _TABLE_FORMAT, "kld": table}, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("K/V quality table not saved to %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    text = json.dumps({"format": _TABLE_FORMAT, "kld": table}, indent=1)
+    atomic.save(path, lambda tmp: tmp.write_text(text), "K/V quality table")
 
 
 @torch.inference_mode()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvslim import atomic
 from kvslim.kernels import qmatmul as qm
 
 __all__ = ["ENV", "MODES", "gemv_ints", "measure", "cache_path"]
@@ -149,12 +150,5 @@ def _load(path: Path, key: str) -> np.ndarray | None:
 
 
 def _save(path: Path, key: str, names: dict[str, str]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, "dots": names}, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("qdot choice not saved to %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    text = json.dumps({"key": key, "dots": names}, indent=1)
+    atomic.save(path, lambda tmp: tmp.write_text(text), "qdot choice")
