@@ -36,7 +36,8 @@ CODINGS = {
 
 
 def measure(llm: LLM, rows: list[tuple[str, str, str]], ids: list[int], n_decode: int) -> dict:
-    """{(k, v, coding): (prefill tok/s, median decode step s, best step s)}, steps interleaved."""
+    """{(k, v, coding): (prefill tok/s, median decode step s, best step s, attention s per
+    layer kind)}, steps interleaved."""
     engines = {(k, v, coding): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=v,
                                       num_ctx=len(ids) + n_decode + 8, codec=CODINGS[coding])
                for k, v, coding in rows}
@@ -60,7 +61,7 @@ def main() -> None:
     got = measure(llm, [(k, v, c) for k, v in types for c in codings], ids, args.decode)
     print("| K/V | coding | prefill tok/s | decode tok/s | best step tok/s | decode cost vs off |")
     print("|---|---|---|---|---|---|")
-    for (k, v, c), (prefill, med, best) in got.items():
+    for (k, v, c), (prefill, med, best, _attn) in got.items():
         off = got.get((k, v, "off"))
         cost = f"{med / off[1] - 1:+.1%}" if off else "-"
         print(f"| {k}/{v} | {c} | {prefill:.1f} | {1 / med:.1f} | {1 / best:.1f} | {cost} |")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -199,8 +198,11 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's largest resident set so far (Linux: ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's largest resident set so far: VmHWM (ru_maxrss would also count the
+    parent's peak, which Linux carries across fork and exec)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
 
 
 def run_kvslim(model: str, weights: str, lengths, types, n_decode: int) -> dict:
@@ -216,7 +218,7 @@ def run_kvslim(model: str, weights: str, lengths, types, n_decode: int) -> dict:
         ids = prompt_ids(llm, n)
         engines = {(k, k): Engine(llm.model, llm.tokenizer, cache_type_k=k, cache_type_v=k,
                                   num_ctx=n + n_decode + 8) for k in types}
-        for (k, _), (pre, med, best) in interleaved(engines, ids, n_decode).items():
+        for (k, _), (pre, med, best, _attn) in interleaved(engines, ids, n_decode).items():
             out["rows"].append({"n": n, "type": k, "prefill": pre, "decode": 1 / med, "best": 1 / best})
         del engines
     out["rss_end"] = rss_bytes()

@@ -119,3 +119,10 @@ def test_serve_benchmark_every_table(tmp_path, monkeypatch):
     for title in ("Aggregate decode tok/s", "Concurrent 4,096-token conversations"):
         assert title in out
     assert out.count("q4_0/q4_0") >= 2  # a row in the throughput and in the capacity table
+
+
+@pytest.mark.slow
+def test_kv_speed_benchmark_runs(tiny):
+    out = run("benchmarks/kv_speed.py", "--model", tiny, "--types", "q8_0,q8_0/q4_0", "--codings", "off,auto",
+              "--length", "40", "--decode", "2")
+    assert "| q8_0/q4_0 | auto |" in out and "| q8_0/q8_0 | off |" in out
