@@ -108,6 +108,18 @@ def test_key_scaling_leaves_float32_attention_unchanged(backend):
                                rtol=1e-4, atol=1e-4)
 
 
+def assert_steps_match_float64(out, inputs, k, v, seed) -> None:
+    """Each step's rows of out equal float64 attention of its queries over the un-coded
+    keys and values cached up to its end (causal by step), within 1e-4 relative."""
+    t = 0
+    for q_step in [x[0] for x in inputs]:
+        n = q_step.shape[0]
+        ref = float64_attention(q_step.double(), k[:, :t + n].double(), v[:, :t + n].double(), D ** -0.5)
+        assert rel(out[t:t + n], ref) < 1e-4, f"seed {seed}: rows {t}..{t + n}"
+        t += n
+    assert t == out.shape[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kt,vt", [("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q5_1")])
 def test_key_scaled_quantized_path_matches_its_reference(backend, kt, vt):
@@ -120,12 +132,7 @@ def test_key_scaled_quantized_path_matches_its_reference(backend, kt, vt):
     shift_k, shift_v = codec.stored_shift(1)
     k = codec.rotation_k.inverse(k + shift_k[:, None]) / codec.smooth_k[1][:, None]
     v = codec.rotation_v.inverse(v + shift_v[:, None])
-    t = 0
-    for q_step in [x[0] for x in inputs]:
-        n = q_step.shape[0]
-        ref = float64_attention(q_step.double(), k[:, :t + n].double(), v[:, :t + n].double(), D ** -0.5)
-        assert rel(out[t:t + n], ref) < 1e-4, f"seed {seed}: rows {t}..{t + n}"
-        t += n
+    assert_steps_match_float64(out, inputs, k, v, seed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,14 +152,7 @@ def test_coded_quantized_path_matches_its_reference(backend, kt, vt):
     v = v if inv_v is None else v / inv_v[:, None, None]
     k = codec.rotation_k.inverse(k + shift_k[:, None])
     v = codec.rotation_v.inverse(v + shift_v[:, None])
-    q = torch.cat([x[0] for x in inputs])
-    t = 0
-    for q_step in [x[0] for x in inputs]:
-        n = q_step.shape[0]
-        ref = float64_attention(q_step.double(), k[:, :t + n].double(), v[:, :t + n].double(), D ** -0.5)
-        assert rel(out[t:t + n], ref) < 1e-4, f"seed {seed}: rows {t}..{t + n}"
-        t += n
-    assert t == q.shape[0]
+    assert_steps_match_float64(out, inputs, k, v, seed)
 
 
 @pytest.mark.parametrize("kt,vt,rk,rv", [("q4_0", "q8_0", "lsq", "lsq"), ("q4_1", "f16", "lsq", "ggml"),
