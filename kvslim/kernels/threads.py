@@ -2,27 +2,83 @@
 
 Daemon threads join the calling thread in one nogil work loop per job; the loop claims
 items with ``ggml.fetch_add``. Unlike an OpenMP parallel region, nobody waits for a thread
-that has not started: on a busy machine a late helper finds the items gone. One pool per
-kernel family, started on first use and dropped in a forked child (which has none of the
-threads, and maybe a lock a thread held).
+that has not started: on a busy machine a late helper finds the items gone. One pool
+serves every kernel family (their jobs never nest, and one set of threads is all a
+machine's cores can run), started on first use and dropped in a forked child (which has
+none of the threads, and maybe a lock a thread held).
+
+A decode step runs a few hundred short jobs (a layer's matmuls and attention, tens to
+hundreds of microseconds each) with a little Python between them. Waking a sleeping
+thread for each costs about as much as a small job (a futex wake, and on a virtual
+machine an idle vCPU to bring back), so after a job a helper first spins, GIL-free, on
+the job counter for ``KVSLIM_SPIN_US`` microseconds (default ``SPIN_US``; 0: sleep at
+once) and only then sleeps on the condition. Between requests the helpers sleep.
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numba
+import numpy as np
+from numba import njit
 
-__all__ = ["Helpers", "pool", "threads"]
+from kvslim.kernels.ggml import load_acquire
+
+__all__ = ["Helpers", "pool", "threads", "SPIN_US"]
+
+SPIN_US = 300.0
+SPIN_ENV = "KVSLIM_SPIN_US"
+
+
+@njit(nogil=True, cache=True)
+def _spin(flag, seen, iters):
+    """Up to ``iters`` atomic reads of flag[0] while it equals ``seen``; the last value."""
+    v = load_acquire(flag, 0)
+    i = 0
+    while v == seen and i < iters:
+        v = load_acquire(flag, 0)
+        i += 1
+    return v
+
+
+def spin_us() -> float:
+    """Microseconds a helper spins for the next job (``KVSLIM_SPIN_US``, else ``SPIN_US``)."""
+    raw = os.environ.get(SPIN_ENV)
+    try:
+        us = SPIN_US if raw is None or not raw.strip() else float(raw)
+    except ValueError:
+        raise ValueError(f"{SPIN_ENV}={raw!r}: a number of microseconds (0: no spinning)") from None
+    if not us >= 0:
+        raise ValueError(f"{SPIN_ENV}={raw!r}: a number of microseconds (0: no spinning)")
+    return us
+
+
+def _iters_per_us() -> float:
+    """Spin iterations per microsecond on this CPU (a 2 ms sample)."""
+    flag = np.zeros(1, np.int64)
+    _spin(flag, 0, 10)  # compile or load
+    n = 200_000
+    for _ in range(8):  # grow until the sample is long enough to time
+        t0 = time.perf_counter()
+        _spin(flag, 0, n)
+        dt = time.perf_counter() - t0
+        if dt > 2e-3:
+            break
+        n *= 4
+    return n / max(dt * 1e6, 1e-3)
 
 
 class Helpers:
     """Daemon threads that join the caller in one nogil work loop per job."""
 
-    def __init__(self, n: int, name: str):
+    def __init__(self, n: int, name: str, spin: float = 0.0):
         self.n = n
         self._cond = threading.Condition()
         self._job, self._gen = None, 0
+        self._flag = np.zeros(1, np.int64)  # the job counter, as the spinning helpers read it
+        self._spin_iters = int(spin * _iters_per_us()) if spin > 0 and n > 0 else 0
         self._lock = threading.Lock()  # one job at a time: callers on several threads queue
         for _ in range(n):
             threading.Thread(target=self._loop, daemon=True, name=name).start()
@@ -30,6 +86,8 @@ class Helpers:
     def _loop(self) -> None:
         seen = 0
         while True:
+            if self._spin_iters:
+                _spin(self._flag, seen, self._spin_iters)
             with self._cond:
                 while self._gen == seen:
                     self._cond.wait()
@@ -38,11 +96,13 @@ class Helpers:
 
     def run(self, fn, args: tuple, helpers: int, finish, finish_args: tuple) -> None:
         """fn(*args) on the caller's thread and up to ``helpers`` more (waking only threads
-        the work can use), then finish(*finish_args) on the caller's."""
+        the work can use; a spinning one may join any job and find its items taken),
+        then finish(*finish_args) on the caller's."""
         with self._lock:
             if helpers > 0:
                 with self._cond:
                     self._job, self._gen = (fn, args), self._gen + 1
+                    self._flag[0] = self._gen
                     self._cond.notify(helpers)
             fn(*args)
             finish(*finish_args)
@@ -57,8 +117,9 @@ def threads() -> int:
     return max(1, numba.config.NUMBA_NUM_THREADS)
 
 
-def pool(name: str) -> Helpers:
-    """The helper threads of one kernel family: ``threads() - 1`` besides the caller."""
-    if name not in _POOLS:
-        _POOLS[name] = Helpers(threads() - 1, f"kvslim-{name}")
-    return _POOLS[name]
+def pool(name: str = "kernels") -> Helpers:
+    """The helper threads of the kernels: ``threads() - 1`` besides the caller, shared by
+    every family (``name`` only labels where it is asked for)."""
+    if not _POOLS:
+        _POOLS["kernels"] = Helpers(threads() - 1, "kvslim-kernels", spin_us())
+    return _POOLS["kernels"]

@@ -1,0 +1,94 @@
+"""The kernels' helper threads: spinning between jobs, then sleeping; every item done once."""
+import threading
+
+import numpy as np
+import pytest
+from numba import njit
+
+from kvslim.kernels import threads
+from kvslim.kernels.ggml import fetch_add, load_acquire
+
+
+@njit(nogil=True, cache=True)
+def _claim(counters, hits, owner, who, work):
+    """Claim items (counters[0]) until none is left; each item counted and its thread
+    noted, after ``work`` steps of arithmetic (an item's cost)."""
+    while True:
+        w = fetch_add(counters, 0)
+        if w >= hits.shape[0]:
+            return
+        x = 1.0
+        for i in range(work):
+            x = x * 1.0000001 + 1e-9
+        hits[w] += 1 if x > 0 else 2
+        owner[w] = who
+        fetch_add(counters, 1)
+
+
+@njit(nogil=True, cache=True)
+def _wait_all(counters, n):
+    while load_acquire(counters, 1) < n:
+        pass
+
+
+def _job(h: threads.Helpers, n: int, work: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    counters, hits, owner = np.zeros(2, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    main = threading.get_ident()
+
+    def fn(c, hi, ow):
+        _claim(c, hi, ow, 0 if threading.get_ident() == main else 1, work)
+    h.run(fn, (counters, hits, owner), min(h.n, n - 1), _wait_all, (counters, n))
+    return hits, owner
+
+
+@pytest.mark.parametrize("spin", [0.0, 300.0])
+def test_every_item_runs_once_whether_helpers_spin_or_sleep(spin):
+    h = threads.Helpers(1, "test-helpers", spin)
+    for n in (1, 2, 7, 500, 20_000):
+        for _ in range(20):
+            hits, owner = _job(h, n)
+            assert (hits == 1).all() and (owner >= 0).all()
+
+
+def test_jobs_from_two_threads_queue_and_all_finish():
+    h = threads.Helpers(1, "test-helpers", 300.0)
+    errors = []
+
+    def caller():
+        try:
+            for n in (3, 50, 4000) * 30:
+                hits, _ = _job(h, n)
+                assert (hits == 1).all()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=caller) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in ts)
+
+
+def test_spin_setting_from_the_environment(monkeypatch):
+    monkeypatch.delenv(threads.SPIN_ENV, raising=False)
+    assert threads.spin_us() == threads.SPIN_US
+    monkeypatch.setenv(threads.SPIN_ENV, "0")
+    assert threads.spin_us() == 0
+    monkeypatch.setenv(threads.SPIN_ENV, " 50 ")
+    assert threads.spin_us() == 50
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv(threads.SPIN_ENV, bad)
+        with pytest.raises(ValueError, match=threads.SPIN_ENV):
+            threads.spin_us()
+
+
+def test_a_helper_that_spins_takes_the_next_job_without_a_wakeup():
+    """Jobs of about a millisecond, posted one after another to a helper that spins
+    between them: the helper runs part of the items, and every item runs once."""
+    h = threads.Helpers(1, "test-helpers", 10_000.0)
+    helper_items = 0
+    for _ in range(300):
+        hits, owner = _job(h, 64, 20_000)  # about 20 us an item
+        assert (hits == 1).all()
+        helper_items += int((owner == 1).sum())
+    assert helper_items > 0
