@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from kvslim import formats, rounding
-from kvslim.rotation import Rotation, hadamard_size, rotate_rows
+from kvslim.rotation import Rotation, hadamard_size, rotate_rows, scaled_rotate_rows
 
 __all__ = ["KVCodec", "CodecSettings", "CodecChoice", "decide"]
 
@@ -158,6 +158,11 @@ class KVCodec:
         the size of q8_0's)."""
         if self.rotation_k is None and self._qmul is None and self._qdiv is None:
             return q
+        y = scaled_rotate_rows(q, self.rotation_k,  # CPU float32: one kernel call
+                               None if self._qdiv is None else self._qdiv[layer],
+                               None if self._qmul is None else self._qmul[layer])
+        if y is not None:
+            return y
         y = q.float()
         if self._qdiv is not None:
             y = y * self._qdiv[layer]

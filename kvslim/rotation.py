@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "butterfly",
+__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "scaled_rotate_rows", "butterfly",
            "forward_row", "rotate_kernel"]
 
 
@@ -110,6 +110,50 @@ def rotate_kernel(x, out, signs, shift, size, inverse):
                 out[i, h, :] = buf
 
 
+@njit(cache=True)
+def scaled_rotate_kernel(x, out, signs, pre, post, size):
+    """out = (H(S (x * pre)) * scale) * post per [N, H, D] row, in the order the separate
+    torch ops round (so the result is theirs bit for bit). pre [H, D], post [H], signs
+    [D] float32; size 0: no butterfly (scale 1)."""
+    n, heads, dim = x.shape
+    scale = np.float32(1.0 / np.sqrt(size)) if size > 0 else np.float32(1.0)
+    buf = np.empty(dim, np.float32)
+    for i in range(n):
+        for h in range(heads):
+            for j in range(dim):
+                buf[j] = (x[i, h, j] * pre[h, j]) * signs[j]
+            if size > 0:
+                butterfly(buf, size)
+            for j in range(dim):
+                out[i, h, j] = (buf[j] * scale) * post[h]
+
+
+def scaled_rotate_rows(x: torch.Tensor, rot: "Rotation | None", pre: torch.Tensor | None,
+                       post: torch.Tensor | None) -> torch.Tensor | None:
+    """R (x * pre) * post for x [N, H, D] as one kernel call: pre [H, D], post [H] (None:
+    ones). None where the kernel does not apply (not CPU float32 [N, H, D]): the caller
+    runs the torch ops instead."""
+    if not _numba_ok(x):
+        return None
+    heads, dim = x.shape[1], x.shape[2]
+    signs = rot.signs_np if rot is not None else _ones(dim)
+    pre_np = pre.numpy() if pre is not None else _ones(heads, dim)
+    post_np = post.numpy() if post is not None else _ones(heads)
+    n = x.shape[0]
+    out = torch.empty(n, heads, dim, dtype=torch.float32)
+    scaled_rotate_kernel(x.detach().contiguous().numpy(), out.numpy(), signs, pre_np, post_np,
+                         rot.size if rot is not None else 0)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(*shape: int) -> np.ndarray:
+    """A read-only array of ones, made once per shape."""
+    z = np.ones(shape, np.float32)
+    z.flags.writeable = False
+    return z
+
+
 @functools.lru_cache(maxsize=16)
 def _zeros(heads: int, dim: int) -> np.ndarray:
     """A read-only [heads, dim] zero shift, made once per shape (rotate_rows runs per layer)."""
@@ -135,7 +179,7 @@ def rotate_rows(x: torch.Tensor, rot: "Rotation | None", shift: torch.Tensor | N
         return x + shift.to(x.dtype) if inverse else x - shift.to(x.dtype)
     if _numba_ok(x):
         xs = x.detach().numpy()
-        out = x if in_place else torch.empty(x.shape, dtype=torch.float32)
+        out = x if in_place else torch.empty(x.shape[0], x.shape[1], x.shape[2], dtype=torch.float32)
         sh = shift.numpy() if shift is not None else _zeros(x.shape[1], x.shape[2])
         rotate_kernel(xs, xs if in_place else out.numpy(), rot.signs_np, sh, rot.size, inverse)
         return out

@@ -154,6 +154,16 @@ class QLinear:
         self.tile_rows = max(16, TILE_FLOATS // k // 16 * 16)
         self.tiles = self._plan_tiles([p.shape[0] for p in parts])
 
+    @property
+    def ints(self) -> np.ndarray:
+        """int8 [type codes]: 1 where the decode GEMV takes the integer dot."""
+        return self._ints
+
+    @ints.setter
+    def ints(self, ints: np.ndarray) -> None:
+        self._ints = ints
+        self.inputs = qm.gemv_inputs(self.parts, ints)  # which forms of x a GEMV makes
+
     def _plan_tiles(self, rows: list[int]) -> list[tuple[int, int, list]]:
         """(first output column, rows, pieces) per tile: consecutive output rows, at most
         ``tile_rows``, across parts (q, k and v fill one tile: one GEMM); a piece is
@@ -176,7 +186,8 @@ class QLinear:
         return [(part, r, min(r + step, r1)) for r in range(r0, r1, step)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()  # [M, in]
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()  # [M, in]
         m, decode = x.shape[0], _DECODE_ROWS.get()
         if decode is None:  # not in an engine step: the faster path for M rows
             y = self._gemv(x) if m <= GEMV_MAX_ROWS else self._tiled(x)
@@ -194,7 +205,8 @@ class QLinear:
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.n_out)  # [M, out], M <= GEMV_MAX_ROWS
-        qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy(), ints=self.ints)
+        qm.gemv(self.data, self.parts, self.work, x.numpy(), y.numpy(), ints=self.ints,
+                inputs=self.inputs)
         return y
 
     def _tiled(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:

@@ -43,3 +43,24 @@ def test_sizes_and_defaults():
     assert default_rotation(96, "q4_0", "q4_0") is None
     with pytest.raises(ValueError):
         Rotation.make(96)
+
+
+@pytest.mark.parametrize("dim,signs", [(64, False), (64, True), (256, True), (96, False)])
+@pytest.mark.parametrize("pre,post", [(True, False), (False, True), (True, True), (False, False)])
+def test_scaled_rotation_kernel_equals_the_torch_ops_bit_for_bit(dim, signs, pre, post):
+    """R (q * pre) * post in one numba call (the decode step's query transform) is the
+    torch ops' result exactly, on fresh random rows; off CPU float32 it defers to them."""
+    from kvslim.rotation import rotate_rows, scaled_rotate_rows
+
+    g = torch.Generator().manual_seed(dim + 2 * signs + pre + 4 * post)
+    n, heads = 5, 3
+    x = torch.randn(n, heads, dim, generator=g) * 3
+    rot = Rotation.make(dim, random_signs=signs, seed=dim) if hadamard_size(dim) else None
+    pre_t = torch.rand(heads, dim, generator=g) + 0.5 if pre else None
+    post_t = torch.rand(heads, generator=g) + 0.5 if post else None
+    want = x if pre_t is None else x * pre_t
+    want = rotate_rows(want, rot)
+    want = want if post_t is None else want * post_t[:, None]
+    got = scaled_rotate_rows(x, rot, pre_t, post_t)
+    assert torch.equal(got, want)
+    assert scaled_rotate_rows(x.double(), rot, pre_t, post_t) is None

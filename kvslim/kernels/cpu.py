@@ -864,7 +864,8 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
     st: _Scratch = step.scratch.for_layer(layer, window)
-    q = q.detach().to(torch.float32).contiguous()
+    if not (q.dtype is torch.float32 and q.is_contiguous() and not q.requires_grad):
+        q = q.detach().to(torch.float32).contiguous()
     bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")

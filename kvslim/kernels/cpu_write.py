@@ -286,8 +286,12 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
     return got
 
 
-def _rows(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to(torch.float32).contiguous().numpy()
+def _rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """x as a C-contiguous numpy array of ``dtype`` (a view when it is one already: a
+    decode step's write is a few microseconds of kernel, so the glue counts)."""
+    if x.dtype is dtype and not x.requires_grad and x.is_contiguous():
+        return x.numpy()
+    return x.detach().to(dtype).contiguous().numpy()
 
 
 def plain_sides(heads: int, dim_k: int, dim_v: int) -> tuple[Side, Side]:
@@ -325,7 +329,7 @@ def write(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
     layer = range(cache.n_layers)[layer]
     kplanes, vplanes = ggml.plane_views(cache, layer)
     geom = ggml.geom(cache, layer)
-    rc = write_arrays(_rows(k), _rows(v), slots.detach().to(torch.int64).contiguous().numpy(),
+    rc = write_arrays(_rows(k), _rows(v), _rows(slots, torch.int64),
                       kplanes, vplanes, geom, sides(cache, layer))
     ggml.raise_for(rc, cache)
 
@@ -340,6 +344,8 @@ os.register_at_fork(after_in_child=_POOL.clear)
 
 def _row_parts(n: int) -> list[tuple[int, int]]:
     """[lo, hi) row ranges, one per thread, for n rows (one range below PARALLEL_MIN_ROWS)."""
+    if n < 2 * PARALLEL_MIN_ROWS:
+        return [(0, n)]
     parts = min(torch.get_num_threads(), max(1, n // PARALLEL_MIN_ROWS))
     bounds = [n * i // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))

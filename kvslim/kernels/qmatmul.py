@@ -997,16 +997,28 @@ FLOAT_DOTS = np.zeros(len(TYPES), dtype=np.int8)  # gemv's ``ints`` for the floa
 INT_DOTS = np.array([t in IDOT_BLOCKS for t in range(len(TYPES))], dtype=np.int8)  # wherever there is one
 
 
+def gemv_inputs(parts: np.ndarray, ints: np.ndarray, fused: bool = True) -> tuple[bool, bool]:
+    """(any part takes the integer dot, any part takes the float one) for ``gemv``: which
+    forms of x it prepares (a QLinear asks once, not per call)."""
+    if not fused:
+        return False, False
+    picked = ints[parts[:, 2]] != 0
+    return bool(picked.any()), bool((~picked).any())
+
+
 def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
-         out: np.ndarray, fused: bool = True, ints: np.ndarray = FLOAT_DOTS) -> None:
+         out: np.ndarray, fused: bool = True, ints: np.ndarray = FLOAT_DOTS,
+         inputs: tuple[bool, bool] | None = None) -> None:
     """out[M, N] = x[M, K] @ W.T for the parts' rows (x, out float32 C-contiguous).
     ints: int8 [type codes], 1 where the integer dot runs (x quantized per 32 values
     first; ``kvslim.weights`` chooses by measurement), 0 for the float dot.
     fused=False: every type through the row buffer (the earlier kernel, kept as the
-    baseline that tests and benchmarks/weights.py compare the fused dots against)."""
+    baseline that tests and benchmarks/weights.py compare the fused dots against).
+    inputs: ``gemv_inputs(parts, ints, fused)``, when the caller keeps it."""
+    use_int, use_float = gemv_inputs(parts, ints, fused) if inputs is None else inputs
     counters = np.zeros(2, dtype=np.int64)
-    xs = _sums16(x) if fused else x[:, :0]
-    if fused and ints[parts[:, 2]].any():
+    xs = _sums16(x) if use_float else x[:, :0]
+    if use_int:
         xq, xd, xs32 = quantize_rows(x)
     else:
         xq, xd, xs32 = np.zeros((x.shape[0], 0), np.int8), x[:, :0], x[:, :0]

@@ -133,11 +133,17 @@ class NumbaOps(TorchOps):
         _add_norm_rows(x.numpy(), y.contiguous().numpy(), w.numpy(), eps, out.numpy())
         return x, out
 
-    @staticmethod
-    def rope(x, heads, cos, sin):
+    # (cos, sin, their numpy rows): the last step's tables, which its every layer uses.
+    # One tuple, replaced whole: a step on another thread at worst makes its own.
+    _tables: tuple = (None, None, None, None)
+
+    @classmethod
+    def rope(cls, x, heads, cos, sin):
         x = x.contiguous()  # in place when it is (a fused qkv output): one compiled layout
-        _rope_rows(x.numpy(), heads, cos[:, 0].contiguous().numpy(),
-                   sin[:, 0].contiguous().numpy())
+        t = cls._tables
+        if t[0] is not cos or t[1] is not sin:  # a new step's: numpy rows once, not per layer
+            t = cls._tables = (cos, sin, cos[:, 0].contiguous().numpy(), sin[:, 0].contiguous().numpy())
+        _rope_rows(x.numpy(), heads, t[2], t[3])
         return x
 
     @staticmethod
