@@ -82,7 +82,7 @@ def test_spin_setting_from_the_environment(monkeypatch):
             threads.spin_us()
 
 
-def test_a_helper_that_spins_takes_the_next_job_without_a_wakeup():
+def test_a_spinning_helper_shares_jobs_one_after_another_and_runs_each_item_once():
     """Jobs of about a millisecond, posted one after another to a helper that spins
     between them: the helper runs part of the items, and every item runs once."""
     h = threads.Helpers(1, "test-helpers", 10_000.0)

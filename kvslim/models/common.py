@@ -166,4 +166,6 @@ class Decoder:
             pad = (0, self.cache_head_dim - dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
         o = step.attn(q, k, v, i, step, self.scale, **masking)  # [N, H, Dc]: write, attend
-        return wo(o[..., :dim].to(self.dtype).reshape(n, self.n_heads * dim))  # [N, d]
+        if self.cache_head_dim != dim or o.dtype != self.dtype:
+            o = o[..., :dim].to(self.dtype)
+        return wo(o.reshape(n, self.n_heads * dim))  # [N, d]
