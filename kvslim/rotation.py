@@ -148,10 +148,9 @@ def scaled_rotate_rows(x: torch.Tensor, rot: "Rotation | None", pre: torch.Tenso
 
 @functools.lru_cache(maxsize=16)
 def _ones(*shape: int) -> np.ndarray:
-    """A read-only array of ones, made once per shape."""
-    z = np.ones(shape, np.float32)
-    z.flags.writeable = False
-    return z
+    """An array of ones, made once per shape (writable, as the scales it stands in for, so
+    the kernel has one compiled signature; nothing writes it)."""
+    return np.ones(shape, np.float32)
 
 
 @functools.lru_cache(maxsize=16)

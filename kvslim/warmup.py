@@ -23,7 +23,7 @@ from kvslim import formats
 from kvslim.kernels import cpu, cpu_write, ggml, qmatmul
 from kvslim.kernels.ggml import count_bad
 from kvslim.kernels.rowops import NumbaOps
-from kvslim.rotation import Rotation, rotate_rows
+from kvslim.rotation import Rotation, rotate_rows, scaled_rotate_rows
 from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
 
 __all__ = ["warmup", "needs_compile", "check_types", "DEFAULT_TYPES", "MESSAGE"]
@@ -97,6 +97,8 @@ def _rotation() -> None:
     rotate_rows(x, rot)
     rotate_rows(torch.zeros(2, 1, 128)[..., :64], rot)  # q sliced out of a fused qkv output
     rotate_rows(x, rot, torch.zeros(1, 64), inverse=True, in_place=True)
+    scaled_rotate_rows(x, rot, torch.ones(1, 64), torch.ones(1))  # queries: key scaling, fp8
+    scaled_rotate_rows(x, rot, None, None)
 
 
 def _checks() -> None:
