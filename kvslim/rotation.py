@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows", "scaled_rotate_rows", "butterfly",
-           "forward_row", "rotate_kernel"]
+__all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows",
+           "scaled_rotate_rows", "butterfly", "forward_row", "rotate_kernel"]
 
 
 def hadamard_size(head_dim: int, max_size: int = 256) -> int | None:
@@ -139,8 +139,7 @@ def scaled_rotate_rows(x: torch.Tensor, rot: "Rotation | None", pre: torch.Tenso
     signs = rot.signs_np if rot is not None else _ones(dim)
     pre_np = pre.numpy() if pre is not None else _ones(heads, dim)
     post_np = post.numpy() if post is not None else _ones(heads)
-    n = x.shape[0]
-    out = torch.empty(n, heads, dim, dtype=torch.float32)
+    out = torch.empty(x.shape[0], heads, dim, dtype=torch.float32)
     scaled_rotate_kernel(x.detach().contiguous().numpy(), out.numpy(), signs, pre_np, post_np,
                          rot.size if rot is not None else 0)
     return out

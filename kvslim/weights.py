@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES
 
 from kvslim.kernels import qmatmul as qm
+from kvslim.kernels.ggml import dense
 from kvslim.kernels.qchoice import gemv_ints
 from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.threads import threads
@@ -186,8 +187,7 @@ class QLinear:
         return [(part, r, min(r + step, r1)) for r in range(r0, r1, step)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is not torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()  # [M, in]
+        x = dense(x)  # [M, in]
         m, decode = x.shape[0], _DECODE_ROWS.get()
         if decode is None:  # not in an engine step: the faster path for M rows
             y = self._gemv(x) if m <= GEMV_MAX_ROWS else self._tiled(x)

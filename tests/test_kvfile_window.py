@@ -368,23 +368,12 @@ def test_the_server_keeps_a_windowed_models_prefix_cache_across_a_restart(tmp_pa
     restarted server restores the file and reuses it for the same prompt. A window of 64,
     one server page: a finished request's whole pages are kept whatever its length (as
     Gemma 3's 512 over pages of 64)."""
-    import httpx
-
-    from kvslim.settings import ServerSettings
-    from test_server import running_server
+    from test_prefix_disk import generate_across_a_restart
 
     gemma_path = tmp_path / "w64.gguf"
     tiny_models.write_gemma3(gemma_path, dataclasses.replace(T, window=64))
 
-    settings = ServerSettings.from_env({"KVSLIM_PREFIX_CACHE_DIR": str(tmp_path / "pc")},
-                                       num_parallel=1)
-    body = {"model": "tiny", "prompt": "the cab " * 30, "raw": True, "stream": False,
-            "options": {"num_predict": 3, "temperature": 0}}
-    got = []
-    for _ in range(2):
-        with running_server(settings, {"tiny": gemma_path}) as served:
-            got.append(httpx.post(served.url + "/api/generate", json=body, timeout=120).json())
-            ps = httpx.get(served.url + "/api/ps").json()["models"][0]["kv_cache"]
+    got, ps = generate_across_a_restart(gemma_path, tmp_path / "pc")
     assert got[0].get("prompt_cache_count", 0) == 0 and got[1]["prompt_cache_count"] >= 64
     assert got[1]["response"] == got[0]["response"]
     assert ps["prefix_cache_files_restored"] == 1 and ps["window"] == 64

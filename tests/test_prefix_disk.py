@@ -79,18 +79,26 @@ def test_settings_read_the_folder_and_budget(tmp_path):
     assert ServerSettings.from_env({}).prefix_cache_dir is None
 
 
-def test_server_keeps_its_prefix_cache_across_a_restart(tiny_path, tmp_path):
+def generate_across_a_restart(model_path, cache_dir) -> tuple[list[dict], dict]:
+    """One prompt to a server keeping its prefix cache in ``cache_dir``, then the same
+    prompt to a new server on that directory: ([both answers], the second's /api/ps
+    kv_cache)."""
     from test_server import running_server
 
-    settings = ServerSettings.from_env({"KVSLIM_PREFIX_CACHE_DIR": str(tmp_path / "pc")},
+    settings = ServerSettings.from_env({"KVSLIM_PREFIX_CACHE_DIR": str(cache_dir)},
                                        num_parallel=1)
     body = {"model": "tiny", "prompt": "the cab " * 30, "raw": True, "stream": False,
             "options": {"num_predict": 3, "temperature": 0}}
     got = []
     for _ in range(2):
-        with running_server(settings, {"tiny": tiny_path}) as served:
+        with running_server(settings, {"tiny": model_path}) as served:
             got.append(httpx.post(served.url + "/api/generate", json=body, timeout=120).json())
             ps = httpx.get(served.url + "/api/ps").json()["models"][0]["kv_cache"]
+    return got, ps
+
+
+def test_server_keeps_its_prefix_cache_across_a_restart(tiny_path, tmp_path):
+    got, ps = generate_across_a_restart(tiny_path, tmp_path / "pc")
     assert got[0].get("prompt_cache_count", 0) == 0 and got[1]["prompt_cache_count"] >= 64
     assert got[1]["response"] == got[0]["response"]
     assert ps["prefix_cache_files_restored"] == 1

@@ -847,7 +847,7 @@ def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.
          softcap: float = 0.0) -> None:
     """The fused items of a step on the caller's and the helper threads, merged into out."""
     counters = np.zeros(2, np.int64)
-    threads.pool("attention").run(
+    threads.pool().run(
         _attend_items, (counters, q, np.float32(scale), np.float32(softcap), kplanes, vplanes,
                         geom, job),
         len(job.work) - 1, _finish, (counters, out, geom.n_kv, job))
@@ -864,8 +864,7 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
                          f"{cache.head_dim} and a multiple of {cache.n_kv_heads} heads")
     st: _Scratch = step.scratch.for_layer(layer, window)
-    if not (q.dtype is torch.float32 and q.is_contiguous() and not q.requires_grad):
-        q = q.detach().to(torch.float32).contiguous()
+    q = ggml.dense(q)
     bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")

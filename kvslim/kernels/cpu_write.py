@@ -287,11 +287,7 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
 
 
 def _rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """x as a C-contiguous numpy array of ``dtype`` (a view when it is one already: a
-    decode step's write is a few microseconds of kernel, so the glue counts)."""
-    if x.dtype is dtype and not x.requires_grad and x.is_contiguous():
-        return x.numpy()
-    return x.detach().to(dtype).contiguous().numpy()
+    return ggml.dense(x, dtype).numpy()
 
 
 def plain_sides(heads: int, dim_k: int, dim_v: int) -> tuple[Side, Side]:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "E4M3", "E5M2",
            "CODES", "fp8_from_float", "fp8_to_float", "fp8_to_half",
            "Planes", "Geom", "plane_views", "geom", "precheck", "raise_for", "encode_block",
-           "fetch_add", "load_acquire"]
+           "fetch_add", "load_acquire", "dense"]
 
 # Format codes as the kernels branch on them (``formats.Format.code``).
 CODES = {name: fmt.code for name, fmt in formats.FORMATS.items()}
@@ -370,6 +370,15 @@ def _side(fmt: formats.Format, planes: dict[str, torch.Tensor]) -> Planes:
             x16 = _flat(planes["x"], torch.int16, np.uint16)
     return Planes(fmt.code, got.get("d", _DUMMY[np.uint16]), got.get("m", _DUMMY[np.uint16]),
                   got.get("qh", _DUMMY[np.uint32]), got.get("qs", _DUMMY[np.int8]), x32, x16)
+
+
+def dense(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x as a C-contiguous tensor of ``dtype`` that numpy can view: x itself when it is
+    one already (a decode step's kernels take microseconds, so the glue around them
+    counts), else a detached copy."""
+    if x.dtype is dtype and not x.requires_grad and x.is_contiguous():
+        return x
+    return x.detach().to(dtype).contiguous()
 
 
 def plane_views(cache: "KVCache", layer: int = 0) -> tuple[Planes, Planes]:

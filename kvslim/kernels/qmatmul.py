@@ -972,7 +972,7 @@ def gather_rows(d, part, ids, out):
 def _run(fn, args: tuple, n_items: int) -> None:
     """fn(*args) on the caller's and the helper threads (args[0]: the counters), then wait
     for every item."""
-    helpers = pool("qmatmul")
+    helpers = pool()
     helpers.run(fn, args, min(helpers.n, n_items - 1), _wait, (args[0], n_items))
 
 

@@ -49,8 +49,8 @@ def spin_us() -> float:
     try:
         us = SPIN_US if raw is None or not raw.strip() else float(raw)
     except ValueError:
-        raise ValueError(f"{SPIN_ENV}={raw!r}: a number of microseconds (0: no spinning)") from None
-    if not us >= 0:
+        us = -1.0
+    if not us >= 0:  # negative, NaN or not a number
         raise ValueError(f"{SPIN_ENV}={raw!r}: a number of microseconds (0: no spinning)")
     return us
 
@@ -108,8 +108,8 @@ class Helpers:
             finish(*finish_args)
 
 
-_POOLS: dict[str, Helpers] = {}
-os.register_at_fork(after_in_child=_POOLS.clear)
+_POOL: list[Helpers] = []
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def threads() -> int:
@@ -117,9 +117,8 @@ def threads() -> int:
     return max(1, numba.config.NUMBA_NUM_THREADS)
 
 
-def pool(name: str = "kernels") -> Helpers:
-    """The helper threads of the kernels: ``threads() - 1`` besides the caller, shared by
-    every family (``name`` only labels where it is asked for)."""
-    if not _POOLS:
-        _POOLS["kernels"] = Helpers(threads() - 1, "kvslim-kernels", spin_us())
-    return _POOLS["kernels"]
+def pool() -> Helpers:
+    """The kernels' helper threads: ``threads() - 1`` besides the caller, every family's."""
+    if not _POOL:
+        _POOL.append(Helpers(threads() - 1, "kvslim-kernels", spin_us()))
+    return _POOL[0]
