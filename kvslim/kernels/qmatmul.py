@@ -18,10 +18,12 @@ branches on per chunk, so a first call compiles one function per kernel, cached 
 
 Several weights can be one matmul (q, k and v; gate and up): ``parts`` lists them and
 the work items span all of them, one job and one output. A part may name a head size
-``hd``: its output column j (in head h, half a, index i of head_dim/2) is read from the
-stored row h*hd + 2i + a. That undoes llama's GGUF q/k row permutation (see
+``hd``: its output column j (in head h, half a, index i of head_dim/2) is the stored
+row h*hd + 2i + a. That undoes llama's GGUF q/k row permutation (see
 ``gguf_loader.unpermute_qk``) on the output, for free, instead of copying the weights:
-the same bytes are read, in an order that stays inside one head's rows. (Rotating the
+the GEMV reads the rows in file order and writes each result to its permuted column
+(reading them in output order, back and forth inside a head, ran at a third of the
+bandwidth), a prefill tile dequantizes them in output order. (Rotating the
 file's order with interleaved RoPE instead would also keep q.k, but the cache's coding
 -- mean keys, un-rotation -- and every other architecture work in NEOX order.)
 """
@@ -847,6 +849,15 @@ def _src_row(j, hd):
 
 
 @njit(inline="always")
+def _dst_row(s, hd):
+    """Output row of stored row s: the inverse of _src_row."""
+    if hd == 0:
+        return s
+    h, r = s // hd, s % hd
+    return h * hd + (r % 2) * (hd // 2) + r // 2
+
+
+@njit(inline="always")
 def _has_dot(code):
     return code in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
 
@@ -910,18 +921,21 @@ def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused)
             return
         part = parts[work[w, 0]]
         off, rb, code, col0, hd = part[0], part[1], part[2], part[4], part[5]
+        # The fused dots read the stored rows in file order, one stream per item (a q/k
+        # part's output columns are permuted instead: reading its rows in output order
+        # jumped back and forth and ran at a third of the bandwidth, measured).
         if fused and _has_dot(code) and ints[code]:
-            for j in range(work[w, 1], work[w, 2]):
-                p = off + _src_row(j, hd) * rb
+            for s in range(work[w, 1], work[w, 2]):
+                p, j = off + s * rb, col0 + _dst_row(s, hd)
                 for m in range(m_rows):
-                    out[m, col0 + j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m])
+                    out[m, j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m])
             fetch_add(counters, 1)
             continue
         if fused and _has_dot(code):
-            for j in range(work[w, 1], work[w, 2]):
-                p = off + _src_row(j, hd) * rb
+            for s in range(work[w, 1], work[w, 2]):
+                p, j = off + s * rb, col0 + _dst_row(s, hd)
                 for m in range(m_rows):
-                    out[m, col0 + j] = _dot(code, d, p, k, x[m], xs[m])
+                    out[m, j] = _dot(code, d, p, k, x[m], xs[m])
             fetch_add(counters, 1)
             continue
         for j in range(work[w, 1], work[w, 2]):
