@@ -10,18 +10,21 @@ from kvslim.kernels.ggml import fetch_add, load_acquire
 
 
 @njit(nogil=True, cache=True)
-def _claim(counters, hits, owner, who, work):
+def _claim(flag, gen, linger, counters, hits, owner, work):
     """Claim items (counters[0]) until none is left; each item counted and its thread
-    noted, after ``work`` steps of arithmetic (an item's cost)."""
+    noted (owner: 1 on a helper, which lingers), after ``work`` steps of arithmetic (an
+    item's cost)."""
+    threads.job_begins(flag, gen)
     while True:
         w = fetch_add(counters, 0)
         if w >= hits.shape[0]:
+            threads.job_ends(flag, gen, linger)
             return
         x = 1.0
         for i in range(work):
             x = x * 1.0000001 + 1e-9
         hits[w] += 1 if x > 0 else 2
-        owner[w] = who
+        owner[w] = 1 if linger else 0
         fetch_add(counters, 1)
 
 
@@ -33,11 +36,7 @@ def _wait_all(counters, n):
 
 def _job(h: threads.Helpers, n: int, work: int = 0) -> tuple[np.ndarray, np.ndarray]:
     counters, hits, owner = np.zeros(2, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64)
-    main = threading.get_ident()
-
-    def fn(c, hi, ow):
-        _claim(c, hi, ow, 0 if threading.get_ident() == main else 1, work)
-    h.run(fn, (counters, hits, owner), min(h.n, n - 1), _wait_all, (counters, n))
+    h.run(_claim, (counters, hits, owner, work), min(h.n, n - 1), _wait_all, (counters, n))
     return hits, owner
 
 
@@ -92,3 +91,14 @@ def test_a_spinning_helper_shares_jobs_one_after_another_and_runs_each_item_once
         assert (hits == 1).all()
         helper_items += int((owner == 1).sum())
     assert helper_items > 0
+
+
+def test_a_job_is_visible_from_its_begin_and_a_helper_lingers_until_the_next():
+    flag = np.array([5], np.int64)
+    threads.job_begins(flag, 0)  # a job with no helpers: nothing to show
+    threads.job_begins(flag, 3)  # a late helper of an older job: the flag stays
+    assert flag[0] == 5
+    threads.job_begins(flag, 6)
+    assert flag[0] == 6
+    threads.job_ends(flag, 6, 1000)  # no later job: returns after its reads
+    threads.job_ends(flag, 5, 10**15)  # a later job has begun: returns at once

@@ -728,12 +728,15 @@ def _merge_group(gi, out, n_kv, job):
 
 
 @njit(nogil=True, cache=True)
-def _attend_items(counters, q, scale, cap, kplanes, vplanes, geom, job):
+def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, geom, job):
     """Claim and run work items until none is left, on any number of threads at once:
-    counters[0] hands out items, counters[1] counts the finished ones."""
+    counters[0] hands out items, counters[1] counts the finished ones (flag, gen, linger:
+    ``threads.Helpers.run``'s)."""
+    threads.job_begins(flag, gen)
     while True:
         w = fetch_add(counters, 0)
         if w >= job.work.shape[0]:
+            threads.job_ends(flag, gen, linger)
             return
         _attend_chunk(w, q, scale, cap, kplanes, vplanes, geom, job)
         fetch_add(counters, 1)

@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 
 from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
 from kvslim.kernels.qtypes import TYPES
-from kvslim.kernels.threads import pool
+from kvslim.kernels.threads import job_begins, job_ends, pool
 
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
  IQ4_XS) = range(len(TYPES))
@@ -904,7 +904,7 @@ def _idot(code, d, p, k, xq, xd, xs):
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused):
+def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
@@ -913,11 +913,13 @@ def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused)
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
     output value depends on its own input row only (batch invariance)."""
+    job_begins(flag, gen)
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
     while True:
         w = fetch_add(counters, 0)
         if w >= work.shape[0]:
+            job_ends(flag, gen, linger)
             return
         part = parts[work[w, 0]]
         off, rb, code, col0, hd = part[0], part[1], part[2], part[4], part[5]
@@ -949,13 +951,15 @@ def _gemv_items(counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused)
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _dequantize_items(counters, d, parts, work, out):
+def _dequantize_items(flag, gen, linger, counters, d, parts, work, out):
     """Claim work items (part, first row, end row): out[row - work[0, 1]] = the row's values,
     so one job fills a tile of consecutive output rows of one part."""
+    job_begins(flag, gen)
     r_base = work[0, 1]
     while True:
         w = fetch_add(counters, 0)
         if w >= work.shape[0]:
+            job_ends(flag, gen, linger)
             return
         part = parts[work[w, 0]]
         off, rb, code, hd = part[0], part[1], part[2], part[5]
@@ -984,8 +988,8 @@ def gather_rows(d, part, ids, out):
 
 
 def _run(fn, args: tuple, n_items: int) -> None:
-    """fn(*args) on the caller's and the helper threads (args[0]: the counters), then wait
-    for every item."""
+    """fn(flag, gen, linger, *args) on the caller's and the helper threads (args[0]: the
+    counters), then wait for every item."""
     helpers = pool()
     helpers.run(fn, args, min(helpers.n, n_items - 1), _wait, (args[0], n_items))
 
