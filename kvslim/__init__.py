@@ -17,6 +17,14 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+# torch maps its CPU blocks of 2 MiB and more in transparent huge pages when this is set:
+# the large activations kvslim.heap has glibc map afresh then fault in 2 MiB at a time,
+# not 4 KiB (a 1B model's prompt: 15-18% slower prefill without, about as fast as glibc's
+# defaults with it; benchmarks/README.md, "Heap memory during prefill"). Only a default,
+# read when torch first allocates; KVSLIM_HEAP=glibc leaves it unset.
+if os.environ.get("KVSLIM_HEAP", "").strip().lower() != "glibc":
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from kvslim.version import __version__  # noqa: E402
 
 __all__ = ["LLM", "__version__"]

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvslim import heap
 from kvslim.attention import Attention, AttentionPlan, plan_attention
 from kvslim.cache import DEFAULT_PAGE_SIZE, CacheFull, KVCache, window_pages
 from kvslim.calibration import build_codec
@@ -204,6 +205,7 @@ class Engine:
         if min(num_ctx, num_parallel, max_batch_tokens) < 1:
             raise ValueError("num_ctx, num_parallel and max_batch_tokens must be positive")
         self.model, self.tokenizer = model, tokenizer
+        heap.tune(model.device)  # a prompt's activations mapped, not kept (kvslim.heap)
         self.num_ctx, self.num_parallel, self.max_batch_tokens = num_ctx, num_parallel, max_batch_tokens
         self.plan: AttentionPlan = plan_attention(
             model.device, model.config.head_dim, cache_type_k, cache_type_v, flash_attn,

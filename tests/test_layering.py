@@ -19,6 +19,7 @@ RANKS = {
     "kvslim.version": 0,
     "kvslim.units": 0,  # memory sizes as users write them
     "kvslim.atomic": 0,  # files written whole or not at all
+    "kvslim.heap": 0,  # the process heap setting (standard library only)
     "kvslim.autotype": 0,  # --kv-cache-type auto: the choice from a quality table
     "kvslim.formats": 0,
     "kvslim.rotation": 1,  # the coding transforms and the torch rounding reference,

@@ -1,0 +1,55 @@
+"""kvslim.heap: glibc maps a prompt's large activations instead of keeping them."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvslim import heap
+
+_CHILD = textwrap.dedent("""
+    import re, sys
+    import torch
+    from kvslim import heap
+
+    def rss():
+        return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+    print(heap.tune("cpu"))
+    first = torch.ones(2 << 20)  # 8 MiB: mapped, and freed (glibc's threshold moves up)
+    del first
+    base = rss()
+    blocks = [torch.ones(2 << 20) for _ in range(12)]  # 96 MiB in use
+    del blocks[:-1]  # 88 MiB freed, the last block kept
+    print(rss() - base)
+""")
+
+
+def _child(env: dict) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None,
+                    reason="glibc's mallopt")
+def test_freed_large_blocks_go_back_to_the_system_unless_told_to_keep_glibcs_way():
+    # the child imports torch first: glibc's setting alone, without torch's huge pages
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KVSLIM_HEAP", "MALLOC_", "THP_MEM_ALLOC"))}
+    set_to, kept = _child(env)
+    assert set_to == str(heap.MMAP_THRESHOLD) and kept < 30  # MB still resident of the 88 freed
+    set_to, kept = _child(env | {heap.ENV: "glibc"})
+    assert set_to == "None" and kept > 60  # glibc kept the freed blocks in its heap
+
+
+def test_heap_setting(monkeypatch):
+    monkeypatch.setenv(heap.ENV, "GLIBC")
+    assert heap.mode() == "glibc" and heap.tune("cpu") is None
+    monkeypatch.setenv(heap.ENV, "")
+    assert heap.mode() == "mapped"
+    assert heap.tune("cuda:0") is None and heap.tune("mps") is None
+    monkeypatch.setenv(heap.ENV, "small")
+    with pytest.raises(ValueError, match=heap.ENV):
+        heap.mode()
