@@ -22,8 +22,9 @@ if "OMP_WAIT_POLICY" not in os.environ:
 # not 4 KiB (a 1B model's prompt: 15-18% slower prefill without, about as fast as glibc's
 # defaults with it; benchmarks/README.md, "Heap memory during prefill"). Only a default,
 # read when torch first allocates; KVSLIM_HEAP=glibc leaves it unset.
-if os.environ.get("KVSLIM_HEAP", "").strip().lower() != "glibc":
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from kvslim.heap import huge_pages_default  # noqa: E402
+
+huge_pages_default()
 
 from kvslim.version import __version__  # noqa: E402
 

@@ -22,7 +22,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["ENV", "MODES", "MMAP_THRESHOLD", "mode", "tune"]
+__all__ = ["ENV", "MODES", "MMAP_THRESHOLD", "mode", "tune", "huge_pages_default"]
 
 ENV = "KVSLIM_HEAP"
 MODES = ("mapped", "glibc")
@@ -31,12 +31,23 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _DONE: list[int] = []
 
 
+def _setting() -> str:
+    return os.environ.get(ENV, "").strip().lower() or "mapped"
+
+
 def mode() -> str:
     """``KVSLIM_HEAP``: mapped (the default) or glibc."""
-    raw = os.environ.get(ENV, "").strip().lower() or "mapped"
+    raw = _setting()
     if raw not in MODES:
         raise ValueError(f"{ENV}={os.environ.get(ENV)!r}: choose from {', '.join(MODES)}")
     return raw
+
+
+def huge_pages_default() -> None:
+    """``THP_MEM_ALLOC_ENABLE=1`` unless the user set it or ``KVSLIM_HEAP=glibc`` (run at
+    ``import kvslim``, before torch allocates; a bad setting is reported by ``tune``)."""
+    if _setting() != "glibc":
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def tune(device: str = "cpu") -> int | None:

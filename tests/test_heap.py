@@ -53,3 +53,17 @@ def test_heap_setting(monkeypatch):
     monkeypatch.setenv(heap.ENV, "small")
     with pytest.raises(ValueError, match=heap.ENV):
         heap.mode()
+
+
+def test_torch_huge_pages_default_follows_the_setting_and_the_user(monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setenv(heap.ENV, "glibc")
+    heap.huge_pages_default()
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice stays
+    monkeypatch.delenv(heap.ENV)
+    heap.huge_pages_default()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    heap.huge_pages_default()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"

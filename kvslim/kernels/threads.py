@@ -64,10 +64,8 @@ def job_begins(flag, gen):
 @njit(inline="always")
 def job_ends(flag, gen, linger):
     """A job function's last statement: on a helper (``linger`` > 0), up to ``linger``
-    reads of the flag while no later job has begun."""
-    i = 0
-    while i < linger and load_acquire(flag, 0) == gen:
-        i += 1
+    reads of the flag while no later job has begun (the helpers' own spin)."""
+    _spin(flag, gen, linger)
 
 
 def spin_us() -> float:
