@@ -1,5 +1,6 @@
 """The kernels' helper threads: spinning between jobs, then sleeping; every item done once."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +103,28 @@ def test_a_job_is_visible_from_its_begin_and_a_helper_lingers_until_the_next():
     assert flag[0] == 6
     threads.job_ends(flag, 6, 1000)  # no later job: returns after its reads
     threads.job_ends(flag, 5, 10**15)  # a later job has begun: returns at once
+
+
+def _cpu_seconds(name: str) -> float:
+    """CPU time so far of the one live thread called ``name``."""
+    (t,) = [t for t in threading.enumerate() if t.name == name]
+    return time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+
+
+@pytest.mark.parametrize("linger", [True, False])
+def test_a_job_without_linger_leaves_its_helper_asleep(linger):
+    """After a linger=False job (a prefill tile, which torch's GEMM follows on every core)
+    the helper sleeps instead of spinning: it takes no CPU time while the caller waits."""
+    name = f"test-linger-{linger}"
+    h = threads.Helpers(1, name, 500_000.0)  # would spin half a second after each job
+    counters, hits, owner = np.zeros(2, np.int64), np.zeros(64, np.int64), np.full(64, -1, np.int64)
+    h.run(_claim, (counters, hits, owner, 2000), 1, _wait_all, (counters, 64), linger=linger)
+    assert (hits == 1).all()
+    time.sleep(0.02)  # the helper has woken for the job and is spinning or asleep now
+    before = _cpu_seconds(name)
+    time.sleep(0.2)
+    used = _cpu_seconds(name) - before
+    if linger:
+        assert used > 0.02, f"a lingering helper spun for only {used * 1e3:.1f} ms of 200"
+    else:
+        assert used < 0.01, f"the helper took {used * 1e3:.1f} ms of CPU while it should sleep"

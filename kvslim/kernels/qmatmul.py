@@ -987,11 +987,11 @@ def gather_rows(d, part, ids, out):
 # ---------------------------------------------------------------- threads
 
 
-def _run(fn, args: tuple, n_items: int) -> None:
+def _run(fn, args: tuple, n_items: int, linger: bool = True) -> None:
     """fn(flag, gen, linger, *args) on the caller's and the helper threads (args[0]: the
-    counters), then wait for every item."""
+    counters), then wait for every item (linger: ``threads.Helpers.run``'s)."""
     helpers = pool()
-    helpers.run(fn, args, min(helpers.n, n_items - 1), _wait, (args[0], n_items))
+    helpers.run(fn, args, min(helpers.n, n_items - 1), _wait, (args[0], n_items), linger)
 
 
 def _wait(counters: np.ndarray, n_items: int) -> None:
@@ -1091,4 +1091,5 @@ def dequantize_rows(data: np.ndarray, parts: np.ndarray, work: np.ndarray,
                     out: np.ndarray) -> None:
     """out[r - r0] = row r of the part, for the rows the work items cover (r0: the first)."""
     counters = np.zeros(2, dtype=np.int64)
-    _run(_dequantize_items, (counters, data, parts, work, out), len(work))
+    # torch's GEMM multiplies the tile next, on every core: no helper spins meanwhile
+    _run(_dequantize_items, (counters, data, parts, work, out), len(work), linger=False)

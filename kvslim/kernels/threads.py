@@ -12,7 +12,9 @@ hundreds of microseconds each) with a little Python between them. Waking a sleep
 thread for each costs about as much as a small job (a futex wake, and on a virtual
 machine an idle vCPU to bring back), so after a job a helper first spins, GIL-free, on
 the job counter for ``KVSLIM_SPIN_US`` microseconds (default ``SPIN_US``; 0: sleep at
-once) and only then sleeps on the condition. Between requests the helpers sleep.
+once) and only then sleeps on the condition. Between requests the helpers sleep. A job
+that torch's own threads follow (a prefill tile dequantized for torch's GEMM) is run with
+``linger=False``: its helpers sleep at once, leaving the cores to the GEMM.
 
 A helper runs Python between jobs (taking the job, calling the kernel), and Python needs
 the GIL, which the caller holds through its own Python between kernels. A helper that
@@ -109,27 +111,35 @@ class Helpers:
             threading.Thread(target=self._loop, daemon=True, name=name).start()
 
     def _loop(self) -> None:
-        seen = 0
+        seen, linger = 0, False
         while True:
-            if self._spin_iters:
+            if linger:
                 _spin(self._flag, seen, self._spin_iters)
             with self._cond:
                 while self._gen == seen:
                     self._cond.wait()
-                seen, (fn, args) = self._gen, self._job
-            fn(self._flag, seen, self._spin_iters, *args)
+                seen, (fn, args, linger) = self._gen, self._job
+            linger = linger and self._spin_iters > 0
+            fn(self._flag, seen, self._spin_iters if linger else 0, *args)
 
-    def run(self, fn, args: tuple, helpers: int, finish, finish_args: tuple) -> None:
+    def run(self, fn, args: tuple, helpers: int, finish, finish_args: tuple,
+            linger: bool = True) -> None:
         """fn(flag, gen, 0, *args) on the caller's thread and fn(flag, gen, linger, *args)
         on up to ``helpers`` more (waking only threads the work can use; a spinning one
         may join any job and find its items taken), then finish(*finish_args) on the
-        caller's. fn begins with ``job_begins`` and ends with ``job_ends``."""
+        caller's. fn begins with ``job_begins`` and ends with ``job_ends``.
+
+        linger=False: the helpers go to sleep when this job is done instead of spinning
+        for the next one, for a job that torch's own threads follow (a prefill tile is
+        dequantized, then multiplied by torch's GEMM): a helper spinning on one of the
+        cores would take it from the GEMM (measured: SmolLM2's 512-token prefill 8-11%
+        slower with the spin)."""
         with self._lock:
             gen = 0
             if helpers > 0:
                 with self._cond:
                     self._gen += 1
-                    gen, self._job = self._gen, (fn, args)
+                    gen, self._job = self._gen, (fn, args, linger)
                     self._cond.notify(helpers)
             fn(self._flag, gen, 0, *args)
             finish(*finish_args)
