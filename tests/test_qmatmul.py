@@ -88,6 +88,24 @@ def test_qlinear_matches_reference(qt, m, dots):
 
 
 
+@pytest.mark.parametrize("dots", ["float", "int"])
+def test_x_prepared_inside_the_job_before_any_thread_reads_it(dots):
+    """The GEMV's forms of x (codes and scales, or sums of 16) are filled by whichever
+    thread enters the job first while the others wait: a stream of calls, each with a fresh
+    x, on the helpers as they run between calls, every result against float64."""
+    qt = T.Q4_K
+    rng = np.random.default_rng(5150)
+    rows, cols = 257, 512
+    q, b = qtensor(qt, rows, cols, rng)
+    w = dequantize_ref(b, qt, (rows, cols))
+    lin = QLinear([q])
+    lin.ints = gemv_ints(dots)
+    for _ in range(60):
+        x = rng.standard_normal((1, cols)).astype(np.float32) * rng.uniform(0.01, 100)
+        y = lin(torch.from_numpy(x)).numpy()
+        assert_gemv_close(y, b, qt, (rows, cols), x, dots == "int", w=w)
+
+
 @pytest.mark.parametrize("qt", [T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_fused_dots_and_row_buffer_agree_with_reference(qt):
     """The fused block dots (default) and the row-buffer GEMV (fused=False, the baseline

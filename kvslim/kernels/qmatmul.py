@@ -912,8 +912,22 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
     ints[code] set: that dot in integers on x's codes (xq, xd, xs32: quantize_rows).
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
-    output value depends on its own input row only (batch invariance)."""
+    output value depends on its own input row only (batch invariance).
+
+    xs, xq, xd, xs32 arrive unfilled (``gemv``): the first thread here fills those that
+    are not empty from x (counters[2] picks it, counters[3] says done) while the others
+    wait, a few microseconds; one numba call per matmul fewer than filling them first
+    (in a decode step every call costs microseconds: its Python runs on a cold cache)."""
     job_begins(flag, gen)
+    if fetch_add(counters, 2) == 0:
+        if xs.shape[1]:
+            _sums16_into(x, xs)
+        if xq.shape[1]:
+            _quantize_into(x, xq, xd, xs32)
+        fetch_add(counters, 3)
+    else:
+        while load_acquire(counters, 3) == 0:
+            pass
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
     while True:
@@ -1034,24 +1048,30 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
     baseline that tests and benchmarks/weights.py compare the fused dots against).
     inputs: ``gemv_inputs(parts, ints, fused)``, when the caller keeps it."""
     use_int, use_float = gemv_inputs(parts, ints, fused) if inputs is None else inputs
-    counters = np.zeros(2, dtype=np.int64)
-    xs = _sums16(x) if use_float else x[:, :0]
-    if use_int:
-        xq, xd, xs32 = quantize_rows(x)
-    else:
-        xq, xd, xs32 = np.zeros((x.shape[0], 0), np.int8), x[:, :0], x[:, :0]
-    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, xs32, ints, out, fused), len(work))
+    counters = np.zeros(4, dtype=np.int64)
+    m, k = x.shape
+    xs = np.empty((m, k // 16 if use_float else 0), np.float32)  # filled by _gemv_items
+    xq = np.zeros((m, 2 * k if use_int else 0), np.int8)
+    xd = np.empty((m, k // 32 if use_int else 0), np.float32)
+    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd), ints, out,
+                       fused), len(work))
 
 
 @njit(fastmath=_FAST, cache=True)
 def _sums16(x):
     """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order)."""
+    xs = np.empty((x.shape[0], x.shape[1] // 16), dtype=np.float32)
+    _sums16_into(x, xs)
+    return xs
+
+
+@njit(nogil=True, fastmath=_FAST, cache=True)
+def _sums16_into(x, xs):
     m_rows, k = x.shape
-    xs = np.zeros((m_rows, k // 16), dtype=np.float32)
+    xs[:] = 0.0
     for m in range(m_rows):
         for i in range(k // 16 * 16):
             xs[m, i // 16] += x[m, i]
-    return xs
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -1063,10 +1083,18 @@ def quantize_rows(x):
     codes' (values past the last whole 32 are left out: no type with an integer dot has
     them)."""
     m_rows, k = x.shape
-    nb = k // 32
     q = np.zeros((m_rows, 2 * k), dtype=np.int8)
-    d = np.zeros((m_rows, nb), dtype=np.float32)
-    s = np.zeros((m_rows, nb), dtype=np.float32)
+    d = np.zeros((m_rows, k // 32), dtype=np.float32)
+    s = np.zeros((m_rows, k // 32), dtype=np.float32)
+    _quantize_into(x, q, d, s)
+    return q, d, s
+
+
+@njit(nogil=True, fastmath=_FAST, cache=True)
+def _quantize_into(x, q, d, s):
+    """quantize_rows into given arrays (q's values past the last whole 32 left as they are)."""
+    m_rows, k = x.shape
+    nb = k // 32
     for m in range(m_rows):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -1081,7 +1109,6 @@ def quantize_rows(x):
                 tot += c
             d[m, b] = amax / np.float32(_X_MAX)
             s[m, b] = d[m, b] * np.float32(tot)
-    return q, d, s
 
 
 _X_MAX = 127 * 128  # the largest code of x: its high plane stays within [-127, 127]
