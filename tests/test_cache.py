@@ -210,3 +210,28 @@ def test_random_operations_keep_bookkeeping_consistent(ops):
         c.free(s)
     c.check()
     assert c.pages_in_use == 0
+
+
+def test_numba_writes_and_kernel_views_follow_a_grown_pool():
+    """The CPU kernels' cached views and geometry of a layer (``ggml.plane_views``,
+    ``ggml.geom``) are made again when the pool grows: rows written before and after read
+    back through the new planes."""
+    from kvslim.kernels import cpu_write, ggml
+
+    c = make(n_pages=2, page_size=4, k="q8_0", v="q4_0")
+    s = c.new_sequence()
+    rows = [(torch.randn(8, 3, 64), torch.randn(8, 3, 64)) for _ in range(2)]
+    views, geom = ggml.plane_views(c, 1), ggml.geom(c, 1)
+    for i, (kk, vv) in enumerate(rows):
+        if i:
+            c.grow(4)
+        slots = c.reserve(s, 8)
+        for layer in range(c.n_layers):
+            cpu_write.write(c, layer, slots, kk, vv)
+    assert ggml.geom(c, 1).n_pages == 4 and geom.n_pages == 2
+    assert ggml.plane_views(c, 1)[0] is not views[0]
+    assert ggml.plane_views(c, 1)[0] is ggml.plane_views(c, 0)[0]  # made once per pool
+    got_k, got_v = c.read(1, s)  # [H, T, D]
+    kk, vv = (torch.cat(t) for t in zip(*rows))
+    assert torch.equal(got_k.transpose(0, 1), formats.dequantize(formats.quantize(kk, "q8_0"), "q8_0"))
+    assert torch.equal(got_v.transpose(0, 1), formats.dequantize(formats.quantize(vv, "q4_0"), "q4_0"))

@@ -351,6 +351,7 @@ _DUMMY = {dt: np.zeros(1, dt) for dt in (np.uint16, np.uint32, np.int8, np.float
 _NP_VIEW = {"d": (torch.int16, np.uint16), "m": (torch.int16, np.uint16),
             "qh": (torch.int32, np.uint32), "qs": (torch.int8, np.int8)}
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GEOMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {(layer, tile): Geom}
 
 
 def _flat(t: torch.Tensor, tdt: torch.dtype, ndt) -> np.ndarray:
@@ -383,21 +384,29 @@ def dense(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def plane_views(cache: "KVCache", layer: int = 0) -> tuple[Planes, Planes]:
     """Numpy views of the K and V planes of a CPU cache's group holding ``layer`` (all
-    the group's layers: ``geom`` places one in them), made once per group."""
+    the group's layers: ``geom`` places one in them), made once per group and again when
+    the group's planes are replaced (``Group.grow`` makes new dicts of new tensors; the
+    entry holds the old dicts, so their ids cannot be reused while it is compared)."""
     group, _ = cache.group_of(layer)
-    key = tuple(t.data_ptr() for t in (*group.k_planes.values(), *group.v_planes.values()))
     per = _VIEWS.setdefault(cache, {})
     got = per.get(id(group))
-    if got is None or got[0] != key:
-        got = per[id(group)] = (key, _side(cache.fmt_k, group.k_planes),
+    if got is None or got[0] is not group.k_planes or got[1] is not group.v_planes:
+        got = per[id(group)] = (group.k_planes, group.v_planes, _side(cache.fmt_k, group.k_planes),
                                 _side(cache.fmt_v, group.v_planes))
-    return got[1], got[2]
+    return got[2], got[3]
 
 
 def geom(cache: "KVCache", layer: int, tile: int = 0) -> Geom:
+    """Where ``layer`` sits in its group's planes, made once per (layer, tile) and again
+    when the group grows (every decode layer asks twice: the write and the attention)."""
+    per = _GEOMS.setdefault(cache, {})
+    got = per.get((layer, tile))
     group, local = cache.group_of(layer)  # IndexError out of range, as tensor indexing
-    return Geom(local, group.n_pages, cache.n_kv_heads, cache.page_size,
-                cache.head_dim // formats.QK, cache.v_head_dim // formats.QK, formats.QK, tile)
+    if got is None or got.n_pages != group.n_pages or got.layer != local:
+        got = per[(layer, tile)] = Geom(local, group.n_pages, cache.n_kv_heads, cache.page_size,
+                                        cache.head_dim // formats.QK,
+                                        cache.v_head_dim // formats.QK, formats.QK, tile)
+    return got
 
 
 def tiny_planes(type: str, page_size: int) -> Planes:
