@@ -175,7 +175,7 @@ def bench_core(types, repeat: int) -> None:
             continue
         q = random_qtensor(qt, rows, cols, rng)
         x = rng.standard_normal((1, cols)).astype(np.float32)
-        (xq, xd, xs32), xs = qm.quantize_rows(x), qm._sums16(x)
+        (xq, xd, xs32), xs = qm.quantize_rows(x), qm.sums16(x)
         args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0])
         ts = {False: [], True: []}
         for ints in (False, True):

@@ -1057,9 +1057,11 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
                        fused), len(work))
 
 
-@njit(fastmath=_FAST, cache=True)
-def _sums16(x):
-    """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order)."""
+def sums16(x: np.ndarray) -> np.ndarray:
+    """float32 [M, K/16]: x's sums over each 16 values (a row's own, in a fixed order), as
+    the float dots read them (``_gemv_items`` fills its own; this one is for callers that
+    time the dots alone). Plain Python: a kernel nothing in a model calls would never be
+    in the disk cache, and ``warmup.needs_compile`` would say "compiling" on every run."""
     xs = np.empty((x.shape[0], x.shape[1] // 16), dtype=np.float32)
     _sums16_into(x, xs)
     return xs
