@@ -264,11 +264,16 @@ class Attention:
         of the scores (0: none).
         """
         cache = step.cache
-        self.backend.write(cache, layer, step, k, v)
         codec = cache.codec
+        fused = getattr(self.backend, "write_attend", None)  # one kernel job for both (CPU)
+        if fused is None:
+            self.backend.write(cache, layer, step, k, v)
         if codec is not None:
             q = codec.transform_q(layer, q)
-        o = self._attend(q, cache, layer, step, scale, window, softcap)
+        if fused is None:
+            o = self._attend(q, cache, layer, step, scale, window, softcap)
+        else:
+            o = fused(q, k, v, cache, layer, step, scale, window=window, softcap=softcap)
         return o if codec is None else codec.restore(layer, o)
 
     def _attend(self, q, cache, layer, step, scale, window, softcap):

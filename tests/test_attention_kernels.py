@@ -292,6 +292,56 @@ def test_slot_outside_pool_is_refused_cache_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(cache)))
 
 
+def _decode_step(kt, vt, seed, hkv=2, hq=8, d=64):
+    """A cache of three sequences (40, 0 and 17 tokens written) and a step of 1, 3 and 1
+    new rows reserved but not written: (cache, step, q, k, v)."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(2, hkv, d, 16, page_size=16, cache_type_k=kt, cache_type_v=vt)
+    seqs = [cache.new_sequence() for _ in range(3)]
+    for s, n in zip(seqs, [40, 0, 17]):
+        if n:
+            m = Step.reserve(cache, [s], [n])
+            cpu_write.write(cache, 1, m.slots, torch.randn(n, hkv, d, generator=gen),
+                            torch.randn(n, hkv, d, generator=gen))
+    step = Step.reserve(cache, seqs, [1, 3, 1])
+    BACKENDS["cpu"].prepare(step)
+    n = step.n_rows
+    return (cache, step, torch.randn(n, hq, d, generator=gen),
+            torch.randn(n, hkv, d, generator=gen), torch.randn(n, hkv, d, generator=gen))
+
+
+@pytest.mark.parametrize("kt,vt", [("q8_0", "q8_0"), ("q4_0", "f16"), ("q5_1", "q4_1")])
+def test_write_attend_is_the_write_then_the_attention(kt, vt):
+    """The CPU backend's one job (the step's rows written by the first thread in, then
+    the items): the same cache bytes and the same output as the two calls."""
+    seed = random.randrange(1 << 30)
+    got = []
+    for fused in (False, True):
+        cache, step, q, k, v = _decode_step(kt, vt, seed)
+        backend = BACKENDS["cpu"]
+        if fused:
+            out = backend.write_attend(q, k, v, cache, 1, step, 0.125)
+        else:
+            backend.write(cache, 1, step, k, v)
+            out = backend.attend(q, cache, 1, step, 0.125)
+        got.append((out, snapshot(cache)))
+    (a, sa), (b, sb) = got
+    assert torch.equal(a, b), f"seed {seed}"
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("side", ["k", "v", "q"])
+def test_write_attend_refuses_non_finite_rows_cache_unchanged(side):
+    cache, step, q, k, v = _decode_step("q8_0", "q4_0", 7)
+    before = snapshot(cache)
+    {"k": k, "v": v, "q": q}[side][2, 1, 17] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        BACKENDS["cpu"].write_attend(q, k, v, cache, 1, step, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(cache)))
+    k[2, 1, 17] = v[2, 1, 17] = q[2, 1, 17] = 0.5  # then the same step goes through
+    assert torch.isfinite(BACKENDS["cpu"].write_attend(q, k, v, cache, 1, step, 0.125)).all()
+
+
 # ---------------------------------------------------------------- exhaustive (slow)
 
 @pytest.mark.slow

@@ -26,10 +26,15 @@ llama.cpp does, moves scores by ~1e-3 relative, past the 1e-4 error budget; and 
 GQA the dequantization it would save is shared by the g query heads anyway.
 
 The cache writes of this backend are ``kernels.cpu_write``'s; the ggml block
-primitives both use are in ``kernels.ggml``.
+primitives both use are in ``kernels.ggml``. ``Backend.write_attend`` runs a step's write
+and its attention as one job (the first thread in writes the rows, checked first, then
+every thread takes items): in a decode layer that is one call between the matmuls, not
+two, and each such call costs tens of microseconds of dispatch on a cold cache. Steps
+with long chunks write first with ``cpu_write``'s threaded writer.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -728,11 +733,31 @@ def _merge_group(gi, out, n_kv, job):
 
 
 @njit(nogil=True, cache=True)
-def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, geom, job):
+def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, geom, job,
+                  wk, wv, wslots, side_k, side_v, shrinks, wres):
     """Claim and run work items until none is left, on any number of threads at once:
     counters[0] hands out items, counters[1] counts the finished ones (flag, gen, linger:
-    ``threads.Helpers.run``'s)."""
+    ``threads.Helpers.run``'s).
+
+    The step's own rows (wk, wv into wslots; none when wslots is empty) are written first,
+    by the first thread to arrive (counters[2] picks it, counters[3] says done) while the
+    others wait: a decode layer's write and attention are one call, not two (each costs
+    tens of microseconds of dispatch on the cold cache between matmuls). wres[0]: the
+    write's ``ggml.precheck`` code; when it is not 0 nothing is written and no item runs."""
     threads.job_begins(flag, gen)
+    if fetch_add(counters, 2) == 0:
+        if wslots.shape[0]:
+            wres[0] = ggml.precheck(wk, wv, wslots, geom)
+            if wres[0] == 0:
+                cpu_write.write_rows(wk, wv, wslots, kplanes, vplanes, geom, side_k, side_v,
+                                      shrinks)
+        fetch_add(counters, 3)
+    else:
+        while load_acquire(counters, 3) == 0:
+            pass
+    if wres[0] != 0:
+        threads.job_ends(flag, gen, linger)
+        return
     while True:
         w = fetch_add(counters, 0)
         if w >= job.work.shape[0]:
@@ -743,8 +768,11 @@ def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, 
 
 
 @njit(nogil=True, cache=True)
-def _finish(counters, out, n_kv, job):
-    """Wait for the items other threads still run (at most one each), then merge."""
+def _finish(counters, out, n_kv, job, wres):
+    """Wait for the items other threads still run (at most one each), then merge (nothing
+    ran when the write was refused)."""
+    if wres[0] != 0:
+        return
     while load_acquire(counters, 1) < job.work.shape[0]:
         pass
     for gi in range(job.groups.shape[0] - 1):
@@ -847,21 +875,43 @@ def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
 
 
 def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray,
-         softcap: float = 0.0) -> None:
-    """The fused items of a step on the caller's and the helper threads, merged into out."""
-    counters = np.zeros(2, np.int64)
+         softcap: float = 0.0, write: tuple | None = None) -> int:
+    """The fused items of a step on the caller's and the helper threads, merged into out,
+    after ``write`` (k, v, slots, side_k, side_v: ``_write_args``) when given; the write's
+    ``ggml.precheck`` code (0: written and attended)."""
+    counters, wres = np.zeros(4, np.int64), np.zeros(1, np.int64)
     threads.pool().run(
         _attend_items, (counters, q, np.float32(scale), np.float32(softcap), kplanes, vplanes,
-                        geom, job),
-        len(job.work) - 1, _finish, (counters, out, geom.n_kv, job))
+                        geom, job, *(write or _no_write()), cpu_write.SHRINKS, wres),
+        len(job.work) - 1, _finish, (counters, out, geom.n_kv, job, wres))
+    return int(wres[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _no_write() -> tuple:
+    """``_attend_items``' write arguments for no rows (the types of real ones: one
+    compiled kernel)."""
+    rows = np.zeros((0, 1, formats.QK), np.float32)
+    return (rows, rows, np.zeros(0, np.int64), *cpu_write.plain_sides(1, formats.QK, formats.QK))
+
+
+def _write_args(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple:
+    """``_run``'s write: k [n, Hkv, D], v [n, Hkv, Dv] into ``slots``, checked as
+    ``cpu_write.write`` checks them."""
+    cache.check_rows(slots, k, v)
+    return (cpu_write.rows(k), cpu_write.rows(v), cpu_write.rows(slots, torch.int64),
+            *cpu_write.sides(cache, layer))
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
-              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float = 0.0,
+              write: tuple | None = None) -> torch.Tensor:
     """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring);
     ``step`` prepared by ``Backend.prepare``. window: a sliding-window layer's keys per
     query (0: every key before it); softcap: scores s -> softcap * tanh(s / softcap)
-    before the softmax (0: none)."""
+    before the softmax (0: none). write: (slots, k, v), the step's rows of this layer,
+    written first (``cpu_write.write``'s checks; nothing written when q is refused)."""
     n, hq, dim = q.shape
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
@@ -871,12 +921,18 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
     bad = count_bad(q.numpy())
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")
+    layer = range(cache.n_layers)[layer]
+    if write is not None and (st.tiled or not len(st.work)):  # long chunks: the threaded writer
+        cpu_write.write(cache, layer, *write)
+        write = None
     out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
     if len(st.work):
         kplanes, vplanes = ggml.plane_views(cache, layer)
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
-        _run(q.numpy(), scale, kplanes, vplanes, geom,
-             st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy(), softcap)
+        rc = _run(q.numpy(), scale, kplanes, vplanes, geom,
+                  st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy(), softcap,
+                  None if write is None else _write_args(cache, layer, *write))
+        ggml.raise_for(rc, cache)
     for b in st.tiled:  # long chunks: torch's flash GEMMs, banded past a window or capped
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
         pages, kv_len = step.layer_table(layer).pages[b], step.kv_lens[b]
@@ -903,6 +959,13 @@ class Backend:
                scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         return attention(q, cache, layer, step, scale, window, softcap)
 
+    def write_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "KVCache",
+                     layer: int, step: "Step", scale: float, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
+        """``write`` then ``attend`` as one kernel job (q already in the cache's coordinates)."""
+        return attention(q, cache, layer, step, scale, window, softcap,
+                         (step.layer_slots(layer), k, v))
+
 
 def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
     """Compile (or load from numba's disk cache) the writer and the attention kernel now,
@@ -923,6 +986,8 @@ def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
               work, groups, np.empty((len(work), 2, qk), np.float32),
               np.empty((len(work), 2, 2), np.float32), 0)
     _run(rows, 1.0, kplanes, vplanes, geom, job, np.empty((2, 1, qk), np.float32))
+    _run(rows, 1.0, kplanes, vplanes, geom, job, np.empty((2, 1, qk), np.float32), 0.0,
+         (rows, rows, slots, *cpu_write.plain_sides(1, qk, qk)))  # a decode step's form
 
 
 def available(device, type_k: str, type_v: str) -> str | None:

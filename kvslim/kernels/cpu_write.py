@@ -37,7 +37,7 @@ _F0, _F1, _FH = np.float32(0.0), np.float32(1.0), np.float32(0.5)
 _DIVISORS = {t: np.array(symmetric_divisors(t), np.float32)
              for t in LSQ_TYPES if t in ("q4_0", "q5_0", "q8_0")}
 _NO_DIVISORS = np.zeros(0, np.float32)
-_SHRINKS = np.array(affine_shrinks(), np.float32)  # [9, 2]
+SHRINKS = np.array(affine_shrinks(), np.float32)  # [9, 2]
 
 
 class Side(NamedTuple):
@@ -230,7 +230,7 @@ def _coded_rows(x, slots, planes, geom, nb, side, shrinks):
 
 
 @njit(cache=True, nogil=True)
-def _write_rows(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
+def write_rows(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
     """K and V rows into the cache, unchecked; releases the GIL, so threads can write
     disjoint row ranges at once (their slots are distinct)."""
     _coded_rows(k, slots, kplanes, geom, geom.nb_k, side_k, shrinks)
@@ -243,7 +243,7 @@ def _write(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
     bad = ggml.precheck(k, v, slots, geom)
     if bad:
         return bad
-    _write_rows(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks)
+    write_rows(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks)
     return 0
 
 
@@ -286,7 +286,8 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
     return got
 
 
-def _rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+def rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """x as the C-contiguous numpy array the writer reads."""
     return ggml.dense(x, dtype).numpy()
 
 
@@ -302,15 +303,15 @@ def write_arrays(k: np.ndarray, v: np.ndarray, slots: np.ndarray, kplanes: ggml.
     writes are split over the write pool's threads once everything is checked."""
     parts = _row_parts(slots.shape[0])
     if len(parts) == 1:
-        return _write(k, v, slots, kplanes, vplanes, geom, *coding, _SHRINKS)
+        return _write(k, v, slots, kplanes, vplanes, geom, *coding, SHRINKS)
     bad = ggml.precheck(k, v, slots, geom)
     if bad:
         return bad
     arrays = (k, v, slots)
-    futures = [_pool().submit(_write_rows, *(a[lo:hi] for a in arrays), kplanes, vplanes, geom,
-                              *coding, _SHRINKS) for lo, hi in parts[1:]]
+    futures = [_pool().submit(write_rows, *(a[lo:hi] for a in arrays), kplanes, vplanes, geom,
+                              *coding, SHRINKS) for lo, hi in parts[1:]]
     lo, hi = parts[0]
-    _write_rows(*(a[lo:hi] for a in arrays), kplanes, vplanes, geom, *coding, _SHRINKS)
+    write_rows(*(a[lo:hi] for a in arrays), kplanes, vplanes, geom, *coding, SHRINKS)
     for f in futures:
         f.result()
     return 0
@@ -325,7 +326,7 @@ def write(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
     layer = range(cache.n_layers)[layer]
     kplanes, vplanes = ggml.plane_views(cache, layer)
     geom = ggml.geom(cache, layer)
-    rc = write_arrays(_rows(k), _rows(v), _rows(slots, torch.int64),
+    rc = write_arrays(rows(k), rows(v), rows(slots, torch.int64),
                       kplanes, vplanes, geom, sides(cache, layer))
     ggml.raise_for(rc, cache)
 
