@@ -90,17 +90,26 @@ def per_layer_us(e: Engine, attn: dict[str, float]) -> tuple[str, str]:
 
 def time_attention(e: Engine) -> dict[str, float]:
     """Seconds ``e``'s attention spends in windowed and in global layers, summed as it runs
-    (the backend's ``attend`` wrapped in place)."""
+    (the backend's ``attend`` wrapped in place; on CPU, ``write_attend``, one job that
+    writes the step's rows first: its time includes the cache write)."""
     spent = {"window": 0.0, "global": 0.0}
     backend = e.attn.backend
-    inner = backend.attend
+    inner, fused = backend.attend, getattr(backend, "write_attend", None)
 
     def attend(q, cache, layer, step, scale, window=0, softcap=0.0):
         t0 = time.perf_counter()
         out = inner(q, cache, layer, step, scale, window=window, softcap=softcap)
         spent["window" if window else "global"] += time.perf_counter() - t0
         return out
+
+    def write_attend(q, k, v, cache, layer, step, scale, window=0, softcap=0.0):
+        t0 = time.perf_counter()
+        out = fused(q, k, v, cache, layer, step, scale, window=window, softcap=softcap)
+        spent["window" if window else "global"] += time.perf_counter() - t0
+        return out
     backend.attend = attend
+    if fused is not None:
+        backend.write_attend = write_attend
     return spent
 
 
@@ -152,6 +161,8 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
 
     b = e.attn.backend
     b.attend, b.write = labelled(b.attend, "attention"), labelled(b.write, "cache write")
+    if getattr(b, "write_attend", None) is not None:  # CPU: the two as one kernel job
+        b.write_attend = labelled(b.write_attend, "cache write + attention")
     from kvslim.kernels import qmatmul
 
     for name in ("gemv", "dequantize_rows"):  # the quantized weights' numba kernels
