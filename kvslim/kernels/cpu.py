@@ -740,21 +740,18 @@ def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, 
     ``threads.Helpers.run``'s).
 
     The step's own rows (wk, wv into wslots; none when wslots is empty) are written first,
-    by the first thread to arrive (counters[2] picks it, counters[3] says done) while the
-    others wait: a decode layer's write and attention are one call, not two (each costs
-    tens of microseconds of dispatch on the cold cache between matmuls). wres[0]: the
+    by the first thread to arrive (``threads.first_in``) while the others wait: a decode
+    layer's write and attention are one call, not two (each costs tens of microseconds of
+    dispatch on the cold cache between matmuls). wres[0]: the
     write's ``ggml.precheck`` code; when it is not 0 nothing is written and no item runs."""
     threads.job_begins(flag, gen)
-    if fetch_add(counters, 2) == 0:
+    if threads.first_in(counters):
         if wslots.shape[0]:
             wres[0] = ggml.precheck(wk, wv, wslots, geom)
             if wres[0] == 0:
                 cpu_write.write_rows(wk, wv, wslots, kplanes, vplanes, geom, side_k, side_v,
                                       shrinks)
-        fetch_add(counters, 3)
-    else:
-        while load_acquire(counters, 3) == 0:
-            pass
+        threads.first_done(counters)
     if wres[0] != 0:
         threads.job_ends(flag, gen, linger)
         return

@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 
 from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
 from kvslim.kernels.qtypes import TYPES
-from kvslim.kernels.threads import job_begins, job_ends, pool
+from kvslim.kernels.threads import first_done, first_in, job_begins, job_ends, pool
 
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
  IQ4_XS) = range(len(TYPES))
@@ -915,19 +915,16 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
     output value depends on its own input row only (batch invariance).
 
     xs, xq, xd, xs32 arrive unfilled (``gemv``): the first thread here fills those that
-    are not empty from x (counters[2] picks it, counters[3] says done) while the others
-    wait, a few microseconds; one numba call per matmul fewer than filling them first
-    (in a decode step every call costs microseconds: its Python runs on a cold cache)."""
+    are not empty from x (``threads.first_in``) while the others wait, a few microseconds;
+    one numba call per matmul fewer than filling them first (in a decode step every call
+    costs microseconds: its Python runs on a cold cache)."""
     job_begins(flag, gen)
-    if fetch_add(counters, 2) == 0:
+    if first_in(counters):
         if xs.shape[1]:
             _sums16_into(x, xs)
         if xq.shape[1]:
             _quantize_into(x, xq, xd, xs32)
-        fetch_add(counters, 3)
-    else:
-        while load_acquire(counters, 3) == 0:
-            pass
+        first_done(counters)
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
     while True:

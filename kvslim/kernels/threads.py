@@ -36,9 +36,10 @@ import numba
 import numpy as np
 from numba import njit
 
-from kvslim.kernels.ggml import load_acquire
+from kvslim.kernels.ggml import fetch_add, load_acquire
 
-__all__ = ["Helpers", "pool", "threads", "job_begins", "job_ends", "SPIN_US"]
+__all__ = ["Helpers", "pool", "threads", "job_begins", "job_ends", "first_in", "first_done",
+           "SPIN_US"]
 
 SPIN_US = 300.0
 SPIN_ENV = "KVSLIM_SPIN_US"
@@ -61,6 +62,24 @@ def job_begins(flag, gen):
     to the spinning helpers from here, where its caller no longer holds the GIL."""
     if gen > load_acquire(flag, 0):
         flag[0] = gen
+
+
+@njit(inline="always")
+def first_in(counters):
+    """Whether this thread is the job's first (counters[2]): it prepares what every item
+    reads, then calls ``first_done``; any other thread waits here until it has (counters[3])
+    and gets False. A job using it has four counters (0, 1: its items')."""
+    if fetch_add(counters, 2) == 0:
+        return True
+    while load_acquire(counters, 3) == 0:
+        pass
+    return False
+
+
+@njit(inline="always")
+def first_done(counters):
+    """The first thread's preparation is done: the waiting threads go on."""
+    fetch_add(counters, 3)
 
 
 @njit(inline="always")
