@@ -874,7 +874,7 @@ def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
 def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray,
          softcap: float = 0.0, write: tuple | None = None) -> int:
     """The fused items of a step on the caller's and the helper threads, merged into out,
-    after ``write`` (k, v, slots, side_k, side_v: ``_write_args``) when given; the write's
+    after ``write`` (k, v, slots, side_k, side_v: ``cpu_write.prepared``) when given; the write's
     ``ggml.precheck`` code (0: written and attended)."""
     counters, wres = np.zeros(4, np.int64), np.zeros(1, np.int64)
     threads.pool().run(
@@ -890,15 +890,6 @@ def _no_write() -> tuple:
     compiled kernel)."""
     rows = np.zeros((0, 1, formats.QK), np.float32)
     return (rows, rows, np.zeros(0, np.int64), *cpu_write.plain_sides(1, formats.QK, formats.QK))
-
-
-def _write_args(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> tuple:
-    """``_run``'s write: k [n, Hkv, D], v [n, Hkv, Dv] into ``slots``, checked as
-    ``cpu_write.write`` checks them."""
-    cache.check_rows(slots, k, v)
-    return (cpu_write.rows(k), cpu_write.rows(v), cpu_write.rows(slots, torch.int64),
-            *cpu_write.sides(cache, layer))
 
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
@@ -928,7 +919,7 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
         rc = _run(q.numpy(), scale, kplanes, vplanes, geom,
                   st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy(), softcap,
-                  None if write is None else _write_args(cache, layer, *write))
+                  None if write is None else cpu_write.prepared(cache, layer, *write))
         ggml.raise_for(rc, cache)
     for b in st.tiled:  # long chunks: torch's flash GEMMs, banded past a window or capped
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]

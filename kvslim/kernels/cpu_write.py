@@ -322,13 +322,21 @@ def write(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
     """Code and quantize k [n, Hkv, D], v [n, Hkv, Dv] (floating, CPU, the model's
     coordinates) into ``slots`` of a CPU cache, as its codec says. Raises with the cache
     unchanged on a non-finite value or a slot outside the pool."""
-    cache.check_rows(slots, k, v)
+    k, v, slots, side_k, side_v = prepared(cache, layer, slots, k, v)
     layer = range(cache.n_layers)[layer]
     kplanes, vplanes = ggml.plane_views(cache, layer)
-    geom = ggml.geom(cache, layer)
-    rc = write_arrays(rows(k), rows(v), rows(slots, torch.int64),
-                      kplanes, vplanes, geom, sides(cache, layer))
+    rc = write_arrays(k, v, slots, kplanes, vplanes, ggml.geom(cache, layer), (side_k, side_v))
     ggml.raise_for(rc, cache)
+
+
+def prepared(cache: "KVCache", layer: int, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> tuple:
+    """``write``'s checks (``cache.check_rows``, then the layer), then what the writer
+    kernels take: (k, v, slots) as numpy arrays and the layer's K and V sides (the
+    attention job of ``kernels.cpu`` writes with them too)."""
+    cache.check_rows(slots, k, v)
+    layer = range(cache.n_layers)[layer]
+    return (rows(k), rows(v), rows(slots, torch.int64), *sides(cache, layer))
 
 
 # Long writes (prefill chunks) are split over threads: the lsq search makes coding a
