@@ -94,22 +94,17 @@ def time_attention(e: Engine) -> dict[str, float]:
     writes the step's rows first: its time includes the cache write)."""
     spent = {"window": 0.0, "global": 0.0}
     backend = e.attn.backend
-    inner, fused = backend.attend, getattr(backend, "write_attend", None)
 
-    def attend(q, cache, layer, step, scale, window=0, softcap=0.0):
-        t0 = time.perf_counter()
-        out = inner(q, cache, layer, step, scale, window=window, softcap=softcap)
-        spent["window" if window else "global"] += time.perf_counter() - t0
-        return out
-
-    def write_attend(q, k, v, cache, layer, step, scale, window=0, softcap=0.0):
-        t0 = time.perf_counter()
-        out = fused(q, k, v, cache, layer, step, scale, window=window, softcap=softcap)
-        spent["window" if window else "global"] += time.perf_counter() - t0
-        return out
-    backend.attend = attend
-    if fused is not None:
-        backend.write_attend = write_attend
+    def timed(fn):
+        def run(*args, window=0, softcap=0.0):
+            t0 = time.perf_counter()
+            out = fn(*args, window=window, softcap=softcap)
+            spent["window" if window else "global"] += time.perf_counter() - t0
+            return out
+        return run
+    backend.attend = timed(backend.attend)
+    if getattr(backend, "write_attend", None) is not None:
+        backend.write_attend = timed(backend.write_attend)
     return spent
 
 
