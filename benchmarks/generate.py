@@ -91,7 +91,8 @@ def per_layer_us(e: Engine, attn: dict[str, float]) -> tuple[str, str]:
 def time_attention(e: Engine) -> dict[str, float]:
     """Seconds ``e``'s attention spends in windowed and in global layers, summed as it runs
     (the backend's ``attend`` wrapped in place; on CPU, ``write_attend``, one job that
-    writes the step's rows first: its time includes the cache write)."""
+    writes the step's rows first and codes the queries: its time includes the cache write
+    and the codec's query coding and output restore)."""
     spent = {"window": 0.0, "global": 0.0}
     backend = e.attn.backend
 
@@ -157,7 +158,7 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     b = e.attn.backend
     b.attend, b.write = labelled(b.attend, "attention"), labelled(b.write, "cache write")
     if getattr(b, "write_attend", None) is not None:  # CPU: the two as one kernel job
-        b.write_attend = labelled(b.write_attend, "cache write + attention")
+        b.write_attend = labelled(b.write_attend, "cache write + attention + codec")
     from kvslim.kernels import qmatmul
 
     for name in ("gemv", "dequantize_rows"):  # the quantized weights' numba kernels

@@ -47,7 +47,10 @@ class Backend(Protocol):
     coordinates; the cache's codec applied) into ``step.slots``, all or nothing;
     ``attend`` returns q [N, Hq, D] (cache coordinates) -> [N, Hq, Dv], each query row
     seeing its last ``window`` keys (0: all before it) with scores soft-capped by
-    ``softcap`` (0: none).
+    ``softcap`` (0: none). A backend may also have ``write_attend(q, k, v, cache, layer,
+    step, scale, window=, softcap=)``: all of ``Attention.__call__`` (the write, the
+    codec's query coding, the attention, its restore; model coordinates in and out) in
+    one call.
     """
 
     name: str
@@ -264,16 +267,14 @@ class Attention:
         of the scores (0: none).
         """
         cache = step.cache
+        fused = getattr(self.backend, "write_attend", None)
+        if fused is not None:  # one kernel job: the write, q's coding, attention, restore (CPU)
+            return fused(q, k, v, cache, layer, step, scale, window=window, softcap=softcap)
         codec = cache.codec
-        fused = getattr(self.backend, "write_attend", None)  # one kernel job for both (CPU)
-        if fused is None:
-            self.backend.write(cache, layer, step, k, v)
+        self.backend.write(cache, layer, step, k, v)
         if codec is not None:
             q = codec.transform_q(layer, q)
-        if fused is None:
-            o = self._attend(q, cache, layer, step, scale, window, softcap)
-        else:
-            o = fused(q, k, v, cache, layer, step, scale, window=window, softcap=softcap)
+        o = self._attend(q, cache, layer, step, scale, window, softcap)
         return o if codec is None else codec.restore(layer, o)
 
     def _attend(self, q, cache, layer, step, scale, window, softcap):

@@ -152,23 +152,35 @@ class KVCodec:
             group = self.n_heads // self._shift_v.shape[1]
             self._shift_o[layer] = self._shift_v[layer].repeat_interleave(group, dim=0)
 
+    def query_terms(self, layer: int):
+        """What ``transform_q`` applies to one layer's queries: (rotation R_k or None,
+        pre [Hq, D] or None, post [Hq] or None) for (R_k (q * pre)) * post (a fused
+        attention kernel applies them itself, in the same order)."""
+        return (self.rotation_k, None if self._qdiv is None else self._qdiv[layer],
+                None if self._qmul is None else self._qmul[layer])
+
+    def output_terms(self, layer: int):
+        """What ``restore`` applies to one layer's attention output: (rotation R_v or None,
+        mul [Hq] or None, shift [Hq, Dv] or None) for R_v^T (o * mul + shift)."""
+        return (self.rotation_v, None if self._omul is None else self._omul[layer],
+                None if self._shift_o is None else self._shift_o[layer])
+
     def transform_q(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """R_k (q / s_k) for q [N, Hq, D]: queries in the cache's coordinates, in q's dtype
         (the butterfly runs in float32 whatever the dtype: a bf16 one would add an error
         the size of q8_0's)."""
-        if self.rotation_k is None and self._qmul is None and self._qdiv is None:
+        rot, pre, post = self.query_terms(layer)
+        if rot is None and pre is None and post is None:
             return q
-        y = scaled_rotate_rows(q, self.rotation_k,  # CPU float32: one kernel call
-                               None if self._qdiv is None else self._qdiv[layer],
-                               None if self._qmul is None else self._qmul[layer])
+        y = scaled_rotate_rows(q, rot, pre, post)  # CPU float32: one kernel call
         if y is not None:
             return y
         y = q.float()
-        if self._qdiv is not None:
-            y = y * self._qdiv[layer]
-        y = rotate_rows(y, self.rotation_k)
-        if self._qmul is not None:
-            y = y * self._qmul[layer][:, None]
+        if pre is not None:
+            y = y * pre
+        y = rotate_rows(y, rot)
+        if post is not None:
+            y = y * post[:, None]
         return y.to(q.dtype)
 
     def transform_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -201,12 +213,12 @@ class KVCodec:
         """R_v^T (o + mu_v): the attention output back in the model's coordinates.
 
         o [N, Hq, Dv] is the attention's own fresh output, so it is decoded in place."""
-        so = self._shift_o[layer] if self._shift_o is not None else None
-        if self._omul is not None:
-            o = o * self._omul[layer][:, None].to(o.dtype)
+        rot, mul, so = self.output_terms(layer)
+        if mul is not None:
+            o = o * mul[:, None].to(o.dtype)
         if o.dtype is not torch.float32:  # GPU compute dtypes: the butterfly in float32
-            return rotate_rows(o.float(), self.rotation_v, so, inverse=True).to(o.dtype)
-        return rotate_rows(o, self.rotation_v, so, inverse=True, in_place=True)
+            return rotate_rows(o.float(), rot, so, inverse=True).to(o.dtype)
+        return rotate_rows(o, rot, so, inverse=True, in_place=True)
 
 
 def _pair(k: str, v: str) -> str:

@@ -420,3 +420,41 @@ def test_key_scales_minimise_the_score_error_proxy():
     for _ in range(5):
         other = s * (torch.randn(s.shape, generator=g) * 0.2).exp()
         assert bool((proxy(s) <= proxy(other) * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("kt,vt", [("q8_0", "q4_0"), ("fp8_e4m3", "fp8_e5m2")])
+@pytest.mark.parametrize("key_scaling", [False, True])
+@pytest.mark.parametrize("q_lens", [[1, 1], [1, 40]], ids=["decode", "with-a-tiled-chunk"])
+def test_cpu_write_attend_codes_q_and_restores_as_the_separate_calls(kt, vt, key_scaling, q_lens):
+    """The CPU backend's one job (the codec's query coding by the first thread in, the
+    output restored after the merge; a step with a long chunk codes around torch's
+    attention instead) against write, transform_q, attend and restore called one by one:
+    the same output and the same cache bytes, bit for bit. fp8 sides bring the per-head
+    scales, key_scaling the per-channel query factors; rotation and centering always."""
+    from kvslim.attention import Step
+    from kvslim.kernels import cpu
+
+    seed = random.randrange(1 << 30)
+    codec = codec_for(kt, vt, key_scaling=key_scaling, seed=seed % 997)
+    gen = torch.Generator().manual_seed(seed)
+    before = [rows(n, gen, offset=2.0) for n in (21, 9)]
+    q, k, v = rows(sum(q_lens), gen, offset=2.0)
+    got = []
+    for fused in (True, False):
+        cache = KVCache(L, HKV, D, 16, page_size=16, cache_type_k=kt, cache_type_v=vt, codec=codec)
+        seqs = [cache.new_sequence() for _ in q_lens]
+        for s, (_, bk, bv) in zip(seqs, before):
+            cpu_write.write(cache, 1, Step.reserve(cache, [s], [bk.shape[0]]).slots, bk, bv)
+        step = Step.reserve(cache, seqs, q_lens)
+        backend = cpu.Backend()
+        backend.prepare(step)
+        if fused:
+            out = backend.write_attend(q, k, v, cache, 1, step, 0.125)
+        else:
+            backend.write(cache, 1, step, k, v)
+            out = codec.restore(1, backend.attend(codec.transform_q(1, q), cache, 1, step, 0.125))
+        got.append((out, [t.clone() for t in (*cache.k_planes.values(), *cache.v_planes.values())]))
+    (a, sa), (b, sb) = got
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b), f"seed {seed}"
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb)), f"seed {seed}"

@@ -35,6 +35,7 @@ with long chunks write first with ``cpu_write``'s threaded writer.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -47,6 +48,7 @@ from numba.extending import intrinsic
 from kvslim import formats
 from kvslim.kernels import cpu_write, ggml, threads, tiled
 from kvslim.kernels.ggml import fetch_add, load_acquire
+from kvslim.rotation import butterfly
 from kvslim.kernels.ggml import (BF16, E4M3, E5M2, F16, F32, IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1,
                                  Q8_0, bits_to_float, count_bad, half_to_float)
 
@@ -732,18 +734,58 @@ def _merge_group(gi, out, n_kv, job):
 # decode step by whole scheduler time slices (benchmarks/README.md).
 
 
+@njit(inline="always")
+def _code_q(q, qc, signs, pre, post, size):
+    """qc = (H(S (q * pre)) * scale) * post per [N, Hq, D] row (size 0: no butterfly, scale
+    1): the codec's ``transform_q``, in ``rotation.scaled_rotate_kernel``'s order of
+    roundings, so the coded queries are the same bit for bit."""
+    n, heads, dim = q.shape
+    scale = np.float32(1.0 / np.sqrt(size)) if size > 0 else np.float32(1.0)
+    for i in range(n):
+        for h in range(heads):
+            row = qc[i, h]
+            for j in range(dim):
+                row[j] = (q[i, h, j] * pre[h, j]) * signs[j]
+            if size > 0:
+                butterfly(row, size)
+            for j in range(dim):
+                row[j] = (row[j] * scale) * post[h]
+
+
+@njit(inline="always")
+def _restore(out, signs, mul, shift, size):
+    """out = S H(out * mul + shift) * scale per [N, Hq, Dv] row, in place (size 0: only
+    out * mul + shift): the codec's ``restore``, its multiply then
+    ``rotation.rotate_kernel``'s inverse, rounded as they round."""
+    n, heads, dim = out.shape
+    scale = np.float32(1.0 / np.sqrt(size)) if size > 0 else np.float32(1.0)
+    for i in range(n):
+        for h in range(heads):
+            row = out[i, h]
+            for j in range(dim):
+                row[j] = row[j] * mul[h]
+            for j in range(dim):
+                row[j] = row[j] + shift[h, j]
+            if size > 0:
+                butterfly(row, size)
+                for j in range(dim):
+                    row[j] = row[j] * scale * signs[j]
+
+
 @njit(nogil=True, cache=True)
-def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, geom, job,
-                  wk, wv, wslots, side_k, side_v, shrinks, wres):
+def _attend_items(flag, gen, linger, counters, q, qc, scale, cap, kplanes, vplanes, geom, job,
+                  wk, wv, wslots, side_k, side_v, shrinks, wres, qsigns, qpre, qpost, qsize):
     """Claim and run work items until none is left, on any number of threads at once:
     counters[0] hands out items, counters[1] counts the finished ones (flag, gen, linger:
     ``threads.Helpers.run``'s).
 
-    The step's own rows (wk, wv into wslots; none when wslots is empty) are written first,
-    by the first thread to arrive (``threads.first_in``) while the others wait: a decode
-    layer's write and attention are one call, not two (each costs tens of microseconds of
-    dispatch on the cold cache between matmuls). wres[0]: the
-    write's ``ggml.precheck`` code; when it is not 0 nothing is written and no item runs."""
+    The first thread to arrive (``threads.first_in``) prepares what every item reads
+    while the others wait: it writes the step's own rows (wk, wv into wslots; none when
+    wslots is empty), then codes the queries q into qc (``_code_q``: the cache's codec;
+    ones and size 0 leave them as they are). So a decode layer's write, query coding and
+    attention are one call, not three (each costs tens of microseconds of dispatch on the
+    cold cache between matmuls). wres[0]: the write's ``ggml.precheck`` code; when it is
+    not 0 nothing is written and no item runs."""
     threads.job_begins(flag, gen)
     if threads.first_in(counters):
         if wslots.shape[0]:
@@ -751,6 +793,8 @@ def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, 
             if wres[0] == 0:
                 cpu_write.write_rows(wk, wv, wslots, kplanes, vplanes, geom, side_k, side_v,
                                       shrinks)
+        if wres[0] == 0:
+            _code_q(q, qc, qsigns, qpre, qpost, qsize)
         threads.first_done(counters)
     if wres[0] != 0:
         threads.job_ends(flag, gen, linger)
@@ -760,20 +804,22 @@ def _attend_items(flag, gen, linger, counters, q, scale, cap, kplanes, vplanes, 
         if w >= job.work.shape[0]:
             threads.job_ends(flag, gen, linger)
             return
-        _attend_chunk(w, q, scale, cap, kplanes, vplanes, geom, job)
+        _attend_chunk(w, qc, scale, cap, kplanes, vplanes, geom, job)
         fetch_add(counters, 1)
 
 
 @njit(nogil=True, cache=True)
-def _finish(counters, out, n_kv, job, wres):
-    """Wait for the items other threads still run (at most one each), then merge (nothing
-    ran when the write was refused)."""
+def _finish(counters, out, n_kv, job, wres, osigns, omul, oshift, osize):
+    """Wait for the items other threads still run (at most one each), then merge and
+    restore the output from the cache's coordinates (``_restore``; ones, zeros and size
+    0 leave it as it is). Nothing ran when the write was refused."""
     if wres[0] != 0:
         return
     while load_acquire(counters, 1) < job.work.shape[0]:
         pass
     for gi in range(job.groups.shape[0] - 1):
         _merge_group(gi, out, n_kv, job)
+    _restore(out, osigns, omul, oshift, osize)
 
 
 # ---------------------------------------------------------------- torch glue
@@ -872,16 +918,62 @@ def _tile_tokens(head_dim: int, v_head_dim: int) -> int:
 
 
 def _run(q: np.ndarray, scale: float, kplanes, vplanes, geom, job: Job, out: np.ndarray,
-         softcap: float = 0.0, write: tuple | None = None) -> int:
+         softcap: float = 0.0, write: tuple | None = None, coding: tuple | None = None) -> int:
     """The fused items of a step on the caller's and the helper threads, merged into out,
-    after ``write`` (k, v, slots, side_k, side_v: ``cpu_write.prepared``) when given; the write's
-    ``ggml.precheck`` code (0: written and attended)."""
+    after ``write`` (k, v, slots, side_k, side_v: ``cpu_write.prepared``) when given, with
+    q coded and out restored by ``coding`` (``coding()``; None: q already coded); the
+    write's ``ggml.precheck`` code (0: written and attended)."""
     counters, wres = np.zeros(4, np.int64), np.zeros(1, np.int64)
+    code = coding or plain_coding(q.shape[1], q.shape[2], out.shape[2])
     threads.pool().run(
-        _attend_items, (counters, q, np.float32(scale), np.float32(softcap), kplanes, vplanes,
-                        geom, job, *(write or _no_write()), cpu_write.SHRINKS, wres),
-        len(job.work) - 1, _finish, (counters, out, geom.n_kv, job, wres))
+        _attend_items, (counters, q, np.empty_like(q), np.float32(scale), np.float32(softcap),
+                        kplanes, vplanes, geom, job, *(write or _no_write()), cpu_write.SHRINKS,
+                        wres, *code[:4]),
+        len(job.work) - 1, _finish, (counters, out, geom.n_kv, job, wres, *code[4:]))
     return int(wres[0])
+
+
+@functools.lru_cache(maxsize=32)
+def plain_coding(heads: int, dim_k: int, dim_v: int) -> tuple:
+    """``coding`` that changes nothing: (q signs [D], pre [Hq, D], post [Hq], size, output
+    signs [Dv], mul [Hq], shift [Hq, Dv], size) as ones, zeros and no butterfly (writable
+    float32, as a codec's own: one compiled kernel)."""
+    ones = np.ones
+    return (ones(dim_k, np.float32), ones((heads, dim_k), np.float32), ones(heads, np.float32), 0,
+            ones(dim_v, np.float32), ones(heads, np.float32), np.zeros((heads, dim_v), np.float32), 0)
+
+
+_CODINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {layer: coding}
+
+
+def coding(cache: "KVCache", layer: int, heads: int) -> tuple:
+    """What the job applies to one layer's queries and output for ``cache``'s codec
+    (``KVCodec.query_terms``, ``output_terms``): views of the codec's tensors, so a mean
+    set later (``KVCodec.set_means``) is read as it is; made once per layer."""
+    plain = plain_coding(heads, cache.head_dim, cache.v_head_dim)
+    codec = cache.codec
+    if codec is None:
+        return plain
+    per = _CODINGS.setdefault(cache, {})
+    got = per.get(layer)
+    if got is None:
+        rk, pre, post = codec.query_terms(layer)
+        rv, mul, shift = codec.output_terms(layer)
+        got = per[layer] = (
+            rk.signs_np if rk is not None else plain[0], _f32(pre, plain[1]),
+            _f32(post, plain[2]), rk.size if rk is not None else 0,
+            rv.signs_np if rv is not None else plain[4], _f32(mul, plain[5]),
+            _f32(shift, plain[6]), rv.size if rv is not None else 0)
+    return got
+
+
+def _f32(t: torch.Tensor | None, plain: np.ndarray) -> np.ndarray:
+    if t is None:
+        return plain
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != plain.shape:
+        raise ValueError(f"codec term {list(t.shape)} {t.dtype}: expected {list(plain.shape)} "
+                         "contiguous float32")
+    return t.numpy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -894,12 +986,14 @@ def _no_write() -> tuple:
 
 def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
               scale: float, window: int = 0, softcap: float = 0.0,
-              write: tuple | None = None) -> torch.Tensor:
+              write: tuple | None = None, coded: bool = True) -> torch.Tensor:
     """q [N, Hq, D] packed by sequence -> [N, Hq, Dv] float32 (see module docstring);
     ``step`` prepared by ``Backend.prepare``. window: a sliding-window layer's keys per
     query (0: every key before it); softcap: scores s -> softcap * tanh(s / softcap)
     before the softmax (0: none). write: (slots, k, v), the step's rows of this layer,
-    written first (``cpu_write.write``'s checks; nothing written when q is refused)."""
+    written first (``cpu_write.write``'s checks; nothing written when q is refused).
+    coded=False: q and the output are in the model's coordinates; the cache's codec
+    codes q and restores the output (in the job, or around the tiled path's calls)."""
     n, hq, dim = q.shape
     if dim != cache.head_dim or hq % cache.n_kv_heads or n != step.n_rows:
         raise ValueError(f"q {list(q.shape)} does not fit {step.n_rows} rows, head_dim "
@@ -910,8 +1004,13 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
     if bad:  # a NaN query would leave garbage, not NaN, after the max-subtracted softmax
         raise ValueError(f"query holds {bad} non-finite values (NaN or inf)")
     layer = range(cache.n_layers)[layer]
-    if write is not None and (st.tiled or not len(st.work)):  # long chunks: the threaded writer
-        cpu_write.write(cache, layer, *write)
+    if st.tiled or not len(st.work):  # long chunks: the threaded writer, torch's attention
+        if write is not None:
+            cpu_write.write(cache, layer, *write)
+        if not coded and cache.codec is not None:
+            q = cache.codec.transform_q(layer, q)
+            return cache.codec.restore(layer, attention(q, cache, layer, step, scale, window,
+                                                        softcap))
         write = None
     out = torch.empty(n, hq, cache.v_head_dim, dtype=torch.float32)
     if len(st.work):
@@ -919,7 +1018,8 @@ def attention(q: torch.Tensor, cache: "KVCache", layer: int, step: "Step",
         geom = ggml.geom(cache, layer, _tile_tokens(cache.head_dim, cache.v_head_dim))
         rc = _run(q.numpy(), scale, kplanes, vplanes, geom,
                   st.job(hq // cache.n_kv_heads, cache.v_head_dim), out.numpy(), softcap,
-                  None if write is None else cpu_write.prepared(cache, layer, *write))
+                  None if write is None else cpu_write.prepared(cache, layer, *write),
+                  None if coded else coding(cache, layer, hq))
         ggml.raise_for(rc, cache)
     for b in st.tiled:  # long chunks: torch's flash GEMMs, banded past a window or capped
         lo, hi = step.q_offsets[b], step.q_offsets[b + 1]
@@ -950,9 +1050,10 @@ class Backend:
     def write_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "KVCache",
                      layer: int, step: "Step", scale: float, window: int = 0,
                      softcap: float = 0.0) -> torch.Tensor:
-        """``write`` then ``attend`` as one kernel job (q already in the cache's coordinates)."""
+        """``write``, the codec's ``transform_q``, ``attend`` and its ``restore`` as one
+        kernel job: q and the result in the model's coordinates, as ``Attention.__call__``'s."""
         return attention(q, cache, layer, step, scale, window, softcap,
-                         (step.layer_slots(layer), k, v))
+                         (step.layer_slots(layer), k, v), coded=False)
 
 
 def warmup(type_k: str = "q8_0", type_v: str = "q4_0") -> None:
