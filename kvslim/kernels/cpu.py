@@ -175,6 +175,7 @@ def _q5_block(typingctx, out, o, qs, base, hb, s, lo):
 
 _I64 = ir.IntType(64)
 _V4F = ir.VectorType(ir.FloatType(), 4)
+_V8F = ir.VectorType(ir.FloatType(), 8)
 _V16H = ir.VectorType(ir.HalfType(), 16)
 _V16S = ir.VectorType(ir.IntType(16), 16)
 
@@ -210,6 +211,24 @@ def _sum4(builder, v):
     return _fold(builder, y, y, [0, 2, 4, 6], [1, 3, 5, 7])
 
 
+def _eights(builder, halves):
+    """Two <16 x float> -> four <8 x float> (values 0-7, 8-15, 16-23, 24-31)."""
+    out = []
+    for h in halves:
+        for lo in (0, 8):
+            out.append(builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                                  list(range(lo, lo + 8)))))
+    return out
+
+
+def _sum4x8(builder, v):
+    """Four <8 x float> -> the <4 x float> of their sums (a transpose-add tree)."""
+    u = _fold(builder, v[0], v[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+    w = _fold(builder, v[2], v[3], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+    x = _fold(builder, u, w, [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15])
+    return _fold(builder, x, x, [0, 2, 4, 6], [1, 3, 5, 7])
+
+
 class _Rows:
     """How a microkernel finds block b of stored row ``row`` for one format: the two
     <16 x float> halves (values 0..15, 16..31). Tile-local token t has its scale at
@@ -223,43 +242,45 @@ class _Rows:
         self.x32, self.x16, self.xi8, self.sc = ptr
         self.row0, self.nb = args[first + 4], args[first + 5]
 
-    def block(self, t, b):
+    def block(self, t, b, halves=(0, 16)):
+        """The <16 x float> halves of block b of tile token t: values 0..15 (0) and
+        16..31 (16), or those of ``halves`` only."""
         bld = self.b
         blk = bld.add(bld.mul(bld.add(self.row0, t), self.nb), b)
         if self.fmt == F32:
             return [_vec_load(bld, self.x32, bld.add(bld.mul(blk, _const(32)), _const(k)))
-                    for k in (0, 16)]
+                    for k in halves]
         if self.fmt in (F16, BF16):
             raw = [_vec_load(bld, self.x16, bld.add(bld.mul(blk, _const(32)), _const(k)), _V16S)
-                   for k in (0, 16)]
+                   for k in halves]
             if self.fmt == F16:
                 return [bld.fpext(bld.bitcast(r, _V16H), _V16F) for r in raw]
             return [bld.bitcast(bld.shl(bld.zext(r, _V16I), ir.Constant(_V16I, [16] * 16)),
                                 _V16F) for r in raw]
         vi8 = ir.VectorType(ir.IntType(8), 16)
         if self.fmt in (E4M3, E5M2):
-            return self._fp8(blk, vi8)
+            return self._fp8(blk, vi8, halves)
         s = bld.load(bld.gep(self.sc, [bld.add(bld.mul(t, self.nb), b)]))
         scale = _splat(bld, s, 16)
         if self.fmt == Q8_0:
             codes = [bld.sitofp(_vec_load(bld, self.xi8, bld.add(bld.mul(blk, _const(32)),
                                                                   _const(k)), vi8), _V16F)
-                     for k in (0, 16)]
+                     for k in halves]
         else:  # q4_0: value j in the low nibble of byte j, j+16 in the high one; minus 8
             byte = bld.zext(_vec_load(bld, self.xi8, bld.mul(blk, _const(16)), vi8), _V16I)
-            nib = (bld.and_(byte, ir.Constant(_V16I, [15] * 16)),
-                   bld.lshr(byte, ir.Constant(_V16I, [4] * 16)))
-            codes = [bld.sitofp(bld.sub(n, ir.Constant(_V16I, [8] * 16)), _V16F) for n in nib]
+            nib = {0: bld.and_(byte, ir.Constant(_V16I, [15] * 16)),
+                   16: bld.lshr(byte, ir.Constant(_V16I, [4] * 16))}
+            codes = [bld.sitofp(bld.sub(nib[k], ir.Constant(_V16I, [8] * 16)), _V16F)
+                     for k in halves]
         return [bld.fmul(c, scale, flags=["fast"]) for c in codes]
 
-
-    def _fp8(self, blk, vi8):
+    def _fp8(self, blk, vi8, halves):
         """fp8 bytes -> float via float16, as ggml.fp8_to_half: e5m2 is an f16's top byte,
         e4m3's exponent and mantissa move into f16's fields and the value is scaled by 2^8."""
         bld = self.b
         c16 = lambda k: ir.Constant(_V16S, [k] * 16)  # noqa: E731
         out = []
-        for k in (0, 16):
+        for k in halves:
             raw = bld.zext(_vec_load(bld, self.xi8, bld.add(bld.mul(blk, _const(32)), _const(k)),
                                      vi8), _V16S)
             if self.fmt == E5M2:
@@ -315,20 +336,23 @@ def _make_qk(fmt: int):
                 for i in range(4)]
 
             def emit(n):
-                zero = ir.Constant(_V16F, [0.0] * 16)
+                # one <8 x float> accumulator per (query row, token): 16 at most, the ymm
+                # registers of AVX2 (16-wide ones took 32 and spilled)
+                zero = ir.Constant(_V8F, [0.0] * 8)
                 acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)]
                        for _ in range(n)]
                 with cgutils.for_range(builder, rows.nb) as loop:
                     b = loop.index
-                    ks = [rows.block(t, b) for t in toks]
+                    ks = [_eights(builder, rows.block(t, b)) for t in toks]
                     for r in range(n):
                         at = builder.add(builder.mul(d, _const(r)), builder.mul(b, _const(32)))
-                        xs = [_vec_load(builder, q, builder.add(at, _const(k))) for k in (0, 16)]
+                        xs = [_vec_load(builder, q, builder.add(at, _const(k)), _V8F)
+                              for k in (0, 8, 16, 24)]
                         for i in range(4):
-                            _fma(builder, acc[r][i], xs[0], ks[i][0])
-                            _fma(builder, acc[r][i], xs[1], ks[i][1])
+                            for x, k in zip(xs, ks[i]):
+                                _fma(builder, acc[r][i], x, k)
                 for r in range(n):
-                    sums = _sum4(builder, [builder.load(a) for a in acc[r]])
+                    sums = _sum4x8(builder, [builder.load(a) for a in acc[r]])
                     at = builder.gep(out, [builder.mul(tl, _const(r))])
                     builder.store(sums, builder.bitcast(at, _V4F.as_pointer()), align=4)
             _switch_rows(builder, nrows_, emit)
@@ -354,25 +378,25 @@ def _make_pv(fmt: int):
             dv = builder.mul(rows.nb, _const(32))
 
             def emit(n):
+                # a half block (16 values) at a time: 4 rows' accumulators are then 8 ymm
+                # registers, not 16 (with the tile's values and weights, past AVX2's 16)
                 with cgutils.for_range(builder, rows.nb) as loop:
-                    base = builder.mul(loop.index, _const(32))
-                    at = [[builder.bitcast(builder.gep(a, [builder.add(
-                        builder.add(builder.mul(dv, _const(r)), base), _const(k))]),
-                        _V16F.as_pointer()) for k in (0, 16)] for r in range(n)]
-                    slots = [[cgutils.alloca_once_value(builder, builder.load(x, align=4))
-                              for x in row] for row in at]
-                    with cgutils.for_range(builder, T_) as tok:
-                        t = tok.index
-                        vs = rows.block(t, loop.index)
+                    for k in (0, 16):
+                        base = builder.add(builder.mul(loop.index, _const(32)), _const(k))
+                        at = [builder.bitcast(builder.gep(a, [builder.add(
+                            builder.mul(dv, _const(r)), base)]), _V16F.as_pointer())
+                            for r in range(n)]
+                        slots = [cgutils.alloca_once_value(builder, builder.load(x, align=4))
+                                 for x in at]
+                        with cgutils.for_range(builder, T_) as tok:
+                            t = tok.index
+                            vs = rows.block(t, loop.index, (k,))[0]
+                            for r in range(n):
+                                wt = builder.load(builder.gep(w, [builder.add(
+                                    builder.mul(tl, _const(r)), t)]))
+                                _fma(builder, slots[r], _splat(builder, wt, 16), vs)
                         for r in range(n):
-                            wt = builder.load(builder.gep(w, [builder.add(
-                                builder.mul(tl, _const(r)), t)]))
-                            ws = _splat(builder, wt, 16)
-                            _fma(builder, slots[r][0], ws, vs[0])
-                            _fma(builder, slots[r][1], ws, vs[1])
-                    for r in range(n):
-                        for k in (0, 1):
-                            builder.store(builder.load(slots[r][k]), at[r][k], align=4)
+                            builder.store(builder.load(slots[r]), at[r], align=4)
             _switch_rows(builder, nrows_, emit)
             return context.get_dummy_value()
         return types.void(p, po, TL, T, acc, ao, nrows, x32, x16, xi8, sc, row0, nb), codegen
