@@ -367,6 +367,7 @@ _V32B = ir.VectorType(ir.IntType(8), 32)
 _V16S = ir.VectorType(ir.IntType(16), 16)
 _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
+_V4F = ir.VectorType(ir.FloatType(), 4)
 
 
 def _avx2(context) -> bool:
@@ -464,26 +465,42 @@ def _lane(builder, v, j):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
 
 
-def _iemit_q8_0(b, base, blk, x):
-    s = b.fmul(_half_at(b, base, blk), x.d(), flags=["fast"])
-    return [("signed", _bytes(b, base, b.add(blk, _c(2))), None, s)], None
+def _iemit_q8_0(b, base, blk):
+    return "signed", _bytes(b, base, b.add(blk, _c(2))), _c(0), None, None
 
 
-def _iemit_q4(b, base, blk, x, with_min):
+def _iemit_q4(b, base, blk, with_min):
     """q4_0 (codes - 8) and q4_1 (+ min)."""
-    s = _half_at(b, base, blk)
-    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -8.0))
     code = _nibbles(b, base, b.add(blk, _c(4 if with_min else 2)))
-    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+    return 0, code, _c(0), _c(2) if with_min else None, None if with_min else -8.0
 
 
-def _iemit_q5(b, base, blk, x, with_min):
+def _iemit_q5(b, base, blk, with_min):
     """q5_0 (codes - 16) and q5_1 (+ min): bit j of the 4 bytes qh is bit 4 of value j."""
-    s = _half_at(b, base, blk)
     at = 4 if with_min else 2
-    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -16.0))
     code = b.or_(_nibbles(b, base, b.add(blk, _c(at + 4))), _bit4(b, base, b.add(blk, _c(at))))
-    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+    return 0, code, _c(0), _c(2) if with_min else None, None if with_min else -16.0
+
+
+def _halves4(b, base, offs):
+    """<4 x float>: the f16 values at the i64 byte offsets offs (up to 4; the other lanes 0),
+    converted together (one vcvtph2ps for four blocks' scales, not one each)."""
+    v = ir.Constant(ir.VectorType(ir.IntType(16), 4), [0] * 4)
+    for j, off in enumerate(offs):
+        at = b.bitcast(b.gep(base, [off]), ir.IntType(16).as_pointer())
+        v = b.insert_element(v, b.load(at, align=1), ir.Constant(_I32, j))
+    return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), 4)), _V4F)
+
+
+def _floats4(b, base, i0, n):
+    """<4 x float>: base[i0 .. i0 + n) (n <= 4; one vector load when n is 4, else the
+    other lanes 0: nothing is read past the n values)."""
+    if n == 4:
+        return b.load(b.bitcast(b.gep(base, [i0]), _V4F.as_pointer()), align=4)
+    v = ir.Constant(_V4F, [0.0] * 4)
+    for j in range(n):
+        v = b.insert_element(v, b.load(b.gep(base, [b.add(i0, _c(j))])), ir.Constant(_I32, j))
+    return v
 
 
 def _v8(values):
@@ -545,12 +562,21 @@ def _iemit_q6_k(b, base, blk, x):
 
 
 def _make_idot(block_bytes, block_values, emit, portable=False):
-    """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks that
-    ``emit(builder, base, blk, x)`` (x: ``_X``) returns as 32-value chunks (bias:
-    "signed" codes, or what the unsigned codes are minus; <32 x i8> codes; <16 x i16>
-    integer scales of each pair of values, or None; the float scale times x's, a float or
-    a splat <8 x float>) and the block's offset term (a float, an <8 x float> to sum, or
-    None), in value order: value = (code - bias) * integer scale * float scale + offset.
+    """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks of ``block_values``.
+
+    256-value blocks: ``emit(builder, base, blk, x)`` (x: ``_X``) returns the block as
+    32-value chunks (bias: "signed" codes, or what the unsigned codes are minus; <32 x i8>
+    codes; <16 x i16> integer scales of each pair of values, or None; the float scale times
+    x's, a float or a splat <8 x float>) and the block's offset term (an <8 x float> to
+    sum, or None), in value order: value = (code - bias) * integer scale * float scale +
+    offset.
+
+    32-value blocks: ``emit(builder, base, blk)`` returns (bias, codes, the byte offset of
+    the f16 scale d, that of the f16 min m or None, or a multiplier c of d or None): value =
+    (code - bias) * d + (m, or c * d). Four blocks run together: their scales are converted
+    and multiplied with x's as one <4 x float>, their offset terms summed as another (one
+    conversion and one multiply-add for four blocks where a block's own took five scalar
+    instructions each: a third of a q4_1 block's work).
     portable: the plain vector IR even where AVX2 is there (the tests compare the two)."""
     per = block_values // 32
     unroll = _NACC if per == 1 else 1  # 32-value blocks: one accumulator chain per block
@@ -564,12 +590,33 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
             ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
             zero8 = ir.Constant(_V8F, [0.0] * 8)
             accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
-            los = [cgutils.alloca_once_value(builder, zero8) for _ in range(unroll)]
+            lo_slot = cgutils.alloca_once_value(builder, zero8)
+            lo4_slot = cgutils.alloca_once_value(builder, ir.Constant(_V4F, [0.0] * 4))
+
+            def chunk_sum(x0, c, bias, w, isc):
+                """<8 x i32>: (w - bias) * isc . x's codes of chunk x0 + c (both planes)."""
+                at = builder.mul(builder.add(x0, _c(c)), _c(64))
+                xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
+                if bias == "signed":  # |w| * (x with w's sign)
+                    neg = builder.icmp_signed("<", w, _b32(0))
+                    xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
+                    w = builder.select(neg, builder.sub(_b32(0), w), w)
+                pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
+                if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
+                    pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
+                             for p, v in zip(pairs, xs)]
+                isc = ones if isc is None else isc
+                return builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
+                                   _maddwd(builder, avx2, pairs[1], isc))
+
+            def add_scaled(acc, k, isum, s):
+                acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
+                                      flags=fast)
 
             def blocks(i0, n):
-                """n blocks from block i0 into the accumulators."""
+                """n 256-value blocks from block i0 into the accumulators."""
                 acc = [builder.load(a) for a in accs]
-                lo_acc = [builder.load(a) for a in los]
+                lo_acc = builder.load(lo_slot)
                 c_all = 0
                 for u in range(n):
                     i = builder.add(i0, _c(u))
@@ -577,41 +624,48 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                     x0 = builder.mul(i, _c(per))
                     chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, x0))
                     for c, (bias, w, isc, s) in enumerate(chunks):
-                        at = builder.mul(builder.add(x0, _c(c)), _c(64))
-                        xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
-                        if bias == "signed":  # |w| * (x with w's sign)
-                            neg = builder.icmp_signed("<", w, _b32(0))
-                            xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
-                            w = builder.select(neg, builder.sub(_b32(0), w), w)
-                        pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
-                        if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
-                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
-                                     for p, v in zip(pairs, xs)]
-                        isc = ones if isc is None else isc
-                        isum = builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
-                                           _maddwd(builder, avx2, pairs[1], isc))
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
-                        k = c_all % _NACC
-                        acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
-                                              flags=fast)
+                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w, isc), s)
                         c_all += 1
                     if lo is not None:
-                        if not isinstance(lo.type, ir.VectorType):  # lane 0 of a vector
-                            lo = builder.insert_element(zero8, lo, ir.Constant(_I32, 0))
-                        lo_acc[u] = builder.fadd(lo_acc[u], lo, flags=fast)
-                for a, v in zip(accs + los, acc + lo_acc):
+                        lo_acc = builder.fadd(lo_acc, lo, flags=fast)
+                for a, v in zip(accs + [lo_slot], acc + [lo_acc]):
                     builder.store(v, a)
 
+            def blocks32(i0, n):
+                """n <= 4 32-value blocks from block i0: scales and offsets four at a time."""
+                acc = [builder.load(a) for a in accs]
+                raw = []
+                for u in range(n):
+                    blk = builder.add(args[1], builder.mul(builder.add(i0, _c(u)), _c(block_bytes)))
+                    raw.append((blk, emit(builder, base, blk)))
+                _, _, d_off, m_off, lo_mul = raw[0][1]
+                dw = _halves4(builder, base, [builder.add(blk, d_off) for blk, _ in raw])
+                s4 = builder.fmul(dw, _floats4(builder, dbase, i0, n), flags=fast)
+                for u, (blk, (bias, w, _, _, _)) in enumerate(raw):
+                    s = builder.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(_I32, 8), [u] * 8))
+                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, bias, w, None), s)
+                for a, v in zip(accs, acc):
+                    builder.store(v, a)
+                if m_off is None and lo_mul is None:
+                    return
+                lo = _halves4(builder, base, [builder.add(blk, m_off) for blk, _ in raw]) \
+                    if m_off is not None else builder.fmul(dw, ir.Constant(_V4F, [lo_mul] * 4), flags=fast)
+                lo = builder.fmul(lo, _floats4(builder, sbase, i0, n), flags=fast)
+                builder.store(builder.fadd(builder.load(lo4_slot), lo, flags=fast), lo4_slot)
+
+            step = blocks32 if per == 1 else blocks
             n_main = builder.udiv(args[2], _c(unroll)) if unroll > 1 else args[2]
             with cgutils.for_range(builder, n_main) as loop:
-                blocks(builder.mul(loop.index, _c(unroll)), unroll)
+                step(builder.mul(loop.index, _c(unroll)), unroll)
             if unroll > 1:
                 with cgutils.for_range(builder, builder.urem(args[2], _c(unroll))) as loop:
-                    blocks(builder.add(builder.mul(n_main, _c(unroll)), loop.index), 1)
+                    step(builder.add(builder.mul(n_main, _c(unroll)), loop.index), 1)
             total = builder.load(accs[0])
-            for a in accs[1:] + los:
+            for a in accs[1:] + [lo_slot]:
                 total = builder.fadd(total, builder.load(a), flags=fast)
-            return _hsum(builder, total)
+            return builder.fadd(_hsum(builder, total), _hsum(builder, builder.load(lo4_slot)),
+                                flags=fast)
         return types.float32(d, types.int64, types.int64, xq, xd, xs), codegen
     return idot
 
@@ -619,10 +673,10 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
 # type code -> (block bytes, block values, emit) of the integer dots
 IDOT_BLOCKS = {
     Q8_0: (34, 32, _iemit_q8_0),
-    Q4_0: (18, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, False)),
-    Q4_1: (20, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, True)),
-    Q5_0: (22, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, False)),
-    Q5_1: (24, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, True)),
+    Q4_0: (18, 32, lambda b, base, blk: _iemit_q4(b, base, blk, False)),
+    Q4_1: (20, 32, lambda b, base, blk: _iemit_q4(b, base, blk, True)),
+    Q5_0: (22, 32, lambda b, base, blk: _iemit_q5(b, base, blk, False)),
+    Q5_1: (24, 32, lambda b, base, blk: _iemit_q5(b, base, blk, True)),
     Q4_K: (144, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, False)),
     Q5_K: (176, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, True)),
     Q6_K: (210, 256, _iemit_q6_k),
