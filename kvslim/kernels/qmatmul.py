@@ -348,7 +348,7 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 
 
 # ---------------------------------------------------------------- integer block dots
-# idot(d, p, nb, xq, xd, xs): as dot, with x quantized per 32 values by ``quantize_rows``
+# idot(d, p, nb, xq, xd, xs, xs16): as dot, with x quantized per 32 values by ``quantize_rows``
 # (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
 # of each 32 values). Each 32-value chunk of a block is its codes as <32 x i8> (unsigned;
 # signed for q8_0, whose signs move onto x's codes), multiplied with each plane of x's
@@ -441,10 +441,10 @@ def _bit4(builder, base, qh):
 
 class _X:
     """x's quantized row as the integer dots read it: its scales xd and code sums xs for
-    the 32-value chunks of the block whose first chunk is x0."""
+    the 32-value chunks of the block whose first chunk is x0, and its code sums of 16."""
 
-    def __init__(self, builder, dbase, sbase, x0):
-        self.b, self.dbase, self.sbase, self.x0 = builder, dbase, sbase, x0
+    def __init__(self, builder, dbase, sbase, s16base, x0):
+        self.b, self.dbase, self.sbase, self.s16base, self.x0 = builder, dbase, sbase, s16base, x0
 
     def _at(self, base, c, n):
         at = self.b.gep(base, [self.b.add(self.x0, _c(c))])
@@ -457,7 +457,13 @@ class _X:
         return self._at(self.dbase, c, n)
 
     def s(self, c=0, n=1):
+        """x's scaled code sum of chunk c (n: the n chunks from c, as a vector)."""
         return self._at(self.sbase, c, n)
+
+    def s16(self, n):
+        """<n x float>: x's scaled code sums of the n 16-value groups from the block's first."""
+        at = self.b.gep(self.s16base, [self.b.mul(self.x0, _c(2))])
+        return self.b.load(self.b.bitcast(at, ir.VectorType(ir.FloatType(), n).as_pointer()), align=4)
 
 
 def _lane(builder, v, j):
@@ -543,10 +549,22 @@ def _iemit_k4(b, base, blk, x, five):
 
 
 def _iemit_q6_k(b, base, blk, x):
-    """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values."""
-    dd = _splat(b, _half_at(b, base, b.add(blk, _c(208))), 8)
-    scale = b.fmul(dd, x.d(0, 8), flags=["fast"])
-    scales = b.sext(_bytes(b, base, b.add(blk, _c(192)), 16), _V16S)  # <16 x i16>
+    """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values. The codes
+    go into the integer sums as they are (0..63); the bias of 32 is the block's offset
+    term, -32 d sum_j scale_j s16_j over x's scaled code sums of 16 (two vpmaddubsw and
+    two subtractions a chunk fewer)."""
+    fast = ["fast"]
+    d = _half_at(b, base, b.add(blk, _c(208)))
+    dd = _splat(b, d, 8)
+    scale = b.fmul(dd, x.d(0, 8), flags=fast)
+    raw = _bytes(b, base, b.add(blk, _c(192)), 16)
+    scales = b.sext(raw, _V16S)  # <16 x i16>
+    v16 = ir.VectorType(ir.FloatType(), 16)
+    bias = b.fmul(b.sitofp(raw, v16), x.s16(16), flags=fast)  # scale_j * s16_j
+    bias = b.fadd(b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8)))),
+                  b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16)))),
+                  flags=fast)
+    lo = b.fmul(bias, _splat(b, b.fmul(d, ir.Constant(ir.FloatType(), -32.0), flags=fast), 8), flags=fast)
     chunks = []
     for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
         qh = _bytes(b, base, b.add(blk, _c(128 + 32 * n)))
@@ -557,12 +575,13 @@ def _iemit_q6_k(b, base, blk, x):
             j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
             pick = ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)])
             isc = b.shuffle_vector(scales, scales, pick)  # pairs 0-7: scale j, 8-15: j + 1
-            chunks.append((32, code, isc, _lane(b, scale, 4 * n + k)))
-    return chunks, None
+            chunks.append((0, code, isc, _lane(b, scale, 4 * n + k)))
+    return chunks, lo
 
 
 def _make_idot(block_bytes, block_values, emit, portable=False):
-    """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks of ``block_values``.
+    """An intrinsic idot(d, p, nb, xq, xd, xs, xs16) -> float32 for blocks of ``block_values``
+    (xs16: x's scaled code sums of 16, which only q6_K's offset term reads).
 
     256-value blocks: ``emit(builder, base, blk, x)`` (x: ``_X``) returns the block as
     32-value chunks (bias: "signed" codes, or what the unsigned codes are minus; <32 x i8>
@@ -582,11 +601,12 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
     unroll = _NACC if per == 1 else 1  # 32-value blocks: one accumulator chain per block
 
     @intrinsic
-    def idot(typingctx, d, p, nb, xq, xd, xs):
+    def idot(typingctx, d, p, nb, xq, xd, xs, xs16):
         def codegen(context, builder, sig, args):
             fast, avx2 = ["fast"], _avx2(context) and not portable
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
-            qbase, dbase, sbase = (_ptr(context, builder, sig.args[i], args[i], _c(0)) for i in (3, 4, 5))
+            qbase, dbase, sbase, s16base = (_ptr(context, builder, sig.args[i], args[i], _c(0))
+                                            for i in (3, 4, 5, 6))
             ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
             zero8 = ir.Constant(_V8F, [0.0] * 8)
             accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
@@ -622,7 +642,7 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                     i = builder.add(i0, _c(u))
                     blk = builder.add(args[1], builder.mul(i, _c(block_bytes)))
                     x0 = builder.mul(i, _c(per))
-                    chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, x0))
+                    chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, s16base, x0))
                     for c, (bias, w, isc, s) in enumerate(chunks):
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
                         add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w, isc), s)
@@ -666,7 +686,7 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                 total = builder.fadd(total, builder.load(a), flags=fast)
             return builder.fadd(_hsum(builder, total), _hsum(builder, builder.load(lo4_slot)),
                                 flags=fast)
-        return types.float32(d, types.int64, types.int64, xq, xd, xs), codegen
+        return types.float32(d, types.int64, types.int64, xq, xd, xs, xs16), codegen
     return idot
 
 
@@ -938,37 +958,38 @@ def _dot(code, d, p, k, x, xs):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _idot(code, d, p, k, xq, xd, xs):
+def _idot(code, d, p, k, xq, xd, xs, xs16):
     """As _dot, on x quantized per 32 values (quantize_rows)."""
     if code == Q4_K:
-        return _I_Q4_K(d, p, k // 256, xq, xd, xs)
+        return _I_Q4_K(d, p, k // 256, xq, xd, xs, xs16)
     if code == Q6_K:
-        return _I_Q6_K(d, p, k // 256, xq, xd, xs)
+        return _I_Q6_K(d, p, k // 256, xq, xd, xs, xs16)
     if code == Q4_0:
-        return _I_Q4_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q4_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q4_1:
-        return _I_Q4_1(d, p, k // 32, xq, xd, xs)
+        return _I_Q4_1(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q8_0:
-        return _I_Q8_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q8_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q5_0:
-        return _I_Q5_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q5_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q5_K:
-        return _I_Q5_K(d, p, k // 256, xq, xd, xs)
-    return _I_Q5_1(d, p, k // 32, xq, xd, xs)
+        return _I_Q5_K(d, p, k // 256, xq, xd, xs, xs16)
+    return _I_Q5_1(d, p, k // 32, xq, xd, xs, xs16)
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused):
+def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32, xs16, ints, out,
+                fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
     decoded, in registers; the row's bytes (a few KiB) stay in L1 for the next input row.
-    ints[code] set: that dot in integers on x's codes (xq, xd, xs32: quantize_rows).
+    ints[code] set: that dot in integers on x's codes (xq, xd, xs32, xs16: quantize_rows).
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
     output value depends on its own input row only (batch invariance).
 
-    xs, xq, xd, xs32 arrive unfilled (``gemv``): the first thread here fills those that
+    xs, xq, xd, xs32, xs16 arrive unfilled (``gemv``): the first thread here fills those that
     are not empty from x (``threads.first_in``) while the others wait, a few microseconds;
     one numba call per matmul fewer than filling them first (in a decode step every call
     costs microseconds: its Python runs on a cold cache)."""
@@ -977,7 +998,7 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
         if xs.shape[1]:
             _sums16_into(x, xs)
         if xq.shape[1]:
-            _quantize_into(x, xq, xd, xs32)
+            _quantize_into(x, xq, xd, xs32, xs16)
         first_done(counters)
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
@@ -995,7 +1016,7 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
             for s in range(work[w, 1], work[w, 2]):
                 p, j = off + s * rb, col0 + _dst_row(s, hd)
                 for m in range(m_rows):
-                    out[m, j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m])
+                    out[m, j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m], xs16[m])
             fetch_add(counters, 1)
             continue
         if fused and _has_dot(code):
@@ -1104,8 +1125,8 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
     xs = np.empty((m, k // 16 if use_float else 0), np.float32)  # filled by _gemv_items
     xq = np.zeros((m, 2 * k if use_int else 0), np.int8)
     xd = np.empty((m, k // 32 if use_int else 0), np.float32)
-    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd), ints, out,
-                       fused), len(work))
+    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd),
+                       np.empty((m, 2 * xd.shape[1]), np.float32), ints, out, fused), len(work))
 
 
 def sums16(x: np.ndarray) -> np.ndarray:
@@ -1129,22 +1150,23 @@ def _sums16_into(x, xs):
 
 @njit(fastmath=_FAST, cache=True)
 def quantize_rows(x):
-    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32]): each 32 values as
-    codes c = round(x / d) with d = max |x| / 16256, stored as two int8 planes of 32
-    (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high + low), and
-    s = d * (the sum of the codes), so an offset's term sums the same rounded x as the
-    codes' (values past the last whole 32 are left out: no type with an integer dot has
-    them)."""
+    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32], s16 [M, K/16]): each
+    32 values as codes c = round(x / d) with d = max |x| / 16256, stored as two int8
+    planes of 32 (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high +
+    low), and s = d * (the sum of the codes), s16 the same per 16 values (q6_K's scales
+    are per 16), so an offset's term sums the same rounded x as the codes' (values past
+    the last whole 32 are left out: no type with an integer dot has them)."""
     m_rows, k = x.shape
     q = np.zeros((m_rows, 2 * k), dtype=np.int8)
     d = np.zeros((m_rows, k // 32), dtype=np.float32)
     s = np.zeros((m_rows, k // 32), dtype=np.float32)
-    _quantize_into(x, q, d, s)
-    return q, d, s
+    s16 = np.zeros((m_rows, k // 32 * 2), dtype=np.float32)
+    _quantize_into(x, q, d, s, s16)
+    return q, d, s, s16
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _quantize_into(x, q, d, s):
+def _quantize_into(x, q, d, s, s16):
     """quantize_rows into given arrays (q's values past the last whole 32 left as they are)."""
     m_rows, k = x.shape
     nb = k // 32
@@ -1154,14 +1176,19 @@ def _quantize_into(x, q, d, s):
             for i in range(32 * b, 32 * b + 32):
                 amax = max(amax, abs(x[m, i]))
             inv = np.float32(_X_MAX) / amax if amax > 0 else np.float32(0.0)
-            tot = 0
+            tot0 = tot1 = 0
             for i in range(32):
                 c = np.int32(np.rint(x[m, 32 * b + i] * inv))
                 q[m, 64 * b + i] = c >> 7  # floor division by 128
                 q[m, 64 * b + 32 + i] = c & 127
-                tot += c
+                if i < 16:
+                    tot0 += c
+                else:
+                    tot1 += c
             d[m, b] = amax / np.float32(_X_MAX)
-            s[m, b] = d[m, b] * np.float32(tot)
+            s[m, b] = d[m, b] * np.float32(tot0 + tot1)
+            s16[m, 2 * b] = d[m, b] * np.float32(tot0)
+            s16[m, 2 * b + 1] = d[m, b] * np.float32(tot1)
 
 
 _X_MAX = 127 * 128  # the largest code of x: its high plane stays within [-127, 127]
