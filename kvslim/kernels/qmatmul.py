@@ -350,18 +350,20 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 # ---------------------------------------------------------------- integer block dots
 # idot(d, p, nb, xq, xd, xs, xs16): as dot, with x quantized per 32 values by ``quantize_rows``
 # (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
-# of each 32 values). Each 32-value chunk of a block is its codes as <32 x i8> (unsigned;
-# signed for q8_0, whose signs move onto x's codes), multiplied with each plane of x's
-# codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those times
-# the weight's integer sub-scales (q6_K's; x 128 for the high plane) into i32 (vpmaddwd),
-# then one float conversion and one multiply-add by (weight scale x x's scale) per chunk
-# into four <8 x float> accumulators. q6_K's bias of 32 is 32 x x's pair sums (one more
-# vpmaddubsw a plane); the other offsets (mins, q4_0's and q5_0's bias) multiply xs,
-# vectors of 8 for the K-quants (their 6-bit scales and mins are decoded 8 at a time).
+# of each 32 values, xs16 of each 16). Each 32-value chunk of a block is its codes as
+# <32 x i8> (unsigned; signed for q8_0, whose signs move onto x's codes), multiplied with
+# each plane of x's codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw),
+# pairs of those times the weight's integer sub-scales (q6_K's; x 128 for the high plane)
+# into i32 (vpmaddwd), then one float conversion and one multiply-add by (weight scale x
+# x's scale) per chunk into four <8 x float> accumulators. The offsets (mins, q4_0's,
+# q5_0's and q6_K's biases) multiply x's sums: four blocks' at once for 32-value blocks,
+# vectors of 8 (16 for q6_K's per-16 scales) for the K-quants, whose 6-bit scales and
+# mins are decoded 8 at a time.
 # Why two planes: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
 # SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
-# budget; 15 bits are 128x finer. No i16 pair sum saturates: |code| <= 128, plane
-# values within [-127, 127]. Without AVX2 the same sums are plain vector IR.
+# budget; 15 bits are 128x finer. No i16 pair sum saturates: codes at most 128 in size
+# (q8_0's, their signs moved onto x) or 63 (q6_K's), plane values within [-127, 127].
+# Without AVX2 the same sums are plain vector IR.
 
 _V32B = ir.VectorType(ir.IntType(8), 32)
 _V16S = ir.VectorType(ir.IntType(16), 16)
