@@ -157,11 +157,11 @@ def bench_core(types, repeat: int) -> None:
     from kvslim.kernels.qtypes import CODES
 
     @njit(fastmath=True)
-    def loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, reps, ints):
+    def loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, xs16, reps, ints):
         t = np.float32(0)
         for _ in range(reps):
             for j in range(rows):
-                t += (qm._idot(code, d, j * rb, k, xq, xd, xs32) if ints
+                t += (qm._idot(code, d, j * rb, k, xq, xd, xs32, xs16) if ints
                       else qm._dot(code, d, j * rb, k, x, xs))
         return t
 
@@ -175,8 +175,8 @@ def bench_core(types, repeat: int) -> None:
             continue
         q = random_qtensor(qt, rows, cols, rng)
         x = rng.standard_normal((1, cols)).astype(np.float32)
-        (xq, xd, xs32), xs = qm.quantize_rows(x), qm.sums16(x)
-        args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0])
+        (xq, xd, xs32, xs16), xs = qm.quantize_rows(x), qm.sums16(x)
+        args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0], xs16[0])
         ts = {False: [], True: []}
         for ints in (False, True):
             loop(*args, 1, ints)

@@ -50,7 +50,7 @@ def test_dequantize_rows_equals_gguf(qt):
 def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """[M, N]: how far x's rounding (per 32 values, quantize_rows) can move x @ w.T:
     |x - x'| <= d / 2 per value, so |(x - x') @ w.T| <= (d / 2) @ |w|.T."""
-    _, d, _ = qm.quantize_rows(x)
+    _, d, _, _ = qm.quantize_rows(x)
     half = np.repeat(d.astype(np.float64) / 2, 32, axis=1)  # [M, K]
     return half @ np.abs(w[:, :half.shape[1]]).T
 
@@ -65,7 +65,7 @@ def assert_gemv_close(y, b, qt, shape, x, ints, w=None):
     if not ints:
         np.testing.assert_allclose(y, ref, rtol=0, atol=fp)
         return
-    q, d, _ = qm.quantize_rows(x)
+    q, d, _, _ = qm.quantize_rows(x)
     xq = (x_codes(q).reshape(len(x), -1, 32) * d[:, :, None].astype(np.float64)).reshape(len(x), -1)
     np.testing.assert_allclose(y, xq @ w.T, rtol=0, atol=fp)
     assert (np.abs(y - ref) <= rounding_bound(w, x) + fp).all()
@@ -247,11 +247,11 @@ def x_codes(q: np.ndarray) -> np.ndarray:
 def test_quantize_rows_codes_scales_and_sums():
     """x's codes per 32 values: within half a step of x, at most 127 x 128 in size, the
     step max |x| / (127 x 128), the high plane within [-127, 127], the low one [0, 127],
-    the sums the codes' (times the step); a zero block stays zero."""
+    the sums of each 16 the codes' (times the step); a zero block stays zero."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((3, 32 * 5 + 7)) * rng.uniform(0.01, 100, (3, 1))).astype(np.float32)
     x[1, 32:64] = 0
-    q, d, s = qm.quantize_rows(x)
+    q, d, s, s16 = qm.quantize_rows(x)
     k = 32 * 5
     assert q.dtype == np.int8 and q.shape == (3, 2 * k + 14)
     planes = q[:, :2 * k].reshape(3, 5, 2, 32)
@@ -262,7 +262,10 @@ def test_quantize_rows_codes_scales_and_sums():
     assert np.abs(c).max() == 127 * 128
     assert (np.abs(c * d[:, :, None].astype(np.float64) - blocks) <= d[:, :, None] * 0.501).all()
     np.testing.assert_allclose(s, d * c.sum(-1), rtol=1e-6)
-    assert (c[1, 1] == 0).all() and d[1, 1] == 0 and s[1, 1] == 0
+    assert s16.shape == (3, 10)
+    np.testing.assert_allclose(s16.reshape(3, 5, 2), d[:, :, None] * c.reshape(3, 5, 2, 16).sum(-1),
+                               rtol=1e-6)
+    assert (c[1, 1] == 0).all() and d[1, 1] == 0 and s[1, 1] == 0 and (s16[1, 2:4] == 0).all()
 
 
 @pytest.mark.parametrize("qt", [qm.TYPES[c] for c in qm.IDOT_BLOCKS], ids=lambda t: t.name)
@@ -291,18 +294,18 @@ def test_integer_dots_portable_ir_equals_the_avx2_one(qt):
     fast, portable = qm._make_idot(*qm.IDOT_BLOCKS[code]), qm._make_idot(*qm.IDOT_BLOCKS[code], portable=True)
 
     @njit
-    def both(d, rb, nb, xq, xd, xs, out):
+    def both(d, rb, nb, xq, xd, xs, xs16, out):
         for j in range(out.shape[1]):
-            out[0, j] = fast(d, j * rb, nb, xq, xd, xs)
-            out[1, j] = portable(d, j * rb, nb, xq, xd, xs)
+            out[0, j] = fast(d, j * rb, nb, xq, xd, xs, xs16)
+            out[1, j] = portable(d, j * rb, nb, xq, xd, xs, xs16)
 
     rng = np.random.default_rng(int(qt) + 900)
     n = gguf.GGML_QUANT_SIZES[qt][0]
     cols = 7 * n
     q, _ = qtensor(qt, 19, cols, rng)
-    xq, xd, xs = qm.quantize_rows(rng.standard_normal((1, cols)).astype(np.float32))
+    xq, xd, xs, xs16 = qm.quantize_rows(rng.standard_normal((1, cols)).astype(np.float32))
     out = np.empty((2, 19), np.float32)
-    both(q.data[q.offset:], q.row_bytes, cols // n, xq[0], xd[0], xs[0], out)
+    both(q.data[q.offset:], q.row_bytes, cols // n, xq[0], xd[0], xs[0], xs16[0], out)
     np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6 * np.abs(out[0]).max())
 
 

@@ -348,25 +348,28 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 
 
 # ---------------------------------------------------------------- integer block dots
-# idot(d, p, nb, xq, xd, xs): as dot, with x quantized per 32 values by ``quantize_rows``
+# idot(d, p, nb, xq, xd, xs, xs16): as dot, with x quantized per 32 values by ``quantize_rows``
 # (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
-# of each 32 values). Each 32-value chunk of a block is its codes as <32 x i8> (unsigned;
-# signed for q8_0, whose signs move onto x's codes), multiplied with each plane of x's
-# codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those times
-# the weight's integer sub-scales (q6_K's; x 128 for the high plane) into i32 (vpmaddwd),
-# then one float conversion and one multiply-add by (weight scale x x's scale) per chunk
-# into four <8 x float> accumulators. q6_K's bias of 32 is 32 x x's pair sums (one more
-# vpmaddubsw a plane); the other offsets (mins, q4_0's and q5_0's bias) multiply xs,
-# vectors of 8 for the K-quants (their 6-bit scales and mins are decoded 8 at a time).
+# of each 32 values, xs16 of each 16). Each 32-value chunk of a block is its codes as
+# <32 x i8> (unsigned; signed for q8_0, whose signs move onto x's codes), multiplied with
+# each plane of x's codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw),
+# pairs of those times the weight's integer sub-scales (q6_K's; x 128 for the high plane)
+# into i32 (vpmaddwd), then one float conversion and one multiply-add by (weight scale x
+# x's scale) per chunk into four <8 x float> accumulators. The offsets (mins, q4_0's,
+# q5_0's and q6_K's biases) multiply x's sums: four blocks' at once for 32-value blocks,
+# vectors of 8 (16 for q6_K's per-16 scales) for the K-quants, whose 6-bit scales and
+# mins are decoded 8 at a time.
 # Why two planes: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
 # SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
-# budget; 15 bits are 128x finer. No i16 pair sum saturates: |code| <= 128, plane
-# values within [-127, 127]. Without AVX2 the same sums are plain vector IR.
+# budget; 15 bits are 128x finer. No i16 pair sum saturates: codes at most 128 in size
+# (q8_0's, their signs moved onto x) or 63 (q6_K's), plane values within [-127, 127].
+# Without AVX2 the same sums are plain vector IR.
 
 _V32B = ir.VectorType(ir.IntType(8), 32)
 _V16S = ir.VectorType(ir.IntType(16), 16)
 _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
+_V4F = ir.VectorType(ir.FloatType(), 4)
 
 
 def _avx2(context) -> bool:
@@ -440,10 +443,10 @@ def _bit4(builder, base, qh):
 
 class _X:
     """x's quantized row as the integer dots read it: its scales xd and code sums xs for
-    the 32-value chunks of the block whose first chunk is x0."""
+    the 32-value chunks of the block whose first chunk is x0, and its code sums of 16."""
 
-    def __init__(self, builder, dbase, sbase, x0):
-        self.b, self.dbase, self.sbase, self.x0 = builder, dbase, sbase, x0
+    def __init__(self, builder, dbase, sbase, s16base, x0):
+        self.b, self.dbase, self.sbase, self.s16base, self.x0 = builder, dbase, sbase, s16base, x0
 
     def _at(self, base, c, n):
         at = self.b.gep(base, [self.b.add(self.x0, _c(c))])
@@ -456,7 +459,13 @@ class _X:
         return self._at(self.dbase, c, n)
 
     def s(self, c=0, n=1):
+        """x's scaled code sum of chunk c (n: the n chunks from c, as a vector)."""
         return self._at(self.sbase, c, n)
+
+    def s16(self, n):
+        """<n x float>: x's scaled code sums of the n 16-value groups from the block's first."""
+        at = self.b.gep(self.s16base, [self.b.mul(self.x0, _c(2))])
+        return self.b.load(self.b.bitcast(at, ir.VectorType(ir.FloatType(), n).as_pointer()), align=4)
 
 
 def _lane(builder, v, j):
@@ -464,26 +473,42 @@ def _lane(builder, v, j):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
 
 
-def _iemit_q8_0(b, base, blk, x):
-    s = b.fmul(_half_at(b, base, blk), x.d(), flags=["fast"])
-    return [("signed", _bytes(b, base, b.add(blk, _c(2))), None, s)], None
+def _iemit_q8_0(b, base, blk):
+    return "signed", _bytes(b, base, b.add(blk, _c(2))), _c(0), None, None
 
 
-def _iemit_q4(b, base, blk, x, with_min):
+def _iemit_q4(b, base, blk, with_min):
     """q4_0 (codes - 8) and q4_1 (+ min)."""
-    s = _half_at(b, base, blk)
-    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -8.0))
     code = _nibbles(b, base, b.add(blk, _c(4 if with_min else 2)))
-    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+    return 0, code, _c(0), _c(2) if with_min else None, None if with_min else -8.0
 
 
-def _iemit_q5(b, base, blk, x, with_min):
+def _iemit_q5(b, base, blk, with_min):
     """q5_0 (codes - 16) and q5_1 (+ min): bit j of the 4 bytes qh is bit 4 of value j."""
-    s = _half_at(b, base, blk)
     at = 4 if with_min else 2
-    lo = _half_at(b, base, b.add(blk, _c(2))) if with_min else b.fmul(s, ir.Constant(ir.FloatType(), -16.0))
     code = b.or_(_nibbles(b, base, b.add(blk, _c(at + 4))), _bit4(b, base, b.add(blk, _c(at))))
-    return [(0, code, None, b.fmul(s, x.d(), flags=["fast"]))], b.fmul(lo, x.s(), flags=["fast"])
+    return 0, code, _c(0), _c(2) if with_min else None, None if with_min else -16.0
+
+
+def _halves4(b, base, offs):
+    """<4 x float>: the f16 values at the i64 byte offsets offs (up to 4; the other lanes 0),
+    converted together (one vcvtph2ps for four blocks' scales, not one each)."""
+    v = ir.Constant(ir.VectorType(ir.IntType(16), 4), [0] * 4)
+    for j, off in enumerate(offs):
+        at = b.bitcast(b.gep(base, [off]), ir.IntType(16).as_pointer())
+        v = b.insert_element(v, b.load(at, align=1), ir.Constant(_I32, j))
+    return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), 4)), _V4F)
+
+
+def _floats4(b, base, i0, n):
+    """<4 x float>: base[i0 .. i0 + n) (n <= 4; one vector load when n is 4, else the
+    other lanes 0: nothing is read past the n values)."""
+    if n == 4:
+        return b.load(b.bitcast(b.gep(base, [i0]), _V4F.as_pointer()), align=4)
+    v = ir.Constant(_V4F, [0.0] * 4)
+    for j in range(n):
+        v = b.insert_element(v, b.load(b.gep(base, [b.add(i0, _c(j))])), ir.Constant(_I32, j))
+    return v
 
 
 def _v8(values):
@@ -526,10 +551,22 @@ def _iemit_k4(b, base, blk, x, five):
 
 
 def _iemit_q6_k(b, base, blk, x):
-    """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values."""
-    dd = _splat(b, _half_at(b, base, b.add(blk, _c(208))), 8)
-    scale = b.fmul(dd, x.d(0, 8), flags=["fast"])
-    scales = b.sext(_bytes(b, base, b.add(blk, _c(192)), 16), _V16S)  # <16 x i16>
+    """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values. The codes
+    go into the integer sums as they are (0..63); the bias of 32 is the block's offset
+    term, -32 d sum_j scale_j s16_j over x's scaled code sums of 16 (two vpmaddubsw and
+    two subtractions a chunk fewer)."""
+    fast = ["fast"]
+    d = _half_at(b, base, b.add(blk, _c(208)))
+    dd = _splat(b, d, 8)
+    scale = b.fmul(dd, x.d(0, 8), flags=fast)
+    raw = _bytes(b, base, b.add(blk, _c(192)), 16)
+    scales = b.sext(raw, _V16S)  # <16 x i16>
+    v16 = ir.VectorType(ir.FloatType(), 16)
+    bias = b.fmul(b.sitofp(raw, v16), x.s16(16), flags=fast)  # scale_j * s16_j
+    bias = b.fadd(b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8)))),
+                  b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16)))),
+                  flags=fast)
+    lo = b.fmul(bias, _splat(b, b.fmul(d, ir.Constant(ir.FloatType(), -32.0), flags=fast), 8), flags=fast)
     chunks = []
     for n in range(2):  # 128 values from 64 bytes of ql, 32 of qh, 8 scales
         qh = _bytes(b, base, b.add(blk, _c(128 + 32 * n)))
@@ -540,89 +577,128 @@ def _iemit_q6_k(b, base, blk, x):
             j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
             pick = ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)])
             isc = b.shuffle_vector(scales, scales, pick)  # pairs 0-7: scale j, 8-15: j + 1
-            chunks.append((32, code, isc, _lane(b, scale, 4 * n + k)))
-    return chunks, None
+            chunks.append((0, code, isc, _lane(b, scale, 4 * n + k)))
+    return chunks, lo
 
 
 def _make_idot(block_bytes, block_values, emit, portable=False):
-    """An intrinsic idot(d, p, nb, xq, xd, xs) -> float32 for blocks that
-    ``emit(builder, base, blk, x)`` (x: ``_X``) returns as 32-value chunks (bias:
-    "signed" codes, or what the unsigned codes are minus; <32 x i8> codes; <16 x i16>
-    integer scales of each pair of values, or None; the float scale times x's, a float or
-    a splat <8 x float>) and the block's offset term (a float, an <8 x float> to sum, or
-    None), in value order: value = (code - bias) * integer scale * float scale + offset.
+    """An intrinsic idot(d, p, nb, xq, xd, xs, xs16) -> float32 for blocks of ``block_values``
+    (xs16: x's scaled code sums of 16, which only q6_K's offset term reads).
+
+    256-value blocks: ``emit(builder, base, blk, x)`` (x: ``_X``) returns the block as
+    32-value chunks (bias: "signed" codes, or what the unsigned codes are minus; <32 x i8>
+    codes; <16 x i16> integer scales of each pair of values, or None; the float scale times
+    x's, a float or a splat <8 x float>) and the block's offset term (an <8 x float> to
+    sum, or None), in value order: value = (code - bias) * integer scale * float scale +
+    offset.
+
+    32-value blocks: ``emit(builder, base, blk)`` returns (bias, codes, the byte offset of
+    the f16 scale d, that of the f16 min m or None, or a multiplier c of d or None): value =
+    (code - bias) * d + (m, or c * d). Four blocks run together: their scales are converted
+    and multiplied with x's as one <4 x float>, their offset terms summed as another (one
+    conversion and one multiply-add for four blocks where a block's own took five scalar
+    instructions each: a third of a q4_1 block's work).
     portable: the plain vector IR even where AVX2 is there (the tests compare the two)."""
     per = block_values // 32
     unroll = _NACC if per == 1 else 1  # 32-value blocks: one accumulator chain per block
 
     @intrinsic
-    def idot(typingctx, d, p, nb, xq, xd, xs):
+    def idot(typingctx, d, p, nb, xq, xd, xs, xs16):
         def codegen(context, builder, sig, args):
             fast, avx2 = ["fast"], _avx2(context) and not portable
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
-            qbase, dbase, sbase = (_ptr(context, builder, sig.args[i], args[i], _c(0)) for i in (3, 4, 5))
+            qbase, dbase, sbase, s16base = (_ptr(context, builder, sig.args[i], args[i], _c(0))
+                                            for i in (3, 4, 5, 6))
             ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
             zero8 = ir.Constant(_V8F, [0.0] * 8)
             accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
-            los = [cgutils.alloca_once_value(builder, zero8) for _ in range(unroll)]
+            lo_slot = cgutils.alloca_once_value(builder, zero8)
+            lo4_slot = cgutils.alloca_once_value(builder, ir.Constant(_V4F, [0.0] * 4))
+
+            def chunk_sum(x0, c, bias, w, isc):
+                """<8 x i32>: (w - bias) * isc . x's codes of chunk x0 + c (both planes)."""
+                at = builder.mul(builder.add(x0, _c(c)), _c(64))
+                xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
+                if bias == "signed":  # |w| * (x with w's sign)
+                    neg = builder.icmp_signed("<", w, _b32(0))
+                    xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
+                    w = builder.select(neg, builder.sub(_b32(0), w), w)
+                pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
+                if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
+                    pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
+                             for p, v in zip(pairs, xs)]
+                isc = ones if isc is None else isc
+                return builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
+                                   _maddwd(builder, avx2, pairs[1], isc))
+
+            def add_scaled(acc, k, isum, s):
+                acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
+                                      flags=fast)
 
             def blocks(i0, n):
-                """n blocks from block i0 into the accumulators."""
+                """n 256-value blocks from block i0 into the accumulators."""
                 acc = [builder.load(a) for a in accs]
-                lo_acc = [builder.load(a) for a in los]
+                lo_acc = builder.load(lo_slot)
                 c_all = 0
                 for u in range(n):
                     i = builder.add(i0, _c(u))
                     blk = builder.add(args[1], builder.mul(i, _c(block_bytes)))
                     x0 = builder.mul(i, _c(per))
-                    chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, x0))
+                    chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, s16base, x0))
                     for c, (bias, w, isc, s) in enumerate(chunks):
-                        at = builder.mul(builder.add(x0, _c(c)), _c(64))
-                        xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
-                        if bias == "signed":  # |w| * (x with w's sign)
-                            neg = builder.icmp_signed("<", w, _b32(0))
-                            xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
-                            w = builder.select(neg, builder.sub(_b32(0), w), w)
-                        pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
-                        if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
-                            pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
-                                     for p, v in zip(pairs, xs)]
-                        isc = ones if isc is None else isc
-                        isum = builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
-                                           _maddwd(builder, avx2, pairs[1], isc))
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
-                        k = c_all % _NACC
-                        acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
-                                              flags=fast)
+                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w, isc), s)
                         c_all += 1
                     if lo is not None:
-                        if not isinstance(lo.type, ir.VectorType):  # lane 0 of a vector
-                            lo = builder.insert_element(zero8, lo, ir.Constant(_I32, 0))
-                        lo_acc[u] = builder.fadd(lo_acc[u], lo, flags=fast)
-                for a, v in zip(accs + los, acc + lo_acc):
+                        lo_acc = builder.fadd(lo_acc, lo, flags=fast)
+                for a, v in zip(accs + [lo_slot], acc + [lo_acc]):
                     builder.store(v, a)
 
+            def blocks32(i0, n):
+                """n <= 4 32-value blocks from block i0: scales and offsets four at a time."""
+                acc = [builder.load(a) for a in accs]
+                raw = []
+                for u in range(n):
+                    blk = builder.add(args[1], builder.mul(builder.add(i0, _c(u)), _c(block_bytes)))
+                    raw.append((blk, emit(builder, base, blk)))
+                _, _, d_off, m_off, lo_mul = raw[0][1]
+                dw = _halves4(builder, base, [builder.add(blk, d_off) for blk, _ in raw])
+                s4 = builder.fmul(dw, _floats4(builder, dbase, i0, n), flags=fast)
+                for u, (blk, (bias, w, _, _, _)) in enumerate(raw):
+                    s = builder.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(_I32, 8), [u] * 8))
+                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, bias, w, None), s)
+                for a, v in zip(accs, acc):
+                    builder.store(v, a)
+                if m_off is None and lo_mul is None:
+                    return
+                lo = _halves4(builder, base, [builder.add(blk, m_off) for blk, _ in raw]) \
+                    if m_off is not None else builder.fmul(dw, ir.Constant(_V4F, [lo_mul] * 4), flags=fast)
+                lo = builder.fmul(lo, _floats4(builder, sbase, i0, n), flags=fast)
+                builder.store(builder.fadd(builder.load(lo4_slot), lo, flags=fast), lo4_slot)
+
+            step = blocks32 if per == 1 else blocks
             n_main = builder.udiv(args[2], _c(unroll)) if unroll > 1 else args[2]
             with cgutils.for_range(builder, n_main) as loop:
-                blocks(builder.mul(loop.index, _c(unroll)), unroll)
+                step(builder.mul(loop.index, _c(unroll)), unroll)
             if unroll > 1:
                 with cgutils.for_range(builder, builder.urem(args[2], _c(unroll))) as loop:
-                    blocks(builder.add(builder.mul(n_main, _c(unroll)), loop.index), 1)
+                    step(builder.add(builder.mul(n_main, _c(unroll)), loop.index), 1)
             total = builder.load(accs[0])
-            for a in accs[1:] + los:
+            for a in accs[1:] + [lo_slot]:
                 total = builder.fadd(total, builder.load(a), flags=fast)
-            return _hsum(builder, total)
-        return types.float32(d, types.int64, types.int64, xq, xd, xs), codegen
+            return builder.fadd(_hsum(builder, total), _hsum(builder, builder.load(lo4_slot)),
+                                flags=fast)
+        return types.float32(d, types.int64, types.int64, xq, xd, xs, xs16), codegen
     return idot
 
 
 # type code -> (block bytes, block values, emit) of the integer dots
 IDOT_BLOCKS = {
     Q8_0: (34, 32, _iemit_q8_0),
-    Q4_0: (18, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, False)),
-    Q4_1: (20, 32, lambda b, base, blk, x: _iemit_q4(b, base, blk, x, True)),
-    Q5_0: (22, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, False)),
-    Q5_1: (24, 32, lambda b, base, blk, x: _iemit_q5(b, base, blk, x, True)),
+    Q4_0: (18, 32, lambda b, base, blk: _iemit_q4(b, base, blk, False)),
+    Q4_1: (20, 32, lambda b, base, blk: _iemit_q4(b, base, blk, True)),
+    Q5_0: (22, 32, lambda b, base, blk: _iemit_q5(b, base, blk, False)),
+    Q5_1: (24, 32, lambda b, base, blk: _iemit_q5(b, base, blk, True)),
     Q4_K: (144, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, False)),
     Q5_K: (176, 256, lambda b, base, blk, x: _iemit_k4(b, base, blk, x, True)),
     Q6_K: (210, 256, _iemit_q6_k),
@@ -884,37 +960,38 @@ def _dot(code, d, p, k, x, xs):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _idot(code, d, p, k, xq, xd, xs):
+def _idot(code, d, p, k, xq, xd, xs, xs16):
     """As _dot, on x quantized per 32 values (quantize_rows)."""
     if code == Q4_K:
-        return _I_Q4_K(d, p, k // 256, xq, xd, xs)
+        return _I_Q4_K(d, p, k // 256, xq, xd, xs, xs16)
     if code == Q6_K:
-        return _I_Q6_K(d, p, k // 256, xq, xd, xs)
+        return _I_Q6_K(d, p, k // 256, xq, xd, xs, xs16)
     if code == Q4_0:
-        return _I_Q4_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q4_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q4_1:
-        return _I_Q4_1(d, p, k // 32, xq, xd, xs)
+        return _I_Q4_1(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q8_0:
-        return _I_Q8_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q8_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q5_0:
-        return _I_Q5_0(d, p, k // 32, xq, xd, xs)
+        return _I_Q5_0(d, p, k // 32, xq, xd, xs, xs16)
     if code == Q5_K:
-        return _I_Q5_K(d, p, k // 256, xq, xd, xs)
-    return _I_Q5_1(d, p, k // 32, xq, xd, xs)
+        return _I_Q5_K(d, p, k // 256, xq, xd, xs, xs16)
+    return _I_Q5_1(d, p, k // 32, xq, xd, xs, xs16)
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32, ints, out, fused):
+def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32, xs16, ints, out,
+                fused):
     """Claim work items (part, first row, end row) until none is left: out[:, col] = x @ row.
 
     fused (the hot types): each input row is dotted with the row's blocks as they are
     decoded, in registers; the row's bytes (a few KiB) stay in L1 for the next input row.
-    ints[code] set: that dot in integers on x's codes (xq, xd, xs32: quantize_rows).
+    ints[code] set: that dot in integers on x's codes (xq, xd, xs32, xs16: quantize_rows).
     Otherwise each row is dequantized whole into a buffer (L1/L2), then dotted with every
     input row; one decode call per row beat one per 256 values (measured). Either way an
     output value depends on its own input row only (batch invariance).
 
-    xs, xq, xd, xs32 arrive unfilled (``gemv``): the first thread here fills those that
+    xs, xq, xd, xs32, xs16 arrive unfilled (``gemv``): the first thread here fills those that
     are not empty from x (``threads.first_in``) while the others wait, a few microseconds;
     one numba call per matmul fewer than filling them first (in a decode step every call
     costs microseconds: its Python runs on a cold cache)."""
@@ -923,7 +1000,7 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
         if xs.shape[1]:
             _sums16_into(x, xs)
         if xq.shape[1]:
-            _quantize_into(x, xq, xd, xs32)
+            _quantize_into(x, xq, xd, xs32, xs16)
         first_done(counters)
     m_rows, k = x.shape
     buf = np.empty(k, dtype=np.float32)
@@ -941,7 +1018,7 @@ def _gemv_items(flag, gen, linger, counters, d, parts, work, x, xs, xq, xd, xs32
             for s in range(work[w, 1], work[w, 2]):
                 p, j = off + s * rb, col0 + _dst_row(s, hd)
                 for m in range(m_rows):
-                    out[m, j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m])
+                    out[m, j] = _idot(code, d, p, k, xq[m], xd[m], xs32[m], xs16[m])
             fetch_add(counters, 1)
             continue
         if fused and _has_dot(code):
@@ -1050,8 +1127,8 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
     xs = np.empty((m, k // 16 if use_float else 0), np.float32)  # filled by _gemv_items
     xq = np.zeros((m, 2 * k if use_int else 0), np.int8)
     xd = np.empty((m, k // 32 if use_int else 0), np.float32)
-    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd), ints, out,
-                       fused), len(work))
+    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd),
+                       np.empty((m, 2 * xd.shape[1]), np.float32), ints, out, fused), len(work))
 
 
 def sums16(x: np.ndarray) -> np.ndarray:
@@ -1075,22 +1152,23 @@ def _sums16_into(x, xs):
 
 @njit(fastmath=_FAST, cache=True)
 def quantize_rows(x):
-    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32]): each 32 values as
-    codes c = round(x / d) with d = max |x| / 16256, stored as two int8 planes of 32
-    (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high + low), and
-    s = d * (the sum of the codes), so an offset's term sums the same rounded x as the
-    codes' (values past the last whole 32 are left out: no type with an integer dot has
-    them)."""
+    """x [M, K] float32 -> (q [M, 2K] int8, d [M, K/32], s [M, K/32], s16 [M, K/16]): each
+    32 values as codes c = round(x / d) with d = max |x| / 16256, stored as two int8
+    planes of 32 (c // 128 in [-127, 127], then c % 128 in [0, 127]; c = 128 * high +
+    low), and s = d * (the sum of the codes), s16 the same per 16 values (q6_K's scales
+    are per 16), so an offset's term sums the same rounded x as the codes' (values past
+    the last whole 32 are left out: no type with an integer dot has them)."""
     m_rows, k = x.shape
     q = np.zeros((m_rows, 2 * k), dtype=np.int8)
     d = np.zeros((m_rows, k // 32), dtype=np.float32)
     s = np.zeros((m_rows, k // 32), dtype=np.float32)
-    _quantize_into(x, q, d, s)
-    return q, d, s
+    s16 = np.zeros((m_rows, k // 32 * 2), dtype=np.float32)
+    _quantize_into(x, q, d, s, s16)
+    return q, d, s, s16
 
 
 @njit(nogil=True, fastmath=_FAST, cache=True)
-def _quantize_into(x, q, d, s):
+def _quantize_into(x, q, d, s, s16):
     """quantize_rows into given arrays (q's values past the last whole 32 left as they are)."""
     m_rows, k = x.shape
     nb = k // 32
@@ -1100,14 +1178,19 @@ def _quantize_into(x, q, d, s):
             for i in range(32 * b, 32 * b + 32):
                 amax = max(amax, abs(x[m, i]))
             inv = np.float32(_X_MAX) / amax if amax > 0 else np.float32(0.0)
-            tot = 0
+            tot0 = tot1 = 0
             for i in range(32):
                 c = np.int32(np.rint(x[m, 32 * b + i] * inv))
                 q[m, 64 * b + i] = c >> 7  # floor division by 128
                 q[m, 64 * b + 32 + i] = c & 127
-                tot += c
+                if i < 16:
+                    tot0 += c
+                else:
+                    tot1 += c
             d[m, b] = amax / np.float32(_X_MAX)
-            s[m, b] = d[m, b] * np.float32(tot)
+            s[m, b] = d[m, b] * np.float32(tot0 + tot1)
+            s16[m, 2 * b] = d[m, b] * np.float32(tot0)
+            s16[m, 2 * b + 1] = d[m, b] * np.float32(tot1)
 
 
 _X_MAX = 127 * 128  # the largest code of x: its high plane stays within [-127, 127]
