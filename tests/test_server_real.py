@@ -14,6 +14,7 @@ import pytest
 
 from kvslim.settings import ServerSettings
 from test_server import ps_model, running_server, settled, wait_until
+from greedy import same_up_to_rounding
 
 pytestmark = pytest.mark.slow
 
@@ -114,23 +115,6 @@ def test_client_leaving_mid_stream_returns_its_pages(served, oai):
 # round differently: a cached prefix's (its rest prefilled as a shorter chunk, over the
 # prefix's stored q8_0 rows) and a full prefill's. Measured on SmolLM2 with a q8_0 cache,
 # the six tokens below: 0.001-0.021; a wrong K/V row moves it by whole units.
-ROUNDING = 0.05
-
-
-def same_up_to_rounding(a: dict, b: dict) -> bool:
-    """Two greedy answers (Ollama chat responses with logprobs) are the same computation up
-    to rounding: each token's logprob within ROUNDING of the other's, the same tokens, or
-    the same until a token where the two likeliest were within ROUNDING of each other in
-    both (a tie that rounding may break either way)."""
-    for x, y in zip(a["logprobs"], b["logprobs"]):
-        if x["token"] != y["token"]:
-            return all(t["top_logprobs"][0]["logprob"] - t["top_logprobs"][1]["logprob"] < ROUNDING
-                       for t in (x, y))
-        if abs(x["logprob"] - y["logprob"]) > ROUNDING:
-            return False
-    return a["message"] == b["message"]
-
-
 def test_shared_system_prompt_is_served_from_the_prefix_cache(served):
     system = ("You are a careful assistant for a library. Answer in one short sentence, use plain "
               "words, and never invent facts. ") * 6  # well over one 64-token page
