@@ -143,9 +143,9 @@ def interleaved(engines: dict, ids: list[int], n_decode: int) -> dict:
 def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
     """torch.profiler table of decode steps after a prefill of ``ids``.
 
-    The fused attention, the quantize-on-write, the quantized-weight matmuls and the
-    row ops (norms, RoPE, SiLU) run in numba, invisible to the profiler, so they are
-    labelled here.
+    The fused attention, the quantize-on-write, the quantized-weight matmuls, the
+    row ops (norms, RoPE, SiLU) and a llama decode layer as one job run in numba,
+    invisible to the profiler, so they are labelled here.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -167,6 +167,10 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
 
     for name in ("_norm_rows", "_add_norm_rows", "_rope_rows", "_silu_mul_rows"):
         setattr(rowops, name, labelled(getattr(rowops, name), f"rowops {name.strip('_')}"))
+    from kvslim.models import fused
+
+    # a decode step of a llama-family model on CPU: each layer one job (models.fused)
+    fused.layer_job = labelled(fused.layer_job, "decode layer job (attention, matmuls, row ops)")
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:

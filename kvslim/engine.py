@@ -406,9 +406,8 @@ class Engine:
                 rows.append(row - 1)  # the last row of a sequence that is caught up
         t0 = time.perf_counter()
         decode = sum(1 for s, n in batch if n == 1 == s.pending())  # _schedule puts them first
-        with step_rows(decode):  # each row's weights path fixed, whatever shares the step
-            logits = run_step(self.model, self.attn, self.cache, [s.cache_id for s, _ in batch],
-                              [n for _, n in batch], tokens, torch.tensor(rows, dtype=torch.long))
+        logits = self._forward([s.cache_id for s, _ in batch], [n for _, n in batch], tokens,
+                               rows, decode)
         outputs = []
         sampled = [s for s, n in batch if n == s.pending()]
         for s, n in batch:
@@ -426,6 +425,35 @@ class Engine:
             outputs.append(self._after_sample(s, tok, logits[i]) if isinstance(tok, int)
                            else self._fail(s, tok))
         return outputs
+
+    def _forward(self, cache_ids: list[int], q_lens: list[int], tokens: list[int],
+                 rows: list[int], decode: int) -> torch.Tensor:
+        """The step's logits [len(rows), V]; its first ``decode`` rows are decode rows (each
+        sampled: rows starts 0..decode-1), each row's weights path fixed whatever shares
+        the step (``step_rows``).
+
+        A model that runs decode steps its own way (``fused``: a layer as one CPU job,
+        equal to the separate calls up to rounding) gets a step of decode and prompt
+        rows as two forwards, the decode rows first: a decode row's logits are then the
+        same whether prompt rows share its step or not (batch invariance); the weights
+        are read twice either way (the decode rows' GEMV, the prompt rows' tiles)."""
+        if not 0 < decode < len(q_lens) or getattr(self.model, "fused", None) is None:
+            with step_rows(decode):
+                return run_step(self.model, self.attn, self.cache, cache_ids, q_lens, tokens,
+                                torch.tensor(rows, dtype=torch.long))
+        first = self.attn.begin(self.cache, cache_ids[:decode], q_lens[:decode])
+        try:
+            with step_rows(decode):
+                a = self.model.forward(torch.tensor(tokens[:decode]), first,
+                                       torch.arange(decode))
+            with step_rows(0):
+                b = run_step(self.model, self.attn, self.cache, cache_ids[decode:],
+                             q_lens[decode:], tokens[decode:],
+                             torch.tensor(rows[decode:], dtype=torch.long) - decode)
+        except BaseException:
+            first.rollback()
+            raise
+        return torch.cat([a, b])
 
     def _fork_group(self, parent: Sequence, logits: torch.Tensor) -> list[StepOutput]:
         """The parent's prompt is in the cache (its first token sampled from ``logits`` [V]):

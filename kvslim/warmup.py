@@ -43,6 +43,7 @@ def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
         cpu.warmup(t, t)
     _long_write()
     _matmuls()
+    _layer_job(types[0])
     _row_ops()
     _rotation()
     _checks()
@@ -81,6 +82,40 @@ def _matmuls() -> None:
     Embedding(w)(torch.zeros(2, dtype=torch.int64))
 
 
+def _layer_job(cache_type: str) -> None:
+    """A llama decode layer as one kernel job (``models.fused``): one layer of Q8_0
+    blocks (head size 32, one head), one decode row on a one-page cache, through
+    ``FusedLayers.run``, so the job sees a model's array types."""
+    from types import SimpleNamespace
+
+    from kvslim.attention import Attention, plan_attention
+    from kvslim.cache import KVCache
+    from kvslim.models.common import Rope, rope_inv_freq
+    from kvslim.models.fused import FusedLayers
+
+    qtype, d = GGMLQuantizationType.Q8_0, formats.QK
+    row = d // 32 * GGML_QUANT_SIZES[qtype][1]
+    data = np.zeros(8 * d * row, np.uint8)  # q, k, v, out, gate, up, down: 7 x 32 rows
+    data.flags.writeable = False  # as the read-only mapped file
+
+    def mats(first: int, n: int, hd: int = 0) -> list[QTensor]:
+        return [QTensor(data, (first + i) * d * row, int(qtype), (d, d), hd) for i in range(n)]
+
+    layer = SimpleNamespace(attn_norm=torch.ones(d), ffn_norm=torch.ones(d),
+                            wqkv=QLinear(mats(0, 2, d) + mats(2, 1)), wo=QLinear(mats(3, 1)),
+                            w13=QLinear(mats(4, 2)), w2=QLinear(mats(6, 1)))
+    config = SimpleNamespace(d_model=d, ffn_dim=d, rms_eps=1e-5, rope_dim=0)
+    model = SimpleNamespace(config=config, n_heads=1, n_kv_heads=1, head_dim=d, scale=1.0,
+                            layers=[layer])
+    plan = plan_attention("cpu", d, cache_type, cache_type, warn=False)
+    cache = KVCache(1, 1, d, 1, page_size=16, cache_type_k=plan.effective_k,
+                    cache_type_v=plan.effective_v)
+    step = Attention(plan).begin(cache, [cache.new_sequence()], [1])
+    cos, sin = Rope(rope_inv_freq(10000.0, d), torch.device("cpu"), torch.float32).at(
+        step.positions)
+    FusedLayers(model).run(torch.zeros(1, d), step, cos, sin)
+
+
 def _row_ops() -> None:
     """A layer's norms, RoPE and SiLU * up (kernels.rowops), on a model's array types."""
     x, w = torch.zeros(1, 64), torch.ones(64)
@@ -116,7 +151,10 @@ def needs_compile() -> bool:
     from kvslim import rotation  # noqa: F401 - its kernel is checked
     from kvslim.kernels import qmatmul  # noqa: F401
 
+    from kvslim.kernels import layer  # noqa: F401
+
     names = ("kvslim.kernels.cpu", "kvslim.kernels.cpu_write", "kvslim.kernels.qmatmul",
+             "kvslim.kernels.layer",
              "kvslim.kernels.ggml", "kvslim.kernels.rowops", "kvslim.rotation")
     kernels = {id(f): f for n in names for f in vars(sys.modules[n]).values()
                if isinstance(f, CPUDispatcher) and type(f._cache).__name__ != "NullCache"}

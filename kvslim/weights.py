@@ -34,7 +34,7 @@ from kvslim.kernels.qtypes import CODES
 from kvslim.kernels.threads import threads
 
 __all__ = ["WEIGHT_MODES", "QTensor", "QLinear", "Linear", "Embedding", "linear", "embedding",
-           "held_bytes", "resolve_mode", "sampled_rows", "step_rows"]
+           "held_bytes", "resolve_mode", "sampled_rows", "step_rows", "decode_only"]
 
 log = logging.getLogger("kvslim")
 
@@ -87,6 +87,14 @@ def sampled_rows(n: int):
         return
     with step_rows(n):
         yield
+
+
+def decode_only(m: int) -> bool:
+    """Whether m input rows are decode rows only: in an engine step, all of them are;
+    outside one, ``QLinear`` would take the fused GEMV for them (at most
+    ``GEMV_MAX_ROWS``). Every row's GEMV result is its own, however many share a call."""
+    decode = _DECODE_ROWS.get()
+    return m <= GEMV_MAX_ROWS if decode is None else decode >= m
 
 
 def resolve_mode(mode: str, device: str | torch.device, dtype: torch.dtype) -> str:

@@ -24,6 +24,7 @@ import torch
 from kvslim.attention import Step
 from kvslim.gguf_loader import GGUFError, ModelConfig
 from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
+from kvslim.models.fused import FusedLayers
 from kvslim.weights import Linear, QLinear, sampled_rows
 
 __all__ = ["Llama", "apply_rope"]
@@ -56,6 +57,10 @@ class Llama(Decoder):
         self.layers = [self._layer(weights, i) for i in range(config.n_layers)]
         self.rope = Rope(self._rope_inv_freq(weights.pop("rope_freqs.weight", None)),
                          self.device, dtype)
+        # a decode step's layers as one kernel job each (CPU): for this forward only, not
+        # a subclass's own attention (qwen3's q/k norms)
+        self.fused = FusedLayers.build(self) if type(self)._attention is Llama._attention \
+            else None
 
     # ---------------------------------------------------------------- loading
 
@@ -95,16 +100,13 @@ class Llama(Decoder):
         [R, d] float32 (what embeddings pool). The step's slots are reserved already
         (``Attention.begin``); on an error the caller rolls the step back.
         """
-        eps, ops, layers = self.config.rms_eps, self.ops, self.layers
+        eps, ops = self.config.rms_eps, self.ops
         cos, sin = self.rope.at(step.positions.to(self.device))  # [N, 1, R], every layer's
         x = self.embed(tokens.to(self.device))  # [N, d]: the residual stream
-        h = ops.norm(x, layers[0].attn_norm, eps)
-        for i, layer in enumerate(layers):
-            x, h = ops.add_norm(x, self._attention(h, i, layer, step, cos, sin),
-                                layer.ffn_norm, eps)
-            y = layer.w2(ops.silu_mul(layer.w13(h)))  # [N, d]
-            if i + 1 < len(layers):
-                x, h = ops.add_norm(x, y, layers[i + 1].attn_norm, eps)
+        if self.fused is not None and self.fused.applies(step, x.shape[0]):
+            x, y = self.fused.run(x, step, cos, sin)  # the same loop, one kernel job a layer
+        else:
+            x, y = self._layers(x, step, cos, sin)
         if logit_rows is not None:  # the last residual add and the norm on those rows only
             rows = logit_rows.to(self.device)
             x, y = x[rows], y[rows]  # [R, d]
@@ -113,6 +115,19 @@ class Llama(Decoder):
             return h.float()  # [R, d]
         with sampled_rows(h.shape[0]):
             return self.output(h).float()  # [R, V]
+
+    def _layers(self, x, step, cos, sin):
+        """Every layer on x [N, d] -> (x, y): the residual stream before the last layer's
+        output y [N, d] is added."""
+        eps, ops, layers = self.config.rms_eps, self.ops, self.layers
+        h = ops.norm(x, layers[0].attn_norm, eps)
+        for i, layer in enumerate(layers):
+            x, h = ops.add_norm(x, self._attention(h, i, layer, step, cos, sin),
+                                layer.ffn_norm, eps)
+            y = layer.w2(ops.silu_mul(layer.w13(h)))  # [N, d]
+            if i + 1 < len(layers):
+                x, h = ops.add_norm(x, y, layers[i + 1].attn_norm, eps)
+        return x, y
 
     def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim

@@ -1,0 +1,164 @@
+"""A llama-style decode layer as one kernel job (CPU float32, GGUF weight blocks).
+
+A decode step of a small model is mostly fixed costs: per layer four matmul jobs, the
+attention job and four row ops, each a numba call from Python on a cold cache, and each
+job's helper thread joins a few microseconds late. ``layer_job`` runs a whole layer in
+one call that every thread enters once, as phases:
+
+    0  x += y (the previous layer's output; not on the first layer), h = RMSNorm(x)
+    1  qkv = h @ Wqkv.T                                 (GEMV items)
+    2  RoPE on q, k; write k, v; code q                 (the first thread)
+       attention over the cache                         (split-K items)
+    3  merge the partials, restore -> o; a = o @ Wo.T   (first thread; GEMV items)
+    4  x += a, h = RMSNorm(x); gu = h @ W13.T           (first thread; GEMV items)
+    5  s = SiLU(gate) * up; y = s @ W2.T                (first thread; GEMV items)
+
+A phase's preparation is done by the first thread to reach it (``threads.first_in``),
+after every item of the phase before it has finished; its items are claimed from an
+atomic counter as in every kernel job, so a helper that arrives late finds them taken
+and passes through. Every piece is the function the separate calls run (``rowops``,
+``qmatmul._gemv_items``, ``cpu_write.write_rows``, ``cpu._attend_chunk``,
+``cpu._merge_group``, the codec's ``_code_q`` / ``_restore``). numba compiles them into
+this job with their own fastmath flags, and LLVM optimizes them again here, so sums
+may be rounded in another order than in the separate calls: the results agree up to
+float32 rounding, not bit for bit (``tests/test_fused_layer.py``). The engine keeps
+batch invariance by running a step's decode rows as a forward of their own
+(``Engine._forward``): a decode row always takes this job.
+
+No fastmath at this level: ``_code_q`` and ``_restore`` are inlined here and round as in
+``cpu._attend_items``; the callees keep their own flags.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from kvslim.kernels import cpu, cpu_write, ggml, qmatmul, rowops, threads
+from kvslim.kernels.ggml import fetch_add, load_acquire
+
+__all__ = ["Mat", "Attn", "layer_job", "PHASES", "Q_BAD", "mat"]
+
+# counter rows of one layer job (8 int64 each: one cache line per row)
+PHASES = 10
+Q_BAD = 1  # res[1]: the queries' non-finite values (res[0]: the write's ggml.precheck code)
+
+
+class Mat(NamedTuple):
+    """One matmul of the job: ``qmatmul._gemv_items``' arguments besides x and the flags."""
+
+    parts: np.ndarray  # [P, 6] int64 (qmatmul.PART_FIELDS)
+    work: np.ndarray  # [W, 3] int64 items
+    xs: np.ndarray  # [M, K/16] float32 or [M, 0]: the float dots' sums of 16
+    xq: np.ndarray  # [M, 2K] int8 or [M, 0]: the integer dots' codes
+    xd: np.ndarray  # [M, K/32] float32 (or 0 wide)
+    xs32: np.ndarray  # [M, K/32] float32
+    xs16: np.ndarray  # [M, K/16] float32
+    out: np.ndarray  # [M, N] float32
+    ints: np.ndarray  # int8 [type codes]: 1 where the integer dot runs (QLinear.ints)
+
+
+class Attn(NamedTuple):
+    """The attention phase's arguments (``cpu._attend_items`` and ``cpu._finish``')."""
+
+    qc: np.ndarray  # [M, Hq, D] float32: the coded queries
+    wk: np.ndarray  # [M, Hkv, D] float32: the rows written (rotated k)
+    wv: np.ndarray  # [M, Hkv, Dv]
+    slots: np.ndarray  # [M] int64
+    o: np.ndarray  # [M, Hq, Dv] float32: the output, restored
+    scale: np.float32
+    cap: np.float32
+
+
+def mat(parts: np.ndarray, work: np.ndarray, ints: np.ndarray, inputs: tuple[bool, bool],
+        m: int, k: int, out: np.ndarray) -> Mat:
+    """A ``Mat`` for M = m input rows of K = k values (``inputs``: ``qmatmul.gemv_inputs``;
+    the forms of x as ``qmatmul.gemv`` allocates them, filled in the job)."""
+    use_int, use_float = inputs
+    nb = k // 32 if use_int else 0
+    return Mat(parts, work, np.empty((m, k // 16 if use_float else 0), np.float32),
+               np.zeros((m, 2 * k if use_int else 0), np.int8), np.empty((m, nb), np.float32),
+               np.empty((m, nb), np.float32), np.empty((m, 2 * nb), np.float32), out, ints)
+
+
+@njit(inline="always")
+def _wait_items(counters, n):
+    """Every item of a phase finished (the items other threads still run: one each)."""
+    while load_acquire(counters, 1) < n:
+        pass
+
+
+@njit(inline="always")
+def _gemv(flag, counters, d, x, m):
+    """One matmul's items (qmatmul._gemv_items fills x's forms first), then the barrier."""
+    qmatmul._gemv_items(flag, 0, 0, counters, d, m.parts, m.work, x, m.xs, m.xq, m.xd,
+                        m.xs32, m.xs16, m.ints, m.out, True)
+    _wait_items(counters, m.work.shape[0])
+
+
+@njit(nogil=True, cache=True)
+def layer_job(flag, gen, linger, ctr, res, d, eps, x, add, h, attn_norm, ffn_norm,
+              qkv, wo, w13, s, w2, qkv3, rot_heads, cos, sin, at, kplanes, vplanes, geom, job,
+              side_k, side_v, shrinks, qsigns, qpre, qpost, qsize, osigns, omul, oshift, osize):
+    """One decode layer on this thread and any that join (``threads.Helpers.run``'s flag,
+    gen, linger). x [M, d] the residual stream (updated in place); ``w2.out`` [M, d]
+    holds the previous layer's output, added to x first (``add``; 0 on the first layer),
+    and gets this layer's; h [M, d] and s [M, F] scratch. qkv3 [M, Hq+2Hkv, D]:
+    ``qkv.out`` as heads, the first ``rot_heads`` rotated by cos / sin [M, R].
+    ctr [PHASES, 8] zeros; res [2] zeros: nonzero when the write was refused (see
+    ``Q_BAD``), and then nothing past the write ran."""
+    threads.job_begins(flag, gen)
+    hq, hkv = at.qc.shape[1], at.wk.shape[1]
+    # 0: the residual and the norm
+    if threads.first_in(ctr[0]):
+        if add:
+            rowops._add_norm_rows(x, w2.out, attn_norm, eps, h)
+        else:
+            rowops._norm_rows(x, attn_norm, eps, h)
+        threads.first_done(ctr[0])
+    # 1: q, k, v
+    _gemv(flag, ctr[1], d, h, qkv)
+    # 2: the write, the queries' coding, attention
+    if threads.first_in(ctr[2]):
+        rowops._rope_rows(qkv3, rot_heads, cos, sin)
+        q = qkv3[:, :hq]
+        res[Q_BAD] = ggml.count_bad(q)
+        if res[Q_BAD] == 0:
+            at.wk[:] = qkv3[:, hq:hq + hkv]
+            at.wv[:] = qkv3[:, hq + hkv:]
+            res[0] = ggml.precheck(at.wk, at.wv, at.slots, geom)
+            if res[0] == 0:
+                cpu_write.write_rows(at.wk, at.wv, at.slots, kplanes, vplanes, geom, side_k,
+                                     side_v, shrinks)
+                cpu._code_q(q, at.qc, qsigns, qpre, qpost, qsize)
+        threads.first_done(ctr[2])
+    if res[0] != 0 or res[Q_BAD] != 0:
+        threads.job_ends(flag, gen, linger)
+        return
+    n_att = job.work.shape[0]
+    while True:
+        w = fetch_add(ctr[2], 0)
+        if w >= n_att:
+            break
+        cpu._attend_chunk(w, at.qc, at.scale, at.cap, kplanes, vplanes, geom, job)
+        fetch_add(ctr[2], 1)
+    _wait_items(ctr[2], n_att)
+    # 3: merge, restore, the output projection
+    if threads.first_in(ctr[3]):
+        for gi in range(job.groups.shape[0] - 1):
+            cpu._merge_group(gi, at.o, geom.n_kv, job)
+        cpu._restore(at.o, osigns, omul, oshift, osize)
+        threads.first_done(ctr[3])
+    _gemv(flag, ctr[4], d, at.o.reshape((at.o.shape[0], -1)), wo)
+    # 4: the residual, the norm, gate and up
+    if threads.first_in(ctr[5]):
+        rowops._add_norm_rows(x, wo.out, ffn_norm, eps, h)
+        threads.first_done(ctr[5])
+    _gemv(flag, ctr[6], d, h, w13)
+    # 5: SiLU(gate) * up, down
+    if threads.first_in(ctr[7]):
+        rowops._silu_mul_rows(w13.out, s)
+        threads.first_done(ctr[7])
+    _gemv(flag, ctr[8], d, s, w2)
+    threads.job_ends(flag, gen, linger)
