@@ -169,8 +169,8 @@ def profile_decode(e: Engine, ids: list[int], steps: int = 16) -> None:
         setattr(rowops, name, labelled(getattr(rowops, name), f"rowops {name.strip('_')}"))
     from kvslim.models import fused
 
-    # a decode step of a llama-family model on CPU: each layer one job (models.fused)
-    fused.layer_job = labelled(fused.layer_job, "decode layer job (attention, matmuls, row ops)")
+    # a decode step of a llama-family model on CPU: one job for every layer (models.fused)
+    fused.step_job = labelled(fused.step_job, "decode step job (attention, matmuls, row ops)")
     seq = e.add_request(ids, SamplingParams(max_tokens=steps + 8, temperature=0,
                                             repeat_penalty=1.0, ignore_eos=True))
     while seq.n_generated < 4:

@@ -162,9 +162,9 @@ def test_a_non_finite_query_is_refused_and_nothing_is_lost(tmp_path):
     attn, seq = Attention(plan), cache.new_sequence()
     for tok in IDS[:4]:
         run_step(model, attn, cache, [seq], [1], [tok])
-    norm = model.layers[1].attn_norm
+    norm, stacked = model.layers[1].attn_norm, model.fused.norms[1, 0]  # the job's copy
     saved = norm.clone()
-    norm[0] = float("nan")
+    norm[0] = stacked[0] = float("nan")
     for fused in (True, False):
         keep, model.fused = model.fused, (model.fused if fused else None)
         try:
@@ -174,6 +174,7 @@ def test_a_non_finite_query_is_refused_and_nothing_is_lost(tmp_path):
             model.fused = keep
         assert cache.length(seq) == 4
     norm.copy_(saved)
+    stacked[:] = saved.numpy()
     cache.check()
     a = run_step(model, attn, cache, [seq], [1], [IDS[4]])
     assert torch.isfinite(a).all()

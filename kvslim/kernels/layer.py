@@ -2,8 +2,8 @@
 
 A decode step of a small model is mostly fixed costs: per layer four matmul jobs, the
 attention job and four row ops, each a numba call from Python on a cold cache, and each
-job's helper thread joins a few microseconds late. ``layer_job`` runs a whole layer in
-one call that every thread enters once, as phases:
+job's helper thread joins a few microseconds late. ``step_job`` runs every layer of a
+step in one call that every thread enters once; each layer (``_layer``) is phases:
 
     0  x += y (the previous layer's output; not on the first layer), h = RMSNorm(x)
     1  qkv = h @ Wqkv.T                                 (GEMV items)
@@ -36,9 +36,10 @@ import numpy as np
 from numba import njit
 
 from kvslim.kernels import cpu, cpu_write, ggml, qmatmul, rowops, threads
-from kvslim.kernels.ggml import fetch_add, load_acquire
+from kvslim.kernels.cpu_write import Side
+from kvslim.kernels.ggml import Geom, fetch_add, load_acquire
 
-__all__ = ["Mat", "Attn", "layer_job", "PHASES", "Q_BAD", "mat"]
+__all__ = ["Mat", "Attn", "step_job", "PHASES", "Q_BAD", "mat"]
 
 # counter rows of one layer job (8 int64 each: one cache line per row)
 PHASES = 10
@@ -97,18 +98,17 @@ def _gemv(flag, counters, d, x, m):
     _wait_items(counters, m.work.shape[0])
 
 
-@njit(nogil=True, cache=True)
-def layer_job(flag, gen, linger, ctr, res, d, eps, x, add, h, attn_norm, ffn_norm,
-              qkv, wo, w13, s, w2, qkv3, rot_heads, cos, sin, at, kplanes, vplanes, geom, job,
-              side_k, side_v, shrinks, qsigns, qpre, qpost, qsize, osigns, omul, oshift, osize):
-    """One decode layer on this thread and any that join (``threads.Helpers.run``'s flag,
-    gen, linger). x [M, d] the residual stream (updated in place); ``w2.out`` [M, d]
-    holds the previous layer's output, added to x first (``add``; 0 on the first layer),
-    and gets this layer's; h [M, d] and s [M, F] scratch. qkv3 [M, Hq+2Hkv, D]:
+@njit(nogil=True)
+def _layer(flag, ctr, res, d, eps, x, add, h, attn_norm, ffn_norm, qkv, wo, w13, s, w2, qkv3,
+           rot_heads, cos, sin, at, kplanes, vplanes, geom, job, side_k, side_v, shrinks,
+           qsigns, qpre, qpost, qsize, osigns, omul, oshift, osize):
+    """One decode layer on this thread (any number run it at once). x [M, d] the residual
+    stream (updated in place); ``w2.out`` [M, d] holds the previous layer's output, added
+    to x first (``add``; 0 on the first layer), and gets this layer's; h [M, d] and s [M, F]
+    scratch. qkv3 [M, Hq+2Hkv, D]:
     ``qkv.out`` as heads, the first ``rot_heads`` rotated by cos / sin [M, R].
     ctr [PHASES, 8] zeros; res [2] zeros: nonzero when the write was refused (see
     ``Q_BAD``), and then nothing past the write ran."""
-    threads.job_begins(flag, gen)
     hq, hkv = at.qc.shape[1], at.wk.shape[1]
     # 0: the residual and the norm
     if threads.first_in(ctr[0]):
@@ -134,7 +134,6 @@ def layer_job(flag, gen, linger, ctr, res, d, eps, x, add, h, attn_norm, ffn_nor
                 cpu._code_q(q, at.qc, qsigns, qpre, qpost, qsize)
         threads.first_done(ctr[2])
     if res[0] != 0 or res[Q_BAD] != 0:
-        threads.job_ends(flag, gen, linger)
         return
     n_att = job.work.shape[0]
     while True:
@@ -161,4 +160,45 @@ def layer_job(flag, gen, linger, ctr, res, d, eps, x, add, h, attn_norm, ffn_nor
         rowops._silu_mul_rows(w13.out, s)
         threads.first_done(ctr[7])
     _gemv(flag, ctr[8], d, s, w2)
+
+
+@njit(nogil=True, cache=True)
+def step_job(flag, gen, linger, ctr, res, d, eps, x, h, s, norms, mats, parts, works, qkv3,
+             rot_heads, cos, sin, at, kplanes, vplanes, geom, job, side_k, side_v, sides,
+             shrinks, coding, qsize, osize):
+    """Every layer of a decode step, one after the other (``_layer``), on this thread and
+    any that join (``threads.Helpers.run``'s flag, gen, linger): one call a step, so no
+    per-layer dispatch (tens of microseconds for these arguments) and no helper re-entering
+    from Python between layers.
+
+    Per layer l: norms [L, 2, d] (attention, FFN), the four matmuls' parts[j][l] and
+    works[j][l] in ``mats[j]`` (qkv, wo, w13, w2: x's forms and the outputs, shared by the
+    layers), l's place in the cache (``geom`` of layer 0, layer l in the same planes), its
+    write sides (``side_k``, ``side_v`` with sides = (K signs, K shift, K scales, V signs,
+    V shift, V scales) [L, ...]) and its codec terms (coding = (q signs, pre, post, out
+    signs, mul, shift) [L, ...]; qsize, osize the rotations' sizes). ctr [L, PHASES, 8]
+    zeros; res [2]: a refused write stops every thread at that layer."""
+    threads.job_begins(flag, gen)
+    qkv, wo, w13, w2 = mats
+    for layer in range(norms.shape[0]):
+        g = Geom(layer, geom.n_pages, geom.n_kv, geom.page_size, geom.nb_k, geom.nb_v, geom.qk,
+                 geom.tile)
+        sk = Side(sides[0][layer], side_k.size, sides[1][layer], side_k.lsq, side_k.divisors,
+                  sides[2][layer], side_k.scaled)
+        sv = Side(sides[3][layer], side_v.size, sides[4][layer], side_v.lsq, side_v.divisors,
+                  sides[5][layer], side_v.scaled)
+        _layer(flag, ctr[layer], res, d, eps, x, layer > 0, h, norms[layer, 0], norms[layer, 1],
+               _at(qkv, parts[0], works[0], layer), _at(wo, parts[1], works[1], layer),
+               _at(w13, parts[2], works[2], layer), s, _at(w2, parts[3], works[3], layer), qkv3,
+               rot_heads, cos, sin, at, kplanes, vplanes, g, job, sk, sv, shrinks,
+               coding[0][layer], coding[1][layer], coding[2][layer], qsize, coding[3][layer],
+               coding[4][layer], coding[5][layer], osize)
+        if res[0] != 0 or res[Q_BAD] != 0:
+            break
     threads.job_ends(flag, gen, linger)
+
+
+@njit(inline="always")
+def _at(m, parts, works, layer):
+    """``m`` with layer ``layer``'s parts and work items."""
+    return Mat(parts[layer], works[layer], m.xs, m.xq, m.xd, m.xs32, m.xs16, m.out, m.ints)

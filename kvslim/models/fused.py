@@ -13,13 +13,14 @@ Shapes as in ``llama.py``: M rows, d = d_model, H / Hkv heads, D = head_dim, F =
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import torch
 
 from kvslim.attention import Attention, Step
 from kvslim.kernels import cpu, cpu_write, ggml
-from kvslim.kernels.layer import PHASES, Q_BAD, Attn, Mat, layer_job, mat
+from kvslim.kernels.layer import PHASES, Q_BAD, Attn, mat, step_job
 from kvslim.kernels.rowops import NumbaOps
 from kvslim.kernels.threads import pool
 from kvslim.weights import QLinear, decode_only
@@ -41,12 +42,18 @@ class FusedLayers:
         self.d, self.ffn, self.eps = c.d_model, c.ffn_dim, float(c.rms_eps)
         self.heads, self.kv_heads, self.dim = model.n_heads, model.n_kv_heads, model.head_dim
         self.rot = min(c.rope_dim or self.dim, self.dim)
-        self.layers = [(L.attn_norm.numpy(), L.ffn_norm.numpy(), L.wqkv, L.wo, L.w13, L.w2)
-                       for L in model.layers]
+        mats = [[L.wqkv, L.wo, L.w13, L.w2] for L in model.layers]
+        self.first = mats[0]  # each matmul kind's layer-0 QLinear (ints, data)
+        self.norms = np.stack([np.stack([L.attn_norm.numpy(), L.ffn_norm.numpy()])
+                               for L in model.layers])  # [L, 2, d]
+        # per matmul kind: every layer's parts [L, P, 6] and work items [L, W, 3]
+        self.parts = tuple(np.stack([m[j].parts for m in mats]) for j in range(4))
+        self.works = tuple(np.stack([m[j].work for m in mats]) for j in range(4))
         # which forms of x each matmul needs, over every layer (types differ by layer:
         # Q4_K_M's ffn_down is Q6_K in some)
-        self.inputs = [tuple(any(L[j].inputs[t] for L in self.layers) for t in (0, 1))
-                       for j in range(2, 6)]
+        self.inputs = [tuple(any(m[j].inputs[t] for m in mats) for t in (0, 1))
+                       for j in range(4)]
+        self._per_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def build(cls, model) -> "FusedLayers | None":
@@ -63,6 +70,10 @@ class FusedLayers:
             return None
         if (c.v_head_dim or model.head_dim) != model.head_dim or c.attn_softcap:
             return None
+        shapes = {(j, m.parts.shape, m.work.shape, m.ints.tobytes())
+                  for L in model.layers for j, m in enumerate((L.wqkv, L.wo, L.w13, L.w2))}
+        if len(shapes) != 4:  # the layers' matmuls alike: stacked per kind
+            return None
         return cls(model)
 
     def applies(self, step: Step, n: int) -> bool:
@@ -77,11 +88,31 @@ class FusedLayers:
         st = step.scratch
         return not st.tiled and len(st.work) > 0 and len(step.cache.groups) == 1
 
+    def _stacked(self, cache) -> tuple:
+        """(side_k, side_v of layer 0, the sides' per-layer arrays, the codec's per-layer
+        terms, q and output rotation sizes) for ``cache``, made once per cache: its codec
+        is fixed for its life (``cpu_write.sides``; ``KVCodec.set_means`` serves
+        ``kvslim.hf``'s caches, which never run this forward)."""
+        got = self._per_cache.get(cache)
+        if got is None:
+            n, hq = len(self.norms), self.heads
+            sides = [cpu_write.sides(cache, i) for i in range(n)]
+            codes = [cpu.coding(cache, i, hq) for i in range(n)]
+            if len({(c[3], c[7]) for c in codes}) != 1:
+                raise ValueError("layers with different rotation sizes")
+            stack = lambda xs: np.ascontiguousarray(np.stack(xs))  # noqa: E731
+            got = self._per_cache[cache] = (
+                *sides[0], tuple(stack([sd[k][f] for sd in sides]) for k in (0, 1)
+                                 for f in (0, 2, 5)),
+                tuple(stack([c[f] for c in codes]) for f in (0, 1, 2, 4, 5, 6)),
+                codes[0][3], codes[0][7])
+        return got
+
     def run(self, x: torch.Tensor, step: Step, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer on x [M, d] (the embedded tokens; cos / sin [M, 1, R] the step's
         RoPE tables) -> (x, y): the residual stream before the last layer's output y is
-        added, as the separate calls' loop leaves them."""
+        added, as the separate calls' loop leaves them. One kernel job for the step."""
         m, d, f = x.shape[0], self.d, self.ffn
         hq, hkv, dim = self.heads, self.kv_heads, self.dim
         cache, st = step.cache, step.scratch
@@ -91,8 +122,8 @@ class FusedLayers:
         outs = (qkv_out, np.empty((m, d), np.float32), np.empty((m, 2 * f), np.float32),
                 np.empty((m, d), np.float32))  # y: the last, each layer's output
         ins = (d, hq * dim, d, f)
-        forms = [mat(q.parts, q.work, q.ints, inputs, m, k, out)
-                 for q, inputs, k, out in zip(self.layers[0][2:], self.inputs, ins, outs)]
+        mats = tuple(mat(q.parts, q.work, q.ints, inputs, m, k, out)
+                     for q, inputs, k, out in zip(self.first, self.inputs, ins, outs))
         at = Attn(np.empty((m, hq, dim), np.float32), np.empty((m, hkv, dim), np.float32),
                   np.empty((m, hkv, dim), np.float32),
                   cpu_write.rows(step.layer_slots(0), torch.int64),
@@ -100,22 +131,18 @@ class FusedLayers:
                   np.float32(0.0))
         cos_rows = ggml.dense(cos[:, 0]).numpy()  # [M, R]
         sin_rows = ggml.dense(sin[:, 0]).numpy()
-        job = st.job(hq // hkv, dim)
         kplanes, vplanes = ggml.plane_views(cache, 0)
-        tile = cpu._tile_tokens(dim, dim)
+        side_k, side_v, sides, coding, qsize, osize = self._stacked(cache)
+        n = len(self.norms)
+        ctr, res = np.zeros((n, PHASES, 8), np.int64), np.zeros(2, np.int64)
         helpers = pool()
-        for i, (attn_norm, ffn_norm, *qls) in enumerate(self.layers):
-            mats = [Mat(q.parts, q.work, *fm[2:7], fm.out, q.ints) for q, fm in zip(qls, forms)]
-            geom = ggml.geom(cache, i, tile)
-            code = cpu.coding(cache, i, hq)
-            ctr, res = np.zeros((PHASES, 8), np.int64), np.zeros(2, np.int64)
-            helpers.run(layer_job, (
-                ctr, res, qls[0].data, self.eps, xn, int(i > 0), h, attn_norm, ffn_norm,
-                mats[0], mats[1], mats[2], s, mats[3], qkv_out.reshape(m, hq + 2 * hkv, dim),
-                hq + hkv, cos_rows, sin_rows, at, kplanes, vplanes, geom, job,
-                *cpu_write.sides(cache, i), cpu_write.SHRINKS, *code),
-                helpers.n, _nothing, ())
-            if res[Q_BAD]:
-                raise ValueError(f"query holds {int(res[Q_BAD])} non-finite values (NaN or inf)")
-            ggml.raise_for(int(res[0]), cache)
+        helpers.run(step_job, (
+            ctr, res, self.first[0].data, self.eps, xn, h, s, self.norms, mats, self.parts,
+            self.works, qkv_out.reshape(m, hq + 2 * hkv, dim), hq + hkv, cos_rows, sin_rows, at,
+            kplanes, vplanes, ggml.geom(cache, 0, cpu._tile_tokens(dim, dim)),
+            st.job(hq // hkv, dim), side_k, side_v, sides, cpu_write.SHRINKS, coding, qsize,
+            osize), helpers.n, _nothing, ())
+        if res[Q_BAD]:
+            raise ValueError(f"query holds {int(res[Q_BAD])} non-finite values (NaN or inf)")
+        ggml.raise_for(int(res[0]), cache)
         return torch.from_numpy(xn), torch.from_numpy(outs[3])
