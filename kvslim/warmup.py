@@ -43,7 +43,9 @@ def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
         cpu.warmup(t, t)
     _long_write()
     _matmuls()
-    _layer_job(types[0])
+    from kvslim.models.fused import enabled
+    if enabled():
+        _layer_job(types[0])
     _row_ops()
     _rotation()
     _checks()
@@ -150,12 +152,14 @@ def needs_compile() -> bool:
 
     from kvslim import rotation  # noqa: F401 - its kernel is checked
     from kvslim.kernels import qmatmul  # noqa: F401
-
-    from kvslim.kernels import layer  # noqa: F401
+    from kvslim.models.fused import enabled
 
     names = ("kvslim.kernels.cpu", "kvslim.kernels.cpu_write", "kvslim.kernels.qmatmul",
-             "kvslim.kernels.layer",
              "kvslim.kernels.ggml", "kvslim.kernels.rowops", "kvslim.rotation")
+    if enabled():
+        from kvslim.kernels import layer  # noqa: F401
+
+        names += ("kvslim.kernels.layer",)
     kernels = {id(f): f for n in names for f in vars(sys.modules[n]).values()
                if isinstance(f, CPUDispatcher) and type(f._cache).__name__ != "NullCache"}
     return not all(_cached(f) for f in kernels.values())

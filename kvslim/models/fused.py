@@ -25,13 +25,27 @@ from kvslim.kernels.rowops import NumbaOps
 from kvslim.kernels.threads import pool
 from kvslim.weights import QLinear, decode_only
 
-__all__ = ["FusedLayers", "ENV"]
+__all__ = ["FusedLayers", "ENV", "enabled"]
 
-ENV = "KVSLIM_FUSED_LAYERS"  # "0": the separate calls (for comparisons)
+ENV = "KVSLIM_FUSED_LAYERS"  # "1": decode steps as one job; otherwise the separate calls
+
+
+def enabled() -> bool:
+    """Whether ``KVSLIM_FUSED_LAYERS=1`` asks for the fused decode step. Off by default:
+    the job's code loaded from numba's disk cache computes differently from the same job
+    compiled in the process (which equals the separate calls bit for bit), and
+    differently again depending on what the process ran before (measured: a cache file
+    restored in another process continued with other logits); until that is understood
+    the separate calls stay the default (benchmarks/README.md)."""
+    return os.environ.get(ENV, "").strip() == "1"
 
 
 def _nothing() -> None:
     return None
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack(arrays))
 
 
 class FusedLayers:
@@ -58,9 +72,9 @@ class FusedLayers:
     @classmethod
     def build(cls, model) -> "FusedLayers | None":
         """The fused layers of ``model`` (a llama-family ``Decoder``), or None where they do
-        not apply: not CPU float32, weights dequantized, q/k/v biases, heads padded in the
-        cache, a sliding window, or ``KVSLIM_FUSED_LAYERS=0``."""
-        if os.environ.get(ENV, "1").strip() == "0" or model.ops is not NumbaOps:
+        not apply: not asked for (``enabled``), not CPU float32, weights dequantized, q/k/v
+        biases, heads padded in the cache, a sliding window."""
+        if not enabled() or model.ops is not NumbaOps:
             return None
         c = model.config
         mats = [m for L in model.layers for m in (L.wqkv, L.wo, L.w13, L.w2)]
@@ -88,25 +102,27 @@ class FusedLayers:
         st = step.scratch
         return not st.tiled and len(st.work) > 0 and len(step.cache.groups) == 1
 
-    def _stacked(self, cache) -> tuple:
-        """(side_k, side_v of layer 0, the sides' per-layer arrays, the codec's per-layer
-        terms, q and output rotation sizes) for ``cache``, made once per cache: its codec
-        is fixed for its life (``cpu_write.sides``; ``KVCodec.set_means`` serves
-        ``kvslim.hf``'s caches, which never run this forward)."""
+    def _sides(self, cache) -> tuple:
+        """(side_k, side_v of layer 0, (K signs, K shift, K scales, V signs, V shift, V
+        scales) [L, ...]) for ``cache``: made once per cache, as ``cpu_write.sides`` makes
+        its (a cache's codec is fixed for its life)."""
         got = self._per_cache.get(cache)
         if got is None:
-            n, hq = len(self.norms), self.heads
-            sides = [cpu_write.sides(cache, i) for i in range(n)]
-            codes = [cpu.coding(cache, i, hq) for i in range(n)]
-            if len({(c[3], c[7]) for c in codes}) != 1:
-                raise ValueError("layers with different rotation sizes")
-            stack = lambda xs: np.ascontiguousarray(np.stack(xs))  # noqa: E731
-            got = self._per_cache[cache] = (
-                *sides[0], tuple(stack([sd[k][f] for sd in sides]) for k in (0, 1)
-                                 for f in (0, 2, 5)),
-                tuple(stack([c[f] for c in codes]) for f in (0, 1, 2, 4, 5, 6)),
-                codes[0][3], codes[0][7])
+            sides = [cpu_write.sides(cache, i) for i in range(len(self.norms))]
+            got = self._per_cache[cache] = (*sides[0], tuple(
+                _stack([sd[k][f] for sd in sides]) for k in (0, 1) for f in (0, 2, 5)))
         return got
+
+    def _coding(self, cache) -> tuple:
+        """The codec's per-layer terms stacked ((q signs, pre, post, out signs, mul, shift)
+        [L, ...]) and the two rotation sizes, from ``cpu.coding``'s views every step: a
+        codec's means may be set after the first step (a restored cache file's), and
+        the views read them as they are now."""
+        codes = [cpu.coding(cache, i, self.heads) for i in range(len(self.norms))]
+        if len({(c[3], c[7]) for c in codes}) != 1:
+            raise ValueError("layers with different rotation sizes")
+        return (tuple(_stack([c[f] for c in codes]) for f in (0, 1, 2, 4, 5, 6)),
+                codes[0][3], codes[0][7])
 
     def run(self, x: torch.Tensor, step: Step, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +148,8 @@ class FusedLayers:
         cos_rows = ggml.dense(cos[:, 0]).numpy()  # [M, R]
         sin_rows = ggml.dense(sin[:, 0]).numpy()
         kplanes, vplanes = ggml.plane_views(cache, 0)
-        side_k, side_v, sides, coding, qsize, osize = self._stacked(cache)
+        side_k, side_v, sides = self._sides(cache)
+        coding, qsize, osize = self._coding(cache)
         n = len(self.norms)
         ctr, res = np.zeros((n, PHASES, 8), np.int64), np.zeros(2, np.int64)
         helpers = pool()
