@@ -432,9 +432,9 @@ class Engine:
         sampled: rows starts 0..decode-1), each row's weights path fixed whatever shares
         the step (``step_rows``).
 
-        A model that runs decode steps its own way (``fused``: a layer as one CPU job,
-        equal to the separate calls up to rounding) gets a step of decode and prompt
-        rows as two forwards, the decode rows first: a decode row's logits are then the
+        A model that runs decode steps its own way (``fused``: the step as one CPU job,
+        whose results need not equal the separate calls' bit for bit) gets a step of
+        decode and prompt rows as two forwards, the decode rows first: a decode row's logits are then the
         same whether prompt rows share its step or not (batch invariance); the weights
         are read twice either way (the decode rows' GEMV, the prompt rows' tiles)."""
         if not 0 < decode < len(q_lens) or getattr(self.model, "fused", None) is None:

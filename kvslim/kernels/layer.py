@@ -41,8 +41,8 @@ from kvslim.kernels.ggml import Geom, fetch_add, load_acquire
 
 __all__ = ["Mat", "Attn", "step_job", "PHASES", "Q_BAD", "mat"]
 
-# counter rows of one layer job (8 int64 each: one cache line per row)
-PHASES = 10
+# counter rows of one layer (8 int64 each: one cache line per row)
+PHASES = 9
 Q_BAD = 1  # res[1]: the queries' non-finite values (res[0]: the write's ggml.precheck code)
 
 
@@ -75,12 +75,8 @@ class Attn(NamedTuple):
 def mat(parts: np.ndarray, work: np.ndarray, ints: np.ndarray, inputs: tuple[bool, bool],
         m: int, k: int, out: np.ndarray) -> Mat:
     """A ``Mat`` for M = m input rows of K = k values (``inputs``: ``qmatmul.gemv_inputs``;
-    the forms of x as ``qmatmul.gemv`` allocates them, filled in the job)."""
-    use_int, use_float = inputs
-    nb = k // 32 if use_int else 0
-    return Mat(parts, work, np.empty((m, k // 16 if use_float else 0), np.float32),
-               np.zeros((m, 2 * k if use_int else 0), np.int8), np.empty((m, nb), np.float32),
-               np.empty((m, nb), np.float32), np.empty((m, 2 * nb), np.float32), out, ints)
+    x's forms from ``qmatmul.x_forms``, filled in the job)."""
+    return Mat(parts, work, *qmatmul.x_forms(m, k, inputs), out, ints)
 
 
 @njit(inline="always")
@@ -105,8 +101,8 @@ def _layer(flag, ctr, res, d, eps, x, add, h, attn_norm, ffn_norm, qkv, wo, w13,
     """One decode layer on this thread (any number run it at once). x [M, d] the residual
     stream (updated in place); ``w2.out`` [M, d] holds the previous layer's output, added
     to x first (``add``; 0 on the first layer), and gets this layer's; h [M, d] and s [M, F]
-    scratch. qkv3 [M, Hq+2Hkv, D]:
-    ``qkv.out`` as heads, the first ``rot_heads`` rotated by cos / sin [M, R].
+    scratch. qkv3 [M, Hq+2Hkv, D]: ``qkv.out`` as heads, the first ``rot_heads`` rotated
+    by cos / sin [M, R].
     ctr [PHASES, 8] zeros; res [2] zeros: nonzero when the write was refused (see
     ``Q_BAD``), and then nothing past the write ran."""
     hq, hkv = at.qc.shape[1], at.wk.shape[1]

@@ -1121,14 +1121,20 @@ def gemv(data: np.ndarray, parts: np.ndarray, work: np.ndarray, x: np.ndarray,
     fused=False: every type through the row buffer (the earlier kernel, kept as the
     baseline that tests and benchmarks/weights.py compare the fused dots against).
     inputs: ``gemv_inputs(parts, ints, fused)``, when the caller keeps it."""
-    use_int, use_float = gemv_inputs(parts, ints, fused) if inputs is None else inputs
+    inputs = gemv_inputs(parts, ints, fused) if inputs is None else inputs
     counters = np.zeros(4, dtype=np.int64)
-    m, k = x.shape
-    xs = np.empty((m, k // 16 if use_float else 0), np.float32)  # filled by _gemv_items
-    xq = np.zeros((m, 2 * k if use_int else 0), np.int8)
-    xd = np.empty((m, k // 32 if use_int else 0), np.float32)
-    _run(_gemv_items, (counters, data, parts, work, x, xs, xq, xd, np.empty_like(xd),
-                       np.empty((m, 2 * xd.shape[1]), np.float32), ints, out, fused), len(work))
+    _run(_gemv_items, (counters, data, parts, work, x, *x_forms(*x.shape, inputs), ints, out,
+                       fused), len(work))
+
+
+def x_forms(m: int, k: int, inputs: tuple[bool, bool]) -> tuple[np.ndarray, ...]:
+    """(xs, xq, xd, xs32, xs16): the forms of x [M, K] a GEMV reads, unfilled
+    (``_gemv_items`` fills them), 0 wide where ``inputs`` (``gemv_inputs``) needs none."""
+    use_int, use_float = inputs
+    nb = k // 32 if use_int else 0
+    return (np.empty((m, k // 16 if use_float else 0), np.float32),
+            np.zeros((m, 2 * k if use_int else 0), np.int8), np.empty((m, nb), np.float32),
+            np.empty((m, nb), np.float32), np.empty((m, 2 * nb), np.float32))
 
 
 def sums16(x: np.ndarray) -> np.ndarray:

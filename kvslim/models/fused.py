@@ -1,12 +1,12 @@
-"""A llama-style decode step as one kernel job per layer (CPU, GGUF weight blocks).
+"""A llama-style decode step as one kernel job (CPU, GGUF weight blocks; opt-in).
 
-``FusedLayers`` gathers what ``kernels.layer.layer_job`` reads for each layer of a
-model (the four ``QLinear`` parts and work lists, the norms) once, and per step the
-buffers, the cache's views and the codec's terms, then runs the layers one job each.
-It applies to steps of decode rows only (``applies``) on CPU with quantized weights,
-every sequence short enough for the attention kernel; its results equal the separate
-calls' up to float32 rounding (``kernels.layer``), and the engine gives every decode
-row this path (a step with prompt rows runs them as a second forward).
+``FusedLayers`` stacks what ``kernels.layer.step_job`` reads for each layer of a model
+(the four ``QLinear`` parts and work lists, the norms) once, the cache's write sides
+once per cache, and per step the buffers and the codec's terms, then runs every layer
+in one job. It applies to steps of decode rows only (``applies``) on CPU with quantized
+weights, every sequence short enough for the attention kernel; with it on, the engine
+gives every decode row this path (a step with prompt rows runs them as a second
+forward). Why it is opt-in: ``enabled``.
 
 Shapes as in ``llama.py``: M rows, d = d_model, H / Hkv heads, D = head_dim, F = ffn_dim.
 """
@@ -49,13 +49,12 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 class FusedLayers:
-    """A model's layers as ``layer_job``s; ``build`` says whether the model can."""
+    """A model's layers as one ``step_job``; ``build`` says whether the model can."""
 
     def __init__(self, model):
         self.model, c = model, model.config
         self.d, self.ffn, self.eps = c.d_model, c.ffn_dim, float(c.rms_eps)
         self.heads, self.kv_heads, self.dim = model.n_heads, model.n_kv_heads, model.head_dim
-        self.rot = min(c.rope_dim or self.dim, self.dim)
         mats = [[L.wqkv, L.wo, L.w13, L.w2] for L in model.layers]
         self.first = mats[0]  # each matmul kind's layer-0 QLinear (ints, data)
         self.norms = np.stack([np.stack([L.attn_norm.numpy(), L.ffn_norm.numpy()])
@@ -115,9 +114,9 @@ class FusedLayers:
 
     def _coding(self, cache) -> tuple:
         """The codec's per-layer terms stacked ((q signs, pre, post, out signs, mul, shift)
-        [L, ...]) and the two rotation sizes, from ``cpu.coding``'s views every step: a
-        codec's means may be set after the first step (a restored cache file's), and
-        the views read them as they are now."""
+        [L, ...]) and the two rotation sizes, copied from ``cpu.coding``'s views every
+        step: the separate calls read the codec's terms as they are at each call
+        (``KVCodec.set_means`` may change them), so a copy kept across steps could differ."""
         codes = [cpu.coding(cache, i, self.heads) for i in range(len(self.norms))]
         if len({(c[3], c[7]) for c in codes}) != 1:
             raise ValueError("layers with different rotation sizes")

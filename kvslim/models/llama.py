@@ -57,8 +57,8 @@ class Llama(Decoder):
         self.layers = [self._layer(weights, i) for i in range(config.n_layers)]
         self.rope = Rope(self._rope_inv_freq(weights.pop("rope_freqs.weight", None)),
                          self.device, dtype)
-        # a decode step's layers as one kernel job each (CPU): for this forward only, not
-        # a subclass's own attention (qwen3's q/k norms)
+        # a decode step as one kernel job (CPU, opt-in: models.fused): for this forward
+        # only, not a subclass's own attention (qwen3's q/k norms)
         self.fused = FusedLayers.build(self) if type(self)._attention is Llama._attention \
             else None
 
@@ -104,7 +104,7 @@ class Llama(Decoder):
         cos, sin = self.rope.at(step.positions.to(self.device))  # [N, 1, R], every layer's
         x = self.embed(tokens.to(self.device))  # [N, d]: the residual stream
         if self.fused is not None and self.fused.applies(step, x.shape[0]):
-            x, y = self.fused.run(x, step, cos, sin)  # the same loop, one kernel job a layer
+            x, y = self.fused.run(x, step, cos, sin)  # the same loop as one kernel job
         else:
             x, y = self._layers(x, step, cos, sin)
         if logit_rows is not None:  # the last residual add and the norm on those rows only
