@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
+
 __all__ = ["Rotation", "fwht", "hadamard_size", "default_rotation", "rotate_rows",
            "scaled_rotate_rows", "butterfly", "forward_row", "rotate_kernel"]
 

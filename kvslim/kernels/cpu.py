@@ -45,7 +45,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kvslim import formats
+from kvslim import formats, jit  # noqa: F401 - jit: before any kernel compiles
 from kvslim.kernels import cpu_write, ggml, threads, tiled
 from kvslim.kernels.ggml import fetch_add, load_acquire
 from kvslim.rotation import butterfly

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from kvslim import formats
+from kvslim import formats, jit  # noqa: F401 - jit: before any kernel compiles
 from kvslim.kernels import ggml
 from kvslim.rotation import forward_row
 from kvslim.rounding import LSQ_TYPES, affine_shrinks, symmetric_divisors

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from kvslim import formats
+from kvslim import formats, jit  # noqa: F401 - jit: before any kernel compiles
 
 if TYPE_CHECKING:
     from kvslim.cache import KVCache

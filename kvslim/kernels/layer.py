@@ -18,12 +18,12 @@ after every item of the phase before it has finished; its items are claimed from
 atomic counter as in every kernel job, so a helper that arrives late finds them taken
 and passes through. Every piece is the function the separate calls run (``rowops``,
 ``qmatmul._gemv_items``, ``cpu_write.write_rows``, ``cpu._attend_chunk``,
-``cpu._merge_group``, the codec's ``_code_q`` / ``_restore``). Compiled in the process,
-the job's results equal the separate calls' bit for bit; loaded from numba's disk cache
-they differ in the last bits, and by what the process ran before (measured; not yet
-understood, benchmarks/README.md), so the job is opt-in (``models.fused.enabled``). With
-it on, the engine keeps batch invariance by running a step's decode rows as a forward of
-their own (``Engine._forward``): a decode row always takes this job.
+``cpu._merge_group``, the codec's ``_code_q`` / ``_restore``), compiled into the job as
+its own copies (``kvslim.jit``): the results equal the separate calls' up to float32
+rounding (the fastmath pieces are optimized where they are inlined), and are the same
+compiled in the process or loaded from numba's disk cache, whatever the process ran
+before. The engine keeps batch invariance by running a step's decode rows as a forward
+of their own (``Engine._forward``): a decode row always takes this job.
 
 No fastmath at this level: ``_code_q`` and ``_restore`` are inlined here and round as in
 ``cpu._attend_items``; the callees keep their own flags.
@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
 from kvslim.kernels import cpu, cpu_write, ggml, qmatmul, rowops, threads
 from kvslim.kernels.cpu_write import Side
 from kvslim.kernels.ggml import Geom, fetch_add, load_acquire

@@ -37,6 +37,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
 from kvslim.kernels.ggml import bits_to_float, fetch_add, load_acquire
 from kvslim.kernels.qtypes import TYPES
 from kvslim.kernels.threads import first_done, first_in, job_begins, job_ends, pool

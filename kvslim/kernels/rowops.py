@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
+from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
+
 __all__ = ["TorchOps", "NumbaOps", "ops", "apply_rope"]
 
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}

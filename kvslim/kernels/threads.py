@@ -36,6 +36,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
 from kvslim.kernels.ggml import fetch_add, load_acquire
 
 __all__ = ["Helpers", "pool", "threads", "job_begins", "job_ends", "first_in", "first_done",

@@ -1,4 +1,4 @@
-"""A llama-style decode step as one kernel job (CPU, GGUF weight blocks; opt-in).
+"""A llama-style decode step as one kernel job (CPU, GGUF weight blocks).
 
 ``FusedLayers`` stacks what ``kernels.layer.step_job`` reads for each layer of a model
 (the four ``QLinear`` parts and work lists, the norms) once, the cache's write sides
@@ -6,7 +6,7 @@ once per cache, and per step the buffers and the codec's terms, then runs every 
 in one job. It applies to steps of decode rows only (``applies``) on CPU with quantized
 weights, every sequence short enough for the attention kernel; with it on, the engine
 gives every decode row this path (a step with prompt rows runs them as a second
-forward). Why it is opt-in: ``enabled``.
+forward). ``KVSLIM_FUSED_LAYERS=0`` turns it off (``enabled``).
 
 Shapes as in ``llama.py``: M rows, d = d_model, H / Hkv heads, D = head_dim, F = ffn_dim.
 """
@@ -27,17 +27,19 @@ from kvslim.weights import QLinear, decode_only
 
 __all__ = ["FusedLayers", "ENV", "enabled"]
 
-ENV = "KVSLIM_FUSED_LAYERS"  # "1": decode steps as one job; otherwise the separate calls
+ENV = "KVSLIM_FUSED_LAYERS"  # "0": the separate calls; "1" or unset: decode steps as one job
 
 
 def enabled() -> bool:
-    """Whether ``KVSLIM_FUSED_LAYERS=1`` asks for the fused decode step. Off by default:
-    the job's code loaded from numba's disk cache computes differently from the same job
-    compiled in the process (which equals the separate calls bit for bit), and
-    differently again depending on what the process ran before (measured: a cache file
-    restored in another process continued with other logits); until that is understood
-    the separate calls stay the default (benchmarks/README.md)."""
-    return os.environ.get(ENV, "").strip() == "1"
+    """Whether decode steps run as one job: yes unless ``KVSLIM_FUSED_LAYERS=0``.
+    (It was opt-in while a job loaded from numba's disk cache computed differently from
+    the same job compiled in the process; the cause was numba's weak copies of callees,
+    which ``kvslim.jit`` makes internal to each kernel.)"""
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={value!r}: 1 (decode steps as one kernel job, the default) "
+                         "or 0 (the separate calls)")
+    return value != "0"
 
 
 def _nothing() -> None:
@@ -71,7 +73,7 @@ class FusedLayers:
     @classmethod
     def build(cls, model) -> "FusedLayers | None":
         """The fused layers of ``model`` (a llama-family ``Decoder``), or None where they do
-        not apply: not asked for (``enabled``), not CPU float32, weights dequantized, q/k/v
+        not apply: turned off (``enabled``), not CPU float32, weights dequantized, q/k/v
         biases, heads padded in the cache, a sliding window."""
         if not enabled() or model.ops is not NumbaOps:
             return None

@@ -57,7 +57,7 @@ class Llama(Decoder):
         self.layers = [self._layer(weights, i) for i in range(config.n_layers)]
         self.rope = Rope(self._rope_inv_freq(weights.pop("rope_freqs.weight", None)),
                          self.device, dtype)
-        # a decode step as one kernel job (CPU, opt-in: models.fused): for this forward
+        # a decode step as one kernel job (CPU; models.fused): for this forward
         # only, not a subclass's own attention (qwen3's q/k norms)
         self.fused = FusedLayers.build(self) if type(self)._attention is Llama._attention \
             else None

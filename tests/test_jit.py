@@ -1,0 +1,63 @@
+"""kvslim.jit: each of kvslim's numba kernels keeps its own (internal) copies of the
+functions it calls, so what it computes cannot depend on which other kernels the process
+loaded first (the weak copies numba writes into its cache did)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import binding as ll
+from numba.core import caching
+
+from kvslim import jit
+from kvslim.kernels import rowops
+
+_IR = """
+define void @{own}() {{
+  call void @{callee}()
+  ret void
+}}
+define linkonce_odr void @{callee}() {{
+  ret void
+}}
+"""
+
+
+def _module(own: str, callee: str) -> ll.ModuleRef:
+    return ll.parse_assembly(_IR.format(own=own, callee=callee))
+
+
+def _linkage(module: ll.ModuleRef, name: str):
+    return module.get_function(name).linkage
+
+
+def test_linked_copies_become_internal_in_kvslim_kernels_only():
+    own, callee = "_ZN6kvslim7kernels1a4mainE", "_ZN6kvslim7kernels1b6calleeE"
+    m = _module(own, callee)
+    assert jit.own_copies(m) == 1
+    assert _linkage(m, callee) == ll.Linkage.internal
+    assert _linkage(m, own) == ll.Linkage.external  # the kernel itself stays callable
+    m.verify()
+    other = _module("_ZN5other4mainE", callee)  # someone else's numba code: left alone
+    assert jit.own_copies(other) == 0
+    assert _linkage(other, callee) == ll.Linkage.linkonce_odr
+
+
+def test_a_compiled_kernel_holds_no_weak_copy_of_its_callee():
+    """``_add_norm_rows`` calls ``_norm_rows``: compiled afresh (no disk cache), its module
+    defines the callee internal or inlines it, never as a linkonce_odr (weak) copy."""
+    kernel = numba.njit(rowops._add_norm_rows.py_func)  # a new dispatcher: compiled here
+    x, y = np.ones((2, 8), np.float32), np.full((2, 8), 3.0, np.float32)
+    out = np.empty_like(x)
+    kernel(x, y, np.ones(8, np.float32), 1e-6, out)
+    np.testing.assert_allclose(out, np.ones_like(out), rtol=1e-6)  # x = 4: normed to 1
+    ir = next(iter(kernel.inspect_llvm().values()))
+    defines = [line for line in ir.splitlines() if line.startswith("define")]
+    assert any("_add_norm_rows" in line for line in defines)
+    assert not [line for line in defines if "linkonce_odr" in line and "kvslim" in line]
+
+
+def test_kvslim_cache_indexes_carry_their_own_version(tmp_path):
+    ours = caching.IndexDataCacheFile(str(tmp_path / "kvslim" / "__pycache__"), "a-1", (0, 0))
+    theirs = caching.IndexDataCacheFile(str(tmp_path / "other"), "a-1", (0, 0))
+    assert ours._version == jit._VERSION != numba.__version__
+    assert theirs._version == numba.__version__
