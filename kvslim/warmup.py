@@ -29,7 +29,7 @@ from kvslim.weights import GEMV_MAX_ROWS, Embedding, QLinear, QTensor
 __all__ = ["warmup", "needs_compile", "check_types", "DEFAULT_TYPES", "MESSAGE"]
 
 DEFAULT_TYPES = ("f16", "q8_0", "q4_0")
-MESSAGE = "compiling CPU kernels (once per machine, ~20 s)"
+MESSAGE = "compiling CPU kernels (once per machine, about 1.5 min on 2 cores)"
 
 
 def warmup(types: tuple[str, ...] | list[str] = DEFAULT_TYPES) -> float:
