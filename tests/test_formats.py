@@ -138,7 +138,10 @@ REL_BOUND = {"f32": 0.0, "f16": 2**-11, "bf16": 2**-8, "q8_0": 0.5 / 127 + 1e-3,
 @pytest.mark.parametrize("t", [t for t in F.TYPES if not F.is_fp8(t)])  # fp8: test_fp8.py
 def test_round_trip_error_bound(t):
     seed = torch.seed()
-    x = torch.randn(200, 128) * torch.rand(200, 1) * 10
+    # rows scaled 0.05..10: a block's f16 scale stays a normal number (a block whose
+    # largest value is under ~0.008 has a subnormal q8_0 scale, rounded to 2**-24: a
+    # seed with a row scale of 3.8e-4 measured 0.0098 relative error, as ggml's own)
+    x = torch.randn(200, 128) * (torch.rand(200, 1) * 9.95 + 0.05)
     r = F.dequantize(F.quantize(x, t), t)
     xb, rb = x.reshape(-1, 32), r.reshape(-1, 32)
     scale = xb.abs().amax(dim=1, keepdim=True)

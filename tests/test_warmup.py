@@ -42,7 +42,7 @@ def test_compile_message_and_seconds(monkeypatch):
     seconds, compiled = repl.compile_kernels(["q8_0"], err=err)
     lines = err.getvalue().splitlines()
     assert compiled and seconds > 0
-    assert lines[0] == "compiling CPU kernels (once per machine, ~20 s) ..."
+    assert lines[0] == "compiling CPU kernels (once per machine, about 1.5 min on 2 cores) ..."
     assert lines[1].startswith("compiled CPU kernels in ") and len(lines) == 2
     monkeypatch.setattr(warmup, "needs_compile", lambda: False)
     err = io.StringIO()
