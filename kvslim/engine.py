@@ -61,6 +61,15 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 POOLINGS = ("mean", "cls", "last")  # how embed() pools a sequence's hidden states
 
 
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first largest logit, logits [R, V]. On CPU through numpy: torch's
+    argmax of one 49,152-value row cost 54 us (its parallel reduction) where numpy's
+    took 9 (the same first index of the maximum, NaN counted as the largest in both)."""
+    if logits.device.type == "cpu":
+        return logits.detach().numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_lens: list[int],
              tokens: list[int], logit_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One forward step: reserve its slots (all or nothing), run the model, and roll the
@@ -474,7 +483,7 @@ class Engine:
         """Next token per sequence, or the error that sampling it raised. logits [len(seqs), V]."""
         plain = [s.params.greedy and not s.params.penalized and s.sampler.constraint is None
                  for s in seqs]
-        best = logits.argmax(-1).tolist() if any(plain) else []  # one op for those rows
+        best = _argmax_rows(logits) if any(plain) else []  # one op for those rows
         return [best[i] if p else self._sample_one(s, logits[i])
                 for i, (s, p) in enumerate(zip(seqs, plain))]
 

@@ -389,3 +389,17 @@ def test_llm_reconfigure_changes_types(llm):
     assert llm.kv_cache_info()["type_v"] == "q4_0"  # unchanged after a bad request
     llm.reconfigure(kv_cache_type="q8_0")
     assert llm.generate("a", max_tokens=2, **GREEDY).eval_count <= 2
+
+
+def test_greedy_rows_pick_what_torch_argmax_picks():
+    """The engine's greedy pick (numpy's argmax on CPU) against torch's: the first of tied
+    maxima, a NaN taken as the largest, on fresh random rows."""
+    from kvslim.engine import _argmax_rows
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    for _ in range(100):
+        x = torch.randn(4, 300, generator=g)
+        x[0, 7] = x[0, 250] = 1e9  # a tie
+        x[1, int(torch.randint(0, 300, (), generator=g))] = float("nan")
+        x[2] = float("-inf")  # every value -inf: index 0
+        assert _argmax_rows(x) == x.argmax(-1).tolist()
