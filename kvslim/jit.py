@@ -22,17 +22,19 @@ imports this module first.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numba
 from llvmlite import binding as ll
 from numba.core import caching, codegen
 
-__all__ = ["install", "own_copies"]
+__all__ = ["install", "own_copies", "active"]
 
 _PACKAGE = "_ZN6kvslim"  # numba's mangled names of this package's functions begin so
 _VERSION = f"{numba.__version__}+kvslim.own-copies.1"
 _installed = False
+_active = False  # the patch is in place
 
 
 def own_copies(module: ll.ModuleRef) -> int:
@@ -50,26 +52,38 @@ def own_copies(module: ll.ModuleRef) -> int:
 
 def install() -> None:
     """Patch numba once per process (idempotent): internal copies in kvslim's kernels,
-    and kvslim's cache indexes versioned apart from those written without it."""
-    global _installed
+    and kvslim's cache indexes versioned apart from those written without it. A numba
+    whose internals moved keeps its own linking, with one warning."""
+    global _installed, _active
     if _installed:
         return
-    optimize = codegen.CPUCodeLibrary._optimize_final_module
+    _installed = True
+    optimize = getattr(codegen.CPUCodeLibrary, "_optimize_final_module", None)
+    init = getattr(caching, "IndexDataCacheFile", None)
+    if optimize is None or init is None:
+        warnings.warn(f"numba {numba.__version__}: kvslim cannot keep its kernels' own copies "
+                      "of their callees; a kernel loaded from numba's cache may compute the "
+                      "last bits differently from one compiled in the process", stacklevel=2)
+        return
+    init = init.__init__
 
     def _optimize_final_module(self):
         own_copies(self._final_module)  # after the callees are linked in, before -O3
         optimize(self)
 
-    codegen.CPUCodeLibrary._optimize_final_module = _optimize_final_module
-    init = caching.IndexDataCacheFile.__init__
-
-    def __init__(self, cache_path, filename_base, source_stamp):
-        init(self, cache_path, filename_base, source_stamp)
+    def __init__(self, cache_path, *args, **kwargs):
+        init(self, cache_path, *args, **kwargs)
         if "kvslim" in Path(cache_path).parts:  # a cache of this package's sources
             self._version = _VERSION
 
+    codegen.CPUCodeLibrary._optimize_final_module = _optimize_final_module
     caching.IndexDataCacheFile.__init__ = __init__
-    _installed = True
+    _active = True
+
+
+def active() -> bool:
+    """Whether kvslim's kernels keep their own copies (``install`` could patch numba)."""
+    return _active
 
 
 install()

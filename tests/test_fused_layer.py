@@ -163,6 +163,13 @@ def test_on_unless_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSLIM_FUSED_LAYERS", "yes")
     with pytest.raises(ValueError, match=r"KVSLIM_FUSED_LAYERS='yes': 1 .* or 0"):
         tiny(tmp_path)
+    from kvslim import jit
+
+    monkeypatch.setattr(jit, "_active", False)  # a numba kvslim.jit could not patch
+    monkeypatch.delenv("KVSLIM_FUSED_LAYERS")
+    assert tiny(tmp_path).fused is None
+    monkeypatch.setenv("KVSLIM_FUSED_LAYERS", "1")
+    assert tiny(tmp_path).fused is not None
 
 
 def test_a_non_finite_query_is_refused_and_nothing_is_lost(tmp_path):

@@ -18,6 +18,7 @@ import weakref
 import numpy as np
 import torch
 
+from kvslim import jit
 from kvslim.attention import Attention, Step
 from kvslim.kernels import cpu, cpu_write, ggml
 from kvslim.kernels.layer import PHASES, Q_BAD, Attn, mat, step_job
@@ -31,7 +32,9 @@ ENV = "KVSLIM_FUSED_LAYERS"  # "0": the separate calls; "1" or unset: decode ste
 
 
 def enabled() -> bool:
-    """Whether decode steps run as one job: yes unless ``KVSLIM_FUSED_LAYERS=0``.
+    """Whether decode steps run as one job: yes unless ``KVSLIM_FUSED_LAYERS=0``, or
+    unless a numba whose internals moved keeps its weak copies (``kvslim.jit.active``;
+    ``=1`` asks for it even then).
     (It was opt-in while a job loaded from numba's disk cache computed differently from
     the same job compiled in the process; the cause was numba's weak copies of callees,
     which ``kvslim.jit`` makes internal to each kernel.)"""
@@ -39,7 +42,7 @@ def enabled() -> bool:
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV}={value!r}: 1 (decode steps as one kernel job, the default) "
                          "or 0 (the separate calls)")
-    return value != "0"
+    return value == "1" or (value == "" and jit.active())
 
 
 def _nothing() -> None:
