@@ -32,12 +32,11 @@ ENV = "KVSLIM_FUSED_LAYERS"  # "0": the separate calls; "1" or unset: decode ste
 
 
 def enabled() -> bool:
-    """Whether decode steps run as one job: yes unless ``KVSLIM_FUSED_LAYERS=0``, or
-    unless a numba whose internals moved keeps its weak copies (``kvslim.jit.active``;
-    ``=1`` asks for it even then).
-    (It was opt-in while a job loaded from numba's disk cache computed differently from
-    the same job compiled in the process; the cause was numba's weak copies of callees,
-    which ``kvslim.jit`` makes internal to each kernel.)"""
+    """Whether decode steps run as one job: ``KVSLIM_FUSED_LAYERS=1`` yes, ``=0`` no, unset
+    yes where ``kvslim.jit`` keeps each kernel's own copies (not on a numba whose
+    internals moved). It was opt-in while a job loaded from numba's disk cache computed
+    differently from the same job compiled in the process: numba's weak copies of
+    callees, which ``kvslim.jit`` makes internal to each kernel."""
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV}={value!r}: 1 (decode steps as one kernel job, the default) "
