@@ -1,9 +1,10 @@
 """A decode step as one kernel job (``models.fused``, ``kernels.layer``; the default,
 ``KVSLIM_FUSED_LAYERS=0`` turns it off) against the separate calls (the same logits up to
 rounding: each kernel computes with its own copies of the functions it calls, optimized
-where they are inlined, see ``kvslim.jit``), against a float64 reference, the same refusals, the steps it leaves to the separate calls, and
-batch invariance: the engine runs a step's decode rows as their own forward, so a decode
-row's logits do not depend on whether prompt rows share its step."""
+where they are inlined, see ``kvslim.jit``), against a float64 reference, the same
+refusals, the steps it leaves to the separate calls, and batch invariance: the engine
+runs a step's decode rows as their own forward, so a decode row's logits do not depend
+on whether prompt rows share its step."""
 from __future__ import annotations
 
 import sys
