@@ -44,7 +44,7 @@ from kvslim.cache import DEFAULT_PAGE_SIZE, CacheFull, KVCache, window_pages
 from kvslim.calibration import build_codec
 from kvslim.chat import PromptTooLong, fit_prompt, max_length
 from kvslim.codec import CodecSettings, decide
-from kvslim.sampling import Sampler, SamplingParams, token_logprobs
+from kvslim.sampling import Sampler, SamplingParams, greedy_rows, token_logprobs
 from kvslim.weights import step_rows
 
 log = logging.getLogger("kvslim")
@@ -59,15 +59,6 @@ DEFAULT_BATCH_TOKENS = 512
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 POOLINGS = ("mean", "cls", "last")  # how embed() pools a sequence's hidden states
-
-
-def _argmax_rows(logits: torch.Tensor) -> list[int]:
-    """Each row's first largest logit, logits [R, V]. On CPU through numpy: torch's
-    argmax of one 49,152-value row cost 54 us (its parallel reduction) where numpy's
-    took 9 (the same first index of the maximum, NaN counted as the largest in both)."""
-    if logits.device.type == "cpu":
-        return logits.detach().numpy().argmax(-1).tolist()
-    return logits.argmax(-1).tolist()
 
 
 def run_step(model, attn: Attention, cache: KVCache, cache_ids: list[int], q_lens: list[int],
@@ -443,9 +434,10 @@ class Engine:
 
         A model that runs decode steps its own way (``fused``: the step as one CPU job,
         whose results need not equal the separate calls' bit for bit) gets a step of
-        decode and prompt rows as two forwards, the decode rows first: a decode row's logits are then the
-        same whether prompt rows share its step or not (batch invariance); the weights
-        are read twice either way (the decode rows' GEMV, the prompt rows' tiles)."""
+        decode and prompt rows as two forwards, the decode rows first: a decode row's
+        logits are then the same whether prompt rows share its step or not (batch
+        invariance); the weights are read twice either way (the decode rows' GEMV, the
+        prompt rows' tiles)."""
         if not 0 < decode < len(q_lens) or getattr(self.model, "fused", None) is None:
             with step_rows(decode):
                 return run_step(self.model, self.attn, self.cache, cache_ids, q_lens, tokens,
@@ -483,7 +475,7 @@ class Engine:
         """Next token per sequence, or the error that sampling it raised. logits [len(seqs), V]."""
         plain = [s.params.greedy and not s.params.penalized and s.sampler.constraint is None
                  for s in seqs]
-        best = _argmax_rows(logits) if any(plain) else []  # one op for those rows
+        best = greedy_rows(logits) if any(plain) else []  # one op for those rows
         return [best[i] if p else self._sample_one(s, logits[i])
                 for i, (s, p) in enumerate(zip(seqs, plain))]
 

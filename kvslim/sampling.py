@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "Sampler", "sample", "apply_mask", "NoAllowedToken", "token_logprobs",
-           "MAX_TOP_LOGPROBS"]
+__all__ = ["SamplingParams", "Sampler", "sample", "greedy_rows", "apply_mask", "NoAllowedToken",
+           "token_logprobs", "MAX_TOP_LOGPROBS"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and Ollama's bound on top_logprobs
 
@@ -166,6 +166,15 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int])
     return logits
 
 
+def greedy_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first largest logit, logits [R, V]. On CPU through numpy: torch's
+    argmax of one 49,152-value row cost 54 us (its parallel reduction) where numpy's
+    took 9 (the same first index of the maximum, NaN counted as the largest in both)."""
+    if logits.device.type == "cpu":
+        return logits.detach().numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
            generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> int:
     """One token from logits [V] (float32); ``allowed`` (bool [<= V]): a grammar's mask."""
@@ -174,7 +183,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: list[int],
     if allowed is not None:
         logits = apply_mask(logits, allowed)
     if p.greedy:
-        return int(logits.argmax())
+        return greedy_rows(logits[None])[0]
     if 0 < p.top_k < logits.shape[0]:
         vals, ids = logits.topk(p.top_k)  # sorted, descending
     else:

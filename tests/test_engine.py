@@ -394,7 +394,7 @@ def test_llm_reconfigure_changes_types(llm):
 def test_greedy_rows_pick_what_torch_argmax_picks():
     """The engine's greedy pick (numpy's argmax on CPU) against torch's: the first of tied
     maxima, a NaN taken as the largest, on fresh random rows."""
-    from kvslim.engine import _argmax_rows
+    from kvslim.sampling import greedy_rows
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
     for _ in range(100):
@@ -402,4 +402,4 @@ def test_greedy_rows_pick_what_torch_argmax_picks():
         x[0, 7] = x[0, 250] = 1e9  # a tie
         x[1, int(torch.randint(0, 300, (), generator=g))] = float("nan")
         x[2] = float("-inf")  # every value -inf: index 0
-        assert _argmax_rows(x) == x.argmax(-1).tolist()
+        assert greedy_rows(x) == x.argmax(-1).tolist()
