@@ -126,11 +126,12 @@ class Step:
             offsets.append(offsets[-1] + n)
         kv_lens = [cache.length(cid) for cid in cache_ids]
         if all(n == 1 for n in q_lens):  # decode: one row each, at the last position
-            positions = torch.tensor(kv_lens) - 1
+            positions = torch.tensor([kv - 1 for kv in kv_lens])
         else:
             positions = torch.cat([torch.arange(kv - n, kv) for kv, n in zip(kv_lens, q_lens)])
         ids = list(cache_ids)
-        step = cls(cache, ids, list(q_lens), kv_lens, offsets, torch.cat(slots), positions,
+        step = cls(cache, ids, list(q_lens), kv_lens, offsets,
+                   slots[0] if len(slots) == 1 else torch.cat(slots), positions,
                    cache.page_table(ids))
         if len(cache.groups) > 1:  # the other groups' slots and tables
             step.group_slots = [step.slots] + [
