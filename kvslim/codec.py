@@ -78,6 +78,7 @@ class KVCodec:
                  rounding_v: str = "ggml", scale_k: torch.Tensor | None = None,
                  scale_v: torch.Tensor | None = None, smooth_k: torch.Tensor | None = None):
         self.n_heads, self.rotation_k, self.rotation_v = n_heads, rotation_k, rotation_v
+        self.version = 0  # counts changes of the terms after construction (set_means, to)
         self.smooth_k = None if smooth_k is None else smooth_k.to(torch.float32).contiguous()
         self._qdiv = None  # [L, Hq, D]: 1 / s_k per query head
         if self.smooth_k is not None:
@@ -133,6 +134,7 @@ class KVCodec:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
+        self.version += 1
         return self
 
     def set_means(self, layer: int, mu_k: torch.Tensor | None = None,
@@ -151,6 +153,7 @@ class KVCodec:
         if mu_v is not None:
             group = self.n_heads // self._shift_v.shape[1]
             self._shift_o[layer] = self._shift_v[layer].repeat_interleave(group, dim=0)
+        self.version += 1
 
     def query_terms(self, layer: int):
         """What ``transform_q`` applies to one layer's queries: (rotation R_k or None,

@@ -200,6 +200,36 @@ def test_a_non_finite_query_is_refused_and_nothing_is_lost(tmp_path):
     assert torch.isfinite(a).all()
 
 
+def test_means_set_between_steps_reach_the_job(tmp_path):
+    """The job keeps the codec's stacked terms per cache while ``KVCodec.version`` stays:
+    means set after a step (a centered V, ``set_means``) are what the next steps use, as
+    for a codec made with those means and the separate calls."""
+    from kvslim.codec import KVCodec
+
+    model = tiny(tmp_path)
+    t, n_layers = Tiny(), len(model.layers)
+    mu = torch.randn(n_layers, t.n_kv_heads, t.head_dim, generator=torch.Generator().manual_seed(5))
+    codec = KVCodec(t.n_heads, mu_v=torch.zeros_like(mu))
+    plan = plan_attention("cpu", model.config.head_dim, "f16", "f16", warn=False)
+    cache = model.new_cache(64, 16, plan.effective_k, plan.effective_v, codec=codec)
+    attn, first = Attention(plan), cache.new_sequence()
+    for tok in IDS[:3]:  # fused steps on the zero means: the job's terms are kept
+        with step_rows(1):
+            run_step(model, attn, cache, [first], [1], [tok])
+    version = codec.version
+    for layer in range(n_layers):
+        codec.set_means(layer, mu_v=mu[layer])
+    assert codec.version > version
+    seq, out = cache.new_sequence(), []
+    for tok in IDS:
+        with step_rows(1):
+            out.append(run_step(model, attn, cache, [seq], [1], [tok]))
+    want = decode(model, [IDS], "f16", fused=False, steps=0, codec=KVCodec(t.n_heads, mu_v=mu))
+    close(torch.cat(out), want)
+    stale = decode(model, [IDS], "f16", fused=False, steps=0, codec=KVCodec(t.n_heads, mu_v=0 * mu))
+    assert (torch.cat(out) - stale).abs().max() > 1e-3  # the means change the logits
+
+
 @pytest.mark.slow
 def test_k_quant_layers_equal_the_separate_calls(tmp_path):
     """Q4_K_M's mix (Q4_K, Q6_K, Q5_0 and Q8_0 matrices: a 2-layer SmolLM2 layout from

@@ -105,27 +105,26 @@ class FusedLayers:
         st = step.scratch
         return not st.tiled and len(st.work) > 0 and len(step.cache.groups) == 1
 
-    def _sides(self, cache) -> tuple:
+    def _terms(self, cache) -> tuple:
         """(side_k, side_v of layer 0, (K signs, K shift, K scales, V signs, V shift, V
-        scales) [L, ...]) for ``cache``: made once per cache, as ``cpu_write.sides`` makes
-        its (a cache's codec is fixed for its life)."""
+        scales) [L, ...], the codec's per-layer query and output terms (q signs, pre, post,
+        out signs, mul, shift) [L, ...], the two rotation sizes) for ``cache``: stacked
+        copies of what ``cpu_write.sides`` and ``cpu.coding`` give the separate calls, kept
+        per cache while its codec's ``version`` stays. ``KVCodec.set_means`` changes the
+        shifts in place, which the separate calls read at their next call: so does this."""
+        version = -1 if cache.codec is None else cache.codec.version
         got = self._per_cache.get(cache)
-        if got is None:
-            sides = [cpu_write.sides(cache, i) for i in range(len(self.norms))]
-            got = self._per_cache[cache] = (*sides[0], tuple(
-                _stack([sd[k][f] for sd in sides]) for k in (0, 1) for f in (0, 2, 5)))
-        return got
-
-    def _coding(self, cache) -> tuple:
-        """The codec's per-layer terms stacked ((q signs, pre, post, out signs, mul, shift)
-        [L, ...]) and the two rotation sizes, copied from ``cpu.coding``'s views every
-        step: the separate calls read the codec's terms as they are at each call
-        (``KVCodec.set_means`` may change them), so a copy kept across steps could differ."""
-        codes = [cpu.coding(cache, i, self.heads) for i in range(len(self.norms))]
-        if len({(c[3], c[7]) for c in codes}) != 1:
-            raise ValueError("layers with different rotation sizes")
-        return (tuple(_stack([c[f] for c in codes]) for f in (0, 1, 2, 4, 5, 6)),
-                codes[0][3], codes[0][7])
+        if got is None or got[0] != version:
+            n = len(self.norms)
+            sides = [cpu_write.sides(cache, i) for i in range(n)]
+            codes = [cpu.coding(cache, i, self.heads) for i in range(n)]
+            if len({(c[3], c[7]) for c in codes}) != 1:
+                raise ValueError("layers with different rotation sizes")
+            got = self._per_cache[cache] = (version, (
+                *sides[0], tuple(_stack([sd[k][f] for sd in sides]) for k in (0, 1) for f in (0, 2, 5)),
+                tuple(_stack([c[f] for c in codes]) for f in (0, 1, 2, 4, 5, 6)),
+                codes[0][3], codes[0][7]))
+        return got[1]
 
     def run(self, x: torch.Tensor, step: Step, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +150,7 @@ class FusedLayers:
         cos_rows = ggml.dense(cos[:, 0]).numpy()  # [M, R]
         sin_rows = ggml.dense(sin[:, 0]).numpy()
         kplanes, vplanes = ggml.plane_views(cache, 0)
-        side_k, side_v, sides = self._sides(cache)
-        coding, qsize, osize = self._coding(cache)
+        side_k, side_v, sides, coding, qsize, osize = self._terms(cache)
         n = len(self.norms)
         ctr, res = np.zeros((n, PHASES, 8), np.int64), np.zeros(2, np.int64)
         helpers = pool()
