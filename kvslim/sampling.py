@@ -12,11 +12,13 @@ after the penalties and before everything else; each sequence of a batch has its
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 __all__ = ["SamplingParams", "Sampler", "sample", "greedy_rows", "apply_mask", "NoAllowedToken",
@@ -153,10 +155,26 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
     """llama.cpp's penalties over the last n tokens: repeat (divide positive logits,
-    multiply negative ones), then frequency (per occurrence) and presence (once)."""
+    multiply negative ones), then frequency (per occurrence) and presence (once).
+    On CPU through numpy (``penalties_torch`` is the reference, and the GPU path): its
+    dozen torch ops took 0.5 ms of SmolLM2's 14 ms decode step, numpy's a tenth."""
     window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
     if not window:
         return logits
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return penalties_torch(logits, p, window)
+    counts = collections.Counter(window)
+    ids = np.fromiter(counts.keys(), np.int64, len(counts))
+    n = np.fromiter(counts.values(), np.float32, len(counts))
+    out = logits.detach().numpy().copy()
+    sel = out[ids]
+    sel = np.where(sel > 0, sel / np.float32(p.repeat_penalty), sel * np.float32(p.repeat_penalty))
+    out[ids] = sel - n * np.float32(p.frequency_penalty) - np.float32(p.presence_penalty)
+    return torch.from_numpy(out)
+
+
+def penalties_torch(logits: torch.Tensor, p: SamplingParams, window: list[int]) -> torch.Tensor:
+    """``apply_penalties`` on a non-empty window, in torch (any device)."""
     ids, counts = torch.tensor(window, device=logits.device).unique(return_counts=True)
     sel = logits[ids]
     sel = torch.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)

@@ -75,6 +75,29 @@ def test_repeat_penalty_follows_llama_cpp():
     assert apply_penalties(logits, p, [3, 0]).tolist() == [1.0, -2.0, 1.0, 1.5]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_penalties_on_cpu_equal_the_torch_reference(seed):
+    """apply_penalties' numpy path (CPU float32) against penalties_torch, bit for bit, on
+    fresh logits (zeros, negatives) and histories with repeats."""
+    from kvslim.sampling import penalties_torch
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5000, generator=g) * 4
+    logits[torch.randint(0, 5000, (50,), generator=g)] = 0.0
+    history = torch.randint(0, 5000, (300,), generator=g).tolist()
+    history += history[-20:]  # repeats inside the window
+    before = logits.clone()
+    for p in (SamplingParams(), SamplingParams(repeat_penalty=1.3, repeat_last_n=-1,
+                                               frequency_penalty=0.7, presence_penalty=-0.4),
+              SamplingParams(repeat_penalty=0.8, repeat_last_n=17, presence_penalty=1.5)):
+        window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+        got, want = apply_penalties(logits, p, history), penalties_torch(logits, p, window)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, logits)  # something was penalized
+    assert torch.equal(logits, before)  # the input is left as it was
+    with pytest.raises(IndexError):
+        apply_penalties(logits, SamplingParams(), [5000])
+
+
 def test_bad_sampling_options():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
