@@ -157,7 +157,8 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int])
     """llama.cpp's penalties over the last n tokens: repeat (divide positive logits,
     multiply negative ones), then frequency (per occurrence) and presence (once).
     On CPU through numpy (``penalties_torch`` is the reference, and the GPU path): its
-    dozen torch ops took 0.5 ms of SmolLM2's 14 ms decode step, numpy's a tenth."""
+    dozen torch ops took 155 us warm where numpy's take 57 (0.5 ms of SmolLM2's 14 ms
+    decode step in a profile, where each op runs on a cold cache)."""
     window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
     if not window:
         return logits
