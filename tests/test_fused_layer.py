@@ -230,6 +230,27 @@ def test_means_set_between_steps_reach_the_job(tmp_path):
     assert (torch.cat(out) - stale).abs().max() > 1e-3  # the means change the logits
 
 
+def test_per_layer_terms_are_made_once_per_codec_version(tmp_path):
+    """``cpu_write.sides`` and ``cpu.coding`` (what the separate calls use and the job
+    stacks) are made once per layer while the codec's version stays, and again after it
+    moves (``KVCodec.to`` replaces the tensors they view), with the codec's values."""
+    from kvslim.codec import KVCodec
+    from kvslim.kernels import cpu, cpu_write
+
+    model, t = tiny(tmp_path), Tiny()
+    mu = torch.randn(len(model.layers), t.n_kv_heads, t.head_dim)
+    codec = KVCodec(t.n_heads, mu_v=mu)
+    plan = plan_attention("cpu", model.config.head_dim, "f16", "f16", warn=False)
+    cache = model.new_cache(64, 16, plan.effective_k, plan.effective_v, codec=codec)
+    side, coding = cpu_write.sides(cache, 1), cpu.coding(cache, 1, t.n_heads)
+    assert cpu_write.sides(cache, 1) is side and cpu.coding(cache, 1, t.n_heads) is coding
+    codec.to("cpu")
+    again, coding_again = cpu_write.sides(cache, 1), cpu.coding(cache, 1, t.n_heads)
+    assert again is not side and coding_again is not coding
+    assert np.array_equal(again[1].shift, mu[1].numpy())  # V's shift: the layer's mean
+    assert np.array_equal(coding_again[6], codec.output_terms(1)[2].numpy())
+
+
 @pytest.mark.slow
 def test_k_quant_layers_equal_the_separate_calls(tmp_path):
     """Q4_K_M's mix (Q4_K, Q6_K, Q5_0 and Q8_0 matrices: a 2-layer SmolLM2 layout from

@@ -967,18 +967,19 @@ def plain_coding(heads: int, dim_k: int, dim_v: int) -> tuple:
             ones(dim_v, np.float32), ones(heads, np.float32), np.zeros((heads, dim_v), np.float32), 0)
 
 
-_CODINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {layer: coding}
+_CODINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> (version, {layer: coding})
 
 
 def coding(cache: "KVCache", layer: int, heads: int) -> tuple:
     """What the job applies to one layer's queries and output for ``cache``'s codec
     (``KVCodec.query_terms``, ``output_terms``): views of the codec's tensors, so a mean
-    set later (``KVCodec.set_means``) is read as it is; made once per layer."""
+    set later (``KVCodec.set_means``) is read as it is; made once per layer and codec
+    version (``KVCodec.to`` replaces the tensors)."""
     plain = plain_coding(heads, cache.head_dim, cache.v_head_dim)
     codec = cache.codec
     if codec is None:
         return plain
-    per = _CODINGS.setdefault(cache, {})
+    per = cpu_write.per_version(_CODINGS, cache)
     got = per.get(layer)
     if got is None:
         rk, pre, post = codec.query_terms(layer)

@@ -30,7 +30,7 @@ from kvslim.rounding import LSQ_TYPES, affine_shrinks, symmetric_divisors
 if TYPE_CHECKING:
     from kvslim.cache import KVCache
 
-__all__ = ["Side", "write", "write_arrays", "sides", "plain_sides", "PARALLEL_MIN_ROWS"]
+__all__ = ["Side", "write", "write_arrays", "sides", "per_version", "plain_sides", "PARALLEL_MIN_ROWS"]
 
 _f2h, _h2f = ggml.float_to_half, ggml.half_to_float
 _F0, _F1, _FH = np.float32(0.0), np.float32(1.0), np.float32(0.5)
@@ -249,7 +249,7 @@ def _write(k, v, slots, kplanes, vplanes, geom, side_k, side_v, shrinks):
 
 # ---------------------------------------------------------------- torch glue
 
-_SIDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {layer: sides}
+_SIDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> (version, {layer: sides})
 
 
 def _side(fmt: formats.Format, heads: int, dim: int, rotation, shift, rounding: str,
@@ -268,10 +268,10 @@ def _side(fmt: formats.Format, heads: int, dim: int, rotation, shift, rounding: 
 
 
 def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
-    """The K and V sides of one layer of ``cache`` (its codec, fixed for its life), made once."""
-    per = _SIDES.get(cache)
-    if per is None:
-        per = _SIDES[cache] = {}
+    """The K and V sides of one layer of ``cache``, made once per codec version: views of
+    the codec's tensors, so a mean set in place later (``KVCodec.set_means``) is read as
+    it is, and made again when the codec's tensors are replaced (``KVCodec.to``)."""
+    per = per_version(_SIDES, cache)
     got = per.get(layer)
     if got is None:
         c = cache.codec
@@ -284,6 +284,15 @@ def sides(cache: "KVCache", layer: int) -> tuple[Side, Side]:
             _side(cache.fmt_v, cache.n_kv_heads, cache.v_head_dim, c and c.rotation_v, shift_v,
                   c.rounding_v if c is not None else "ggml", inv_v))
     return got
+
+
+def per_version(store: weakref.WeakKeyDictionary, cache: "KVCache") -> dict:
+    """``store``'s per-layer dict for ``cache``, emptied when its codec's version moved."""
+    version = -1 if cache.codec is None else cache.codec.version
+    got = store.get(cache)
+    if got is None or got[0] != version:
+        got = store[cache] = (version, {})
+    return got[1]
 
 
 def rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
