@@ -162,6 +162,7 @@ class QLinear:
         self.ints = gemv_ints()
         self.tile_rows = max(16, TILE_FLOATS // k // 16 * 16)
         self.tiles = self._plan_tiles([p.shape[0] for p in parts])
+        self.pairs = self._plan_pairs([p.shape[0] for p in parts])
 
     @property
     def ints(self) -> np.ndarray:
@@ -190,6 +191,27 @@ class QLinear:
             col = end
         return tiles
 
+    def _plan_pairs(self, rows: list[int]) -> list[tuple[int, int, list]] | None:
+        """For W = [gate; up], two parts of equal rows or one of an even number (phi3's
+        fused gate_up): (first column of the half, rows n, pieces) per tile of n gate
+        rows and the n up rows at the same place, stacked in one buffer of at most
+        ``tile_rows``: what ``gated`` multiplies at once. None for any other W."""
+        if len(rows) == 2 and rows[0] == rows[1]:
+            f, halves = rows[0], ((0, 0), (1, 0))  # (part, first row) of gate, of up
+        elif len(rows) == 1 and rows[0] % 2 == 0:
+            f = rows[0] // 2
+            halves = ((0, 0), (0, f))
+        else:
+            return None
+        half, tiles = max(16, self.tile_rows // 2 // 16 * 16), []
+        for c0 in range(0, f, half):
+            n = min(half, f - c0)
+            pieces = [(j * n, np.array(self._tile_work(p, r + c0, r + c0 + n),
+                                       dtype=np.int64).reshape(-1, 3))
+                      for j, (p, r) in enumerate(halves)]
+            tiles.append((c0, n, pieces))
+        return tiles
+
     def _tile_work(self, part: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
         step = max(8, -(-(r1 - r0) // (2 * threads())))
         return [(part, r, min(r + step, r1)) for r in range(r0, r1, step)]
@@ -210,6 +232,26 @@ class QLinear:
                 y[r:r1] = self._gemv(x[r:r1])
             y[decode:] = self._tiled(x[decode:], pad=True)
         return y if self.b is None else y + self.b
+
+    def gated(self, x: torch.Tensor, act) -> torch.Tensor:
+        """act(x @ W.T) for W = [gate; up] (``_plan_pairs``: F rows each) and ``act`` [M, 2n] =
+        [gate | up] -> [M, n], column j paired with n + j (``ops.silu_mul``): x [M, in] ->
+        [M, F]. Prefill rows are multiplied a tile at a time, each tile's gate rows and
+        the up rows at the same place together, and go through ``act`` before the next
+        tile: the [M, 2F] product never exists (a 512-token prompt of Llama-3.2-1B: 33.5
+        MB less at the step's peak). Anything else is act(self(x))."""
+        m, decode = x.shape[0], _DECODE_ROWS.get()
+        prefill = decode == 0 or (decode is None and m > GEMV_MAX_ROWS)
+        if self.pairs is None or self.b is not None or not prefill:
+            return act(self(x))
+        x = dense(x)
+        if m < GEMM_MIN_ROWS:  # x [M, in] -> [GEMM_MIN_ROWS, in], as _tiled pads
+            x = torch.cat([x, x.new_zeros(GEMM_MIN_ROWS - m, x.shape[1])])
+        buf = torch.empty(2 * self.pairs[0][1], self.n_in)  # [2n, in]: one tile, reused
+        out = torch.empty(x.shape[0], self.n_out // 2)  # [M, F]
+        for c0, n, pieces in self.pairs:
+            out[:, c0:c0 + n] = act(F.linear(x, self._fill(buf[:2 * n], pieces)))
+        return out[:m]
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.n_out)  # [M, out], M <= GEMV_MAX_ROWS
@@ -267,6 +309,10 @@ class Linear:
         y = y.view(self.w.shape[0], m).t()  # [M, out]
         y = y if m == 1 else y.contiguous()
         return y if self.b is None else y + self.b
+
+    def gated(self, x: torch.Tensor, act) -> torch.Tensor:
+        """act(x @ w.T): ``QLinear.gated``'s interface (the product is made whole here)."""
+        return act(self(x))
 
     @property
     def tensors(self) -> list:

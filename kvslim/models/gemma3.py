@@ -43,6 +43,12 @@ __all__ = ["Gemma3"]
 _ROPE_SCALINGS = (None, "none", "linear")
 
 
+def _gelu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """[N, 2F] = [gate | up] -> GELU(gate) * up [N, F] (tanh approximation, as gemma's)."""
+    gate, up = gu.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh").mul_(up)
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor  # [d]
@@ -120,8 +126,7 @@ class Gemma3(Decoder):
             h = self._attention(h, i, layer, step, cos, sin)
             x = x + F.rms_norm(h, h.shape[-1:], layer.post_attn_norm, eps)
             h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
-            gate, up = layer.w13(h).chunk(2, dim=-1)  # [N, F] each
-            h = layer.w2(F.gelu(gate, approximate="tanh").mul_(up))  # [N, d]
+            h = layer.w2(layer.w13.gated(h, _gelu_mul))  # [N, 2F] -> [N, F] -> [N, d]
             x = x + F.rms_norm(h, h.shape[-1:], layer.post_ffn_norm, eps)
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]  # [R, d]

@@ -124,7 +124,7 @@ class Llama(Decoder):
         for i, layer in enumerate(layers):
             x, h = ops.add_norm(x, self._attention(h, i, layer, step, cos, sin),
                                 layer.ffn_norm, eps)
-            y = layer.w2(ops.silu_mul(layer.w13(h)))  # [N, d]
+            y = layer.w2(layer.w13.gated(h, ops.silu_mul))  # [N, d]: [N, 2F] -> [N, F] -> [N, d]
             if i + 1 < len(layers):
                 x, h = ops.add_norm(x, y, layers[i + 1].attn_norm, eps)
         return x, y
