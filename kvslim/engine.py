@@ -413,6 +413,8 @@ class Engine:
         for s, n in batch:
             s.n_cached += n
         ids = self._sample(sampled, logits)
+        if len(tokens) - decode >= heap.TRIM_MIN_ROWS:  # a prompt's freed activations back
+            heap.trim(self.model.device)
         elapsed = time.perf_counter() - t0
         for s, n in batch:
             if s.n_cached <= s.n_prompt:  # this step evaluated prompt tokens

@@ -32,6 +32,52 @@ def _child(env: dict) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+_TRIM_CHILD = textwrap.dedent("""
+    import re
+    import numpy as np
+    from kvslim import heap
+
+    def rss():
+        return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+    heap.tune("cpu")  # the mapping threshold 4 MiB: blocks of 1 MiB come from the heap
+    blocks = [np.ones(1 << 17) for _ in range(100)]  # 100 MiB
+    del blocks[:-1]  # 99 MiB freed below the last block, which keeps the heap's top
+    before = rss()
+    print(heap.trim("cpu"), before - rss())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None,
+                    reason="glibc's malloc_trim")
+def test_trim_gives_a_heaps_free_pages_back():
+    """Blocks under the mapping threshold stay in glibc's heap when freed (the heap's top
+    is held): ``trim`` gives their pages back, unless ``KVSLIM_HEAP=glibc``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVSLIM_HEAP", "MALLOC_"))}
+    for extra, ran, low, high in (({}, "True", 80, 200), ({heap.ENV: "glibc"}, "False", -5, 5)):
+        out = subprocess.run([sys.executable, "-c", _TRIM_CHILD], capture_output=True, text=True,
+                             env=env | extra, timeout=120, check=True).stdout.split()
+        assert out[0] == ran and low <= int(out[1]) <= high, out  # MB given back
+
+
+def test_the_engine_trims_after_a_long_prompt_step_only(tiny_parts, monkeypatch):
+    """``Engine`` calls ``heap.trim`` after a step with ``TRIM_MIN_ROWS`` prompt rows or
+    more: not after decode steps or a short prompt's."""
+    from kvslim.engine import Engine
+    from kvslim.sampling import SamplingParams
+
+    calls = []
+    monkeypatch.setattr(heap, "trim", lambda device="cpu": calls.append(str(device)) or True)
+    model, tok = tiny_parts
+    e = Engine(model, tok, num_ctx=128, page_size=16)
+    for prompt, want in (([1, 5, 7], 0), ([1] + [9] * (heap.TRIM_MIN_ROWS - 1), 1)):
+        calls.clear()
+        e.add_request(prompt, SamplingParams(max_tokens=4, temperature=0))
+        while e.has_work():
+            e.step()
+        assert calls == ["cpu"] * want
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None,
                     reason="glibc's mallopt")
 def test_freed_large_blocks_go_back_to_the_system_unless_told_to_keep_glibcs_way():
