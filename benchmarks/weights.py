@@ -15,8 +15,9 @@ Q4_0/Q4_1/Q4_K groups exactly after a repacking copy) as candidates; and 512 inp
 (prefill) as time relative to float32 ``F.linear`` on the same shape.
 
 Models: each (model, weights mode) loads in a fresh process, so resident memory (RSS)
-after load is its own: load time, RSS after load, peak RSS over the whole run (every
-weight page touched, the K/V pools and the prefill's activations), then prefill and
+after load is its own: load time, RSS after load, RSS at the end (the steady state: every
+weight page touched, the last length's K/V pools held), peak RSS over the whole run (the
+prefill's activations too), then prefill and
 decode tok/s per prompt length and cache type (``generate.interleaved``: the types'
 engines share the weights and step in turn). llama.cpp on the same file, in the same
 way, when ``import llama_cpp`` works. Synthetic models (``synth_model.py``) are written
@@ -220,8 +221,8 @@ def run_kvslim(model: str, weights: str, lengths, types, n_decode: int) -> dict:
                                   num_ctx=n + n_decode + 8) for k in types}
         for (k, _), (pre, med, best, _attn) in interleaved(engines, ids, n_decode).items():
             out["rows"].append({"n": n, "type": k, "prefill": pre, "decode": 1 / med, "best": 1 / best})
+        out["rss_end"] = rss_bytes()  # the last length's caches still held
         del engines
-    out["rss_end"] = rss_bytes()
     out["rss_peak"] = peak_rss_bytes()
     return out
 
@@ -248,6 +249,7 @@ def run_llamacpp(model: str, lengths, types, n_decode: int) -> dict:
                 steps.append(_timed(lambda: llm.eval([ids[i % n]])))
             out["rows"].append({"n": n, "type": k, "prefill": n / pre, "decode": 1 / float(np.median(steps)),
                                 "best": 1 / min(steps)})
+            out["rss_end"] = rss_bytes()
             del llm
     out["rss_peak"] = peak_rss_bytes()
     return out
@@ -282,7 +284,7 @@ def bench_models(args, bw: float) -> None:
         print("# llama_cpp not importable: no llama.cpp rows")
     for model in models:
         print(f"\n## {Path(model).name}")
-        print(f"{'weights':<12}{'load s':>8}{'RSS MB':>8}{'peak MB':>9}{'held MB':>9}{'prompt':>8}{'cache':>7}"
+        print(f"{'weights':<12}{'load s':>8}{'RSS MB':>8}{'end MB':>8}{'peak MB':>9}{'held MB':>9}{'prompt':>8}{'cache':>7}"
               f"{'prefill tok/s':>15}{'decode tok/s':>14}{'best step':>11}{'floor tok/s':>13}")
         for eng in engines:
             if eng == "dequantize" and args.big and "8b" in model:
@@ -298,7 +300,8 @@ def bench_models(args, bw: float) -> None:
             held = r.get("weight_bytes")
             for row in r["rows"]:
                 floor = bw / held if held else float("nan")  # weights only: a lower bound per step
-                print(f"{eng:<12}{r['load_s']:>8.2f}{r['rss'] / 1e6:>8.0f}{r['rss_peak'] / 1e6:>9.0f}"
+                print(f"{eng:<12}{r['load_s']:>8.2f}{r['rss'] / 1e6:>8.0f}{r['rss_end'] / 1e6:>8.0f}"
+                      f"{r['rss_peak'] / 1e6:>9.0f}"
                       f"{(held or 0) / 1e6:>9.0f}{row['n']:>8}{row['type']:>7}{row['prefill']:>15.1f}"
                       f"{row['decode']:>14.1f}{row['best']:>11.1f}{floor:>13.1f}", flush=True)
 
