@@ -21,7 +21,7 @@ import torch
 from kvslim import jit
 from kvslim.attention import Attention, Step
 from kvslim.kernels import cpu, cpu_write, ggml
-from kvslim.kernels.layer import PHASES, Q_BAD, Attn, mat, step_job
+from kvslim.kernels.layer import PHASES, Q_BAD, RES, Attn, mat, step_job
 from kvslim.kernels.rowops import NumbaOps
 from kvslim.kernels.threads import pool
 from kvslim.weights import QLinear, decode_only
@@ -152,7 +152,7 @@ class FusedLayers:
         kplanes, vplanes = ggml.plane_views(cache, 0)
         side_k, side_v, sides, coding, qsize, osize = self._terms(cache)
         n = len(self.norms)
-        ctr, res = np.zeros((n, PHASES, 8), np.int64), np.zeros(2, np.int64)
+        ctr, res = np.zeros((n, PHASES, 8), np.int64), np.zeros(RES, np.int64)
         helpers = pool()
         helpers.run(step_job, (
             ctr, res, self.first[0].data, self.eps, xn, h, s, self.norms, mats, self.parts,
