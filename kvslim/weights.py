@@ -49,7 +49,7 @@ SPLIT_MAX_ROWS = 16
 GEMV_MAX_ROWS = 16
 # A prefill tile of weight rows: 4 MiB of float32. Against 16 MiB, timed in turn on a
 # 512-row prompt (AMD EPYC, 2 threads): Llama-3.2-1B's layer 0.94x the time, SmolLM2's
-# layers 0.87x, and 12 MB less at the prompt's peak; 2 MiB was 1.05x.
+# layers 0.87x, and the buffer held at the prompt's peak 12 MiB smaller; 2 MiB was 1.05x.
 TILE_FLOATS = 1 << 20
 # Prefill rows go to torch's GEMM at least this many at a time (zero rows pad a shorter
 # input). BLAS libraries switch to other kernels for a few rows (MKL on AMD EPYC: below

@@ -18,8 +18,10 @@ after every item of the phase before it has finished; its items are claimed from
 atomic counter as in every kernel job, so a helper that arrives late finds them taken
 and passes through. A thread waiting for a preparation reads the next matmul's first
 weight lines meanwhile (``_first_in_reading``), so that the matmul's first items find
-them in cache: SmolLM2's step 0.980-0.987x the time, the 1B's 0.989x (prototype, the two
-ways alternated step by step in one process, faster in 62-86 of 100-150 pairs). Every piece is the function the separate calls run (``rowops``,
+them in cache: SmolLM2's step 0.980-0.987x the time, the 1B's 0.989x (a prototype, the
+two ways alternated step by step in one process, faster in 62-86 of 100-150 pairs).
+
+Every piece is the function the separate calls run (``rowops``,
 ``qmatmul._gemv_items``, ``cpu_write.write_rows``, ``cpu._attend_chunk``,
 ``cpu._merge_group``, the codec's ``_code_q`` / ``_restore``), compiled into the job as
 its own copies (``kvslim.jit``): the results equal the separate calls' up to float32
