@@ -177,10 +177,11 @@ class QLinear:
         self._ints = ints
         self.inputs = qm.gemv_inputs(self.parts, ints)  # which forms of x a GEMV makes
 
-    def _plan_tiles(self, rows: list[int]) -> list[tuple[int, int, list]]:
-        """(first output column, rows, pieces) per tile: consecutive output rows, at most
-        ``tile_rows``, across parts (q, k and v fill one tile: one GEMM); a piece is
-        (row in the tile, work items of one part), one ``dequantize_rows`` job."""
+    def _plan_tiles(self, rows: list[int]) -> list[tuple[int, int, int, list]]:
+        """(first output column, output columns n, weight rows, pieces) per tile:
+        consecutive output rows, at most ``tile_rows`` (n of them), across parts (q, k and
+        v fill one tile: one GEMM); a piece is (row in the tile, work items of one part),
+        one ``dequantize_rows`` job."""
         tiles, col = [], 0
         bounds = np.cumsum([0] + rows)
         while col < bounds[-1]:
@@ -190,15 +191,15 @@ class QLinear:
                 if r0 < r1:
                     work = np.array(self._tile_work(i, int(r0 - c0), int(r1 - c0)), dtype=np.int64)
                     pieces.append((int(r0) - col, work.reshape(-1, 3)))
-            tiles.append((col, end - col, pieces))
+            tiles.append((col, end - col, end - col, pieces))
             col = end
         return tiles
 
-    def _plan_pairs(self, rows: list[int]) -> list[tuple[int, int, list]] | None:
+    def _plan_pairs(self, rows: list[int]) -> list[tuple[int, int, int, list]] | None:
         """For W = [gate; up], two parts of equal rows or one of an even number (phi3's
-        fused gate_up): (first column of the half, rows n, pieces) per tile of n gate
-        rows and the n up rows at the same place, stacked in one buffer of at most
-        ``tile_rows``: what ``gated`` multiplies at once. None for any other W."""
+        fused gate_up): ``_plan_tiles``' tiles for ``gated``, each n gate rows and the n up
+        rows at the same place (2n weight rows, at most ``tile_rows``), giving the n
+        output columns from c0 of the activation. None for any other W."""
         if len(rows) == 2 and rows[0] == rows[1]:
             f, halves = rows[0], ((0, 0), (1, 0))  # (part, first row) of gate, of up
         elif len(rows) == 1 and rows[0] % 2 == 0:
@@ -212,7 +213,7 @@ class QLinear:
             pieces = [(j * n, np.array(self._tile_work(p, r + c0, r + c0 + n),
                                        dtype=np.int64).reshape(-1, 3))
                       for j, (p, r) in enumerate(halves)]
-            tiles.append((c0, n, pieces))
+            tiles.append((c0, n, 2 * n, pieces))
         return tiles
 
     def _tile_work(self, part: int, r0: int, r1: int) -> list[tuple[int, int, int]]:
@@ -247,14 +248,7 @@ class QLinear:
         prefill = decode == 0 or (decode is None and m > GEMV_MAX_ROWS)
         if self.pairs is None or self.b is not None or not prefill:
             return act(self(x))
-        x = dense(x)
-        if m < GEMM_MIN_ROWS:  # x [M, in] -> [GEMM_MIN_ROWS, in], as _tiled pads
-            x = torch.cat([x, x.new_zeros(GEMM_MIN_ROWS - m, x.shape[1])])
-        buf = torch.empty(2 * self.pairs[0][1], self.n_in)  # [2n, in]: one tile, reused
-        out = torch.empty(x.shape[0], self.n_out // 2)  # [M, F]
-        for c0, n, pieces in self.pairs:
-            out[:, c0:c0 + n] = act(F.linear(x, self._fill(buf[:2 * n], pieces)))
-        return out[:m]
+        return self._tiled(dense(x), pad=True, tiles=self.pairs, act=act)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.n_out)  # [M, out], M <= GEMV_MAX_ROWS
@@ -262,16 +256,22 @@ class QLinear:
                 inputs=self.inputs)
         return y
 
-    def _tiled(self, x: torch.Tensor, pad: bool = False) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, pad: bool = False, tiles: list | None = None,
+                act=None) -> torch.Tensor:
+        """x [M, in] @ W.T a dequantized tile of weight rows at a time (``tiles``: the
+        plain ``self.tiles``, or ``self.pairs`` with ``act`` applied to each tile's
+        product) -> [M, columns of the tiles]."""
+        tiles = self.tiles if tiles is None else tiles
         m = x.shape[0]
         if pad and m < GEMM_MIN_ROWS:  # x [M, in] -> [GEMM_MIN_ROWS, in]
             x = torch.cat([x, x.new_zeros(GEMM_MIN_ROWS - m, x.shape[1])])
-        buf = torch.empty(self.tiles[0][1], self.n_in)  # [rows, in]: one tile, reused
-        if len(self.tiles) == 1:  # the GEMM's output is the result: no copy
-            return F.linear(x, self._fill(buf, self.tiles[0][2]))[:m]
-        y = torch.empty(x.shape[0], self.n_out)  # [M, out]
-        for c0, n, pieces in self.tiles:
-            y[:, c0:c0 + n] = F.linear(x, self._fill(buf[:n], pieces))
+        buf = torch.empty(tiles[0][2], self.n_in)  # [rows, in]: one tile (the largest), reused
+        if len(tiles) == 1 and act is None:  # the GEMM's output is the result: no copy
+            return F.linear(x, self._fill(buf, tiles[0][3]))[:m]
+        y = torch.empty(x.shape[0], tiles[-1][0] + tiles[-1][1])  # [M, out]
+        for c0, n, rows, pieces in tiles:
+            t = F.linear(x, self._fill(buf[:rows], pieces))  # [M, rows]
+            y[:, c0:c0 + n] = t if act is None else act(t)
         return y[:m]
 
     def _fill(self, buf: torch.Tensor, pieces: list) -> torch.Tensor:
