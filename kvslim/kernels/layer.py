@@ -92,17 +92,17 @@ def _first_in_reading(counters, data, parts, res):
     """``threads.first_in``; a thread that waits reads one byte a cache line of the
     matrix ``parts`` (the next matmul's, in file order from its first row) until the
     first thread's preparation is done, and adds them to res[SINK]."""
-    if fetch_add(counters, 2) == 0:
+    if threads.claims_first(counters):
         return True
     acc = 0
     for p in range(parts.shape[0]):
         i, end = parts[p, 0], parts[p, 0] + parts[p, 1] * parts[p, 3]
-        while i < end and load_acquire(counters, 3) == 0:
+        while i < end and not threads.prepared(counters):
             for _ in range(16):  # lines between looks at the flag
                 if i < end:
                     acc += data[i]
                     i += 64
-    while load_acquire(counters, 3) == 0:
+    while not threads.prepared(counters):
         pass
     res[SINK] += acc
     return False

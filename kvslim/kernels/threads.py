@@ -39,7 +39,7 @@ from numba import njit
 from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
 from kvslim.kernels.ggml import fetch_add, load_acquire
 
-__all__ = ["Helpers", "pool", "threads", "job_begins", "job_ends", "first_in", "first_done",
+__all__ = ["Helpers", "pool", "threads", "job_begins", "job_ends", "first_in", "claims_first", "prepared", "first_done",
            "SPIN_US"]
 
 SPIN_US = 300.0
@@ -70,11 +70,23 @@ def first_in(counters):
     """Whether this thread is the job's first (counters[2]): it prepares what every item
     reads, then calls ``first_done``; any other thread waits here until it has (counters[3])
     and gets False. A job using it has four counters (0, 1: its items')."""
-    if fetch_add(counters, 2) == 0:
+    if claims_first(counters):
         return True
-    while load_acquire(counters, 3) == 0:
+    while not prepared(counters):
         pass
     return False
+
+
+@njit(inline="always")
+def claims_first(counters):
+    """``first_in``'s claim: whether this thread is the first to arrive (it prepares)."""
+    return fetch_add(counters, 2) == 0
+
+
+@njit(inline="always")
+def prepared(counters):
+    """Whether the first thread has called ``first_done`` (what ``first_in``'s others wait for)."""
+    return load_acquire(counters, 3) != 0
 
 
 @njit(inline="always")
