@@ -3,8 +3,13 @@ functions it calls, so what it computes cannot depend on which other kernels the
 loaded first (the weak copies numba writes into its cache did)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numba
 import numpy as np
+import pytest
 from llvmlite import binding as ll
 from numba.core import caching
 
@@ -61,3 +66,50 @@ def test_kvslim_cache_indexes_carry_their_own_version(tmp_path):
     theirs = caching.IndexDataCacheFile(str(tmp_path / "other"), "a-1", (0, 0))
     assert ours._version == jit._VERSION != numba.__version__
     assert theirs._version == numba.__version__
+
+
+_LOADED_CHILD = textwrap.dedent("""
+    import numba
+    import numpy as np
+    from kvslim import heap
+    from kvslim.kernels import rowops
+
+    trims = []
+    trim = heap.trim
+    heap.trim = lambda device="cpu": trims.append(device) or trim(device)
+
+    def rows():
+        return (np.ones((2, 8), np.float32), np.full((2, 8), 3.0, np.float32),
+                np.ones(8, np.float32), np.empty((2, 8), np.float32))
+
+    x, y, w, out = rows()
+    rowops._add_norm_rows(x, y, w, 1e-6, out)
+    library = next(iter(rowops._add_norm_rows.overloads.values())).library
+    released = library._shared_module is None and hasattr(library, "_linking_bitcode")
+
+    @numba.njit
+    def caller(x, y, w, out):  # compiled here: links the kernel's library in
+        rowops._add_norm_rows(x, y, w, 1e-6, out)
+        return out.sum()
+
+    x, y, w, out = rows()
+    total, parsed = caller(x, y, w, out), library._shared_module is not None
+    small = len(trims)  # none: the kernel's bitcode is under jit.TRIM_BITCODE_BYTES
+    from kvslim import warmup
+    warmup._layer_job("q8_0")  # the decode step job: over 1 MB of bitcode
+    print(released, total, parsed, small, len(trims))
+""")
+
+
+@pytest.mark.skipif(not jit.active(), reason="kvslim.jit's patch is not in place")
+def test_a_cached_kernel_drops_its_module_for_linking_and_parses_it_again_when_linked():
+    """Loaded from the disk cache, a kvslim kernel holds no parsed LLVM module for
+    linking; a function compiled later that calls it parses the module from the kept
+    bitcode and computes the same. The heap is trimmed after a large module's release. The first child may compile (and save the cache); the
+    second loads it."""
+    runs = [subprocess.run([sys.executable, "-c", _LOADED_CHILD], capture_output=True, text=True,
+                           timeout=300, check=True).stdout.split() for _ in range(2)]
+    released, total, parsed, small, big = runs[1]
+    assert released == "True" and parsed == "True", runs
+    assert small == "0" and int(big) >= 1, runs  # the heap trimmed after the large module only
+    assert float(total) == pytest.approx(16.0, rel=1e-6)  # (1 + 3) normed to 1, 16 values
