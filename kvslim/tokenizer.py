@@ -366,8 +366,10 @@ class Tokenizer:
         self.vocab = vocab
         self.is_spm = vocab.model == "llama"
         self.vocab_size = len(vocab.tokens)
-        # reversed so that a duplicated text maps to its first id
-        self.token_to_id = dict(zip(reversed(vocab.tokens), range(self.vocab_size - 1, -1, -1)))
+        # One int object per number for the id map and the merge ranks (49k of each, 28
+        # bytes apiece beyond 256); reversed so that a duplicated text maps to its first id.
+        numbers = list(range(max(self.vocab_size, len(vocab.merges))))
+        self.token_to_id = dict(zip(reversed(vocab.tokens), reversed(numbers[:self.vocab_size])))
         self._types = list(vocab.types)
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = (
             vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id)
@@ -387,7 +389,7 @@ class Tokenizer:
         if self.is_spm:
             self._init_spm(cache_size)
         else:
-            self._init_bpe(cache_size)
+            self._init_bpe(cache_size, numbers)
         self._template = None
         self._template_source: str | None = None  # a model card's, rendered instead of the GGUF's
         self.default_system: str | None = None
@@ -436,7 +438,7 @@ class Tokenizer:
 
     # -- byte-level BPE ------------------------------------------------------
 
-    def _init_bpe(self, cache_size: int) -> None:
+    def _init_bpe(self, cache_size: int, numbers: list[int]) -> None:
         pre = _pre_tokenizer(self.vocab.pre)
         self._regexes = [regex.compile(p) for p in pre.regexes]
         self._ignore_merges = pre.ignore_merges
@@ -449,7 +451,7 @@ class Tokenizer:
         for rank, merge in enumerate(self.vocab.merges):
             cut = merge.find(" ")
             if 0 < cut and merge.find(" ", cut + 1) < 0:
-                self._ranks.setdefault(merge, rank)
+                self._ranks.setdefault(merge, numbers[rank])
         b2u = _byte_to_unicode()
         self._byte_map = {i: b2u[i] for i in range(256)}  # for str.translate on latin-1
         self._encode_word = functools.lru_cache(maxsize=cache_size)(self._bpe_word)
