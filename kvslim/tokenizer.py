@@ -24,7 +24,9 @@ Deliberate differences from llama.cpp, all on the decode side:
 """
 from __future__ import annotations
 
+import array
 import codecs
+import dataclasses
 import functools
 import heapq
 import json
@@ -192,6 +194,31 @@ def _merge_pairs(syms: list[str], priority: Callable[[str, str], float | None]) 
     return [s for s in syms if s]
 
 
+def _merge_tables(merges: Sequence[str], to_id: Mapping[str, int]
+                  ) -> tuple[array.array, array.array, dict[str, int]]:
+    """BPE merge ranks by the token each merge makes: (rank, cut, others). A merge "x y"
+    makes the token x + y; ``rank[t]`` is the rank of the first merge that makes token t
+    and ``cut[t]`` its len(x) (0: none), so the rank of a pair (x, y) is ``rank[t]`` when
+    t = x + y is a token whose ``cut[t]`` is len(x). ``others`` keys by text ("x y", first
+    rank) the merges whose result is no token or is made by an earlier merge at another
+    cut (none in SmolLM2's 48,900). The symbols merged are byte-level characters, never a
+    space (the space maps to "Ġ"), so a merge with a space inside a side can never apply:
+    left out. A dict of the merges' texts held 7.5 MB for SmolLM2; these 0.3 MB."""
+    n = len(to_id) and max(to_id.values()) + 1
+    rank, cut = array.array("i", [-1]) * n, array.array("H", [0]) * n
+    others: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        c = merge.find(" ")
+        if c <= 0 or merge.find(" ", c + 1) >= 0:
+            continue
+        t = to_id.get(merge[:c] + merge[c + 1:])
+        if t is not None and cut[t] == 0 and c < 1 << 16:
+            rank[t], cut[t] = r, c
+        elif t is None or cut[t] != c:  # (the same text again keeps its first rank)
+            others.setdefault(merge, r)
+    return rank, cut, others
+
+
 # ---------------------------------------------------------------------------
 # Vocabulary metadata
 # ---------------------------------------------------------------------------
@@ -287,6 +314,9 @@ class GGUFVocab:
     add_space_prefix: bool = False
     chat_template: str | None = None
     fim_ids: dict[str, int] = field(default_factory=dict)
+    # the merges as ``_merge_tables`` keeps them, once a Tokenizer has built them from
+    # ``merges`` (which it then empties: its vocab holds the tables, not the texts)
+    merge_tables: tuple | None = None
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "GGUFVocab":
@@ -366,10 +396,8 @@ class Tokenizer:
         self.vocab = vocab
         self.is_spm = vocab.model == "llama"
         self.vocab_size = len(vocab.tokens)
-        # One int object per number for the id map and the merge ranks (49k of each, 28
-        # bytes apiece beyond 256); reversed so that a duplicated text maps to its first id.
-        numbers = list(range(max(self.vocab_size, len(vocab.merges))))
-        self.token_to_id = dict(zip(reversed(vocab.tokens), reversed(numbers[:self.vocab_size])))
+        # reversed so that a duplicated text maps to its first id
+        self.token_to_id = dict(zip(reversed(vocab.tokens), range(self.vocab_size - 1, -1, -1)))
         self._types = list(vocab.types)
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = (
             vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id)
@@ -389,7 +417,7 @@ class Tokenizer:
         if self.is_spm:
             self._init_spm(cache_size)
         else:
-            self._init_bpe(cache_size, numbers)
+            self._init_bpe(cache_size)
         self._template = None
         self._template_source: str | None = None  # a model card's, rendered instead of the GGUF's
         self.default_system: str | None = None
@@ -438,20 +466,16 @@ class Tokenizer:
 
     # -- byte-level BPE ------------------------------------------------------
 
-    def _init_bpe(self, cache_size: int, numbers: list[int]) -> None:
+    def _init_bpe(self, cache_size: int) -> None:
         pre = _pre_tokenizer(self.vocab.pre)
         self._regexes = [regex.compile(p) for p in pre.regexes]
         self._ignore_merges = pre.ignore_merges
-        # A merge is "left right". The symbols merged are byte-level characters, never a
-        # space (bytes map to printable characters, the space to "Ġ"), so a merge with a
-        # space inside a side can never apply: left out. The others are keyed by their
-        # own text (the vocabulary's strings) and a pair (x, y) looks up x + " " + y:
-        # pairs of new strings as keys held 11 MB more for a 49k-merge vocabulary.
-        self._ranks: dict[str, int] = {}
-        for rank, merge in enumerate(self.vocab.merges):
-            cut = merge.find(" ")
-            if 0 < cut and merge.find(" ", cut + 1) < 0:
-                self._ranks.setdefault(merge, numbers[rank])
+        tables = self.vocab.merge_tables
+        if tables is None or self.vocab.merges:
+            tables = _merge_tables(self.vocab.merges, self.token_to_id)
+            # the merges' texts are not kept (SmolLM2's 48,900: 4.2 MB), only the tables
+            self.vocab = dataclasses.replace(self.vocab, merges=[], merge_tables=tables)
+        self._merge_rank, self._merge_cut, self._other_ranks = tables
         b2u = _byte_to_unicode()
         self._byte_map = {i: b2u[i] for i in range(256)}  # for str.translate on latin-1
         self._encode_word = functools.lru_cache(maxsize=cache_size)(self._bpe_word)
@@ -462,8 +486,16 @@ class Tokenizer:
         if self._ignore_merges and mapped in self.token_to_id:
             return (self.token_to_id[mapped],)
         ids: list[int] = []
-        ranks = self._ranks
-        for sym in _merge_pairs(list(mapped), lambda x, y: ranks.get(x + " " + y)):
+        to_id, rank_of, cut_of, others = (self.token_to_id, self._merge_rank, self._merge_cut,
+                                          self._other_ranks)
+
+        def rank(x: str, y: str) -> int | None:
+            t = to_id.get(x + y)
+            if t is not None and cut_of[t] == len(x):
+                return rank_of[t]
+            return others.get(x + " " + y) if others else None
+
+        for sym in _merge_pairs(list(mapped), rank):
             tid = self.token_to_id.get(sym)
             if tid is not None:
                 ids.append(tid)

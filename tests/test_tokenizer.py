@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvslim.tokenizer import Tokenizer
+from kvslim.tokenizer import Tokenizer, _merge_pairs, _merge_tables
 
 TESTS = Path(__file__).parent
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -385,6 +385,53 @@ def test_bpe_pre_qwen2_and_smollm_split_digits(tmp_path: Path):
         assert tok.encode("abc") == _ids("ab", "c")  # merges only
         assert tok.encode("12345") == _ids("1", "2", "3", "4", "5")
         assert not tok.add_bos
+
+
+def _text_ranks(merges: list[str]) -> dict[str, int]:
+    """The plain way: each merge's text -> its first rank (a side with a space: never)."""
+    ranks: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        left, _, right = m.partition(" ")
+        if left and right and " " not in right:
+            ranks.setdefault(m, r)
+    return ranks
+
+
+def test_merge_tables_rank_pairs_as_a_dict_of_the_merges_texts():
+    """Ranks by the token a merge makes (``_merge_tables``) equal the texts' first ranks on
+    every pair of symbols, with the awkward merges a GGUF may hold: one whose result is
+    no token, two making one token at different cuts, a repeated merge, a side with a
+    space, a malformed line."""
+    tokens = [*"abcdxy", "ab", "abc", "cd", "bcd", "xy"]
+    to_id = {t: i for i, t in enumerate(tokens)}
+    merges = ["a b", "c d", "ab c", "b cd", "x y", "a b", "d d", "ab cd", "a b c", "nospace",
+              "b c", "bc d", "xy x"]
+    rank, cut, others = _merge_tables(merges, to_id)
+    assert set(others) == {"d d", "ab cd", "b c", "bc d", "xy x"}  # the rest by token
+    texts = _text_ranks(merges)
+    symbols = [*"abcdxy", "ab", "abc", "cd", "bcd", "xy", "bc", "zz"]
+
+    def by_token(x, y):
+        t = to_id.get(x + y)
+        if t is not None and cut[t] == len(x):
+            return rank[t]
+        return others.get(x + " " + y)
+
+    for x in symbols:
+        for y in symbols:
+            assert by_token(x, y) == texts.get(f"{x} {y}"), (x, y)
+    for word in ("abcd", "abcdxyx", "dddd", "bcdab", "xyxy"):
+        assert _merge_pairs(list(word), by_token) == _merge_pairs(list(word), lambda x, y: texts.get(f"{x} {y}"))
+
+
+def test_a_tokenizer_built_from_another_ones_vocab_keeps_its_merges(smol: Tokenizer, tmp_path: Path):
+    """The vocab a Tokenizer keeps holds the merge tables in place of the merges' texts,
+    so a Tokenizer made from it merges the same."""
+    assert smol.vocab.merges == [] and smol.vocab.merge_tables is not None
+    text = "Hello world, tokenizers merge pairs of symbols: 12345 Ünïcödé."
+    assert Tokenizer(smol.vocab).encode(text) == smol.encode(text)
+    tok = _bpe(tmp_path, "smollm")
+    assert Tokenizer(tok.vocab).encode("abc") == tok.encode("abc") == _ids("ab", "c")
 
 
 def test_bpe_unknown_pre_falls_back_to_gpt2(tmp_path: Path, caplog):
