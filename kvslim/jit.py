@@ -69,10 +69,14 @@ def release_linking_module(library, state) -> bool:
     """Drop the LLVM module for linking of a kvslim ``library`` just loaded from the cache
     (``state``: numba's serialized form, kind "object"), keeping its bitcode to parse again
     if a function compiled later links it in; whether it dropped one."""
-    module = getattr(library, "_shared_module", None)
-    if state[1] != "object" or module is None or not _defines_ours(module):
+    try:
+        _, kind, (_, bitcode) = state  # (name, "object", (object code, bitcode))
+    except (TypeError, ValueError):  # another kind, or another numba's form: left alone
         return False
-    library._linking_bitcode = state[2][1]
+    module = getattr(library, "_shared_module", None)
+    if kind != "object" or not isinstance(bitcode, bytes) or module is None or not _defines_ours(module):
+        return False
+    library._linking_bitcode = bitcode
     library._shared_module = None
     return True
 

@@ -113,3 +113,23 @@ def test_a_cached_kernel_drops_its_module_for_linking_and_parses_it_again_when_l
     assert released == "True" and parsed == "True", runs
     assert small == "0" and int(big) >= 1, runs  # the heap trimmed after the large module only
     assert float(total) == pytest.approx(16.0, rel=1e-6)  # (1 + 3) normed to 1, 16 values
+
+
+def test_only_a_kvslim_module_loaded_as_object_code_is_released():
+    """``release_linking_module`` drops the module (keeping the bitcode) for kvslim's
+    libraries in numba's "object" form only: someone else's numba code, the "bitcode"
+    form and a form it does not know keep what numba keeps."""
+    class Library:
+        def __init__(self, module):
+            self._shared_module = module
+
+    ours, theirs = _module("_ZN6kvslim7kernels1a4mainE", "c"), _module("_ZN5other4mainE", "c")
+    bitcode = ours.as_bitcode()
+    lib = Library(ours)
+    assert jit.release_linking_module(lib, ("k", "object", (b"obj", bitcode)))
+    assert lib._shared_module is None and lib._linking_bitcode == bitcode
+    for module, state in ((theirs, ("k", "object", (b"obj", bitcode))), (ours, ("k", "bitcode", bitcode)),
+                          (ours, ("k", "object", b"no")), (ours, ("k", "object"))):
+        lib = Library(module)
+        assert not jit.release_linking_module(lib, state), state
+        assert lib._shared_module is module and not hasattr(lib, "_linking_bitcode")
