@@ -25,7 +25,7 @@ linking" (parsed from the cache's bitcode), which numba needs only if another fu
 compiled later calls the kernel. For kvslim's kernels the module is parsed again from the
 bitcode when that happens, and dropped at load (``release_linking_module``): the parsed
 modules held 24 MiB of the process's heap for the kernels a model runs (the decode step
-job alone 4.6 MB of IR as text), against 3 MB of bitcode. The parse's freed pages go back
+job alone 4.6 MB of IR as text), against 1.7 MB of bitcode. The parse's freed pages go back
 to the system (``heap.trim``) after a large one (the decode step job's: 18 MiB).
 """
 from __future__ import annotations

@@ -203,7 +203,7 @@ def _merge_tables(merges: Sequence[str], to_id: Mapping[str, int]
     rank) the merges whose result is no token or is made by an earlier merge at another
     cut (none in SmolLM2's 48,900). The symbols merged are byte-level characters, never a
     space (the space maps to "Ġ"), so a merge with a space inside a side can never apply:
-    left out. A dict of the merges' texts held 7.5 MB for SmolLM2; these 0.3 MB."""
+    left out. A dict of the merges' texts held 7 MB for SmolLM2; these 0.3 MB."""
     n = len(to_id) and max(to_id.values()) + 1
     rank, cut = array.array("i", [-1]) * n, array.array("H", [0]) * n
     others: dict[str, int] = {}
