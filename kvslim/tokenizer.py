@@ -219,6 +219,18 @@ def _merge_tables(merges: Sequence[str], to_id: Mapping[str, int]
     return rank, cut, others
 
 
+def _pair_ranker(tables: tuple, to_id: Mapping[str, int]) -> Callable[[str, str], int | None]:
+    """The rank of the merge of a pair (x, y) from ``_merge_tables``' tables, or None."""
+    rank_of, cut_of, others = tables
+
+    def rank(x: str, y: str) -> int | None:
+        t = to_id.get(x + y)
+        if t is not None and cut_of[t] == len(x):
+            return rank_of[t]
+        return others.get(x + " " + y) if others else None
+    return rank
+
+
 # ---------------------------------------------------------------------------
 # Vocabulary metadata
 # ---------------------------------------------------------------------------
@@ -475,7 +487,7 @@ class Tokenizer:
             tables = _merge_tables(self.vocab.merges, self.token_to_id)
             # the merges' texts are not kept (SmolLM2's 48,900: 4.2 MB), only the tables
             self.vocab = dataclasses.replace(self.vocab, merges=[], merge_tables=tables)
-        self._merge_rank, self._merge_cut, self._other_ranks = tables
+        self._pair_rank = _pair_ranker(tables, self.token_to_id)
         b2u = _byte_to_unicode()
         self._byte_map = {i: b2u[i] for i in range(256)}  # for str.translate on latin-1
         self._encode_word = functools.lru_cache(maxsize=cache_size)(self._bpe_word)
@@ -486,16 +498,7 @@ class Tokenizer:
         if self._ignore_merges and mapped in self.token_to_id:
             return (self.token_to_id[mapped],)
         ids: list[int] = []
-        to_id, rank_of, cut_of, others = (self.token_to_id, self._merge_rank, self._merge_cut,
-                                          self._other_ranks)
-
-        def rank(x: str, y: str) -> int | None:
-            t = to_id.get(x + y)
-            if t is not None and cut_of[t] == len(x):
-                return rank_of[t]
-            return others.get(x + " " + y) if others else None
-
-        for sym in _merge_pairs(list(mapped), rank):
+        for sym in _merge_pairs(list(mapped), self._pair_rank):
             tid = self.token_to_id.get(sym)
             if tid is not None:
                 ids.append(tid)

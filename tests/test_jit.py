@@ -105,8 +105,8 @@ _LOADED_CHILD = textwrap.dedent("""
 def test_a_cached_kernel_drops_its_module_for_linking_and_parses_it_again_when_linked():
     """Loaded from the disk cache, a kvslim kernel holds no parsed LLVM module for
     linking; a function compiled later that calls it parses the module from the kept
-    bitcode and computes the same. The heap is trimmed after a large module's release. The first child may compile (and save the cache); the
-    second loads it."""
+    bitcode and computes the same. The heap is trimmed after a large module's release.
+    The first child may compile (and save the cache); the second loads it."""
     runs = [subprocess.run([sys.executable, "-c", _LOADED_CHILD], capture_output=True, text=True,
                            timeout=300, check=True).stdout.split() for _ in range(2)]
     released, total, parsed, small, big = runs[1]

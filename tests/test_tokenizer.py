@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvslim.tokenizer import Tokenizer, _merge_pairs, _merge_tables
+from kvslim.tokenizer import Tokenizer, _merge_pairs, _merge_tables, _pair_ranker
 
 TESTS = Path(__file__).parent
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -406,16 +406,11 @@ def test_merge_tables_rank_pairs_as_a_dict_of_the_merges_texts():
     to_id = {t: i for i, t in enumerate(tokens)}
     merges = ["a b", "c d", "ab c", "b cd", "x y", "a b", "d d", "ab cd", "a b c", "nospace",
               "b c", "bc d", "xy x"]
-    rank, cut, others = _merge_tables(merges, to_id)
-    assert set(others) == {"d d", "ab cd", "b c", "bc d", "xy x"}  # the rest by token
+    tables = _merge_tables(merges, to_id)
+    assert set(tables[2]) == {"d d", "ab cd", "b c", "bc d", "xy x"}  # the rest by token
+    by_token = _pair_ranker(tables, to_id)
     texts = _text_ranks(merges)
     symbols = [*"abcdxy", "ab", "abc", "cd", "bcd", "xy", "bc", "zz"]
-
-    def by_token(x, y):
-        t = to_id.get(x + y)
-        if t is not None and cut[t] == len(x):
-            return rank[t]
-        return others.get(x + " " + y)
 
     for x in symbols:
         for y in symbols:
