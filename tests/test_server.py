@@ -332,6 +332,34 @@ def test_client_leaving_mid_stream_returns_its_pages(server, client):
     assert runner.scheduler.counters["finished_cancel"] >= 1
 
 
+def test_client_leaving_while_queued_is_counted_and_dequeued(server):
+    """A request whose client leaves before the scheduler takes it ends in the queue,
+    counted as a cancel (as one that ran would be), and never reaches the engine."""
+    ollama.Client(host=server.url).generate(model="tiny")  # load
+    runner = server.runner("tiny")
+    before = runner.scheduler.counters["finished_cancel"]
+    gate = StepGate(runner)
+    body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, server.url + "/api/generate", json=body, timeout=60)
+            wait_until(lambda: runner.engine.waiting or runner.engine.running,
+                       what="the first request in the engine")  # its step waits at the gate
+            leaving = pool.submit(httpx.post, server.url + "/api/generate", json=body,
+                                  timeout=httpx.Timeout(30, read=1.0))
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
+                leaving.result()
+            wait_until(lambda: runner.scheduler.counters["finished_cancel"] == before + 1,
+                       what="the queued request counted as cancelled")
+            assert runner.scheduler.waiting() == 1  # the running one only
+            gate.open()
+            assert running.result().status_code == 200
+    finally:
+        gate.open()
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+    assert runner.scheduler.counters["finished_cancel"] == before + 1
+
+
 def test_full_queue_answers_503_and_recovers(tiny_path):
     settings = ServerSettings.from_env({}, num_parallel=1, max_queue=1)
     with running_server(settings, {"tiny": tiny_path}) as served:

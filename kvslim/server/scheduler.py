@@ -96,11 +96,15 @@ class Scheduler:
             self._cond.notify()
 
     def cancel(self, ticket: Ticket) -> None:
-        """Drop a ticket wherever it is; a running sequence returns its pages next step."""
+        """Drop a ticket wherever it is; a running sequence returns its pages next step.
+        A ticket still queued ends here, counted as cancelled like one that ran."""
         with self._cond:
+            if ticket.cancelled:
+                return
             ticket.cancelled = True
             if ticket in self._queue:
                 self._queue.remove(ticket)
+                self.counters["finished_cancel"] += 1
             elif ticket.seq is not None:
                 ticket.engine.cancel(ticket.seq)
             self._cond.notify()
