@@ -27,9 +27,18 @@ bitcode when that happens, and dropped at load (``release_linking_module``): the
 modules held 24 MiB of the process's heap for the kernels a model runs (the decode step
 job alone 4.6 MB of IR as text), against 1.7 MB of bitcode. The parse's freed pages go back
 to the system (``heap.trim``) after a large one (the decode step job's: 18 MiB).
+
+numba also asks, when it first compiles or loads anything, whether BLAS is there for
+``np.dot`` by importing ``scipy.linalg`` (with ``numpy.f2py`` and charset_normalizer's
+tables behind it: 16 MiB resident), which kvslim's kernels never call. ``defer_scipy``
+answers that question by finding scipy's ``cython_blas`` module on disk instead; numba
+still imports scipy (and checks its integer width) when a function using BLAS compiles.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,7 +48,8 @@ from numba.core import caching, codegen
 
 from kvslim import heap
 
-__all__ = ["install", "own_copies", "active", "release_linking_module"]
+__all__ = ["install", "own_copies", "active", "release_linking_module", "defer_scipy",
+           "scipy_blas_present"]
 
 _PACKAGE = "_ZN6kvslim"  # numba's mangled names of this package's functions begin so
 _VERSION = f"{numba.__version__}+kvslim.own-copies.1"
@@ -81,6 +91,46 @@ def release_linking_module(library, state) -> bool:
     return True
 
 
+def scipy_blas_present() -> None:
+    """numba's ``ensure_blas`` without the import: returns when an installed scipy has its
+    ``linalg.cython_blas`` extension module, else ImportError (numba's own message)."""
+    spec = importlib.util.find_spec("scipy")
+    dirs = (spec.submodule_search_locations or []) if spec is not None else []
+    names = [f"cython_blas{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    if not any((Path(d) / "linalg" / n).is_file() for d in dirs for n in names):
+        raise ImportError("scipy 0.16+ is required for linear algebra")
+
+
+def defer_scipy() -> bool:
+    """Patch numba's CPU target so that loading its registries (the first compile or
+    cache load) asks ``scipy_blas_present`` where ``numba.np.arraymath`` checks for BLAS at
+    import, instead of importing scipy; whether it patched (not when arraymath is already
+    imported or numba's internals moved)."""
+    from numba.core import cpu
+
+    load = cpu.CPUContext.__dict__.get("load_additional_registries")
+    if load is None or "numba.np.arraymath" in sys.modules:
+        return False
+
+    def load_additional_registries(self):
+        from numba.np import linalg
+
+        real = getattr(linalg, "ensure_blas", None)
+        if real is None or "numba.np.arraymath" in sys.modules:
+            return load(self)
+        linalg.ensure_blas = scipy_blas_present  # what arraymath imports and calls at import
+        try:
+            return load(self)
+        finally:
+            linalg.ensure_blas = real  # linalg's own overloads call the real one when typed
+            arraymath = sys.modules.get("numba.np.arraymath")
+            if getattr(arraymath, "ensure_blas", None) is scipy_blas_present:
+                arraymath.ensure_blas = real
+
+    cpu.CPUContext.load_additional_registries = load_additional_registries
+    return True
+
+
 def install() -> None:
     """Patch numba once per process (idempotent): internal copies in kvslim's kernels,
     and kvslim's cache indexes versioned apart from those written without it. A numba
@@ -89,6 +139,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    defer_scipy()
     optimize = getattr(codegen.CPUCodeLibrary, "_optimize_final_module", None)
     init = getattr(caching, "IndexDataCacheFile", None)
     unserialize = codegen.CPUCodeLibrary.__dict__.get("_unserialize")

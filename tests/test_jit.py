@@ -133,3 +133,58 @@ def test_only_a_kvslim_module_loaded_as_object_code_is_released():
         lib = Library(module)
         assert not jit.release_linking_module(lib, state), state
         assert lib._shared_module is module and not hasattr(lib, "_linking_bitcode")
+
+
+_BLAS_CHILD = textwrap.dedent("""
+    import sys
+    import numba
+    import numpy as np
+    from kvslim.kernels import rowops
+
+    x = np.ones((2, 8), np.float32)
+    out = np.empty_like(x)
+    rowops._add_norm_rows(x, x, np.ones(8, np.float32), 1e-6, out)  # numba's registries load
+    before = "scipy.linalg" in sys.modules
+    import numba.np.arraymath as arraymath
+
+    @numba.njit
+    def products(a, b, u, v):  # BLAS through scipy: numba imports it to compile this
+        return np.dot(a, b), np.vdot(u, v)
+
+    rng = np.random.default_rng(0)
+    a, b, u, v = rng.random((3, 4)), rng.random((4, 2)), rng.random(5), rng.random(5)
+    ab, uv = products(a, b, u, v)
+    print(before, arraymath._HAVE_BLAS, "scipy.linalg" in sys.modules,
+          np.allclose(ab, a @ b, rtol=1e-12), np.isclose(uv, u @ v, rtol=1e-12))
+""")
+
+
+def test_scipy_is_imported_only_when_a_function_needs_blas():
+    """Running a kvslim kernel does not import scipy.linalg (numba's BLAS check is
+    answered from disk); a user's function calling np.dot / np.vdot still compiles with
+    BLAS (arraymath's check says it is there), imports scipy and computes right."""
+    pytest.importorskip("scipy.linalg")
+    out = subprocess.run([sys.executable, "-c", _BLAS_CHILD], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    assert out == ["False", "True", "True", "True", "True"], out
+
+
+def test_blas_check_finds_scipys_blas_module_on_disk(tmp_path, monkeypatch):
+    """``scipy_blas_present`` returns when scipy's linalg has a cython_blas extension
+    module, and raises numba's ImportError when it has not or scipy is not installed."""
+    import importlib.machinery
+    import importlib.util
+    from types import SimpleNamespace
+
+    package = tmp_path / "scipy"
+    (package / "linalg").mkdir(parents=True)
+    (package / "linalg" / "cython_blas.pxd").write_text("")  # a header is no module
+    spec = SimpleNamespace(submodule_search_locations=[str(package)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "scipy" else None)
+    with pytest.raises(ImportError, match="scipy 0.16"):
+        jit.scipy_blas_present()
+    (package / "linalg" / f"cython_blas{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    jit.scipy_blas_present()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="scipy 0.16"):
+        jit.scipy_blas_present()
