@@ -72,10 +72,12 @@ class StepGate:
 
     def __init__(self, runner):
         self.engine, self._sem = runner.engine, threading.Semaphore(0)
+        self.held = threading.Event()  # a step has come to the gate
         self._step = self.engine.step
         self.engine.step = self._gated
 
     def _gated(self):
+        self.held.set()
         self._sem.acquire()
         return self._step()
 
@@ -330,34 +332,6 @@ def test_client_leaving_mid_stream_returns_its_pages(server, client):
         gate.open()
     wait_until(lambda: settled(server.url, "tiny"), what="pages back")
     assert runner.scheduler.counters["finished_cancel"] >= 1
-
-
-def test_client_leaving_while_queued_is_counted_and_dequeued(server):
-    """A request whose client leaves before the scheduler takes it ends in the queue,
-    counted as a cancel (as one that ran would be), and never reaches the engine."""
-    ollama.Client(host=server.url).generate(model="tiny")  # load
-    runner = server.runner("tiny")
-    before = runner.scheduler.counters["finished_cancel"]
-    gate = StepGate(runner)
-    body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
-    try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(httpx.post, server.url + "/api/generate", json=body, timeout=60)
-            wait_until(lambda: runner.engine.waiting or runner.engine.running,
-                       what="the first request in the engine")  # its step waits at the gate
-            leaving = pool.submit(httpx.post, server.url + "/api/generate", json=body,
-                                  timeout=httpx.Timeout(30, read=1.0))
-            with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
-                leaving.result()
-            wait_until(lambda: runner.scheduler.counters["finished_cancel"] == before + 1,
-                       what="the queued request counted as cancelled")
-            assert runner.scheduler.waiting() == 1  # the running one only
-            gate.open()
-            assert running.result().status_code == 200
-    finally:
-        gate.open()
-    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
-    assert runner.scheduler.counters["finished_cancel"] == before + 1
 
 
 def test_full_queue_answers_503_and_recovers(tiny_path):
@@ -667,12 +641,17 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(server, client)
     assert client.generate(model="tiny", prompt="x", options={"num_predict": 2}).done
 
 
-def test_client_leaving_before_a_whole_answer_cancels_it(server, client):
-    client.generate(model="tiny")
+def _held_steps(server, num_predict: int):
+    """The tiny model loaded and its steps held at a gate: (runner, its cancels so far,
+    the gate, a non-streaming generate body)."""
+    ollama.Client(host=server.url).generate(model="tiny")  # load
     runner = server.runner("tiny")
-    before = runner.scheduler.counters["finished_cancel"]
-    gate = StepGate(runner)
-    body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": 100}}
+    body = {"model": "tiny", "prompt": "x", "stream": False, "options": {"num_predict": num_predict}}
+    return runner, runner.scheduler.counters["finished_cancel"], StepGate(runner), body
+
+
+def test_client_leaving_before_a_whole_answer_cancels_it(server):
+    runner, before, gate, body = _held_steps(server, 100)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(httpx.post, server.url + "/api/generate", json=body,
@@ -685,3 +664,26 @@ def test_client_leaving_before_a_whole_answer_cancels_it(server, client):
         gate.open()
     wait_until(lambda: runner.scheduler.counters["finished_cancel"] == before + 1, what="cancel")
     wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+
+
+def test_client_leaving_while_queued_is_counted_and_dequeued(server):
+    """A request whose client leaves before the scheduler takes it ends in the queue,
+    counted as a cancel (as one that ran would be), and never reaches the engine."""
+    runner, before, gate, body = _held_steps(server, 2)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, server.url + "/api/generate", json=body, timeout=60)
+            wait_until(gate.held.is_set, what="the first request's step at the gate")
+            leaving = pool.submit(httpx.post, server.url + "/api/generate", json=body,
+                                  timeout=httpx.Timeout(30, read=1.0))
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
+                leaving.result()
+            wait_until(lambda: runner.scheduler.counters["finished_cancel"] == before + 1,
+                       what="the queued request counted as cancelled")
+            assert runner.scheduler.waiting() == 1  # the running one only
+            gate.open()
+            assert running.result().status_code == 200
+    finally:
+        gate.open()
+    wait_until(lambda: settled(server.url, "tiny"), what="pages back")
+    assert runner.scheduler.counters["finished_cancel"] == before + 1
