@@ -112,11 +112,13 @@ def defer_scipy() -> bool:
     if load is None or "numba.np.arraymath" in sys.modules:
         return False
 
-    def load_additional_registries(self):
+    def load_additional_registries(self):  # on every refresh: arraymath's check once
+        if "numba.np.arraymath" in sys.modules:
+            return load(self)
         from numba.np import linalg
 
         real = getattr(linalg, "ensure_blas", None)
-        if real is None or "numba.np.arraymath" in sys.modules:
+        if real is None:
             return load(self)
         linalg.ensure_blas = scipy_blas_present  # what arraymath imports and calls at import
         try:
