@@ -239,8 +239,9 @@ def test_real_k_quant_tensors(gemma3_gguf):
 
 
 def x_codes(q: np.ndarray) -> np.ndarray:
-    """int64 [M, K] codes of quantize_rows' two planes [M, 2K] (per 32: high, then low)."""
-    planes = q.reshape(len(q), -1, 2, 32).astype(np.int64)
+    """int64 [M, K] codes of quantize_rows' two planes, q's first 2K bytes (per 32: high,
+    then low)."""
+    planes = q[:, :q.shape[1] // 2].reshape(len(q), -1, 2, 32).astype(np.int64)
     return (128 * planes[:, :, 0] + planes[:, :, 1]).reshape(len(q), -1)
 
 
@@ -253,10 +254,13 @@ def test_quantize_rows_codes_scales_and_sums():
     x[1, 32:64] = 0
     q, d, s, s16 = qm.quantize_rows(x)
     k = 32 * 5
-    assert q.dtype == np.int8 and q.shape == (3, 2 * k + 14)
+    assert q.dtype == np.int8 and q.shape == (3, 4 * k + 28)
     planes = q[:, :2 * k].reshape(3, 5, 2, 32)
-    assert np.abs(planes[:, :, 0]).max() <= 127 and planes[:, :, 1].min() >= 0 and (q[:, 2 * k:] == 0).all()
-    c = x_codes(q[:, :2 * k]).reshape(3, 5, 32)
+    assert np.abs(planes[:, :, 0]).max() <= 127 and planes[:, :, 1].min() >= 0 and (q[:, 4 * k:] == 0).all()
+    c = x_codes(q[:, :4 * k]).reshape(3, 5, 32)
+    # the same codes as int16 after the planes, each 32's even-indexed ones first
+    words = q[:, 2 * k:4 * k].copy().view("<i2").reshape(3, 5, 32)
+    np.testing.assert_array_equal(words, np.concatenate([c[:, :, 0::2], c[:, :, 1::2]], axis=-1))
     blocks = x[:, :k].reshape(3, 5, 32)
     np.testing.assert_allclose(d, np.abs(blocks).max(-1) / (127 * 128), rtol=1e-6)
     assert np.abs(c).max() == 127 * 128

@@ -60,7 +60,7 @@ class Mat(NamedTuple):
     parts: np.ndarray  # [P, 6] int64 (qmatmul.PART_FIELDS)
     work: np.ndarray  # [W, 3] int64 items
     xs: np.ndarray  # [M, K/16] float32 or [M, 0]: the float dots' sums of 16
-    xq: np.ndarray  # [M, 2K] int8 or [M, 0]: the integer dots' codes
+    xq: np.ndarray  # [M, 4K] int8 or [M, 0]: the integer dots' codes
     xd: np.ndarray  # [M, K/32] float32 (or 0 wide)
     xs32: np.ndarray  # [M, K/32] float32
     xs16: np.ndarray  # [M, K/16] float32
