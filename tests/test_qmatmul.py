@@ -313,6 +313,29 @@ def test_integer_dots_portable_ir_equals_the_avx2_one(qt):
     np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6 * np.abs(out[0]).max())
 
 
+def test_q4_k_words_dot_equals_the_planes_dot():
+    """q4_K's dot on x's int16 codes (its nibbles as 16-bit words) gives the byte planes'
+    dot bit for bit: the same integer sums in the same lanes, the same float steps."""
+    from numba import njit
+
+    planes = qm._make_idot(144, 256, lambda b, base, blk, x: qm._iemit_k4(b, base, blk, x, False))
+    words = qm._I_Q4_K
+
+    @njit
+    def both(d, rb, nb, xq, xd, xs, xs16, out):
+        for j in range(out.shape[1]):
+            out[0, j] = planes(d, j * rb, nb, xq, xd, xs, xs16)
+            out[1, j] = words(d, j * rb, nb, xq, xd, xs, xs16)
+
+    rng = np.random.default_rng(913)
+    q, _ = qtensor(gguf.GGMLQuantizationType.Q4_K, 23, 5 * 256, rng)
+    x = (rng.standard_normal((1, 5 * 256)) * rng.uniform(0.1, 50, (1, 5 * 256))).astype(np.float32)
+    xq, xd, xs, xs16 = qm.quantize_rows(x)
+    out = np.empty((2, 23), np.float32)
+    both(q.data[q.offset:], q.row_bytes, 5, xq[0], xd[0], xs[0], xs16[0], out)
+    np.testing.assert_array_equal(out[1], out[0])
+
+
 def test_gemv_choice_env_measure_and_disk(monkeypatch, tmp_path):
     """KVSLIM_QDOT forces a dot; auto measures once, keeps the choice on disk keyed by the
     machine, and a later process reads it instead of measuring; a bad value is an error."""
