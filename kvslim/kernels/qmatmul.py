@@ -354,9 +354,9 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 # of each 32 values, xs16 of each 16). Each 32-value chunk of a block is its codes as
 # <32 x i8> (unsigned; signed for q8_0, whose signs move onto x's codes), multiplied with
 # each plane of x's codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw),
-# pairs of those times the weight's integer sub-scales (q6_K's; x 128 for the high plane)
-# into i32 (vpmaddwd), then one float conversion and one multiply-add by (weight scale x
-# x's scale) per chunk into four <8 x float> accumulators. The offsets (mins, q4_0's,
+# pairs of those summed into i32 (vpmaddwd, x 128 for the high plane), then one float
+# conversion and one multiply-add by (weight scale x x's scale: per 16 values for q6_K,
+# whose 8 i32 lanes are its two 16s) per chunk into four <8 x float> accumulators. The offsets (mins, q4_0's,
 # q5_0's and q6_K's biases) multiply x's sums: four blocks' at once for 32-value blocks,
 # vectors of 8 (16 for q6_K's per-16 scales) for the K-quants, whose 6-bit scales and
 # mins are decoded 8 at a time.
@@ -552,7 +552,7 @@ def _iemit_k4(b, base, blk, x, five):
             code = b.lshr(q, _b32(4)) if j % 2 else b.and_(q, _b32(15))
             if five:
                 code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(j)), _b32(1)), _b32(4)))
-            chunks.append((0, code, None, _lane(b, scale, j)))
+            chunks.append((0, code, _lane(b, scale, j)))
     return chunks, lo
 
 
@@ -581,9 +581,9 @@ def _iemit_q4_k_words(b, base, blk, x):
     for g in range(4):
         w = _words(b, base, b.add(blk, _c(16 + 32 * g)))
         even, odd = b.and_(w, _k16(15)), b.and_(b.lshr(w, _k16(8)), _k16(15))  # chunk 2g
-        chunks.append(("words", (even, odd), None, _lane(b, scale, 2 * g)))
+        chunks.append(("words", (even, odd), _lane(b, scale, 2 * g)))
         even, odd = b.and_(b.lshr(w, _k16(4)), _k16(15)), b.lshr(w, _k16(12))  # chunk 2g + 1
-        chunks.append(("words", (even, odd), None, _lane(b, scale, 2 * g + 1)))
+        chunks.append(("words", (even, odd), _lane(b, scale, 2 * g + 1)))
     return chunks, lo
 
 
@@ -591,15 +591,20 @@ def _iemit_q6_k(b, base, blk, x):
     """q6_K: 8 chunks of 32 6-bit codes (minus 32), an int8 scale per 16 values. The codes
     go into the integer sums as they are (0..63); the bias of 32 is the block's offset
     term, -32 d sum_j scale_j s16_j over x's scaled code sums of 16 (two vpmaddubsw and
-    two subtractions a chunk fewer)."""
+    two subtractions a chunk fewer). The scales are applied in float: lanes 0-3 of a
+    chunk's integer sums cover its first 16 values, lanes 4-7 its second 16, so each
+    chunk's multiplier is one pick of two lanes from the block's 16 (d x scale x x's
+    scale), where building integer scales for vpmaddwd took a byte shuffle, a widening
+    and a shift a chunk."""
     fast = ["fast"]
     d = _half_at(b, base, b.add(blk, _c(208)))
-    dd = _splat(b, d, 8)
-    scale = b.fmul(dd, x.d(0, 8), flags=fast)
-    raw = _bytes(b, base, b.add(blk, _c(192)), 16)
-    scales = b.sext(raw, _V16S)  # <16 x i16>
     v16 = ir.VectorType(ir.FloatType(), 16)
-    bias = b.fmul(b.sitofp(raw, v16), x.s16(16), flags=fast)  # scale_j * s16_j
+    raw = _bytes(b, base, b.add(blk, _c(192)), 16)
+    scales = b.sitofp(raw, v16)  # <16 x float>
+    xd = x.d(0, 8)
+    xd16 = b.shuffle_vector(xd, xd, ir.Constant(ir.VectorType(_I32, 16), [i // 2 for i in range(16)]))
+    mult = b.fmul(b.fmul(scales, _splat(b, d, 16), flags=fast), xd16, flags=fast)
+    bias = b.fmul(scales, x.s16(16), flags=fast)  # scale_j * s16_j
     bias = b.fadd(b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8)))),
                   b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16)))),
                   flags=fast)
@@ -612,9 +617,8 @@ def _iemit_q6_k(b, base, blk, x):
             code = b.lshr(ql, _b32(4)) if k >= 2 else b.and_(ql, _b32(15))
             code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(2 * k)), _b32(3)), _b32(4)))
             j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
-            pick = ir.Constant(ir.VectorType(_I32, 16), [j + i // 8 for i in range(16)])
-            isc = b.shuffle_vector(scales, scales, pick)  # pairs 0-7: scale j, 8-15: j + 1
-            chunks.append((0, code, isc, _lane(b, scale, 4 * n + k)))
+            pick = ir.Constant(ir.VectorType(_I32, 8), [j + i // 4 for i in range(8)])
+            chunks.append((0, code, b.shuffle_vector(mult, mult, pick)))
     return chunks, lo
 
 
@@ -625,10 +629,10 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
     256-value blocks: ``emit(builder, base, blk, x)`` (x: ``_X``) returns the block as
     32-value chunks (bias: "signed" codes, or what the unsigned codes are minus; <32 x i8>
     codes (bias "words": the chunk's even- and odd-indexed codes as two <16 x i16>, read
-    against x's 16-bit codes); <16 x i16> integer scales of each pair of values, or None; the float scale times
-    x's, a float or a splat <8 x float>) and the block's offset term (an <8 x float> to
-    sum, or None), in value order: value = (code - bias) * integer scale * float scale +
-    offset.
+    against x's 16-bit codes); the float scale times x's, a float or an <8 x float> for
+    the 8 lanes of the chunk's integer sums, lane j over values 4j..4j+3) and the block's
+    offset term (an <8 x float> to sum, or None), in value order: value = (code - bias) *
+    float scale + offset.
 
     32-value blocks: ``emit(builder, base, blk)`` returns (bias, codes, the byte offset of
     the f16 scale d, that of the f16 min m or None, or a multiplier c of d or None): value =
@@ -647,7 +651,7 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
             base = _ptr(context, builder, sig.args[0], args[0], _c(0))
             qbase, dbase, sbase, s16base = (_ptr(context, builder, sig.args[i], args[i], _c(0))
                                             for i in (3, 4, 5, 6))
-            ones, sh7 = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [7] * 16)
+            ones, high = ir.Constant(_V16S, [1] * 16), ir.Constant(_V16S, [128] * 16)
             zero8 = ir.Constant(_V8F, [0.0] * 8)
             accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(_NACC)]
             lo_slot = cgutils.alloca_once_value(builder, zero8)
@@ -655,8 +659,8 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
 
             words0 = builder.mul(args[2], _c(2 * block_values))  # x's 16-bit codes: after the planes
 
-            def chunk_sum(x0, c, bias, w, isc):
-                """<8 x i32>: (w - bias) * isc . x's codes of chunk x0 + c (both planes, or
+            def chunk_sum(x0, c, bias, w):
+                """<8 x i32>: (w - bias) . x's codes of chunk x0 + c (both planes, or
                 the 16-bit codes for "words": w = its even- and odd-indexed codes)."""
                 at = builder.mul(builder.add(x0, _c(c)), _c(64))
                 if bias == "words":
@@ -673,9 +677,8 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                 if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
                     pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
                              for p, v in zip(pairs, xs)]
-                isc = ones if isc is None else isc
-                return builder.add(_maddwd(builder, avx2, pairs[0], builder.shl(isc, sh7)),
-                                   _maddwd(builder, avx2, pairs[1], isc))
+                return builder.add(_maddwd(builder, avx2, pairs[0], high),
+                                   _maddwd(builder, avx2, pairs[1], ones))
 
             def add_scaled(acc, k, isum, s):
                 acc[k] = builder.fadd(acc[k], builder.fmul(builder.sitofp(isum, _V8F), s, flags=fast),
@@ -691,9 +694,9 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                     blk = builder.add(args[1], builder.mul(i, _c(block_bytes)))
                     x0 = builder.mul(i, _c(per))
                     chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, s16base, x0))
-                    for c, (bias, w, isc, s) in enumerate(chunks):
+                    for c, (bias, w, s) in enumerate(chunks):
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
-                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w, isc), s)
+                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w), s)
                         c_all += 1
                     if lo is not None:
                         lo_acc = builder.fadd(lo_acc, lo, flags=fast)
@@ -712,7 +715,7 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                 s4 = builder.fmul(dw, _floats4(builder, dbase, i0, n), flags=fast)
                 for u, (blk, (bias, w, _, _, _)) in enumerate(raw):
                     s = builder.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(_I32, 8), [u] * 8))
-                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, bias, w, None), s)
+                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, bias, w), s)
                 for a, v in zip(accs, acc):
                     builder.store(v, a)
                 if m_off is None and lo_mul is None:
