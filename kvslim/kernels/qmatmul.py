@@ -364,11 +364,14 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 # SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
 # budget; 15 bits are 128x finer. No i16 pair sum saturates: codes at most 128 in size
 # (q8_0's, their signs moved onto x) or 63 (q6_K's), plane values within [-127, 127].
-# q4_K reads x's codes a second time, as int16 (``quantize_rows`` keeps both forms): its
-# 4-bit codes come out of 16-bit words by a shift and a mask, each 16 against 16 of x's
-# by one vpmaddwd, two multiplies per 32 values for the planes' four (a q4_K matrix
-# streamed 7% faster on a Zen 3, bit-identical sums; q5_K and q6_K, whose fifth and sixth
-# bits cost more shifts in 16-bit lanes, measured slower that way and keep the planes).
+# q4_K, q4_0, q4_1 and q8_0 read x's codes a second time, as int16 ("words";
+# ``quantize_rows`` keeps both forms, each 32's even-indexed codes then its odd-indexed
+# ones): their codes come out of 16-bit (or 32-bit) lanes by shifts and masks in that
+# order, no shuffle, each 16 against 16 of x's by one vpmaddwd, two multiplies per 32
+# values for the planes' four, the same integer sums lane for lane (bit-identical).
+# One thread, hot, on a Zen 3: q4_K 7-10% faster, q4_0 20%, q4_1 9%, q8_0 31%. q5_K
+# and q6_K, whose fifth and sixth bits cost more shifts in 16-bit lanes, measured slower
+# that way and keep the planes (as do q5_0 and q5_1, their fifth bits per value).
 # Without AVX2 the same sums are plain vector IR.
 
 _V32B = ir.VectorType(ir.IntType(8), 32)
@@ -426,6 +429,15 @@ def _bytes(builder, base, off, n=32):
     return builder.load(at, align=1)
 
 
+def _words(builder, base, off):
+    """<16 x i16> at i64 byte offset off."""
+    return builder.load(builder.bitcast(builder.gep(base, [off]), _V16S.as_pointer()), align=1)
+
+
+def _k16(v):
+    return ir.Constant(_V16S, [v] * 16)
+
+
 def _b32(v):
     return ir.Constant(_V32B, [v] * 32 if isinstance(v, int) else list(v))
 
@@ -477,6 +489,32 @@ class _X:
 def _lane(builder, v, j):
     """<8 x float>: lane j of v everywhere."""
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
+
+
+def _iemit_q8_0_words(b, base, blk):
+    """q8_0 against x's 16-bit codes: its 32 signed bytes read as 16 words, the even bytes
+    sign-extended by a shift left and an arithmetic shift right, the odd ones by the
+    latter alone (three shifts where the planes move the signs onto x's codes)."""
+    w = _words(b, base, b.add(blk, _c(2)))
+    eight = _k16(8)
+    return "words", (b.ashr(b.shl(w, eight), eight), b.ashr(w, eight)), _c(0), None, None
+
+
+def _iemit_q4_words(b, base, blk, with_min):
+    """q4_0 / q4_1 against x's 16-bit codes: the 16 code bytes in both halves of a 32-byte
+    vector (one broadcast load), each 32-bit lane shifted by 0 / 4 (low / high half: the
+    values 2i / 16 + 2i in the low 16 bits, 2i + 1 / 17 + 2i in the high) or 8 / 12 for
+    the odd-indexed values, masked to 4 bits a word: the even- and odd-indexed codes of
+    the 32 in x's order, two shifts and two masks, no shuffle."""
+    at = b.bitcast(b.gep(base, [b.add(blk, _c(4 if with_min else 2))]), ir.VectorType(_I32, 4).as_pointer())
+    q = b.load(at, align=1)
+    y = b.shuffle_vector(q, q, ir.Constant(_V8I, [0, 1, 2, 3, 0, 1, 2, 3]))
+    nib = _v8([0x000F000F] * 8)
+
+    def codes(lo, hi):
+        return b.bitcast(b.and_(b.lshr(y, _v8([lo] * 4 + [hi] * 4)), nib), _V16S)
+    return ("words", (codes(0, 4), codes(8, 12)), _c(0), _c(2) if with_min else None,
+            None if with_min else -8.0)
 
 
 def _iemit_q8_0(b, base, blk):
@@ -554,15 +592,6 @@ def _iemit_k4(b, base, blk, x, five):
                 code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(j)), _b32(1)), _b32(4)))
             chunks.append((0, code, _lane(b, scale, j)))
     return chunks, lo
-
-
-def _words(builder, base, off):
-    """<16 x i16> at i64 byte offset off."""
-    return builder.load(builder.bitcast(builder.gep(base, [off]), _V16S.as_pointer()), align=1)
-
-
-def _k16(v):
-    return ir.Constant(_V16S, [v] * 16)
 
 
 def _iemit_q4_k_words(b, base, blk, x):
@@ -743,9 +772,9 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
 
 # type code -> (block bytes, block values, emit) of the integer dots
 IDOT_BLOCKS = {
-    Q8_0: (34, 32, _iemit_q8_0),
-    Q4_0: (18, 32, lambda b, base, blk: _iemit_q4(b, base, blk, False)),
-    Q4_1: (20, 32, lambda b, base, blk: _iemit_q4(b, base, blk, True)),
+    Q8_0: (34, 32, _iemit_q8_0_words),
+    Q4_0: (18, 32, lambda b, base, blk: _iemit_q4_words(b, base, blk, False)),
+    Q4_1: (20, 32, lambda b, base, blk: _iemit_q4_words(b, base, blk, True)),
     Q5_0: (22, 32, lambda b, base, blk: _iemit_q5(b, base, blk, False)),
     Q5_1: (24, 32, lambda b, base, blk: _iemit_q5(b, base, blk, True)),
     Q4_K: (144, 256, _iemit_q4_k_words),
@@ -1211,7 +1240,7 @@ def quantize_rows(x):
     32 values as codes c = round(x / d) with d = max |x| / 16256, stored twice: in q's
     first 2K bytes as two int8 planes of 32 (c // 128 in [-127, 127], then c % 128 in
     [0, 127]; c = 128 * high + low), in the next 2K as int16, the 32's even-indexed codes
-    then its odd-indexed ones (the order q4_K's 16-bit-lane dot reads its codes in); s =
+    then its odd-indexed ones (the order the "words" dots read their codes in); s =
     d * (the sum of the codes), s16 the same per 16 values (q6_K's scales are per 16), so
     an offset's term sums the same rounded x as the codes' (values past the last whole 32
     are left out: no type with an integer dot has them)."""
