@@ -350,28 +350,30 @@ _D_Q6_K = _make_dot(210, 256, _emit_q6_k)
 
 # ---------------------------------------------------------------- integer block dots
 # idot(d, p, nb, xq, xd, xs, xs16): as dot, with x quantized per 32 values by ``quantize_rows``
-# (15-bit codes as two int8 planes in xq, high and low; scale xd and scale x code sum xs
-# of each 32 values, xs16 of each 16). Each 32-value chunk of a block is its codes as
-# <32 x i8> (unsigned; signed for q8_0, whose signs move onto x's codes), multiplied with
-# each plane of x's codes in integer SIMD: u8 x i8 pairs summed into i16 (vpmaddubsw),
-# pairs of those summed into i32 (vpmaddwd, x 128 for the high plane), then one float
-# conversion and one multiply-add by (weight scale x x's scale: per 16 values for q6_K,
-# whose 8 i32 lanes are its two 16s) per chunk into four <8 x float> accumulators. The offsets (mins, q4_0's,
-# q5_0's and q6_K's biases) multiply x's sums: four blocks' at once for 32-value blocks,
-# vectors of 8 (16 for q6_K's per-16 scales) for the K-quants, whose 6-bit scales and
-# mins are decoded 8 at a time.
-# Why two planes: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
+# (15-bit codes, kept in xq twice: as two int8 planes, high and low, and as int16; scale
+# xd and scale x code sum xs of each 32 values, xs16 of each 16). A 32-value chunk of a
+# block is multiplied with x's codes in integer SIMD, in one of two forms:
+# - "words" (q4_K, q4_0, q4_1, q8_0): the weight's codes come out of 16-bit (or 32-bit)
+#   lanes by shifts and masks, the chunk's even-indexed codes in one <16 x i16>, its
+#   odd-indexed ones in another, no shuffle; each against the same 16 of x's int16 codes
+#   (stored in that order) by one vpmaddwd: two multiplies per 32 values.
+# - bytes (q5_0, q5_1, q5_K, q6_K, whose fifth and sixth bits cost more shifts in 16-bit
+#   lanes: slower that way, measured): the codes as an unsigned <32 x i8>, against each
+#   of x's planes: u8 x i8 pairs summed into i16 (vpmaddubsw), pairs of those into i32
+#   (vpmaddwd, x 128 for the high plane): four multiplies.
+# Lane j of the i32 sums covers values 4j..4j+3 either way (the same integer sums, bit for
+# bit). Then one float conversion and one multiply-add by (weight scale x x's scale: per
+# 16 values for q6_K, whose 8 lanes are its two 16s) per chunk into four <8 x float>
+# accumulators. Codes go in unsigned (q8_0's signed, in 16-bit lanes); the offsets (mins,
+# q4_0's, q5_0's and q6_K's biases) multiply x's sums: four blocks' at once for 32-value
+# blocks, vectors of 8 (16 for q6_K's per-16 scales) for the K-quants, whose 6-bit scales
+# and mins are decoded 8 at a time. One thread, hot, on a Zen 3, words against bytes:
+# q4_K 7-10% faster, q4_0 20%, q4_1 9%, q8_0 31% (benchmarks/README.md).
+# Why 15 bits: llama.cpp's q8 activations (one int8 plane, x rounded to 8 bits) cost
 # SmolLM2 a KLD of 2.9e-3 against its float32 weights (benchmarks/README.md), 29x the
-# budget; 15 bits are 128x finer. No i16 pair sum saturates: codes at most 128 in size
-# (q8_0's, their signs moved onto x) or 63 (q6_K's), plane values within [-127, 127].
-# q4_K, q4_0, q4_1 and q8_0 read x's codes a second time, as int16 ("words";
-# ``quantize_rows`` keeps both forms, each 32's even-indexed codes then its odd-indexed
-# ones): their codes come out of 16-bit (or 32-bit) lanes by shifts and masks in that
-# order, no shuffle, each 16 against 16 of x's by one vpmaddwd, two multiplies per 32
-# values for the planes' four, the same integer sums lane for lane (bit-identical).
-# One thread, hot, on a Zen 3: q4_K 7-10% faster, q4_0 20%, q4_1 9%, q8_0 31%. q5_K
-# and q6_K, whose fifth and sixth bits cost more shifts in 16-bit lanes, measured slower
-# that way and keep the planes (as do q5_0 and q5_1, their fifth bits per value).
+# budget; 15 bits are 128x finer. Nothing saturates: i16 pair sums of codes at most 63
+# (q6_K's) times plane values within [-127, 127]; i32 pairs of codes at most 128 in size
+# times x's codes at most 16256.
 # Without AVX2 the same sums are plain vector IR.
 
 _V32B = ir.VectorType(ir.IntType(8), 32)
@@ -517,16 +519,6 @@ def _iemit_q4_words(b, base, blk, with_min):
             None if with_min else -8.0)
 
 
-def _iemit_q8_0(b, base, blk):
-    return "signed", _bytes(b, base, b.add(blk, _c(2))), _c(0), None, None
-
-
-def _iemit_q4(b, base, blk, with_min):
-    """q4_0 (codes - 8) and q4_1 (+ min)."""
-    code = _nibbles(b, base, b.add(blk, _c(4 if with_min else 2)))
-    return 0, code, _c(0), _c(2) if with_min else None, None if with_min else -8.0
-
-
 def _iemit_q5(b, base, blk, with_min):
     """q5_0 (codes - 16) and q5_1 (+ min): bit j of the 4 bytes qh is bit 4 of value j."""
     at = 4 if with_min else 2
@@ -656,16 +648,16 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
     (xs16: x's scaled code sums of 16, which only q6_K's offset term reads).
 
     256-value blocks: ``emit(builder, base, blk, x)`` (x: ``_X``) returns the block as
-    32-value chunks (bias: "signed" codes, or what the unsigned codes are minus; <32 x i8>
-    codes (bias "words": the chunk's even- and odd-indexed codes as two <16 x i16>, read
-    against x's 16-bit codes); the float scale times x's, a float or an <8 x float> for
-    the 8 lanes of the chunk's integer sums, lane j over values 4j..4j+3) and the block's
-    offset term (an <8 x float> to sum, or None), in value order: value = (code - bias) *
-    float scale + offset.
+    32-value chunks (form, codes, scale) -- form 0: codes an unsigned <32 x i8> read
+    against x's two planes; form "words": codes the chunk's even- and odd-indexed codes as
+    two <16 x i16>, read against x's 16-bit codes; scale: the float scale times x's, a
+    float or an <8 x float> for the 8 lanes of the chunk's integer sums, lane j over
+    values 4j..4j+3 -- and the block's offset term (an <8 x float> to sum, or None), in
+    value order: value = code * float scale + offset.
 
-    32-value blocks: ``emit(builder, base, blk)`` returns (bias, codes, the byte offset of
+    32-value blocks: ``emit(builder, base, blk)`` returns (form, codes, the byte offset of
     the f16 scale d, that of the f16 min m or None, or a multiplier c of d or None): value =
-    (code - bias) * d + (m, or c * d). Four blocks run together: their scales are converted
+    code * d + (m, or c * d). Four blocks run together: their scales are converted
     and multiplied with x's as one <4 x float>, their offset terms summed as another (one
     conversion and one multiply-add for four blocks where a block's own took five scalar
     instructions each: a third of a q4_1 block's work).
@@ -688,24 +680,17 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
 
             words0 = builder.mul(args[2], _c(2 * block_values))  # x's 16-bit codes: after the planes
 
-            def chunk_sum(x0, c, bias, w):
-                """<8 x i32>: (w - bias) . x's codes of chunk x0 + c (both planes, or
-                the 16-bit codes for "words": w = its even- and odd-indexed codes)."""
+            def chunk_sum(x0, c, form, w):
+                """<8 x i32>: w . x's codes of chunk x0 + c (both planes, or the 16-bit
+                codes for "words": w = its even- and odd-indexed codes)."""
                 at = builder.mul(builder.add(x0, _c(c)), _c(64))
-                if bias == "words":
+                if form == "words":
                     xw = [_words(builder, qbase, builder.add(words0, builder.add(at, _c(o))))
                           for o in (0, 32)]
                     return builder.add(_maddwd(builder, avx2, w[0], xw[0]),
                                        _maddwd(builder, avx2, w[1], xw[1]))
                 xs = [_bytes(builder, qbase, at), _bytes(builder, qbase, builder.add(at, _c(32)))]
-                if bias == "signed":  # |w| * (x with w's sign)
-                    neg = builder.icmp_signed("<", w, _b32(0))
-                    xs = [builder.select(neg, builder.sub(_b32(0), v), v) for v in xs]
-                    w = builder.select(neg, builder.sub(_b32(0), w), w)
                 pairs = [_maddubs(builder, avx2, w, v) for v in xs]  # high and low planes
-                if bias and bias != "signed":  # (w - bias) . x = w . x - bias . x
-                    pairs = [builder.sub(p, _maddubs(builder, avx2, _b32(bias), v))
-                             for p, v in zip(pairs, xs)]
                 return builder.add(_maddwd(builder, avx2, pairs[0], high),
                                    _maddwd(builder, avx2, pairs[1], ones))
 
@@ -723,9 +708,9 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                     blk = builder.add(args[1], builder.mul(i, _c(block_bytes)))
                     x0 = builder.mul(i, _c(per))
                     chunks, lo = emit(builder, base, blk, _X(builder, dbase, sbase, s16base, x0))
-                    for c, (bias, w, s) in enumerate(chunks):
+                    for c, (form, w, s) in enumerate(chunks):
                         s = s if isinstance(s.type, ir.VectorType) else _splat(builder, s, 8)
-                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, bias, w), s)
+                        add_scaled(acc, c_all % _NACC, chunk_sum(x0, c, form, w), s)
                         c_all += 1
                     if lo is not None:
                         lo_acc = builder.fadd(lo_acc, lo, flags=fast)
@@ -742,9 +727,9 @@ def _make_idot(block_bytes, block_values, emit, portable=False):
                 _, _, d_off, m_off, lo_mul = raw[0][1]
                 dw = _halves4(builder, base, [builder.add(blk, d_off) for blk, _ in raw])
                 s4 = builder.fmul(dw, _floats4(builder, dbase, i0, n), flags=fast)
-                for u, (blk, (bias, w, _, _, _)) in enumerate(raw):
+                for u, (blk, (form, w, _, _, _)) in enumerate(raw):
                     s = builder.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(_I32, 8), [u] * 8))
-                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, bias, w), s)
+                    add_scaled(acc, u, chunk_sum(builder.add(i0, _c(u)), 0, form, w), s)
                 for a, v in zip(accs, acc):
                     builder.store(v, a)
                 if m_off is None and lo_mul is None:
