@@ -553,17 +553,23 @@ def _v8(values):
 
 def _scales_mins_k4(b, base, sc):
     """_scale_min_k4 for all 8 sub-blocks at once: (scales, mins) <8 x i32> from the 12
-    bytes at i64 sc (read as 16: the block's codes follow them)."""
-    raw = _bytes(b, base, sc, 16)
+    bytes at i64 sc, decoded four at a time in 32-bit integer registers (the scalar ALUs,
+    idle in these loops, where vector shuffles would load the vector pipes the dot
+    needs): bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; byte 8 + j
+    holds the low 4 bits of scale 4 + j and of min 4 + j, whose top 2 bits are the top 2
+    of bytes j and 4 + j."""
+    u0, u1, u2 = (_u32_at(b, base, b.add(sc, _c(4 * i))) for i in range(3))
+    low6, low4, two = (ir.Constant(_I32, m) for m in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
 
-    def pick(idx):
-        return b.zext(b.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, 8), idx)), _V8I)
-    top = _v8([0] * 4 + [0x30] * 4)  # bits 4-5 of sub-blocks 4-7: the top 2 bits of bytes 0-7
-    s = b.or_(b.and_(pick([0, 1, 2, 3, 8, 9, 10, 11]), _v8([63] * 4 + [15] * 4)),
-              b.and_(b.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), _v8([2] * 8)), top))
-    m = b.or_(b.and_(b.lshr(pick([4, 5, 6, 7, 8, 9, 10, 11]), _v8([0] * 4 + [4] * 4)), _v8([63] * 4 + [15] * 4)),
-              b.and_(b.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), _v8([2] * 8)), top))
-    return s, m
+    def top2(u):  # bits 6-7 of each byte, as bits 4-5
+        return b.shl(b.and_(b.lshr(u, ir.Constant(_I32, 6)), two), ir.Constant(_I32, 4))
+
+    def widen(lo, hi):  # two i32 of 4 bytes -> <8 x i32>
+        q = b.or_(b.zext(lo, _I64), b.shl(b.zext(hi, _I64), _c(32)))
+        return b.zext(b.bitcast(q, ir.VectorType(ir.IntType(8), 8)), _V8I)
+    scales = widen(b.and_(u0, low6), b.or_(b.and_(u2, low4), top2(u0)))
+    mins = widen(b.and_(u1, low6), b.or_(b.and_(b.lshr(u2, ir.Constant(_I32, 4)), low4), top2(u1)))
+    return scales, mins
 
 
 def _iemit_k4(b, base, blk, x, five):
