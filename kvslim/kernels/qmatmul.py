@@ -528,11 +528,15 @@ def _iemit_q5(b, base, blk, with_min):
 
 def _halves4(b, base, offs):
     """<4 x float>: the f16 values at the i64 byte offsets offs (up to 4; the other lanes 0),
-    converted together (one vcvtph2ps for four blocks' scales, not one each)."""
-    v = ir.Constant(ir.VectorType(ir.IntType(16), 4), [0] * 4)
+    converted together (one vcvtph2ps for four blocks' scales, not one each). The four
+    are gathered into a 64-bit integer register, not inserted lane by lane: scalar loads
+    and shifts, one move into a vector register."""
+    v = None
     for j, off in enumerate(offs):
         at = b.bitcast(b.gep(base, [off]), ir.IntType(16).as_pointer())
-        v = b.insert_element(v, b.load(at, align=1), ir.Constant(_I32, j))
+        h = b.zext(b.load(at, align=1), _I64)
+        h = b.shl(h, _c(16 * j)) if j else h
+        v = h if v is None else b.or_(v, h)
     return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), 4)), _V4F)
 
 
