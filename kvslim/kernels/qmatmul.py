@@ -632,9 +632,13 @@ def _iemit_q6_k(b, base, blk, x):
     v16 = ir.VectorType(ir.FloatType(), 16)
     raw = _bytes(b, base, b.add(blk, _c(192)), 16)
     scales = b.sitofp(raw, v16)  # <16 x float>
+    # the multipliers of each 8 scales in the order 0 2 4 6 1 3 5 7: chunk k of a half
+    # takes element k of each 128-bit lane (scales 2k and 2k + 1), one in-lane shuffle
+    order = [h + i for h in (0, 8) for i in (0, 2, 4, 6, 1, 3, 5, 7)]
     xd = x.d(0, 8)
-    xd16 = b.shuffle_vector(xd, xd, ir.Constant(ir.VectorType(_I32, 16), [i // 2 for i in range(16)]))
-    mult = b.fmul(b.fmul(scales, _splat(b, d, 16), flags=fast), xd16, flags=fast)
+    xd16 = b.shuffle_vector(xd, xd, ir.Constant(ir.VectorType(_I32, 16), [j // 2 for j in order]))
+    mult = b.fmul(b.fmul(b.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, 16), order)),
+                         _splat(b, d, 16), flags=fast), xd16, flags=fast)
     bias = b.fmul(scales, x.s16(16), flags=fast)  # scale_j * s16_j
     bias = b.fadd(b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8)))),
                   b.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16)))),
@@ -647,8 +651,8 @@ def _iemit_q6_k(b, base, blk, x):
             ql = _bytes(b, base, b.add(blk, _c(64 * n + 32 * (k % 2))))
             code = b.lshr(ql, _b32(4)) if k >= 2 else b.and_(ql, _b32(15))
             code = b.or_(code, b.shl(b.and_(b.lshr(qh, _b32(2 * k)), _b32(3)), _b32(4)))
-            j = 8 * n + 2 * k  # scales j (values 0-15) and j + 1 (16-31)
-            pick = ir.Constant(ir.VectorType(_I32, 8), [j + i // 4 for i in range(8)])
+            # scales 8n + 2k (values 0-15) and 8n + 2k + 1 (16-31)
+            pick = ir.Constant(ir.VectorType(_I32, 8), [8 * n + k] * 4 + [8 * n + 4 + k] * 4)
             chunks.append((0, code, b.shuffle_vector(mult, mult, pick)))
     return chunks, lo
 
