@@ -582,14 +582,21 @@ def _scales_mins_k4(b, base, sc):
     return scales, mins
 
 
-def _iemit_k4(b, base, blk, x, five):
-    """q4_K and q5_K: 8 chunks of 32 values, 6-bit scales and mins, all 8 decoded and
-    multiplied with x's 8 scales (and sums) as vectors."""
+def _k4_terms(b, base, blk, x):
+    """q4_K / q5_K's (scale, offset) <8 x float> per 32-value chunk: d x scale_j x x's
+    scale, and -dmin x min_j x x's scaled code sum (the block's offset term)."""
     fast = ["fast"]
     dd, dmin = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
     sc, mn = _scales_mins_k4(b, base, b.add(blk, _c(4)))
     scale = b.fmul(b.fmul(b.sitofp(sc, _V8F), _splat(b, dd, 8), flags=fast), x.d(0, 8), flags=fast)
     lo = b.fmul(b.fmul(b.sitofp(mn, _V8F), _splat(b, b.fneg(dmin), 8), flags=fast), x.s(0, 8), flags=fast)
+    return scale, lo
+
+
+def _iemit_k4(b, base, blk, x, five):
+    """q4_K and q5_K: 8 chunks of 32 values, 6-bit scales and mins, all 8 decoded and
+    multiplied with x's 8 scales (and sums) as vectors."""
+    scale, lo = _k4_terms(b, base, blk, x)
     qh = _bytes(b, base, b.add(blk, _c(16))) if five else None
     chunks = []
     for g in range(4):
@@ -609,11 +616,7 @@ def _iemit_q4_k_words(b, base, blk, x):
     even- and odd-indexed codes as <16 x i16>, no shuffle, and one vpmaddwd each multiplies
     them with x's 15-bit codes (in the same order, ``quantize_rows``). Per 32 values two
     multiplies where the byte planes take four; the same integer sums, lane for lane."""
-    fast = ["fast"]
-    dd, dmin = _half_at(b, base, blk), _half_at(b, base, b.add(blk, _c(2)))
-    sc, mn = _scales_mins_k4(b, base, b.add(blk, _c(4)))
-    scale = b.fmul(b.fmul(b.sitofp(sc, _V8F), _splat(b, dd, 8), flags=fast), x.d(0, 8), flags=fast)
-    lo = b.fmul(b.fmul(b.sitofp(mn, _V8F), _splat(b, b.fneg(dmin), 8), flags=fast), x.s(0, 8), flags=fast)
+    scale, lo = _k4_terms(b, base, blk, x)
     chunks = []
     for g in range(4):
         w = _words(b, base, b.add(blk, _c(16 + 32 * g)))
