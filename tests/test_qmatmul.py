@@ -291,7 +291,8 @@ def test_integer_dots_every_length(qt):
 
 @pytest.mark.parametrize("qt", [qm.TYPES[c] for c in qm.IDOT_BLOCKS], ids=lambda t: t.name)
 def test_integer_dots_portable_ir_equals_the_avx2_one(qt):
-    """The plain vector IR (CPUs without AVX2) gives what vpmaddubsw / vpmaddwd give."""
+    """The plain vector IR (CPUs without AVX2) gives what vpmaddubsw / vpmaddwd (or, on a
+    CPU with VNNI, vpdpbusd) give."""
     from numba import njit
 
     code = CODES[qt]
@@ -313,9 +314,32 @@ def test_integer_dots_portable_ir_equals_the_avx2_one(qt):
     np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6 * np.abs(out[0]).max())
 
 
+def test_vnni_cpu_runs_vpdpbusd():
+    """Where numba targets a CPU with VNNI, the byte-plane dots are vpdpbusd (not the
+    AVX2 sequence by a silent fallback); elsewhere none is emitted (it would fault)."""
+    from numba import njit
+    from numba.core.registry import cpu_target
+
+    dot = qm._make_idot(*qm.IDOT_BLOCKS[CODES[gguf.GGMLQuantizationType.Q6_K]])
+
+    @njit
+    def one(d, nb, xq, xd, xs, xs16):
+        return dot(d, 0, nb, xq, xd, xs, xs16)
+
+    rng = np.random.default_rng(77)
+    q, _ = qtensor(gguf.GGMLQuantizationType.Q6_K, 1, 256, rng)
+    xq, xd, xs, xs16 = qm.quantize_rows(rng.standard_normal((1, 256)).astype(np.float32))
+    one(q.data[q.offset:], 1, xq[0], xd[0], xs[0], xs16[0])
+    asm = "".join(one.inspect_asm().values())
+    assert ("vpdpbusd" in asm) == qm._vnni(cpu_target.target_context)
+    assert ("vpmaddubsw" in asm) != qm._vnni(cpu_target.target_context)
+
+
 def test_q4_k_words_dot_equals_the_planes_dot():
     """q4_K's dot on x's int16 codes (its nibbles as 16-bit words) gives the byte planes'
-    dot bit for bit: the same integer sums in the same lanes, the same float steps."""
+    dot: the same integer sums in the same lanes, the same float steps, up to the order
+    LLVM gives the float additions (fast math lets it reassociate them, and it does so
+    differently for the two loops where the planes are vpdpbusd): a few float32 ulps."""
     from numba import njit
 
     planes = qm._make_idot(144, 256, lambda b, base, blk, x: qm._iemit_k4(b, base, blk, x, False))
@@ -333,7 +357,7 @@ def test_q4_k_words_dot_equals_the_planes_dot():
     xq, xd, xs, xs16 = qm.quantize_rows(x)
     out = np.empty((2, 23), np.float32)
     both(q.data[q.offset:], q.row_bytes, 5, xq[0], xd[0], xs[0], xs16[0], out)
-    np.testing.assert_array_equal(out[1], out[0])
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6 * np.abs(out[0]).max())
 
 
 def test_gemv_choice_env_measure_and_disk(monkeypatch, tmp_path):
