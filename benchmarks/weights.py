@@ -151,25 +151,48 @@ def bench_kernels(types, shapes, repeat: int, bw: float) -> None:
 def bench_core(types, repeat: int) -> None:
     """The dots' compute ceiling: one thread dotting one input row with a 64 x 2048 matrix
     (in L2) over and over, in thread CPU time (a busy machine's other processes do not
-    count), float fused and integer dot timed in turn."""
+    count), float fused and integer dot timed in turn; where the CPU has VNNI, also the
+    integer dot built without it (``qmatmul._make_idot(vnni=False)``)."""
     from numba import njit
+    from numba.core.registry import cpu_target
 
     from kvslim.kernels import qmatmul as qm
     from kvslim.kernels.qtypes import CODES
 
+    # one loop a dot: a loop holding both dots behind a branch ran the integer one 20-30%
+    # slower than a loop of its own (Zen 4), which is what gemv runs
     @njit(fastmath=True)
-    def loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, xs16, reps, ints):
+    def float_loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, xs16, reps):
         t = np.float32(0)
         for _ in range(reps):
             for j in range(rows):
-                t += (qm._idot(code, d, j * rb, k, xq, xd, xs32, xs16) if ints
-                      else qm._dot(code, d, j * rb, k, x, xs))
+                t += qm._dot(code, d, j * rb, k, x, xs)
         return t
 
+    @njit(fastmath=True)
+    def int_loop(code, d, rb, rows, k, x, xs, xq, xd, xs32, xs16, reps):
+        t = np.float32(0)
+        for _ in range(reps):
+            for j in range(rows):
+                t += qm._idot(code, d, j * rb, k, xq, xd, xs32, xs16)
+        return t
+
+    def loop_of(dot, per):
+        @njit(fastmath=True)
+        def plain(code, d, rb, rows, k, x, xs, xq, xd, xs32, xs16, reps):
+            t = np.float32(0)
+            for _ in range(reps):
+                for j in range(rows):
+                    t += dot(d, j * rb, k // per, xq, xd, xs32, xs16)
+            return t
+        return plain
+
+    vnni = qm._vnni(cpu_target.target_context)
     rng = np.random.default_rng(0)
     rows, cols, reps = 64, 2048, 200
     print("\n## Dot compute ceiling: one thread, matrix in L2, GB/s of weight bytes in thread CPU time")
-    print(f"{'type':<8}{'float GB/s':>12}{'int GB/s':>10}{'int / float':>13}")
+    print(f"(no VNNI: the integer dot without vpdpbusd, timed in turn; this CPU has VNNI: {'yes' if vnni else 'no'})")
+    print(f"{'type':<8}{'float GB/s':>12}{'int GB/s':>10}{'int / float':>13}{'no VNNI GB/s':>14}")
     for qt in types:
         code = CODES[qt]
         if not qm.INT_DOTS[code]:
@@ -178,16 +201,21 @@ def bench_core(types, repeat: int) -> None:
         x = rng.standard_normal((1, cols)).astype(np.float32)
         (xq, xd, xs32, xs16), xs = qm.quantize_rows(x), qm.sums16(x)
         args = (code, q.data, q.row_bytes, rows, cols, x[0], xs[0], xq[0], xd[0], xs32[0], xs16[0])
-        ts = {False: [], True: []}
-        for ints in (False, True):
-            loop(*args, 1, ints)
+        runs = [lambda n: float_loop(*args, n), lambda n: int_loop(*args, n)]
+        if vnni:
+            block = qm.IDOT_BLOCKS[code]
+            runs.append(lambda n, f=loop_of(qm._make_idot(*block, vnni=False), block[1]): f(*args, n))
+        ts = [[] for _ in runs]
+        for run in runs:
+            run(1)
         for _ in range(repeat):
-            for ints in (False, True):
+            for run, t in zip(runs, ts):
                 t0 = time.thread_time()
-                loop(*args, reps, ints)
-                ts[ints].append(time.thread_time() - t0)
-        fl, it = (q.nbytes * reps / min(ts[i]) / 1e9 for i in (False, True))
-        print(f"{qt.name:<8}{fl:>12.1f}{it:>10.1f}{it / fl:>13.2f}", flush=True)
+                run(reps)
+                t.append(time.thread_time() - t0)
+        gbs = [q.nbytes * reps / min(t) / 1e9 for t in ts]
+        plain = f"{gbs[2]:>14.1f}" if vnni else f"{'-':>14}"
+        print(f"{qt.name:<8}{gbs[0]:>12.1f}{gbs[1]:>10.1f}{gbs[1] / gbs[0]:>13.2f}{plain}", flush=True)
 
 
 # ---------------------------------------------------------------- models
