@@ -302,8 +302,24 @@ def synth(name: str) -> str:
     return str(path)
 
 
+def model_of(name: str) -> str:
+    """A synthetic layout's file (written on first use), else the name as the engines take
+    it: a model in the store (``kvslim list``), a built-in name or a .gguf path."""
+    import synth_model
+
+    from kvslim import store
+
+    if name in synth_model.LAYOUTS:
+        return synth(name)
+    try:
+        store.resolve(name)
+    except Exception as e:  # unknown, not pulled: one line, before any engine runs
+        raise SystemExit(f"weights.py: --models {name}: {e}") from None
+    return name
+
+
 def bench_models(args, bw: float) -> None:
-    models = [m if m == "smollm2" or m.endswith(".gguf") else synth(m) for m in args.models.split(",")]
+    models = [model_of(m) for m in args.models.split(",")]
     engines = ["quantized", "dequantize"]
     try:
         import llama_cpp  # noqa: F401
@@ -342,7 +358,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="2048x8192,8192x2048", help="ROWSxCOLS list for the kernel table")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--models", default="smollm2,llama-3.2-1b",
-                    help="smollm2, synthetic layouts (llama-3.2-1b, llama-3.1-8b) or .gguf paths")
+                    help="synthetic layouts (llama-3.2-1b, llama-3.1-8b, smollm2-135m), models in the store"
+                         " (smollm2, gemma3:270m) or .gguf paths")
     ap.add_argument("--big", action="store_true", help="add the synthetic llama-3.1-8b Q4_K_M")
     ap.add_argument("--lengths", default="512,4096")
     ap.add_argument("--types", default="f16,q8_0", help="K/V cache types")

@@ -68,6 +68,16 @@ def test_weights_benchmark_kernels_and_models(tiny):
     assert "\nquantized " in out and "\ndequantize " in out and "failed" not in out
 
 
+def test_weights_benchmark_unknown_model_is_one_line():
+    """A --models name that is neither a synthetic layout, a stored model nor a file: one
+    line on stderr, exit status nonzero, before any engine runs."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "benchmarks/weights.py", "--only", "models", "--models", "nosuch:9b"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "unknown model 'nosuch:9b'" in p.stderr
+
+
 @pytest.mark.slow
 def test_synth_model_runs_in_kvslim(tmp_path):
     path = tmp_path / "synth.gguf"
