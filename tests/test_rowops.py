@@ -1,7 +1,9 @@
 """The fused row ops (kernels/rowops.py) against their plain-torch references."""
+import numpy as np
 import pytest
 import torch
 
+from kvslim.kernels import rowops
 from kvslim.kernels.rowops import NumbaOps, TorchOps, ops
 
 # float32 sums over a few thousand values in another order, exp in another form
@@ -39,11 +41,53 @@ def test_rope_in_place_matches_torch(n, heads, rot_heads, dim, rot):
     torch.testing.assert_close(got[:, rot_heads:], x[:, rot_heads:], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("n,f", [(1, 1536), (7, 33)])
+@pytest.mark.parametrize("n,f", [(1, 1536), (7, 33), (3, 8192)])
 def test_silu_mul_matches_torch(n, f):
     gu = _rand(n, 2 * f, scale=6.0)
-    gu[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp's overflow side, and zero
+    gu[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp's clamped sides, and zero
     torch.testing.assert_close(NumbaOps.silu_mul(gu), TorchOps.silu_mul(gu), atol=ATOL, rtol=RTOL)
+
+
+def test_exp_within_2e_7_and_clamped():
+    """The vectorizable exp against float64's, over its range and past both ends."""
+    x = np.concatenate([np.linspace(-87, 88, 40001), _rand(999, scale=20.0).numpy()]).astype(np.float32)
+    x = x[(x >= -87) & (x <= 88)]
+    got = np.array([rowops._exp(np.float32(v)) for v in x], np.float64)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2e-7
+    assert rowops._exp(np.float32(-200.0)) == rowops._exp(np.float32(-87.0)) > 0
+    assert rowops._exp(np.float32(200.0)) == rowops._exp(np.float32(88.0)) < np.inf
+
+
+@pytest.mark.parametrize("n,d", [(1, 640), (4, 64), (9, 100)])
+def test_norm_add_norm_matches_torch(n, d):
+    """gemma's post-sublayer norm into the residual, then the next norm."""
+    x, y = _rand(n, d, scale=3.0), _rand(n, d + 2)[:, :d] * 40
+    w_post, w_next = _rand(d + 3)[:d] + 1, _rand(d + 5)[:d] + 1
+    ref_x, ref_h = TorchOps.norm_add_norm(x, y, w_post, w_next, 1e-6)
+    x2 = x.clone()
+    got_x, got_h = NumbaOps.norm_add_norm(x2, y, w_post, w_next, 1e-6)  # y non-contiguous
+    assert got_x is x2  # the residual stream is updated in place
+    torch.testing.assert_close(got_x, ref_x, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got_h, ref_h, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("n,n_a,n_b,rest,dim", [(1, 4, 1, 1, 256), (5, 3, 2, 2, 64), (2, 1, 1, 0, 24)])
+def test_head_norm_in_place_matches_torch(n, n_a, n_b, rest, dim):
+    x = _rand(n, n_a + n_b + rest, dim, scale=7.0)
+    w_a, w_b = _rand(dim) + 1, _rand(dim + 1)[:dim] - 1
+    ref = TorchOps.head_norm(x.clone(), n_a, w_a, w_b, n_b, 1e-6)
+    got = x.clone()
+    assert NumbaOps.head_norm(got, n_a, w_a, w_b, n_b, 1e-6) is got
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[:, n_a + n_b:], x[:, n_a + n_b:], atol=0, rtol=0)  # v heads
+
+
+@pytest.mark.parametrize("n,f", [(1, 2048), (6, 35), (5, 8192)])
+def test_gelu_mul_matches_torch(n, f):
+    gu = _rand(n, 2 * f, scale=4.0)
+    gu[0, :4] = torch.tensor([-60.0, 60.0, 0.0, -3.0])  # the sigmoid's saturated sides, and zero
+    torch.testing.assert_close(NumbaOps.gelu_mul(gu), TorchOps.gelu_mul(gu), atol=ATOL, rtol=RTOL)
 
 
 def test_each_row_alone():
@@ -54,6 +98,13 @@ def test_each_row_alone():
     _, h_one = NumbaOps.add_norm(x[5:6].clone(), y[5:6], w, 1e-5)
     assert torch.equal(h_all[5:6], h_one)
     assert torch.equal(NumbaOps.silu_mul(gu)[7:8], NumbaOps.silu_mul(gu[7:8]))
+    assert torch.equal(NumbaOps.gelu_mul(gu)[7:8], NumbaOps.gelu_mul(gu[7:8]))
+    _, h_all = NumbaOps.norm_add_norm(x.clone(), y, w, w + 1, 1e-6)
+    _, h_one = NumbaOps.norm_add_norm(x[5:6].clone(), y[5:6], w, w + 1, 1e-6)
+    assert torch.equal(h_all[5:6], h_one)
+    heads = _rand(33, 3, 64)
+    all_rows = NumbaOps.head_norm(heads.clone(), 2, w[:64], w[64:128], 1, 1e-6)
+    assert torch.equal(all_rows[9:10], NumbaOps.head_norm(heads[9:10].clone(), 2, w[:64], w[64:128], 1, 1e-6))
 
 
 def test_ops_choice():

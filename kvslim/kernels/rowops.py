@@ -1,6 +1,8 @@
 """A decoder layer's row-wise ops outside the matmuls: RMSNorm (with the residual add
-before it), NEOX RoPE, SiLU(gate) * up. Fused numba kernels for CPU float32, plain torch
-beside them (the reference, and the path on every other device or dtype).
+before it; gemma's: the sublayer's output normed before the add, and the next norm after
+it), RMSNorm per head (gemma 3's q and k), NEOX RoPE, SiLU(gate) * up and GELU(gate) * up.
+Fused numba kernels for CPU float32, plain torch beside them (the reference, and the path
+on every other device or dtype).
 
 On CPU a decode step is dominated by per-op dispatch, not arithmetic: torch's
 ``F.rms_norm`` on one 576-value row runs several ATen ops, each with its own dispatch
@@ -16,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
 
@@ -64,6 +68,38 @@ def _add_norm_rows(x, y, w, eps, out):
 
 
 @njit(fastmath=_FAST, cache=True)
+def _norm_add_norm_rows(x, y, w_post, eps, w_next, out):
+    """x += y normed with w_post (the residual, in place), then out = _norm_rows(x, w_next):
+    gemma's post-sublayer norm, residual add and next pre-norm in one pass over the rows."""
+    n, d = x.shape
+    for i in range(n):
+        s = np.float32(0.0)
+        for j in range(d):
+            s += y[i, j] * y[i, j]
+        r = np.float32(1.0) / np.sqrt(s / np.float32(d) + np.float32(eps))
+        for j in range(d):
+            x[i, j] += y[i, j] * r * w_post[j]
+    _norm_rows(x, w_next, eps, out)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _head_norm_rows(x, n_a, w_a, w_b, n_b, eps):
+    """RMSNorm in place over each head's D values: heads 0..n_a-1 of x [N, h, D] with
+    w_a [D], heads n_a..n_a+n_b-1 with w_b [D] (gemma 3's q and k heads, side by side in
+    the fused qkv output)."""
+    n, _, dim = x.shape
+    for i in range(n):
+        for h in range(n_a + n_b):
+            w = w_a if h < n_a else w_b
+            s = np.float32(0.0)
+            for j in range(dim):
+                s += x[i, h, j] * x[i, h, j]
+            r = np.float32(1.0) / np.sqrt(s / np.float32(dim) + np.float32(eps))
+            for j in range(dim):
+                x[i, h, j] = x[i, h, j] * r * w[j]
+
+
+@njit(fastmath=_FAST, cache=True)
 def _rope_rows(x, heads, cos, sin):
     """NEOX rotation in place of the first R dims of heads 0..heads-1: x [N, h, D],
     cos / sin [N, R] (as ``apply_rope``'s tables: sin carries rotate_half's sign)."""
@@ -77,14 +113,66 @@ def _rope_rows(x, heads, cos, sin):
                 x[i, h, j + half] = b * cos[i, j + half] + a * sin[i, j + half]
 
 
-@njit(fastmath=_FAST, cache=True)
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@njit(inline="always")
+def _exp(x):
+    """exp(x) for float32 x, within 2e-7 (relative) of exp for x in [-87, 88], clamped to
+    that range outside it (what the sigmoids here need: 1 / (1 + exp(-g)) is 0 or 1 there
+    either way). Written out so that the row loops vectorize: numba's np.exp calls libm's
+    expf one value at a time (silu_mul ran 2-8x slower than torch's, measured). Cody and
+    Waite's reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6 polynomial for exp(r)
+    (Cephes' expf coefficients) times 2^n by its bits. Its callers are not under fast
+    math: that would let the two-part ln2 fold into one and lose r's low bits (and a loop
+    with no sum in it vectorizes without)."""
+    x = x if x > np.float32(-87.0) else np.float32(-87.0)  # selects, not libm calls
+    x = x if x < np.float32(88.0) else np.float32(88.0)
+    k = np.int32(x * np.float32(1.44269504088896341) + np.float32(128.5))  # floor: positive
+    n = np.float32(k - 128)  # the nearest integer to x / ln2
+    r = x - n * np.float32(0.693359375)  # ln2's high part: n times it is exact
+    r = r - n * np.float32(-2.12194440e-4)  # and its low part
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * (r * r) + r + np.float32(1.0)
+    return y * _float_of_bits((k - 1) << 23)  # 2^n: n + 127 = k - 1
+
+
+@njit(cache=True, error_model="numpy")  # no zero-division test: it kept the loop scalar
 def _silu_mul_rows(gu, out):
     """out = silu(gate) * up for gu [N, 2F] = [gate | up], out [N, F]."""
     n, f = out.shape
     for i in range(n):
         for j in range(f):
             g = gu[i, j]
-            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[i, f + j]
+            out[i, j] = g / (np.float32(1.0) + _exp(-g)) * gu[i, f + j]
+
+
+@njit(cache=True, error_model="numpy")  # no zero-division test: it kept the loop scalar
+def _gelu_mul_rows(gu, out):
+    """out = gelu(gate) * up for gu [N, 2F] = [gate | up], out [N, F]: GELU's tanh form,
+    0.5 g (1 + tanh(z)) with z = sqrt(2 / pi) (g + 0.044715 g^3), computed as
+    g / (1 + exp(-2 z)) (the same value; ``_exp`` vectorizes, numba's tanh ran 10x slower)."""
+    n, f = out.shape
+    c = np.float32(2.0 * np.sqrt(2.0 / np.pi))
+    for i in range(n):
+        for j in range(f):
+            g = gu[i, j]
+            z2 = c * (g + np.float32(0.044715) * g * g * g)
+            out[i, j] = g / (np.float32(1.0) + _exp(-z2)) * gu[i, f + j]
 
 
 # ---------------------------------------------------------------- the two sets
@@ -105,6 +193,24 @@ class TorchOps:
         x = x + y
         return x, cls.norm(x, w, eps)
 
+    @classmethod
+    def norm_add_norm(cls, x: torch.Tensor, y: torch.Tensor, w_post: torch.Tensor,
+                      w_next: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + RMSNorm(y) with w_post, RMSNorm of that with w_next): gemma's sublayer
+        output y [N, d] normed into the residual stream x, and the next sublayer's input."""
+        x = x + cls.norm(y, w_post, eps)
+        return x, cls.norm(x, w_next, eps)
+
+    @staticmethod
+    def head_norm(x: torch.Tensor, n_a: int, w_a: torch.Tensor, w_b: torch.Tensor,
+                  n_b: int, eps: float) -> torch.Tensor:
+        """x [N, h, D] with heads 0..n_a-1 RMS-normed over D with w_a [D], the next n_b
+        with w_b, the rest as they were; the result holds every head."""
+        a, b = x[:, :n_a], x[:, n_a:n_a + n_b]
+        dim = x.shape[-1:]
+        return torch.cat([F.rms_norm(a, dim, w_a, eps), F.rms_norm(b, dim, w_b, eps),
+                          x[:, n_a + n_b:]], 1)
+
     @staticmethod
     def rope(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [N, h, D] with its first ``heads`` heads rotated (cos / sin [N, 1, R]);
@@ -116,6 +222,12 @@ class TorchOps:
         """[N, 2F] = [gate | up] -> silu(gate) * up [N, F]."""
         gate, up = gu.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def gelu_mul(gu: torch.Tensor) -> torch.Tensor:
+        """[N, 2F] = [gate | up] -> gelu(gate) * up [N, F] (tanh approximation, gemma's)."""
+        gate, up = gu.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh").mul_(up)
 
 
 class NumbaOps(TorchOps):
@@ -135,16 +247,32 @@ class NumbaOps(TorchOps):
         _add_norm_rows(x.numpy(), y.contiguous().numpy(), w.numpy(), eps, out.numpy())
         return x, out
 
-    # (cos, sin, their numpy rows): the last step's tables, which its every layer uses.
-    # One tuple, replaced whole: a step on another thread at worst makes its own.
-    _tables: tuple = (None, None, None, None)
+    @staticmethod
+    def norm_add_norm(x, y, w_post, w_next, eps):
+        # x is the residual stream, owned by the forward: updated in place
+        out = torch.empty_like(x)
+        _norm_add_norm_rows(x.numpy(), y.contiguous().numpy(), w_post.numpy(), eps,
+                            w_next.numpy(), out.numpy())
+        return x, out
+
+    @staticmethod
+    def head_norm(x, n_a, w_a, w_b, n_b, eps):
+        x = x.contiguous()  # in place when it is (a fused qkv output)
+        _head_norm_rows(x.numpy(), n_a, w_a.numpy(), w_b.numpy(), n_b, eps)
+        return x
+
+    # (cos, sin, their numpy rows) of the last two tables a step used: every layer of
+    # a step uses one of them (gemma: the local and the global RoPE). One tuple, replaced
+    # whole: a step on another thread at worst makes its own.
+    _tables: tuple = ((None, None, None, None), (None, None, None, None))
 
     @classmethod
     def rope(cls, x, heads, cos, sin):
         x = x.contiguous()  # in place when it is (a fused qkv output): one compiled layout
-        t = cls._tables
-        if t[0] is not cos or t[1] is not sin:  # a new step's: numpy rows once, not per layer
-            t = cls._tables = (cos, sin, cos[:, 0].contiguous().numpy(), sin[:, 0].contiguous().numpy())
+        t = next((t for t in cls._tables if t[0] is cos and t[1] is sin), None)
+        if t is None:  # a new step's: numpy rows once, not per layer
+            t = (cos, sin, cos[:, 0].contiguous().numpy(), sin[:, 0].contiguous().numpy())
+            cls._tables = (t, cls._tables[0])
         _rope_rows(x.numpy(), heads, t[2], t[3])
         return x
 
@@ -153,6 +281,13 @@ class NumbaOps(TorchOps):
         gu = gu.contiguous()
         out = torch.empty(gu.shape[0], gu.shape[1] // 2)
         _silu_mul_rows(gu.numpy(), out.numpy())
+        return out
+
+    @staticmethod
+    def gelu_mul(gu):
+        gu = gu.contiguous()
+        out = torch.empty(gu.shape[0], gu.shape[1] // 2)
+        _gelu_mul_rows(gu.numpy(), out.numpy())
         return out
 
 
