@@ -84,7 +84,7 @@ class Decoder:
         self.scale = c.query_scale
         # threads a small-M matmul is split over (CPU only: GPU kernels use the whole device)
         self.splits = torch.get_num_threads() if self.device.type == "cpu" else 1
-        self.ops = ops(self.device, dtype)  # norms, RoPE, SiLU: fused numba on CPU float32
+        self.ops = ops(self.device, dtype)  # norms, RoPE, SiLU, GELU: fused numba on CPU float32
         embed = weights.pop("token_embd.weight")
         self.embed = Embedding(embed if not isinstance(embed, torch.Tensor) else self._w(embed))  # [V, d]
         self.output = self._linear([weights.pop("output.weight", self.embed.table)])

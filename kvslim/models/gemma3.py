@@ -31,22 +31,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvslim.attention import Step
 from kvslim.gguf_loader import GGUFError, ModelConfig
-from kvslim.models.common import Decoder, Rope, apply_rope, rope_inv_freq
-from kvslim.weights import Linear, QLinear
+from kvslim.models.common import Decoder, Rope, rope_inv_freq
+from kvslim.weights import Linear, QLinear, sampled_rows
 
 __all__ = ["Gemma3"]
 
 _ROPE_SCALINGS = (None, "none", "linear")
-
-
-def _gelu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """[N, 2F] = [gate | up] -> GELU(gate) * up [N, F] (tanh approximation, as gemma's)."""
-    gate, up = gu.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh").mul_(up)
 
 
 @dataclass
@@ -116,35 +109,34 @@ class Gemma3(Decoder):
         return self._forward(tokens.to(self.device), step, logit_rows, hidden)
 
     def _forward(self, tokens, step, logit_rows, hidden=False):
-        eps = self.config.rms_eps
+        eps, ops, layers = self.config.rms_eps, self.ops, self.layers
         pos = step.positions.to(self.device)  # [N]
         ropes = {"local": self.rope_local.at(pos), "global": self.rope_global.at(pos)}
-        x = self.embed(tokens) * self.embed_scale  # [N, d]
-        for i, layer in enumerate(self.layers):
+        x = self.embed(tokens) * self.embed_scale  # [N, d]: the residual stream
+        h = ops.norm(x, layers[0].attn_norm, eps)
+        for i, layer in enumerate(layers):
             cos, sin = ropes["local" if layer.window else "global"]  # [N, 1, D] each
-            h = F.rms_norm(x, x.shape[-1:], layer.attn_norm, eps)
-            h = self._attention(h, i, layer, step, cos, sin)
-            x = x + F.rms_norm(h, h.shape[-1:], layer.post_attn_norm, eps)
-            h = F.rms_norm(x, x.shape[-1:], layer.ffn_norm, eps)
-            h = layer.w2(layer.w13.gated(h, _gelu_mul))  # [N, 2F] -> [N, F] -> [N, d]
-            x = x + F.rms_norm(h, h.shape[-1:], layer.post_ffn_norm, eps)
+            a = self._attention(h, i, layer, step, cos, sin)  # [N, d]
+            x, h = ops.norm_add_norm(x, a, layer.post_attn_norm, layer.ffn_norm, eps)
+            f = layer.w2(layer.w13.gated(h, ops.gelu_mul))  # [N, 2F] -> [N, F] -> [N, d]
+            # the post-FFN norm into the residual, then the next layer's (or the output) norm
+            nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else self.output_norm
+            x, h = ops.norm_add_norm(x, f, layer.post_ffn_norm, nxt, eps)
         if logit_rows is not None:
-            x = x[logit_rows.to(self.device)]  # [R, d]
-        x = F.rms_norm(x, x.shape[-1:], self.output_norm, eps)
+            h = h[logit_rows.to(self.device)]  # [R, d]
         if hidden:
-            return x.float()  # [R, d]
-        logits = self.output(x).float()  # [R, V]
+            return h.float()  # [R, d]
+        with sampled_rows(h.shape[0]):
+            logits = self.output(h).float()  # [R, V]
         cap = self.config.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def _attention(self, h, i, layer, step, cos, sin):
         n, hq, hkv, dim, eps = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim, \
             self.config.rms_eps
-        qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)
-        q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]  # [N, H, D], [N, Hkv, D]
+        qkv = layer.wqkv(h).view(n, hq + 2 * hkv, dim)  # [N, H + 2 Hkv, D]: q, k, v heads
         if layer.q_norm is not None:
-            q = F.rms_norm(q, (dim,), layer.q_norm, eps)
-            k = F.rms_norm(k, (dim,), layer.k_norm, eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self._attend(q, k, qkv[:, hq + hkv:], i, step, layer.wo, window=layer.window,
-                            softcap=self.config.attn_softcap)
+            qkv = self.ops.head_norm(qkv, hq, layer.q_norm, layer.k_norm, hkv, eps)
+        qkv = self.ops.rope(qkv, hq + hkv, cos, sin)  # q and k rotated, v as it was
+        return self._attend(qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:], i, step,
+                            layer.wo, window=layer.window, softcap=self.config.attn_softcap)
