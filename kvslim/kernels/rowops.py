@@ -44,15 +44,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------- numba kernels
 
 
+@njit(inline="always", fastmath=_FAST)
+def _inv_rms(v, eps):
+    """1 / sqrt(mean(v^2) + eps) of one row v [d] float32."""
+    s = np.float32(0.0)
+    for j in range(v.shape[0]):
+        s += v[j] * v[j]
+    return np.float32(1.0) / np.sqrt(s / np.float32(v.shape[0]) + np.float32(eps))
+
+
 @njit(fastmath=_FAST, cache=True)
 def _norm_rows(x, w, eps, out):
     """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w; x, out [N, d], w [d] float32."""
     n, d = x.shape
     for i in range(n):
-        s = np.float32(0.0)
-        for j in range(d):
-            s += x[i, j] * x[i, j]
-        r = np.float32(1.0) / np.sqrt(s / np.float32(d) + np.float32(eps))
+        r = _inv_rms(x[i], eps)
         for j in range(d):
             out[i, j] = x[i, j] * r * w[j]
 
@@ -73,10 +79,7 @@ def _norm_add_norm_rows(x, y, w_post, eps, w_next, out):
     gemma's post-sublayer norm, residual add and next pre-norm in one pass over the rows."""
     n, d = x.shape
     for i in range(n):
-        s = np.float32(0.0)
-        for j in range(d):
-            s += y[i, j] * y[i, j]
-        r = np.float32(1.0) / np.sqrt(s / np.float32(d) + np.float32(eps))
+        r = _inv_rms(y[i], eps)
         for j in range(d):
             x[i, j] += y[i, j] * r * w_post[j]
     _norm_rows(x, w_next, eps, out)
@@ -91,10 +94,7 @@ def _head_norm_rows(x, n_a, w_a, w_b, n_b, eps):
     for i in range(n):
         for h in range(n_a + n_b):
             w = w_a if h < n_a else w_b
-            s = np.float32(0.0)
-            for j in range(dim):
-                s += x[i, h, j] * x[i, h, j]
-            r = np.float32(1.0) / np.sqrt(s / np.float32(dim) + np.float32(eps))
+            r = _inv_rms(x[i, h], eps)
             for j in range(dim):
                 x[i, h, j] = x[i, h, j] * r * w[j]
 
@@ -277,18 +277,20 @@ class NumbaOps(TorchOps):
         return x
 
     @staticmethod
-    def silu_mul(gu):
+    def _gated(kernel, gu):
+        """kernel(gu [N, 2F], out [N, F]) -> out."""
         gu = gu.contiguous()
         out = torch.empty(gu.shape[0], gu.shape[1] // 2)
-        _silu_mul_rows(gu.numpy(), out.numpy())
+        kernel(gu.numpy(), out.numpy())
         return out
 
-    @staticmethod
-    def gelu_mul(gu):
-        gu = gu.contiguous()
-        out = torch.empty(gu.shape[0], gu.shape[1] // 2)
-        _gelu_mul_rows(gu.numpy(), out.numpy())
-        return out
+    @classmethod
+    def silu_mul(cls, gu):
+        return cls._gated(_silu_mul_rows, gu)
+
+    @classmethod
+    def gelu_mul(cls, gu):
+        return cls._gated(_gelu_mul_rows, gu)
 
 
 def ops(device: torch.device, dtype: torch.dtype) -> type[TorchOps]:
