@@ -119,12 +119,16 @@ def _layer_job(cache_type: str) -> None:
 
 
 def _row_ops() -> None:
-    """A layer's norms, RoPE and SiLU * up (kernels.rowops), on a model's array types."""
+    """A layer's norms, RoPE and SiLU / GELU * up (kernels.rowops, gemma's too), on a
+    model's array types."""
     x, w = torch.zeros(1, 64), torch.ones(64)
     NumbaOps.norm(x, w, 1e-5)
     NumbaOps.add_norm(x, x, w, 1e-5)
+    NumbaOps.norm_add_norm(x, x, w, w, 1e-6)
+    NumbaOps.head_norm(torch.zeros(1, 3, 64), 1, w, w, 1, 1e-6)
     NumbaOps.rope(torch.zeros(1, 3, 64), 2, torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))
     NumbaOps.silu_mul(torch.zeros(1, 128))
+    NumbaOps.gelu_mul(torch.zeros(1, 128))
 
 
 def _rotation() -> None:

@@ -705,8 +705,8 @@ def _make_idot(block_bytes, block_values, emit, portable=False, vnni=True):
     instructions each: a third of a q4_1 block's work).
     Where the CPU has VNNI (``_vnni``), a chunk against x's planes is two vpdpbusd and a
     shift, not two vpmaddubsw, two vpmaddwd and an add: the same integer sums in the same
-    lanes (one thread, in L2, on a Zen 4: q6_K 18.2 against 15.8 GB/s, q5_K 15.3 against
-    13.5, q5_0 12.5 against 11.5; benchmarks/README.md).
+    lanes (one thread, in L2, on a Zen 4: q5_K 19.7 against 17.5 GB/s, q5_1 16.3 against
+    14.6, q5_0 15.0 against 13.7, q6_K 21.7 against 20.7; benchmarks/README.md).
     portable: the plain vector IR even where AVX2 is there (the tests compare the two).
     vnni=False: the AVX2 sequence even where the CPU has VNNI (``benchmarks/weights.py
     --only core`` times the two)."""
