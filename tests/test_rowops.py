@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
-from kvslim.kernels import rowops
+from kvslim.kernels import cpu, rowops
 from kvslim.kernels.rowops import NumbaOps, TorchOps, ops
 
 # float32 sums over a few thousand values in another order, exp in another form
@@ -49,14 +50,26 @@ def test_silu_mul_matches_torch(n, f):
 
 
 def test_exp_within_2e_7_and_clamped():
-    """The vectorizable exp against float64's, over its range and past both ends."""
-    x = np.concatenate([np.linspace(-87, 88, 40001), _rand(999, scale=20.0).numpy()]).astype(np.float32)
-    x = x[(x >= -87) & (x <= 88)]
-    got = np.array([rowops._exp(np.float32(v)) for v in x], np.float64)
+    """The vectorizable exp the sigmoids use (the attention's, for x <= 0), compiled as they
+    compile it (without fast math, which would let LLVM fold its two-part ln2), against
+    float64's, over its range and past its low end."""
+    exp = njit(lambda v: cpu._exp(v))
+    x = np.concatenate([np.linspace(-87, 0, 40001), -np.abs(_rand(999, scale=20.0).numpy())]).astype(np.float32)
+    x = x[x >= -87]
+    got = np.array([exp(np.float32(v)) for v in x], np.float64)
     ref = np.exp(x.astype(np.float64))
     assert np.max(np.abs(got - ref) / ref) < 2e-7
-    assert rowops._exp(np.float32(-200.0)) == rowops._exp(np.float32(-87.0)) > 0
-    assert rowops._exp(np.float32(200.0)) == rowops._exp(np.float32(88.0)) < np.inf
+    assert exp(np.float32(-200.0)) == exp(np.float32(-87.0)) > 0
+
+
+def test_sigmoid_within_4e_7_both_sides():
+    """rowops' sigmoid (e / (1 + e) below 0, 1 / (1 + e) above) against float64's."""
+    x = np.concatenate([np.linspace(-87, 88, 40001), _rand(999, scale=20.0).numpy()]).astype(np.float32)
+    x = x[(x >= -87) & (x <= 88)]
+    got = np.array([rowops._sigmoid(np.float32(v)) for v in x], np.float64)
+    ref = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert np.max(np.abs(got - ref) / ref) < 4e-7
+    assert rowops._sigmoid(np.float32(200.0)) == 1 and 0 < rowops._sigmoid(np.float32(-200.0)) < 1e-37
 
 
 @pytest.mark.parametrize("n,d", [(1, 640), (4, 64), (9, 100)])

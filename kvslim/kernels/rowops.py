@@ -18,11 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from kvslim import jit  # noqa: F401 - before any kernel compiles (kvslim.jit)
+from kvslim.kernels import cpu
 
 __all__ = ["TorchOps", "NumbaOps", "ops", "apply_rope"]
 
@@ -113,42 +112,15 @@ def _rope_rows(x, heads, cos, sin):
                 x[i, h, j + half] = b * cos[i, j + half] + a * sin[i, j + half]
 
 
-@intrinsic
-def _float_of_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
-    return types.float32(bits), codegen
-
-
 @njit(inline="always")
-def _exp(x):
-    """exp(x) for float32 x, within 2e-7 (relative) of exp for x in [-87, 88], clamped to
-    that range outside it (what the sigmoids here need: 1 / (1 + exp(-g)) is 0 or 1 there
-    either way). Written out so that the row loops vectorize: numba's np.exp calls libm's
-    expf one value at a time (silu_mul ran 2-8x slower than torch's, measured). Cody and
-    Waite's reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6 polynomial for exp(r)
-    (Cephes' expf coefficients) times 2^n by its bits. Its callers are not under fast
-    math: that would let the two-part ln2 fold into one and lose r's low bits (and a loop
-    with no sum in it vectorizes without)."""
-    x = x if x > np.float32(-87.0) else np.float32(-87.0)  # selects, not libm calls
-    x = x if x < np.float32(88.0) else np.float32(88.0)
-    k = np.int32(x * np.float32(1.44269504088896341) + np.float32(128.5))  # floor: positive
-    n = np.float32(k - 128)  # the nearest integer to x / ln2
-    r = x - n * np.float32(0.693359375)  # ln2's high part: n times it is exact
-    r = r - n * np.float32(-2.12194440e-4)  # and its low part
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    y = p * (r * r) + r + np.float32(1.0)
-    return y * _float_of_bits((k - 1) << 23)  # 2^n: n + 127 = k - 1
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) for float32 x, as e / (1 + e) below 0 (e = exp(-|x|)): the
+    attention's exp (``cpu._exp``, Cephes expf for x <= 0), which vectorizes where numba's
+    np.exp calls libm's expf one value at a time (silu_mul ran 2-8x slower than torch's,
+    measured)."""
+    e = cpu._exp(-abs(x))
+    s = np.float32(1.0) / (np.float32(1.0) + e)
+    return s if x >= np.float32(0.0) else e * s
 
 
 @njit(cache=True, error_model="numpy")  # no zero-division test: it kept the loop scalar
@@ -158,21 +130,21 @@ def _silu_mul_rows(gu, out):
     for i in range(n):
         for j in range(f):
             g = gu[i, j]
-            out[i, j] = g / (np.float32(1.0) + _exp(-g)) * gu[i, f + j]
+            out[i, j] = g * _sigmoid(g) * gu[i, f + j]
 
 
 @njit(cache=True, error_model="numpy")  # no zero-division test: it kept the loop scalar
 def _gelu_mul_rows(gu, out):
     """out = gelu(gate) * up for gu [N, 2F] = [gate | up], out [N, F]: GELU's tanh form,
     0.5 g (1 + tanh(z)) with z = sqrt(2 / pi) (g + 0.044715 g^3), computed as
-    g / (1 + exp(-2 z)) (the same value; ``_exp`` vectorizes, numba's tanh ran 10x slower)."""
+    g sigmoid(2 z) (the same value; numba's tanh ran 10x slower)."""
     n, f = out.shape
     c = np.float32(2.0 * np.sqrt(2.0 / np.pi))
     for i in range(n):
         for j in range(f):
             g = gu[i, j]
             z2 = c * (g + np.float32(0.044715) * g * g * g)
-            out[i, j] = g / (np.float32(1.0) + _exp(-z2)) * gu[i, f + j]
+            out[i, j] = g * _sigmoid(z2) * gu[i, f + j]
 
 
 # ---------------------------------------------------------------- the two sets
