@@ -338,8 +338,9 @@ def test_vnni_cpu_runs_vpdpbusd():
 def test_q4_k_words_dot_equals_the_planes_dot():
     """q4_K's dot on x's int16 codes (its nibbles as 16-bit words) gives the byte planes'
     dot: the same integer sums in the same lanes, the same float steps, up to the order
-    LLVM gives the float additions (fast math lets it reassociate them, and it does so
-    differently for the two loops where the planes are vpdpbusd): a few float32 ulps."""
+    LLVM gives the float additions (fast math lets it reassociate them; compiling for an
+    AVX-512 CPU, a Zen 4, it orders the two loops' differently, with or without vpdpbusd:
+    a few float32 ulps; 10cbfd7's exact check fails there too. Bit for bit on a Zen 3)."""
     from numba import njit
 
     planes = qm._make_idot(144, 256, lambda b, base, blk, x: qm._iemit_k4(b, base, blk, x, False))
